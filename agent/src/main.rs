@@ -1,0 +1,135 @@
+//! `flotilla-agent`: enrolls the device, holds its management stream and applies pushed specs.
+
+mod apply;
+mod backoff;
+mod enroll;
+mod session;
+mod state;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use flotilla::names::{validate_labels, validate_name};
+use flotilla::profiles::AgentConfig;
+use state::StateDir;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla-agent";
+
+#[derive(Parser)]
+#[command(name = "flotilla-agent", version, about = "Flotilla device agent")]
+struct Cli {
+    /// Agent configuration (as written by `flotilla serve` into its data directory).
+    #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Directory for the device key, certificate and applied spec.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Device name to request (default: from the config, else the hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Label to request, `key=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} must be key=value"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Everything the agent's tasks share.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub state: StateDir,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub boot_id: String,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Agent {
+    /// Sleeps for `duration`; returns true if shutdown was requested meanwhile.
+    pub async fn sleep_or_shutdown(&self, duration: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => *self.shutdown.borrow(),
+            _ = shutdown.wait_for(|stop| *stop) => true,
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_else(|_| "device".to_string())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn shutdown_signal(tx: watch::Sender<bool>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
+    let _ = tx.send(true);
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+
+    let config = AgentConfig::load(&cli.config)?;
+    let state_dir = cli
+        .state_dir
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let state = StateDir::open(&state_dir)
+        .with_context(|| format!("opening state directory {}", state_dir.display()))?;
+    let name = cli
+        .name
+        .or_else(|| config.device_name.clone())
+        .unwrap_or_else(hostname);
+    if let Err(error) = validate_name(&name) {
+        bail!("device name: {error}");
+    }
+    let mut labels = config.labels.clone();
+    labels.extend(cli.labels);
+    validate_labels(&labels).context("labels")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(shutdown_signal(stop_tx));
+    let agent = Agent {
+        config,
+        state,
+        name,
+        labels,
+        boot_id: boot_id(),
+        shutdown: stop_rx,
+    };
+    let enrolled = enroll::ensure_enrolled(&agent).await?;
+    session::run(&agent, &enrolled).await
+}

@@ -1,0 +1,194 @@
+//! The management session: connect with the device certificate, say Hello with the version on disk,
+//! apply what the server pushes, answer every push with ACK or NACK, send heartbeats, and come back
+//! with jittered backoff whenever the connection is lost.
+
+use crate::Agent;
+use crate::apply::apply;
+use crate::backoff::Backoff;
+use crate::state::{Applied, Enrolled};
+use anyhow::{Context, Result};
+use flotilla::client::{ClientCredentials, connect};
+use flotilla::clock::timestamp_from_secs;
+use flotilla::pki::cert_info_pem;
+use flotilla::proto::agent::v1 as pb;
+use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
+use flotilla::spec::DeviceSpec;
+use rand::Rng;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How a session ended.
+enum End {
+    /// The server asked us to come back after a random delay of at most this.
+    Reconnect(Duration),
+    /// The stream closed or failed.
+    Lost(String),
+    Shutdown,
+}
+
+/// A session that lasted this long counts as healthy: the backoff starts over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+/// Keeps a session open for as long as the agent runs.
+pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), agent.config.max_backoff());
+    loop {
+        let started = Instant::now();
+        let end = match session(agent, enrolled).await {
+            Ok(end) => end,
+            Err(error) => End::Lost(format!("{error:#}")),
+        };
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let wait = match end {
+            End::Shutdown => return Ok(()),
+            End::Reconnect(within) => {
+                tracing::info!("server asked to reconnect");
+                backoff.reset();
+                let max = within.as_millis().max(1) as u64;
+                Duration::from_millis(rand::rng().random_range(0..max))
+            }
+            End::Lost(reason) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(%reason, retry_in_ms = wait.as_millis() as u64, "session lost");
+                wait
+            }
+        };
+        if agent.sleep_or_shutdown(wait).await {
+            return Ok(());
+        }
+    }
+}
+
+fn credentials(agent: &Agent) -> Result<ClientCredentials> {
+    let state = &agent.state;
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(ClientCredentials {
+        ca_pem: read(state.ca_path())?,
+        cert_pem: read(state.cert_path())?,
+        key_pem: read(state.key_path())?,
+        server_name: agent.config.server_name.clone(),
+    })
+}
+
+async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
+    let creds = credentials(agent)?;
+    let cert = cert_info_pem(&creds.cert_pem)?;
+    let channel = connect(&agent.config.server, &creds).await?;
+    let mut applied = agent.state.applied()?;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(message(pb::agent_message::Kind::Hello(pb::Hello {
+        device_id: enrolled.device_id.clone(),
+        rendered_version: applied.version.clone(),
+        agent_version: flotilla::VERSION.to_string(),
+        boot_id: agent.boot_id.clone(),
+        certificate_serial: cert.serial.clone(),
+        certificate_not_after: Some(timestamp_from_secs(cert.not_after)),
+    })))
+    .await?;
+    let mut inbound = AgentServiceClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| anyhow::anyhow!("session refused ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    heartbeat.reset();
+    let mut shutdown = agent.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
+            _ = heartbeat.tick() => {
+                let beat = pb::Heartbeat { sent_at: Some(timestamp_from_secs(unix_now())) };
+                if tx.send(message(pb::agent_message::Kind::Heartbeat(beat))).await.is_err() {
+                    return Ok(End::Lost("outbound stream closed".into()));
+                }
+            }
+            next = inbound.message() => {
+                let Some(server_message) = next.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))? else {
+                    return Ok(End::Lost("server closed the stream".into()));
+                };
+                match server_message.kind {
+                    Some(pb::server_message::Kind::Accepted(accepted)) => {
+                        tracing::info!(device.id = %enrolled.device_id, server_version = %accepted.current_version, version = %applied.version, "session established");
+                        if let Some(every) = accepted.heartbeat_interval.and_then(|d| Duration::try_from(d).ok()) {
+                            heartbeat = tokio::time::interval(every.max(Duration::from_millis(100)));
+                            heartbeat.reset();
+                        }
+                    }
+                    Some(pb::server_message::Kind::Spec(push)) => {
+                        let answer = handle_push(agent, &mut applied, push).await;
+                        if tx.send(message(answer)).await.is_err() {
+                            return Ok(End::Lost("outbound stream closed".into()));
+                        }
+                    }
+                    Some(pb::server_message::Kind::Reconnect(reconnect)) => {
+                        let within = reconnect.within.and_then(|d| Duration::try_from(d).ok()).unwrap_or(Duration::from_secs(5));
+                        return Ok(End::Reconnect(within));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Applies one push and returns the ACK or NACK for it.
+async fn handle_push(
+    agent: &Agent,
+    applied: &mut Applied,
+    push: pb::RenderedSpec,
+) -> pb::agent_message::Kind {
+    let nack = |error: String, rolled_back: bool| {
+        pb::agent_message::Kind::Nack(pb::Nack {
+            nonce: push.nonce.clone(),
+            version: push.version.clone(),
+            error,
+            rolled_back,
+        })
+    };
+    let spec: DeviceSpec = push.spec.clone().unwrap_or_default().into();
+    if spec.content_hash() != push.content_hash {
+        return nack("content hash does not match the spec".into(), false);
+    }
+    let previous = applied.spec.clone();
+    let next = spec.clone();
+    let result = tokio::task::spawn_blocking(move || apply(&previous, &next)).await;
+    match result {
+        Ok(Ok(())) => {
+            let new_state = Applied {
+                version: push.version.clone(),
+                spec,
+            };
+            if let Err(error) = agent.state.save_applied(&new_state) {
+                tracing::error!(%error, "applied spec but could not record it");
+                return nack(format!("could not record the applied spec: {error}"), false);
+            }
+            *applied = new_state;
+            tracing::info!(version = %push.version, files = applied.spec.files.len(), "spec applied");
+            pb::agent_message::Kind::Ack(pb::Ack {
+                nonce: push.nonce.clone(),
+                version: push.version.clone(),
+            })
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(version = %push.version, error = %error.message, rolled_back = error.rolled_back, "spec rejected");
+            nack(error.message, error.rolled_back)
+        }
+        Err(join) => nack(format!("apply task failed: {join}"), true),
+    }
+}

@@ -1,0 +1,3 @@
+DROP TABLE certificates;
+DROP TABLE enrollment_requests;
+DROP TABLE devices;

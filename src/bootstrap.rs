@@ -1,0 +1,355 @@
+//! The data directory and first start: on an empty directory `flotilla serve` creates the CA, the
+//! server certificate, an admin credential with a ready `flotctl.toml`, and an enrollment credential
+//! with a ready `agent.toml`. Later starts load the CA and renew the server certificate when it
+//! nears expiry. Private keys are written 0600.
+
+use crate::ca::{CaError, CertificateAuthority, Subject, Usage};
+use crate::identity::{Identity, Role};
+use crate::pki::cert_info_pem;
+use crate::profiles::{AgentConfig, CtlConfig};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const DAY: u64 = 24 * 3600;
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * DAY);
+const SERVER_VALIDITY: Duration = Duration::from_secs(365 * DAY);
+const ADMIN_VALIDITY: Duration = Duration::from_secs(2 * 365 * DAY);
+const ENROLLMENT_VALIDITY: Duration = Duration::from_secs(5 * 365 * DAY);
+/// The server certificate is replaced at start when it expires within this window.
+const SERVER_RENEW_BEFORE: i64 = 30 * DAY as i64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("cannot write {path}: {message}")]
+    Serialize { path: PathBuf, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootstrapError + '_ {
+    move |source| BootstrapError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The layout of a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca/ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca/ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("tls/server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("tls/server.key")
+    }
+    pub fn admin_cert(&self) -> PathBuf {
+        self.root.join("admin/admin.crt")
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.root.join("admin/admin.key")
+    }
+    pub fn enrollment_cert(&self) -> PathBuf {
+        self.root.join("enrollment/enrollment.crt")
+    }
+    pub fn enrollment_key(&self) -> PathBuf {
+        self.root.join("enrollment/enrollment.key")
+    }
+    pub fn ctl_config(&self) -> PathBuf {
+        self.root.join("flotctl.toml")
+    }
+    pub fn agent_config(&self) -> PathBuf {
+        self.root.join("agent.toml")
+    }
+    /// The embedded SQLite database.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.root.join("flotilla.db")
+    }
+}
+
+/// What first start needs to know to write usable client configs.
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    /// URL agents use, e.g. `https://127.0.0.1:7443`.
+    pub agent_url: String,
+    /// URL `flotctl` uses, e.g. `https://127.0.0.1:7444`.
+    pub admin_url: String,
+    /// Names and addresses the server certificate must carry (besides localhost).
+    pub server_names: Vec<String>,
+}
+
+/// The result of preparing the data directory.
+pub struct Prepared {
+    pub ca: CertificateAuthority,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    /// Human-readable lines about what was created (printed on first start).
+    pub created: Vec<String>,
+}
+
+/// Writes a file with the given mode, atomically (temporary file, fsync, rename).
+pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), BootstrapError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(content).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<String, BootstrapError> {
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn server_subject(names: &[String]) -> Subject {
+    let mut dns_names = vec!["localhost".to_string()];
+    let mut ip_addresses: Vec<IpAddr> = vec![
+        [127, 0, 0, 1].into(),
+        IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+    ];
+    for name in names {
+        match name.parse::<IpAddr>() {
+            Ok(ip) if !ip_addresses.contains(&ip) => ip_addresses.push(ip),
+            Ok(_) => {}
+            Err(_) if !dns_names.contains(name) => dns_names.push(name.clone()),
+            Err(_) => {}
+        }
+    }
+    Subject {
+        common_name: "flotilla control plane".into(),
+        identity: None,
+        dns_names,
+        ip_addresses,
+        usage: Usage::Server,
+        validity: SERVER_VALIDITY,
+    }
+}
+
+fn client_subject(identity: Identity, validity: Duration) -> Subject {
+    Subject {
+        common_name: identity.to_string(),
+        identity: Some(identity),
+        dns_names: vec![],
+        ip_addresses: vec![],
+        usage: Usage::Client,
+        validity,
+    }
+}
+
+fn toml_text<T: serde::Serialize>(path: &Path, value: &T) -> Result<String, BootstrapError> {
+    toml::to_string_pretty(value).map_err(|e| BootstrapError::Serialize {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads the CA (creating everything on an empty directory) and returns the server's TLS material.
+pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, BootstrapError> {
+    std::fs::create_dir_all(dir.root()).map_err(io(dir.root()))?;
+    let root = std::fs::canonicalize(dir.root()).map_err(io(dir.root()))?;
+    let dir = DataDir::new(root);
+    let mut created = Vec::new();
+
+    let ca = if dir.ca_cert().exists() {
+        CertificateAuthority::load(&read(&dir.ca_cert())?, &read(&dir.ca_key())?)?
+    } else {
+        for existing in [dir.server_cert(), dir.admin_cert(), dir.enrollment_cert()] {
+            if existing.exists() {
+                return Err(BootstrapError::Inconsistent(format!(
+                    "{} exists but the CA does not; refusing to create a new CA over credentials signed by another",
+                    existing.display()
+                )));
+            }
+        }
+        let (ca, key_pem) = CertificateAuthority::generate("Flotilla CA", CA_VALIDITY)?;
+        write_file(&dir.ca_key(), key_pem.as_bytes(), 0o600)?;
+        write_file(&dir.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
+        created.push(format!(
+            "CA certificate:         {}",
+            dir.ca_cert().display()
+        ));
+        ca
+    };
+
+    let server_is_fresh = dir.server_cert().exists()
+        && dir.server_key().exists()
+        && cert_info_pem(&read(&dir.server_cert())?)
+            .map(|info| info.not_after - now_secs() > SERVER_RENEW_BEFORE)
+            .unwrap_or(false);
+    if !server_is_fresh {
+        let (cert, key) = ca.issue_with_new_key(&server_subject(&options.server_names))?;
+        write_file(&dir.server_key(), key.as_bytes(), 0o600)?;
+        write_file(&dir.server_cert(), cert.pem.as_bytes(), 0o644)?;
+        created.push(format!(
+            "server certificate:     {}",
+            dir.server_cert().display()
+        ));
+    }
+
+    if !dir.admin_cert().exists() {
+        let subject = client_subject(Identity::new(Role::Admin, "admin"), ADMIN_VALIDITY);
+        let (cert, key) = ca.issue_with_new_key(&subject)?;
+        write_file(&dir.admin_key(), key.as_bytes(), 0o600)?;
+        write_file(&dir.admin_cert(), cert.pem.as_bytes(), 0o644)?;
+        let ctl = CtlConfig {
+            server: options.admin_url.clone(),
+            server_name: "localhost".into(),
+            ca_file: dir.ca_cert(),
+            cert_file: dir.admin_cert(),
+            key_file: dir.admin_key(),
+        };
+        write_file(
+            &dir.ctl_config(),
+            toml_text(&dir.ctl_config(), &ctl)?.as_bytes(),
+            0o600,
+        )?;
+        created.push(format!(
+            "admin credential:       {}",
+            dir.admin_cert().display()
+        ));
+        created.push(format!(
+            "flotctl config:         {}",
+            dir.ctl_config().display()
+        ));
+    }
+
+    if !dir.enrollment_cert().exists() {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let subject = client_subject(Identity::new(Role::Enrollment, id), ENROLLMENT_VALIDITY);
+        let (cert, key) = ca.issue_with_new_key(&subject)?;
+        write_file(&dir.enrollment_key(), key.as_bytes(), 0o600)?;
+        write_file(&dir.enrollment_cert(), cert.pem.as_bytes(), 0o644)?;
+        let agent = AgentConfig {
+            server: options.agent_url.clone(),
+            server_name: "localhost".into(),
+            ca_file: dir.ca_cert(),
+            enrollment_cert_file: dir.enrollment_cert(),
+            enrollment_key_file: dir.enrollment_key(),
+            state_dir: None,
+            device_name: None,
+            labels: BTreeMap::new(),
+            max_backoff_secs: 60,
+        };
+        write_file(
+            &dir.agent_config(),
+            toml_text(&dir.agent_config(), &agent)?.as_bytes(),
+            0o600,
+        )?;
+        created.push(format!(
+            "enrollment credential:  {}",
+            dir.enrollment_cert().display()
+        ));
+        created.push(format!(
+            "agent config:           {}",
+            dir.agent_config().display()
+        ));
+    }
+
+    Ok(Prepared {
+        server_cert_pem: read(&dir.server_cert())?,
+        server_key_pem: read(&dir.server_key())?,
+        ca,
+        created,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn options() -> BootstrapOptions {
+        BootstrapOptions {
+            agent_url: "https://127.0.0.1:7443".into(),
+            admin_url: "https://127.0.0.1:7444".into(),
+            server_names: vec!["gw.example".into(), "10.0.0.1".into()],
+        }
+    }
+
+    #[test]
+    fn first_start_creates_everything_and_later_starts_reuse_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let first = prepare(&dir, &options()).unwrap();
+        assert_eq!(first.created.len(), 6);
+        for key in [
+            dir.ca_key(),
+            dir.server_key(),
+            dir.admin_key(),
+            dir.enrollment_key(),
+        ] {
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let ctl = CtlConfig::load(&dir.ctl_config()).unwrap();
+        assert_eq!(
+            crate::pki::identity_pem(&read(&ctl.cert_file).unwrap())
+                .unwrap()
+                .role,
+            Role::Admin
+        );
+        let agent = AgentConfig::load(&dir.agent_config()).unwrap();
+        let enrollment =
+            crate::pki::identity_pem(&read(&agent.enrollment_cert_file).unwrap()).unwrap();
+        assert_eq!(enrollment.role, Role::Enrollment);
+
+        let second = prepare(&dir, &options()).unwrap();
+        assert!(second.created.is_empty());
+        assert_eq!(second.ca.cert_pem(), first.ca.cert_pem());
+        assert_eq!(second.server_cert_pem, first.server_cert_pem);
+    }
+
+    #[test]
+    fn refuses_to_replace_a_lost_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        prepare(&dir, &options()).unwrap();
+        std::fs::remove_file(dir.ca_cert()).unwrap();
+        assert!(matches!(
+            prepare(&dir, &options()),
+            Err(BootstrapError::Inconsistent(_))
+        ));
+    }
+}

@@ -1,0 +1,84 @@
+//! Opening an mTLS gRPC channel to the control plane, shared by the agent and `flotctl`.
+
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Everything needed to reach the control plane as one identity.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    /// The CA bundle that signed the server certificate.
+    pub ca_pem: String,
+    /// The client certificate and its private key, in PEM.
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The name the server certificate must carry (e.g. `localhost`).
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    // The private key must never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server address {address:?}: {source}")]
+    Address {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {address}: {detail}")]
+    Connect { address: String, detail: String },
+}
+
+/// Settings for a long-lived channel: explicit keepalives so a dead peer is noticed within about a
+/// minute even when nothing is being sent.
+pub fn endpoint(address: &str, creds: &ClientCredentials) -> Result<Endpoint, ClientError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&creds.ca_pem))
+        .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
+        .domain_name(creds.server_name.clone());
+    let address_error = |source| ClientError::Address {
+        address: address.to_string(),
+        source,
+    };
+    Endpoint::from_shared(address.to_string())
+        .map_err(address_error)?
+        .tls_config(tls)
+        .map_err(address_error)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(10))
+                .tcp_keepalive(Some(Duration::from_secs(30)))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+        })
+}
+
+/// Connects now, so that an unreachable server or a refused handshake is reported here.
+pub async fn connect(address: &str, creds: &ClientCredentials) -> Result<Channel, ClientError> {
+    endpoint(address, creds)?
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect {
+            address: address.to_string(),
+            detail: error_chain(&e),
+        })
+}
+
+/// Renders an error with all its sources, because tonic's top-level transport error says only
+/// "transport error".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,184 @@
+//! Enrollment use cases: an agent submits (and polls) its request; an operator approves or denies.
+//! Approval creates the device, signs its CSR and records the certificate in one transaction.
+
+use super::{ControlError, ControlPlane};
+use crate::ca::csr::verify_csr_pem;
+use crate::ca::{Subject, Usage};
+use crate::clock::now_millis;
+use crate::hub::Rendered;
+use crate::identity::{Identity, Role};
+use crate::names::{validate_labels, validate_name};
+use crate::spec::DeviceSpec;
+use crate::store::{
+    CertificateRecord, EnrollmentRecord, EnrollmentState, NewDevice, NewEnrollment, SystemInfo,
+};
+use std::collections::BTreeMap;
+
+/// What an agent submits.
+#[derive(Debug, Clone)]
+pub struct EnrollInput {
+    pub csr_pem: String,
+    pub device_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub system_info: SystemInfo,
+}
+
+/// What an agent learns about its request.
+#[derive(Debug, Clone)]
+pub struct EnrollOutcome {
+    pub state: EnrollmentState,
+    pub reason: Option<String>,
+    pub device_id: Option<String>,
+    pub certificate: Option<CertificateRecord>,
+    pub ca_pem: String,
+    pub retry_after_secs: u32,
+}
+
+impl ControlPlane {
+    /// Submits or polls an enrollment request (idempotent for the same name and key).
+    pub async fn enroll(
+        &self,
+        caller: &Identity,
+        input: EnrollInput,
+    ) -> Result<EnrollOutcome, ControlError> {
+        validate_name(&input.device_name).map_err(|e| ControlError::invalid("device_name", e))?;
+        validate_labels(&input.labels).map_err(|e| ControlError::invalid("labels", e))?;
+        let key =
+            verify_csr_pem(&input.csr_pem).map_err(|e| ControlError::invalid("csr_pem", e))?;
+        let record = self
+            .store
+            .submit_enrollment(NewEnrollment {
+                name: input.device_name,
+                key_fingerprint: key.fingerprint,
+                csr_pem: input.csr_pem,
+                labels: input.labels,
+                system_info: input.system_info,
+                created_ms: now_millis(),
+            })
+            .await?;
+        let certificate = match &record.certificate_serial {
+            Some(serial) => self.store.get_certificate(serial).await?,
+            None => None,
+        };
+        tracing::debug!(enrollment.name = %record.name, caller = %caller, state = record.state.as_str(), "enrollment polled");
+        Ok(EnrollOutcome {
+            state: record.state,
+            reason: record.reason,
+            device_id: record.device_id,
+            certificate,
+            ca_pem: self.ca.cert_pem().to_string(),
+            retry_after_secs: self.policy.enrollment_poll_interval.as_secs() as u32,
+        })
+    }
+
+    pub async fn list_enrollments(
+        &self,
+        state: Option<EnrollmentState>,
+    ) -> Result<Vec<EnrollmentRecord>, ControlError> {
+        Ok(self.store.list_enrollments(state).await?)
+    }
+
+    pub async fn get_enrollment(&self, name: &str) -> Result<EnrollmentRecord, ControlError> {
+        validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
+        self.store
+            .get_enrollment(name)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("enrollment request {name:?} not found")))
+    }
+
+    async fn pending(&self, name: &str) -> Result<EnrollmentRecord, ControlError> {
+        let record = self.get_enrollment(name).await?;
+        if record.state != EnrollmentState::Pending {
+            return Err(ControlError::FailedPrecondition(format!(
+                "enrollment request {name:?} is already {}",
+                record.state.as_str()
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Approves a pending request: creates the device with the requested labels plus `labels`.
+    pub async fn approve_enrollment(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        decided_by: &Identity,
+    ) -> Result<EnrollmentRecord, ControlError> {
+        validate_labels(&labels).map_err(|e| ControlError::invalid("labels", e))?;
+        let request = self.pending(name).await?;
+        let key = verify_csr_pem(&request.csr_pem)
+            .map_err(|e| ControlError::Internal(format!("stored CSR no longer verifies: {e}")))?;
+        let device_id = uuid::Uuid::new_v4().to_string();
+        let mut device_labels = request.labels.clone();
+        device_labels.extend(labels);
+        let issued = self
+            .ca
+            .sign(
+                &Subject {
+                    common_name: name.to_string(),
+                    identity: Some(Identity::new(Role::Device, device_id.clone())),
+                    dns_names: vec![],
+                    ip_addresses: vec![],
+                    usage: Usage::Client,
+                    validity: self.policy.device_cert_validity,
+                },
+                &key,
+            )
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let now = now_millis();
+        let certificate = CertificateRecord {
+            serial: issued.info.serial.clone(),
+            device_id: device_id.clone(),
+            key_fingerprint: issued.info.key_fingerprint.clone(),
+            fingerprint: issued.info.fingerprint.clone(),
+            certificate_pem: issued.pem,
+            not_before_ms: issued.info.not_before * 1000,
+            not_after_ms: issued.info.not_after * 1000,
+            issued_ms: now,
+            revoked_ms: None,
+            revocation_reason: None,
+        };
+        let device = NewDevice {
+            id: device_id.clone(),
+            name: name.to_string(),
+            labels: device_labels,
+            spec: DeviceSpec::default(),
+            cert_serial: certificate.serial.clone(),
+            cert_not_after_ms: certificate.not_after_ms,
+            created_ms: now,
+        };
+        let record = self
+            .store
+            .approve_enrollment(name, device, certificate, decided_by.to_string())
+            .await?;
+        self.hub
+            .set_desired(&device_id, Rendered::new(DeviceSpec::default()));
+        tracing::info!(device.id = %device_id, device.name = %name, by = %decided_by, "enrollment approved");
+        Ok(record)
+    }
+
+    pub async fn deny_enrollment(
+        &self,
+        name: &str,
+        reason: &str,
+        decided_by: &Identity,
+    ) -> Result<EnrollmentRecord, ControlError> {
+        self.pending(name).await?;
+        let reason = if reason.is_empty() {
+            "denied by operator"
+        } else {
+            reason
+        };
+        let record = self
+            .store
+            .deny_enrollment(
+                name,
+                reason.to_string(),
+                decided_by.to_string(),
+                now_millis(),
+            )
+            .await?;
+        tracing::info!(enrollment.name = %name, by = %decided_by, "enrollment denied");
+        Ok(record)
+    }
+}

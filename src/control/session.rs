@@ -1,0 +1,233 @@
+//! A device's management session: accept its Hello, then, until it ends, push whatever the hub says
+//! the device is missing and record its ACKs, NACKs and heartbeats. One task per session; nothing is
+//! written to the database per heartbeat.
+
+use super::{ControlError, ControlPlane};
+use crate::clock::now_millis;
+use crate::hub::{Answer, HubError, SessionHandle};
+use crate::identity::{Identity, Role};
+use crate::proto::agent::v1 as pb;
+use futures::{Stream, StreamExt};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+/// Timing of sessions.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// How often an idle agent sends a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A session that sends nothing for this long is closed as dead.
+    pub silence_timeout: Duration,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            heartbeat_interval: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(100),
+        }
+    }
+}
+
+/// An accepted session, ready to run.
+#[derive(Debug)]
+pub struct Session {
+    pub device_id: String,
+    handle: SessionHandle,
+    current_version: String,
+}
+
+/// Why a session ended (a bounded set, for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    AgentClosed,
+    StreamError,
+    Silent,
+    Replaced,
+    ProtocolError,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::AgentClosed => "agent_closed",
+            EndReason::StreamError => "stream_error",
+            EndReason::Silent => "silent",
+            EndReason::Replaced => "replaced",
+            EndReason::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Checks a Hello against the authenticated caller and registers the session.
+    pub async fn open_session(
+        &self,
+        caller: &Identity,
+        hello: &pb::Hello,
+    ) -> Result<Session, ControlError> {
+        if caller.role != Role::Device {
+            return Err(ControlError::PermissionDenied(format!(
+                "{caller} may not open a device session"
+            )));
+        }
+        let device_id = caller.name.clone();
+        if !hello.device_id.is_empty() && hello.device_id != device_id {
+            return Err(ControlError::PermissionDenied(format!(
+                "certificate of device {device_id} may not open a session for device {}",
+                hello.device_id
+            )));
+        }
+        let now = now_millis();
+        let (handle, current_version) = self
+            .hub
+            .open_session(&device_id, &hello.rendered_version, now)
+            .map_err(|e| match e {
+                HubError::NotReady => ControlError::Unavailable(e.to_string()),
+                HubError::UnknownDevice(_) => ControlError::PermissionDenied(e.to_string()),
+            })?;
+        let reported = Some(hello.rendered_version.clone()).filter(|v| !v.is_empty());
+        if let Err(error) = self
+            .store
+            .record_device_session(&device_id, hello.agent_version.clone(), reported, now)
+            .await
+        {
+            // The session itself does not depend on this bookkeeping.
+            tracing::warn!(device.id = %device_id, %error, "could not record session start");
+        }
+        tracing::info!(device.id = %device_id, version = %hello.rendered_version, agent = %hello.agent_version, "session opened");
+        Ok(Session {
+            device_id,
+            handle,
+            current_version,
+        })
+    }
+
+    /// Runs an accepted session until the agent goes away, goes silent, or is replaced.
+    pub async fn run_session<S>(
+        &self,
+        session: Session,
+        mut inbound: S,
+        outbound: mpsc::Sender<pb::ServerMessage>,
+    ) -> EndReason
+    where
+        S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
+    {
+        let settings = &self.policy.session;
+        let Session {
+            device_id,
+            handle,
+            current_version,
+        } = session;
+        let accepted = pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::Accepted(pb::SessionAccepted {
+                current_version,
+                heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat_interval)
+                    .ok(),
+            })),
+        };
+        let reason = if outbound.send(accepted).await.is_err() {
+            EndReason::AgentClosed
+        } else {
+            self.session_loop(&device_id, &handle, &mut inbound, &outbound)
+                .await
+        };
+        self.hub.close_session(&device_id, handle.id, now_millis());
+        tracing::info!(device.id = %device_id, reason = reason.as_str(), "session closed");
+        reason
+    }
+
+    async fn session_loop<S>(
+        &self,
+        device_id: &str,
+        handle: &SessionHandle,
+        inbound: &mut S,
+        outbound: &mpsc::Sender<pb::ServerMessage>,
+    ) -> EndReason
+    where
+        S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
+    {
+        let silence = self.policy.session.silence_timeout;
+        let mut deadline = Instant::now() + silence;
+        loop {
+            tokio::select! {
+                _ = handle.closed.notified() => {
+                    let reconnect = pb::ServerMessage {
+                        kind: Some(pb::server_message::Kind::Reconnect(pb::Reconnect {
+                            reason: "session closed by the control plane".into(),
+                            within: prost_types::Duration::try_from(Duration::from_secs(5)).ok(),
+                        })),
+                    };
+                    let _ = outbound.try_send(reconnect);
+                    return EndReason::Replaced;
+                }
+                _ = handle.changed.notified() => {
+                    while let Some(push) = self.hub.next_push(device_id, handle.id) {
+                        tracing::debug!(device.id = %device_id, version = %push.version, "pushing spec");
+                        let message = pb::ServerMessage { kind: Some(pb::server_message::Kind::Spec(push)) };
+                        if outbound.send(message).await.is_err() {
+                            return EndReason::AgentClosed;
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => return EndReason::Silent,
+                _ = outbound.closed() => return EndReason::AgentClosed,
+                message = inbound.next() => match message {
+                    None => return EndReason::AgentClosed,
+                    Some(Err(error)) => {
+                        tracing::debug!(device.id = %device_id, %error, "session stream failed");
+                        return EndReason::StreamError;
+                    }
+                    Some(Ok(message)) => {
+                        deadline = Instant::now() + silence;
+                        if !self.handle_message(device_id, handle.id, message).await {
+                            return EndReason::ProtocolError;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Records one agent message. Returns false on a protocol violation.
+    async fn handle_message(
+        &self,
+        device_id: &str,
+        session_id: u64,
+        message: pb::AgentMessage,
+    ) -> bool {
+        use pb::agent_message::Kind;
+        let answer = match message.kind {
+            Some(Kind::Ack(ack)) => self.hub.ack(device_id, session_id, &ack.nonce),
+            Some(Kind::Nack(nack)) => {
+                tracing::warn!(device.id = %device_id, version = %nack.version, error = %nack.error, rolled_back = nack.rolled_back, "device rejected spec");
+                self.hub
+                    .nack(device_id, session_id, &nack.nonce, &nack.error)
+            }
+            Some(Kind::Heartbeat(_)) | Some(Kind::Status(_)) => {
+                self.hub.touch(device_id, now_millis());
+                return true;
+            }
+            Some(Kind::Hello(_)) | None => {
+                tracing::warn!(device.id = %device_id, "unexpected message on an open session");
+                return false;
+            }
+        };
+        self.hub.touch(device_id, now_millis());
+        if let Answer::Recorded {
+            acked_version,
+            nacked,
+        } = answer
+        {
+            if let Err(error) = self
+                .store
+                .record_device_sync(device_id, acked_version, nacked)
+                .await
+            {
+                tracing::error!(device.id = %device_id, %error, "could not persist device sync state");
+            }
+        }
+        true
+    }
+}

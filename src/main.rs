@@ -1,0 +1,229 @@
+//! The `flotilla` control-plane binary: `serve` runs it, `migrate` applies database migrations.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
+use flotilla::control::{ControlPlane, Policy, SessionSettings};
+use flotilla::hub::Hub;
+use flotilla::store::{Backend, Store};
+use flotilla::transport::{Endpoints, TlsMaterial, serve};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla control plane for fleets of Linux edge devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FLOTILLA_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Directory for the CA, credentials and the embedded SQLite database.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "flotilla-data")]
+    data_dir: PathBuf,
+    /// `postgres://…` to use PostgreSQL instead of SQLite in the data directory.
+    #[arg(long, env = "FLOTILLA_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane (creates CA and credentials on first start).
+    Serve {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Address of the device-facing endpoint.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        agent_listen: SocketAddr,
+        /// Address of the admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        admin_listen: SocketAddr,
+        /// Extra DNS names or IP addresses for the server certificate (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen).
+        #[arg(long)]
+        agent_url: Option<String>,
+        /// Seconds between agent heartbeats; a session silent for three intervals is closed.
+        #[arg(long, default_value_t = 30)]
+        heartbeat_interval: u64,
+        /// Days a device management certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        device_cert_days: u64,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn backend(store: &StoreArgs) -> Backend {
+    match &store.database_url {
+        Some(url) => Backend::from_url(url),
+        None => Backend::Sqlite(
+            DataDir::new(&store.data_dir)
+                .sqlite_path()
+                .display()
+                .to_string(),
+        ),
+    }
+}
+
+async fn open_store(args: &StoreArgs) -> Result<Store> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let backend = backend(args);
+    let location = backend.redacted();
+    let store = tokio::task::spawn_blocking(move || Store::open(backend))
+        .await?
+        .with_context(|| format!("opening the database at {location}"))?;
+    let applied = store.migrate().await.context("applying migrations")?;
+    tracing::info!(
+        backend = store.backend().name(),
+        location,
+        applied,
+        "database ready"
+    );
+    Ok(store)
+}
+
+fn url_for(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        }
+    };
+    format!("https://{host}:{}", addr.port())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Migrate { store } => {
+            open_store(&store).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Serve {
+            store,
+            agent_listen,
+            admin_listen,
+            server_names,
+            agent_url,
+            heartbeat_interval,
+            device_cert_days,
+        } => {
+            let agent = TcpListener::bind(agent_listen)
+                .await
+                .with_context(|| format!("binding the agent endpoint {agent_listen}"))?;
+            let admin = TcpListener::bind(admin_listen)
+                .await
+                .with_context(|| format!("binding the admin endpoint {admin_listen}"))?;
+            let agent_addr = agent.local_addr()?;
+            let admin_addr = admin.local_addr()?;
+            let dir = DataDir::new(&store.data_dir);
+            let options = BootstrapOptions {
+                agent_url: agent_url.unwrap_or_else(|| url_for(agent_addr)),
+                admin_url: url_for(admin_addr),
+                server_names,
+            };
+            let prepared = tokio::task::spawn_blocking(move || prepare(&dir, &options))
+                .await?
+                .context("preparing the data directory")?;
+            if !prepared.created.is_empty() {
+                println!("First start: created in {}", store.data_dir.display());
+                for line in &prepared.created {
+                    println!("  {line}");
+                }
+                println!(
+                    "Use `flotctl --config {}` to administer, and give agents agent.toml.",
+                    DataDir::new(&store.data_dir).ctl_config().display()
+                );
+            }
+            let db = open_store(&store).await?;
+            let heartbeat = Duration::from_secs(heartbeat_interval.max(1));
+            let policy = Policy {
+                device_cert_validity: Duration::from_secs(device_cert_days.max(1) * 24 * 3600),
+                session: SessionSettings {
+                    heartbeat_interval: heartbeat,
+                    silence_timeout: heartbeat * 3 + Duration::from_secs(10),
+                },
+                ..Policy::default()
+            };
+            let material = TlsMaterial {
+                ca_pem: prepared.ca.cert_pem().to_string(),
+                cert_pem: prepared.server_cert_pem.clone(),
+                key_pem: prepared.server_key_pem.clone(),
+            };
+            let control =
+                ControlPlane::new(db, Arc::new(prepared.ca), Arc::new(Hub::new()), policy);
+            println!("agent endpoint: {}", url_for(agent_addr));
+            println!("admin endpoint: {}", url_for(admin_addr));
+            serve(
+                control,
+                Endpoints { agent, admin },
+                material,
+                shutdown_signal(),
+            )
+            .await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}

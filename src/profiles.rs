@@ -1,0 +1,156 @@
+//! The configuration files `flotilla serve` writes on first start and the agent and `flotctl` read:
+//! `agent.toml` and `flotctl.toml`. Relative paths in them are resolved against the file's directory.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// How `flotctl` reaches the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlConfig {
+    /// `https://host:port` of the admin endpoint.
+    pub server: String,
+    /// Name the server certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// How an agent reaches the control plane and who it asks to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `https://host:port` of the agent endpoint.
+    pub server: String,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    pub ca_file: PathBuf,
+    /// The shared enrollment credential.
+    pub enrollment_cert_file: PathBuf,
+    pub enrollment_key_file: PathBuf,
+    /// Where the agent keeps its key, certificate and last applied spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Requested device name; the hostname when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<String>,
+    /// Labels the device asks for at enrollment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Longest wait between reconnection attempts, seconds.
+    #[serde(default = "default_max_backoff_secs")]
+    pub max_backoff_secs: u64,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_string()
+}
+
+fn default_max_backoff_secs() -> u64 {
+    60
+}
+
+impl AgentConfig {
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_secs(self.max_backoff_secs.max(1))
+    }
+}
+
+fn resolve(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ProfileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ProfileError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn base_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+impl CtlConfig {
+    pub fn load(path: &Path) -> Result<CtlConfig, ProfileError> {
+        let mut config: CtlConfig = read_toml(path)?;
+        let base = base_of(path);
+        for p in [
+            &mut config.ca_file,
+            &mut config.cert_file,
+            &mut config.key_file,
+        ] {
+            resolve(&base, p);
+        }
+        Ok(config)
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ProfileError> {
+        let mut config: AgentConfig = read_toml(path)?;
+        let base = base_of(path);
+        for p in [
+            &mut config.ca_file,
+            &mut config.enrollment_cert_file,
+            &mut config.enrollment_key_file,
+        ] {
+            resolve(&base, p);
+        }
+        if let Some(dir) = config.state_dir.as_mut() {
+            resolve(&base, dir);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotctl.toml");
+        std::fs::write(
+            &path,
+            "server = \"https://127.0.0.1:7444\"\nca_file = \"ca.crt\"\ncert_file = \"/abs/a.crt\"\nkey_file = \"k/a.key\"\n",
+        )
+        .unwrap();
+        let config = CtlConfig::load(&path).unwrap();
+        assert_eq!(config.ca_file, dir.path().join("ca.crt"));
+        assert_eq!(config.cert_file, PathBuf::from("/abs/a.crt"));
+        assert_eq!(config.key_file, dir.path().join("k/a.key"));
+        assert_eq!(config.server_name, "localhost");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "server = \"x\"\nsevrer_name = \"typo\"\n").unwrap();
+        let error = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("sevrer_name"), "{error}");
+    }
+}

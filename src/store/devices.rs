@@ -1,0 +1,232 @@
+//! Devices: identity, labels, the spec set for them, and the last acknowledged state.
+
+use super::schema::devices;
+use super::{Store, StoreError, from_json, to_json};
+use crate::spec::DeviceSpec;
+use diesel::prelude::*;
+use std::collections::BTreeMap;
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub spec: DeviceSpec,
+    pub acked_version: Option<String>,
+    /// The version the device rejected last, and why.
+    pub nacked: Option<(String, String)>,
+    pub agent_version: Option<String>,
+    pub last_seen_ms: Option<i64>,
+    pub cert_serial: Option<String>,
+    pub cert_not_after_ms: Option<i64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// A device about to be created (by approving its enrollment).
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub spec: DeviceSpec,
+    pub cert_serial: String,
+    pub cert_not_after_ms: i64,
+    pub created_ms: i64,
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = devices)]
+struct DeviceRow {
+    id: String,
+    name: String,
+    labels: String,
+    spec: String,
+    acked_version: Option<String>,
+    nacked_version: Option<String>,
+    last_error: Option<String>,
+    agent_version: Option<String>,
+    last_seen_ms: Option<i64>,
+    cert_serial: Option<String>,
+    cert_not_after_ms: Option<i64>,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+impl DeviceRow {
+    fn into_record(self) -> Result<DeviceRecord, StoreError> {
+        Ok(DeviceRecord {
+            labels: from_json("device labels", &self.labels)?,
+            spec: from_json("device spec", &self.spec)?,
+            id: self.id,
+            name: self.name,
+            acked_version: self.acked_version,
+            nacked: self.nacked_version.zip(self.last_error),
+            agent_version: self.agent_version,
+            last_seen_ms: self.last_seen_ms,
+            cert_serial: self.cert_serial,
+            cert_not_after_ms: self.cert_not_after_ms,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        })
+    }
+}
+
+pub(super) fn insert_device(
+    conn: &mut super::DbConnection,
+    device: &NewDevice,
+) -> Result<(), StoreError> {
+    let row = DeviceRow {
+        id: device.id.clone(),
+        name: device.name.clone(),
+        labels: to_json(&device.labels),
+        spec: to_json(&device.spec),
+        acked_version: None,
+        nacked_version: None,
+        last_error: None,
+        agent_version: None,
+        last_seen_ms: None,
+        cert_serial: Some(device.cert_serial.clone()),
+        cert_not_after_ms: Some(device.cert_not_after_ms),
+        created_ms: device.created_ms,
+        updated_ms: device.created_ms,
+    };
+    diesel::insert_into(devices::table)
+        .values(&row)
+        .execute(conn)
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a device named {:?} already exists", device.name))
+            }
+            other => other,
+        })?;
+    Ok(())
+}
+
+impl Store {
+    /// Every device, by name.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.run(|conn| {
+            devices::table
+                .order(devices::name.asc())
+                .select(DeviceRow::as_select())
+                .load(conn)?
+                .into_iter()
+                .map(DeviceRow::into_record)
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn get_device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            devices::table
+                .filter(devices::name.eq(name))
+                .select(DeviceRow::as_select())
+                .first(conn)
+                .optional()?
+                .map(DeviceRow::into_record)
+                .transpose()
+        })
+        .await
+    }
+
+    /// Replaces a device's spec, and its labels when given. Returns the updated device, or `None`
+    /// if no device has that name.
+    pub async fn update_device(
+        &self,
+        name: &str,
+        spec: DeviceSpec,
+        labels: Option<BTreeMap<String, String>>,
+        now_ms: i64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let target = devices::table.filter(devices::name.eq(&name));
+                let changed = match &labels {
+                    Some(labels) => diesel::update(target)
+                        .set((
+                            devices::spec.eq(to_json(&spec)),
+                            devices::labels.eq(to_json(labels)),
+                            devices::updated_ms.eq(now_ms),
+                        ))
+                        .execute(conn)?,
+                    None => diesel::update(target)
+                        .set((
+                            devices::spec.eq(to_json(&spec)),
+                            devices::updated_ms.eq(now_ms),
+                        ))
+                        .execute(conn)?,
+                };
+                if changed == 0 {
+                    return Ok(None);
+                }
+                devices::table
+                    .filter(devices::name.eq(&name))
+                    .select(DeviceRow::as_select())
+                    .first(conn)?
+                    .into_record()
+                    .map(Some)
+            })
+        })
+        .await
+    }
+
+    /// Records what a device reported: the version it acknowledged and the version it rejected
+    /// last, with the reason (`None` clears it).
+    pub async fn record_device_sync(
+        &self,
+        id: &str,
+        acked_version: Option<String>,
+        nacked: Option<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let (nacked_version, last_error) = nacked.unzip();
+        self.run(move |conn| {
+            diesel::update(devices::table.find(id))
+                .set((
+                    devices::acked_version.eq(acked_version),
+                    devices::nacked_version.eq(nacked_version),
+                    devices::last_error.eq(last_error),
+                ))
+                .execute(conn)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records the facts of a newly opened session (once per connection, not per heartbeat): the
+    /// agent's version and, when it reported one, the spec version it runs.
+    pub async fn record_device_session(
+        &self,
+        id: &str,
+        agent_version: String,
+        running_version: Option<String>,
+        seen_ms: i64,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let target = devices::table.find(id);
+            match running_version {
+                Some(version) => diesel::update(target)
+                    .set((
+                        devices::agent_version.eq(agent_version),
+                        devices::acked_version.eq(version),
+                        devices::last_seen_ms.eq(seen_ms),
+                    ))
+                    .execute(conn)?,
+                None => diesel::update(target)
+                    .set((
+                        devices::agent_version.eq(agent_version),
+                        devices::last_seen_ms.eq(seen_ms),
+                    ))
+                    .execute(conn)?,
+            };
+            Ok(())
+        })
+        .await
+    }
+}

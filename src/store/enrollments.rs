@@ -1,0 +1,262 @@
+//! Enrollment requests: submitted by agents, decided by operators. Approval creates the device and
+//! records its first certificate in the same transaction.
+
+use super::certificates::{CertificateRecord, insert_certificate};
+use super::devices::{NewDevice, insert_device};
+use super::schema::enrollment_requests as er;
+use super::{Store, StoreError, from_json, to_json};
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollmentState {
+    Pending,
+    Approved,
+    Denied,
+}
+
+impl EnrollmentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrollmentState::Pending => "pending",
+            EnrollmentState::Approved => "approved",
+            EnrollmentState::Denied => "denied",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "pending" => Ok(EnrollmentState::Pending),
+            "approved" => Ok(EnrollmentState::Approved),
+            "denied" => Ok(EnrollmentState::Denied),
+            other => Err(StoreError::Corrupt {
+                what: "enrollment state",
+                detail: format!("unknown state {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Facts an agent reported about its host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub agent_version: String,
+    pub boot_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollmentRecord {
+    pub name: String,
+    pub key_fingerprint: String,
+    pub csr_pem: String,
+    pub labels: BTreeMap<String, String>,
+    pub system_info: SystemInfo,
+    pub state: EnrollmentState,
+    pub reason: Option<String>,
+    pub device_id: Option<String>,
+    pub certificate_serial: Option<String>,
+    pub created_ms: i64,
+    pub decided_ms: Option<i64>,
+    pub decided_by: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEnrollment {
+    pub name: String,
+    pub key_fingerprint: String,
+    pub csr_pem: String,
+    pub labels: BTreeMap<String, String>,
+    pub system_info: SystemInfo,
+    pub created_ms: i64,
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = er)]
+struct EnrollmentRow {
+    name: String,
+    key_fingerprint: String,
+    csr_pem: String,
+    labels: String,
+    system_info: String,
+    state: String,
+    reason: Option<String>,
+    device_id: Option<String>,
+    certificate_serial: Option<String>,
+    created_ms: i64,
+    decided_ms: Option<i64>,
+    decided_by: Option<String>,
+}
+
+impl EnrollmentRow {
+    fn into_record(self) -> Result<EnrollmentRecord, StoreError> {
+        Ok(EnrollmentRecord {
+            labels: from_json("enrollment labels", &self.labels)?,
+            system_info: from_json("enrollment system info", &self.system_info)?,
+            state: EnrollmentState::parse(&self.state)?,
+            name: self.name,
+            key_fingerprint: self.key_fingerprint,
+            csr_pem: self.csr_pem,
+            reason: self.reason,
+            device_id: self.device_id,
+            certificate_serial: self.certificate_serial,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            decided_by: self.decided_by,
+        })
+    }
+}
+
+fn find(
+    conn: &mut super::DbConnection,
+    name: &str,
+) -> Result<Option<EnrollmentRecord>, StoreError> {
+    er::table
+        .find(name)
+        .select(EnrollmentRow::as_select())
+        .first(conn)
+        .optional()?
+        .map(EnrollmentRow::into_record)
+        .transpose()
+}
+
+fn not_pending(name: &str) -> StoreError {
+    StoreError::Precondition(format!("enrollment request {name:?} is no longer pending"))
+}
+
+impl Store {
+    /// Records a new request, or returns the existing one for the same name and key (idempotent
+    /// re-submission). The same name with a different key is a conflict.
+    pub async fn submit_enrollment(
+        &self,
+        new: NewEnrollment,
+    ) -> Result<EnrollmentRecord, StoreError> {
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                if let Some(existing) = find(conn, &new.name)? {
+                    if existing.key_fingerprint == new.key_fingerprint {
+                        return Ok(existing);
+                    }
+                    return Err(StoreError::Conflict(format!(
+                        "device name {:?} is already requested by a different key",
+                        new.name
+                    )));
+                }
+                let row = EnrollmentRow {
+                    name: new.name.clone(),
+                    key_fingerprint: new.key_fingerprint,
+                    csr_pem: new.csr_pem,
+                    labels: to_json(&new.labels),
+                    system_info: to_json(&new.system_info),
+                    state: EnrollmentState::Pending.as_str().to_string(),
+                    reason: None,
+                    device_id: None,
+                    certificate_serial: None,
+                    created_ms: new.created_ms,
+                    decided_ms: None,
+                    decided_by: None,
+                };
+                diesel::insert_into(er::table).values(&row).execute(conn)?;
+                row.into_record()
+            })
+        })
+        .await
+    }
+
+    pub async fn get_enrollment(&self, name: &str) -> Result<Option<EnrollmentRecord>, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| find(conn, &name)).await
+    }
+
+    /// Requests in `state` (all when `None`), oldest first.
+    pub async fn list_enrollments(
+        &self,
+        state: Option<EnrollmentState>,
+    ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        self.run(move |conn| {
+            let mut query = er::table.select(EnrollmentRow::as_select()).into_boxed();
+            if let Some(state) = state {
+                query = query.filter(er::state.eq(state.as_str()));
+            }
+            query
+                .order((er::created_ms.asc(), er::name.asc()))
+                .load(conn)?
+                .into_iter()
+                .map(EnrollmentRow::into_record)
+                .collect()
+        })
+        .await
+    }
+
+    /// Approves a pending request: marks it approved, creates the device and records its first
+    /// certificate, all or nothing.
+    pub async fn approve_enrollment(
+        &self,
+        name: &str,
+        device: NewDevice,
+        certificate: CertificateRecord,
+        decided_by: String,
+    ) -> Result<EnrollmentRecord, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let changed = diesel::update(
+                    er::table
+                        .find(&name)
+                        .filter(er::state.eq(EnrollmentState::Pending.as_str())),
+                )
+                .set((
+                    er::state.eq(EnrollmentState::Approved.as_str()),
+                    er::labels.eq(to_json(&device.labels)),
+                    er::device_id.eq(&device.id),
+                    er::certificate_serial.eq(&certificate.serial),
+                    er::decided_ms.eq(device.created_ms),
+                    er::decided_by.eq(&decided_by),
+                ))
+                .execute(conn)?;
+                if changed == 0 {
+                    return Err(not_pending(&name));
+                }
+                insert_device(conn, &device)?;
+                insert_certificate(conn, &certificate)?;
+                find(conn, &name)?.ok_or_else(|| not_pending(&name))
+            })
+        })
+        .await
+    }
+
+    /// Denies a pending request.
+    pub async fn deny_enrollment(
+        &self,
+        name: &str,
+        reason: String,
+        decided_by: String,
+        now_ms: i64,
+    ) -> Result<EnrollmentRecord, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let changed = diesel::update(
+                    er::table
+                        .find(&name)
+                        .filter(er::state.eq(EnrollmentState::Pending.as_str())),
+                )
+                .set((
+                    er::state.eq(EnrollmentState::Denied.as_str()),
+                    er::reason.eq(reason),
+                    er::decided_ms.eq(now_ms),
+                    er::decided_by.eq(decided_by),
+                ))
+                .execute(conn)?;
+                if changed == 0 {
+                    return Err(not_pending(&name));
+                }
+                find(conn, &name)?.ok_or_else(|| not_pending(&name))
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,136 @@
+//! The store: the only module that touches Diesel. One code path for SQLite (the embedded default)
+//! and PostgreSQL, synchronous Diesel on a pooled connection inside `spawn_blocking`.
+
+mod certificates;
+mod connection;
+mod devices;
+mod enrollments;
+mod schema;
+
+pub use certificates::CertificateRecord;
+pub use connection::{Backend, DbConnection};
+pub use devices::{DeviceRecord, NewDevice};
+pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
+
+use connection::{Manager, Pool};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("stored {what} is corrupt: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("database error: {0}")]
+    Query(DieselError),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+impl From<DieselError> for StoreError {
+    fn from(error: DieselError) -> Self {
+        match &error {
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                StoreError::Conflict(info.message().to_string())
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+                StoreError::Unavailable(info.message().to_string())
+            }
+            _ => StoreError::Query(error),
+        }
+    }
+}
+
+/// A handle to the database; clones share one pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    backend: Arc<Backend>,
+    queries: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend.redacted())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens a pool on `backend`. Fails at once, with the backend's own message, if no connection
+    /// can be made within a few seconds.
+    pub fn open(backend: Backend) -> Result<Store, StoreError> {
+        let max_size = match backend {
+            Backend::Postgres(_) => 16,
+            Backend::Sqlite(_) => 4,
+        };
+        let pool = Pool::builder()
+            .max_size(max_size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .build(Manager::new(backend.clone()))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Store {
+            pool,
+            backend: Arc::new(backend),
+            queries: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// How many store operations have run since the store was opened (each is one or a few
+    /// statements). Lets tests prove that an idle fleet costs no database work.
+    pub fn operation_count(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Applies pending migrations; returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        self.run(|conn| connection::run_migrations(conn).map_err(StoreError::Migration))
+            .await
+    }
+
+    /// Runs `op` on a pooled connection on the blocking thread pool.
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool
+                .get()
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            op(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Maps of strings and plain structs always serialise.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}

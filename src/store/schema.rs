@@ -1,0 +1,53 @@
+//! The Diesel schema, identical on SQLite and PostgreSQL (see `migrations/`).
+
+diesel::table! {
+    devices (id) {
+        id -> Text,
+        name -> Text,
+        labels -> Text,
+        spec -> Text,
+        acked_version -> Nullable<Text>,
+        nacked_version -> Nullable<Text>,
+        last_error -> Nullable<Text>,
+        agent_version -> Nullable<Text>,
+        last_seen_ms -> Nullable<BigInt>,
+        cert_serial -> Nullable<Text>,
+        cert_not_after_ms -> Nullable<BigInt>,
+        created_ms -> BigInt,
+        updated_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    enrollment_requests (name) {
+        name -> Text,
+        key_fingerprint -> Text,
+        csr_pem -> Text,
+        labels -> Text,
+        system_info -> Text,
+        state -> Text,
+        reason -> Nullable<Text>,
+        device_id -> Nullable<Text>,
+        certificate_serial -> Nullable<Text>,
+        created_ms -> BigInt,
+        decided_ms -> Nullable<BigInt>,
+        decided_by -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    certificates (serial) {
+        serial -> Text,
+        device_id -> Text,
+        key_fingerprint -> Text,
+        fingerprint -> Text,
+        certificate_pem -> Text,
+        not_before_ms -> BigInt,
+        not_after_ms -> BigInt,
+        issued_ms -> BigInt,
+        revoked_ms -> Nullable<BigInt>,
+        revocation_reason -> Nullable<Text>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(devices, enrollment_requests, certificates);

@@ -1,0 +1,85 @@
+//! The device-facing services: enrollment and the management session stream.
+
+use super::auth::caller;
+use super::convert;
+use crate::control::{ControlPlane, EnrollInput};
+use crate::proto::agent::v1 as pb;
+use crate::proto::agent::v1::agent_service_server::AgentService;
+use crate::proto::agent::v1::enrollment_service_server::EnrollmentService;
+use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// An agent that opens a stream must say Hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AgentApi {
+    control: ControlPlane,
+}
+
+impl AgentApi {
+    pub fn new(control: ControlPlane) -> Self {
+        AgentApi { control }
+    }
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let outcome = self
+            .control
+            .enroll(
+                &caller,
+                EnrollInput {
+                    csr_pem: request.csr_pem,
+                    device_name: request.device_name,
+                    labels: request.labels,
+                    system_info: convert::system_info_from(request.system_info),
+                },
+            )
+            .await?;
+        Ok(Response::new(convert::enroll_response(outcome)))
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let caller = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 seconds"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(pb::agent_message::Kind::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ));
+            }
+        };
+        let session = self.control.open_session(&caller, &hello).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let inbound = inbound.map(|m| m.map_err(|s| s.message().to_string()));
+            control.run_session(session, Box::pin(inbound), tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}

@@ -1,0 +1,124 @@
+//! Authentication and authorisation of every request, as one tower layer in front of all services:
+//! verify the client certificate chain against the CA, read the `flotilla://` identity from it,
+//! consult `authz` for the method, and hand the verified `Caller` to the handler. Nothing else in
+//! the server decides who a caller is.
+
+use crate::authz::authorize;
+use crate::identity::Identity;
+use rustls::pki_types::UnixTime;
+use rustls::server::danger::ClientCertVerifier;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower::{Layer, Service};
+
+/// The verified identity of the caller, in the request extensions of every handler.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Identity);
+
+/// Reads the caller a request was authenticated as.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .ok_or_else(|| Status::unauthenticated("request was not authenticated"))
+}
+
+/// Checks client certificates; shared by both endpoints.
+#[derive(Clone)]
+pub struct Authenticator {
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl Authenticator {
+    pub fn new(verifier: Arc<dyn ClientCertVerifier>) -> Self {
+        Authenticator { verifier }
+    }
+
+    /// Decides who sent `request` and whether they may call its method.
+    pub fn authenticate<B>(&self, request: &Request<B>) -> Result<Identity, Status> {
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .filter(|certs| !certs.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "a client certificate issued by this control plane is required",
+                )
+            })?;
+        let (end_entity, intermediates) = certs.split_first().ok_or_else(|| {
+            Status::unauthenticated("a client certificate issued by this control plane is required")
+        })?;
+        self.verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
+        let identity = Identity::from_certificate_der(end_entity)
+            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
+        authorize(identity.role, request.uri().path())
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        Ok(identity)
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Authenticator,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Authenticator) -> Self {
+        AuthLayer { authenticator }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    authenticator: Authenticator,
+}
+
+impl<S> Service<Request<Body>> for AuthService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<Response<Body>, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        match self.authenticator.authenticate(&request) {
+            Ok(identity) => {
+                request.extensions_mut().insert(Caller(identity));
+                futures::future::Either::Left(self.inner.call(request))
+            }
+            Err(status) => {
+                tracing::info!(path = request.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
+                futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Conversions between domain records and their protobuf messages.
+
+use crate::clock::timestamp_from_millis;
+use crate::control::{DeviceView, EnrollOutcome};
+use crate::hub::SyncState;
+use crate::proto::admin::v1 as admin;
+use crate::proto::agent::v1 as agent;
+use crate::store::{EnrollmentRecord, EnrollmentState, SystemInfo};
+
+pub fn enrollment_state(state: EnrollmentState) -> agent::EnrollmentState {
+    match state {
+        EnrollmentState::Pending => agent::EnrollmentState::Pending,
+        EnrollmentState::Approved => agent::EnrollmentState::Approved,
+        EnrollmentState::Denied => agent::EnrollmentState::Denied,
+    }
+}
+
+/// `None` for UNSPECIFIED (meaning "any").
+pub fn enrollment_state_filter(state: agent::EnrollmentState) -> Option<EnrollmentState> {
+    match state {
+        agent::EnrollmentState::Unspecified => None,
+        agent::EnrollmentState::Pending => Some(EnrollmentState::Pending),
+        agent::EnrollmentState::Approved => Some(EnrollmentState::Approved),
+        agent::EnrollmentState::Denied => Some(EnrollmentState::Denied),
+    }
+}
+
+pub fn system_info_from(info: Option<agent::SystemInfo>) -> SystemInfo {
+    let info = info.unwrap_or_default();
+    SystemInfo {
+        hostname: info.hostname,
+        os: info.os,
+        arch: info.arch,
+        agent_version: info.agent_version,
+        boot_id: info.boot_id,
+    }
+}
+
+fn system_info_to(info: SystemInfo) -> agent::SystemInfo {
+    agent::SystemInfo {
+        hostname: info.hostname,
+        os: info.os,
+        arch: info.arch,
+        agent_version: info.agent_version,
+        boot_id: info.boot_id,
+    }
+}
+
+pub fn enroll_response(outcome: EnrollOutcome) -> agent::EnrollResponse {
+    let (certificate_pem, not_after) = match outcome.certificate {
+        Some(cert) => (
+            cert.certificate_pem,
+            Some(timestamp_from_millis(cert.not_after_ms)),
+        ),
+        None => (String::new(), None),
+    };
+    agent::EnrollResponse {
+        state: enrollment_state(outcome.state) as i32,
+        reason: outcome.reason.unwrap_or_default(),
+        device_id: outcome.device_id.unwrap_or_default(),
+        certificate_pem,
+        ca_bundle_pem: outcome.ca_pem,
+        retry_after_seconds: outcome.retry_after_secs,
+        certificate_not_after: not_after,
+    }
+}
+
+pub fn enrollment(record: EnrollmentRecord) -> admin::Enrollment {
+    admin::Enrollment {
+        name: record.name,
+        state: enrollment_state(record.state) as i32,
+        labels: record.labels,
+        system_info: Some(system_info_to(record.system_info)),
+        key_fingerprint: record.key_fingerprint,
+        device_id: record.device_id.unwrap_or_default(),
+        reason: record.reason.unwrap_or_default(),
+        created_at: Some(timestamp_from_millis(record.created_ms)),
+        decided_at: record.decided_ms.map(timestamp_from_millis),
+        decided_by: record.decided_by.unwrap_or_default(),
+    }
+}
+
+fn sync_state(state: SyncState) -> admin::SyncState {
+    match state {
+        SyncState::Synced => admin::SyncState::Synced,
+        SyncState::Pending => admin::SyncState::Pending,
+        SyncState::Error => admin::SyncState::Error,
+        SyncState::Offline => admin::SyncState::Offline,
+    }
+}
+
+pub fn device(view: DeviceView) -> admin::Device {
+    let record = view.record;
+    let mut status = admin::DeviceStatus {
+        online: false,
+        sync_state: admin::SyncState::Offline as i32,
+        acked_version: record.acked_version.clone().unwrap_or_default(),
+        last_error: record
+            .nacked
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default(),
+        last_seen: record.last_seen_ms.map(timestamp_from_millis),
+        agent_version: record.agent_version.unwrap_or_default(),
+        certificate_serial: record.cert_serial.unwrap_or_default(),
+        certificate_not_after: record.cert_not_after_ms.map(timestamp_from_millis),
+        ..Default::default()
+    };
+    if let Some(live) = view.status {
+        status.online = live.online;
+        status.sync_state = sync_state(live.state) as i32;
+        status.desired_version = live.desired_version;
+        status.sent_version = live.sent_version.unwrap_or_default();
+        status.acked_version = live.acked_version.unwrap_or_default();
+        status.last_error = live.last_error.unwrap_or_default();
+        status.last_seen = live
+            .last_seen_ms
+            .map(timestamp_from_millis)
+            .or(status.last_seen);
+    }
+    admin::Device {
+        id: record.id,
+        name: record.name,
+        labels: record.labels,
+        spec: Some(record.spec.into()),
+        status: Some(status),
+        created_at: Some(timestamp_from_millis(record.created_ms)),
+    }
+}

@@ -1,0 +1,173 @@
+//! Assembles and runs both endpoints: the agent endpoint (enrollment, sessions) and the admin
+//! endpoint (admin API, reflection, health), each TLS with client certificates behind the one
+//! authentication layer. Readiness follows the control plane: NOT_SERVING until its state is loaded
+//! and again during shutdown.
+
+use super::admin::AdminApi;
+use super::agent::AgentApi;
+use super::auth::{AuthLayer, Authenticator};
+use super::tls;
+use crate::control::{ControlError, ControlPlane};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
+use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
+use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
+use crate::proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// Largest message an agent may send (acks, heartbeats, CSRs are small).
+const AGENT_MAX_DECODE: usize = 64 * 1024;
+/// Largest admin request: a full spec (1 MiB) plus framing.
+const ADMIN_MAX_DECODE: usize = 2 * 1024 * 1024;
+/// Largest message the server sends: a full spec plus framing.
+const MAX_ENCODE: usize = 2 * 1024 * 1024;
+/// How long shutdown waits for connections to drain before it stops anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound listeners of both endpoints.
+pub struct Endpoints {
+    pub agent: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// The server's certificate and the CA it trusts for clients.
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("loading state: {0}")]
+    Load(#[from] ControlError),
+    #[error("{endpoint} endpoint failed: {source}")]
+    Transport {
+        endpoint: &'static str,
+        source: tonic::transport::Error,
+    },
+}
+
+fn builder() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(60))
+}
+
+/// Runs both endpoints until `shutdown` completes, then drains.
+pub async fn serve(
+    control: ControlPlane,
+    endpoints: Endpoints,
+    material: TlsMaterial,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let verifier = tls::client_verifier(&material.ca_pem)?;
+    let tls_config = tls::server_config(&material.cert_pem, &material.key_pem, verifier.clone())?;
+    let auth = AuthLayer::new(Authenticator::new(verifier));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let agent_api = AgentApi::new(control.clone());
+    let agent_server = builder()
+        .layer(auth.clone())
+        .add_service(
+            AgentServiceServer::new(agent_api)
+                .max_decoding_message_size(AGENT_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
+            EnrollmentServiceServer::new(AgentApi::new(control.clone()))
+                .max_decoding_message_size(AGENT_MAX_DECODE),
+        )
+        .add_service(health_service.clone())
+        .serve_with_incoming_shutdown(
+            tls::incoming(endpoints.agent, tls_config.clone()),
+            stopped(stop_rx.clone()),
+        );
+
+    let admin_server = builder()
+        .layer(auth)
+        .add_service(
+            DeviceServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
+            AdminEnrollmentServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE),
+        )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(tls::incoming(endpoints.admin, tls_config), stopped(stop_rx));
+
+    let agent_task = tokio::spawn(agent_server);
+    let admin_task = tokio::spawn(admin_server);
+
+    let devices = control.load().await?;
+    for service in [
+        "",
+        "flotilla.agent.v1.AgentService",
+        "flotilla.agent.v1.EnrollmentService",
+        "flotilla.admin.v1.DeviceService",
+        "flotilla.admin.v1.EnrollmentService",
+    ] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    tracing::info!(devices, "control plane ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: refusing new work and closing sessions");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    control.hub().close_all();
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let agent = agent_task.await;
+        let admin = admin_task.await;
+        (agent, admin)
+    })
+    .await;
+    match drained {
+        Ok((agent, admin)) => {
+            for (endpoint, result) in [("agent", agent), ("admin", admin)] {
+                if let Ok(Err(source)) = result {
+                    return Err(ServeError::Transport { endpoint, source });
+                }
+            }
+        }
+        Err(_) => tracing::warn!("connections did not drain in time; stopping anyway"),
+    }
+    Ok(())
+}
