@@ -1,0 +1,298 @@
+//! Shared test support: a database per test (SQLite, or a fresh PostgreSQL database when
+//! `FLOTILLA_TEST_DATABASE_URL` is set), an in-process control plane on real TLS over loopback, and
+//! helpers for driving the real binaries.
+#![allow(dead_code)]
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
+use flotilla::ca::{CertificateAuthority, Subject, Usage};
+use flotilla::client::ClientCredentials;
+use flotilla::control::{ControlPlane, Policy};
+use flotilla::hub::Hub;
+use flotilla::identity::Identity;
+use flotilla::store::{Backend, Store};
+use flotilla::transport::{Endpoints, TlsMaterial, serve};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A database for one test; a PostgreSQL database is dropped again at the end.
+pub struct TestDb {
+    pub url: String,
+    admin_url: Option<String>,
+    name: String,
+}
+
+impl TestDb {
+    /// SQLite in `dir`, or a new database on the server named by `FLOTILLA_TEST_DATABASE_URL`.
+    pub fn new(dir: &Path) -> TestDb {
+        match std::env::var("FLOTILLA_TEST_DATABASE_URL") {
+            Ok(admin_url) if !admin_url.is_empty() => {
+                let name = format!("flotilla_t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = PgConnection::establish(&admin_url)
+                    .expect("connect to the PostgreSQL test server");
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .unwrap();
+                let base = admin_url
+                    .rsplit_once('/')
+                    .map(|(b, _)| b)
+                    .unwrap_or(&admin_url);
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    admin_url: Some(admin_url),
+                    name,
+                }
+            }
+            _ => TestDb {
+                url: dir.join("flotilla.db").display().to_string(),
+                admin_url: None,
+                name: String::new(),
+            },
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        Backend::from_url(&self.url)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.admin_url.is_some()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(admin_url) = &self.admin_url {
+            if let Ok(mut conn) = PgConnection::establish(admin_url) {
+                let _ = diesel::sql_query(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .execute(&mut conn);
+            }
+        }
+    }
+}
+
+/// Opens and migrates a store on a fresh test database.
+pub async fn test_store(dir: &Path) -> (Store, TestDb) {
+    let db = TestDb::new(dir);
+    let backend = db.backend();
+    let store = tokio::task::spawn_blocking(move || Store::open(backend))
+        .await
+        .unwrap()
+        .unwrap();
+    store.migrate().await.unwrap();
+    (store, db)
+}
+
+/// A control plane running in this process on real TLS over loopback.
+pub struct TestServer {
+    pub agent_url: String,
+    pub admin_url: String,
+    pub dir: DataDir,
+    pub control: ControlPlane,
+    pub ca: Arc<CertificateAuthority>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _db: TestDb,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_url = format!("https://{}", agent.local_addr().unwrap());
+        let admin_url = format!("https://{}", admin.local_addr().unwrap());
+        let options = BootstrapOptions {
+            agent_url: agent_url.clone(),
+            admin_url: admin_url.clone(),
+            server_names: vec![],
+        };
+        let prepared = prepare(&dir, &options).unwrap();
+        let (store, db) = test_store(tmp.path()).await;
+        let ca = Arc::new(prepared.ca);
+        let control = ControlPlane::new(store, ca.clone(), Arc::new(Hub::new()), Policy::default());
+        let material = TlsMaterial {
+            ca_pem: ca.cert_pem().to_string(),
+            cert_pem: prepared.server_cert_pem,
+            key_pem: prepared.server_key_pem,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = control.clone();
+        let task = tokio::spawn(async move {
+            serve(serving, Endpoints { agent, admin }, material, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let server = TestServer {
+            agent_url,
+            admin_url,
+            dir,
+            control,
+            ca,
+            stop: Some(stop),
+            task: Some(task),
+            _db: db,
+            _tmp: tmp,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.control.hub().is_ready() {
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    fn read(&self, path: PathBuf) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.cert_pem().to_string()
+    }
+
+    fn creds(&self, cert_pem: String, key_pem: String) -> ClientCredentials {
+        ClientCredentials {
+            ca_pem: self.ca_pem(),
+            cert_pem,
+            key_pem,
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub fn admin_creds(&self) -> ClientCredentials {
+        self.creds(
+            self.read(self.dir.admin_cert()),
+            self.read(self.dir.admin_key()),
+        )
+    }
+
+    pub fn enrollment_creds(&self) -> ClientCredentials {
+        self.creds(
+            self.read(self.dir.enrollment_cert()),
+            self.read(self.dir.enrollment_key()),
+        )
+    }
+
+    /// Credentials for any identity, signed by this server's CA.
+    pub fn creds_for(&self, identity: Identity) -> ClientCredentials {
+        let (issued, key) = self
+            .ca
+            .issue_with_new_key(&Subject {
+                common_name: identity.to_string(),
+                identity: Some(identity),
+                dns_names: vec![],
+                ip_addresses: vec![],
+                usage: Usage::Client,
+                validity: Duration::from_secs(3600),
+            })
+            .unwrap();
+        self.creds(issued.pem, key)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Path of a workspace binary, built once per test process with the same profile as the tests.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_flotilla"));
+    let dir = server.parent().unwrap().to_path_buf();
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "--quiet", "-p", "flotilla-agent", "-p", "flotctl"]);
+        if dir.ends_with("release") {
+            command.arg("--release");
+        }
+        let status = command.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "building flotilla-agent and flotctl failed"
+        );
+    });
+    dir.join(name)
+}
+
+/// A child process that is killed when the guard goes away.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn terminate(&mut self) {
+        let pid = self.0.id() as i32;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
