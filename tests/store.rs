@@ -1,0 +1,210 @@
+//! The store on a real database: SQLite by default, PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set
+//! (`.ci/run` runs the suite both ways).
+
+mod support;
+
+use flotilla::spec::{DeviceSpec, FileSpec};
+use flotilla::store::{
+    Backend, CertificateRecord, EnrollmentState, NewDevice, NewEnrollment, Store, StoreError,
+    SystemInfo,
+};
+use std::collections::BTreeMap;
+use support::test_store;
+
+fn enrollment(name: &str, key: &str) -> NewEnrollment {
+    NewEnrollment {
+        name: name.into(),
+        key_fingerprint: key.into(),
+        csr_pem: "csr".into(),
+        labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+        system_info: SystemInfo {
+            hostname: "h".into(),
+            ..Default::default()
+        },
+        created_ms: 1,
+    }
+}
+
+fn device(id: &str, name: &str) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        name: name.into(),
+        labels: BTreeMap::new(),
+        spec: DeviceSpec::default(),
+        cert_serial: format!("serial-{id}"),
+        cert_not_after_ms: 10,
+        created_ms: 2,
+    }
+}
+
+fn certificate(id: &str) -> CertificateRecord {
+    CertificateRecord {
+        serial: format!("serial-{id}"),
+        device_id: id.into(),
+        key_fingerprint: "k".into(),
+        fingerprint: "f".into(),
+        certificate_pem: "pem".into(),
+        not_before_ms: 1,
+        not_after_ms: 10,
+        issued_ms: 2,
+        revoked_ms: None,
+        revocation_reason: None,
+    }
+}
+
+#[tokio::test]
+async fn enrollment_lifecycle_is_idempotent_and_atomic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+
+    let first = store
+        .submit_enrollment(enrollment("dev", "key-1"))
+        .await
+        .unwrap();
+    assert_eq!(first.state, EnrollmentState::Pending);
+    let again = store
+        .submit_enrollment(enrollment("dev", "key-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "re-submission returns the same request");
+    assert!(matches!(
+        store.submit_enrollment(enrollment("dev", "key-2")).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let approved = store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "admin/admin".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.state, EnrollmentState::Approved);
+    assert_eq!(approved.device_id.as_deref(), Some("d1"));
+    assert_eq!(approved.certificate_serial.as_deref(), Some("serial-d1"));
+    assert_eq!(
+        store
+            .get_certificate("serial-d1")
+            .await
+            .unwrap()
+            .unwrap()
+            .device_id,
+        "d1"
+    );
+    assert!(matches!(
+        store
+            .approve_enrollment("dev", device("d2", "dev"), certificate("d2"), "x".into())
+            .await,
+        Err(StoreError::Precondition(_))
+    ));
+
+    // A failing approval (the device name is taken) leaves the request pending and nothing behind.
+    store
+        .submit_enrollment(enrollment("other", "key-3"))
+        .await
+        .unwrap();
+    let clash = store
+        .approve_enrollment("other", device("d3", "dev"), certificate("d3"), "x".into())
+        .await;
+    assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
+    assert_eq!(
+        store.get_enrollment("other").await.unwrap().unwrap().state,
+        EnrollmentState::Pending
+    );
+    assert!(store.get_certificate("serial-d3").await.unwrap().is_none());
+
+    let denied = store
+        .deny_enrollment("other", "no".into(), "admin/admin".into(), 5)
+        .await
+        .unwrap();
+    assert_eq!(denied.state, EnrollmentState::Denied);
+    let pending = store
+        .list_enrollments(Some(EnrollmentState::Pending))
+        .await
+        .unwrap();
+    assert!(pending.is_empty());
+    assert_eq!(store.list_enrollments(None).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn device_specs_labels_and_sync_facts_persist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment("dev", device("d1", "dev"), certificate("d1"), "a".into())
+        .await
+        .unwrap();
+
+    let spec = DeviceSpec {
+        files: vec![FileSpec {
+            path: "/etc/x".into(),
+            content: "x".into(),
+            mode: 0o600,
+        }],
+    };
+    let labels = BTreeMap::from([("tier".to_string(), "edge".to_string())]);
+    let updated = store
+        .update_device("dev", spec.clone(), Some(labels.clone()), 7)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.spec, spec);
+    assert_eq!(updated.labels, labels);
+    let kept = store
+        .update_device("dev", DeviceSpec::default(), None, 8)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.labels, labels, "labels kept when not given");
+    assert!(
+        store
+            .update_device("ghost", spec, None, 9)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    store
+        .record_device_sync(
+            "d1",
+            Some("v1".into()),
+            Some(("v2".into(), "disk full".into())),
+        )
+        .await
+        .unwrap();
+    store
+        .record_device_session("d1", "0.1.0".into(), None, 11)
+        .await
+        .unwrap();
+    let device = store.get_device_by_name("dev").await.unwrap().unwrap();
+    assert_eq!(device.acked_version.as_deref(), Some("v1"));
+    assert_eq!(device.nacked, Some(("v2".into(), "disk full".into())));
+    assert_eq!(device.agent_version.as_deref(), Some("0.1.0"));
+    assert_eq!(device.last_seen_ms, Some(11));
+    assert_eq!(store.list_devices().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    assert_eq!(store.migrate().await.unwrap(), 0);
+}
+
+#[test]
+fn an_unreachable_postgres_is_a_clear_error_not_a_sqlite_file() {
+    let url = "postgres://nobody@127.0.0.1:1/none";
+    let error = Store::open(Backend::from_url(url)).unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+    assert!(
+        error.to_string().contains("database unavailable"),
+        "{error}"
+    );
+    assert!(!std::path::Path::new(url).exists());
+}
