@@ -20,6 +20,27 @@ struct Cluster {
 }
 
 impl Cluster {
+    fn new(root: &Path) -> Cluster {
+        Cluster {
+            data: root.join("data"),
+            db: TestDb::new(root),
+            agent_addr: free_addr(),
+            admin_addr: free_addr(),
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn wait_until_serving(&self) {
+        wait(
+            "the server to write flotctl.toml and answer",
+            Duration::from_secs(60),
+            || {
+                self.data.join("flotctl.toml").exists()
+                    && self.flotctl(&["get", "devices"]).status.success()
+            },
+        );
+    }
+
     fn start_server(&self, run: usize) -> ChildGuard {
         let log = std::fs::File::create(self.root.join(format!("server-{run}.log"))).unwrap();
         let mut command = Command::new(binary("flotilla"));
@@ -93,13 +114,7 @@ fn device_yaml(out: &Path, a: &str) -> String {
 fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let cluster = Cluster {
-        data: root.join("data"),
-        db: TestDb::new(&root),
-        agent_addr: free_addr(),
-        admin_addr: free_addr(),
-        root: root.clone(),
-    };
+    let cluster = Cluster::new(&root);
     eprintln!(
         "backend: {}",
         if cluster.db.is_postgres() {
@@ -109,14 +124,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
         }
     );
     let mut server = cluster.start_server(1);
-    wait(
-        "the server to write flotctl.toml and answer",
-        Duration::from_secs(60),
-        || {
-            cluster.data.join("flotctl.toml").exists()
-                && cluster.flotctl(&["get", "devices"]).status.success()
-        },
-    );
+    cluster.wait_until_serving();
 
     let agent_log = root.join("agent.log");
     let _agent = ChildGuard(
@@ -238,18 +246,9 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
 fn flotctl_reports_bad_input_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let cluster = Cluster {
-        data: root.join("data"),
-        db: TestDb::new(&root),
-        agent_addr: free_addr(),
-        admin_addr: free_addr(),
-        root: root.clone(),
-    };
+    let cluster = Cluster::new(&root);
     let _server = cluster.start_server(1);
-    wait("the server", Duration::from_secs(60), || {
-        cluster.data.join("flotctl.toml").exists()
-            && cluster.flotctl(&["get", "devices"]).status.success()
-    });
+    cluster.wait_until_serving();
     let bad = root.join("bad.yaml");
     for (content, expected) in [
         ("kind: Device\nmetadata: [\n", "not valid YAML"),
