@@ -99,7 +99,8 @@ fn backend(store: &StoreArgs) -> Backend {
     }
 }
 
-async fn open_store(args: &StoreArgs) -> Result<Store> {
+/// Opens the store and applies pending migrations; returns it with the number applied.
+async fn open_store(args: &StoreArgs) -> Result<(Store, usize)> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let backend = backend(args);
@@ -114,7 +115,7 @@ async fn open_store(args: &StoreArgs) -> Result<Store> {
         applied,
         "database ready"
     );
-    Ok(store)
+    Ok((store, applied))
 }
 
 fn url_for(addr: SocketAddr) -> String {
@@ -156,8 +157,8 @@ async fn main() -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Migrate { store } => {
-            open_store(&store).await?;
-            println!("migrations applied");
+            let (_, applied) = open_store(&store).await?;
+            println!("{applied} migration(s) applied");
             Ok(())
         }
         Command::Serve {
@@ -196,7 +197,7 @@ async fn main() -> Result<()> {
                     DataDir::new(&store.data_dir).ctl_config().display()
                 );
             }
-            let db = open_store(&store).await?;
+            let (db, _) = open_store(&store).await?;
             let heartbeat = Duration::from_secs(heartbeat_interval.max(1));
             let policy = Policy {
                 device_cert_validity: Duration::from_secs(device_cert_days.max(1) * 24 * 3600),

@@ -63,6 +63,21 @@ impl Cluster {
         ChildGuard(command.spawn().unwrap())
     }
 
+    fn start_agent(&self, log: &Path) -> ChildGuard {
+        ChildGuard(
+            Command::new(binary("flotilla-agent"))
+                .arg("--config")
+                .arg(self.data.join("agent.toml"))
+                .arg("--state-dir")
+                .arg(self.root.join("agent-state"))
+                .args(["--name", "edge-1", "--label", "site=lab"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     fn flotctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary("flotctl"))
             .arg("--config")
@@ -127,18 +142,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
     cluster.wait_until_serving();
 
     let agent_log = root.join("agent.log");
-    let _agent = ChildGuard(
-        Command::new(binary("flotilla-agent"))
-            .arg("--config")
-            .arg(cluster.data.join("agent.toml"))
-            .arg("--state-dir")
-            .arg(root.join("agent-state"))
-            .args(["--name", "edge-1", "--label", "site=lab"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut agent = cluster.start_agent(&agent_log);
     let key = root.join("agent-state/device.key");
     wait("the enrollment request", Duration::from_secs(30), || {
         cluster
@@ -239,6 +243,62 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
         count_lines(&root.join("server-2.log"), "pushing spec"),
         0,
         "resume costs no push"
+    );
+
+    // Restart the agent: it resumes from the spec it keeps on disk and applies nothing again.
+    agent.terminate();
+    let second_log = root.join("agent-2.log");
+    let _agent = cluster.start_agent(&second_log);
+    wait(
+        "the restarted agent's session",
+        Duration::from_secs(30),
+        || count_lines(&second_log, "session established") == 1,
+    );
+    wait(
+        "edge-1 SYNCED after the agent restart",
+        Duration::from_secs(20),
+        || synced(&cluster),
+    );
+    assert_eq!(
+        count_lines(&second_log, "spec applied"),
+        0,
+        "nothing re-applied"
+    );
+    assert_eq!(
+        count_lines(&second_log, "enrollment request submitted"),
+        0,
+        "no re-enrollment"
+    );
+    assert_eq!(std::fs::metadata(&conf).unwrap().mtime_nsec(), mtime);
+}
+
+#[test]
+fn migrate_applies_the_schema_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(tmp.path());
+    let migrate = || {
+        let mut command = Command::new(binary("flotilla"));
+        command.arg("migrate").arg("--data-dir").arg(&cluster.data);
+        if cluster.db.is_postgres() {
+            command.arg("--database-url").arg(&cluster.db.url);
+        }
+        command.output().unwrap()
+    };
+    let first = migrate();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout),
+        "1 migration(s) applied\n"
+    );
+    let second = migrate();
+    assert!(second.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        "0 migration(s) applied\n"
     );
 }
 

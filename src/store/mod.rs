@@ -72,11 +72,15 @@ impl Store {
             Backend::Postgres(_) => 16,
             Backend::Sqlite(_) => 4,
         };
+        // No idle minimum: the pool never opens connections in the background, so nothing is
+        // half-way through a libpq/TLS handshake when the process exits. Connectivity is proven
+        // here by one checkout instead.
         let pool = Pool::builder()
             .max_size(max_size)
-            .min_idle(Some(1))
+            .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(5))
-            .build(Manager::new(backend.clone()))
+            .build_unchecked(Manager::new(backend.clone()));
+        pool.get()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Store {
             pool,
