@@ -2,14 +2,18 @@
 //! rendered spec the device should run, what was last pushed and acknowledged, and a handle to its
 //! open session. Pushes are state-of-the-world: a session is *notified* that something changed and
 //! then asks the hub what to send, so bursts coalesce and a slow agent never queues stale specs.
-//! No I/O happens under the hub's lock.
+//! A new desired spec is *held* until the current wave is released: the wave task waits until
+//! changes stop arriving for a short quiet period (bounded by a maximum delay), so a burst of edits
+//! becomes one push per device. No I/O happens under the hub's lock.
 
 use crate::proto::agent::v1 as pb;
 use crate::spec::{DeviceSpec, version_of};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::Notify;
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 
 /// A rendered spec, shared by every holder (never copied per device).
 #[derive(Debug, PartialEq)]
@@ -21,12 +25,16 @@ pub struct Rendered {
 
 impl Rendered {
     pub fn new(spec: DeviceSpec) -> Arc<Rendered> {
-        let spec = spec.normalized();
         let content_hash = spec.content_hash();
+        Rendered::with_hash(spec, content_hash)
+    }
+
+    /// Like `new`, for a caller that already computed `spec.content_hash()`.
+    pub fn with_hash(spec: DeviceSpec, content_hash: String) -> Arc<Rendered> {
         Arc::new(Rendered {
             version: version_of(&content_hash),
             content_hash,
-            spec: spec.into(),
+            spec: spec.normalized().into(),
         })
     }
 }
@@ -45,12 +53,36 @@ pub enum SyncState {
 pub struct SyncStatus {
     pub online: bool,
     pub state: SyncState,
+    /// Empty while no render of this device has succeeded since start.
     pub desired_version: String,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
     pub last_error: Option<String>,
+    /// Why the device's spec could not be rendered; it keeps its last good spec meanwhile.
+    pub render_error: Option<String>,
     pub last_seen_ms: Option<i64>,
 }
+
+/// How long changes are held so that bursts coalesce into one wave of pushes.
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    /// A wave is released once no change arrived for this long…
+    pub quiet: Duration,
+    /// …or once its first change has waited this long.
+    pub max_delay: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            quiet: Duration::from_millis(150),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Capacity of the change feed; a watcher that falls further behind is told to resynchronise.
+const EVENT_CAPACITY: usize = 4096;
 
 /// The handle a session task keeps: it is woken on `changed` when there may be something to push,
 /// and on `closed` when it must end (replaced by a newer session, device removed, shutdown).
@@ -89,7 +121,11 @@ struct Sent {
 
 #[derive(Debug)]
 struct DeviceEntry {
-    desired: Arc<Rendered>,
+    /// `None` until a render of this device succeeded (only after a failed render at start).
+    desired: Option<Arc<Rendered>>,
+    /// Set when `desired` changed and the wave that carries it has not been released yet.
+    held: bool,
+    render_error: Option<String>,
     /// The version the device last acknowledged (or reported in Hello).
     acked_version: Option<String>,
     /// The version the device rejected, with its reason. Never resent automatically.
@@ -100,19 +136,22 @@ struct DeviceEntry {
 }
 
 impl DeviceEntry {
+    fn desired_version(&self) -> Option<&str> {
+        self.desired.as_ref().map(|d| d.version.as_str())
+    }
+
     fn status(&self) -> SyncStatus {
-        let desired = &self.desired.version;
+        let desired = self.desired_version();
         let online = self.session.is_some();
-        let error_for_desired = self
+        let nacked_desired = self
             .nacked
             .as_ref()
-            .filter(|(version, _)| version == desired)
-            .map(|(_, error)| error.clone());
+            .is_some_and(|(version, _)| Some(version.as_str()) == desired);
         let state = if !online {
             SyncState::Offline
-        } else if error_for_desired.is_some() {
+        } else if self.render_error.is_some() || nacked_desired {
             SyncState::Error
-        } else if self.acked_version.as_deref() == Some(desired) {
+        } else if desired.is_none() || self.acked_version.as_deref() == desired {
             SyncState::Synced
         } else {
             SyncState::Pending
@@ -120,19 +159,42 @@ impl DeviceEntry {
         SyncStatus {
             online,
             state,
-            desired_version: desired.clone(),
+            desired_version: desired.unwrap_or_default().to_string(),
             sent_version: self.sent.as_ref().map(|s| s.version.clone()),
             acked_version: self.acked_version.clone(),
             last_error: self.nacked.as_ref().map(|(_, e)| e.clone()),
+            render_error: self.render_error.clone(),
             last_seen_ms: self.last_seen_ms,
         }
     }
 
     fn wants_push(&self) -> bool {
-        let desired = &self.desired.version;
-        self.acked_version.as_deref() != Some(desired)
-            && self.sent.as_ref().map(|s| &s.version) != Some(desired)
-            && self.nacked.as_ref().map(|(v, _)| v) != Some(desired)
+        let Some(desired) = self.desired_version() else {
+            return false;
+        };
+        !self.held
+            && self.acked_version.as_deref() != Some(desired)
+            && self.sent.as_ref().map(|s| s.version.as_str()) != Some(desired)
+            && self.nacked.as_ref().map(|(v, _)| v.as_str()) != Some(desired)
+    }
+
+    fn new(desired: Option<Arc<Rendered>>) -> DeviceEntry {
+        DeviceEntry {
+            desired,
+            held: false,
+            render_error: None,
+            acked_version: None,
+            nacked: None,
+            sent: None,
+            session: None,
+            last_seen_ms: None,
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(session) = &self.session {
+            session.changed.notify_one();
+        }
     }
 }
 
@@ -140,17 +202,56 @@ impl DeviceEntry {
 #[derive(Debug)]
 pub struct Seed {
     pub device_id: String,
-    pub desired: Arc<Rendered>,
+    pub desired: Result<Arc<Rendered>, String>,
     pub acked_version: Option<String>,
     pub nacked: Option<(String, String)>,
     pub last_seen_ms: Option<i64>,
 }
 
 #[derive(Debug, Default)]
+struct HubState {
+    devices: HashMap<String, DeviceEntry>,
+    /// Devices whose new desired spec waits for the current wave.
+    wave: Vec<String>,
+}
+
+impl std::ops::Deref for HubState {
+    type Target = HashMap<String, DeviceEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.devices
+    }
+}
+
+impl std::ops::DerefMut for HubState {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.devices
+    }
+}
+
+#[derive(Debug)]
 pub struct Hub {
-    devices: Mutex<HashMap<String, DeviceEntry>>,
+    state: Mutex<HubState>,
     ready: AtomicBool,
     next_id: AtomicU64,
+    /// Bumped by every held change; the wave task watches it to find the end of a burst.
+    generation: AtomicU64,
+    wave_pending: Notify,
+    pushes: AtomicU64,
+    events: broadcast::Sender<String>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            state: Mutex::default(),
+            ready: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            wave_pending: Notify::new(),
+            pushes: AtomicU64::new(0),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+        }
+    }
 }
 
 impl Hub {
@@ -158,27 +259,43 @@ impl Hub {
         Hub::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, DeviceEntry>> {
+    fn lock(&self) -> MutexGuard<'_, HubState> {
         // A panic while holding the lock cannot leave an entry half-updated (every update is a
         // field assignment), so a poisoned lock is still consistent.
-        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Announces that something about a device changed (for watchers; nobody listening is fine).
+    pub fn changed(&self, device_id: &str) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(device_id.to_string());
+        }
+    }
+
+    /// A feed of ids of devices whose status or desired spec changed.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    /// Number of specs pushed since start.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
     }
 
     /// Loads the state of every device and opens the hub for sessions.
     pub fn load(&self, seeds: Vec<Seed>) {
         let mut devices = self.lock();
         for seed in seeds {
-            devices.insert(
-                seed.device_id,
-                DeviceEntry {
-                    desired: seed.desired,
-                    acked_version: seed.acked_version,
-                    nacked: seed.nacked,
-                    sent: None,
-                    session: None,
-                    last_seen_ms: seed.last_seen_ms,
-                },
-            );
+            let (desired, render_error) = match seed.desired {
+                Ok(desired) => (Some(desired), None),
+                Err(error) => (None, Some(error)),
+            };
+            let mut entry = DeviceEntry::new(desired);
+            entry.render_error = render_error;
+            entry.acked_version = seed.acked_version;
+            entry.nacked = seed.nacked;
+            entry.last_seen_ms = seed.last_seen_ms;
+            devices.insert(seed.device_id, entry);
         }
         self.ready.store(true, Ordering::Release);
     }
@@ -187,32 +304,101 @@ impl Hub {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Sets what a device should run (a new device, or a new render). Wakes its session if the
-    /// version changed.
+    /// Sets what a device should run (a new device, or a new render). A changed version is held
+    /// for the next wave.
     pub fn set_desired(&self, device_id: &str, desired: Arc<Rendered>) {
-        let mut devices = self.lock();
-        match devices.get_mut(device_id) {
-            Some(entry) => {
-                if entry.desired.version != desired.version {
-                    entry.desired = desired;
-                    if let Some(session) = &entry.session {
-                        session.changed.notify_one();
-                    }
+        let mut state = self.lock();
+        let entry = match state.get_mut(device_id) {
+            Some(entry) => entry,
+            None => {
+                state.insert(device_id.to_string(), DeviceEntry::new(None));
+                match state.get_mut(device_id) {
+                    Some(entry) => entry,
+                    None => return,
                 }
             }
-            None => {
-                devices.insert(
-                    device_id.to_string(),
-                    DeviceEntry {
-                        desired,
-                        acked_version: None,
-                        nacked: None,
-                        sent: None,
-                        session: None,
-                        last_seen_ms: None,
-                    },
-                );
+        };
+        let had_error = entry.render_error.take().is_some();
+        if entry.desired_version() == Some(desired.version.as_str()) {
+            // Same content: adopt the shared instance, push nothing.
+            entry.desired = Some(desired);
+            drop(state);
+            if had_error {
+                self.changed(device_id);
             }
+            return;
+        }
+        entry.desired = Some(desired);
+        let newly_held = !entry.held;
+        entry.held = true;
+        if newly_held {
+            state.wave.push(device_id.to_string());
+        }
+        drop(state);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.wave_pending.notify_one();
+        self.changed(device_id);
+    }
+
+    /// Records that a device's spec could not be rendered; it keeps its last good spec.
+    pub fn set_render_failed(&self, device_id: &str, reason: String) {
+        let mut state = self.lock();
+        let entry = match state.get_mut(device_id) {
+            Some(entry) => entry,
+            None => {
+                state.insert(device_id.to_string(), DeviceEntry::new(None));
+                match state.get_mut(device_id) {
+                    Some(entry) => entry,
+                    None => return,
+                }
+            }
+        };
+        if entry.render_error.as_ref() == Some(&reason) {
+            return;
+        }
+        entry.render_error = Some(reason);
+        drop(state);
+        self.changed(device_id);
+    }
+
+    /// Forgets a device (deleted); its session is closed.
+    pub fn remove(&self, device_id: &str) {
+        if let Some(entry) = self.lock().remove(device_id) {
+            if let Some(session) = entry.session {
+                session.closed.notify_one();
+            }
+        }
+        self.changed(device_id);
+    }
+
+    /// Releases the held changes: every waiting session is woken to pull its new spec.
+    pub fn release_wave(&self) -> usize {
+        let mut state = self.lock();
+        let wave = std::mem::take(&mut state.wave);
+        for id in &wave {
+            if let Some(entry) = state.get_mut(id) {
+                entry.held = false;
+                entry.wake();
+            }
+        }
+        wave.len()
+    }
+
+    /// Runs forever, releasing each burst of changes as one wave once it has settled.
+    pub async fn run_waves(&self, debounce: Debounce) {
+        loop {
+            self.wave_pending.notified().await;
+            let first = Instant::now();
+            loop {
+                let seen = self.generation.load(Ordering::Relaxed);
+                tokio::time::sleep(debounce.quiet).await;
+                let settled = self.generation.load(Ordering::Relaxed) == seen;
+                if settled || first.elapsed() >= debounce.max_delay {
+                    break;
+                }
+            }
+            let devices = self.release_wave();
+            tracing::debug!(devices, "released a wave of spec changes");
         }
     }
 
@@ -226,8 +412,8 @@ impl Hub {
         if !self.is_ready() {
             return Err(HubError::NotReady);
         }
-        let mut devices = self.lock();
-        let entry = devices
+        let mut state = self.lock();
+        let entry = state
             .get_mut(device_id)
             .ok_or_else(|| HubError::UnknownDevice(device_id.to_string()))?;
         let handle = SessionHandle {
@@ -242,40 +428,50 @@ impl Hub {
             entry.acked_version = Some(running_version.to_string());
         }
         entry.sent = None;
+        // A new session gets the latest at once, whatever wave it belongs to.
+        entry.held = false;
         entry.last_seen_ms = Some(now_ms);
+        let current = entry.desired_version().unwrap_or_default().to_string();
+        drop(state);
         // The first check happens at once: the device may be behind.
         handle.changed.notify_one();
-        Ok((handle, entry.desired.version.clone()))
+        self.changed(device_id);
+        Ok((handle, current))
     }
 
     /// Forgets a session that ended; a newer session of the same device is left alone.
     pub fn close_session(&self, device_id: &str, session_id: u64, now_ms: i64) {
-        let mut devices = self.lock();
-        if let Some(entry) = devices.get_mut(device_id) {
+        let mut state = self.lock();
+        if let Some(entry) = state.get_mut(device_id) {
             if entry.session.as_ref().map(|s| s.id) == Some(session_id) {
                 entry.session = None;
                 entry.sent = None;
                 entry.last_seen_ms = Some(now_ms);
+                drop(state);
+                self.changed(device_id);
             }
         }
     }
 
     /// The push a session should send now, if any. Records it as sent.
     pub fn next_push(&self, device_id: &str, session_id: u64) -> Option<pb::RenderedSpec> {
-        let mut devices = self.lock();
-        let entry = devices.get_mut(device_id)?;
+        let mut state = self.lock();
+        let entry = state.get_mut(device_id)?;
         if entry.session.as_ref().map(|s| s.id) != Some(session_id) || !entry.wants_push() {
             return None;
         }
+        let desired = entry.desired.clone()?;
         let nonce = format!(
             "{session_id:x}-{:x}",
             self.next_id.fetch_add(1, Ordering::Relaxed) + 1
         );
         entry.sent = Some(Sent {
-            version: entry.desired.version.clone(),
+            version: desired.version.clone(),
             nonce: nonce.clone(),
         });
-        let desired = &entry.desired;
+        drop(state);
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        self.changed(device_id);
         Some(pb::RenderedSpec {
             version: desired.version.clone(),
             content_hash: desired.content_hash.clone(),
@@ -291,8 +487,8 @@ impl Hub {
         nonce: &str,
         apply: impl FnOnce(&mut DeviceEntry, String),
     ) -> Answer {
-        let mut devices = self.lock();
-        let Some(entry) = devices.get_mut(device_id) else {
+        let mut state = self.lock();
+        let Some(entry) = state.get_mut(device_id) else {
             return Answer::Stale;
         };
         let current = entry.session.as_ref().map(|s| s.id) == Some(session_id);
@@ -301,13 +497,14 @@ impl Hub {
         };
         apply(entry, sent.version);
         // A newer desired version may have arrived while this push was in flight.
-        if let Some(session) = &entry.session {
-            session.changed.notify_one();
-        }
-        Answer::Recorded {
+        entry.wake();
+        let answer = Answer::Recorded {
             acked_version: entry.acked_version.clone(),
             nacked: entry.nacked.clone(),
-        }
+        };
+        drop(state);
+        self.changed(device_id);
+        answer
     }
 
     /// Records an ACK of the push with `nonce`.
@@ -332,18 +529,27 @@ impl Hub {
         }
     }
 
+    /// The spec a device should run, if one was rendered.
+    pub fn desired(&self, device_id: &str) -> Option<Arc<Rendered>> {
+        self.lock().get(device_id).and_then(|e| e.desired.clone())
+    }
+
     pub fn status(&self, device_id: &str) -> Option<SyncStatus> {
         self.lock().get(device_id).map(DeviceEntry::status)
     }
 
     /// Number of open sessions.
     pub fn connected(&self) -> usize {
-        self.lock().values().filter(|e| e.session.is_some()).count()
+        self.lock()
+            .devices
+            .values()
+            .filter(|e| e.session.is_some())
+            .count()
     }
 
     /// Closes every open session (shutdown).
     pub fn close_all(&self) {
-        for entry in self.lock().values() {
+        for entry in self.lock().devices.values() {
             if let Some(session) = &entry.session {
                 session.closed.notify_one();
             }
@@ -358,11 +564,8 @@ mod tests {
 
     fn rendered(content: &str) -> Arc<Rendered> {
         Rendered::new(DeviceSpec {
-            files: vec![FileSpec {
-                path: "/etc/x".into(),
-                content: content.into(),
-                mode: 0o644,
-            }],
+            files: vec![FileSpec::new("/etc/x", content)],
+            ..Default::default()
         })
     }
 
@@ -370,7 +573,7 @@ mod tests {
         let hub = Hub::new();
         hub.load(vec![Seed {
             device_id: device.into(),
-            desired,
+            desired: Ok(desired),
             acked_version: None,
             nacked: None,
             last_seen_ms: None,
@@ -427,7 +630,40 @@ mod tests {
         assert_eq!(status.last_error.as_deref(), Some("disk full"));
         assert!(hub.next_push("d", s.id).is_none());
         hub.set_desired("d", rendered("2"));
+        hub.release_wave();
         assert!(hub.next_push("d", s.id).is_some());
+    }
+
+    #[test]
+    fn changes_are_held_until_the_wave_and_coalesce() {
+        let hub = hub_with("d", rendered("0"));
+        let (s, _) = hub.open_session("d", "", 0).unwrap();
+        let push = hub.next_push("d", s.id).unwrap();
+        hub.ack("d", s.id, &push.nonce);
+        for i in 1..=50 {
+            hub.set_desired("d", rendered(&i.to_string()));
+        }
+        assert!(hub.next_push("d", s.id).is_none(), "held until released");
+        assert_eq!(hub.status("d").unwrap().state, SyncState::Pending);
+        assert_eq!(hub.release_wave(), 1);
+        let push = hub.next_push("d", s.id).unwrap();
+        assert_eq!(push.version, rendered("50").version);
+        assert!(hub.next_push("d", s.id).is_none());
+        assert_eq!(hub.pushes(), 2);
+    }
+
+    #[test]
+    fn a_render_failure_is_an_error_and_keeps_the_last_good_spec() {
+        let good = rendered("1");
+        let hub = hub_with("d", good.clone());
+        let (s, _) = hub.open_session("d", &good.version, 0).unwrap();
+        hub.set_render_failed("d", "undefined label".into());
+        let status = hub.status("d").unwrap();
+        assert_eq!(status.state, SyncState::Error);
+        assert_eq!(status.desired_version, good.version);
+        assert!(hub.next_push("d", s.id).is_none());
+        hub.set_desired("d", good.clone());
+        assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
     }
 
     #[test]

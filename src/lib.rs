@@ -12,6 +12,7 @@ pub mod names;
 pub mod pki;
 pub mod profiles;
 pub mod proto;
+pub mod selector;
 pub mod spec;
 
 #[cfg(feature = "server")]
@@ -23,7 +24,11 @@ pub mod ca;
 #[cfg(feature = "server")]
 pub mod control;
 #[cfg(feature = "server")]
+pub mod fleet;
+#[cfg(feature = "server")]
 pub mod hub;
+#[cfg(feature = "server")]
+pub mod render;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]

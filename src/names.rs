@@ -80,14 +80,21 @@ pub fn validate_label_key(key: &str) -> Result<(), NameError> {
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), NameError> {
     for (key, value) in labels {
         validate_label_key(key)?;
-        if !label_token_ok(value, MAX_LABEL_VALUE_LEN, true) {
-            return Err(NameError::LabelValue {
-                key: key.clone(),
-                value: value.clone(),
-            });
-        }
+        validate_label_value(key, value)?;
     }
     Ok(())
+}
+
+/// Checks one label value (empty is allowed); `key` only names it in the error.
+pub fn validate_label_value(key: &str, value: &str) -> Result<(), NameError> {
+    if label_token_ok(value, MAX_LABEL_VALUE_LEN, true) {
+        Ok(())
+    } else {
+        Err(NameError::LabelValue {
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -105,7 +105,7 @@ async fn a_caller_without_a_client_certificate_is_unauthenticated() {
         .await
         .unwrap();
     let status = DeviceServiceClient::new(channel)
-        .list_devices(admin::ListDevicesRequest {})
+        .list_devices(admin::ListDevicesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -138,7 +138,7 @@ async fn a_certificate_from_another_ca_is_unauthenticated() {
         server_name: "localhost".into(),
     };
     let status = DeviceServiceClient::new(channel(&server.admin_url, &creds).await)
-        .list_devices(admin::ListDevicesRequest {})
+        .list_devices(admin::ListDevicesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -325,6 +325,7 @@ fn file(path: &str, content: &str) -> agent::FileSpec {
         path: path.into(),
         content: content.into(),
         mode: 0o644,
+        ..Default::default()
     }
 }
 
@@ -336,6 +337,7 @@ async fn bad_device_specs_are_refused_with_the_field_and_change_nothing() {
         DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
     let good = agent::DeviceSpec {
         files: vec![file("/etc/good", "ok")],
+        ..Default::default()
     };
     devices
         .apply_device(admin::ApplyDeviceRequest {
@@ -355,6 +357,7 @@ async fn bad_device_specs_are_refused_with_the_field_and_change_nothing() {
                 name: "dev-s".into(),
                 spec: Some(agent::DeviceSpec {
                     files: vec![file("/etc/fine", "x"), file(bad_path, "x")],
+                    ..Default::default()
                 }),
                 labels: None,
             })
@@ -380,6 +383,7 @@ async fn bad_device_specs_are_refused_with_the_field_and_change_nothing() {
                 name: "dev-s".into(),
                 spec: Some(agent::DeviceSpec {
                     files: vec![file("/etc/big", &"x".repeat(size))],
+                    ..Default::default()
                 }),
                 labels: None,
             })
@@ -449,6 +453,7 @@ async fn a_connected_device_receives_its_spec_and_acks_it() {
 
     let spec = agent::DeviceSpec {
         files: vec![file("/etc/motd", "hi")],
+        ..Default::default()
     };
     DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
         .apply_device(admin::ApplyDeviceRequest {

@@ -5,8 +5,8 @@ mod support;
 
 use flotilla::spec::{DeviceSpec, FileSpec};
 use flotilla::store::{
-    Backend, CertificateRecord, EnrollmentState, NewDevice, NewEnrollment, Store, StoreError,
-    SystemInfo,
+    Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
+    NewEnrollment, Store, StoreError, SystemInfo,
 };
 use std::collections::BTreeMap;
 use support::test_store;
@@ -34,6 +34,7 @@ fn device(id: &str, name: &str) -> NewDevice {
         cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 10,
         created_ms: 2,
+        fleet: None,
     }
 }
 
@@ -141,30 +142,55 @@ async fn device_specs_labels_and_sync_facts_persist() {
         .await
         .unwrap();
 
+    let mut file = FileSpec::new("/etc/x", "x");
+    file.mode = 0o600;
+    file.owner = Some("root".into());
     let spec = DeviceSpec {
-        files: vec![FileSpec {
-            path: "/etc/x".into(),
-            content: "x".into(),
-            mode: 0o600,
-        }],
+        files: vec![file],
+        ..Default::default()
     };
     let labels = BTreeMap::from([("tier".to_string(), "edge".to_string())]);
+    let change = DeviceChange {
+        spec: Some(spec.clone()),
+        labels: Some(labels.clone()),
+        fleet: Some(Some("edge".into())),
+    };
     let updated = store
-        .update_device("dev", spec.clone(), Some(labels.clone()), 7)
+        .update_device("dev", change, 7)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(updated.spec, spec);
     assert_eq!(updated.labels, labels);
+    assert_eq!(updated.fleet.as_deref(), Some("edge"));
+    let change = DeviceChange {
+        spec: Some(DeviceSpec::default()),
+        ..Default::default()
+    };
     let kept = store
-        .update_device("dev", DeviceSpec::default(), None, 8)
+        .update_device("dev", change, 8)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(kept.labels, labels, "labels kept when not given");
+    assert_eq!(
+        kept.fleet.as_deref(),
+        Some("edge"),
+        "owner kept when not given"
+    );
+    let cleared = DeviceChange {
+        fleet: Some(None),
+        ..Default::default()
+    };
+    let kept = store
+        .update_device("dev", cleared, 9)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.fleet, None);
     assert!(
         store
-            .update_device("ghost", spec, None, 9)
+            .update_device("ghost", DeviceChange::default(), 9)
             .await
             .unwrap()
             .is_none()
@@ -188,6 +214,93 @@ async fn device_specs_labels_and_sync_facts_persist() {
     assert_eq!(device.agent_version.as_deref(), Some("0.1.0"));
     assert_eq!(device.last_seen_ms, Some(11));
     assert_eq!(store.list_devices().await.unwrap().len(), 1);
+}
+
+fn fleet_write(template: &str) -> FleetWrite {
+    FleetWrite {
+        name: "web".into(),
+        selector: "role=web".into(),
+        label_defaults: BTreeMap::from([("site".to_string(), "lab".to_string())]),
+        template: DeviceSpec {
+            files: vec![FileSpec::new("/etc/web", template)],
+            ..Default::default()
+        },
+        actor: "admin/admin".into(),
+        now_ms: 5,
+    }
+}
+
+#[tokio::test]
+async fn fleet_templates_are_immutable_revisions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment("dev", device("d1", "dev"), certificate("d1"), "a".into())
+        .await
+        .unwrap();
+
+    let created = store
+        .apply_fleet(fleet_write("one"), vec![("d1".into(), Some("web".into()))])
+        .await
+        .unwrap();
+    assert_eq!(created.revision, 1);
+    assert_eq!(created.label_defaults["site"], "lab");
+    let owner = store
+        .get_device_by_name("dev")
+        .await
+        .unwrap()
+        .unwrap()
+        .fleet;
+    assert_eq!(
+        owner.as_deref(),
+        Some("web"),
+        "owners move in the same transaction"
+    );
+
+    let same = store.apply_fleet(fleet_write("one"), vec![]).await.unwrap();
+    assert_eq!(
+        same.revision, 1,
+        "an identical template is not a new revision"
+    );
+    let mut reselected = fleet_write("one");
+    reselected.selector = "role=web,site=berlin".into();
+    let reselected = store.apply_fleet(reselected, vec![]).await.unwrap();
+    assert_eq!(
+        (reselected.revision, reselected.selector.as_str()),
+        (1, "role=web,site=berlin")
+    );
+    let changed = store.apply_fleet(fleet_write("two"), vec![]).await.unwrap();
+    assert_eq!(changed.revision, 2);
+    assert_eq!(changed.template.files[0].content, "two");
+
+    let revisions = store.list_fleet_revisions("web").await.unwrap();
+    let contents: Vec<(i64, &str)> = revisions
+        .iter()
+        .map(|r| (r.revision, r.template.files[0].content.as_str()))
+        .collect();
+    assert_eq!(contents, [(1, "one"), (2, "two")]);
+    assert_eq!(store.list_fleets().await.unwrap(), vec![changed.clone()]);
+    assert_eq!(store.get_fleet("web").await.unwrap(), Some(changed));
+
+    assert!(store.delete_fleet("web", vec![]).await.unwrap());
+    assert!(!store.delete_fleet("web", vec![]).await.unwrap());
+    assert!(store.list_fleet_revisions("web").await.unwrap().is_empty());
+    let owner = store
+        .get_device_by_name("dev")
+        .await
+        .unwrap()
+        .unwrap()
+        .fleet;
+    assert_eq!(owner, None, "no device points at a deleted fleet");
+    let again = store
+        .apply_fleet(fleet_write("three"), vec![])
+        .await
+        .unwrap();
+    assert_eq!(again.revision, 1, "a re-created fleet starts over");
 }
 
 #[tokio::test]

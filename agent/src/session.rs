@@ -4,11 +4,12 @@
 
 use crate::Agent;
 use crate::apply::apply;
+use crate::apply::executor::SystemExecutor;
 use crate::backoff::Backoff;
 use crate::state::{Applied, Enrolled};
 use anyhow::{Context, Result};
 use flotilla::client::{ClientCredentials, connect};
-use flotilla::clock::timestamp_from_secs;
+use flotilla::clock::{now_millis, timestamp_from_millis, timestamp_from_secs};
 use flotilla::pki::cert_info_pem;
 use flotilla::proto::agent::v1 as pb;
 use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -106,7 +107,7 @@ async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
         tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
             _ = heartbeat.tick() => {
-                let beat = pb::Heartbeat { sent_at: Some(timestamp_from_secs(unix_now())) };
+                let beat = pb::Heartbeat { sent_at: Some(timestamp_from_millis(now_millis())) };
                 if tx.send(message(pb::agent_message::Kind::Heartbeat(beat))).await.is_err() {
                     return Ok(End::Lost("outbound stream closed".into()));
                 }
@@ -140,13 +141,6 @@ async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Applies one push and returns the ACK or NACK for it.
 async fn handle_push(
     agent: &Agent,
@@ -167,7 +161,8 @@ async fn handle_push(
     }
     let previous = applied.spec.clone();
     let next = spec.clone();
-    let result = tokio::task::spawn_blocking(move || apply(&previous, &next)).await;
+    let result =
+        tokio::task::spawn_blocking(move || apply(&previous, &next, &SystemExecutor)).await;
     match result {
         Ok(Ok(())) => {
             let new_state = Applied {

@@ -28,6 +28,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 
 /// Writes `content` to `path` atomically with permission `mode`.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
+    write_atomic_owned(path, content, mode, None, None)
+}
+
+/// Like `write_atomic`, also giving the file an owner and group (before it becomes visible).
+pub fn write_atomic_owned(
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), std::io::Error> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
@@ -43,6 +54,9 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::i
             .open(&tmp)?;
         file.write_all(content)?;
         // The umask may have narrowed the mode given at creation.
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&file, uid, gid)?;
+        }
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;

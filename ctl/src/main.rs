@@ -1,5 +1,9 @@
 //! `flotctl`: the Flotilla admin CLI.
 
+mod apply;
+mod devices;
+mod enrollments;
+mod fleets;
 mod output;
 mod resources;
 
@@ -7,11 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use flotilla::client::{ClientCredentials, connect};
 use flotilla::profiles::CtlConfig;
-use flotilla::proto::admin::v1 as pb;
-use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
-use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient;
-use flotilla::proto::agent::v1::EnrollmentState;
-use output::{Format, print};
+use output::Format;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +41,26 @@ enum Command {
         #[command(subcommand)]
         what: GetWhat,
     },
+    /// Show one resource in detail.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
+    /// Delete a resource.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Set (`key=value`) and remove (`key-`) labels.
+    Label {
+        #[command(subcommand)]
+        what: LabelWhat,
+    },
+    /// Stream changes as they happen.
+    Watch {
+        #[command(subcommand)]
+        what: WatchWhat,
+    },
     /// Approve a pending request.
     Approve {
         #[command(subcommand)]
@@ -51,7 +71,7 @@ enum Command {
         #[command(subcommand)]
         what: DenyWhat,
     },
-    /// Create or update resources from a YAML or JSON file (`-` for stdin).
+    /// Create or update resources (Device, Fleet) from a YAML or JSON file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
@@ -60,10 +80,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum GetWhat {
-    /// All devices.
-    Devices,
+    /// Devices, optionally those matching a label selector.
+    Devices {
+        /// Label selector, e.g. `site=berlin,tier!=canary,region in (eu,us),!legacy`.
+        #[arg(short = 'l', long = "selector", default_value = "")]
+        selector: String,
+    },
     /// One device.
     Device { name: String },
+    /// All fleets.
+    Fleets,
+    /// One fleet.
+    Fleet { name: String },
+    /// The template revisions of a fleet.
+    Revisions { fleet: String },
     /// Enrollment requests.
     Enrollments {
         /// Only requests in this state (pending, approved, denied).
@@ -72,6 +102,35 @@ enum GetWhat {
     },
     /// One enrollment request.
     Enrollment { name: String },
+}
+
+#[derive(Subcommand)]
+enum DescribeWhat {
+    Device { name: String },
+    Fleet { name: String },
+}
+
+#[derive(Subcommand)]
+enum DeleteWhat {
+    Fleet { name: String },
+}
+
+#[derive(Subcommand)]
+enum LabelWhat {
+    Device {
+        name: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WatchWhat {
+    Devices {
+        #[arg(short = 'l', long = "selector", default_value = "")]
+        selector: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,8 +171,8 @@ fn config_path(cli: &Option<PathBuf>) -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".config/flotctl/config.toml"))
 }
 
-async fn channel(cli: &Cli) -> Result<Channel> {
-    let path = config_path(&cli.config)?;
+async fn channel(config: &Option<PathBuf>) -> Result<Channel> {
+    let path = config_path(config)?;
     let config = CtlConfig::load(&path)?;
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -128,187 +187,80 @@ async fn channel(cli: &Cli) -> Result<Channel> {
 }
 
 /// Turns a gRPC error into a one-line message.
-fn rpc(status: tonic::Status) -> anyhow::Error {
+pub fn rpc(status: tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-fn labels_text(labels: &Option<BTreeMap<String, String>>) -> String {
+pub fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
     labels
-        .iter()
-        .flatten()
+        .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
 }
 
-fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
-    let views: Vec<_> = devices.into_iter().map(resources::device_view).collect();
-    print(
-        format,
-        &views,
-        single,
-        &[
-            "NAME",
-            "ONLINE",
-            "SYNC",
-            "VERSION",
-            "ACKED",
-            "LAST SEEN",
-            "LABELS",
-        ],
-        |d| {
-            vec![
-                d.metadata.name.clone(),
-                d.status.online.to_string(),
-                d.status.sync_state.clone(),
-                d.status.desired_version.clone(),
-                d.status.acked_version.clone(),
-                d.status.last_seen.clone().unwrap_or_default(),
-                labels_text(&d.metadata.labels),
-            ]
-        },
-    )
-}
-
-fn print_enrollments(format: Format, enrollments: Vec<pb::Enrollment>, single: bool) -> Result<()> {
-    let views: Vec<_> = enrollments
-        .into_iter()
-        .map(resources::enrollment_view)
-        .collect();
-    print(
-        format,
-        &views,
-        single,
-        &["NAME", "STATE", "HOSTNAME", "LABELS", "CREATED"],
-        |e| {
-            vec![
-                e.name.clone(),
-                e.state.clone(),
-                e.hostname.clone(),
-                labels_text(&Some(e.labels.clone())),
-                e.created_at.clone().unwrap_or_default(),
-            ]
-        },
-    )
-}
-
-fn parse_state(text: &str) -> Result<EnrollmentState> {
-    EnrollmentState::from_str_name(&format!("ENROLLMENT_STATE_{}", text.to_uppercase()))
-        .filter(|s| *s != EnrollmentState::Unspecified)
-        .ok_or_else(|| anyhow!("unknown state {text:?}: use pending, approved or denied"))
+/// Splits `k=v` / `k-` arguments into labels to set and keys to remove.
+fn label_changes(changes: &[String]) -> Result<(BTreeMap<String, String>, Vec<String>)> {
+    let mut set = BTreeMap::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        if let Some((k, v)) = change.split_once('=') {
+            set.insert(k.to_string(), v.to_string());
+        } else if let Some(key) = change.strip_suffix('-') {
+            remove.push(key.to_string());
+        } else {
+            return Err(anyhow!(
+                "{change:?}: use key=value to set a label or key- to remove it"
+            ));
+        }
+    }
+    Ok((set, remove))
 }
 
 async fn run(cli: Cli) -> Result<()> {
     let format = cli.output;
-    match &cli.command {
+    let config = &cli.config;
+    match cli.command {
         Command::Get { what } => match what {
-            GetWhat::Devices => {
-                let mut client = DeviceServiceClient::new(channel(&cli).await?);
-                let devices = client
-                    .list_devices(pb::ListDevicesRequest {})
-                    .await
-                    .map_err(rpc)?
-                    .into_inner()
-                    .devices;
-                print_devices(format, devices, false)
+            GetWhat::Devices { selector } => {
+                devices::list(channel(config).await?, format, selector).await
             }
-            GetWhat::Device { name } => {
-                let mut client = DeviceServiceClient::new(channel(&cli).await?);
-                let device = client
-                    .get_device(pb::GetDeviceRequest { name: name.clone() })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                print_devices(format, vec![device], true)
+            GetWhat::Device { name } => devices::get(channel(config).await?, format, name).await,
+            GetWhat::Fleets => fleets::list(channel(config).await?, format).await,
+            GetWhat::Fleet { name } => fleets::get(channel(config).await?, format, name).await,
+            GetWhat::Revisions { fleet } => {
+                fleets::revisions(channel(config).await?, format, fleet).await
             }
             GetWhat::Enrollments { state } => {
-                let state = state
-                    .as_deref()
-                    .map(parse_state)
-                    .transpose()?
-                    .unwrap_or(EnrollmentState::Unspecified);
-                let mut client = EnrollmentServiceClient::new(channel(&cli).await?);
-                let enrollments = client
-                    .list_enrollments(pb::ListEnrollmentsRequest {
-                        state: state as i32,
-                    })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner()
-                    .enrollments;
-                print_enrollments(format, enrollments, false)
+                enrollments::list(channel(config).await?, format, state).await
             }
             GetWhat::Enrollment { name } => {
-                let mut client = EnrollmentServiceClient::new(channel(&cli).await?);
-                let enrollment = client
-                    .get_enrollment(pb::GetEnrollmentRequest { name: name.clone() })
-                    .await
-                    .map_err(rpc)?
-                    .into_inner();
-                print_enrollments(format, vec![enrollment], true)
+                enrollments::get(channel(config).await?, format, name).await
             }
         },
+        Command::Describe { what } => match what {
+            DescribeWhat::Device { name } => devices::describe(channel(config).await?, name).await,
+            DescribeWhat::Fleet { name } => fleets::describe(channel(config).await?, name).await,
+        },
+        Command::Delete {
+            what: DeleteWhat::Fleet { name },
+        } => fleets::delete(channel(config).await?, name).await,
+        Command::Label {
+            what: LabelWhat::Device { name, changes },
+        } => {
+            let (set, remove) = label_changes(&changes)?;
+            devices::label(channel(config).await?, format, name, set, remove).await
+        }
+        Command::Watch {
+            what: WatchWhat::Devices { selector },
+        } => devices::watch(channel(config).await?, format, selector).await,
         Command::Approve {
             what: ApproveWhat::Enrollment { name, labels },
-        } => {
-            let mut client = EnrollmentServiceClient::new(channel(&cli).await?);
-            let enrollment = client
-                .approve_enrollment(pb::ApproveEnrollmentRequest {
-                    name: name.clone(),
-                    labels: labels.iter().cloned().collect(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            print_enrollments(format, vec![enrollment], true)
-        }
+        } => enrollments::approve(channel(config).await?, format, name, labels).await,
         Command::Deny {
             what: DenyWhat::Enrollment { name, reason },
-        } => {
-            let mut client = EnrollmentServiceClient::new(channel(&cli).await?);
-            let enrollment = client
-                .deny_enrollment(pb::DenyEnrollmentRequest {
-                    name: name.clone(),
-                    reason: reason.clone(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            print_enrollments(format, vec![enrollment], true)
-        }
-        Command::Apply { file } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
-            } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
-            let documents =
-                resources::parse_documents(&text).with_context(|| format!("{}", file.display()))?;
-            let mut client = DeviceServiceClient::new(channel(&cli).await?);
-            let mut applied = Vec::new();
-            for document in documents {
-                let name = document.metadata.name.clone();
-                let device = client
-                    .apply_device(pb::ApplyDeviceRequest {
-                        name: name.clone(),
-                        spec: Some(document.spec.into()),
-                        labels: document.metadata.labels.map(|values| pb::Labels { values }),
-                    })
-                    .await
-                    .map_err(|s| rpc(s).context(format!("device {name:?}")))?
-                    .into_inner();
-                if format == Format::Table {
-                    println!("device/{name} applied");
-                } else {
-                    applied.push(device);
-                }
-            }
-            if format != Format::Table {
-                print_devices(format, applied, false)?;
-            }
-            Ok(())
-        }
+        } => enrollments::deny(channel(config).await?, format, name, reason).await,
+        Command::Apply { file } => apply::apply(config, format, file).await,
     }
 }
 
@@ -321,5 +273,20 @@ async fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_arguments_set_and_remove() {
+        let (set, remove) =
+            label_changes(&["site=berlin".into(), "tier-".into(), "empty=".into()]).unwrap();
+        assert_eq!(set["site"], "berlin");
+        assert_eq!(set["empty"], "");
+        assert_eq!(remove, ["tier"]);
+        assert!(label_changes(&["bare".into()]).is_err());
     }
 }

@@ -21,40 +21,94 @@ pub struct Metadata {
     pub created_at: Option<String>,
 }
 
-/// A document as written by a user: `kind: Device` with metadata and spec.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// A fleet's spec as written in a document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FleetSpec {
+    /// Label selector, e.g. `site=berlin,tier!=canary`.
+    #[serde(default)]
+    pub selector: String,
+    #[serde(default, skip_serializing_if = "FleetDefaults::is_empty")]
+    pub defaults: FleetDefaults,
+    #[serde(default)]
+    pub template: DeviceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Document {
+pub struct FleetDefaults {
+    /// Values the template sees for labels a device lacks.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl FleetDefaults {
+    fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// A resource as written by a user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Device {
+        metadata: Metadata,
+        spec: DeviceSpec,
+    },
+    Fleet {
+        metadata: Metadata,
+        spec: FleetSpec,
+    },
+}
+
+/// The common envelope; the spec's shape depends on the kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
     #[serde(default, rename = "apiVersion")]
-    pub api_version: Option<String>,
-    pub kind: String,
-    pub metadata: Metadata,
+    _api_version: Option<String>,
+    kind: String,
+    metadata: Metadata,
     #[serde(default)]
-    pub spec: DeviceSpec,
+    spec: Option<yaml_serde::Value>,
     /// Accepted (so `get -o yaml` output can be re-applied) and ignored.
-    #[serde(default)]
-    pub status: Option<serde_json::Value>,
+    #[serde(default, rename = "status")]
+    _status: Option<yaml_serde::Value>,
+}
+
+fn spec_of<T: serde::de::DeserializeOwned + Default>(spec: Option<yaml_serde::Value>) -> Result<T> {
+    match spec {
+        None => Ok(T::default()),
+        Some(value) => Ok(yaml_serde::from_value(value).context("invalid spec")?),
+    }
 }
 
 /// Parses every document of a YAML (or JSON) file.
-pub fn parse_documents(text: &str) -> Result<Vec<Document>> {
+pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
     let mut documents = Vec::new();
     for (index, de) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        let number = index + 1;
         let value = yaml_serde::Value::deserialize(de)
-            .with_context(|| format!("document {} is not valid YAML", index + 1))?;
+            .with_context(|| format!("document {number} is not valid YAML"))?;
         if value.is_null() {
             continue;
         }
-        let document: Document = yaml_serde::from_value(value)
-            .with_context(|| format!("document {} is not a valid resource", index + 1))?;
-        match document.kind.as_str() {
-            "Device" => {}
-            other => bail!(
-                "document {}: unknown kind {other:?} (expected Device)",
-                index + 1
-            ),
-        }
-        documents.push(document);
+        let envelope: Envelope = yaml_serde::from_value(value)
+            .with_context(|| format!("document {number} is not a valid resource"))?;
+        let resource = match envelope.kind.as_str() {
+            "Device" => Resource::Device {
+                spec: spec_of(envelope.spec)
+                    .with_context(|| format!("document {number} (Device)"))?,
+                metadata: envelope.metadata,
+            },
+            "Fleet" => Resource::Fleet {
+                spec: spec_of::<FleetSpec>(envelope.spec)
+                    .with_context(|| format!("document {number} (Fleet)"))?,
+                metadata: envelope.metadata,
+            },
+            other => bail!("document {number}: unknown kind {other:?} (expected Device or Fleet)"),
+        };
+        documents.push(resource);
     }
     if documents.is_empty() {
         bail!("the file holds no resources");
@@ -71,6 +125,8 @@ pub struct DeviceStatusView {
     pub acked_version: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub last_error: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub render_error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
     pub agent_version: String,
@@ -85,6 +141,20 @@ pub struct DeviceView {
     pub metadata: Metadata,
     pub spec: DeviceSpec,
     pub status: DeviceStatusView,
+    #[serde(flatten)]
+    pub fleet: DeviceFleetView,
+}
+
+/// Where a device stands with respect to fleets, and what it should run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceFleetView {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fleet: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conflicting_fleets: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendered_spec: Option<DeviceSpec>,
 }
 
 fn state_name(state: i32) -> String {
@@ -98,13 +168,19 @@ fn state_name(state: i32) -> String {
 }
 
 pub fn device_view(device: admin::Device) -> DeviceView {
+    let fleet = DeviceFleetView {
+        fleet: device.fleet,
+        conflicting_fleets: device.conflicting_fleets,
+        rendered_spec: device.rendered_spec.map(DeviceSpec::from),
+    };
     let status = device.status.unwrap_or_default();
     DeviceView {
+        fleet,
         kind: "Device",
         metadata: Metadata {
             name: device.name,
             id: Some(device.id),
-            labels: Some(device.labels),
+            labels: Some(device.labels.into_iter().collect()),
             created_at: device.created_at.map(|t| t.to_string()),
         },
         spec: device.spec.unwrap_or_default().into(),
@@ -115,10 +191,72 @@ pub fn device_view(device: admin::Device) -> DeviceView {
             sent_version: status.sent_version,
             acked_version: status.acked_version,
             last_error: status.last_error,
+            render_error: status.render_error,
             last_seen: status.last_seen.map(|t| t.to_string()),
             agent_version: status.agent_version,
             certificate_serial: status.certificate_serial,
             certificate_not_after: status.certificate_not_after.map(|t| t.to_string()),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetStatusView {
+    pub revision: i64,
+    pub devices: Vec<String>,
+    pub synced: u32,
+    pub pending: u32,
+    pub error: u32,
+    pub offline: u32,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub conflicts: BTreeMap<String, Vec<String>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub render_failures: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetView {
+    pub kind: &'static str,
+    pub metadata: Metadata,
+    pub spec: FleetSpec,
+    pub status: FleetStatusView,
+}
+
+pub fn fleet_view(fleet: admin::Fleet) -> FleetView {
+    let status = fleet.status.unwrap_or_default();
+    FleetView {
+        kind: "Fleet",
+        metadata: Metadata {
+            name: fleet.name,
+            id: None,
+            labels: None,
+            created_at: fleet.created_at.map(|t| t.to_string()),
+        },
+        spec: FleetSpec {
+            selector: fleet.selector,
+            defaults: FleetDefaults {
+                labels: fleet.label_defaults.into_iter().collect(),
+            },
+            template: fleet.template.unwrap_or_default().into(),
+        },
+        status: FleetStatusView {
+            revision: fleet.revision,
+            devices: status.devices,
+            synced: status.synced,
+            pending: status.pending,
+            error: status.error,
+            offline: status.offline,
+            conflicts: status
+                .conflicts
+                .into_iter()
+                .map(|c| (c.device, c.fleets))
+                .collect(),
+            render_failures: status
+                .render_failures
+                .into_iter()
+                .map(|f| (f.device, f.reason))
+                .collect(),
         },
     }
 }
@@ -154,7 +292,7 @@ pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
             })
             .unwrap_or_else(|_| "UNKNOWN".into()),
         name: enrollment.name,
-        labels: enrollment.labels,
+        labels: enrollment.labels.into_iter().collect(),
         key_fingerprint: enrollment.key_fingerprint,
         device_id: enrollment.device_id,
         reason: enrollment.reason,
@@ -177,17 +315,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(docs.len(), 2);
-        assert_eq!(docs[0].spec.files[0].mode, 0o600);
-        assert_eq!(docs[0].metadata.labels, None);
-        assert_eq!(docs[1].metadata.labels.as_ref().unwrap()["site"], "berlin");
+        let Resource::Device { metadata, spec } = &docs[0] else {
+            panic!("not a device: {docs:?}");
+        };
+        assert_eq!(spec.files[0].mode, 0o600);
+        assert_eq!(metadata.labels, None);
+        let Resource::Device { metadata, .. } = &docs[1] else {
+            panic!("not a device: {docs:?}");
+        };
+        assert_eq!(metadata.labels.as_ref().unwrap()["site"], "berlin");
+    }
+
+    #[test]
+    fn parses_fleets_with_templates_and_defaults() {
+        let docs = parse_documents(
+            "kind: Fleet\nmetadata: {name: web}\nspec:\n  selector: role=web\n  defaults: {labels: {site: lab}}\n  template:\n    files:\n      - path: /etc/site\n        content: \"{{ device.labels.site }}\"\n    units:\n      - {name: web.service, enabled: true, state: started, restartOnChange: [/etc/site]}\n",
+        )
+        .unwrap();
+        let Resource::Fleet { metadata, spec } = &docs[0] else {
+            panic!("not a fleet: {docs:?}");
+        };
+        assert_eq!(metadata.name, "web");
+        assert_eq!(spec.selector, "role=web");
+        assert_eq!(spec.defaults.labels["site"], "lab");
+        assert_eq!(spec.template.files[0].content, "{{ device.labels.site }}");
+        assert_eq!(spec.template.units[0].restart_on_change, ["/etc/site"]);
     }
 
     #[test]
     fn malformed_documents_are_clear_errors() {
         let err = |text: &str| format!("{:#}", parse_documents(text).unwrap_err());
         assert!(err("kind: Device\nmetadata: [").contains("not valid YAML"));
-        assert!(err("kind: Fleet\nmetadata: {name: a}\n").contains("unknown kind"));
+        assert!(err("kind: Fleat\nmetadata: {name: a}\n").contains("unknown kind"));
         assert!(err("kind: Device\nmetadata: {name: a}\nspec: {filez: []}\n").contains("filez"));
+        assert!(err("kind: Fleet\nmetadata: {name: a}\nspec: {selectr: x}\n").contains("selectr"));
         assert!(err("").contains("no resources"));
     }
 }

@@ -1,51 +1,101 @@
-//! Device use cases: list, read, and set the spec (which is pushed at once).
+//! Device use cases: list (by selector), read, set overrides and labels. Reads come from the
+//! catalog and the hub; every change re-decides the device's fleet and re-renders it.
 
 use super::{ControlError, ControlPlane};
 use crate::clock::now_millis;
 use crate::hub::{Rendered, SyncStatus};
-use crate::names::{validate_labels, validate_name};
+use crate::names::{validate_label_key, validate_labels, validate_name};
+use crate::selector::Selector;
 use crate::spec::DeviceSpec;
-use crate::store::DeviceRecord;
+use crate::store::{DeviceChange, DeviceRecord};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A device with its live sync status.
 #[derive(Debug, Clone)]
 pub struct DeviceView {
     pub record: DeviceRecord,
     pub status: Option<SyncStatus>,
+    /// The fleets that all match the device, when more than one does.
+    pub conflicts: Vec<String>,
+    /// The complete rendered spec (fleet template plus overrides); only filled by `get_device`.
+    pub rendered: Option<Arc<Rendered>>,
 }
 
-/// A request to change a device.
+/// A request to set a device's overrides (and labels).
 #[derive(Debug, Clone)]
 pub struct DeviceUpdate {
     pub name: String,
+    /// The device's own spec, laid over its fleet's template.
     pub spec: DeviceSpec,
     /// Replaces the labels when set.
     pub labels: Option<BTreeMap<String, String>>,
 }
 
+/// A request to change some labels of a device.
+#[derive(Debug, Clone, Default)]
+pub struct LabelChange {
+    pub name: String,
+    pub set: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+pub(super) fn parse_selector(text: &str) -> Result<Selector, ControlError> {
+    Selector::parse(text).map_err(|e| ControlError::invalid("selector", e))
+}
+
 impl ControlPlane {
-    fn view(&self, record: DeviceRecord) -> DeviceView {
+    fn view_of(&self, record: DeviceRecord, conflicts: Vec<String>) -> DeviceView {
         let status = self.hub.status(&record.id);
-        DeviceView { record, status }
+        DeviceView {
+            record,
+            status,
+            conflicts,
+            rendered: None,
+        }
     }
 
-    pub async fn list_devices(&self) -> Result<Vec<DeviceView>, ControlError> {
-        let records = self.store.list_devices().await?;
-        Ok(records.into_iter().map(|r| self.view(r)).collect())
+    /// The current view of a device by id, if it exists.
+    pub(super) fn view_by_id(&self, id: &str) -> Option<DeviceView> {
+        let (record, conflicts) = {
+            let catalog = self.catalog();
+            let record = catalog.device(id)?.clone();
+            (record, catalog.conflicts(id).to_vec())
+        };
+        Some(self.view_of(record, conflicts))
+    }
+
+    /// Devices whose labels match `selector` (empty: all), by name.
+    pub async fn list_devices(&self, selector: &str) -> Result<Vec<DeviceView>, ControlError> {
+        let selector = parse_selector(selector)?;
+        let mut found: Vec<(DeviceRecord, Vec<String>)> = {
+            let catalog = self.catalog();
+            catalog
+                .devices()
+                .filter(|d| selector.matches(&d.labels))
+                .map(|d| (d.clone(), catalog.conflicts(&d.id).to_vec()))
+                .collect()
+        };
+        found.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(found
+            .into_iter()
+            .map(|(record, conflicts)| self.view_of(record, conflicts))
+            .collect())
     }
 
     pub async fn get_device(&self, name: &str) -> Result<DeviceView, ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
-        let record = self
-            .store
-            .get_device_by_name(name)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("device {name:?} not found")))?;
-        Ok(self.view(record))
+        let id = self
+            .catalog()
+            .device_by_name(name)
+            .map(|d| d.id.clone())
+            .ok_or_else(|| not_found(name))?;
+        let mut view = self.view_by_id(&id).ok_or_else(|| not_found(name))?;
+        view.rendered = self.hub.desired(&id);
+        Ok(view)
     }
 
-    /// Validates and stores a device's spec (and labels), then hands the new render to the hub.
+    /// Validates and stores a device's overrides (and labels), then re-renders it.
     pub async fn apply_device(&self, update: DeviceUpdate) -> Result<DeviceView, ControlError> {
         validate_name(&update.name).map_err(|e| ControlError::invalid("name", e))?;
         update
@@ -55,14 +105,79 @@ impl ControlPlane {
         if let Some(labels) = &update.labels {
             validate_labels(labels).map_err(|e| ControlError::invalid("labels", e))?;
         }
-        let spec = update.spec.normalized();
+        let view = self
+            .change_device(&update.name, Some(update.spec.normalized()), update.labels)
+            .await?;
+        tracing::info!(device.id = %view.record.id, device.name = %view.record.name, "device spec applied");
+        Ok(view)
+    }
+
+    /// Sets and removes labels of a device; it may move to another fleet.
+    pub async fn label_device(&self, change: LabelChange) -> Result<DeviceView, ControlError> {
+        validate_name(&change.name).map_err(|e| ControlError::invalid("name", e))?;
+        validate_labels(&change.set).map_err(|e| ControlError::invalid("labels", e))?;
+        for key in &change.remove {
+            validate_label_key(key).map_err(|e| ControlError::invalid("remove", e))?;
+            if change.set.contains_key(key) {
+                return Err(ControlError::invalid(
+                    "remove",
+                    format!("label {key:?} is both set and removed"),
+                ));
+            }
+        }
+        let current = self
+            .catalog()
+            .device_by_name(&change.name)
+            .map(|d| d.labels.clone())
+            .ok_or_else(|| not_found(&change.name))?;
+        let mut labels = current;
+        labels.extend(change.set);
+        for key in &change.remove {
+            labels.remove(key);
+        }
+        let view = self.change_device(&change.name, None, Some(labels)).await?;
+        tracing::info!(device.id = %view.record.id, device.name = %view.record.name, fleet = ?view.record.fleet, "device labels changed");
+        Ok(view)
+    }
+
+    /// Stores a device change together with the owner it implies, then re-renders the device.
+    async fn change_device(
+        &self,
+        name: &str,
+        spec: Option<DeviceSpec>,
+        labels: Option<BTreeMap<String, String>>,
+    ) -> Result<DeviceView, ControlError> {
+        let _writes = self.writes.lock().await;
+        let owner_change = {
+            let catalog = self.catalog();
+            let device = catalog
+                .device_by_name(name)
+                .ok_or_else(|| not_found(name))?;
+            let labels = labels.as_ref().unwrap_or(&device.labels);
+            let owner = catalog.placement_for(labels, device.fleet.as_deref()).owner;
+            (owner != device.fleet).then_some(owner)
+        };
+        let change = DeviceChange {
+            spec,
+            labels,
+            fleet: owner_change,
+        };
         let record = self
             .store
-            .update_device(&update.name, spec.clone(), update.labels, now_millis())
+            .update_device(name, change, now_millis())
             .await?
-            .ok_or_else(|| ControlError::NotFound(format!("device {:?} not found", update.name)))?;
-        self.hub.set_desired(&record.id, Rendered::new(spec));
-        tracing::info!(device.id = %record.id, device.name = %record.name, "device spec applied");
-        Ok(self.view(record))
+            .ok_or_else(|| not_found(name))?;
+        let id = record.id.clone();
+        {
+            let mut catalog = self.catalog_mut();
+            catalog.put_device(record);
+            catalog.apply_owners(&Vec::new());
+            catalog.render_into(&self.hub, [id.clone()]);
+        }
+        self.view_by_id(&id).ok_or_else(|| not_found(name))
     }
+}
+
+fn not_found(name: &str) -> ControlError {
+    ControlError::NotFound(format!("device {name:?} not found"))
 }

@@ -5,7 +5,6 @@ use super::{ControlError, ControlPlane};
 use crate::ca::csr::verify_csr_pem;
 use crate::ca::{Subject, Usage};
 use crate::clock::now_millis;
-use crate::hub::Rendered;
 use crate::identity::{Identity, Role};
 use crate::names::{validate_labels, validate_name};
 use crate::spec::DeviceSpec;
@@ -138,6 +137,8 @@ impl ControlPlane {
             revoked_ms: None,
             revocation_reason: None,
         };
+        let _writes = self.writes.lock().await;
+        let owner = self.catalog().placement_for(&device_labels, None).owner;
         let device = NewDevice {
             id: device_id.clone(),
             name: name.to_string(),
@@ -146,13 +147,18 @@ impl ControlPlane {
             cert_serial: certificate.serial.clone(),
             cert_not_after_ms: certificate.not_after_ms,
             created_ms: now,
+            fleet: owner,
         };
         let record = self
             .store
-            .approve_enrollment(name, device, certificate, decided_by.to_string())
+            .approve_enrollment(name, device.clone(), certificate, decided_by.to_string())
             .await?;
-        self.hub
-            .set_desired(&device_id, Rendered::new(DeviceSpec::default()));
+        {
+            let mut catalog = self.catalog_mut();
+            catalog.put_device(device.into_record());
+            catalog.apply_owners(&Vec::new());
+            catalog.render_into(&self.hub, [device_id.clone()]);
+        }
         tracing::info!(device.id = %device_id, device.name = %name, by = %decided_by, "enrollment approved");
         Ok(record)
     }

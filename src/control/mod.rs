@@ -2,18 +2,26 @@
 //! is persisted), the hub (who is connected, what they run) and the CA (what they may prove)
 //! together. Transport-agnostic: the gRPC services translate to and from it.
 
+mod catalog;
 mod devices;
 mod enrollment;
+mod fleets;
 mod session;
+mod watch;
 
-pub use devices::{DeviceUpdate, DeviceView};
+pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
+pub use fleets::{FleetApply, FleetView};
 pub use session::SessionSettings;
+pub use watch::{DeviceEvent, DeviceWatch};
 
 use crate::ca::CertificateAuthority;
-use crate::hub::{Hub, Rendered, Seed};
-use crate::store::{Store, StoreError};
-use std::sync::Arc;
+use crate::hub::{Debounce, Hub, Seed};
+use crate::render::CompiledTemplate;
+use crate::selector::Selector;
+use crate::store::{FleetRecord, Store, StoreError};
+use catalog::{Catalog, FleetEntry};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 /// Tunables of the control plane.
@@ -24,6 +32,8 @@ pub struct Policy {
     /// Suggested interval between agent heartbeats while polling enrollment.
     pub enrollment_poll_interval: Duration,
     pub session: SessionSettings,
+    /// How spec changes are coalesced into waves of pushes.
+    pub debounce: Debounce,
 }
 
 impl Default for Policy {
@@ -32,6 +42,7 @@ impl Default for Policy {
             device_cert_validity: Duration::from_secs(365 * 24 * 3600),
             enrollment_poll_interval: Duration::from_secs(2),
             session: SessionSettings::default(),
+            debounce: Debounce::default(),
         }
     }
 }
@@ -83,6 +94,10 @@ pub struct ControlPlane {
     ca: Arc<CertificateAuthority>,
     hub: Arc<Hub>,
     policy: Arc<Policy>,
+    catalog: Arc<RwLock<Catalog>>,
+    /// Serialises the use cases that change placement or rendering (fleet and device writes,
+    /// approvals), so each computes its plan from the state the previous one left.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ControlPlane {
@@ -92,7 +107,18 @@ impl ControlPlane {
             ca,
             hub,
             policy: Arc::new(policy),
+            catalog: Arc::default(),
+            writes: Arc::default(),
         }
+    }
+
+    fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        // Catalog updates are plain assignments; a panic cannot leave one half-done.
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn catalog_mut(&self) -> RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -107,21 +133,64 @@ impl ControlPlane {
         &self.policy
     }
 
-    /// Loads every device into the hub; until this has run, sessions are refused.
+    /// Loads fleets and devices, settles ownership, renders every device and opens the hub;
+    /// until this has run, sessions are refused.
     pub async fn load(&self) -> Result<usize, ControlError> {
+        let _writes = self.writes.lock().await;
+        let fleets = self
+            .store
+            .list_fleets()
+            .await?
+            .into_iter()
+            .map(fleet_entry)
+            .collect::<Result<Vec<_>, _>>()?;
         let devices = self.store.list_devices().await?;
         let count = devices.len();
-        let seeds = devices
+        let mut catalog = Catalog::new(fleets, devices);
+        let changes = catalog.plan_all();
+        if !changes.is_empty() {
+            tracing::info!(
+                devices = changes.len(),
+                "fleet membership changed while stopped"
+            );
+            self.store.set_device_owners(changes.clone()).await?;
+        }
+        catalog.apply_owners(&changes);
+        let ids: Vec<String> = catalog.devices().map(|d| d.id.clone()).collect();
+        let seeds = ids
             .into_iter()
-            .map(|d| Seed {
-                desired: Rendered::new(d.spec),
-                device_id: d.id,
-                acked_version: d.acked_version,
-                nacked: d.nacked,
-                last_seen_ms: d.last_seen_ms,
+            .filter_map(|id| {
+                let desired = catalog.render(&id)?;
+                let device = catalog.device(&id)?;
+                Some(Seed {
+                    device_id: id,
+                    desired,
+                    acked_version: device.acked_version.clone(),
+                    nacked: device.nacked.clone(),
+                    last_seen_ms: device.last_seen_ms,
+                })
             })
             .collect();
+        *self.catalog_mut() = catalog;
         self.hub.load(seeds);
         Ok(count)
     }
+}
+
+/// Parses and compiles a stored fleet. Stored fleets were validated when applied, so a failure
+/// here means the database was changed behind the control plane's back.
+fn fleet_entry(record: FleetRecord) -> Result<FleetEntry, ControlError> {
+    let selector = Selector::parse(&record.selector)
+        .map_err(|e| ControlError::Internal(format!("stored fleet {:?}: {e}", record.name)))?;
+    let template = CompiledTemplate::compile(
+        &record.name,
+        &record.template,
+        record.label_defaults.clone(),
+    )
+    .map_err(|e| ControlError::Internal(format!("stored fleet {:?}: {e}", record.name)))?;
+    Ok(FleetEntry {
+        record,
+        selector,
+        template: Arc::new(template),
+    })
 }

@@ -87,6 +87,8 @@ impl ControlPlane {
                 HubError::NotReady => ControlError::Unavailable(e.to_string()),
                 HubError::UnknownDevice(_) => ControlError::PermissionDenied(e.to_string()),
             })?;
+        self.catalog_mut()
+            .note_agent_version(&device_id, &hello.agent_version);
         let reported = Some(hello.rendered_version.clone()).filter(|v| !v.is_empty());
         if let Err(error) = self
             .store

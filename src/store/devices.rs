@@ -22,6 +22,8 @@ pub struct DeviceRecord {
     pub cert_not_after_ms: Option<i64>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// The fleet that owns the device.
+    pub fleet: Option<String>,
 }
 
 /// A device about to be created (by approving its enrollment).
@@ -34,6 +36,46 @@ pub struct NewDevice {
     pub cert_serial: String,
     pub cert_not_after_ms: i64,
     pub created_ms: i64,
+    pub fleet: Option<String>,
+}
+
+impl NewDevice {
+    /// The device as it reads back right after insertion.
+    pub fn into_record(self) -> DeviceRecord {
+        DeviceRecord {
+            id: self.id,
+            name: self.name,
+            labels: self.labels,
+            spec: self.spec,
+            acked_version: None,
+            nacked: None,
+            agent_version: None,
+            last_seen_ms: None,
+            cert_serial: Some(self.cert_serial),
+            cert_not_after_ms: Some(self.cert_not_after_ms),
+            created_ms: self.created_ms,
+            updated_ms: self.created_ms,
+            fleet: self.fleet,
+        }
+    }
+}
+
+/// Changes to a device; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceChange {
+    pub spec: Option<DeviceSpec>,
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `Some(None)` clears the owner.
+    pub fleet: Option<Option<String>>,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = devices)]
+struct DeviceChangeset {
+    spec: Option<String>,
+    labels: Option<String>,
+    fleet: Option<Option<String>>,
+    updated_ms: i64,
 }
 
 #[derive(Queryable, Selectable, Insertable)]
@@ -52,6 +94,7 @@ struct DeviceRow {
     cert_not_after_ms: Option<i64>,
     created_ms: i64,
     updated_ms: i64,
+    fleet: Option<String>,
 }
 
 impl DeviceRow {
@@ -69,6 +112,7 @@ impl DeviceRow {
             cert_not_after_ms: self.cert_not_after_ms,
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
+            fleet: self.fleet,
         })
     }
 }
@@ -91,6 +135,7 @@ pub(super) fn insert_device(
         cert_not_after_ms: Some(device.cert_not_after_ms),
         created_ms: device.created_ms,
         updated_ms: device.created_ms,
+        fleet: device.fleet.clone(),
     };
     diesel::insert_into(devices::table)
         .values(&row)
@@ -101,6 +146,18 @@ pub(super) fn insert_device(
             }
             other => other,
         })?;
+    Ok(())
+}
+
+pub(super) fn write_owners(
+    conn: &mut super::DbConnection,
+    owners: &[(String, Option<String>)],
+) -> Result<(), StoreError> {
+    for (id, fleet) in owners {
+        diesel::update(devices::table.find(id))
+            .set(devices::fleet.eq(fleet))
+            .execute(conn)?;
+    }
     Ok(())
 }
 
@@ -133,34 +190,25 @@ impl Store {
         .await
     }
 
-    /// Replaces a device's spec, and its labels when given. Returns the updated device, or `None`
-    /// if no device has that name.
+    /// Changes a device. Returns the updated device, or `None` if no device has that name.
     pub async fn update_device(
         &self,
         name: &str,
-        spec: DeviceSpec,
-        labels: Option<BTreeMap<String, String>>,
+        change: DeviceChange,
         now_ms: i64,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let name = name.to_string();
+        let changeset = DeviceChangeset {
+            spec: change.spec.as_ref().map(to_json),
+            labels: change.labels.as_ref().map(to_json),
+            fleet: change.fleet,
+            updated_ms: now_ms,
+        };
         self.run(move |conn| {
             conn.transaction(|conn| {
-                let target = devices::table.filter(devices::name.eq(&name));
-                let changed = match &labels {
-                    Some(labels) => diesel::update(target)
-                        .set((
-                            devices::spec.eq(to_json(&spec)),
-                            devices::labels.eq(to_json(labels)),
-                            devices::updated_ms.eq(now_ms),
-                        ))
-                        .execute(conn)?,
-                    None => diesel::update(target)
-                        .set((
-                            devices::spec.eq(to_json(&spec)),
-                            devices::updated_ms.eq(now_ms),
-                        ))
-                        .execute(conn)?,
-                };
+                let changed = diesel::update(devices::table.filter(devices::name.eq(&name)))
+                    .set(&changeset)
+                    .execute(conn)?;
                 if changed == 0 {
                     return Ok(None);
                 }
@@ -173,6 +221,18 @@ impl Store {
             })
         })
         .await
+    }
+
+    /// Sets the owning fleet of many devices at once (device id, new owner), in one transaction.
+    pub async fn set_device_owners(
+        &self,
+        owners: Vec<(String, Option<String>)>,
+    ) -> Result<(), StoreError> {
+        if owners.is_empty() {
+            return Ok(());
+        }
+        self.run(move |conn| conn.transaction(|conn| write_owners(conn, &owners)))
+            .await
     }
 
     /// Records what a device reported: the version it acknowledged and the version it rejected

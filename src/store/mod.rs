@@ -5,12 +5,14 @@ mod certificates;
 mod connection;
 mod devices;
 mod enrollments;
+mod fleets;
 mod schema;
 
 pub use certificates::CertificateRecord;
 pub use connection::{Backend, DbConnection};
-pub use devices::{DeviceRecord, NewDevice};
+pub use devices::{DeviceChange, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
+pub use fleets::{FleetRecord, FleetRevision, FleetWrite};
 
 use connection::{Manager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};

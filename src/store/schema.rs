@@ -15,6 +15,7 @@ diesel::table! {
         cert_not_after_ms -> Nullable<BigInt>,
         created_ms -> BigInt,
         updated_ms -> BigInt,
+        fleet -> Nullable<Text>,
     }
 }
 
@@ -50,4 +51,31 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(devices, enrollment_requests, certificates);
+diesel::table! {
+    fleets (name) {
+        name -> Text,
+        selector -> Text,
+        label_defaults -> Text,
+        revision -> BigInt,
+        created_ms -> BigInt,
+        updated_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    fleet_revisions (fleet, revision) {
+        fleet -> Text,
+        revision -> BigInt,
+        template -> Text,
+        created_ms -> BigInt,
+        created_by -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    devices,
+    enrollment_requests,
+    certificates,
+    fleets,
+    fleet_revisions
+);

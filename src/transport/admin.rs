@@ -1,13 +1,20 @@
-//! The operator-facing admin services: devices and enrollment decisions.
+//! The operator-facing admin services: devices, fleets and enrollment decisions.
 
 use super::auth::caller;
 use super::convert;
-use crate::control::{ControlPlane, DeviceUpdate};
+use crate::control::{ControlPlane, DeviceUpdate, FleetApply, LabelChange};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::device_service_server::DeviceService;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentService;
+use crate::proto::admin::v1::fleet_service_server::FleetService;
 use crate::proto::agent::v1::EnrollmentState;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+/// Events buffered per watcher before it is considered slow (the watch then waits).
+const WATCH_BUFFER: usize = 256;
 
 pub struct AdminApi {
     control: ControlPlane,
@@ -21,11 +28,17 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl DeviceService for AdminApi {
+    type WatchDevicesStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::DeviceEvent, Status>> + Send>>;
+
     async fn list_devices(
         &self,
-        _request: Request<pb::ListDevicesRequest>,
+        request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let devices = self.control.list_devices().await?;
+        let devices = self
+            .control
+            .list_devices(&request.into_inner().selector)
+            .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices.into_iter().map(convert::device).collect(),
         }))
@@ -53,6 +66,100 @@ impl DeviceService for AdminApi {
             })
             .await?;
         Ok(Response::new(convert::device(view)))
+    }
+
+    async fn label_device(
+        &self,
+        request: Request<pb::LabelDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let request = request.into_inner();
+        let view = self
+            .control
+            .label_device(LabelChange {
+                name: request.name,
+                set: request.set.into_iter().collect(),
+                remove: request.remove,
+            })
+            .await?;
+        Ok(Response::new(convert::device(view)))
+    }
+
+    async fn watch_devices(
+        &self,
+        request: Request<pb::WatchDevicesRequest>,
+    ) -> Result<Response<Self::WatchDevicesStream>, Status> {
+        let mut watch = self.control.watch_devices(&request.into_inner().selector)?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            // Ends when the watcher goes away (send fails) or the feed closes.
+            while let Some(event) = watch.next().await {
+                if tx.send(Ok(convert::device_event(event))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl FleetService for AdminApi {
+    async fn list_fleets(
+        &self,
+        _request: Request<pb::ListFleetsRequest>,
+    ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        let fleets = self.control.list_fleets().await?;
+        Ok(Response::new(pb::ListFleetsResponse {
+            fleets: fleets.into_iter().map(convert::fleet).collect(),
+        }))
+    }
+
+    async fn get_fleet(
+        &self,
+        request: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let view = self.control.get_fleet(&request.into_inner().name).await?;
+        Ok(Response::new(convert::fleet(view)))
+    }
+
+    async fn apply_fleet(
+        &self,
+        request: Request<pb::ApplyFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let apply = FleetApply {
+            name: request.name,
+            selector: request.selector,
+            label_defaults: request.label_defaults.into_iter().collect(),
+            template: request.template.unwrap_or_default().into(),
+        };
+        let view = self.control.apply_fleet(apply, &caller).await?;
+        Ok(Response::new(convert::fleet(view)))
+    }
+
+    async fn delete_fleet(
+        &self,
+        request: Request<pb::DeleteFleetRequest>,
+    ) -> Result<Response<pb::DeleteFleetResponse>, Status> {
+        let caller = caller(&request)?;
+        self.control
+            .delete_fleet(&request.into_inner().name, &caller)
+            .await?;
+        Ok(Response::new(pb::DeleteFleetResponse {}))
+    }
+
+    async fn list_fleet_revisions(
+        &self,
+        request: Request<pb::ListFleetRevisionsRequest>,
+    ) -> Result<Response<pb::ListFleetRevisionsResponse>, Status> {
+        let revisions = self
+            .control
+            .list_fleet_revisions(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(pb::ListFleetRevisionsResponse {
+            revisions: revisions.into_iter().map(convert::fleet_revision).collect(),
+        }))
     }
 }
 

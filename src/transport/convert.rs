@@ -1,11 +1,11 @@
 //! Conversions between domain records and their protobuf messages.
 
 use crate::clock::timestamp_from_millis;
-use crate::control::{DeviceView, EnrollOutcome};
+use crate::control::{DeviceEvent, DeviceView, EnrollOutcome, FleetView};
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
-use crate::store::{EnrollmentRecord, EnrollmentState, SystemInfo};
+use crate::store::{EnrollmentRecord, EnrollmentState, FleetRevision, SystemInfo};
 
 pub fn enrollment_state(state: EnrollmentState) -> agent::EnrollmentState {
     match state {
@@ -113,6 +113,7 @@ pub fn device(view: DeviceView) -> admin::Device {
         status.sent_version = live.sent_version.unwrap_or_default();
         status.acked_version = live.acked_version.unwrap_or_default();
         status.last_error = live.last_error.unwrap_or_default();
+        status.render_error = live.render_error.unwrap_or_default();
         status.last_seen = live
             .last_seen_ms
             .map(timestamp_from_millis)
@@ -121,9 +122,76 @@ pub fn device(view: DeviceView) -> admin::Device {
     admin::Device {
         id: record.id,
         name: record.name,
-        labels: record.labels,
+        labels: record.labels.into_iter().collect(),
         spec: Some(record.spec.into()),
         status: Some(status),
         created_at: Some(timestamp_from_millis(record.created_ms)),
+        fleet: record.fleet.unwrap_or_default(),
+        conflicting_fleets: view.conflicts,
+        rendered_spec: view.rendered.map(|r| r.spec.clone()),
+    }
+}
+
+pub fn device_event(event: DeviceEvent) -> admin::DeviceEvent {
+    use admin::device_event::Type;
+    let (kind, device) = match event {
+        DeviceEvent::Added(view) => (Type::Added, Some(device(view))),
+        DeviceEvent::Modified(view) => (Type::Modified, Some(device(view))),
+        DeviceEvent::Deleted { id, name } => (
+            Type::Deleted,
+            Some(admin::Device {
+                id,
+                name,
+                ..Default::default()
+            }),
+        ),
+        DeviceEvent::Synced => (Type::Synced, None),
+    };
+    admin::DeviceEvent {
+        r#type: kind as i32,
+        device,
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+pub fn fleet(view: FleetView) -> admin::Fleet {
+    let record = view.record;
+    admin::Fleet {
+        name: record.name,
+        selector: record.selector,
+        label_defaults: record.label_defaults.into_iter().collect(),
+        template: Some(record.template.into()),
+        revision: record.revision,
+        status: Some(admin::FleetStatus {
+            devices: view.devices,
+            synced: count(view.synced),
+            pending: count(view.pending),
+            error: count(view.error),
+            offline: count(view.offline),
+            conflicts: view
+                .conflicts
+                .into_iter()
+                .map(|(device, fleets)| admin::FleetConflict { device, fleets })
+                .collect(),
+            render_failures: view
+                .render_failures
+                .into_iter()
+                .map(|(device, reason)| admin::RenderFailure { device, reason })
+                .collect(),
+        }),
+        created_at: Some(timestamp_from_millis(record.created_ms)),
+        updated_at: Some(timestamp_from_millis(record.updated_ms)),
+    }
+}
+
+pub fn fleet_revision(revision: FleetRevision) -> admin::FleetRevision {
+    admin::FleetRevision {
+        revision: revision.revision,
+        template: Some(revision.template.into()),
+        created_at: Some(timestamp_from_millis(revision.created_ms)),
+        created_by: revision.created_by,
     }
 }

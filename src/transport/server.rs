@@ -11,6 +11,7 @@ use crate::control::{ControlError, ControlPlane};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
+use crate::proto::admin::v1::fleet_service_server::FleetServiceServer;
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
 use std::future::Future;
@@ -124,6 +125,11 @@ pub async fn serve(
             AdminEnrollmentServer::new(AdminApi::new(control.clone()))
                 .max_decoding_message_size(ADMIN_MAX_DECODE),
         )
+        .add_service(
+            FleetServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -133,12 +139,18 @@ pub async fn serve(
     let admin_task = tokio::spawn(admin_server);
 
     let devices = control.load().await?;
+    let waves = {
+        let hub = control.hub().clone();
+        let debounce = control.policy().debounce;
+        tokio::spawn(async move { hub.run_waves(debounce).await })
+    };
     for service in [
         "",
         "flotilla.agent.v1.AgentService",
         "flotilla.agent.v1.EnrollmentService",
         "flotilla.admin.v1.DeviceService",
         "flotilla.admin.v1.EnrollmentService",
+        "flotilla.admin.v1.FleetService",
     ] {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -152,6 +164,7 @@ pub async fn serve(
         .set_service_status("", ServingStatus::NotServing)
         .await;
     control.hub().close_all();
+    waves.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

@@ -1,0 +1,174 @@
+//! Running the device's tools (`systemctl`, `podman`, update commands): one trait, the real
+//! implementation that spawns processes with a deadline, and a recording one for tests that checks
+//! the exact commands an apply issues.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Keep this much of a failing command's output for the error message.
+const OUTPUT_TAIL: usize = 512;
+
+/// A program with its arguments and a deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    pub argv: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl CommandLine {
+    pub fn new<S: AsRef<str>>(argv: &[S], timeout: Duration) -> CommandLine {
+        CommandLine {
+            argv: argv.iter().map(|a| a.as_ref().to_string()).collect(),
+            timeout,
+        }
+    }
+
+    pub fn display(&self) -> String {
+        self.argv.join(" ")
+    }
+}
+
+/// Runs commands; an error says what failed and why, in one line.
+pub trait Executor: Send + Sync {
+    fn run(&self, command: &CommandLine) -> Result<(), String>;
+}
+
+/// Spawns real processes (no shell), killing them at their deadline.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemExecutor;
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(OUTPUT_TAIL)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    text[start..].replace('\n', " | ")
+}
+
+impl Executor for SystemExecutor {
+    fn run(&self, command: &CommandLine) -> Result<(), String> {
+        let shown = command.display();
+        let (program, args) = command
+            .argv
+            .split_first()
+            .ok_or_else(|| "empty command".to_string())?;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("`{shown}` could not start: {e}"))?;
+        // Read stderr on a thread so a chatty command cannot block on a full pipe.
+        let stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut buffer = Vec::new();
+            if let Some(mut stderr) = stderr {
+                let _ = stderr.read_to_end(&mut buffer);
+            }
+            buffer
+        });
+        let deadline = Instant::now() + command.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Err(format!(
+                        "`{shown}` timed out after {}s",
+                        command.timeout.as_secs()
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => break Err(format!("`{shown}`: {e}")),
+            }
+        };
+        let output = reader.join().unwrap_or_default();
+        let status = status?;
+        if status.success() {
+            Ok(())
+        } else {
+            let detail = tail(&output);
+            Err(match (status.code(), detail.is_empty()) {
+                (Some(code), true) => format!("`{shown}` exited with {code}"),
+                (Some(code), false) => format!("`{shown}` exited with {code}: {detail}"),
+                (None, _) => format!("`{shown}` was killed by a signal"),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod recording {
+    //! An executor that records what it was asked to run and fails on request.
+
+    use super::{CommandLine, Executor};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    pub struct RecordingExecutor {
+        pub calls: Mutex<Vec<String>>,
+        /// Commands (as displayed) that fail.
+        pub failing: Vec<String>,
+    }
+
+    impl RecordingExecutor {
+        pub fn failing_on(command: &str) -> RecordingExecutor {
+            RecordingExecutor {
+                failing: vec![command.to_string()],
+                ..Default::default()
+            }
+        }
+
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Executor for RecordingExecutor {
+        fn run(&self, command: &CommandLine) -> Result<(), String> {
+            let shown = command.display();
+            self.calls.lock().unwrap().push(shown.clone());
+            if self.failing.contains(&shown) {
+                Err(format!("`{shown}` exited with 1"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(argv: &[&str], timeout_ms: u64) -> Result<(), String> {
+        SystemExecutor.run(&CommandLine::new(argv, Duration::from_millis(timeout_ms)))
+    }
+
+    #[test]
+    fn runs_real_processes_and_reports_failures() {
+        assert_eq!(run(&["true"], 5000), Ok(()));
+        let error = run(&["sh", "-c", "echo broken >&2; exit 3"], 5000).unwrap_err();
+        assert_eq!(
+            error,
+            "`sh -c echo broken >&2; exit 3` exited with 3: broken"
+        );
+        let error = run(&["/nonexistent/program"], 5000).unwrap_err();
+        assert!(error.contains("could not start"), "{error}");
+    }
+
+    #[test]
+    fn kills_commands_at_their_deadline() {
+        let started = Instant::now();
+        let error = run(&["sleep", "30"], 300).unwrap_err();
+        assert!(error.contains("timed out"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,75 @@
+//! `flotctl apply -f`: create or update every resource of a file, in order, stopping at the first
+//! refusal (which names the resource and the field).
+
+use crate::devices::print_devices;
+use crate::fleets::print_fleets;
+use crate::output::Format;
+use crate::resources::{Resource, parse_documents};
+use crate::{channel, rpc};
+use anyhow::{Context, Result};
+use flotilla::proto::admin::v1 as pb;
+use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
+use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
+use std::path::PathBuf;
+
+pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let documents = parse_documents(&text).with_context(|| format!("{}", file.display()))?;
+    let channel = channel(config).await?;
+    let mut devices = DeviceServiceClient::new(channel.clone());
+    let mut fleets = FleetServiceClient::new(channel);
+    let mut applied_devices = Vec::new();
+    let mut applied_fleets = Vec::new();
+    for document in documents {
+        match document {
+            Resource::Device { metadata, spec } => {
+                let name = metadata.name.clone();
+                let device = devices
+                    .apply_device(pb::ApplyDeviceRequest {
+                        name: name.clone(),
+                        spec: Some(spec.into()),
+                        labels: metadata.labels.map(|values| pb::Labels {
+                            values: values.into_iter().collect(),
+                        }),
+                    })
+                    .await
+                    .map_err(|s| rpc(s).context(format!("device {name:?}")))?
+                    .into_inner();
+                if format == Format::Table {
+                    println!("device/{name} applied");
+                }
+                applied_devices.push(device);
+            }
+            Resource::Fleet { metadata, spec } => {
+                let name = metadata.name.clone();
+                let fleet = fleets
+                    .apply_fleet(pb::ApplyFleetRequest {
+                        name: name.clone(),
+                        selector: spec.selector,
+                        label_defaults: spec.defaults.labels.into_iter().collect(),
+                        template: Some(spec.template.into()),
+                    })
+                    .await
+                    .map_err(|s| rpc(s).context(format!("fleet {name:?}")))?
+                    .into_inner();
+                if format == Format::Table {
+                    println!("fleet/{name} applied (revision {})", fleet.revision);
+                }
+                applied_fleets.push(fleet);
+            }
+        }
+    }
+    if format != Format::Table {
+        if !applied_fleets.is_empty() {
+            print_fleets(format, applied_fleets, false)?;
+        }
+        if !applied_devices.is_empty() {
+            print_devices(format, applied_devices, false)?;
+        }
+    }
+    Ok(())
+}

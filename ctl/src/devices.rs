@@ -1,0 +1,191 @@
+//! `flotctl` device commands: list, show, describe, label, watch.
+
+use crate::output::{Format, print};
+use crate::resources::{self, DeviceView};
+use crate::{labels_text, rpc};
+use anyhow::Result;
+use flotilla::proto::admin::v1 as pb;
+use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
+use std::collections::BTreeMap;
+use tonic::transport::Channel;
+
+const HEADER: &[&str] = &[
+    "NAME",
+    "FLEET",
+    "ONLINE",
+    "SYNC",
+    "VERSION",
+    "ACKED",
+    "LAST SEEN",
+    "LABELS",
+];
+
+fn row(d: &DeviceView) -> Vec<String> {
+    let mut fleet = d.fleet.fleet.clone();
+    if !d.fleet.conflicting_fleets.is_empty() {
+        fleet = format!("{fleet}(conflict)");
+    }
+    vec![
+        d.metadata.name.clone(),
+        fleet,
+        d.status.online.to_string(),
+        d.status.sync_state.clone(),
+        d.status.desired_version.clone(),
+        d.status.acked_version.clone(),
+        d.status.last_seen.clone().unwrap_or_default(),
+        labels_text(d.metadata.labels.iter().flatten()),
+    ]
+}
+
+pub fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
+    let views: Vec<_> = devices.into_iter().map(resources::device_view).collect();
+    print(format, &views, single, HEADER, row)
+}
+
+pub async fn list(channel: Channel, format: Format, selector: String) -> Result<()> {
+    let devices = DeviceServiceClient::new(channel)
+        .list_devices(pb::ListDevicesRequest { selector })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .devices;
+    print_devices(format, devices, false)
+}
+
+async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
+    Ok(DeviceServiceClient::new(channel)
+        .get_device(pb::GetDeviceRequest { name })
+        .await
+        .map_err(rpc)?
+        .into_inner())
+}
+
+pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
+    print_devices(format, vec![fetch(channel, name).await?], true)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect::<String>()
+}
+
+pub async fn describe(channel: Channel, name: String) -> Result<()> {
+    let view = resources::device_view(fetch(channel, name).await?);
+    let status = &view.status;
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| {
+        if !value.is_empty() {
+            out.push_str(&format!("{:<14}{value}\n", format!("{key}:")));
+        }
+    };
+    line("Name", view.metadata.name.clone());
+    line("ID", view.metadata.id.clone().unwrap_or_default());
+    line("Labels", labels_text(view.metadata.labels.iter().flatten()));
+    line("Fleet", view.fleet.fleet.clone());
+    if !view.fleet.conflicting_fleets.is_empty() {
+        line(
+            "Conflict",
+            format!(
+                "matched by {}; keeps its current fleet",
+                view.fleet.conflicting_fleets.join(", ")
+            ),
+        );
+    }
+    line(
+        "Sync",
+        format!(
+            "{} ({})",
+            status.sync_state,
+            if status.online { "online" } else { "offline" }
+        ),
+    );
+    line("Desired", status.desired_version.clone());
+    line("Sent", status.sent_version.clone());
+    line("Acked", status.acked_version.clone());
+    line("Last error", status.last_error.clone());
+    line("Render error", status.render_error.clone());
+    line("Last seen", status.last_seen.clone().unwrap_or_default());
+    line("Agent", status.agent_version.clone());
+    line(
+        "Certificate",
+        match &status.certificate_not_after {
+            Some(until) => format!("{} (until {until})", status.certificate_serial),
+            None => status.certificate_serial.clone(),
+        },
+    );
+    if !view.spec.is_empty() {
+        out.push_str("Overrides:\n");
+        out.push_str(&indent(&yaml_serde::to_string(&view.spec)?));
+    }
+    if let Some(rendered) = &view.fleet.rendered_spec {
+        out.push_str("Rendered spec:\n");
+        out.push_str(&indent(&yaml_serde::to_string(rendered)?));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+pub async fn label(
+    channel: Channel,
+    format: Format,
+    name: String,
+    set: BTreeMap<String, String>,
+    remove: Vec<String>,
+) -> Result<()> {
+    let device = DeviceServiceClient::new(channel)
+        .label_device(pb::LabelDeviceRequest {
+            name: name.clone(),
+            set: set.into_iter().collect(),
+            remove,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    if format == Format::Table {
+        let fleet = if device.fleet.is_empty() {
+            "no fleet".to_string()
+        } else {
+            format!("fleet {}", device.fleet)
+        };
+        println!("device/{name} labeled ({fleet})");
+        Ok(())
+    } else {
+        print_devices(format, vec![device], true)
+    }
+}
+
+fn event_name(kind: i32) -> &'static str {
+    match pb::device_event::Type::try_from(kind) {
+        Ok(pb::device_event::Type::Added) => "ADDED",
+        Ok(pb::device_event::Type::Modified) => "MODIFIED",
+        Ok(pb::device_event::Type::Deleted) => "DELETED",
+        Ok(pb::device_event::Type::Synced) => "SYNCED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Prints one line per event until the server ends the stream (or the user interrupts).
+pub async fn watch(channel: Channel, format: Format, selector: String) -> Result<()> {
+    let mut stream = DeviceServiceClient::new(channel)
+        .watch_devices(pb::WatchDevicesRequest { selector })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    if format == Format::Table {
+        println!("{:<9}{}", "EVENT", HEADER.join("   "));
+    }
+    while let Some(event) = stream.message().await.map_err(rpc)? {
+        let kind = event_name(event.r#type);
+        let view = event.device.map(resources::device_view);
+        match format {
+            Format::Table => {
+                let cells = view.as_ref().map(row).unwrap_or_default();
+                println!("{kind:<9}{}", cells.join("   "));
+            }
+            Format::Json | Format::Yaml => {
+                let line = serde_json::json!({ "type": kind, "device": view });
+                println!("{}", serde_json::to_string(&line)?);
+            }
+        }
+    }
+    Ok(())
+}

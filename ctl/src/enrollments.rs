@@ -1,0 +1,89 @@
+//! `flotctl` enrollment commands: list, show, approve, deny.
+
+use crate::output::{Format, print};
+use crate::{labels_text, resources, rpc};
+use anyhow::{Result, anyhow};
+use flotilla::proto::admin::v1 as pb;
+use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient;
+use flotilla::proto::agent::v1::EnrollmentState;
+use tonic::transport::Channel;
+
+fn print_enrollments(format: Format, enrollments: Vec<pb::Enrollment>, single: bool) -> Result<()> {
+    let views: Vec<_> = enrollments
+        .into_iter()
+        .map(resources::enrollment_view)
+        .collect();
+    print(
+        format,
+        &views,
+        single,
+        &["NAME", "STATE", "HOSTNAME", "LABELS", "CREATED"],
+        |e| {
+            vec![
+                e.name.clone(),
+                e.state.clone(),
+                e.hostname.clone(),
+                labels_text(&e.labels),
+                e.created_at.clone().unwrap_or_default(),
+            ]
+        },
+    )
+}
+
+fn parse_state(text: &str) -> Result<EnrollmentState> {
+    EnrollmentState::from_str_name(&format!("ENROLLMENT_STATE_{}", text.to_uppercase()))
+        .filter(|s| *s != EnrollmentState::Unspecified)
+        .ok_or_else(|| anyhow!("unknown state {text:?}: use pending, approved or denied"))
+}
+
+pub async fn list(channel: Channel, format: Format, state: Option<String>) -> Result<()> {
+    let state = state
+        .as_deref()
+        .map(parse_state)
+        .transpose()?
+        .unwrap_or(EnrollmentState::Unspecified);
+    let enrollments = EnrollmentServiceClient::new(channel)
+        .list_enrollments(pb::ListEnrollmentsRequest {
+            state: state as i32,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .enrollments;
+    print_enrollments(format, enrollments, false)
+}
+
+pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
+    let enrollment = EnrollmentServiceClient::new(channel)
+        .get_enrollment(pb::GetEnrollmentRequest { name })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_enrollments(format, vec![enrollment], true)
+}
+
+pub async fn approve(
+    channel: Channel,
+    format: Format,
+    name: String,
+    labels: Vec<(String, String)>,
+) -> Result<()> {
+    let enrollment = EnrollmentServiceClient::new(channel)
+        .approve_enrollment(pb::ApproveEnrollmentRequest {
+            name,
+            labels: labels.into_iter().collect(),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_enrollments(format, vec![enrollment], true)
+}
+
+pub async fn deny(channel: Channel, format: Format, name: String, reason: String) -> Result<()> {
+    let enrollment = EnrollmentServiceClient::new(channel)
+        .deny_enrollment(pb::DenyEnrollmentRequest { name, reason })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    print_enrollments(format, vec![enrollment], true)
+}

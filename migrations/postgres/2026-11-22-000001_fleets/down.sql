@@ -1,0 +1,4 @@
+DROP INDEX devices_fleet;
+ALTER TABLE devices DROP COLUMN fleet;
+DROP TABLE fleet_revisions;
+DROP TABLE fleets;

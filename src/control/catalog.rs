@@ -1,0 +1,241 @@
+//! The control plane's in-memory picture of fleets and devices, kept in step with the store by
+//! every write: which fleet owns each device, which devices are in conflict, and each device's
+//! rendered spec. Reads (lists, views, watches) are served from here, so they cost no database
+//! query; renders are interned so identical specs share one allocation.
+
+use crate::fleet::{Placement, place};
+use crate::hub::{Hub, Rendered};
+use crate::render::{CompiledTemplate, DeviceContext, render_device};
+use crate::selector::Selector;
+use crate::spec::DeviceSpec;
+use crate::store::{DeviceRecord, FleetRecord};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+
+/// A fleet with its parsed selector and compiled template.
+#[derive(Debug, Clone)]
+pub struct FleetEntry {
+    pub record: FleetRecord,
+    pub selector: Selector,
+    pub template: Arc<CompiledTemplate>,
+}
+
+/// Owner changes to persist: (device id, new owner).
+pub type OwnerChanges = Vec<(String, Option<String>)>;
+
+/// The outcome of rendering one device.
+pub type RenderOutcome = Result<Arc<Rendered>, String>;
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    fleets: BTreeMap<String, FleetEntry>,
+    devices: HashMap<String, DeviceRecord>,
+    ids_by_name: HashMap<String, String>,
+    /// Devices matched by more than one fleet: device id → the matching fleets.
+    conflicts: HashMap<String, Vec<String>>,
+    interned: HashMap<String, Weak<Rendered>>,
+}
+
+/// Decides owners for `devices` against `fleets`; returns the changes and the conflicts.
+fn plan<'a>(
+    fleets: &BTreeMap<String, FleetEntry>,
+    devices: impl Iterator<Item = &'a DeviceRecord>,
+) -> (OwnerChanges, HashMap<String, Vec<String>>) {
+    let mut changes = Vec::new();
+    let mut conflicts = HashMap::new();
+    for device in devices {
+        let Placement {
+            owner,
+            conflicts: matching,
+        } = place(
+            fleets.iter().map(|(name, f)| (name.as_str(), &f.selector)),
+            &device.labels,
+            device.fleet.as_deref(),
+        );
+        if owner != device.fleet {
+            changes.push((device.id.clone(), owner));
+        }
+        if !matching.is_empty() {
+            conflicts.insert(device.id.clone(), matching);
+        }
+    }
+    (changes, conflicts)
+}
+
+impl Catalog {
+    pub fn new(fleets: Vec<FleetEntry>, devices: Vec<DeviceRecord>) -> Catalog {
+        let mut catalog = Catalog::default();
+        for fleet in fleets {
+            catalog.fleets.insert(fleet.record.name.clone(), fleet);
+        }
+        for device in devices {
+            catalog.put_device(device);
+        }
+        catalog
+    }
+
+    pub fn fleets(&self) -> impl Iterator<Item = &FleetEntry> {
+        self.fleets.values()
+    }
+
+    pub fn fleet(&self, name: &str) -> Option<&FleetEntry> {
+        self.fleets.get(name)
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceRecord> {
+        self.devices.values()
+    }
+
+    pub fn device(&self, id: &str) -> Option<&DeviceRecord> {
+        self.devices.get(id)
+    }
+
+    pub fn device_by_name(&self, name: &str) -> Option<&DeviceRecord> {
+        self.ids_by_name
+            .get(name)
+            .and_then(|id| self.devices.get(id))
+    }
+
+    pub fn conflicts(&self, device_id: &str) -> &[String] {
+        self.conflicts
+            .get(device_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Devices matched by more than one fleet, one of which is `fleet`.
+    pub fn conflicted_in(&self, fleet: &str) -> Vec<&DeviceRecord> {
+        let mut devices: Vec<&DeviceRecord> = self
+            .conflicts
+            .iter()
+            .filter(|(_, fleets)| fleets.iter().any(|f| f == fleet))
+            .filter_map(|(id, _)| self.devices.get(id))
+            .collect();
+        devices.sort_by(|a, b| a.name.cmp(&b.name));
+        devices
+    }
+
+    pub fn put_device(&mut self, device: DeviceRecord) {
+        self.ids_by_name
+            .insert(device.name.clone(), device.id.clone());
+        self.devices.insert(device.id.clone(), device);
+    }
+
+    /// Updates the agent version of a device after its Hello.
+    pub fn note_agent_version(&mut self, device_id: &str, agent_version: &str) {
+        if let Some(device) = self.devices.get_mut(device_id) {
+            device.agent_version = Some(agent_version.to_string());
+        }
+    }
+
+    /// The owner changes (and conflicts) that would follow if `fleet` were applied (`Some`) or
+    /// `name` deleted (`None`). Nothing is changed.
+    pub fn plan_with(&self, name: &str, fleet: Option<&FleetEntry>) -> OwnerChanges {
+        let mut fleets = self.fleets.clone();
+        match fleet {
+            Some(fleet) => fleets.insert(name.to_string(), fleet.clone()),
+            None => fleets.remove(name),
+        };
+        plan(&fleets, self.devices.values()).0
+    }
+
+    /// The owner a device with `labels` should have, given the fleets as they are.
+    pub fn placement_for(
+        &self,
+        labels: &BTreeMap<String, String>,
+        current: Option<&str>,
+    ) -> Placement {
+        place(
+            self.fleets
+                .iter()
+                .map(|(name, f)| (name.as_str(), &f.selector)),
+            labels,
+            current,
+        )
+    }
+
+    /// Every owner change the current fleets call for (used at start-up).
+    pub fn plan_all(&self) -> OwnerChanges {
+        plan(&self.fleets, self.devices.values()).0
+    }
+
+    pub fn put_fleet(&mut self, fleet: FleetEntry) {
+        self.fleets.insert(fleet.record.name.clone(), fleet);
+    }
+
+    pub fn remove_fleet(&mut self, name: &str) {
+        self.fleets.remove(name);
+    }
+
+    /// Applies persisted owner changes and recomputes every conflict.
+    pub fn apply_owners(&mut self, changes: &OwnerChanges) {
+        for (id, owner) in changes {
+            if let Some(device) = self.devices.get_mut(id) {
+                device.fleet = owner.clone();
+            }
+        }
+        self.conflicts = plan(&self.fleets, self.devices.values()).1;
+    }
+
+    fn intern(&mut self, spec: DeviceSpec) -> Arc<Rendered> {
+        let hash = spec.content_hash();
+        if let Some(existing) = self.interned.get(&hash).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let rendered = Rendered::with_hash(spec, hash.clone());
+        self.interned.insert(hash, Arc::downgrade(&rendered));
+        rendered
+    }
+
+    /// Renders one device from its fleet's template and its own overrides.
+    pub fn render(&mut self, device_id: &str) -> Option<RenderOutcome> {
+        let device = self.devices.get(device_id)?;
+        let template = device
+            .fleet
+            .as_ref()
+            .and_then(|f| self.fleets.get(f))
+            .map(|f| f.template.clone());
+        let context = DeviceContext {
+            id: &device.id,
+            name: &device.name,
+            labels: &device.labels,
+        };
+        let rendered = render_device(template.as_deref(), &context, &device.spec);
+        Some(match rendered {
+            Ok(spec) => Ok(self.intern(spec)),
+            Err(error) => Err(format!("render failed: {error}")),
+        })
+    }
+
+    /// Renders `device_ids` and hands the results to the hub; returns how many failed.
+    pub fn render_into(
+        &mut self,
+        hub: &Hub,
+        device_ids: impl IntoIterator<Item = String>,
+    ) -> usize {
+        let mut failed = 0;
+        for id in device_ids {
+            hub.changed(&id);
+            match self.render(&id) {
+                Some(Ok(rendered)) => hub.set_desired(&id, rendered),
+                Some(Err(reason)) => {
+                    failed += 1;
+                    tracing::warn!(device.id = %id, %reason, "device spec could not be rendered");
+                    hub.set_render_failed(&id, reason);
+                }
+                None => {}
+            }
+        }
+        self.interned.retain(|_, weak| weak.strong_count() > 0);
+        failed
+    }
+
+    /// Ids of the devices `fleet` owns.
+    pub fn owned_by(&self, fleet: &str) -> Vec<String> {
+        self.devices
+            .values()
+            .filter(|d| d.fleet.as_deref() == Some(fleet))
+            .map(|d| d.id.clone())
+            .collect()
+    }
+}

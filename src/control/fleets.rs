@@ -1,0 +1,202 @@
+//! Fleet use cases: apply (create or update; a changed template is a new revision), read, list,
+//! delete. Each change re-decides the owner of every device and re-renders the devices it moves
+//! or owns; the hub then pushes what changed in one wave.
+
+use super::catalog::FleetEntry;
+use super::devices::parse_selector;
+use super::{ControlError, ControlPlane};
+use crate::clock::now_millis;
+use crate::hub::SyncState;
+use crate::identity::Identity;
+use crate::names::{validate_labels, validate_name};
+use crate::render::CompiledTemplate;
+use crate::spec::DeviceSpec;
+use crate::store::{FleetRecord, FleetRevision, FleetWrite};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// A fleet as an operator applies it.
+#[derive(Debug, Clone)]
+pub struct FleetApply {
+    pub name: String,
+    pub selector: String,
+    /// Values the template sees for labels a device lacks.
+    pub label_defaults: BTreeMap<String, String>,
+    pub template: DeviceSpec,
+}
+
+/// A fleet with what it currently owns.
+#[derive(Debug, Clone)]
+pub struct FleetView {
+    pub record: FleetRecord,
+    /// Names of the devices the fleet owns.
+    pub devices: Vec<String>,
+    /// Owned devices by sync state.
+    pub synced: usize,
+    pub pending: usize,
+    pub error: usize,
+    pub offline: usize,
+    /// Devices this fleet's selector matches together with other fleets: (device, all matching).
+    pub conflicts: Vec<(String, Vec<String>)>,
+    /// Owned devices whose render failed: (device, reason).
+    pub render_failures: Vec<(String, String)>,
+}
+
+fn has_template_syntax(template: &DeviceSpec) -> bool {
+    let text = serde_json::to_string(template).unwrap_or_default();
+    text.contains("{{") || text.contains("{%") || text.contains("{#")
+}
+
+impl ControlPlane {
+    fn fleet_view(&self, name: &str) -> Option<FleetView> {
+        let catalog = self.catalog();
+        let fleet = catalog.fleet(name)?;
+        let mut view = FleetView {
+            record: fleet.record.clone(),
+            devices: Vec::new(),
+            synced: 0,
+            pending: 0,
+            error: 0,
+            offline: 0,
+            conflicts: catalog
+                .conflicted_in(name)
+                .into_iter()
+                .map(|d| (d.name.clone(), catalog.conflicts(&d.id).to_vec()))
+                .collect(),
+            render_failures: Vec::new(),
+        };
+        for id in catalog.owned_by(name) {
+            let Some(device) = catalog.device(&id) else {
+                continue;
+            };
+            view.devices.push(device.name.clone());
+            let Some(status) = self.hub.status(&id) else {
+                continue;
+            };
+            match status.state {
+                SyncState::Synced => view.synced += 1,
+                SyncState::Pending => view.pending += 1,
+                SyncState::Error => view.error += 1,
+                SyncState::Offline => view.offline += 1,
+            }
+            if let Some(reason) = status.render_error {
+                view.render_failures.push((device.name.clone(), reason));
+            }
+        }
+        view.devices.sort();
+        view.render_failures.sort();
+        Some(view)
+    }
+
+    pub async fn list_fleets(&self) -> Result<Vec<FleetView>, ControlError> {
+        let names: Vec<String> = self
+            .catalog()
+            .fleets()
+            .map(|f| f.record.name.clone())
+            .collect();
+        Ok(names.iter().filter_map(|n| self.fleet_view(n)).collect())
+    }
+
+    pub async fn get_fleet(&self, name: &str) -> Result<FleetView, ControlError> {
+        validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
+        self.fleet_view(name).ok_or_else(|| fleet_not_found(name))
+    }
+
+    pub async fn list_fleet_revisions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<FleetRevision>, ControlError> {
+        validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
+        if self.catalog().fleet(name).is_none() {
+            return Err(fleet_not_found(name));
+        }
+        Ok(self.store.list_fleet_revisions(name).await?)
+    }
+
+    /// Creates or updates a fleet. Nothing is stored if any part of it is invalid.
+    pub async fn apply_fleet(
+        &self,
+        apply: FleetApply,
+        actor: &Identity,
+    ) -> Result<FleetView, ControlError> {
+        validate_name(&apply.name).map_err(|e| ControlError::invalid("name", e))?;
+        let selector = parse_selector(&apply.selector)?;
+        validate_labels(&apply.label_defaults)
+            .map_err(|e| ControlError::invalid("defaults.labels", e))?;
+        if !has_template_syntax(&apply.template) {
+            apply
+                .template
+                .validate()
+                .map_err(|e| ControlError::invalid(e.field().replacen("spec", "template", 1), e))?;
+        }
+        let template = apply.template.normalized();
+        let compiled =
+            CompiledTemplate::compile(&apply.name, &template, apply.label_defaults.clone())
+                .map_err(|e| ControlError::invalid(e.field.clone(), e.reason))?;
+
+        let _writes = self.writes.lock().await;
+        let now = now_millis();
+        let mut entry = FleetEntry {
+            record: FleetRecord {
+                name: apply.name.clone(),
+                selector: selector.to_string(),
+                label_defaults: apply.label_defaults.clone(),
+                revision: 0,
+                template: template.clone(),
+                created_ms: now,
+                updated_ms: now,
+            },
+            selector,
+            template: Arc::new(compiled),
+        };
+        let changes = self.catalog().plan_with(&apply.name, Some(&entry));
+        let write = FleetWrite {
+            name: apply.name.clone(),
+            selector: entry.record.selector.clone(),
+            label_defaults: apply.label_defaults,
+            template,
+            actor: actor.to_string(),
+            now_ms: now,
+        };
+        entry.record = self.store.apply_fleet(write, changes.clone()).await?;
+        let revision = entry.record.revision;
+        let (devices, failed) = {
+            let mut catalog = self.catalog_mut();
+            catalog.put_fleet(entry);
+            catalog.apply_owners(&changes);
+            let mut affected: BTreeSet<String> =
+                catalog.owned_by(&apply.name).into_iter().collect();
+            affected.extend(changes.iter().map(|(id, _)| id.clone()));
+            let count = affected.len();
+            (count, catalog.render_into(&self.hub, affected))
+        };
+        tracing::info!(fleet.name = %apply.name, fleet.revision = revision, moved = changes.len(), devices, render_failures = failed, by = %actor, "fleet applied");
+        self.fleet_view(&apply.name)
+            .ok_or_else(|| fleet_not_found(&apply.name))
+    }
+
+    /// Deletes a fleet; its devices move to the fleet that now matches them alone, or to none.
+    pub async fn delete_fleet(&self, name: &str, actor: &Identity) -> Result<(), ControlError> {
+        validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
+        let _writes = self.writes.lock().await;
+        if self.catalog().fleet(name).is_none() {
+            return Err(fleet_not_found(name));
+        }
+        let changes = self.catalog().plan_with(name, None);
+        if !self.store.delete_fleet(name, changes.clone()).await? {
+            return Err(fleet_not_found(name));
+        }
+        {
+            let mut catalog = self.catalog_mut();
+            catalog.remove_fleet(name);
+            catalog.apply_owners(&changes);
+            catalog.render_into(&self.hub, changes.iter().map(|(id, _)| id.clone()));
+        }
+        tracing::info!(fleet.name = %name, released = changes.len(), by = %actor, "fleet deleted");
+        Ok(())
+    }
+}
+
+fn fleet_not_found(name: &str) -> ControlError {
+    ControlError::NotFound(format!("fleet {name:?} not found"))
+}

@@ -1,0 +1,166 @@
+//! Conversions between the domain spec and its protobuf form.
+
+use super::{
+    CommandSpec, ContainerSpec, DEFAULT_COMMAND_TIMEOUT_SECS, DEFAULT_FILE_MODE, DeviceSpec,
+    FileSpec, UnitSpec, UnitState,
+};
+use crate::proto::agent::v1 as pb;
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+impl From<FileSpec> for pb::FileSpec {
+    fn from(f: FileSpec) -> Self {
+        pb::FileSpec {
+            path: f.path,
+            content: f.content,
+            mode: f.mode,
+            owner: f.owner.unwrap_or_default(),
+            group: f.group.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<pb::FileSpec> for FileSpec {
+    fn from(f: pb::FileSpec) -> Self {
+        FileSpec {
+            path: f.path,
+            content: f.content,
+            mode: if f.mode == 0 {
+                DEFAULT_FILE_MODE
+            } else {
+                f.mode
+            },
+            owner: non_empty(f.owner),
+            group: non_empty(f.group),
+        }
+    }
+}
+
+impl From<UnitSpec> for pb::UnitSpec {
+    fn from(u: UnitSpec) -> Self {
+        let state = match u.state {
+            None => pb::UnitState::Unspecified,
+            Some(UnitState::Started) => pb::UnitState::Started,
+            Some(UnitState::Stopped) => pb::UnitState::Stopped,
+        };
+        pb::UnitSpec {
+            name: u.name,
+            enabled: u.enabled,
+            state: state as i32,
+            restart_on_change: u.restart_on_change,
+        }
+    }
+}
+
+impl From<pb::UnitSpec> for UnitSpec {
+    fn from(u: pb::UnitSpec) -> Self {
+        // Unknown enum numbers from a newer peer mean "leave alone", like UNSPECIFIED.
+        let state = match pb::UnitState::try_from(u.state) {
+            Ok(pb::UnitState::Started) => Some(UnitState::Started),
+            Ok(pb::UnitState::Stopped) => Some(UnitState::Stopped),
+            _ => None,
+        };
+        UnitSpec {
+            name: u.name,
+            enabled: u.enabled,
+            state,
+            restart_on_change: u.restart_on_change,
+        }
+    }
+}
+
+impl From<ContainerSpec> for pb::ContainerSpec {
+    fn from(c: ContainerSpec) -> Self {
+        pb::ContainerSpec {
+            name: c.name,
+            image: c.image,
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            ports: c.ports,
+            volumes: c.volumes,
+        }
+    }
+}
+
+impl From<pb::ContainerSpec> for ContainerSpec {
+    fn from(c: pb::ContainerSpec) -> Self {
+        ContainerSpec {
+            name: c.name,
+            image: c.image,
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            ports: c.ports,
+            volumes: c.volumes,
+        }
+    }
+}
+
+impl From<CommandSpec> for pb::CommandSpec {
+    fn from(c: CommandSpec) -> Self {
+        pb::CommandSpec {
+            run: c.run,
+            timeout_seconds: c.timeout_seconds,
+        }
+    }
+}
+
+impl From<pb::CommandSpec> for CommandSpec {
+    fn from(c: pb::CommandSpec) -> Self {
+        CommandSpec {
+            run: c.run,
+            timeout_seconds: if c.timeout_seconds == 0 {
+                DEFAULT_COMMAND_TIMEOUT_SECS
+            } else {
+                c.timeout_seconds
+            },
+        }
+    }
+}
+
+fn convert<A, B: From<A>>(items: Vec<A>) -> Vec<B> {
+    items.into_iter().map(B::from).collect()
+}
+
+impl From<DeviceSpec> for pb::DeviceSpec {
+    fn from(spec: DeviceSpec) -> Self {
+        pb::DeviceSpec {
+            files: convert(spec.files),
+            units: convert(spec.units),
+            containers: convert(spec.containers),
+            before_update: convert(spec.before_update),
+            after_update: convert(spec.after_update),
+        }
+    }
+}
+
+impl From<pb::DeviceSpec> for DeviceSpec {
+    fn from(spec: pb::DeviceSpec) -> Self {
+        DeviceSpec {
+            files: convert(spec.files),
+            units: convert(spec.units),
+            containers: convert(spec.containers),
+            before_update: convert(spec.before_update),
+            after_update: convert(spec.after_update),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_protobuf() {
+        let spec: DeviceSpec = serde_json::from_value(serde_json::json!({
+            "files": [{"path": "/etc/a", "content": "x", "mode": "0600", "owner": "root"}],
+            "units": [{"name": "a.service", "enabled": false, "state": "stopped"}],
+            "containers": [{"name": "web", "image": "web:1", "env": {"A": "1"}}],
+            "afterUpdate": [{"run": ["/bin/true"], "timeoutSeconds": 3}]
+        }))
+        .unwrap();
+        let wire: pb::DeviceSpec = spec.clone().into();
+        assert_eq!(DeviceSpec::from(wire), spec);
+    }
+}

@@ -1,0 +1,219 @@
+//! The device spec as the domain sees it: files, systemd units, podman containers and update
+//! commands; its canonical content hash and version. Pure: no I/O.
+
+mod convert;
+mod merge;
+mod octal;
+mod validate;
+
+pub use validate::{SpecError, check_path};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Default permission bits of a managed file.
+pub const DEFAULT_FILE_MODE: u32 = 0o644;
+/// Default deadline of an update command.
+pub const DEFAULT_COMMAND_TIMEOUT_SECS: u32 = 60;
+/// Upper bound of a whole rendered spec, so one device cannot hold the push path hostage.
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+/// Number of hex digits of the content hash that make up a version.
+const VERSION_HEX_LEN: usize = 16;
+
+/// What a device should have. Fields added after the first release are skipped when empty, so the
+/// content hash of a spec that does not use them is unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeviceSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<UnitSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub before_update: Vec<CommandSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_update: Vec<CommandSpec>,
+}
+
+/// One managed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub path: String,
+    #[serde(default)]
+    pub content: String,
+    /// Permission bits; written and read as an octal string ("0644") in YAML/JSON.
+    #[serde(default = "default_mode", with = "octal")]
+    pub mode: u32,
+    /// User name or numeric id; `None` leaves the owner to the agent's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl FileSpec {
+    /// A file with the default mode and owner.
+    pub fn new(path: impl Into<String>, content: impl Into<String>) -> FileSpec {
+        FileSpec {
+            path: path.into(),
+            content: content.into(),
+            mode: DEFAULT_FILE_MODE,
+            owner: None,
+            group: None,
+        }
+    }
+}
+
+fn default_mode() -> u32 {
+    DEFAULT_FILE_MODE
+}
+
+/// Whether a unit should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitState {
+    Started,
+    Stopped,
+}
+
+/// A systemd unit whose state the agent manages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UnitSpec {
+    pub name: String,
+    /// `Some(true)`: enable; `Some(false)`: disable; `None`: leave alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<UnitState>,
+    /// Paths of files of this spec whose change restarts the (started) unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_on_change: Vec<String>,
+}
+
+/// A podman container workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+}
+
+impl ContainerSpec {
+    /// Hex SHA-256 of the definition; a container is recreated exactly when this changes.
+    pub fn definition_hash(&self) -> String {
+        hex::encode(Sha256::digest(canonical_json(self)))
+    }
+}
+
+/// A command run without a shell before or after an update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CommandSpec {
+    pub run: Vec<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u32,
+}
+
+fn default_timeout() -> u32 {
+    DEFAULT_COMMAND_TIMEOUT_SECS
+}
+
+fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings, integers and ordered maps always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl DeviceSpec {
+    /// The spec in canonical order: files by path, units and containers by name (commands keep
+    /// their order, which is meaningful), so equal content always hashes equally.
+    pub fn normalized(mut self) -> DeviceSpec {
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.units.sort_by(|a, b| a.name.cmp(&b.name));
+        self.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+
+    /// Hex SHA-256 of the canonical (normalised, JSON) encoding.
+    pub fn content_hash(&self) -> String {
+        let canonical = self.clone().normalized();
+        hex::encode(Sha256::digest(canonical_json(&canonical)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self == &DeviceSpec::default()
+    }
+
+    /// Approximate encoded size, for the spec size limit.
+    pub fn approximate_size(&self) -> usize {
+        canonical_json(self).len()
+    }
+}
+
+/// The version of a spec with the given content hash.
+pub fn version_of(content_hash: &str) -> String {
+    content_hash[..VERSION_HEX_LEN.min(content_hash.len())].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_ignores_file_and_unit_order_but_not_content() {
+        let a = DeviceSpec {
+            files: vec![FileSpec::new("/a", "x"), FileSpec::new("/b", "x")],
+            ..Default::default()
+        };
+        let b = DeviceSpec {
+            files: vec![FileSpec::new("/b", "x"), FileSpec::new("/a", "x")],
+            ..Default::default()
+        };
+        assert_eq!(a.content_hash(), b.content_hash());
+        let mut c = a.clone();
+        c.files[0].mode = 0o600;
+        assert_ne!(a.content_hash(), c.content_hash());
+        assert_eq!(version_of(&a.content_hash()).len(), 16);
+    }
+
+    #[test]
+    fn files_only_specs_hash_as_before_the_new_fields() {
+        // The encoding of the first release: unused fields must not change existing versions.
+        let spec = DeviceSpec {
+            files: vec![FileSpec::new("/etc/motd", "hi")],
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(canonical_json(&spec)).unwrap(),
+            r#"{"files":[{"path":"/etc/motd","content":"hi","mode":"0644"}]}"#
+        );
+    }
+
+    #[test]
+    fn parses_the_complete_yaml_shape() {
+        let spec: DeviceSpec = serde_json::from_value(serde_json::json!({
+            "files": [{"path": "/etc/app.conf", "content": "x", "mode": "0600", "owner": "app", "group": "app"}],
+            "units": [{"name": "app.service", "enabled": true, "state": "started", "restartOnChange": ["/etc/app.conf"]}],
+            "containers": [{"name": "web", "image": "quay.io/acme/web:1", "env": {"A": "1"}, "ports": ["8080:80"], "volumes": ["/srv:/data:ro"]}],
+            "beforeUpdate": [{"run": ["/bin/true"]}],
+            "afterUpdate": [{"run": ["/bin/sh", "-c", "exit 0"], "timeoutSeconds": 5}]
+        }))
+        .unwrap();
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.units[0].state, Some(UnitState::Started));
+        assert_eq!(spec.before_update[0].timeout_seconds, 60);
+        assert_eq!(spec.files[0].owner.as_deref(), Some("app"));
+    }
+}

@@ -1,0 +1,228 @@
+//! Fleets and their immutable template revisions.
+
+use super::devices::write_owners;
+use super::schema::{devices, fleet_revisions, fleets};
+use super::{Store, StoreError, from_json, to_json};
+use crate::spec::DeviceSpec;
+use diesel::prelude::*;
+use std::collections::BTreeMap;
+
+/// A fleet with its current template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetRecord {
+    pub name: String,
+    /// Selector text as the operator wrote it (validated before it is stored).
+    pub selector: String,
+    /// Values of labels a device lacks, as seen by the template.
+    pub label_defaults: BTreeMap<String, String>,
+    pub revision: i64,
+    pub template: DeviceSpec,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One immutable template revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetRevision {
+    pub fleet: String,
+    pub revision: i64,
+    pub template: DeviceSpec,
+    pub created_ms: i64,
+    pub created_by: String,
+}
+
+/// A fleet as an operator applies it.
+#[derive(Debug, Clone)]
+pub struct FleetWrite {
+    pub name: String,
+    pub selector: String,
+    pub label_defaults: BTreeMap<String, String>,
+    pub template: DeviceSpec,
+    pub actor: String,
+    pub now_ms: i64,
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = fleets)]
+struct FleetRow {
+    name: String,
+    selector: String,
+    label_defaults: String,
+    revision: i64,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = fleet_revisions)]
+struct RevisionRow {
+    fleet: String,
+    revision: i64,
+    template: String,
+    created_ms: i64,
+    created_by: String,
+}
+
+impl RevisionRow {
+    fn into_revision(self) -> Result<FleetRevision, StoreError> {
+        Ok(FleetRevision {
+            template: from_json("fleet template", &self.template)?,
+            fleet: self.fleet,
+            revision: self.revision,
+            created_ms: self.created_ms,
+            created_by: self.created_by,
+        })
+    }
+}
+
+fn record(fleet: FleetRow, revision: RevisionRow) -> Result<FleetRecord, StoreError> {
+    Ok(FleetRecord {
+        label_defaults: from_json("fleet label defaults", &fleet.label_defaults)?,
+        template: from_json("fleet template", &revision.template)?,
+        name: fleet.name,
+        selector: fleet.selector,
+        revision: fleet.revision,
+        created_ms: fleet.created_ms,
+        updated_ms: fleet.updated_ms,
+    })
+}
+
+fn load_fleets(
+    conn: &mut super::DbConnection,
+    name: Option<&str>,
+) -> Result<Vec<FleetRecord>, StoreError> {
+    let mut query = fleets::table
+        .inner_join(
+            fleet_revisions::table.on(fleet_revisions::fleet
+                .eq(fleets::name)
+                .and(fleet_revisions::revision.eq(fleets::revision))),
+        )
+        .select((FleetRow::as_select(), RevisionRow::as_select()))
+        .order(fleets::name.asc())
+        .into_boxed();
+    if let Some(name) = name {
+        query = query.filter(fleets::name.eq(name.to_string()));
+    }
+    query
+        .load::<(FleetRow, RevisionRow)>(conn)?
+        .into_iter()
+        .map(|(f, r)| record(f, r))
+        .collect()
+}
+
+impl Store {
+    /// Every fleet with its current template, by name.
+    pub async fn list_fleets(&self) -> Result<Vec<FleetRecord>, StoreError> {
+        self.run(|conn| load_fleets(conn, None)).await
+    }
+
+    pub async fn get_fleet(&self, name: &str) -> Result<Option<FleetRecord>, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| Ok(load_fleets(conn, Some(&name))?.pop()))
+            .await
+    }
+
+    /// Creates or updates a fleet and, in the same transaction, moves devices to their new owners.
+    /// A changed template becomes a new revision; an identical one keeps the current revision.
+    pub async fn apply_fleet(
+        &self,
+        write: FleetWrite,
+        owners: Vec<(String, Option<String>)>,
+    ) -> Result<FleetRecord, StoreError> {
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let existing = load_fleets(conn, Some(&write.name))?.pop();
+                let template = to_json(&write.template);
+                let revision = match &existing {
+                    Some(fleet) if fleet.template == write.template => fleet.revision,
+                    Some(fleet) => fleet.revision + 1,
+                    None => 1,
+                };
+                if existing.as_ref().map(|f| f.revision) != Some(revision) {
+                    diesel::insert_into(fleet_revisions::table)
+                        .values(RevisionRow {
+                            fleet: write.name.clone(),
+                            revision,
+                            template,
+                            created_ms: write.now_ms,
+                            created_by: write.actor.clone(),
+                        })
+                        .execute(conn)?;
+                }
+                let label_defaults = to_json(&write.label_defaults);
+                match &existing {
+                    Some(_) => {
+                        diesel::update(fleets::table.find(&write.name))
+                            .set((
+                                fleets::selector.eq(&write.selector),
+                                fleets::label_defaults.eq(&label_defaults),
+                                fleets::revision.eq(revision),
+                                fleets::updated_ms.eq(write.now_ms),
+                            ))
+                            .execute(conn)?;
+                    }
+                    None => {
+                        diesel::insert_into(fleets::table)
+                            .values(FleetRow {
+                                name: write.name.clone(),
+                                selector: write.selector.clone(),
+                                label_defaults,
+                                revision,
+                                created_ms: write.now_ms,
+                                updated_ms: write.now_ms,
+                            })
+                            .execute(conn)?;
+                    }
+                }
+                write_owners(conn, &owners)?;
+                load_fleets(conn, Some(&write.name))?.pop().ok_or_else(|| {
+                    StoreError::Precondition(format!("fleet {:?} vanished", write.name))
+                })
+            })
+        })
+        .await
+    }
+
+    /// Deletes a fleet and its revisions, releasing its devices to their new owners. Returns false
+    /// if there was no such fleet.
+    pub async fn delete_fleet(
+        &self,
+        name: &str,
+        owners: Vec<(String, Option<String>)>,
+    ) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let deleted = diesel::delete(fleets::table.find(&name)).execute(conn)?;
+                if deleted == 0 {
+                    return Ok(false);
+                }
+                diesel::delete(fleet_revisions::table.filter(fleet_revisions::fleet.eq(&name)))
+                    .execute(conn)?;
+                write_owners(conn, &owners)?;
+                // Whatever the caller knew, no device may point at a fleet that is gone.
+                diesel::update(devices::table.filter(devices::fleet.eq(&name)))
+                    .set(devices::fleet.eq(None::<String>))
+                    .execute(conn)?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// A fleet's revisions, oldest first.
+    pub async fn list_fleet_revisions(&self, name: &str) -> Result<Vec<FleetRevision>, StoreError> {
+        let name = name.to_string();
+        self.run(move |conn| {
+            fleet_revisions::table
+                .filter(fleet_revisions::fleet.eq(name))
+                .order(fleet_revisions::revision.asc())
+                .select(RevisionRow::as_select())
+                .load(conn)?
+                .into_iter()
+                .map(RevisionRow::into_revision)
+                .collect()
+        })
+        .await
+    }
+}
