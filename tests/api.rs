@@ -3,7 +3,7 @@
 
 mod support;
 
-use flotilla::client::{ClientCredentials, connect};
+use flotilla::client::ClientCredentials;
 use flotilla::identity::{Identity, Role};
 use flotilla::proto::admin::v1 as admin;
 use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
@@ -12,63 +12,10 @@ use flotilla::proto::agent::v1 as agent;
 use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
 use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient;
 use std::time::Duration;
-use support::TestServer;
+use support::{TestServer, channel, csr, enroll_request};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;
-
-async fn channel(url: &str, creds: &ClientCredentials) -> Channel {
-    connect(url, creds).await.unwrap()
-}
-
-fn csr(key: &rcgen::KeyPair) -> String {
-    rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(key)
-        .unwrap()
-        .pem()
-        .unwrap()
-}
-
-fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
-    agent::EnrollRequest {
-        csr_pem,
-        device_name: name.into(),
-        labels: [("site".to_string(), "lab".to_string())].into(),
-        system_info: None,
-    }
-}
-
-/// Enrolls a device through the real API and returns its credentials and id.
-async fn enrolled_device(server: &TestServer, name: &str) -> (ClientCredentials, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut enroll =
-        EnrollmentServiceClient::new(channel(&server.agent_url, &server.enrollment_creds()).await);
-    enroll
-        .enroll(enroll_request(name, csr(&key)))
-        .await
-        .unwrap();
-    AdminEnrollmentClient::new(channel(&server.admin_url, &server.admin_creds()).await)
-        .approve_enrollment(admin::ApproveEnrollmentRequest {
-            name: name.into(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    let response = enroll
-        .enroll(enroll_request(name, csr(&key)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.state(), agent::EnrollmentState::Approved);
-    let creds = ClientCredentials {
-        ca_pem: server.ca_pem(),
-        cert_pem: response.certificate_pem,
-        key_pem: key.serialize_pem(),
-        server_name: "localhost".into(),
-    };
-    (creds, response.device_id)
-}
 
 fn hello(device_id: &str) -> agent::AgentMessage {
     agent::AgentMessage {
@@ -168,8 +115,8 @@ async fn the_enrollment_credential_cannot_open_a_management_stream() {
 #[tokio::test]
 async fn a_device_cannot_use_the_admin_api_or_another_devices_stream() {
     let server = TestServer::start().await;
-    let (creds, device_id) = enrolled_device(&server, "dev-a").await;
-    let (_, other_id) = enrolled_device(&server, "dev-b").await;
+    let (creds, device_id) = server.enroll_device("dev-a").await;
+    let (_, other_id) = server.enroll_device("dev-b").await;
 
     let status = DeviceServiceClient::new(channel(&server.admin_url, &creds).await)
         .get_device(admin::GetDeviceRequest {
@@ -332,7 +279,7 @@ fn file(path: &str, content: &str) -> agent::FileSpec {
 #[tokio::test]
 async fn bad_device_specs_are_refused_with_the_field_and_change_nothing() {
     let server = TestServer::start().await;
-    enrolled_device(&server, "dev-s").await;
+    server.enroll_device("dev-s").await;
     let mut devices =
         DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
     let good = agent::DeviceSpec {
@@ -423,7 +370,7 @@ async fn bad_device_specs_are_refused_with_the_field_and_change_nothing() {
 #[tokio::test]
 async fn a_connected_device_receives_its_spec_and_acks_it() {
     let server = TestServer::start().await;
-    let (creds, device_id) = enrolled_device(&server, "dev-p").await;
+    let (creds, device_id) = server.enroll_device("dev-p").await;
     let mut client = AgentServiceClient::new(channel(&server.agent_url, &creds).await);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(hello(&device_id)).await.unwrap();

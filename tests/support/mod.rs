@@ -3,15 +3,23 @@
 //! helpers for driving the real binaries.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod sim;
+
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
 use flotilla::ca::{CertificateAuthority, Subject, Usage};
-use flotilla::client::ClientCredentials;
+use flotilla::client::{ClientCredentials, connect};
 use flotilla::control::{ControlPlane, Policy};
 use flotilla::hub::Hub;
 use flotilla::identity::Identity;
+use flotilla::proto::admin::v1 as admin;
+use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient as AdminEnrollmentClient;
+use flotilla::proto::agent::v1 as agent;
+use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient;
 use flotilla::store::{Backend, Store};
 use flotilla::transport::{Endpoints, TlsMaterial, serve};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -19,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tonic::transport::Channel;
 
 /// A database for one test; a PostgreSQL database is dropped again at the end.
 pub struct TestDb {
@@ -104,8 +113,74 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
 }
 
+pub async fn channel(url: &str, creds: &ClientCredentials) -> Channel {
+    connect(url, creds).await.unwrap()
+}
+
+pub fn csr(key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+pub fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
+    agent::EnrollRequest {
+        csr_pem,
+        device_name: name.into(),
+        labels: [("site".to_string(), "lab".to_string())].into(),
+        system_info: None,
+    }
+}
+
 impl TestServer {
     pub async fn start() -> TestServer {
+        TestServer::start_with(Policy::default()).await
+    }
+
+    /// Enrolls a device through the real API (label site=lab) and returns its credentials and id.
+    pub async fn enroll_device(&self, name: &str) -> (ClientCredentials, String) {
+        self.enroll_device_with(name, BTreeMap::new()).await
+    }
+
+    /// Like `enroll_device`, approving with extra `labels`.
+    pub async fn enroll_device_with(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> (ClientCredentials, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut enroll =
+            EnrollmentServiceClient::new(channel(&self.agent_url, &self.enrollment_creds()).await);
+        enroll
+            .enroll(enroll_request(name, csr(&key)))
+            .await
+            .unwrap();
+        AdminEnrollmentClient::new(channel(&self.admin_url, &self.admin_creds()).await)
+            .approve_enrollment(admin::ApproveEnrollmentRequest {
+                name: name.into(),
+                labels: labels.into_iter().collect(),
+            })
+            .await
+            .unwrap();
+        let response = enroll
+            .enroll(enroll_request(name, csr(&key)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.state(), agent::EnrollmentState::Approved);
+        let creds = ClientCredentials {
+            ca_pem: self.ca_pem(),
+            cert_pem: response.certificate_pem,
+            key_pem: key.serialize_pem(),
+            server_name: "localhost".into(),
+        };
+        (creds, response.device_id)
+    }
+
+    pub async fn start_with(policy: Policy) -> TestServer {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path().join("data"));
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -120,7 +195,7 @@ impl TestServer {
         let prepared = prepare(&dir, &options).unwrap();
         let (store, db) = test_store(tmp.path()).await;
         let ca = Arc::new(prepared.ca);
-        let control = ControlPlane::new(store, ca.clone(), Arc::new(Hub::new()), Policy::default());
+        let control = ControlPlane::new(store, ca.clone(), Arc::new(Hub::new()), policy);
         let material = TlsMaterial {
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: prepared.server_cert_pem,

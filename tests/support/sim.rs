@@ -1,0 +1,89 @@
+//! A simulated agent speaking the real session protocol over real mTLS: it says Hello, ACKs every
+//! push (recording it), and sends heartbeats at a fixed interval.
+
+use super::channel;
+use flotilla::client::ClientCredentials;
+use flotilla::proto::agent::v1 as agent;
+use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn message(kind: agent::agent_message::Kind) -> agent::AgentMessage {
+    agent::AgentMessage { kind: Some(kind) }
+}
+
+/// What a simulated agent has seen.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Versions pushed to it, in order.
+    pub pushes: Vec<String>,
+    pub heartbeats_sent: usize,
+}
+
+pub struct SimAgent {
+    pub seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimAgent {
+    /// Opens a session and keeps answering until dropped.
+    pub async fn connect(
+        url: &str,
+        creds: &ClientCredentials,
+        device_id: &str,
+        heartbeat: Duration,
+    ) -> SimAgent {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(message(agent::agent_message::Kind::Hello(agent::Hello {
+            device_id: device_id.into(),
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+        let mut inbound = AgentServiceClient::new(channel(url, creds).await)
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut beat = tokio::time::interval(heartbeat);
+            beat.reset();
+            loop {
+                tokio::select! {
+                    _ = beat.tick() => {
+                        let heartbeat = agent::Heartbeat { sent_at: None };
+                        if tx.send(message(agent::agent_message::Kind::Heartbeat(heartbeat))).await.is_err() {
+                            return;
+                        }
+                        record.lock().unwrap().heartbeats_sent += 1;
+                    }
+                    next = inbound.message() => {
+                        let Ok(Some(server)) = next else { return };
+                        if let Some(agent::server_message::Kind::Spec(push)) = server.kind {
+                            record.lock().unwrap().pushes.push(push.version.clone());
+                            let ack = agent::Ack { nonce: push.nonce, version: push.version };
+                            if tx.send(message(agent::agent_message::Kind::Ack(ack))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        SimAgent { seen, task }
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
