@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
 use flotilla::control::{ControlPlane, Policy, SessionSettings};
-use flotilla::hub::Hub;
+use flotilla::hub::{Debounce, Hub};
 use flotilla::store::{Backend, Store};
 use flotilla::transport::{Endpoints, TlsMaterial, serve};
 use std::net::SocketAddr;
@@ -61,9 +61,19 @@ enum Command {
         /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen).
         #[arg(long)]
         agent_url: Option<String>,
-        /// Seconds between agent heartbeats; a session silent for three intervals is closed.
+        /// Seconds between agent heartbeats.
         #[arg(long, default_value_t = 30)]
         heartbeat_interval: u64,
+        /// Seconds of silence after which a device is OFFLINE and its stream closed
+        /// (default: three heartbeat intervals plus 10 seconds).
+        #[arg(long)]
+        offline_after: Option<u64>,
+        /// Milliseconds without further changes before a burst of spec changes is pushed as one wave.
+        #[arg(long, default_value_t = 150)]
+        push_debounce_ms: u64,
+        /// Longest a change waits for its wave, however long the burst lasts, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        push_max_delay_ms: u64,
         /// Days a device management certificate is valid.
         #[arg(long, default_value_t = 365)]
         device_cert_days: u64,
@@ -168,6 +178,9 @@ async fn main() -> Result<()> {
             server_names,
             agent_url,
             heartbeat_interval,
+            offline_after,
+            push_debounce_ms,
+            push_max_delay_ms,
             device_cert_days,
         } => {
             let agent = TcpListener::bind(agent_listen)
@@ -203,7 +216,13 @@ async fn main() -> Result<()> {
                 device_cert_validity: Duration::from_secs(device_cert_days.max(1) * 24 * 3600),
                 session: SessionSettings {
                     heartbeat_interval: heartbeat,
-                    silence_timeout: heartbeat * 3 + Duration::from_secs(10),
+                    silence_timeout: offline_after
+                        .map(|s| Duration::from_secs(s.max(1)))
+                        .unwrap_or(heartbeat * 3 + Duration::from_secs(10)),
+                },
+                debounce: Debounce {
+                    quiet: Duration::from_millis(push_debounce_ms),
+                    max_delay: Duration::from_millis(push_max_delay_ms.max(push_debounce_ms)),
                 },
                 ..Policy::default()
             };

@@ -135,7 +135,12 @@ impl ControlPlane {
             self.session_loop(&device_id, &handle, &mut inbound, &outbound)
                 .await
         };
-        self.hub.close_session(&device_id, handle.id, now_millis());
+        let now = now_millis();
+        self.hub.close_session(&device_id, handle.id, now);
+        // last_seen lives in memory while the session is open; it is written once, here.
+        if let Err(error) = self.store.record_last_seen(&device_id, now).await {
+            tracing::warn!(device.id = %device_id, %error, "could not record last_seen");
+        }
         tracing::info!(device.id = %device_id, reason = reason.as_str(), "session closed");
         reason
     }

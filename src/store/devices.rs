@@ -258,6 +258,18 @@ impl Store {
         .await
     }
 
+    /// Records when a device was last heard from (at the end of a session).
+    pub async fn record_last_seen(&self, id: &str, seen_ms: i64) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            diesel::update(devices::table.find(id))
+                .set(devices::last_seen_ms.eq(seen_ms))
+                .execute(conn)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records the facts of a newly opened session (once per connection, not per heartbeat): the
     /// agent's version and, when it reported one, the spec version it runs.
     pub async fn record_device_session(
