@@ -228,6 +228,16 @@ impl std::ops::DerefMut for HubState {
     }
 }
 
+/// The entry of a device, created (with nothing to run yet) if it is new.
+fn entry_for<'a>(
+    devices: &'a mut HashMap<String, DeviceEntry>,
+    device_id: &str,
+) -> &'a mut DeviceEntry {
+    devices
+        .entry(device_id.to_string())
+        .or_insert_with(|| DeviceEntry::new(None))
+}
+
 #[derive(Debug)]
 pub struct Hub {
     state: Mutex<HubState>,
@@ -308,16 +318,8 @@ impl Hub {
     /// for the next wave.
     pub fn set_desired(&self, device_id: &str, desired: Arc<Rendered>) {
         let mut state = self.lock();
-        let entry = match state.get_mut(device_id) {
-            Some(entry) => entry,
-            None => {
-                state.insert(device_id.to_string(), DeviceEntry::new(None));
-                match state.get_mut(device_id) {
-                    Some(entry) => entry,
-                    None => return,
-                }
-            }
-        };
+        let HubState { devices, wave } = &mut *state;
+        let entry = entry_for(devices, device_id);
         let had_error = entry.render_error.take().is_some();
         if entry.desired_version() == Some(desired.version.as_str()) {
             // Same content: adopt the shared instance, push nothing.
@@ -332,7 +334,7 @@ impl Hub {
         let newly_held = !entry.held;
         entry.held = true;
         if newly_held {
-            state.wave.push(device_id.to_string());
+            wave.push(device_id.to_string());
         }
         drop(state);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -343,16 +345,7 @@ impl Hub {
     /// Records that a device's spec could not be rendered; it keeps its last good spec.
     pub fn set_render_failed(&self, device_id: &str, reason: String) {
         let mut state = self.lock();
-        let entry = match state.get_mut(device_id) {
-            Some(entry) => entry,
-            None => {
-                state.insert(device_id.to_string(), DeviceEntry::new(None));
-                match state.get_mut(device_id) {
-                    Some(entry) => entry,
-                    None => return,
-                }
-            }
-        };
+        let entry = entry_for(&mut state.devices, device_id);
         if entry.render_error.as_ref() == Some(&reason) {
             return;
         }

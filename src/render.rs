@@ -295,6 +295,20 @@ mod tests {
         assert_eq!(error.field, "spec.files[2].path");
     }
 
+    fn label_listing() -> CompiledTemplate {
+        let template = DeviceSpec {
+            files: vec![
+                FileSpec::new("/etc/site", "{{ device.labels.site | default('none') }}"),
+                FileSpec::new(
+                    "/etc/all",
+                    "{% for k, v in device.labels|items %}{{ k }}={{ v }};{% endfor %}{{ device.name }}",
+                ),
+            ],
+            ..Default::default()
+        };
+        CompiledTemplate::compile("web", &template, BTreeMap::new()).unwrap()
+    }
+
     proptest! {
         #[test]
         fn rendering_is_deterministic(
@@ -302,18 +316,7 @@ mod tests {
             extra in prop::collection::btree_map("[a-z]{1,5}", "[a-z0-9]{0,5}", 0..6),
             name in "[a-z][a-z0-9-]{0,10}",
         ) {
-            let compiled = CompiledTemplate::compile(
-                "web",
-                &DeviceSpec {
-                    files: vec![
-                        FileSpec::new("/etc/site", "{{ device.labels.site | default('none') }}"),
-                        FileSpec::new("/etc/all", "{% for k, v in device.labels|items %}{{ k }}={{ v }};{% endfor %}{{ device.name }}"),
-                    ],
-                    ..Default::default()
-                },
-                BTreeMap::new(),
-            )
-            .unwrap();
+            let compiled = label_listing();
             let mut device_labels = extra.clone();
             device_labels.insert("site".into(), site);
             let context = device(&name, &device_labels);
@@ -321,13 +324,7 @@ mod tests {
             let b = render_device(Some(&compiled), &context, &DeviceSpec::default()).unwrap();
             prop_assert_eq!(a.content_hash(), b.content_hash());
             // Compiling again (as after a restart) renders the same version too.
-            let again = CompiledTemplate::compile("web", &DeviceSpec {
-                files: vec![
-                    FileSpec::new("/etc/site", "{{ device.labels.site | default('none') }}"),
-                    FileSpec::new("/etc/all", "{% for k, v in device.labels|items %}{{ k }}={{ v }};{% endfor %}{{ device.name }}"),
-                ],
-                ..Default::default()
-            }, BTreeMap::new()).unwrap();
+            let again = label_listing();
             let c = render_device(Some(&again), &context, &DeviceSpec::default()).unwrap();
             prop_assert_eq!(a, c);
         }
