@@ -6,8 +6,10 @@ mod support;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 use support::cluster::{Cluster, count_lines, wait};
+use support::{ChildGuard, binary};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -170,8 +172,36 @@ fn fleets_render_per_device_follow_edits_and_labels_and_report_errors() {
         Some("db in berlin\n")
     );
 
-    // Relabelling moves c to web; its files follow.
+    // Relabelling moves c to web; its files follow, and a watch of role=web sees it arrive.
+    let watch_out = root.join("watch.jsonl");
+    let _watch = ChildGuard(
+        Command::new(binary("flotctl"))
+            .arg("--config")
+            .arg(cluster.data.join("flotctl.toml"))
+            .args(["watch", "devices", "-l", "role=web", "-o", "json"])
+            .stdout(std::fs::File::create(&watch_out).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let watched = || -> Vec<Value> {
+        read(&watch_out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait("the watch's initial set", TIMEOUT, || {
+        watched().iter().any(|e| e["type"] == "SYNCED")
+    });
+    let initial: Vec<Value> = watched();
+    assert_eq!(initial.len(), 3, "a, b, then SYNCED: {initial:?}");
+    assert_eq!(initial[0]["device"]["metadata"]["name"], "a");
     cluster.flotctl_ok(&["label", "device", "c", "role=web"]);
+    wait("the watch to see c added", TIMEOUT, || {
+        watched()
+            .iter()
+            .any(|e| e["type"] == "ADDED" && e["device"]["metadata"]["name"] == "c")
+    });
     fleet.wait_content("c", "site.conf", "v2 site=berlin\n");
     wait("c's db.conf removed", TIMEOUT, || {
         !fleet.file("c", "db.conf").exists()

@@ -239,3 +239,83 @@ impl Catalog {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::FileSpec;
+
+    fn device(id: &str, site: &str) -> DeviceRecord {
+        DeviceRecord {
+            id: id.into(),
+            name: format!("dev-{id}"),
+            labels: BTreeMap::from([
+                ("role".to_string(), "web".to_string()),
+                ("site".to_string(), site.to_string()),
+            ]),
+            spec: DeviceSpec::default(),
+            acked_version: None,
+            nacked: None,
+            agent_version: None,
+            last_seen_ms: None,
+            cert_serial: None,
+            cert_not_after_ms: None,
+            created_ms: 0,
+            updated_ms: 0,
+            fleet: None,
+        }
+    }
+
+    fn fleet(name: &str, selector: &str, content: &str) -> FleetEntry {
+        let template = DeviceSpec {
+            files: vec![FileSpec::new("/etc/site", content)],
+            ..Default::default()
+        };
+        FleetEntry {
+            record: FleetRecord {
+                name: name.into(),
+                selector: selector.into(),
+                label_defaults: BTreeMap::new(),
+                revision: 1,
+                template: template.clone(),
+                created_ms: 0,
+                updated_ms: 0,
+            },
+            selector: Selector::parse(selector).unwrap(),
+            template: Arc::new(
+                CompiledTemplate::compile(name, &template, BTreeMap::new()).unwrap(),
+            ),
+        }
+    }
+
+    #[test]
+    fn identical_renders_share_one_copy() {
+        let mut catalog = Catalog::new(
+            vec![fleet("web", "role=web", "{{ device.labels.site }}")],
+            vec![
+                device("1", "berlin"),
+                device("2", "berlin"),
+                device("3", "paris"),
+            ],
+        );
+        let changes = catalog.plan_all();
+        assert_eq!(changes.len(), 3, "all three join the only matching fleet");
+        catalog.apply_owners(&changes);
+        let one = catalog.render("1").unwrap().unwrap();
+        let two = catalog.render("2").unwrap().unwrap();
+        let three = catalog.render("3").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&one, &two), "same render, same allocation");
+        assert!(!Arc::ptr_eq(&one, &three));
+        assert_ne!(one.version, three.version);
+    }
+
+    #[test]
+    fn planning_a_fleet_changes_nothing_until_applied() {
+        let catalog = Catalog::new(vec![], vec![device("1", "berlin")]);
+        let changes = catalog.plan_with("web", Some(&fleet("web", "site=berlin", "x")));
+        assert_eq!(changes, vec![("1".to_string(), Some("web".to_string()))]);
+        assert!(catalog.fleet("web").is_none());
+        assert_eq!(catalog.device("1").unwrap().fleet, None);
+        assert!(catalog.plan_with("web", None).is_empty());
+    }
+}
