@@ -3,6 +3,7 @@
 //! with a ready `agent.toml`. Later starts load the CA and renew the server certificate when it
 //! nears expiry. Private keys are written 0600.
 
+use crate::ca::audit_key::{AuditKey, AuditKeyError};
 use crate::ca::{CaError, CertificateAuthority, Subject, Usage};
 use crate::identity::{Identity, Role};
 use crate::pki::cert_info_pem;
@@ -30,6 +31,8 @@ pub enum BootstrapError {
     },
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    Audit(#[from] AuditKeyError),
     #[error("{0}")]
     Inconsistent(String),
     #[error("cannot write {path}: {message}")]
@@ -81,6 +84,12 @@ impl DataDir {
     pub fn enrollment_key(&self) -> PathBuf {
         self.root.join("enrollment/enrollment.key")
     }
+    pub fn audit_key(&self) -> PathBuf {
+        self.root.join("audit/audit.key")
+    }
+    pub fn audit_public_key(&self) -> PathBuf {
+        self.root.join("audit/audit.pub")
+    }
     pub fn ctl_config(&self) -> PathBuf {
         self.root.join("flotctl.toml")
     }
@@ -107,6 +116,8 @@ pub struct BootstrapOptions {
 /// The result of preparing the data directory.
 pub struct Prepared {
     pub ca: CertificateAuthority,
+    /// Signs the certificate audit trail.
+    pub audit_key: AuditKey,
     pub server_cert_pem: String,
     pub server_key_pem: String,
     /// Human-readable lines about what was created (printed on first start).
@@ -228,6 +239,23 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         ));
     }
 
+    let audit_key = if dir.audit_key().exists() {
+        AuditKey::load(&read(&dir.audit_key())?)?
+    } else {
+        let (key, pem) = AuditKey::generate()?;
+        write_file(&dir.audit_key(), pem.as_bytes(), 0o600)?;
+        write_file(
+            &dir.audit_public_key(),
+            key.public_key_pem().as_bytes(),
+            0o644,
+        )?;
+        created.push(format!(
+            "audit key:              {}",
+            dir.audit_key().display()
+        ));
+        key
+    };
+
     if !dir.admin_cert().exists() {
         let subject = client_subject(Identity::new(Role::Admin, "admin"), ADMIN_VALIDITY);
         let (cert, key) = ca.issue_with_new_key(&subject)?;
@@ -239,6 +267,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             ca_file: dir.ca_cert(),
             cert_file: dir.admin_cert(),
             key_file: dir.admin_key(),
+            audit_key_file: Some(dir.audit_public_key()),
         };
         write_file(
             &dir.ctl_config(),
@@ -271,6 +300,8 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             device_name: None,
             labels: BTreeMap::new(),
             max_backoff_secs: 60,
+            renewal_retry_secs: 60,
+            renewal_retry_max_secs: 24 * 3600,
         };
         write_file(
             &dir.agent_config(),
@@ -291,6 +322,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         server_cert_pem: read(&dir.server_cert())?,
         server_key_pem: read(&dir.server_key())?,
         ca,
+        audit_key,
         created,
     })
 }
@@ -313,8 +345,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path().join("data"));
         let first = prepare(&dir, &options()).unwrap();
-        assert_eq!(first.created.len(), 6);
+        assert_eq!(first.created.len(), 7);
         for key in [
+            dir.audit_key(),
             dir.ca_key(),
             dir.server_key(),
             dir.admin_key(),
@@ -324,6 +357,11 @@ mod tests {
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         let ctl = CtlConfig::load(&dir.ctl_config()).unwrap();
+        assert_eq!(
+            read(ctl.audit_key_file.as_ref().unwrap()).unwrap(),
+            first.audit_key.public_key_pem(),
+            "flotctl pins the audit key"
+        );
         assert_eq!(
             crate::pki::identity_pem(&read(&ctl.cert_file).unwrap())
                 .unwrap()

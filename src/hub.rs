@@ -61,6 +61,76 @@ pub struct SyncStatus {
     /// Why the device's spec could not be rendered; it keeps its last good spec meanwhile.
     pub render_error: Option<String>,
     pub last_seen_ms: Option<i64>,
+    pub certificate: Option<CertStatus>,
+}
+
+/// Where a device's management certificate stands in its renewal cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalState {
+    /// Not yet in its renewal window.
+    Valid,
+    /// In the window (or renewal forced); the device is asked while connected.
+    Due,
+    /// The device's last renewal request was refused.
+    Failed,
+    /// Past its expiry: only recovery can bring the device back.
+    Expired,
+}
+
+/// A device's certificate as the renewal scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertStatus {
+    pub serial: String,
+    pub not_after_ms: i64,
+    pub renew_at_ms: i64,
+    pub state: RenewalState,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct CertTrack {
+    serial: String,
+    not_after_ms: i64,
+    renew_at_ms: i64,
+    last_error: Option<String>,
+    /// When the device was last asked to renew.
+    asked_ms: Option<i64>,
+    /// A directive waits to be sent on the session.
+    ask_now: bool,
+    /// An operator asked for a renewal regardless of the window.
+    forced: bool,
+}
+
+impl CertTrack {
+    fn due(&self, now_ms: i64) -> bool {
+        self.forced || now_ms >= self.renew_at_ms
+    }
+
+    fn status(&self, now_ms: i64) -> CertStatus {
+        let state = if now_ms >= self.not_after_ms {
+            RenewalState::Expired
+        } else if self.last_error.is_some() {
+            RenewalState::Failed
+        } else if self.due(now_ms) {
+            RenewalState::Due
+        } else {
+            RenewalState::Valid
+        };
+        CertStatus {
+            serial: self.serial.clone(),
+            not_after_ms: self.not_after_ms,
+            renew_at_ms: self.renew_at_ms,
+            state,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// A renewal directive for a session to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalRequest {
+    pub reason: String,
+    pub deadline_ms: i64,
 }
 
 /// How long changes are held so that bursts coalesce into one wave of pushes.
@@ -132,7 +202,10 @@ struct DeviceEntry {
     nacked: Option<(String, String)>,
     sent: Option<Sent>,
     session: Option<SessionHandle>,
+    /// Serial of the certificate the open session authenticated with.
+    session_serial: Option<String>,
     last_seen_ms: Option<i64>,
+    cert: Option<CertTrack>,
 }
 
 impl DeviceEntry {
@@ -165,6 +238,10 @@ impl DeviceEntry {
             last_error: self.nacked.as_ref().map(|(_, e)| e.clone()),
             render_error: self.render_error.clone(),
             last_seen_ms: self.last_seen_ms,
+            certificate: self
+                .cert
+                .as_ref()
+                .map(|c| c.status(crate::clock::now_millis())),
         }
     }
 
@@ -187,7 +264,9 @@ impl DeviceEntry {
             nacked: None,
             sent: None,
             session: None,
+            session_serial: None,
             last_seen_ms: None,
+            cert: None,
         }
     }
 
@@ -400,6 +479,7 @@ impl Hub {
         &self,
         device_id: &str,
         running_version: &str,
+        certificate_serial: &str,
         now_ms: i64,
     ) -> Result<(SessionHandle, String), HubError> {
         if !self.is_ready() {
@@ -421,6 +501,11 @@ impl Hub {
             entry.acked_version = Some(running_version.to_string());
         }
         entry.sent = None;
+        entry.session_serial = Some(certificate_serial.to_string());
+        if let Some(cert) = entry.cert.as_mut() {
+            // A due renewal is asked again on the new session.
+            cert.asked_ms = None;
+        }
         // A new session gets the latest at once, whatever wave it belongs to.
         entry.held = false;
         entry.last_seen_ms = Some(now_ms);
@@ -438,6 +523,7 @@ impl Hub {
         if let Some(entry) = state.get_mut(device_id) {
             if entry.session.as_ref().map(|s| s.id) == Some(session_id) {
                 entry.session = None;
+                entry.session_serial = None;
                 entry.sent = None;
                 entry.last_seen_ms = Some(now_ms);
                 drop(state);
@@ -540,6 +626,121 @@ impl Hub {
             .count()
     }
 
+    /// Tracks a device's current certificate (at start, and after every issuance).
+    pub fn track_certificate(
+        &self,
+        device_id: &str,
+        serial: &str,
+        not_after_ms: i64,
+        renew_at_ms: i64,
+    ) {
+        let mut state = self.lock();
+        let entry = entry_for(&mut state.devices, device_id);
+        entry.cert = Some(CertTrack {
+            serial: serial.to_string(),
+            not_after_ms,
+            renew_at_ms,
+            last_error: None,
+            asked_ms: None,
+            ask_now: false,
+            forced: false,
+        });
+        drop(state);
+        self.changed(device_id);
+    }
+
+    /// Asks every connected device whose certificate is due (and was not asked within
+    /// `resend_after_ms`) to renew. Memory only. Returns how many were asked.
+    pub fn renewal_sweep(&self, now_ms: i64, resend_after_ms: i64) -> usize {
+        let mut asked = 0;
+        for entry in self.lock().devices.values_mut() {
+            let Some(session) = &entry.session else {
+                continue;
+            };
+            let Some(cert) = entry.cert.as_mut() else {
+                continue;
+            };
+            let recently = cert
+                .asked_ms
+                .is_some_and(|at| now_ms - at < resend_after_ms);
+            if cert.due(now_ms) && !recently && now_ms < cert.not_after_ms {
+                cert.asked_ms = Some(now_ms);
+                cert.ask_now = true;
+                session.changed.notify_one();
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// The renewal directive a session should send now, if any.
+    pub fn take_renewal_request(&self, device_id: &str, session_id: u64) -> Option<RenewalRequest> {
+        let mut state = self.lock();
+        let entry = state.get_mut(device_id)?;
+        if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return None;
+        }
+        let cert = entry.cert.as_mut()?;
+        if !std::mem::take(&mut cert.ask_now) {
+            return None;
+        }
+        let reason = if cert.forced {
+            "renewal requested by an operator".to_string()
+        } else {
+            let left = (cert.not_after_ms - crate::clock::now_millis()).max(0) / 1000;
+            format!("certificate expires in {left} s")
+        };
+        Some(RenewalRequest {
+            reason,
+            deadline_ms: cert.not_after_ms,
+        })
+    }
+
+    /// Records that a device's renewal request was refused.
+    pub fn renewal_failed(&self, device_id: &str, reason: &str) {
+        if let Some(cert) = self.lock().get_mut(device_id).and_then(|e| e.cert.as_mut()) {
+            cert.last_error = Some(reason.to_string());
+        }
+        self.changed(device_id);
+    }
+
+    /// Asks a connected device to renew now; false if it has no open session.
+    pub fn force_renewal(&self, device_id: &str) -> bool {
+        let mut state = self.lock();
+        let Some(entry) = state.get_mut(device_id) else {
+            return false;
+        };
+        let (Some(session), Some(cert)) = (&entry.session, entry.cert.as_mut()) else {
+            return false;
+        };
+        cert.forced = true;
+        cert.ask_now = true;
+        cert.asked_ms = Some(crate::clock::now_millis());
+        session.changed.notify_one();
+        true
+    }
+
+    /// Closes the session of `device_id` if it authenticated with one of `serials` (or if
+    /// `serials` is empty).
+    pub fn close_session_using(&self, device_id: &str, serials: &[String]) -> bool {
+        let state = self.lock();
+        let Some(entry) = state.get(device_id) else {
+            return false;
+        };
+        let uses = serials.is_empty()
+            || entry
+                .session_serial
+                .as_ref()
+                .is_some_and(|s| serials.contains(s));
+        match (&entry.session, uses) {
+            (Some(session), true) => {
+                session.closed.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Closes every open session (shutdown).
     pub fn close_all(&self) {
         for entry in self.lock().devices.values() {
@@ -578,12 +779,12 @@ mod tests {
     fn refuses_sessions_until_loaded_and_for_unknown_devices() {
         let hub = Hub::new();
         assert_eq!(
-            hub.open_session("d", "", 0).unwrap_err(),
+            hub.open_session("d", "", "s", 0).unwrap_err(),
             HubError::NotReady
         );
         hub.load(vec![]);
         assert_eq!(
-            hub.open_session("d", "", 0).unwrap_err(),
+            hub.open_session("d", "", "s", 0).unwrap_err(),
             HubError::UnknownDevice("d".into())
         );
     }
@@ -592,7 +793,7 @@ mod tests {
     fn push_ack_cycle_and_resume_without_push() {
         let v1 = rendered("1");
         let hub = hub_with("d", v1.clone());
-        let (s, current) = hub.open_session("d", "", 0).unwrap();
+        let (s, current) = hub.open_session("d", "", "s", 0).unwrap();
         assert_eq!(current, v1.version);
         assert_eq!(hub.status("d").unwrap().state, SyncState::Pending);
         let push = hub.next_push("d", s.id).unwrap();
@@ -607,7 +808,7 @@ mod tests {
 
         hub.close_session("d", s.id, 1);
         assert_eq!(hub.status("d").unwrap().state, SyncState::Offline);
-        let (s2, _) = hub.open_session("d", &v1.version, 2).unwrap();
+        let (s2, _) = hub.open_session("d", &v1.version, "s", 2).unwrap();
         assert!(hub.next_push("d", s2.id).is_none(), "resume costs nothing");
         assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
     }
@@ -615,7 +816,7 @@ mod tests {
     #[test]
     fn nacked_version_is_not_resent_until_a_new_one_arrives() {
         let hub = hub_with("d", rendered("1"));
-        let (s, _) = hub.open_session("d", "", 0).unwrap();
+        let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
         let push = hub.next_push("d", s.id).unwrap();
         hub.nack("d", s.id, &push.nonce, "disk full");
         let status = hub.status("d").unwrap();
@@ -630,7 +831,7 @@ mod tests {
     #[test]
     fn changes_are_held_until_the_wave_and_coalesce() {
         let hub = hub_with("d", rendered("0"));
-        let (s, _) = hub.open_session("d", "", 0).unwrap();
+        let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
         let push = hub.next_push("d", s.id).unwrap();
         hub.ack("d", s.id, &push.nonce);
         for i in 1..=50 {
@@ -649,7 +850,7 @@ mod tests {
     fn a_render_failure_is_an_error_and_keeps_the_last_good_spec() {
         let good = rendered("1");
         let hub = hub_with("d", good.clone());
-        let (s, _) = hub.open_session("d", &good.version, 0).unwrap();
+        let (s, _) = hub.open_session("d", &good.version, "s", 0).unwrap();
         hub.set_render_failed("d", "undefined label".into());
         let status = hub.status("d").unwrap();
         assert_eq!(status.state, SyncState::Error);
@@ -662,8 +863,8 @@ mod tests {
     #[test]
     fn a_newer_session_replaces_the_older() {
         let hub = hub_with("d", rendered("1"));
-        let (old, _) = hub.open_session("d", "", 0).unwrap();
-        let (new, _) = hub.open_session("d", "", 0).unwrap();
+        let (old, _) = hub.open_session("d", "", "s", 0).unwrap();
+        let (new, _) = hub.open_session("d", "", "s", 0).unwrap();
         assert!(hub.next_push("d", old.id).is_none());
         assert!(hub.next_push("d", new.id).is_some());
         hub.close_session("d", old.id, 1);

@@ -5,6 +5,7 @@
 //! the store, the CA, the hub of open streams, the services — sits behind the default `server` feature,
 //! so the agent links no database code.
 
+pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod identity;
@@ -13,6 +14,7 @@ pub mod pki;
 pub mod profiles;
 pub mod proto;
 pub mod selector;
+pub mod signature;
 pub mod spec;
 
 #[cfg(feature = "server")]
@@ -29,6 +31,8 @@ pub mod fleet;
 pub mod hub;
 #[cfg(feature = "server")]
 pub mod render;
+#[cfg(feature = "server")]
+pub mod revocation;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]

@@ -74,15 +74,49 @@ enum Command {
         /// Longest a change waits for its wave, however long the burst lasts, in milliseconds.
         #[arg(long, default_value_t = 2000)]
         push_max_delay_ms: u64,
-        /// Days a device management certificate is valid.
-        #[arg(long, default_value_t = 365)]
-        device_cert_days: u64,
+        /// Lifetime of device management certificates (`90s`, `15m`, `12h`, `365d`).
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        device_cert_validity: Duration,
+        /// Renew device certificates this long before they expire (each a little earlier, by a
+        /// per-certificate jitter of up to a fifth of this).
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        renew_before: Duration,
+        /// How long after expiry a device may still recover with its previous key.
+        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        recovery_window: Duration,
     },
     /// Apply pending database migrations and exit.
     Migrate {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+/// Parses `90s`, `15m`, `12h`, `365d` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 12h or 365d"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86_400,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use s, m, h or d"
+            ));
+        }
+    };
+    if seconds == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn init_logging(format: LogFormat) {
@@ -181,7 +215,9 @@ async fn main() -> Result<()> {
             offline_after,
             push_debounce_ms,
             push_max_delay_ms,
-            device_cert_days,
+            device_cert_validity,
+            renew_before,
+            recovery_window,
         } => {
             let agent = TcpListener::bind(agent_listen)
                 .await
@@ -213,7 +249,9 @@ async fn main() -> Result<()> {
             let (db, _) = open_store(&store).await?;
             let heartbeat = Duration::from_secs(heartbeat_interval.max(1));
             let policy = Policy {
-                device_cert_validity: Duration::from_secs(device_cert_days.max(1) * 24 * 3600),
+                device_cert_validity,
+                renew_before,
+                recovery_window,
                 session: SessionSettings {
                     heartbeat_interval: heartbeat,
                     silence_timeout: offline_after
@@ -231,8 +269,13 @@ async fn main() -> Result<()> {
                 cert_pem: prepared.server_cert_pem.clone(),
                 key_pem: prepared.server_key_pem.clone(),
             };
-            let control =
-                ControlPlane::new(db, Arc::new(prepared.ca), Arc::new(Hub::new()), policy);
+            let control = ControlPlane::new(
+                db,
+                Arc::new(prepared.ca),
+                Arc::new(prepared.audit_key),
+                Arc::new(Hub::new()),
+                policy,
+            );
             println!("agent endpoint: {}", url_for(agent_addr));
             println!("admin endpoint: {}", url_for(admin_addr));
             serve(

@@ -73,16 +73,25 @@ pub fn identity_pem(pem: &str) -> Result<Identity, PkiError> {
     Ok(Identity::from_certificate_der(&certs[0])?)
 }
 
-/// Checks that `cert_pem` was signed by (the first certificate of) `ca_pem` and is within its
-/// validity window now.
-pub fn verify_issued_by(cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
+/// Checks that `cert_pem` was signed by (the first certificate of) `ca_pem`, whatever its
+/// validity window (recovery looks at expired certificates).
+pub fn verify_signed_by(cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
     let cert_der = certs_from_pem(cert_pem)?.remove(0);
     let ca_der = certs_from_pem(ca_pem)?.remove(0);
     let (_, cert) =
         X509Certificate::from_der(&cert_der).map_err(|e| PkiError::Der(e.to_string()))?;
     let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Der(e.to_string()))?;
     cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| PkiError::Untrusted("certificate is not signed by the CA bundle".into()))?;
+        .map_err(|_| PkiError::Untrusted("certificate is not signed by the CA bundle".into()))
+}
+
+/// Checks that `cert_pem` was signed by (the first certificate of) `ca_pem` and is within its
+/// validity window now.
+pub fn verify_issued_by(cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
+    verify_signed_by(cert_pem, ca_pem)?;
+    let cert_der = certs_from_pem(cert_pem)?.remove(0);
+    let (_, cert) =
+        X509Certificate::from_der(&cert_der).map_err(|e| PkiError::Der(e.to_string()))?;
     if !cert.validity().is_valid() {
         return Err(PkiError::Untrusted(
             "certificate is outside its validity window".into(),

@@ -29,6 +29,9 @@ pub struct CtlConfig {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The audit public key (SPKI PEM) that `flotctl audit verify` pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key_file: Option<PathBuf>,
 }
 
 /// How an agent reaches the control plane and who it asks to be.
@@ -55,6 +58,11 @@ pub struct AgentConfig {
     /// Longest wait between reconnection attempts, seconds.
     #[serde(default = "default_max_backoff_secs")]
     pub max_backoff_secs: u64,
+    /// First wait before retrying a failed certificate renewal, seconds (doubles up to the maximum).
+    #[serde(default = "default_renewal_retry_secs")]
+    pub renewal_retry_secs: u64,
+    #[serde(default = "default_renewal_retry_max_secs")]
+    pub renewal_retry_max_secs: u64,
 }
 
 fn default_server_name() -> String {
@@ -65,9 +73,27 @@ fn default_max_backoff_secs() -> u64 {
     60
 }
 
+fn default_renewal_retry_secs() -> u64 {
+    60
+}
+
+fn default_renewal_retry_max_secs() -> u64 {
+    24 * 3600
+}
+
 impl AgentConfig {
     pub fn max_backoff(&self) -> Duration {
         Duration::from_secs(self.max_backoff_secs.max(1))
+    }
+
+    /// Initial and maximum wait between certificate renewal attempts.
+    pub fn renewal_retry(&self) -> (Duration, Duration) {
+        let initial = Duration::from_secs(self.renewal_retry_secs.max(1));
+        let max = Duration::from_secs(
+            self.renewal_retry_max_secs
+                .max(self.renewal_retry_secs.max(1)),
+        );
+        (initial, max)
     }
 }
 
@@ -102,6 +128,9 @@ impl CtlConfig {
             &mut config.key_file,
         ] {
             resolve(&base, p);
+        }
+        if let Some(key) = config.audit_key_file.as_mut() {
+            resolve(&base, key);
         }
         Ok(config)
     }

@@ -3,12 +3,16 @@
 
 mod support;
 
+use flotilla::audit::{AuditEntry, verify_chain};
+use flotilla::ca::audit_key::AuditKey;
 use flotilla::spec::{DeviceSpec, FileSpec};
+use flotilla::store::{AuditQuery, AuditSeal, Revocation};
 use flotilla::store::{
     Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
     NewEnrollment, Store, StoreError, SystemInfo,
 };
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use support::test_store;
 
 fn enrollment(name: &str, key: &str) -> NewEnrollment {
@@ -35,6 +39,19 @@ fn device(id: &str, name: &str) -> NewDevice {
         cert_not_after_ms: 10,
         created_ms: 2,
         fleet: None,
+    }
+}
+
+fn seal() -> Arc<dyn AuditSeal> {
+    Arc::new(AuditKey::generate().unwrap().0)
+}
+
+fn issued(device: &str) -> AuditEntry {
+    AuditEntry {
+        kind: "issued".into(),
+        device_id: device.into(),
+        outcome: "ok".into(),
+        ..Default::default()
     }
 }
 
@@ -79,6 +96,8 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
             device("d1", "dev"),
             certificate("d1"),
             "admin/admin".into(),
+            seal(),
+            issued("d1"),
         )
         .await
         .unwrap();
@@ -96,7 +115,14 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
     );
     assert!(matches!(
         store
-            .approve_enrollment("dev", device("d2", "dev"), certificate("d2"), "x".into())
+            .approve_enrollment(
+                "dev",
+                device("d2", "dev"),
+                certificate("d2"),
+                "x".into(),
+                seal(),
+                issued("d2")
+            )
             .await,
         Err(StoreError::Precondition(_))
     ));
@@ -107,7 +133,14 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
         .await
         .unwrap();
     let clash = store
-        .approve_enrollment("other", device("d3", "dev"), certificate("d3"), "x".into())
+        .approve_enrollment(
+            "other",
+            device("d3", "dev"),
+            certificate("d3"),
+            "x".into(),
+            seal(),
+            issued("d3"),
+        )
         .await;
     assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
     assert_eq!(
@@ -138,7 +171,14 @@ async fn device_specs_labels_and_sync_facts_persist() {
         .await
         .unwrap();
     store
-        .approve_enrollment("dev", device("d1", "dev"), certificate("d1"), "a".into())
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            seal(),
+            issued("d1"),
+        )
         .await
         .unwrap();
 
@@ -239,7 +279,14 @@ async fn fleet_templates_are_immutable_revisions() {
         .await
         .unwrap();
     store
-        .approve_enrollment("dev", device("d1", "dev"), certificate("d1"), "a".into())
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            seal(),
+            issued("d1"),
+        )
         .await
         .unwrap();
 
@@ -301,6 +348,114 @@ async fn fleet_templates_are_immutable_revisions() {
         .await
         .unwrap();
     assert_eq!(again.revision, 1, "a re-created fleet starts over");
+}
+
+#[tokio::test]
+async fn certificates_revocations_and_the_audit_trail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    let (key, _) = AuditKey::generate().unwrap();
+    let key: Arc<AuditKey> = Arc::new(key);
+    let seal: Arc<dyn AuditSeal> = key.clone();
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            seal.clone(),
+            issued("d1"),
+        )
+        .await
+        .unwrap();
+    let mut renewed = certificate("d1");
+    renewed.serial = "serial-2".into();
+    renewed.key_fingerprint = "k2".into();
+    renewed.not_after_ms = 20;
+    let mut entry = issued("d1");
+    entry.kind = "renewed".into();
+    store
+        .record_issuance(renewed.clone(), seal.clone(), entry)
+        .await
+        .unwrap();
+    let device = store.get_device_by_name("dev").await.unwrap().unwrap();
+    assert_eq!(device.cert_serial.as_deref(), Some("serial-2"));
+    assert_eq!(device.cert_not_after_ms, Some(20));
+    assert_eq!(
+        store.find_certificate_for_key("d1", "k2").await.unwrap(),
+        Some(renewed)
+    );
+    assert_eq!(
+        store.find_certificate_for_key("d1", "k9").await.unwrap(),
+        None
+    );
+
+    let revocation = Revocation {
+        serials: vec!["serial-d1".into(), "serial-d1".into()],
+        reason: "lost".into(),
+        actor: "admin/admin".into(),
+        now_ms: 30,
+    };
+    let revoked = store
+        .revoke_certificates(revocation, seal.clone())
+        .await
+        .unwrap();
+    assert_eq!(revoked.len(), 1, "revoking twice records it once");
+    assert_eq!(store.revoked_serials().await.unwrap(), ["serial-d1"]);
+
+    let deleted = store
+        .delete_device(
+            "d1",
+            Revocation {
+                serials: vec!["serial-2".into()],
+                reason: "decommissioned".into(),
+                actor: "admin/admin".into(),
+                now_ms: 40,
+            },
+            seal.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert!(store.get_device_by_name("dev").await.unwrap().is_none());
+    assert!(
+        store.get_enrollment("dev").await.unwrap().is_none(),
+        "the name can enroll again"
+    );
+    assert_eq!(
+        store
+            .list_certificates(Some("d1".into()))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let all = store
+        .list_audit(AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = all.iter().map(|r| r.entry.kind.as_str()).collect();
+    assert_eq!(kinds, ["issued", "renewed", "revoked", "revoked"]);
+    assert_eq!(verify_chain(&all, &key.public_key_der()), Ok(4));
+    let page = store
+        .list_audit(AuditQuery {
+            kind: Some("revoked".into()),
+            after_seq: 3,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].entry.seq, 4);
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@ use rcgen::{CertificateParams, KeyPair, PublicKeyData};
 use std::time::Duration;
 use tonic::Code;
 
+use crate::certs::Pair;
 use crate::state::Enrolled;
+use flotilla::profiles::AgentConfig;
 
 /// Loads the device key, generating it on first use.
 fn device_key(agent: &Agent) -> Result<KeyPair> {
@@ -54,17 +56,9 @@ fn check_certificate(cert_pem: &str, ca_pem: &str, key: &KeyPair, device_id: &st
     Ok(())
 }
 
-/// Returns the device identity, enrolling first if needed.
-pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
-    if let (Some(enrolled), true) = (agent.state.enrolled()?, agent.state.cert_path().exists()) {
-        return Ok(enrolled);
-    }
-    let key = device_key(agent)?;
-    let csr_pem = CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
-        .pem()?;
-    let config = &agent.config;
-    let creds = ClientCredentials {
+/// The shared enrollment credential from the agent config (also used for recovery).
+pub fn enrollment_credentials(config: &AgentConfig) -> Result<ClientCredentials> {
+    Ok(ClientCredentials {
         ca_pem: std::fs::read_to_string(&config.ca_file)
             .with_context(|| format!("reading CA bundle {}", config.ca_file.display()))?,
         cert_pem: std::fs::read_to_string(&config.enrollment_cert_file).with_context(|| {
@@ -80,7 +74,28 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
             )
         })?,
         server_name: config.server_name.clone(),
-    };
+    })
+}
+
+/// Returns the device identity, enrolling first if needed; repairs an interrupted certificate swap.
+pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
+    if let Some(enrolled) = agent.state.enrolled()? {
+        let ca_pem = agent
+            .state
+            .read_optional(&agent.state.ca_path())?
+            .context("the CA bundle of an enrolled device is missing")?;
+        agent
+            .certs
+            .reconcile(agent.state.root(), &ca_pem, &enrolled.device_id)
+            .context("no usable device certificate; enroll the device again")?;
+        return Ok(enrolled);
+    }
+    let key = device_key(agent)?;
+    let csr_pem = CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    let config = &agent.config;
+    let creds = enrollment_credentials(config)?;
     let request = pb::EnrollRequest {
         csr_pem,
         device_name: agent.name.clone(),
@@ -114,16 +129,17 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
                                 response.ca_bundle_pem.as_bytes(),
                                 0o644,
                             )?;
-                            agent.state.write(
-                                &agent.state.cert_path(),
-                                response.certificate_pem.as_bytes(),
-                                0o644,
-                            )?;
+                            agent.certs.activate(&Pair {
+                                key_pem: key.serialize_pem(),
+                                cert_pem: response.certificate_pem.clone(),
+                            })?;
                             let enrolled = Enrolled {
                                 device_id: response.device_id,
                                 device_name: agent.name.clone(),
                             };
                             agent.state.save_enrolled(&enrolled)?;
+                            // The key now lives with its certificate.
+                            let _ = std::fs::remove_file(agent.state.key_path());
                             tracing::info!(device.id = %enrolled.device_id, device.name = %enrolled.device_name, "enrolled");
                             return Ok(enrolled);
                         }

@@ -2,7 +2,10 @@
 
 mod apply;
 mod backoff;
+mod certs;
 mod enroll;
+mod recover;
+mod renewal;
 mod session;
 mod state;
 
@@ -49,6 +52,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 pub struct Agent {
     pub config: AgentConfig,
     pub state: StateDir,
+    pub certs: certs::CertStore,
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub boot_id: String,
@@ -124,6 +128,7 @@ async fn main() -> Result<()> {
     tokio::spawn(shutdown_signal(stop_tx));
     let agent = Agent {
         config,
+        certs: certs::CertStore::new(state.root()),
         state,
         name,
         labels,

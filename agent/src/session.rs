@@ -6,6 +6,8 @@ use crate::Agent;
 use crate::apply::apply;
 use crate::apply::executor::SystemExecutor;
 use crate::backoff::Backoff;
+use crate::recover::{self, Recovery};
+use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
 use crate::state::{Applied, Enrolled};
 use anyhow::{Context, Result};
 use flotilla::client::{ClientCredentials, connect};
@@ -23,6 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 enum End {
     /// The server asked us to come back after a random delay of at most this.
     Reconnect(Duration),
+    /// A renewed certificate is active: reconnect with it at once.
+    Renewed,
     /// The stream closed or failed.
     Lost(String),
     Shutdown,
@@ -35,20 +39,70 @@ fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
     pb::AgentMessage { kind: Some(kind) }
 }
 
+/// A session attempt that fails this many times in a row with a freshly swapped-in certificate
+/// makes the agent go back to the previous one.
+const SWAP_ATTEMPTS: u32 = 3;
+
 /// Keeps a session open for as long as the agent runs.
 pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(500), agent.config.max_backoff());
+    let ca_pem = std::fs::read_to_string(agent.state.ca_path())
+        .with_context(|| format!("reading {}", agent.state.ca_path().display()))?;
+    let mut renewer = Renewer::new(
+        agent.certs.clone(),
+        ca_pem,
+        enrolled.device_id.clone(),
+        agent.state.renew_before().unwrap_or(DEFAULT_RENEW_BEFORE),
+        agent.config.renewal_retry(),
+    );
+    let mut failures_with_new_pair = 0;
     loop {
+        if recover::expired(agent) {
+            let wait = match recover::recover(agent, enrolled).await {
+                Ok(Recovery::Recovered) => Duration::ZERO,
+                Ok(Recovery::Refused(reason)) => {
+                    tracing::error!(%reason, "the certificate has expired and recovery was refused; enroll this device again (remove the state directory and restart the agent)");
+                    agent.config.max_backoff()
+                }
+                Ok(Recovery::Retry(reason)) => {
+                    tracing::warn!(%reason, "certificate expired; recovery will be retried");
+                    backoff.next_delay()
+                }
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "certificate recovery failed; retrying");
+                    backoff.next_delay()
+                }
+            };
+            if wait > Duration::ZERO {
+                if agent.sleep_or_shutdown(wait).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
         let started = Instant::now();
-        let end = match session(agent, enrolled).await {
+        let end = match session(agent, enrolled, &mut renewer).await {
             Ok(end) => end,
             Err(error) => End::Lost(format!("{error:#}")),
         };
+        renewer.on_session_end();
         if started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
         }
+        if matches!(end, End::Lost(_)) && agent.certs.has_previous() {
+            failures_with_new_pair += 1;
+            if failures_with_new_pair >= SWAP_ATTEMPTS && agent.certs.roll_back()? {
+                tracing::warn!(
+                    "the renewed certificate could not open a session; back to the previous one"
+                );
+                failures_with_new_pair = 0;
+            }
+        } else {
+            failures_with_new_pair = 0;
+        }
         let wait = match end {
             End::Shutdown => return Ok(()),
+            End::Renewed => Duration::ZERO,
             End::Reconnect(within) => {
                 tracing::info!("server asked to reconnect");
                 backoff.reset();
@@ -68,19 +122,41 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
 }
 
 fn credentials(agent: &Agent) -> Result<ClientCredentials> {
-    let state = &agent.state;
-    let read = |path: std::path::PathBuf| {
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-    };
+    let path = agent.state.ca_path();
+    let pair = agent.certs.current()?;
     Ok(ClientCredentials {
-        ca_pem: read(state.ca_path())?,
-        cert_pem: read(state.cert_path())?,
-        key_pem: read(state.key_path())?,
+        ca_pem: std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?,
+        cert_pem: pair.cert_pem,
+        key_pem: pair.key_pem,
         server_name: agent.config.server_name.clone(),
     })
 }
 
-async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
+/// Sends what the renewer wants sent; true if the session should end because a new pair is active.
+async fn renewal_step(
+    outcome: Result<Outcome>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> Result<Option<End>> {
+    match outcome? {
+        Outcome::Nothing => Ok(None),
+        Outcome::Swapped => Ok(Some(End::Renewed)),
+        Outcome::Send(request) => {
+            if tx
+                .send(message(pb::agent_message::Kind::CertificateRequest(
+                    request,
+                )))
+                .await
+                .is_err()
+            {
+                return Ok(Some(End::Lost("outbound stream closed".into())));
+            }
+            Ok(None)
+        }
+    }
+}
+
+async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> Result<End> {
     let creds = credentials(agent)?;
     let cert = cert_info_pem(&creds.cert_pem)?;
     let channel = connect(&agent.config.server, &creds).await?;
@@ -107,6 +183,9 @@ async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
         tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
             _ = heartbeat.tick() => {
+                if let Some(end) = renewal_step(renewer.on_tick(), &tx).await? {
+                    return Ok(end);
+                }
                 let beat = pb::Heartbeat { sent_at: Some(timestamp_from_millis(now_millis())) };
                 if tx.send(message(pb::agent_message::Kind::Heartbeat(beat))).await.is_err() {
                     return Ok(End::Lost("outbound stream closed".into()));
@@ -122,6 +201,34 @@ async fn session(agent: &Agent, enrolled: &Enrolled) -> Result<End> {
                         if let Some(every) = accepted.heartbeat_interval.and_then(|d| Duration::try_from(d).ok()) {
                             heartbeat = tokio::time::interval(every.max(Duration::from_millis(100)));
                             heartbeat.reset();
+                        }
+                        if let Some(renew_before) = accepted.certificate_renew_before.and_then(|d| Duration::try_from(d).ok()) {
+                            if renew_before != renewer.renew_before {
+                                renewer.renew_before = renew_before;
+                                agent.state.save_renew_before(renew_before)?;
+                            }
+                        }
+                        if agent.certs.has_previous() {
+                            agent.certs.confirm()?;
+                            tracing::info!(serial = %cert.serial, "renewed certificate confirmed by a new session; previous pair removed");
+                        }
+                        if let Some(end) = renewal_step(renewer.on_tick(), &tx).await? {
+                            return Ok(end);
+                        }
+                    }
+                    Some(pb::server_message::Kind::RenewCertificate(directive)) => {
+                        if let Some(end) = renewal_step(renewer.on_directive(&directive), &tx).await? {
+                            return Ok(end);
+                        }
+                    }
+                    Some(pb::server_message::Kind::CertificateIssued(issued)) => {
+                        if let Some(end) = renewal_step(renewer.on_issued(&issued), &tx).await? {
+                            return Ok(end);
+                        }
+                    }
+                    Some(pb::server_message::Kind::CertificateRefused(refused)) => {
+                        if let Some(end) = renewal_step(renewer.on_refused(&refused), &tx).await? {
+                            return Ok(end);
                         }
                     }
                     Some(pb::server_message::Kind::Spec(push)) => {

@@ -165,6 +165,21 @@ impl StateDir {
     pub fn save_applied(&self, applied: &Applied) -> Result<(), StateError> {
         self.write_json(&self.applied_path(), applied)
     }
+
+    /// The renewal lead time the control plane last announced (used while it is unreachable).
+    pub fn renew_before(&self) -> Option<std::time::Duration> {
+        self.read_json::<u64>(&self.root.join("renew-before.json"))
+            .ok()
+            .flatten()
+            .map(std::time::Duration::from_secs)
+    }
+
+    pub fn save_renew_before(&self, renew_before: std::time::Duration) -> Result<(), StateError> {
+        self.write_json(
+            &self.root.join("renew-before.json"),
+            &renew_before.as_secs(),
+        )
+    }
 }
 
 #[cfg(test)]

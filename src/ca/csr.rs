@@ -8,6 +8,7 @@ use rcgen::{
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 use rustls::pki_types::pem::PemObject;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
 };
@@ -40,6 +41,9 @@ pub struct CsrPublicKey {
     algorithm: &'static SignatureAlgorithm,
     /// SHA-256 (hex) of the SubjectPublicKeyInfo, the key's stable name.
     pub fingerprint: String,
+    /// `flotilla://` URIs the request asks for in its subject alternative names. Never copied into a
+    /// certificate; a renewal checks that they name the requester and nobody else.
+    pub requested_identities: Vec<String>,
 }
 
 impl PublicKeyData for CsrPublicKey {
@@ -98,10 +102,23 @@ pub fn verify_csr_der(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     let spki = &csr.certification_request_info.subject_pki;
     let algorithm = key_algorithm(spki)?;
     csr.verify_signature().map_err(|_| CsrError::Signature)?;
+    let mut requested_identities = Vec::new();
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    if uri.starts_with("flotilla://") {
+                        requested_identities.push(uri.to_string());
+                    }
+                }
+            }
+        }
+    }
     Ok(CsrPublicKey {
         raw: spki.subject_public_key.data.to_vec(),
         algorithm,
         fingerprint: sha256_hex(spki.raw),
+        requested_identities,
     })
 }
 

@@ -2,6 +2,7 @@
 //! certificate the system uses (server, admin and enrollment credentials, device certificates). The
 //! CA decides everything a certificate says; nothing is copied from a request.
 
+pub mod audit_key;
 pub mod csr;
 
 use crate::identity::Identity;

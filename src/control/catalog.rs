@@ -121,6 +121,22 @@ impl Catalog {
         self.devices.insert(device.id.clone(), device);
     }
 
+    /// Records a device's new current certificate.
+    pub fn note_certificate(&mut self, device_id: &str, serial: &str, not_after_ms: i64) {
+        if let Some(device) = self.devices.get_mut(device_id) {
+            device.cert_serial = Some(serial.to_string());
+            device.cert_not_after_ms = Some(not_after_ms);
+        }
+    }
+
+    /// Forgets a deleted device.
+    pub fn remove_device(&mut self, device_id: &str) {
+        if let Some(device) = self.devices.remove(device_id) {
+            self.ids_by_name.remove(&device.name);
+        }
+        self.conflicts.remove(device_id);
+    }
+
     /// Updates the agent version of a device after its Hello.
     pub fn note_agent_version(&mut self, device_id: &str, agent_version: &str) {
         if let Some(device) = self.devices.get_mut(device_id) {

@@ -2,6 +2,7 @@
 //! Approval creates the device, signs its CSR and records the certificate in one transaction.
 
 use super::{ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::ca::csr::verify_csr_pem;
 use crate::ca::{Subject, Usage};
 use crate::clock::now_millis;
@@ -149,16 +150,41 @@ impl ControlPlane {
             created_ms: now,
             fleet: owner,
         };
-        let record = self
-            .store
-            .approve_enrollment(name, device.clone(), certificate, decided_by.to_string())
-            .await?;
+        let audit = AuditEntry {
+            at_ms: now,
+            kind: "issued".into(),
+            device_id: device_id.clone(),
+            serial: certificate.serial.clone(),
+            key_fingerprint: certificate.key_fingerprint.clone(),
+            not_before_ms: certificate.not_before_ms,
+            not_after_ms: certificate.not_after_ms,
+            actor: decided_by.to_string(),
+            reason: format!("enrollment of {name} approved"),
+            proof: "enrollment-approval".into(),
+            outcome: "ok".into(),
+            ..Default::default()
+        };
+        let (serial, not_after_ms) = (certificate.serial.clone(), certificate.not_after_ms);
+        let record = {
+            let _order = self.audit_lock.lock().await;
+            self.store
+                .approve_enrollment(
+                    name,
+                    device.clone(),
+                    certificate,
+                    decided_by.to_string(),
+                    self.audit_key.clone(),
+                    audit,
+                )
+                .await?
+        };
         {
             let mut catalog = self.catalog_mut();
             catalog.put_device(device.into_record());
             catalog.apply_owners(&Vec::new());
             catalog.render_into(&self.hub, [device_id.clone()]);
         }
+        self.track_certificate(&device_id, &serial, not_after_ms);
         tracing::info!(device.id = %device_id, device.name = %name, by = %decided_by, "enrollment approved");
         Ok(record)
     }

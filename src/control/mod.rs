@@ -3,12 +3,14 @@
 //! together. Transport-agnostic: the gRPC services translate to and from it.
 
 mod catalog;
+mod certs;
 mod devices;
 mod enrollment;
 mod fleets;
 mod session;
 mod watch;
 
+pub use certs::{CertificateView, RecoverInput, RecoveryChallenge};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
 pub use fleets::{FleetApply, FleetView};
@@ -16,8 +18,10 @@ pub use session::SessionSettings;
 pub use watch::{DeviceEvent, DeviceWatch};
 
 use crate::ca::CertificateAuthority;
+use crate::ca::audit_key::AuditKey;
 use crate::hub::{Debounce, Hub, Seed};
 use crate::render::CompiledTemplate;
+use crate::revocation::RevokedSerials;
 use crate::selector::Selector;
 use crate::store::{FleetRecord, Store, StoreError};
 use catalog::{Catalog, FleetEntry};
@@ -29,6 +33,11 @@ use std::time::Duration;
 pub struct Policy {
     /// Lifetime of device management certificates.
     pub device_cert_validity: Duration,
+    /// How long before expiry a certificate is renewed (each certificate a little earlier, by a
+    /// jitter of up to a fifth of this, so devices enrolled together do not renew together).
+    pub renew_before: Duration,
+    /// How long after expiry a device may still recover with its previous key.
+    pub recovery_window: Duration,
     /// Suggested interval between agent heartbeats while polling enrollment.
     pub enrollment_poll_interval: Duration,
     pub session: SessionSettings,
@@ -40,6 +49,8 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             device_cert_validity: Duration::from_secs(365 * 24 * 3600),
+            renew_before: Duration::from_secs(30 * 24 * 3600),
+            recovery_window: Duration::from_secs(90 * 24 * 3600),
             enrollment_poll_interval: Duration::from_secs(2),
             session: SessionSettings::default(),
             debounce: Debounce::default(),
@@ -92,24 +103,49 @@ impl From<StoreError> for ControlError {
 pub struct ControlPlane {
     store: Store,
     ca: Arc<CertificateAuthority>,
+    audit_key: Arc<AuditKey>,
     hub: Arc<Hub>,
     policy: Arc<Policy>,
     catalog: Arc<RwLock<Catalog>>,
+    revoked: Arc<RevokedSerials>,
+    challenges: Arc<certs::Challenges>,
+    /// Serialises audit appends, so records chain in the order they are written.
+    audit_lock: Arc<tokio::sync::Mutex<()>>,
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
     writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ControlPlane {
-    pub fn new(store: Store, ca: Arc<CertificateAuthority>, hub: Arc<Hub>, policy: Policy) -> Self {
+    pub fn new(
+        store: Store,
+        ca: Arc<CertificateAuthority>,
+        audit_key: Arc<AuditKey>,
+        hub: Arc<Hub>,
+        policy: Policy,
+    ) -> Self {
         ControlPlane {
             store,
             ca,
+            audit_key,
             hub,
             policy: Arc::new(policy),
             catalog: Arc::default(),
+            revoked: Arc::default(),
+            challenges: Arc::default(),
+            audit_lock: Arc::default(),
             writes: Arc::default(),
         }
+    }
+
+    /// The CA certificate (PEM) that signs device and server certificates.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// Serials refused on every connection.
+    pub fn revoked(&self) -> &Arc<RevokedSerials> {
+        &self.revoked
     }
 
     fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
@@ -171,8 +207,16 @@ impl ControlPlane {
                 })
             })
             .collect();
+        let certificates: Vec<(String, String, i64)> = catalog
+            .devices()
+            .filter_map(|d| Some((d.id.clone(), d.cert_serial.clone()?, d.cert_not_after_ms?)))
+            .collect();
         *self.catalog_mut() = catalog;
         self.hub.load(seeds);
+        for (device_id, serial, not_after_ms) in certificates {
+            self.track_certificate(&device_id, &serial, not_after_ms);
+        }
+        self.revoked.extend(self.store.revoked_serials().await?);
         Ok(count)
     }
 }

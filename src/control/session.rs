@@ -34,6 +34,8 @@ impl Default for SessionSettings {
 #[derive(Debug)]
 pub struct Session {
     pub device_id: String,
+    /// Serial of the certificate the session authenticated with.
+    serial: String,
     handle: SessionHandle,
     current_version: String,
 }
@@ -65,6 +67,7 @@ impl ControlPlane {
     pub async fn open_session(
         &self,
         caller: &Identity,
+        serial: &str,
         hello: &pb::Hello,
     ) -> Result<Session, ControlError> {
         if caller.role != Role::Device {
@@ -82,7 +85,7 @@ impl ControlPlane {
         let now = now_millis();
         let (handle, current_version) = self
             .hub
-            .open_session(&device_id, &hello.rendered_version, now)
+            .open_session(&device_id, &hello.rendered_version, serial, now)
             .map_err(|e| match e {
                 HubError::NotReady => ControlError::Unavailable(e.to_string()),
                 HubError::UnknownDevice(_) => ControlError::PermissionDenied(e.to_string()),
@@ -101,6 +104,7 @@ impl ControlPlane {
         tracing::info!(device.id = %device_id, version = %hello.rendered_version, agent = %hello.agent_version, "session opened");
         Ok(Session {
             device_id,
+            serial: serial.to_string(),
             handle,
             current_version,
         })
@@ -119,6 +123,7 @@ impl ControlPlane {
         let settings = &self.policy.session;
         let Session {
             device_id,
+            serial,
             handle,
             current_version,
         } = session;
@@ -127,12 +132,14 @@ impl ControlPlane {
                 current_version,
                 heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat_interval)
                     .ok(),
+                certificate_renew_before: prost_types::Duration::try_from(self.policy.renew_before)
+                    .ok(),
             })),
         };
         let reason = if outbound.send(accepted).await.is_err() {
             EndReason::AgentClosed
         } else {
-            self.session_loop(&device_id, &handle, &mut inbound, &outbound)
+            self.session_loop(&device_id, &serial, &handle, &mut inbound, &outbound)
                 .await
         };
         let now = now_millis();
@@ -148,6 +155,7 @@ impl ControlPlane {
     async fn session_loop<S>(
         &self,
         device_id: &str,
+        serial: &str,
         handle: &SessionHandle,
         inbound: &mut S,
         outbound: &mpsc::Sender<pb::ServerMessage>,
@@ -177,6 +185,18 @@ impl ControlPlane {
                             return EndReason::AgentClosed;
                         }
                     }
+                    if let Some(renewal) = self.hub.take_renewal_request(device_id, handle.id) {
+                        tracing::info!(device.id = %device_id, reason = %renewal.reason, "asking device to renew its certificate");
+                        let message = pb::ServerMessage {
+                            kind: Some(pb::server_message::Kind::RenewCertificate(pb::RenewCertificate {
+                                reason: renewal.reason,
+                                deadline: Some(crate::clock::timestamp_from_millis(renewal.deadline_ms)),
+                            })),
+                        };
+                        if outbound.send(message).await.is_err() {
+                            return EndReason::AgentClosed;
+                        }
+                    }
                 }
                 _ = sleep_until(deadline) => return EndReason::Silent,
                 _ = outbound.closed() => return EndReason::AgentClosed,
@@ -185,6 +205,14 @@ impl ControlPlane {
                     Some(Err(error)) => {
                         tracing::debug!(device.id = %device_id, %error, "session stream failed");
                         return EndReason::StreamError;
+                    }
+                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRequest(request)) })) => {
+                        deadline = Instant::now() + silence;
+                        self.hub.touch(device_id, now_millis());
+                        let answer = self.renew_certificate(device_id, serial, request).await;
+                        if outbound.send(pb::ServerMessage { kind: Some(answer) }).await.is_err() {
+                            return EndReason::AgentClosed;
+                        }
                     }
                     Some(Ok(message)) => {
                         deadline = Instant::now() + silence;
@@ -216,7 +244,7 @@ impl ControlPlane {
                 self.hub.touch(device_id, now_millis());
                 return true;
             }
-            Some(Kind::Hello(_)) | None => {
+            Some(Kind::Hello(_)) | Some(Kind::CertificateRequest(_)) | None => {
                 tracing::warn!(device.id = %device_id, "unexpected message on an open session");
                 return false;
             }

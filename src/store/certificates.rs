@@ -1,8 +1,11 @@
 //! Certificates issued to devices: every one is kept, so a serial can always be traced to its device.
 
-use super::schema::certificates;
-use super::{Store, StoreError};
+use super::audit::{AuditSeal, append};
+use super::schema::{certificates, devices, enrollment_requests};
+use super::{DbConnection, Store, StoreError};
+use crate::audit::{AuditEntry, SealedRecord};
 use diesel::prelude::*;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = certificates)]
@@ -41,6 +44,169 @@ impl Store {
                 .select(CertificateRecord::as_select())
                 .first(conn)
                 .optional()?)
+        })
+        .await
+    }
+}
+
+/// A certificate revocation to record.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub serials: Vec<String>,
+    pub reason: String,
+    pub actor: String,
+    pub now_ms: i64,
+}
+
+/// Marks `serials` revoked (those not revoked already) and audits each; returns the ones revoked.
+fn revoke(
+    conn: &mut DbConnection,
+    seal: &dyn AuditSeal,
+    revocation: &Revocation,
+) -> Result<Vec<CertificateRecord>, StoreError> {
+    let mut revoked = Vec::new();
+    for serial in &revocation.serials {
+        let changed = diesel::update(
+            certificates::table
+                .find(serial)
+                .filter(certificates::revoked_ms.is_null()),
+        )
+        .set((
+            certificates::revoked_ms.eq(revocation.now_ms),
+            certificates::revocation_reason.eq(&revocation.reason),
+        ))
+        .execute(conn)?;
+        if changed == 0 {
+            continue;
+        }
+        let certificate: CertificateRecord = certificates::table
+            .find(serial)
+            .select(CertificateRecord::as_select())
+            .first(conn)?;
+        append(
+            conn,
+            seal,
+            AuditEntry {
+                at_ms: revocation.now_ms,
+                kind: "revoked".into(),
+                device_id: certificate.device_id.clone(),
+                serial: certificate.serial.clone(),
+                key_fingerprint: certificate.key_fingerprint.clone(),
+                not_before_ms: certificate.not_before_ms,
+                not_after_ms: certificate.not_after_ms,
+                actor: revocation.actor.clone(),
+                reason: revocation.reason.clone(),
+                proof: "admin".into(),
+                outcome: "ok".into(),
+                ..Default::default()
+            },
+        )?;
+        revoked.push(certificate);
+    }
+    Ok(revoked)
+}
+
+impl Store {
+    /// Certificates, oldest first; only `device_id`'s when given.
+    pub async fn list_certificates(
+        &self,
+        device_id: Option<String>,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.run(move |conn| {
+            let mut query = certificates::table
+                .select(CertificateRecord::as_select())
+                .order((certificates::issued_ms.asc(), certificates::serial.asc()))
+                .into_boxed();
+            if let Some(device_id) = device_id {
+                query = query.filter(certificates::device_id.eq(device_id));
+            }
+            Ok(query.load(conn)?)
+        })
+        .await
+    }
+
+    /// The certificate issued to `device_id` for the key with `key_fingerprint`, if any.
+    pub async fn find_certificate_for_key(
+        &self,
+        device_id: &str,
+        key_fingerprint: &str,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        let (device_id, key) = (device_id.to_string(), key_fingerprint.to_string());
+        self.run(move |conn| {
+            Ok(certificates::table
+                .filter(certificates::device_id.eq(device_id))
+                .filter(certificates::key_fingerprint.eq(key))
+                .select(CertificateRecord::as_select())
+                .first(conn)
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Records a certificate issued to an existing device (renewal or recovery): the certificate,
+    /// the device's current certificate and the audit record, all or nothing.
+    pub async fn record_issuance(
+        &self,
+        certificate: CertificateRecord,
+        seal: Arc<dyn AuditSeal>,
+        entry: AuditEntry,
+    ) -> Result<SealedRecord, StoreError> {
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                insert_certificate(conn, &certificate)?;
+                diesel::update(devices::table.find(&certificate.device_id))
+                    .set((
+                        devices::cert_serial.eq(&certificate.serial),
+                        devices::cert_not_after_ms.eq(certificate.not_after_ms),
+                    ))
+                    .execute(conn)?;
+                append(conn, seal.as_ref(), entry)
+            })
+        })
+        .await
+    }
+
+    /// Revokes certificates, auditing each; returns those that were not revoked already.
+    pub async fn revoke_certificates(
+        &self,
+        revocation: Revocation,
+        seal: Arc<dyn AuditSeal>,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.run(move |conn| conn.transaction(|conn| revoke(conn, seal.as_ref(), &revocation)))
+            .await
+    }
+
+    /// Decommissions a device: revokes its certificates, deletes it and its enrollment request (so
+    /// the name can enroll again). Returns the revoked certificates.
+    pub async fn delete_device(
+        &self,
+        device_id: &str,
+        revocation: Revocation,
+        seal: Arc<dyn AuditSeal>,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let device_id = device_id.to_string();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let revoked = revoke(conn, seal.as_ref(), &revocation)?;
+                diesel::delete(
+                    enrollment_requests::table
+                        .filter(enrollment_requests::device_id.eq(&device_id)),
+                )
+                .execute(conn)?;
+                diesel::delete(devices::table.find(&device_id)).execute(conn)?;
+                Ok(revoked)
+            })
+        })
+        .await
+    }
+
+    /// Serials of every revoked certificate (loaded at start for the connection check).
+    pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|conn| {
+            Ok(certificates::table
+                .filter(certificates::revoked_ms.is_not_null())
+                .select(certificates::serial)
+                .load(conn)?)
         })
         .await
     }

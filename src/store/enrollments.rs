@@ -1,10 +1,12 @@
 //! Enrollment requests: submitted by agents, decided by operators. Approval creates the device and
 //! records its first certificate in the same transaction.
 
+use super::audit::{AuditSeal, append};
 use super::certificates::{CertificateRecord, insert_certificate};
 use super::devices::{NewDevice, insert_device};
 use super::schema::enrollment_requests as er;
 use super::{Store, StoreError, from_json, to_json};
+use crate::audit::AuditEntry;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -199,6 +201,8 @@ impl Store {
         device: NewDevice,
         certificate: CertificateRecord,
         decided_by: String,
+        seal: std::sync::Arc<dyn AuditSeal>,
+        audit: AuditEntry,
     ) -> Result<EnrollmentRecord, StoreError> {
         let name = name.to_string();
         self.run(move |conn| {
@@ -222,6 +226,7 @@ impl Store {
                 }
                 insert_device(conn, &device)?;
                 insert_certificate(conn, &certificate)?;
+                append(conn, seal.as_ref(), audit)?;
                 find(conn, &name)?.ok_or_else(|| not_pending(&name))
             })
         })

@@ -1,6 +1,7 @@
 //! The store: the only module that touches Diesel. One code path for SQLite (the embedded default)
 //! and PostgreSQL, synchronous Diesel on a pooled connection inside `spawn_blocking`.
 
+mod audit;
 mod certificates;
 mod connection;
 mod devices;
@@ -8,7 +9,8 @@ mod enrollments;
 mod fleets;
 mod schema;
 
-pub use certificates::CertificateRecord;
+pub use audit::{AuditQuery, AuditSeal};
+pub use certificates::{CertificateRecord, Revocation};
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};

@@ -72,7 +72,28 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    certificate_audit (seq) {
+        seq -> BigInt,
+        at_ms -> BigInt,
+        kind -> Text,
+        device_id -> Text,
+        serial -> Text,
+        key_fingerprint -> Text,
+        not_before_ms -> BigInt,
+        not_after_ms -> BigInt,
+        actor -> Text,
+        reason -> Text,
+        proof -> Text,
+        outcome -> Text,
+        previous_hash -> Text,
+        hash -> Text,
+        signature -> Text,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
+    certificate_audit,
     devices,
     enrollment_requests,
     certificates,

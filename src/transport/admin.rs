@@ -4,10 +4,13 @@ use super::auth::caller;
 use super::convert;
 use crate::control::{ControlPlane, DeviceUpdate, FleetApply, LabelChange};
 use crate::proto::admin::v1 as pb;
+use crate::proto::admin::v1::audit_service_server::AuditService;
+use crate::proto::admin::v1::certificate_service_server::CertificateService;
 use crate::proto::admin::v1::device_service_server::DeviceService;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentService;
 use crate::proto::admin::v1::fleet_service_server::FleetService;
 use crate::proto::agent::v1::EnrollmentState;
+use crate::store::AuditQuery;
 use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,6 +102,99 @@ impl DeviceService for AdminApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<pb::DeleteDeviceRequest>,
+    ) -> Result<Response<pb::DeleteDeviceResponse>, Status> {
+        let caller = caller(&request)?;
+        let revoked_serials = self
+            .control
+            .delete_device(&request.into_inner().name, &caller)
+            .await?;
+        Ok(Response::new(pb::DeleteDeviceResponse { revoked_serials }))
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+#[tonic::async_trait]
+impl CertificateService for AdminApi {
+    async fn list_certificates(
+        &self,
+        request: Request<pb::ListCertificatesRequest>,
+    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        let request = request.into_inner();
+        let certificates = self
+            .control
+            .list_certificates(non_empty(&request.device))
+            .await?;
+        Ok(Response::new(pb::ListCertificatesResponse {
+            certificates: certificates.into_iter().map(convert::certificate).collect(),
+        }))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let revoked_serials = self
+            .control
+            .revoke_certificates(
+                non_empty(&request.serial),
+                non_empty(&request.device),
+                &request.reason,
+                &caller,
+            )
+            .await?;
+        Ok(Response::new(pb::RevokeCertificateResponse {
+            revoked_serials,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let caller = caller(&request)?;
+        self.control
+            .force_renewal(&request.into_inner().device, &caller)
+            .await?;
+        Ok(Response::new(pb::RenewCertificateResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for AdminApi {
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let request = request.into_inner();
+        let millis = |t: Option<prost_types::Timestamp>| {
+            t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        };
+        let query = AuditQuery {
+            device_id: None,
+            kind: non_empty(&request.kind).map(str::to_string),
+            since_ms: millis(request.since),
+            until_ms: millis(request.until),
+            after_seq: request.after_seq,
+            limit: i64::from(request.limit),
+        };
+        let records = self
+            .control
+            .list_audit(non_empty(&request.device), query)
+            .await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records.into_iter().map(convert::audit_record).collect(),
+            audit_public_key_pem: self.control.audit_public_key_pem(),
+        }))
     }
 }
 

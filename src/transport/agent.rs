@@ -1,8 +1,9 @@
 //! The device-facing services: enrollment and the management session stream.
 
-use super::auth::caller;
+use super::auth::{caller, caller_serial};
 use super::convert;
-use crate::control::{ControlPlane, EnrollInput};
+use crate::clock::timestamp_from_millis;
+use crate::control::{ControlPlane, EnrollInput, RecoverInput};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::agent_service_server::AgentService;
 use crate::proto::agent::v1::enrollment_service_server::EnrollmentService;
@@ -48,6 +49,47 @@ impl EnrollmentService for AgentApi {
             .await?;
         Ok(Response::new(convert::enroll_response(outcome)))
     }
+
+    async fn recovery_challenge(
+        &self,
+        request: Request<pb::RecoveryChallengeRequest>,
+    ) -> Result<Response<pb::RecoveryChallengeResponse>, Status> {
+        let caller = caller(&request)?;
+        let challenge = self
+            .control
+            .recovery_challenge(&caller, &request.into_inner().device_id)
+            .await?;
+        Ok(Response::new(pb::RecoveryChallengeResponse {
+            nonce: challenge.nonce,
+            expires_at: Some(timestamp_from_millis(challenge.expires_ms)),
+        }))
+    }
+
+    async fn recover(
+        &self,
+        request: Request<pb::RecoverRequest>,
+    ) -> Result<Response<pb::RecoverResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let record = self
+            .control
+            .recover(
+                &caller,
+                RecoverInput {
+                    device_id: request.device_id,
+                    nonce: request.nonce,
+                    previous_certificate_pem: request.previous_certificate_pem,
+                    signature: request.signature,
+                    csr_pem: request.csr_pem,
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::RecoverResponse {
+            certificate_pem: record.certificate_pem,
+            ca_bundle_pem: self.control.ca_pem().to_string(),
+            not_after: Some(timestamp_from_millis(record.not_after_ms)),
+        }))
+    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -61,6 +103,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let caller = caller(&request)?;
+        let serial = caller_serial(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -73,7 +116,7 @@ impl AgentService for AgentApi {
                 ));
             }
         };
-        let session = self.control.open_session(&caller, &hello).await?;
+        let session = self.control.open_session(&caller, &serial, &hello).await?;
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {

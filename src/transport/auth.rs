@@ -5,6 +5,8 @@
 
 use crate::authz::authorize;
 use crate::identity::Identity;
+use crate::pki::cert_info;
+use crate::revocation::RevokedSerials;
 use rustls::pki_types::UnixTime;
 use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
@@ -15,32 +17,45 @@ use tonic::codegen::http::{Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-/// The verified identity of the caller, in the request extensions of every handler.
+/// The verified caller, in the request extensions of every handler: its identity and the serial of
+/// the certificate it presented.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Identity);
+pub struct Caller {
+    pub identity: Identity,
+    pub serial: String,
+}
 
-/// Reads the caller a request was authenticated as.
-pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
+fn verified<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
     request
         .extensions()
         .get::<Caller>()
-        .map(|c| c.0.clone())
         .ok_or_else(|| Status::unauthenticated("request was not authenticated"))
+}
+
+/// Reads the identity a request was authenticated as.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
+    verified(request).map(|c| c.identity.clone())
+}
+
+/// Reads the serial of the certificate a request was authenticated with.
+pub fn caller_serial<T>(request: &tonic::Request<T>) -> Result<String, Status> {
+    verified(request).map(|c| c.serial.clone())
 }
 
 /// Checks client certificates; shared by both endpoints.
 #[derive(Clone)]
 pub struct Authenticator {
     verifier: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<RevokedSerials>,
 }
 
 impl Authenticator {
-    pub fn new(verifier: Arc<dyn ClientCertVerifier>) -> Self {
-        Authenticator { verifier }
+    pub fn new(verifier: Arc<dyn ClientCertVerifier>, revoked: Arc<RevokedSerials>) -> Self {
+        Authenticator { verifier, revoked }
     }
 
     /// Decides who sent `request` and whether they may call its method.
-    pub fn authenticate<B>(&self, request: &Request<B>) -> Result<Identity, Status> {
+    pub fn authenticate<B>(&self, request: &Request<B>) -> Result<Caller, Status> {
         let certs = request
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -59,9 +74,17 @@ impl Authenticator {
             .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
         let identity = Identity::from_certificate_der(end_entity)
             .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
+        let serial = cert_info(end_entity)
+            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?
+            .serial;
+        if self.revoked.contains(&serial) {
+            return Err(Status::unauthenticated(format!(
+                "client certificate {serial} has been revoked"
+            )));
+        }
         authorize(identity.role, request.uri().path())
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        Ok(identity)
+        Ok(Caller { identity, serial })
     }
 }
 
@@ -111,8 +134,8 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         match self.authenticator.authenticate(&request) {
-            Ok(identity) => {
-                request.extensions_mut().insert(Caller(identity));
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
                 futures::future::Either::Left(self.inner.call(request))
             }
             Err(status) => {

@@ -1,7 +1,9 @@
 //! Conversions between domain records and their protobuf messages.
 
+use crate::audit::SealedRecord;
 use crate::clock::timestamp_from_millis;
-use crate::control::{DeviceEvent, DeviceView, EnrollOutcome, FleetView};
+use crate::control::{CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView};
+use crate::hub::RenewalState;
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
@@ -114,6 +116,13 @@ pub fn device(view: DeviceView) -> admin::Device {
         status.acked_version = live.acked_version.unwrap_or_default();
         status.last_error = live.last_error.unwrap_or_default();
         status.render_error = live.render_error.unwrap_or_default();
+        if let Some(cert) = live.certificate {
+            status.renewal_state = renewal_state(cert.state) as i32;
+            status.renewal_error = cert.last_error.unwrap_or_default();
+            status.renew_at = Some(timestamp_from_millis(cert.renew_at_ms));
+            status.certificate_serial = cert.serial;
+            status.certificate_not_after = Some(timestamp_from_millis(cert.not_after_ms));
+        }
         status.last_seen = live
             .last_seen_ms
             .map(timestamp_from_millis)
@@ -193,5 +202,52 @@ pub fn fleet_revision(revision: FleetRevision) -> admin::FleetRevision {
         template: Some(revision.template.into()),
         created_at: Some(timestamp_from_millis(revision.created_ms)),
         created_by: revision.created_by,
+    }
+}
+
+fn renewal_state(state: RenewalState) -> admin::RenewalState {
+    match state {
+        RenewalState::Valid => admin::RenewalState::Valid,
+        RenewalState::Due => admin::RenewalState::Due,
+        RenewalState::Failed => admin::RenewalState::Failed,
+        RenewalState::Expired => admin::RenewalState::Expired,
+    }
+}
+
+pub fn certificate(view: CertificateView) -> admin::Certificate {
+    let record = view.record;
+    admin::Certificate {
+        serial: record.serial,
+        device_id: record.device_id,
+        device_name: view.device_name,
+        key_fingerprint: record.key_fingerprint,
+        not_before: Some(timestamp_from_millis(record.not_before_ms)),
+        not_after: Some(timestamp_from_millis(record.not_after_ms)),
+        issued_at: Some(timestamp_from_millis(record.issued_ms)),
+        revoked_at: record.revoked_ms.map(timestamp_from_millis),
+        revocation_reason: record.revocation_reason.unwrap_or_default(),
+        current: view.current,
+        certificate_pem: record.certificate_pem,
+    }
+}
+
+pub fn audit_record(record: SealedRecord) -> admin::AuditRecord {
+    let e = record.entry;
+    admin::AuditRecord {
+        seq: e.seq,
+        at: Some(timestamp_from_millis(e.at_ms)),
+        kind: e.kind,
+        device_id: e.device_id,
+        serial: e.serial,
+        key_fingerprint: e.key_fingerprint,
+        not_before: Some(timestamp_from_millis(e.not_before_ms)),
+        not_after: Some(timestamp_from_millis(e.not_after_ms)),
+        actor: e.actor,
+        reason: e.reason,
+        proof: e.proof,
+        outcome: e.outcome,
+        previous_hash: record.previous_hash,
+        hash: record.hash,
+        signature: record.signature,
     }
 }

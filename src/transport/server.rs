@@ -9,6 +9,8 @@ use super::auth::{AuthLayer, Authenticator};
 use super::tls;
 use crate::control::{ControlError, ControlPlane};
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::admin::v1::audit_service_server::AuditServiceServer;
+use crate::proto::admin::v1::certificate_service_server::CertificateServiceServer;
 use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
 use crate::proto::admin::v1::fleet_service_server::FleetServiceServer;
@@ -74,7 +76,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let verifier = tls::client_verifier(&material.ca_pem)?;
     let tls_config = tls::server_config(&material.cert_pem, &material.key_pem, verifier.clone())?;
-    let auth = AuthLayer::new(Authenticator::new(verifier));
+    let auth = AuthLayer::new(Authenticator::new(verifier, control.revoked().clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -130,6 +132,16 @@ pub async fn serve(
                 .max_decoding_message_size(ADMIN_MAX_DECODE)
                 .max_encoding_message_size(MAX_ENCODE),
         )
+        .add_service(
+            CertificateServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
+            AuditServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -144,6 +156,10 @@ pub async fn serve(
         let debounce = control.policy().debounce;
         tokio::spawn(async move { hub.run_waves(debounce).await })
     };
+    let renewals = {
+        let control = control.clone();
+        tokio::spawn(async move { control.run_renewal_scheduler().await })
+    };
     for service in [
         "",
         "flotilla.agent.v1.AgentService",
@@ -151,6 +167,8 @@ pub async fn serve(
         "flotilla.admin.v1.DeviceService",
         "flotilla.admin.v1.EnrollmentService",
         "flotilla.admin.v1.FleetService",
+        "flotilla.admin.v1.CertificateService",
+        "flotilla.admin.v1.AuditService",
     ] {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -165,6 +183,7 @@ pub async fn serve(
         .await;
     control.hub().close_all();
     waves.abort();
+    renewals.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

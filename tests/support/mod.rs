@@ -195,7 +195,13 @@ impl TestServer {
         let prepared = prepare(&dir, &options).unwrap();
         let (store, db) = test_store(tmp.path()).await;
         let ca = Arc::new(prepared.ca);
-        let control = ControlPlane::new(store, ca.clone(), Arc::new(Hub::new()), policy);
+        let control = ControlPlane::new(
+            store,
+            ca.clone(),
+            Arc::new(prepared.audit_key),
+            Arc::new(Hub::new()),
+            policy,
+        );
         let material = TlsMaterial {
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: prepared.server_cert_pem,

@@ -1,0 +1,2 @@
+DROP INDEX certificates_device_key;
+DROP TABLE certificate_audit;

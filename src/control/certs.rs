@@ -1,0 +1,671 @@
+//! Certificate lifecycle use cases: renewal on the stream (idempotent, fresh key only), recovery of
+//! an expired certificate with a signature by the previous key, revocation, decommissioning, the
+//! renewal scheduler, and the audit trail every one of them writes to — refusals included.
+
+use super::{ControlError, ControlPlane};
+use crate::audit::{AuditEntry, SealedRecord};
+use crate::ca::csr::{CsrPublicKey, verify_csr_pem};
+use crate::ca::{Subject, Usage};
+use crate::clock::now_millis;
+use crate::identity::{Identity, Role};
+use crate::pki::{cert_info_pem, certs_from_pem, identity_pem, verify_signed_by};
+use crate::proto::agent::v1 as pb;
+use crate::signature::{recovery_message, verify};
+use crate::store::{AuditQuery, AuditSeal, CertificateRecord, Revocation};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a recovery nonce may be used.
+const CHALLENGE_LIFETIME: Duration = Duration::from_secs(300);
+/// Outstanding nonces kept at most (enrollment-credential holders cannot exhaust memory).
+const MAX_CHALLENGES: usize = 100_000;
+/// Most audit records returned by one listing.
+pub const MAX_AUDIT_PAGE: i64 = 1000;
+
+/// Outstanding recovery nonces: nonce → (device id, expiry).
+#[derive(Debug, Default)]
+pub struct Challenges {
+    nonces: Mutex<HashMap<String, (String, i64)>>,
+}
+
+impl Challenges {
+    fn issue(&self, device_id: &str, now_ms: i64) -> (String, i64) {
+        let mut bytes = [0u8; 24];
+        rand::rng().fill_bytes(&mut bytes);
+        let nonce = hex::encode(bytes);
+        let expires = now_ms + CHALLENGE_LIFETIME.as_millis() as i64;
+        let mut nonces = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        nonces.retain(|_, (_, until)| *until > now_ms);
+        if nonces.len() >= MAX_CHALLENGES {
+            // Drop the oldest half rather than refuse every device.
+            let mut by_expiry: Vec<(String, i64)> =
+                nonces.iter().map(|(n, (_, e))| (n.clone(), *e)).collect();
+            by_expiry.sort_by_key(|(_, e)| *e);
+            for (old, _) in by_expiry.into_iter().take(MAX_CHALLENGES / 2) {
+                nonces.remove(&old);
+            }
+        }
+        nonces.insert(nonce.clone(), (device_id.to_string(), expires));
+        (nonce, expires)
+    }
+
+    /// Consumes a nonce: it works once, for its device, before it expires.
+    fn redeem(&self, nonce: &str, device_id: &str, now_ms: i64) -> Result<(), String> {
+        let mut nonces = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        match nonces.remove(nonce) {
+            None => Err("unknown or already used recovery nonce".into()),
+            Some((owner, _)) if owner != device_id => {
+                Err("recovery nonce was issued for another device".into())
+            }
+            Some((_, expires)) if expires <= now_ms => Err("recovery nonce has expired".into()),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// A nonce for expired-certificate recovery.
+#[derive(Debug, Clone)]
+pub struct RecoveryChallenge {
+    pub nonce: String,
+    pub expires_ms: i64,
+}
+
+/// A recovery attempt as received.
+#[derive(Debug, Clone)]
+pub struct RecoverInput {
+    pub device_id: String,
+    pub nonce: String,
+    pub previous_certificate_pem: String,
+    pub signature: Vec<u8>,
+    pub csr_pem: String,
+}
+
+/// A certificate with its device.
+#[derive(Debug, Clone)]
+pub struct CertificateView {
+    pub record: CertificateRecord,
+    pub device_name: String,
+    pub current: bool,
+}
+
+/// Facts of a refused request, for its audit record.
+struct Refusal<'a> {
+    device_id: &'a str,
+    serial: &'a str,
+    key_fingerprint: &'a str,
+    actor: &'a Identity,
+    proof: &'a str,
+    reason: String,
+}
+
+impl ControlPlane {
+    fn seal(&self) -> Arc<dyn AuditSeal> {
+        self.audit_key.clone()
+    }
+
+    /// When the scheduler asks for a renewal of this certificate: `renew_before` ahead of expiry,
+    /// plus a per-certificate jitter of up to a fifth of `renew_before`.
+    pub(super) fn renew_at(&self, serial: &str, not_after_ms: i64) -> i64 {
+        let renew_before = self.policy.renew_before.as_millis() as i64;
+        let digest = Sha256::digest(serial.as_bytes());
+        let spread = u64::from_be_bytes([
+            digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+        ]);
+        let jitter = (spread % 1000) as i64 * (renew_before / 5) / 1000;
+        not_after_ms - renew_before - jitter
+    }
+
+    pub(super) fn track_certificate(&self, device_id: &str, serial: &str, not_after_ms: i64) {
+        let renew_at = self.renew_at(serial, not_after_ms);
+        self.hub
+            .track_certificate(device_id, serial, not_after_ms, renew_at);
+    }
+
+    /// Asks connected devices whose certificates are due to renew, forever. Memory only.
+    pub async fn run_renewal_scheduler(&self) {
+        let renew_before = self.policy.renew_before;
+        let tick = (renew_before / 20).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let resend_after = (renew_before / 10).max(tick * 5).as_millis() as i64;
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            interval.tick().await;
+            let asked = self.hub.renewal_sweep(now_millis(), resend_after);
+            if asked > 0 {
+                tracing::info!(devices = asked, "asked devices to renew their certificates");
+            }
+        }
+    }
+
+    /// Appends an audit record, serialised with every other append.
+    async fn audit(&self, entry: AuditEntry) -> Result<SealedRecord, ControlError> {
+        let _order = self.audit_lock.lock().await;
+        Ok(self.store.append_audit(self.seal(), entry).await?)
+    }
+
+    /// Records a refused request in the audit trail (a failure to record it is logged, not hidden).
+    async fn audit_refusal(&self, refusal: Refusal<'_>) {
+        let entry = AuditEntry {
+            at_ms: now_millis(),
+            kind: "rejected".into(),
+            device_id: refusal.device_id.to_string(),
+            serial: refusal.serial.to_string(),
+            key_fingerprint: refusal.key_fingerprint.to_string(),
+            actor: refusal.actor.to_string(),
+            reason: refusal.reason.clone(),
+            proof: refusal.proof.to_string(),
+            outcome: "refused".into(),
+            ..Default::default()
+        };
+        if let Err(error) = self.audit(entry).await {
+            tracing::error!(device.id = %refusal.device_id, %error, "could not audit a refused certificate request");
+        }
+    }
+
+    /// Checks a CSR for `device_id`: valid, supported key, and no identity but the device's.
+    fn check_csr(&self, device_id: &str, csr_pem: &str) -> Result<CsrPublicKey, String> {
+        let key = verify_csr_pem(csr_pem).map_err(|e| e.to_string())?;
+        let own = Identity::new(Role::Device, device_id).to_string();
+        if let Some(other) = key.requested_identities.iter().find(|uri| **uri != own) {
+            return Err(format!(
+                "CSR asks for identity {other}, but the requester is {own}"
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Signs a device certificate for `key` and records it (with its audit record) in one
+    /// transaction; then the scheduler tracks it.
+    async fn issue_for_device(
+        &self,
+        device_id: &str,
+        key: &CsrPublicKey,
+        kind: &str,
+        actor: &Identity,
+        proof: &str,
+        reason: String,
+    ) -> Result<CertificateRecord, ControlError> {
+        let name = self
+            .catalog()
+            .device(device_id)
+            .map(|d| d.name.clone())
+            .ok_or_else(|| ControlError::NotFound(format!("device {device_id} not found")))?;
+        let issued = self
+            .ca
+            .sign(
+                &Subject {
+                    common_name: name,
+                    identity: Some(Identity::new(Role::Device, device_id)),
+                    dns_names: vec![],
+                    ip_addresses: vec![],
+                    usage: Usage::Client,
+                    validity: self.policy.device_cert_validity,
+                },
+                key,
+            )
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let now = now_millis();
+        let record = CertificateRecord {
+            serial: issued.info.serial.clone(),
+            device_id: device_id.to_string(),
+            key_fingerprint: issued.info.key_fingerprint.clone(),
+            fingerprint: issued.info.fingerprint.clone(),
+            certificate_pem: issued.pem,
+            not_before_ms: issued.info.not_before * 1000,
+            not_after_ms: issued.info.not_after * 1000,
+            issued_ms: now,
+            revoked_ms: None,
+            revocation_reason: None,
+        };
+        let entry = AuditEntry {
+            at_ms: now,
+            kind: kind.into(),
+            device_id: device_id.to_string(),
+            serial: record.serial.clone(),
+            key_fingerprint: record.key_fingerprint.clone(),
+            not_before_ms: record.not_before_ms,
+            not_after_ms: record.not_after_ms,
+            actor: actor.to_string(),
+            reason,
+            proof: proof.into(),
+            outcome: "ok".into(),
+            ..Default::default()
+        };
+        {
+            let _order = self.audit_lock.lock().await;
+            self.store
+                .record_issuance(record.clone(), self.seal(), entry)
+                .await?;
+        }
+        self.catalog_mut()
+            .note_certificate(device_id, &record.serial, record.not_after_ms);
+        self.track_certificate(device_id, &record.serial, record.not_after_ms);
+        tracing::info!(device.id = %device_id, serial = %record.serial, kind, "certificate issued");
+        Ok(record)
+    }
+
+    /// Answers a renewal request received on a device's stream.
+    pub async fn renew_certificate(
+        &self,
+        device_id: &str,
+        session_serial: &str,
+        request: pb::CertificateRequest,
+    ) -> pb::server_message::Kind {
+        let actor = Identity::new(Role::Device, device_id);
+        let refuse = |reason: String, retryable: bool| {
+            pb::server_message::Kind::CertificateRefused(pb::CertificateRefused {
+                request_id: request.request_id.clone(),
+                reason,
+                retryable,
+            })
+        };
+        let key = match self.check_csr(device_id, &request.csr_pem) {
+            Ok(key) => key,
+            Err(reason) => {
+                self.refused_renewal(device_id, session_serial, "", &actor, &reason)
+                    .await;
+                return refuse(reason, false);
+            }
+        };
+        let current_key = match self.store.get_certificate(session_serial).await {
+            Ok(certificate) => certificate.map(|c| c.key_fingerprint),
+            Err(error) => return refuse(format!("database unavailable: {error}"), true),
+        };
+        if current_key.as_deref() == Some(key.fingerprint.as_str()) {
+            let reason =
+                "the CSR reuses the key of the current certificate; renewal needs a fresh key"
+                    .to_string();
+            self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
+                .await;
+            return refuse(reason, false);
+        }
+        // The same CSR (same key) always yields the same certificate.
+        match self
+            .store
+            .find_certificate_for_key(device_id, &key.fingerprint)
+            .await
+        {
+            Ok(Some(existing)) if existing.revoked_ms.is_none() => {
+                return self.issued_message(&request.request_id, &existing);
+            }
+            Ok(Some(_)) => {
+                let reason = "a certificate for this key was revoked".to_string();
+                self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
+                    .await;
+                return refuse(reason, false);
+            }
+            Ok(None) => {}
+            Err(error) => return refuse(format!("database unavailable: {error}"), true),
+        }
+        let reason = format!("renewal of {session_serial}");
+        match self
+            .issue_for_device(
+                device_id,
+                &key,
+                "renewed",
+                &actor,
+                "device-certificate",
+                reason,
+            )
+            .await
+        {
+            Ok(record) => self.issued_message(&request.request_id, &record),
+            Err(error) => {
+                tracing::error!(device.id = %device_id, %error, "renewal failed");
+                self.hub.renewal_failed(device_id, &error.to_string());
+                refuse(error.to_string(), true)
+            }
+        }
+    }
+
+    async fn refused_renewal(
+        &self,
+        device_id: &str,
+        serial: &str,
+        key_fingerprint: &str,
+        actor: &Identity,
+        reason: &str,
+    ) {
+        tracing::warn!(device.id = %device_id, %reason, "certificate renewal refused");
+        self.hub.renewal_failed(device_id, reason);
+        self.audit_refusal(Refusal {
+            device_id,
+            serial,
+            key_fingerprint,
+            actor,
+            proof: "device-certificate",
+            reason: reason.to_string(),
+        })
+        .await;
+    }
+
+    fn issued_message(
+        &self,
+        request_id: &str,
+        record: &CertificateRecord,
+    ) -> pb::server_message::Kind {
+        pb::server_message::Kind::CertificateIssued(pb::CertificateIssued {
+            request_id: request_id.to_string(),
+            certificate_pem: record.certificate_pem.clone(),
+            ca_bundle_pem: self.ca.cert_pem().to_string(),
+            not_after: Some(crate::clock::timestamp_from_millis(record.not_after_ms)),
+        })
+    }
+
+    /// Step 1 of recovery: a nonce for `device_id`.
+    pub async fn recovery_challenge(
+        &self,
+        caller: &Identity,
+        device_id: &str,
+    ) -> Result<RecoveryChallenge, ControlError> {
+        if caller.role != Role::Enrollment {
+            return Err(ControlError::PermissionDenied(format!(
+                "{caller} may not recover devices"
+            )));
+        }
+        if self.catalog().device(device_id).is_none() {
+            return Err(ControlError::NotFound(format!(
+                "device {device_id} is not enrolled; enroll it again"
+            )));
+        }
+        let (nonce, expires_ms) = self.challenges.issue(device_id, now_millis());
+        Ok(RecoveryChallenge { nonce, expires_ms })
+    }
+
+    /// Step 2 of recovery: checks the proof and issues a certificate for the fresh key.
+    pub async fn recover(
+        &self,
+        caller: &Identity,
+        input: RecoverInput,
+    ) -> Result<CertificateRecord, ControlError> {
+        if caller.role != Role::Enrollment {
+            return Err(ControlError::PermissionDenied(format!(
+                "{caller} may not recover devices"
+            )));
+        }
+        let device_id = input.device_id.clone();
+        let previous = cert_info_pem(&input.previous_certificate_pem).ok();
+        let serial = previous
+            .as_ref()
+            .map(|c| c.serial.clone())
+            .unwrap_or_default();
+        let key_fingerprint = previous
+            .as_ref()
+            .map(|c| c.key_fingerprint.clone())
+            .unwrap_or_default();
+        match self.check_recovery(&input).await {
+            Ok(key) => {
+                let reason = format!("recovery of expired certificate {serial}");
+                self.issue_for_device(
+                    &device_id,
+                    &key,
+                    "recovered",
+                    caller,
+                    "previous-key",
+                    reason,
+                )
+                .await
+            }
+            Err(error) => {
+                tracing::warn!(device.id = %device_id, %error, "certificate recovery refused");
+                self.audit_refusal(Refusal {
+                    device_id: &device_id,
+                    serial: &serial,
+                    key_fingerprint: &key_fingerprint,
+                    actor: caller,
+                    proof: "previous-key",
+                    reason: error.to_string(),
+                })
+                .await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn check_recovery(&self, input: &RecoverInput) -> Result<CsrPublicKey, ControlError> {
+        let denied = |reason: String| ControlError::PermissionDenied(reason);
+        let now = now_millis();
+        self.challenges
+            .redeem(&input.nonce, &input.device_id, now)
+            .map_err(denied)?;
+        let previous_pem = &input.previous_certificate_pem;
+        verify_signed_by(previous_pem, self.ca.cert_pem())
+            .map_err(|e| denied(format!("previous certificate: {e}")))?;
+        let identity =
+            identity_pem(previous_pem).map_err(|e| denied(format!("previous certificate: {e}")))?;
+        if identity != Identity::new(Role::Device, &input.device_id) {
+            return Err(denied(format!(
+                "previous certificate belongs to {identity}, not device {}",
+                input.device_id
+            )));
+        }
+        let info = cert_info_pem(previous_pem).map_err(|e| denied(e.to_string()))?;
+        let current = self
+            .catalog()
+            .device(&input.device_id)
+            .and_then(|d| d.cert_serial.clone());
+        if current.as_deref() != Some(info.serial.as_str()) {
+            return Err(denied(
+                "previous certificate is not the device's latest certificate".into(),
+            ));
+        }
+        let stored = self
+            .store
+            .get_certificate(&info.serial)
+            .await?
+            .ok_or_else(|| denied("previous certificate is unknown".into()))?;
+        if stored.revoked_ms.is_some() {
+            return Err(denied("previous certificate was revoked".into()));
+        }
+        let window_end = info.not_after * 1000 + self.policy.recovery_window.as_millis() as i64;
+        if now > window_end {
+            return Err(ControlError::FailedPrecondition(format!(
+                "certificate {} expired more than the recovery window ({} s) ago; enroll the device again",
+                info.serial,
+                self.policy.recovery_window.as_secs()
+            )));
+        }
+        let der = certs_from_pem(previous_pem).map_err(|e| denied(e.to_string()))?;
+        let spki = x509_spki(&der[0]).map_err(denied)?;
+        verify(
+            &spki,
+            &recovery_message(&input.device_id, &input.nonce, &input.csr_pem),
+            &input.signature,
+        )
+        .map_err(|e| denied(format!("proof of the previous key: {e}")))?;
+        let key = self
+            .check_csr(&input.device_id, &input.csr_pem)
+            .map_err(|e| ControlError::invalid("csr_pem", e))?;
+        if key.fingerprint == info.key_fingerprint {
+            return Err(ControlError::invalid(
+                "csr_pem",
+                "the CSR reuses the previous key; recovery needs a fresh key",
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Revokes one certificate (`serial`) or all of a device's; closes streams that use them.
+    pub async fn revoke_certificates(
+        &self,
+        serial: Option<&str>,
+        device: Option<&str>,
+        reason: &str,
+        actor: &Identity,
+    ) -> Result<Vec<String>, ControlError> {
+        let serials = match (serial, device) {
+            (Some(serial), None) => {
+                let record = self.store.get_certificate(serial).await?.ok_or_else(|| {
+                    ControlError::NotFound(format!("certificate {serial} not found"))
+                })?;
+                vec![record.serial]
+            }
+            (None, Some(name)) => {
+                let id = self.device_id_by_name(name)?;
+                self.store
+                    .list_certificates(Some(id))
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.revoked_ms.is_none())
+                    .map(|c| c.serial)
+                    .collect()
+            }
+            _ => {
+                return Err(ControlError::invalid(
+                    "serial",
+                    "give exactly one of a serial and a device",
+                ));
+            }
+        };
+        let revocation = Revocation {
+            serials,
+            reason: if reason.is_empty() {
+                "revoked by operator".into()
+            } else {
+                reason.to_string()
+            },
+            actor: actor.to_string(),
+            now_ms: now_millis(),
+        };
+        let revoked = {
+            let _order = self.audit_lock.lock().await;
+            self.store
+                .revoke_certificates(revocation, self.seal())
+                .await?
+        };
+        Ok(self.after_revocation(revoked))
+    }
+
+    /// Makes revocations effective at once: refused on new connections, open streams closed.
+    fn after_revocation(&self, revoked: Vec<CertificateRecord>) -> Vec<String> {
+        let serials: Vec<String> = revoked.iter().map(|c| c.serial.clone()).collect();
+        self.revoked.extend(serials.iter().cloned());
+        for certificate in &revoked {
+            if self
+                .hub
+                .close_session_using(&certificate.device_id, &serials)
+            {
+                tracing::info!(device.id = %certificate.device_id, serial = %certificate.serial, "closed a session using a revoked certificate");
+            }
+        }
+        for serial in &serials {
+            tracing::info!(serial = %serial, "certificate revoked");
+        }
+        serials
+    }
+
+    fn device_id_by_name(&self, name: &str) -> Result<String, ControlError> {
+        self.catalog()
+            .device_by_name(name)
+            .map(|d| d.id.clone())
+            .ok_or_else(|| ControlError::NotFound(format!("device {name:?} not found")))
+    }
+
+    /// Decommissions a device: revokes its certificates, removes it and its enrollment request.
+    pub async fn delete_device(
+        &self,
+        name: &str,
+        actor: &Identity,
+    ) -> Result<Vec<String>, ControlError> {
+        let _writes = self.writes.lock().await;
+        let id = self.device_id_by_name(name)?;
+        let serials = self
+            .store
+            .list_certificates(Some(id.clone()))
+            .await?
+            .into_iter()
+            .filter(|c| c.revoked_ms.is_none())
+            .map(|c| c.serial)
+            .collect();
+        let revocation = Revocation {
+            serials,
+            reason: format!("device {name} deleted"),
+            actor: actor.to_string(),
+            now_ms: now_millis(),
+        };
+        let revoked = {
+            let _order = self.audit_lock.lock().await;
+            self.store
+                .delete_device(&id, revocation, self.seal())
+                .await?
+        };
+        let serials = self.after_revocation(revoked);
+        self.hub.remove(&id);
+        {
+            let mut catalog = self.catalog_mut();
+            catalog.remove_device(&id);
+            catalog.apply_owners(&Vec::new());
+        }
+        tracing::info!(device.id = %id, device.name = %name, by = %actor, "device deleted");
+        Ok(serials)
+    }
+
+    /// Certificates (of one device, by name, when given), with their device and whether current.
+    pub async fn list_certificates(
+        &self,
+        device: Option<&str>,
+    ) -> Result<Vec<CertificateView>, ControlError> {
+        let device_id = device.map(|n| self.device_id_by_name(n)).transpose()?;
+        let records = self.store.list_certificates(device_id).await?;
+        let catalog = self.catalog();
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let device = catalog.device(&record.device_id);
+                CertificateView {
+                    device_name: device.map(|d| d.name.clone()).unwrap_or_default(),
+                    current: device.and_then(|d| d.cert_serial.as_deref())
+                        == Some(record.serial.as_str()),
+                    record,
+                }
+            })
+            .collect())
+    }
+
+    /// Asks a connected device to renew now.
+    pub async fn force_renewal(&self, name: &str, actor: &Identity) -> Result<(), ControlError> {
+        let id = self.device_id_by_name(name)?;
+        if !self.hub.force_renewal(&id) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "device {name:?} is not connected; it renews on its own when its certificate is due"
+            )));
+        }
+        tracing::info!(device.id = %id, by = %actor, "certificate renewal requested");
+        Ok(())
+    }
+
+    /// Audit records matching `query`; a device filter may be a name or an id.
+    pub async fn list_audit(
+        &self,
+        device: Option<&str>,
+        mut query: AuditQuery,
+    ) -> Result<Vec<SealedRecord>, ControlError> {
+        if let Some(device) = device {
+            let id = self
+                .catalog()
+                .device_by_name(device)
+                .map(|d| d.id.clone())
+                .unwrap_or_else(|| device.to_string());
+            query.device_id = Some(id);
+        }
+        if query.limit <= 0 || query.limit > MAX_AUDIT_PAGE {
+            query.limit = MAX_AUDIT_PAGE;
+        }
+        Ok(self.store.list_audit(query).await?)
+    }
+
+    /// The audit public key (SPKI PEM).
+    pub fn audit_public_key_pem(&self) -> String {
+        self.audit_key.public_key_pem()
+    }
+}
+
+/// The SubjectPublicKeyInfo (DER) of a certificate.
+fn x509_spki(der: &[u8]) -> Result<Vec<u8>, String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    Ok(cert.public_key().raw.to_vec())
+}
