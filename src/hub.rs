@@ -503,8 +503,10 @@ impl Hub {
         entry.sent = None;
         entry.session_serial = Some(certificate_serial.to_string());
         if let Some(cert) = entry.cert.as_mut() {
-            // A due renewal is asked again on the new session.
-            cert.asked_ms = None;
+            // A device whose certificate is due is asked at once on its new session.
+            let due = cert.due(now_ms) && now_ms < cert.not_after_ms;
+            cert.ask_now = due;
+            cert.asked_ms = due.then_some(now_ms);
         }
         // A new session gets the latest at once, whatever wave it belongs to.
         entry.held = false;

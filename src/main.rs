@@ -75,14 +75,14 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         push_max_delay_ms: u64,
         /// Lifetime of device management certificates (`90s`, `15m`, `12h`, `365d`).
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = flotilla::clock::parse_duration)]
         device_cert_validity: Duration,
         /// Renew device certificates this long before they expire (each a little earlier, by a
         /// per-certificate jitter of up to a fifth of this).
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        #[arg(long, default_value = "30d", value_parser = flotilla::clock::parse_duration)]
         renew_before: Duration,
         /// How long after expiry a device may still recover with its previous key.
-        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        #[arg(long, default_value = "90d", value_parser = flotilla::clock::parse_duration)]
         recovery_window: Duration,
     },
     /// Apply pending database migrations and exit.
@@ -92,39 +92,13 @@ enum Command {
     },
 }
 
-/// Parses `90s`, `15m`, `12h`, `365d` (a bare number is seconds).
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 12h or 365d"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "m" => number * 60,
-        "h" => number * 3600,
-        "d" => number * 86_400,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use s, m, h or d"
-            ));
-        }
-    };
-    if seconds == 0 {
-        return Err("a duration must be positive".into());
-    }
-    Ok(Duration::from_secs(seconds))
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -53,6 +53,15 @@ pub fn verify(
         .map_err(|_| SignatureError::Invalid)
 }
 
+/// Decodes a `PUBLIC KEY` PEM block (SubjectPublicKeyInfo) to DER.
+pub fn spki_der_from_pem(pem: &str) -> Result<Vec<u8>, SignatureError> {
+    use rustls::pki_types::SubjectPublicKeyInfoDer;
+    use rustls::pki_types::pem::PemObject;
+    SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
+        .map(|der| der.as_ref().to_vec())
+        .map_err(|e| SignatureError::Key(e.to_string()))
+}
+
 /// The bytes a device signs with its previous key to recover an expired certificate.
 pub fn recovery_message(device_id: &str, nonce: &str, csr_pem: &str) -> Vec<u8> {
     format!(

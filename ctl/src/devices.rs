@@ -105,6 +105,9 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
     line("Render error", status.render_error.clone());
     line("Last seen", status.last_seen.clone().unwrap_or_default());
     line("Agent", status.agent_version.clone());
+    line("Renewal", status.renewal_state.clone());
+    line("Renew at", status.renew_at.clone().unwrap_or_default());
+    line("Renewal error", status.renewal_error.clone());
     line(
         "Certificate",
         match &status.certificate_not_after {
@@ -187,5 +190,19 @@ pub async fn watch(channel: Channel, format: Format, selector: String) -> Result
             }
         }
     }
+    Ok(())
+}
+
+pub async fn delete(channel: Channel, name: String) -> Result<()> {
+    let revoked = DeviceServiceClient::new(channel)
+        .delete_device(pb::DeleteDeviceRequest { name: name.clone() })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .revoked_serials;
+    println!(
+        "device/{name} deleted ({} certificate(s) revoked)",
+        revoked.len()
+    );
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `flotctl`: the Flotilla admin CLI.
 
 mod apply;
+mod audit;
+mod certs;
 mod devices;
 mod enrollments;
 mod fleets;
@@ -61,6 +63,16 @@ enum Command {
         #[command(subcommand)]
         what: WatchWhat,
     },
+    /// Device certificates: list, revoke, renew.
+    Cert {
+        #[command(subcommand)]
+        what: CertWhat,
+    },
+    /// The certificate audit trail: list and verify.
+    Audit {
+        #[command(subcommand)]
+        what: AuditWhat,
+    },
     /// Approve a pending request.
     Approve {
         #[command(subcommand)]
@@ -112,7 +124,56 @@ enum DescribeWhat {
 
 #[derive(Subcommand)]
 enum DeleteWhat {
-    Fleet { name: String },
+    Fleet {
+        name: String,
+    },
+    /// Decommission a device: revoke its certificates (its stream closes at once) and remove it.
+    Device {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertWhat {
+    /// Certificates with days to expiry.
+    List {
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Revoke one certificate, or every certificate of a device.
+    Revoke {
+        serial: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Ask a connected device to renew its certificate now.
+    Renew {
+        #[arg(long)]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditWhat {
+    /// Audit records, oldest first.
+    List {
+        /// Device name or id.
+        #[arg(long)]
+        device: Option<String>,
+        /// issued, renewed, recovered, revoked or rejected.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only records newer than this long ago (`30m`, `7d`).
+        #[arg(long, value_parser = flotilla::clock::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only records older than this long ago.
+        #[arg(long, value_parser = flotilla::clock::parse_duration)]
+        until: Option<std::time::Duration>,
+    },
+    /// Check the whole trail with the pinned audit key; fails naming the first bad record.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -171,9 +232,12 @@ fn config_path(cli: &Option<PathBuf>) -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".config/flotctl/config.toml"))
 }
 
+fn load_config(config: &Option<PathBuf>) -> Result<CtlConfig> {
+    Ok(CtlConfig::load(&config_path(config)?)?)
+}
+
 async fn channel(config: &Option<PathBuf>) -> Result<Channel> {
-    let path = config_path(config)?;
-    let config = CtlConfig::load(&path)?;
+    let config = load_config(config)?;
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
@@ -242,9 +306,36 @@ async fn run(cli: Cli) -> Result<()> {
             DescribeWhat::Device { name } => devices::describe(channel(config).await?, name).await,
             DescribeWhat::Fleet { name } => fleets::describe(channel(config).await?, name).await,
         },
-        Command::Delete {
-            what: DeleteWhat::Fleet { name },
-        } => fleets::delete(channel(config).await?, name).await,
+        Command::Delete { what } => match what {
+            DeleteWhat::Fleet { name } => fleets::delete(channel(config).await?, name).await,
+            DeleteWhat::Device { name } => devices::delete(channel(config).await?, name).await,
+        },
+        Command::Cert { what } => match what {
+            CertWhat::List { device } => certs::list(channel(config).await?, format, device).await,
+            CertWhat::Revoke {
+                serial,
+                device,
+                reason,
+            } => certs::revoke(channel(config).await?, serial, device, reason).await,
+            CertWhat::Renew { device } => certs::renew(channel(config).await?, device).await,
+        },
+        Command::Audit { what } => match what {
+            AuditWhat::List {
+                device,
+                kind,
+                since,
+                until,
+            } => {
+                let filters = audit::Filters {
+                    device,
+                    kind,
+                    since,
+                    until,
+                };
+                audit::list(channel(config).await?, format, filters).await
+            }
+            AuditWhat::Verify => audit::verify(channel(config).await?, &load_config(config)?).await,
+        },
         Command::Label {
             what: LabelWhat::Device { name, changes },
         } => {

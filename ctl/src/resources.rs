@@ -133,6 +133,11 @@ pub struct DeviceStatusView {
     pub certificate_serial: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<String>,
+    pub renewal_state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub renewal_error: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -196,6 +201,15 @@ pub fn device_view(device: admin::Device) -> DeviceView {
             agent_version: status.agent_version,
             certificate_serial: status.certificate_serial,
             certificate_not_after: status.certificate_not_after.map(|t| t.to_string()),
+            renewal_state: admin::RenewalState::try_from(status.renewal_state)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("RENEWAL_STATE_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| "UNKNOWN".into()),
+            renew_at: status.renew_at.map(|t| t.to_string()),
+            renewal_error: status.renewal_error,
         },
     }
 }

@@ -127,7 +127,7 @@ impl ControlPlane {
     /// Asks connected devices whose certificates are due to renew, forever. Memory only.
     pub async fn run_renewal_scheduler(&self) {
         let renew_before = self.policy.renew_before;
-        let tick = (renew_before / 20).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let tick = (renew_before / 20).clamp(Duration::from_millis(200), Duration::from_secs(5));
         let resend_after = (renew_before / 10).max(tick * 5).as_millis() as i64;
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -168,7 +168,7 @@ impl ControlPlane {
     /// Checks a CSR for `device_id`: valid, supported key, and no identity but the device's.
     fn check_csr(&self, device_id: &str, csr_pem: &str) -> Result<CsrPublicKey, String> {
         let key = verify_csr_pem(csr_pem).map_err(|e| e.to_string())?;
-        let own = Identity::new(Role::Device, device_id).to_string();
+        let own = Identity::new(Role::Device, device_id).uri();
         if let Some(other) = key.requested_identities.iter().find(|uri| **uri != own) {
             return Err(format!(
                 "CSR asks for identity {other}, but the requester is {own}"
@@ -398,6 +398,15 @@ impl ControlPlane {
             .unwrap_or_default();
         match self.check_recovery(&input).await {
             Ok(key) => {
+                // A retried recovery (same fresh key) gets the certificate already issued.
+                if let Some(existing) = self
+                    .store
+                    .find_certificate_for_key(&device_id, &key.fingerprint)
+                    .await?
+                    .filter(|c| c.revoked_ms.is_none())
+                {
+                    return Ok(existing);
+                }
                 let reason = format!("recovery of expired certificate {serial}");
                 self.issue_for_device(
                     &device_id,
@@ -443,20 +452,21 @@ impl ControlPlane {
             )));
         }
         let info = cert_info_pem(previous_pem).map_err(|e| denied(e.to_string()))?;
-        let current = self
-            .catalog()
-            .device(&input.device_id)
-            .and_then(|d| d.cert_serial.clone());
-        if current.as_deref() != Some(info.serial.as_str()) {
-            return Err(denied(
-                "previous certificate is not the device's latest certificate".into(),
-            ));
-        }
-        let stored = self
+        // The latest certificate, or the one it replaced when the device lost power before it
+        // could switch to the new one.
+        let certificates = self
             .store
-            .get_certificate(&info.serial)
-            .await?
-            .ok_or_else(|| denied("previous certificate is unknown".into()))?;
+            .list_certificates(Some(input.device_id.clone()))
+            .await?;
+        let stored = certificates
+            .iter()
+            .rev()
+            .take(2)
+            .find(|c| c.serial == info.serial)
+            .cloned()
+            .ok_or_else(|| {
+                denied("previous certificate is not one of the device's latest certificates".into())
+            })?;
         if stored.revoked_ms.is_some() {
             return Err(denied("previous certificate was revoked".into()));
         }

@@ -235,6 +235,11 @@ impl TestServer {
         server
     }
 
+    /// The database URL (PostgreSQL) or file (SQLite) this server uses.
+    pub fn db_url(&self) -> &str {
+        &self._db.url
+    }
+
     fn read(&self, path: PathBuf) -> String {
         std::fs::read_to_string(path).unwrap()
     }

@@ -87,3 +87,58 @@ impl Drop for SimAgent {
         self.task.abort();
     }
 }
+
+/// A session driven message by message by the test.
+pub struct RawSession {
+    pub tx: mpsc::Sender<agent::AgentMessage>,
+    pub inbound: tonic::Streaming<agent::ServerMessage>,
+}
+
+impl RawSession {
+    pub async fn open(
+        url: &str,
+        creds: &ClientCredentials,
+        device_id: &str,
+    ) -> Result<RawSession, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(message(agent::agent_message::Kind::Hello(agent::Hello {
+            device_id: device_id.into(),
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+        let inbound = AgentServiceClient::new(channel(url, creds).await)
+            .session(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawSession { tx, inbound })
+    }
+
+    pub async fn send(&self, kind: agent::agent_message::Kind) {
+        self.tx.send(message(kind)).await.unwrap();
+    }
+
+    /// The next server message that `pick` accepts (others, like spec pushes, are skipped);
+    /// `None` if the stream ends first.
+    pub async fn next_matching<T>(
+        &mut self,
+        mut pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
+    ) -> Option<T> {
+        let wait = async {
+            loop {
+                match self.inbound.message().await {
+                    Ok(Some(agent::ServerMessage { kind: Some(kind) })) => {
+                        if let Some(found) = pick(kind) {
+                            return Some(found);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(15), wait)
+            .await
+            .expect("an answer within 15 s")
+    }
+}
