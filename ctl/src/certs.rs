@@ -24,6 +24,7 @@ struct CertificateView {
     #[serde(skip_serializing_if = "String::is_empty")]
     revocation_reason: String,
     key_fingerprint: String,
+    certificate_pem: String,
 }
 
 fn days_left(not_after: Option<&prost_types::Timestamp>) -> i64 {
@@ -58,6 +59,7 @@ pub async fn list(channel: Channel, format: Format, device: Option<String>) -> R
             revoked_at: c.revoked_at.map(|t| t.to_string()),
             revocation_reason: c.revocation_reason,
             key_fingerprint: c.key_fingerprint,
+            certificate_pem: c.certificate_pem,
         })
         .collect();
     print(

@@ -36,6 +36,11 @@ impl Cluster {
     }
 
     pub fn start_server(&self, run: usize) -> ChildGuard {
+        self.start_server_with(run, &[])
+    }
+
+    /// Starts `flotilla serve` with extra arguments (e.g. certificate lifetimes).
+    pub fn start_server_with(&self, run: usize, extra: &[&str]) -> ChildGuard {
         let log = std::fs::File::create(self.root.join(format!("server-{run}.log"))).unwrap();
         let mut command = Command::new(binary("flotilla"));
         command
@@ -48,6 +53,7 @@ impl Cluster {
             .arg(self.admin_addr.to_string())
             .arg("--heartbeat-interval")
             .arg("2")
+            .args(extra)
             .env("FLOTILLA_LOG", "info,flotilla::control::session=debug")
             .stdout(Stdio::null())
             .stderr(log);
@@ -64,7 +70,20 @@ impl Cluster {
 
     /// An agent asking to enroll as `name` with `labels` (`key=value`).
     pub fn spawn_agent(&self, name: &str, labels: &[&str], state: &Path, log: &Path) -> ChildGuard {
+        self.spawn_agent_with_env(name, labels, state, log, &[])
+    }
+
+    /// Like `spawn_agent`, with extra environment variables.
+    pub fn spawn_agent_with_env(
+        &self,
+        name: &str,
+        labels: &[&str],
+        state: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
         let mut command = Command::new(binary("flotilla-agent"));
+        command.envs(env.iter().copied());
         command
             .arg("--config")
             .arg(self.data.join("agent.toml"))
