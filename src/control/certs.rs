@@ -193,47 +193,8 @@ impl ControlPlane {
             .device(device_id)
             .map(|d| d.name.clone())
             .ok_or_else(|| ControlError::NotFound(format!("device {device_id} not found")))?;
-        let issued = self
-            .ca
-            .sign(
-                &Subject {
-                    common_name: name,
-                    identity: Some(Identity::new(Role::Device, device_id)),
-                    dns_names: vec![],
-                    ip_addresses: vec![],
-                    usage: Usage::Client,
-                    validity: self.policy.device_cert_validity,
-                },
-                key,
-            )
-            .map_err(|e| ControlError::Internal(e.to_string()))?;
-        let now = now_millis();
-        let record = CertificateRecord {
-            serial: issued.info.serial.clone(),
-            device_id: device_id.to_string(),
-            key_fingerprint: issued.info.key_fingerprint.clone(),
-            fingerprint: issued.info.fingerprint.clone(),
-            certificate_pem: issued.pem,
-            not_before_ms: issued.info.not_before * 1000,
-            not_after_ms: issued.info.not_after * 1000,
-            issued_ms: now,
-            revoked_ms: None,
-            revocation_reason: None,
-        };
-        let entry = AuditEntry {
-            at_ms: now,
-            kind: kind.into(),
-            device_id: device_id.to_string(),
-            serial: record.serial.clone(),
-            key_fingerprint: record.key_fingerprint.clone(),
-            not_before_ms: record.not_before_ms,
-            not_after_ms: record.not_after_ms,
-            actor: actor.to_string(),
-            reason,
-            proof: proof.into(),
-            outcome: "ok".into(),
-            ..Default::default()
-        };
+        let record = self.sign_device_certificate(device_id, &name, key)?;
+        let entry = issuance_audit(&record, kind, actor, reason, proof);
         {
             let _order = self.audit_lock.lock().await;
             self.store
@@ -245,6 +206,41 @@ impl ControlPlane {
         self.track_certificate(device_id, &record.serial, record.not_after_ms);
         tracing::info!(device.id = %device_id, serial = %record.serial, kind, "certificate issued");
         Ok(record)
+    }
+
+    /// Signs a management certificate for `key` as `device/<device_id>`.
+    pub(super) fn sign_device_certificate(
+        &self,
+        device_id: &str,
+        name: &str,
+        key: &CsrPublicKey,
+    ) -> Result<CertificateRecord, ControlError> {
+        let issued = self
+            .ca
+            .sign(
+                &Subject {
+                    common_name: name.to_string(),
+                    identity: Some(Identity::new(Role::Device, device_id)),
+                    dns_names: vec![],
+                    ip_addresses: vec![],
+                    usage: Usage::Client,
+                    validity: self.policy.device_cert_validity,
+                },
+                key,
+            )
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        Ok(CertificateRecord {
+            serial: issued.info.serial.clone(),
+            device_id: device_id.to_string(),
+            key_fingerprint: issued.info.key_fingerprint.clone(),
+            fingerprint: issued.info.fingerprint.clone(),
+            certificate_pem: issued.pem,
+            not_before_ms: issued.info.not_before * 1000,
+            not_after_ms: issued.info.not_after * 1000,
+            issued_ms: now_millis(),
+            revoked_ms: None,
+            revocation_reason: None,
+        })
     }
 
     /// Answers a renewal request received on a device's stream.
@@ -670,6 +666,30 @@ impl ControlPlane {
     /// The audit public key (SPKI PEM).
     pub fn audit_public_key_pem(&self) -> String {
         self.audit_key.public_key_pem()
+    }
+}
+
+/// The audit record of a successful issuance.
+pub(super) fn issuance_audit(
+    record: &CertificateRecord,
+    kind: &str,
+    actor: &Identity,
+    reason: String,
+    proof: &str,
+) -> AuditEntry {
+    AuditEntry {
+        at_ms: record.issued_ms,
+        kind: kind.into(),
+        device_id: record.device_id.clone(),
+        serial: record.serial.clone(),
+        key_fingerprint: record.key_fingerprint.clone(),
+        not_before_ms: record.not_before_ms,
+        not_after_ms: record.not_after_ms,
+        actor: actor.to_string(),
+        reason,
+        proof: proof.into(),
+        outcome: "ok".into(),
+        ..Default::default()
     }
 }
 

@@ -1,12 +1,11 @@
 //! Enrollment use cases: an agent submits (and polls) its request; an operator approves or denies.
 //! Approval creates the device, signs its CSR and records the certificate in one transaction.
 
+use super::certs::issuance_audit;
 use super::{ControlError, ControlPlane};
-use crate::audit::AuditEntry;
 use crate::ca::csr::verify_csr_pem;
-use crate::ca::{Subject, Usage};
 use crate::clock::now_millis;
-use crate::identity::{Identity, Role};
+use crate::identity::Identity;
 use crate::names::{validate_labels, validate_name};
 use crate::spec::DeviceSpec;
 use crate::store::{
@@ -111,33 +110,8 @@ impl ControlPlane {
         let device_id = uuid::Uuid::new_v4().to_string();
         let mut device_labels = request.labels.clone();
         device_labels.extend(labels);
-        let issued = self
-            .ca
-            .sign(
-                &Subject {
-                    common_name: name.to_string(),
-                    identity: Some(Identity::new(Role::Device, device_id.clone())),
-                    dns_names: vec![],
-                    ip_addresses: vec![],
-                    usage: Usage::Client,
-                    validity: self.policy.device_cert_validity,
-                },
-                &key,
-            )
-            .map_err(|e| ControlError::Internal(e.to_string()))?;
-        let now = now_millis();
-        let certificate = CertificateRecord {
-            serial: issued.info.serial.clone(),
-            device_id: device_id.clone(),
-            key_fingerprint: issued.info.key_fingerprint.clone(),
-            fingerprint: issued.info.fingerprint.clone(),
-            certificate_pem: issued.pem,
-            not_before_ms: issued.info.not_before * 1000,
-            not_after_ms: issued.info.not_after * 1000,
-            issued_ms: now,
-            revoked_ms: None,
-            revocation_reason: None,
-        };
+        let certificate = self.sign_device_certificate(&device_id, name, &key)?;
+        let now = certificate.issued_ms;
         let _writes = self.writes.lock().await;
         let owner = self.catalog().placement_for(&device_labels, None).owner;
         let device = NewDevice {
@@ -150,20 +124,13 @@ impl ControlPlane {
             created_ms: now,
             fleet: owner,
         };
-        let audit = AuditEntry {
-            at_ms: now,
-            kind: "issued".into(),
-            device_id: device_id.clone(),
-            serial: certificate.serial.clone(),
-            key_fingerprint: certificate.key_fingerprint.clone(),
-            not_before_ms: certificate.not_before_ms,
-            not_after_ms: certificate.not_after_ms,
-            actor: decided_by.to_string(),
-            reason: format!("enrollment of {name} approved"),
-            proof: "enrollment-approval".into(),
-            outcome: "ok".into(),
-            ..Default::default()
-        };
+        let audit = issuance_audit(
+            &certificate,
+            "issued",
+            decided_by,
+            format!("enrollment of {name} approved"),
+            "enrollment-approval",
+        );
         let (serial, not_after_ms) = (certificate.serial.clone(), certificate.not_after_ms);
         let record = {
             let _order = self.audit_lock.lock().await;
