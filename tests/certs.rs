@@ -116,6 +116,43 @@ async fn renewal_on_the_stream_is_checked_idempotent_and_audited() {
     let status = shown.status.unwrap();
     assert_eq!(status.certificate_serial, info.serial);
     assert_eq!(status.renewal_state(), admin::RenewalState::Valid);
+
+    // A device that refuses what it was given says so, and that is audited too.
+    session
+        .send(agent::agent_message::Kind::CertificateRejected(
+            agent::CertificateRejected {
+                request_id: "r2".into(),
+                serial: info.serial.clone(),
+                reason: "issued certificate is for a different key".into(),
+            },
+        ))
+        .await;
+    let records = support::wait_for(
+        "the device's refusal audited",
+        Duration::from_secs(10),
+        || {
+            let server = &server;
+            async move {
+                let records = audit(server).await;
+                (records.len() == 3).then_some(records)
+            }
+        },
+    )
+    .await;
+    let refusal = &records[2];
+    assert_eq!(
+        (
+            refusal.kind.as_str(),
+            refusal.proof.as_str(),
+            refusal.outcome.as_str()
+        ),
+        ("rejected", "device-validation", "refused")
+    );
+    assert!(
+        refusal.reason.contains("different key"),
+        "{}",
+        refusal.reason
+    );
 }
 
 /// An RSA-1024 CSR (a weak, unsupported key) made by openssl.

@@ -95,6 +95,8 @@ pub enum Outcome {
     Send(pb::CertificateRequest),
     /// A new pair is active: reconnect with it.
     Swapped,
+    /// Tell the server the certificate it sent was refused.
+    Report(pb::CertificateRejected),
 }
 
 impl Renewer {
@@ -192,7 +194,13 @@ impl Renewer {
                 tracing::error!(%error, "renewed certificate rejected; keeping the current one");
                 self.store.clear_pending()?;
                 self.back_off();
-                Ok(Outcome::Nothing)
+                Ok(Outcome::Report(pb::CertificateRejected {
+                    request_id: issued.request_id.clone(),
+                    serial: cert_info_pem(&issued.certificate_pem)
+                        .map(|i| i.serial)
+                        .unwrap_or_default(),
+                    reason: format!("{error:#}"),
+                }))
             }
         }
     }
@@ -221,5 +229,61 @@ impl Renewer {
             "next renewal attempt after backing off"
         );
         self.not_before = Some(Instant::now() + wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (KeyPair, rcgen::Certificate) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (key, cert)
+    }
+
+    fn issue(ca: &(KeyPair, rcgen::Certificate), key: &KeyPair, device: &str) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(
+            format!("flotilla://device/{device}").try_into().unwrap(),
+        )];
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.1.der(), &ca.0).unwrap();
+        params.signed_by(key, &issuer).unwrap().pem()
+    }
+
+    #[test]
+    fn only_a_certificate_for_the_pending_key_from_the_ca_for_this_device_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CertStore::new(dir.path());
+        let authority = ca();
+        let ca_pem = authority.1.pem();
+        assert!(
+            accept(&store, &ca_pem, "d", "x").is_err(),
+            "nothing pending"
+        );
+        let (pending, request) = pending_or_new(&store, "d").unwrap();
+        assert!(request.csr_pem.contains("CERTIFICATE REQUEST"));
+        let (again, same) = pending_or_new(&store, "d").unwrap();
+        assert_eq!(same, request, "a retry sends the same request");
+        assert_eq!(again.serialize_pem(), pending.serialize_pem());
+
+        let other_key = KeyPair::generate().unwrap();
+        let error = accept(&store, &ca_pem, "d", &issue(&authority, &other_key, "d")).unwrap_err();
+        assert!(format!("{error:#}").contains("different key"), "{error:#}");
+        let error = accept(&store, &ca_pem, "d", &issue(&authority, &pending, "e")).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("expected device/d"),
+            "{error:#}"
+        );
+        let stranger = ca();
+        let error = accept(&store, &ca_pem, "d", &issue(&stranger, &pending, "d")).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("not signed by the CA"),
+            "{error:#}"
+        );
+        let pair = accept(&store, &ca_pem, "d", &issue(&authority, &pending, "d")).unwrap();
+        assert_eq!(pair.key_pem, pending.serialize_pem());
     }
 }

@@ -141,6 +141,14 @@ async fn renewal_step(
     match outcome? {
         Outcome::Nothing => Ok(None),
         Outcome::Swapped => Ok(Some(End::Renewed)),
+        Outcome::Report(rejected) => {
+            let _ = tx
+                .send(message(pb::agent_message::Kind::CertificateRejected(
+                    rejected,
+                )))
+                .await;
+            Ok(None)
+        }
         Outcome::Send(request) => {
             if tx
                 .send(message(pb::agent_message::Kind::CertificateRequest(

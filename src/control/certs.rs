@@ -317,6 +317,30 @@ impl ControlPlane {
         }
     }
 
+    /// The device refused a certificate it was given: recorded, and the renewal counts as failed.
+    pub async fn certificate_rejected_by_device(
+        &self,
+        device_id: &str,
+        rejected: pb::CertificateRejected,
+    ) {
+        let reason = format!(
+            "device rejected the issued certificate: {}",
+            rejected.reason
+        );
+        tracing::warn!(device.id = %device_id, serial = %rejected.serial, %reason, "device rejected a certificate");
+        self.hub.renewal_failed(device_id, &reason);
+        let actor = Identity::new(Role::Device, device_id);
+        self.audit_refusal(Refusal {
+            device_id,
+            serial: &rejected.serial,
+            key_fingerprint: "",
+            actor: &actor,
+            proof: "device-validation",
+            reason,
+        })
+        .await;
+    }
+
     async fn refused_renewal(
         &self,
         device_id: &str,

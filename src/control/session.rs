@@ -214,6 +214,10 @@ impl ControlPlane {
                             return EndReason::AgentClosed;
                         }
                     }
+                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRejected(rejected)) })) => {
+                        deadline = Instant::now() + silence;
+                        self.certificate_rejected_by_device(device_id, rejected).await;
+                    }
                     Some(Ok(message)) => {
                         deadline = Instant::now() + silence;
                         if !self.handle_message(device_id, handle.id, message).await {
@@ -244,7 +248,10 @@ impl ControlPlane {
                 self.hub.touch(device_id, now_millis());
                 return true;
             }
-            Some(Kind::Hello(_)) | Some(Kind::CertificateRequest(_)) | None => {
+            Some(Kind::Hello(_))
+            | Some(Kind::CertificateRequest(_))
+            | Some(Kind::CertificateRejected(_))
+            | None => {
                 tracing::warn!(device.id = %device_id, "unexpected message on an open session");
                 return false;
             }
