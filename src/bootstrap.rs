@@ -302,6 +302,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             max_backoff_secs: 60,
             renewal_retry_secs: 60,
             renewal_retry_max_secs: 24 * 3600,
+            health_listen: None,
         };
         write_file(
             &dir.agent_config(),

@@ -126,6 +126,19 @@ impl CertTrack {
     }
 }
 
+/// Devices and certificates counted for metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HubSummary {
+    pub synced: usize,
+    pub pending: usize,
+    pub error: usize,
+    pub offline: usize,
+    pub online: usize,
+    pub expiring_7d: usize,
+    pub expiring_30d: usize,
+    pub renewal_due: usize,
+}
+
 /// A renewal directive for a session to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewalRequest {
@@ -187,6 +200,7 @@ pub enum Answer {
 struct Sent {
     version: String,
     nonce: String,
+    at: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -549,9 +563,11 @@ impl Hub {
         entry.sent = Some(Sent {
             version: desired.version.clone(),
             nonce: nonce.clone(),
+            at: std::time::Instant::now(),
         });
         drop(state);
         self.pushes.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::spec_pushed();
         self.changed(device_id);
         Some(pb::RenderedSpec {
             version: desired.version.clone(),
@@ -566,6 +582,7 @@ impl Hub {
         device_id: &str,
         session_id: u64,
         nonce: &str,
+        nacked: bool,
         apply: impl FnOnce(&mut DeviceEntry, String),
     ) -> Answer {
         let mut state = self.lock();
@@ -576,6 +593,7 @@ impl Hub {
         let Some(sent) = entry.sent.take_if(|s| current && s.nonce == nonce) else {
             return Answer::Stale;
         };
+        crate::telemetry::push_answered(sent.at.elapsed(), nacked);
         apply(entry, sent.version);
         // A newer desired version may have arrived while this push was in flight.
         entry.wake();
@@ -590,7 +608,7 @@ impl Hub {
 
     /// Records an ACK of the push with `nonce`.
     pub fn ack(&self, device_id: &str, session_id: u64, nonce: &str) -> Answer {
-        self.answer(device_id, session_id, nonce, |entry, version| {
+        self.answer(device_id, session_id, nonce, false, |entry, version| {
             entry.acked_version = Some(version);
             entry.nacked = None;
         })
@@ -598,7 +616,7 @@ impl Hub {
 
     /// Records a NACK of the push with `nonce`: that version is not resent.
     pub fn nack(&self, device_id: &str, session_id: u64, nonce: &str, error: &str) -> Answer {
-        self.answer(device_id, session_id, nonce, |entry, version| {
+        self.answer(device_id, session_id, nonce, true, |entry, version| {
             entry.nacked = Some((version, error.to_string()));
         })
     }
@@ -626,6 +644,38 @@ impl Hub {
             .values()
             .filter(|e| e.session.is_some())
             .count()
+    }
+
+    /// Counts devices by sync and connection state and certificates by urgency, for metrics.
+    pub fn summary(&self, now_ms: i64) -> HubSummary {
+        const DAY_MS: i64 = 24 * 3600 * 1000;
+        let mut summary = HubSummary::default();
+        for entry in self.lock().devices.values() {
+            match entry.status().state {
+                SyncState::Synced => summary.synced += 1,
+                SyncState::Pending => summary.pending += 1,
+                SyncState::Error => summary.error += 1,
+                SyncState::Offline => summary.offline += 1,
+            }
+            if entry.session.is_some() {
+                summary.online += 1;
+            }
+            if let Some(cert) = &entry.cert {
+                let left = cert.not_after_ms - now_ms;
+                summary.expiring_7d += usize::from(left < 7 * DAY_MS);
+                summary.expiring_30d += usize::from(left < 30 * DAY_MS);
+                summary.renewal_due += usize::from(cert.due(now_ms));
+            }
+        }
+        summary
+    }
+
+    /// When the device was asked to renew, if it was.
+    pub fn renewal_asked_ms(&self, device_id: &str) -> Option<i64> {
+        self.lock()
+            .get(device_id)
+            .and_then(|e| e.cert.as_ref())
+            .and_then(|c| c.asked_ms)
     }
 
     /// Tracks a device's current certificate (at start, and after every issuance).

@@ -43,48 +43,54 @@ struct StoreArgs {
     database_url: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address of the device-facing endpoint.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    agent_listen: SocketAddr,
+    /// Address of the admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    admin_listen: SocketAddr,
+    /// Address of the plain-HTTP operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Extra DNS names or IP addresses for the server certificate (repeatable).
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen).
+    #[arg(long)]
+    agent_url: Option<String>,
+    /// Seconds between agent heartbeats.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_interval: u64,
+    /// Seconds of silence after which a device is OFFLINE and its stream closed
+    /// (default: three heartbeat intervals plus 10 seconds).
+    #[arg(long)]
+    offline_after: Option<u64>,
+    /// Milliseconds without further changes before a burst of spec changes is pushed as one wave.
+    #[arg(long, default_value_t = 150)]
+    push_debounce_ms: u64,
+    /// Longest a change waits for its wave, however long the burst lasts, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    push_max_delay_ms: u64,
+    /// Lifetime of device management certificates (`90s`, `15m`, `12h`, `365d`).
+    #[arg(long, default_value = "365d", value_parser = flotilla::clock::parse_duration)]
+    device_cert_validity: Duration,
+    /// Renew device certificates this long before they expire (each a little earlier, by a
+    /// per-certificate jitter of up to a fifth of this).
+    #[arg(long, default_value = "30d", value_parser = flotilla::clock::parse_duration)]
+    renew_before: Duration,
+    /// How long after expiry a device may still recover with its previous key.
+    #[arg(long, default_value = "90d", value_parser = flotilla::clock::parse_duration)]
+    recovery_window: Duration,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane (creates CA and credentials on first start).
-    Serve {
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Address of the device-facing endpoint.
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        agent_listen: SocketAddr,
-        /// Address of the admin endpoint.
-        #[arg(long, default_value = "127.0.0.1:7444")]
-        admin_listen: SocketAddr,
-        /// Extra DNS names or IP addresses for the server certificate (repeatable).
-        #[arg(long = "server-name")]
-        server_names: Vec<String>,
-        /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen).
-        #[arg(long)]
-        agent_url: Option<String>,
-        /// Seconds between agent heartbeats.
-        #[arg(long, default_value_t = 30)]
-        heartbeat_interval: u64,
-        /// Seconds of silence after which a device is OFFLINE and its stream closed
-        /// (default: three heartbeat intervals plus 10 seconds).
-        #[arg(long)]
-        offline_after: Option<u64>,
-        /// Milliseconds without further changes before a burst of spec changes is pushed as one wave.
-        #[arg(long, default_value_t = 150)]
-        push_debounce_ms: u64,
-        /// Longest a change waits for its wave, however long the burst lasts, in milliseconds.
-        #[arg(long, default_value_t = 2000)]
-        push_max_delay_ms: u64,
-        /// Lifetime of device management certificates (`90s`, `15m`, `12h`, `365d`).
-        #[arg(long, default_value = "365d", value_parser = flotilla::clock::parse_duration)]
-        device_cert_validity: Duration,
-        /// Renew device certificates this long before they expire (each a little earlier, by a
-        /// per-certificate jitter of up to a fifth of this).
-        #[arg(long, default_value = "30d", value_parser = flotilla::clock::parse_duration)]
-        renew_before: Duration,
-        /// How long after expiry a device may still recover with its previous key.
-        #[arg(long, default_value = "90d", value_parser = flotilla::clock::parse_duration)]
-        recovery_window: Duration,
-    },
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -179,26 +185,36 @@ async fn main() -> Result<()> {
             println!("{applied} migration(s) applied");
             Ok(())
         }
-        Command::Serve {
-            store,
-            agent_listen,
-            admin_listen,
-            server_names,
-            agent_url,
-            heartbeat_interval,
-            offline_after,
-            push_debounce_ms,
-            push_max_delay_ms,
-            device_cert_validity,
-            renew_before,
-            recovery_window,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                store,
+                agent_listen,
+                admin_listen,
+                metrics_listen,
+                server_names,
+                agent_url,
+                heartbeat_interval,
+                offline_after,
+                push_debounce_ms,
+                push_max_delay_ms,
+                device_cert_validity,
+                renew_before,
+                recovery_window,
+            } = *args;
             let agent = TcpListener::bind(agent_listen)
                 .await
                 .with_context(|| format!("binding the agent endpoint {agent_listen}"))?;
             let admin = TcpListener::bind(admin_listen)
                 .await
                 .with_context(|| format!("binding the admin endpoint {admin_listen}"))?;
+            let metrics = match metrics_listen {
+                Some(addr) => Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the operations endpoint {addr}"))?,
+                ),
+                None => None,
+            };
             let agent_addr = agent.local_addr()?;
             let admin_addr = admin.local_addr()?;
             let dir = DataDir::new(&store.data_dir);
@@ -252,9 +268,16 @@ async fn main() -> Result<()> {
             );
             println!("agent endpoint: {}", url_for(agent_addr));
             println!("admin endpoint: {}", url_for(admin_addr));
+            if let Some(addr) = metrics_listen {
+                println!("operations endpoint: http://{addr}/metrics");
+            }
             serve(
                 control,
-                Endpoints { agent, admin },
+                Endpoints {
+                    agent,
+                    admin,
+                    metrics,
+                },
                 material,
                 shutdown_signal(),
             )

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub renewal_retry_secs: u64,
     #[serde(default = "default_renewal_retry_max_secs")]
     pub renewal_retry_max_secs: u64,
+    /// Address of the local health and metrics endpoint (`/healthz`, `/metrics`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_server_name() -> String {

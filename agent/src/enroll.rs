@@ -14,6 +14,7 @@ use std::time::Duration;
 use tonic::Code;
 
 use crate::certs::Pair;
+use crate::health::Enrollment;
 use crate::state::Enrolled;
 use flotilla::profiles::AgentConfig;
 
@@ -88,6 +89,7 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
             .certs
             .reconcile(agent.state.root(), &ca_pem, &enrolled.device_id)
             .context("no usable device certificate; enroll the device again")?;
+        agent.health.set_enrollment(Enrollment::Enrolled);
         return Ok(enrolled);
     }
     let key = device_key(agent)?;
@@ -140,10 +142,15 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
                             agent.state.save_enrolled(&enrolled)?;
                             // The key now lives with its certificate.
                             let _ = std::fs::remove_file(agent.state.key_path());
+                            agent.health.set_enrollment(Enrollment::Enrolled);
                             tracing::info!(device.id = %enrolled.device_id, device.name = %enrolled.device_name, "enrolled");
                             return Ok(enrolled);
                         }
                         Ok(pb::EnrollmentState::Denied) => {
+                            agent.health.set_enrollment(Enrollment::Refused(format!(
+                                "enrollment denied: {}",
+                                response.reason
+                            )));
                             bail!(
                                 "enrollment of {:?} was denied: {}",
                                 agent.name,
@@ -152,6 +159,7 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
                         }
                         _ => {
                             if !announced {
+                                agent.health.set_enrollment(Enrollment::Waiting);
                                 tracing::info!(device.name = %agent.name, "enrollment request submitted; waiting for approval");
                                 announced = true;
                             }

@@ -4,6 +4,7 @@ mod apply;
 mod backoff;
 mod certs;
 mod enroll;
+mod health;
 mod recover;
 mod renewal;
 mod session;
@@ -39,6 +40,9 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Serve `/healthz` and `/metrics` on this address (overrides `health_listen` in the config).
+    #[arg(long)]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -53,6 +57,7 @@ pub struct Agent {
     pub config: AgentConfig,
     pub state: StateDir,
     pub certs: certs::CertStore,
+    pub health: std::sync::Arc<health::Health>,
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub boot_id: String,
@@ -127,9 +132,28 @@ async fn main() -> Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(shutdown_signal(stop_tx));
+    let health = std::sync::Arc::new(health::Health::new(state.root().to_path_buf()));
+    if let Some(addr) = cli.health_listen.or(config.health_listen) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the health endpoint {addr}"))?;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+        metrics::gauge!("flotilla_agent_build_info", "version" => flotilla::VERSION).set(1.0);
+        for result in ["ok", "rejected"] {
+            metrics::counter!("flotilla_agent_applies_total", "result" => result).absolute(0);
+        }
+        for result in ["renewed", "refused", "rejected"] {
+            metrics::counter!("flotilla_agent_renewals_total", "result" => result).absolute(0);
+        }
+        tracing::info!(%addr, "health endpoint listening");
+        tokio::spawn(health::serve(listener, health.clone(), handle));
+    }
     let agent = Agent {
         config,
         certs: certs::CertStore::new(state.root()),
+        health,
         state,
         name,
         labels,

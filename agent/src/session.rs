@@ -85,6 +85,7 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
             Ok(end) => end,
             Err(error) => End::Lost(format!("{error:#}")),
         };
+        agent.health.set_connected(false);
         renewer.on_session_end();
         if started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
@@ -140,8 +141,12 @@ async fn renewal_step(
 ) -> Result<Option<End>> {
     match outcome? {
         Outcome::Nothing => Ok(None),
-        Outcome::Swapped => Ok(Some(End::Renewed)),
+        Outcome::Swapped => {
+            metrics::counter!("flotilla_agent_renewals_total", "result" => "renewed").increment(1);
+            Ok(Some(End::Renewed))
+        }
         Outcome::Report(rejected) => {
+            metrics::counter!("flotilla_agent_renewals_total", "result" => "rejected").increment(1);
             let _ = tx
                 .send(message(pb::agent_message::Kind::CertificateRejected(
                     rejected,
@@ -206,6 +211,7 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                 match server_message.kind {
                     Some(pb::server_message::Kind::Accepted(accepted)) => {
                         tracing::info!(device.id = %enrolled.device_id, server_version = %accepted.current_version, version = %applied.version, "session established");
+                        agent.health.set_connected(true);
                         if let Some(every) = accepted.heartbeat_interval.and_then(|d| Duration::try_from(d).ok()) {
                             heartbeat = tokio::time::interval(every.max(Duration::from_millis(100)));
                             heartbeat.reset();
@@ -216,6 +222,9 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                                 agent.state.save_renew_before(renew_before)?;
                             }
                         }
+                        agent
+                            .health
+                            .set_certificate(cert.not_before, cert.not_after, renewer.renew_before);
                         if agent.certs.has_previous() {
                             agent.certs.confirm()?;
                             tracing::info!(serial = %cert.serial, "renewed certificate confirmed by a new session; previous pair removed");
@@ -235,6 +244,7 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                         }
                     }
                     Some(pb::server_message::Kind::CertificateRefused(refused)) => {
+                        metrics::counter!("flotilla_agent_renewals_total", "result" => "refused").increment(1);
                         if let Some(end) = renewal_step(renewer.on_refused(&refused), &tx).await? {
                             return Ok(end);
                         }
@@ -289,6 +299,8 @@ async fn handle_push(
                 return nack(format!("could not record the applied spec: {error}"), false);
             }
             *applied = new_state;
+            agent.health.set_last_apply(Ok(push.version.clone()));
+            metrics::counter!("flotilla_agent_applies_total", "result" => "ok").increment(1);
             tracing::info!(version = %push.version, files = applied.spec.files.len(), "spec applied");
             pb::agent_message::Kind::Ack(pb::Ack {
                 nonce: push.nonce.clone(),
@@ -296,6 +308,8 @@ async fn handle_push(
             })
         }
         Ok(Err(error)) => {
+            agent.health.set_last_apply(Err(error.message.clone()));
+            metrics::counter!("flotilla_agent_applies_total", "result" => "rejected").increment(1);
             tracing::warn!(version = %push.version, error = %error.message, rolled_back = error.rolled_back, "spec rejected");
             nack(error.message, error.rolled_back)
         }

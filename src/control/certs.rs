@@ -160,6 +160,7 @@ impl ControlPlane {
             outcome: "refused".into(),
             ..Default::default()
         };
+        crate::telemetry::certificate_event("rejected");
         if let Err(error) = self.audit(entry).await {
             tracing::error!(device.id = %refusal.device_id, %error, "could not audit a refused certificate request");
         }
@@ -204,6 +205,17 @@ impl ControlPlane {
         self.catalog_mut()
             .note_certificate(device_id, &record.serial, record.not_after_ms);
         self.track_certificate(device_id, &record.serial, record.not_after_ms);
+        if kind == "renewed" {
+            if let Some(asked) = self.hub.renewal_asked_ms(device_id) {
+                let waited = (now_millis() - asked).max(0) as u64;
+                crate::telemetry::renewal_latency(Duration::from_millis(waited));
+            }
+        }
+        crate::telemetry::certificate_event(if kind == "renewed" {
+            "renewed"
+        } else {
+            "recovered"
+        });
         tracing::info!(device.id = %device_id, serial = %record.serial, kind, "certificate issued");
         Ok(record)
     }
@@ -582,6 +594,7 @@ impl ControlPlane {
             }
         }
         for serial in &serials {
+            crate::telemetry::certificate_event("revoked");
             tracing::info!(serial = %serial, "certificate revoked");
         }
         serials
@@ -623,6 +636,8 @@ impl ControlPlane {
                 .await?
         };
         let serials = self.after_revocation(revoked);
+        self.enrollment_counts
+            .moved(Some(crate::store::EnrollmentState::Approved), None);
         self.hub.remove(&id);
         {
             let mut catalog = self.catalog_mut();

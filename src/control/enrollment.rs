@@ -44,6 +44,7 @@ impl ControlPlane {
         validate_labels(&input.labels).map_err(|e| ControlError::invalid("labels", e))?;
         let key =
             verify_csr_pem(&input.csr_pem).map_err(|e| ControlError::invalid("csr_pem", e))?;
+        let submitted_ms = now_millis();
         let record = self
             .store
             .submit_enrollment(NewEnrollment {
@@ -52,9 +53,13 @@ impl ControlPlane {
                 csr_pem: input.csr_pem,
                 labels: input.labels,
                 system_info: input.system_info,
-                created_ms: now_millis(),
+                created_ms: submitted_ms,
             })
             .await?;
+        if record.created_ms == submitted_ms && record.state == EnrollmentState::Pending {
+            self.enrollment_counts
+                .moved(None, Some(EnrollmentState::Pending));
+        }
         let certificate = match &record.certificate_serial {
             Some(serial) => self.store.get_certificate(serial).await?,
             None => None,
@@ -152,6 +157,11 @@ impl ControlPlane {
             catalog.render_into(&self.hub, [device_id.clone()]);
         }
         self.track_certificate(&device_id, &serial, not_after_ms);
+        self.enrollment_counts.moved(
+            Some(EnrollmentState::Pending),
+            Some(EnrollmentState::Approved),
+        );
+        crate::telemetry::certificate_event("issued");
         tracing::info!(device.id = %device_id, device.name = %name, by = %decided_by, "enrollment approved");
         Ok(record)
     }
@@ -177,6 +187,10 @@ impl ControlPlane {
                 now_millis(),
             )
             .await?;
+        self.enrollment_counts.moved(
+            Some(EnrollmentState::Pending),
+            Some(EnrollmentState::Denied),
+        );
         tracing::info!(enrollment.name = %name, by = %decided_by, "enrollment denied");
         Ok(record)
     }

@@ -7,6 +7,7 @@ mod certs;
 mod devices;
 mod enrollment;
 mod fleets;
+mod metrics;
 mod session;
 mod watch;
 
@@ -111,6 +112,8 @@ pub struct ControlPlane {
     challenges: Arc<certs::Challenges>,
     /// Serialises audit appends, so records chain in the order they are written.
     audit_lock: Arc<tokio::sync::Mutex<()>>,
+    enrollment_counts: Arc<metrics::EnrollmentCounts>,
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
     writes: Arc<tokio::sync::Mutex<()>>,
@@ -134,6 +137,8 @@ impl ControlPlane {
             revoked: Arc::default(),
             challenges: Arc::default(),
             audit_lock: Arc::default(),
+            enrollment_counts: Arc::default(),
+            shutting_down: Arc::default(),
             writes: Arc::default(),
         }
     }
@@ -141,6 +146,17 @@ impl ControlPlane {
     /// The CA certificate (PEM) that signs device and server certificates.
     pub fn ca_pem(&self) -> &str {
         self.ca.cert_pem()
+    }
+
+    /// Marks the control plane as shutting down (readiness turns false).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Serials refused on every connection.
@@ -217,6 +233,7 @@ impl ControlPlane {
             self.track_certificate(&device_id, &serial, not_after_ms);
         }
         self.revoked.extend(self.store.revoked_serials().await?);
+        self.count_enrollments().await?;
         Ok(count)
     }
 }

@@ -101,6 +101,7 @@ impl ControlPlane {
             // The session itself does not depend on this bookkeeping.
             tracing::warn!(device.id = %device_id, %error, "could not record session start");
         }
+        crate::telemetry::session_opened();
         tracing::info!(device.id = %device_id, version = %hello.rendered_version, agent = %hello.agent_version, "session opened");
         Ok(Session {
             device_id,
@@ -148,6 +149,7 @@ impl ControlPlane {
         if let Err(error) = self.store.record_last_seen(&device_id, now).await {
             tracing::warn!(device.id = %device_id, %error, "could not record last_seen");
         }
+        crate::telemetry::session_closed(reason.as_str());
         tracing::info!(device.id = %device_id, reason = reason.as_str(), "session closed");
         reason
     }

@@ -117,13 +117,15 @@ impl Store {
         seal: std::sync::Arc<dyn AuditSeal>,
         entry: AuditEntry,
     ) -> Result<SealedRecord, StoreError> {
-        self.run(move |conn| conn.transaction(|conn| append(conn, seal.as_ref(), entry)))
-            .await
+        self.run("append_audit", move |conn| {
+            conn.transaction(|conn| append(conn, seal.as_ref(), entry))
+        })
+        .await
     }
 
     /// Records matching `query`, in sequence order.
     pub async fn list_audit(&self, query: AuditQuery) -> Result<Vec<SealedRecord>, StoreError> {
-        self.run(move |conn| {
+        self.run("list_audit", move |conn| {
             let mut q = ca::table
                 .filter(ca::seq.gt(query.after_seq))
                 .select(AuditRow::as_select())

@@ -38,7 +38,7 @@ impl Store {
         serial: &str,
     ) -> Result<Option<CertificateRecord>, StoreError> {
         let serial = serial.to_string();
-        self.run(move |conn| {
+        self.run("get_certificate", move |conn| {
             Ok(certificates::table
                 .find(serial)
                 .select(CertificateRecord::as_select())
@@ -112,7 +112,7 @@ impl Store {
         &self,
         device_id: Option<String>,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.run(move |conn| {
+        self.run("list_certificates", move |conn| {
             let mut query = certificates::table
                 .select(CertificateRecord::as_select())
                 .order((certificates::issued_ms.asc(), certificates::serial.asc()))
@@ -132,7 +132,7 @@ impl Store {
         key_fingerprint: &str,
     ) -> Result<Option<CertificateRecord>, StoreError> {
         let (device_id, key) = (device_id.to_string(), key_fingerprint.to_string());
-        self.run(move |conn| {
+        self.run("find_certificate_for_key", move |conn| {
             Ok(certificates::table
                 .filter(certificates::device_id.eq(device_id))
                 .filter(certificates::key_fingerprint.eq(key))
@@ -151,7 +151,7 @@ impl Store {
         seal: Arc<dyn AuditSeal>,
         entry: AuditEntry,
     ) -> Result<SealedRecord, StoreError> {
-        self.run(move |conn| {
+        self.run("record_issuance", move |conn| {
             conn.transaction(|conn| {
                 insert_certificate(conn, &certificate)?;
                 diesel::update(devices::table.find(&certificate.device_id))
@@ -172,8 +172,10 @@ impl Store {
         revocation: Revocation,
         seal: Arc<dyn AuditSeal>,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.run(move |conn| conn.transaction(|conn| revoke(conn, seal.as_ref(), &revocation)))
-            .await
+        self.run("revoke_certificates", move |conn| {
+            conn.transaction(|conn| revoke(conn, seal.as_ref(), &revocation))
+        })
+        .await
     }
 
     /// Decommissions a device: revokes its certificates, deletes it and its enrollment request (so
@@ -185,7 +187,7 @@ impl Store {
         seal: Arc<dyn AuditSeal>,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         let device_id = device_id.to_string();
-        self.run(move |conn| {
+        self.run("delete_device", move |conn| {
             conn.transaction(|conn| {
                 let revoked = revoke(conn, seal.as_ref(), &revocation)?;
                 diesel::delete(
@@ -202,7 +204,7 @@ impl Store {
 
     /// Serials of every revoked certificate (loaded at start for the connection check).
     pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
-        self.run(|conn| {
+        self.run("revoked_serials", |conn| {
             Ok(certificates::table
                 .filter(certificates::revoked_ms.is_not_null())
                 .select(certificates::serial)

@@ -164,7 +164,7 @@ pub(super) fn write_owners(
 impl Store {
     /// Every device, by name.
     pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.run(|conn| {
+        self.run("list_devices", |conn| {
             devices::table
                 .order(devices::name.asc())
                 .select(DeviceRow::as_select())
@@ -178,7 +178,7 @@ impl Store {
 
     pub async fn get_device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| {
+        self.run("get_device_by_name", move |conn| {
             devices::table
                 .filter(devices::name.eq(name))
                 .select(DeviceRow::as_select())
@@ -204,7 +204,7 @@ impl Store {
             fleet: change.fleet,
             updated_ms: now_ms,
         };
-        self.run(move |conn| {
+        self.run("update_device", move |conn| {
             conn.transaction(|conn| {
                 let changed = diesel::update(devices::table.filter(devices::name.eq(&name)))
                     .set(&changeset)
@@ -231,8 +231,10 @@ impl Store {
         if owners.is_empty() {
             return Ok(());
         }
-        self.run(move |conn| conn.transaction(|conn| write_owners(conn, &owners)))
-            .await
+        self.run("set_device_owners", move |conn| {
+            conn.transaction(|conn| write_owners(conn, &owners))
+        })
+        .await
     }
 
     /// Records what a device reported: the version it acknowledged and the version it rejected
@@ -245,7 +247,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let id = id.to_string();
         let (nacked_version, last_error) = nacked.unzip();
-        self.run(move |conn| {
+        self.run("record_device_sync", move |conn| {
             diesel::update(devices::table.find(id))
                 .set((
                     devices::acked_version.eq(acked_version),
@@ -261,7 +263,7 @@ impl Store {
     /// Records when a device was last heard from (at the end of a session).
     pub async fn record_last_seen(&self, id: &str, seen_ms: i64) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.run(move |conn| {
+        self.run("record_last_seen", move |conn| {
             diesel::update(devices::table.find(id))
                 .set(devices::last_seen_ms.eq(seen_ms))
                 .execute(conn)?;
@@ -280,7 +282,7 @@ impl Store {
         seen_ms: i64,
     ) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.run(move |conn| {
+        self.run("record_device_session", move |conn| {
             let target = devices::table.find(id);
             match running_version {
                 Some(version) => diesel::update(target)

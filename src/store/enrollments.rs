@@ -136,7 +136,7 @@ impl Store {
         &self,
         new: NewEnrollment,
     ) -> Result<EnrollmentRecord, StoreError> {
-        self.run(move |conn| {
+        self.run("submit_enrollment", move |conn| {
             conn.transaction(|conn| {
                 if let Some(existing) = find(conn, &new.name)? {
                     if existing.key_fingerprint == new.key_fingerprint {
@@ -170,7 +170,8 @@ impl Store {
 
     pub async fn get_enrollment(&self, name: &str) -> Result<Option<EnrollmentRecord>, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| find(conn, &name)).await
+        self.run("get_enrollment", move |conn| find(conn, &name))
+            .await
     }
 
     /// Requests in `state` (all when `None`), oldest first.
@@ -178,7 +179,7 @@ impl Store {
         &self,
         state: Option<EnrollmentState>,
     ) -> Result<Vec<EnrollmentRecord>, StoreError> {
-        self.run(move |conn| {
+        self.run("list_enrollments", move |conn| {
             let mut query = er::table.select(EnrollmentRow::as_select()).into_boxed();
             if let Some(state) = state {
                 query = query.filter(er::state.eq(state.as_str()));
@@ -205,7 +206,7 @@ impl Store {
         audit: AuditEntry,
     ) -> Result<EnrollmentRecord, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| {
+        self.run("approve_enrollment", move |conn| {
             conn.transaction(|conn| {
                 let changed = diesel::update(
                     er::table
@@ -242,7 +243,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<EnrollmentRecord, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| {
+        self.run("deny_enrollment", move |conn| {
             conn.transaction(|conn| {
                 let changed = diesel::update(
                     er::table

@@ -113,13 +113,16 @@ fn load_fleets(
 impl Store {
     /// Every fleet with its current template, by name.
     pub async fn list_fleets(&self) -> Result<Vec<FleetRecord>, StoreError> {
-        self.run(|conn| load_fleets(conn, None)).await
+        self.run("list_fleets", |conn| load_fleets(conn, None))
+            .await
     }
 
     pub async fn get_fleet(&self, name: &str) -> Result<Option<FleetRecord>, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| Ok(load_fleets(conn, Some(&name))?.pop()))
-            .await
+        self.run("get_fleet", move |conn| {
+            Ok(load_fleets(conn, Some(&name))?.pop())
+        })
+        .await
     }
 
     /// Creates or updates a fleet and, in the same transaction, moves devices to their new owners.
@@ -129,7 +132,7 @@ impl Store {
         write: FleetWrite,
         owners: Vec<(String, Option<String>)>,
     ) -> Result<FleetRecord, StoreError> {
-        self.run(move |conn| {
+        self.run("apply_fleet", move |conn| {
             conn.transaction(|conn| {
                 let existing = load_fleets(conn, Some(&write.name))?.pop();
                 let template = to_json(&write.template);
@@ -191,7 +194,7 @@ impl Store {
         owners: Vec<(String, Option<String>)>,
     ) -> Result<bool, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| {
+        self.run("delete_fleet", move |conn| {
             conn.transaction(|conn| {
                 let deleted = diesel::delete(fleets::table.find(&name)).execute(conn)?;
                 if deleted == 0 {
@@ -213,7 +216,7 @@ impl Store {
     /// A fleet's revisions, oldest first.
     pub async fn list_fleet_revisions(&self, name: &str) -> Result<Vec<FleetRevision>, StoreError> {
         let name = name.to_string();
-        self.run(move |conn| {
+        self.run("list_fleet_revisions", move |conn| {
             fleet_revisions::table
                 .filter(fleet_revisions::fleet.eq(name))
                 .order(fleet_revisions::revision.asc())

@@ -105,26 +105,31 @@ impl Store {
 
     /// Applies pending migrations; returns how many ran.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
-        self.run(|conn| connection::run_migrations(conn).map_err(StoreError::Migration))
-            .await
+        self.run("migrate", |conn| {
+            connection::run_migrations(conn).map_err(StoreError::Migration)
+        })
+        .await
     }
 
-    /// Runs `op` on a pooled connection on the blocking thread pool.
-    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    /// Runs `op` (named `operation` in metrics) on a pooled connection on the blocking pool.
+    async fn run<T, F>(&self, operation: &'static str, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
         self.queries.fetch_add(1, Ordering::Relaxed);
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let mut conn = pool
                 .get()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             op(&mut conn)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?;
+        crate::telemetry::store_operation(operation, started.elapsed());
+        result
     }
 }
 

@@ -5,6 +5,8 @@ pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod convert;
+pub mod http;
+pub mod rpc_metrics;
 pub mod server;
 pub mod status;
 pub mod tls;

@@ -6,6 +6,7 @@
 use super::admin::AdminApi;
 use super::agent::AgentApi;
 use super::auth::{AuthLayer, Authenticator};
+use super::rpc_metrics::RpcMetricsLayer;
 use super::tls;
 use crate::control::{ControlError, ControlPlane};
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -36,6 +37,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Endpoints {
     pub agent: TcpListener,
     pub admin: TcpListener,
+    /// The plain-HTTP operations endpoint (`/metrics`, `/healthz`, `/readyz`), if wanted.
+    pub metrics: Option<TcpListener>,
 }
 
 /// The server's certificate and the CA it trusts for clients.
@@ -67,6 +70,18 @@ fn builder() -> Server {
         .timeout(Duration::from_secs(60))
 }
 
+/// The names the health service reports on ("" is the server as a whole).
+const HEALTH_SERVICES: &[&str] = &[
+    "",
+    "flotilla.agent.v1.AgentService",
+    "flotilla.agent.v1.EnrollmentService",
+    "flotilla.admin.v1.DeviceService",
+    "flotilla.admin.v1.EnrollmentService",
+    "flotilla.admin.v1.FleetService",
+    "flotilla.admin.v1.CertificateService",
+    "flotilla.admin.v1.AuditService",
+];
+
 /// Runs both endpoints until `shutdown` completes, then drains.
 pub async fn serve(
     control: ControlPlane,
@@ -94,6 +109,7 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_http = stop_rx.clone();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -117,6 +133,7 @@ pub async fn serve(
         );
 
     let admin_server = builder()
+        .layer(RpcMetricsLayer)
         .layer(auth)
         .add_service(
             DeviceServiceServer::new(AdminApi::new(control.clone()))
@@ -149,6 +166,15 @@ pub async fn serve(
 
     let agent_task = tokio::spawn(agent_server);
     let admin_task = tokio::spawn(admin_server);
+    let metrics = crate::telemetry::install();
+    if let Some(listener) = endpoints.metrics {
+        tokio::spawn(super::http::serve_http(
+            listener,
+            control.clone(),
+            metrics,
+            stop_rx_http,
+        ));
+    }
 
     let devices = control.load().await?;
     let waves = {
@@ -160,16 +186,7 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_renewal_scheduler().await })
     };
-    for service in [
-        "",
-        "flotilla.agent.v1.AgentService",
-        "flotilla.agent.v1.EnrollmentService",
-        "flotilla.admin.v1.DeviceService",
-        "flotilla.admin.v1.EnrollmentService",
-        "flotilla.admin.v1.FleetService",
-        "flotilla.admin.v1.CertificateService",
-        "flotilla.admin.v1.AuditService",
-    ] {
+    for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
             .await;
@@ -178,9 +195,12 @@ pub async fn serve(
 
     shutdown.await;
     tracing::info!("shutting down: refusing new work and closing sessions");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    control.begin_shutdown();
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     control.hub().close_all();
     waves.abort();
     renewals.abort();

@@ -102,6 +102,8 @@ pub async fn test_store(dir: &Path) -> (Store, TestDb) {
 
 /// A control plane running in this process on real TLS over loopback.
 pub struct TestServer {
+    /// `http://host:port` of the operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub metrics_url: String,
     pub agent_url: String,
     pub admin_url: String,
     pub dir: DataDir,
@@ -185,6 +187,9 @@ impl TestServer {
         let dir = DataDir::new(tmp.path().join("data"));
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_url = format!("http://{}", metrics.local_addr().unwrap());
+        let metrics = Some(metrics);
         let agent_url = format!("https://{}", agent.local_addr().unwrap());
         let admin_url = format!("https://{}", admin.local_addr().unwrap());
         let options = BootstrapOptions {
@@ -210,15 +215,25 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = control.clone();
         let task = tokio::spawn(async move {
-            serve(serving, Endpoints { agent, admin }, material, async {
-                let _ = stopped.await;
-            })
+            serve(
+                serving,
+                Endpoints {
+                    agent,
+                    admin,
+                    metrics,
+                },
+                material,
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
         });
         let server = TestServer {
             agent_url,
             admin_url,
+            metrics_url,
             dir,
             control,
             ca,

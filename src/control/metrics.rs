@@ -1,0 +1,89 @@
+//! What the control plane reports at scrape time: gauges computed from memory (hub, catalog and
+//! the enrollment counts kept up to date by the enrollment use cases), so a scrape costs no query.
+
+use super::ControlPlane;
+use crate::clock::now_millis;
+use crate::store::EnrollmentState;
+use crate::telemetry::Snapshot;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Enrollment requests by state, counted once at start and moved on every decision.
+#[derive(Debug, Default)]
+pub struct EnrollmentCounts {
+    pending: AtomicI64,
+    approved: AtomicI64,
+    denied: AtomicI64,
+}
+
+impl EnrollmentCounts {
+    fn counter(&self, state: EnrollmentState) -> &AtomicI64 {
+        match state {
+            EnrollmentState::Pending => &self.pending,
+            EnrollmentState::Approved => &self.approved,
+            EnrollmentState::Denied => &self.denied,
+        }
+    }
+
+    /// A request left `from` (if any) for `to` (if any).
+    pub fn moved(&self, from: Option<EnrollmentState>, to: Option<EnrollmentState>) {
+        if let Some(from) = from {
+            self.counter(from).fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(to) = to {
+            self.counter(to).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn reset(&self, pending: i64, approved: i64, denied: i64) {
+        self.pending.store(pending, Ordering::Relaxed);
+        self.approved.store(approved, Ordering::Relaxed);
+        self.denied.store(denied, Ordering::Relaxed);
+    }
+}
+
+impl ControlPlane {
+    /// Counts enrollment requests (at start).
+    pub(super) async fn count_enrollments(&self) -> Result<(), super::ControlError> {
+        let requests = self.store.list_enrollments(None).await?;
+        let count = |state| requests.iter().filter(|r| r.state == state).count() as i64;
+        self.enrollment_counts.reset(
+            count(EnrollmentState::Pending),
+            count(EnrollmentState::Approved),
+            count(EnrollmentState::Denied),
+        );
+        Ok(())
+    }
+
+    /// The gauges' current values.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let summary = self.hub.summary(now_millis());
+        let fleets = {
+            let catalog = self.catalog();
+            catalog
+                .fleets()
+                .map(|f| {
+                    let name = f.record.name.clone();
+                    let owned = catalog.owned_by(&name).len();
+                    (name, owned)
+                })
+                .collect()
+        };
+        let counts = &self.enrollment_counts;
+        Snapshot {
+            ready: self.hub.is_ready() && !self.is_shutting_down(),
+            sessions: summary.online,
+            synced: summary.synced,
+            pending: summary.pending,
+            error: summary.error,
+            offline: summary.offline,
+            online: summary.online,
+            fleets,
+            enrollments_pending: counts.pending.load(Ordering::Relaxed),
+            enrollments_approved: counts.approved.load(Ordering::Relaxed),
+            enrollments_denied: counts.denied.load(Ordering::Relaxed),
+            expiring_7d: summary.expiring_7d,
+            expiring_30d: summary.expiring_30d,
+            renewal_due: summary.renewal_due,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The control plane's Prometheus metrics (catalogue in docs/metrics.md): one place that names
+//! every series, records events through the `metrics` facade, and renders the exposition. No
+//! metric carries a per-device label.
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const SESSION_CLOSE_REASONS: &[&str] = &[
+    "agent_closed",
+    "stream_error",
+    "silent",
+    "replaced",
+    "protocol_error",
+];
+pub const CERTIFICATE_EVENTS: &[&str] = &["issued", "renewed", "recovered", "revoked", "rejected"];
+
+/// Latency buckets, seconds: from a fast loopback ACK to a slow edge link.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Renewal latency buckets, seconds: a renewal may wait for a device to come back.
+const RENEWAL_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("flotilla_certificate_renewal_seconds".into()),
+                    RENEWAL_BUCKETS,
+                )
+                .and_then(|b| b.set_buckets(LATENCY_BUCKETS));
+            let recorder = match builder {
+                Ok(builder) => builder.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embedding several servers); the
+            // handle then renders this recorder only, which nothing writes to.
+            let _ = metrics::set_global_recorder(recorder);
+            init_series();
+            handle
+        })
+        .clone()
+}
+
+/// Creates every counter at zero, so dashboards and alerts see them before the first event.
+fn init_series() {
+    gauge!("flotilla_build_info", "version" => crate::VERSION).set(1.0);
+    counter!("flotilla_sessions_opened_total").absolute(0);
+    for reason in SESSION_CLOSE_REASONS {
+        counter!("flotilla_sessions_closed_total", "reason" => *reason).absolute(0);
+    }
+    counter!("flotilla_specs_pushed_total").absolute(0);
+    counter!("flotilla_nacks_total").absolute(0);
+    for event in CERTIFICATE_EVENTS {
+        counter!("flotilla_certificates_total", "event" => *event).absolute(0);
+    }
+}
+
+pub fn session_opened() {
+    counter!("flotilla_sessions_opened_total").increment(1);
+}
+
+pub fn session_closed(reason: &'static str) {
+    counter!("flotilla_sessions_closed_total", "reason" => reason).increment(1);
+}
+
+pub fn spec_pushed() {
+    counter!("flotilla_specs_pushed_total").increment(1);
+}
+
+/// An ACK or NACK arrived `elapsed` after its push.
+pub fn push_answered(elapsed: Duration, nacked: bool) {
+    histogram!("flotilla_push_ack_seconds").record(elapsed.as_secs_f64());
+    if nacked {
+        counter!("flotilla_nacks_total").increment(1);
+    }
+}
+
+pub fn certificate_event(event: &'static str) {
+    counter!("flotilla_certificates_total", "event" => event).increment(1);
+}
+
+pub fn renewal_latency(elapsed: Duration) {
+    histogram!("flotilla_certificate_renewal_seconds").record(elapsed.as_secs_f64());
+}
+
+pub fn admin_request(method: String, code: &'static str, elapsed: Duration) {
+    histogram!("flotilla_admin_request_seconds", "method" => method.clone())
+        .record(elapsed.as_secs_f64());
+    counter!("flotilla_admin_requests_total", "method" => method, "code" => code).increment(1);
+}
+
+pub fn store_operation(operation: &'static str, elapsed: Duration) {
+    histogram!("flotilla_store_operation_seconds", "operation" => operation)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Point-in-time values computed from memory just before a scrape.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub ready: bool,
+    pub sessions: usize,
+    pub synced: usize,
+    pub pending: usize,
+    pub error: usize,
+    pub offline: usize,
+    pub online: usize,
+    pub fleets: Vec<(String, usize)>,
+    pub enrollments_pending: i64,
+    pub enrollments_approved: i64,
+    pub enrollments_denied: i64,
+    pub expiring_7d: usize,
+    pub expiring_30d: usize,
+    pub renewal_due: usize,
+}
+
+/// Sets the gauges from `snapshot`.
+pub fn publish(snapshot: &Snapshot) {
+    gauge!("flotilla_ready").set(if snapshot.ready { 1.0 } else { 0.0 });
+    gauge!("flotilla_agent_sessions").set(snapshot.sessions as f64);
+    for (state, count) in [
+        ("synced", snapshot.synced),
+        ("pending", snapshot.pending),
+        ("error", snapshot.error),
+        ("offline", snapshot.offline),
+    ] {
+        gauge!("flotilla_devices", "sync_state" => state).set(count as f64);
+    }
+    gauge!("flotilla_devices_connection", "state" => "online").set(snapshot.online as f64);
+    gauge!("flotilla_devices_connection", "state" => "offline").set(
+        (snapshot.synced + snapshot.pending + snapshot.error + snapshot.offline)
+            .saturating_sub(snapshot.online) as f64,
+    );
+    for (fleet, count) in &snapshot.fleets {
+        gauge!("flotilla_fleet_devices", "fleet" => fleet.clone()).set(*count as f64);
+    }
+    for (state, count) in [
+        ("pending", snapshot.enrollments_pending),
+        ("approved", snapshot.enrollments_approved),
+        ("denied", snapshot.enrollments_denied),
+    ] {
+        gauge!("flotilla_enrollment_requests", "state" => state).set(count as f64);
+    }
+    gauge!("flotilla_certificates_expiring", "within" => "7d").set(snapshot.expiring_7d as f64);
+    gauge!("flotilla_certificates_expiring", "within" => "30d").set(snapshot.expiring_30d as f64);
+    gauge!("flotilla_certificates_renewal_due").set(snapshot.renewal_due as f64);
+}
