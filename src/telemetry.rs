@@ -51,8 +51,79 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Help texts of every series (the exposition carries them; `promtool check metrics` wants them).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "flotilla_build_info",
+        "Always 1; the version label is the running version."
+    );
+    describe_gauge!(
+        "flotilla_ready",
+        "1 when state is loaded and the server is not shutting down."
+    );
+    describe_gauge!(
+        "flotilla_agent_sessions",
+        "Open agent streams (connected agents)."
+    );
+    describe_counter!("flotilla_sessions_opened_total", "Agent streams accepted.");
+    describe_counter!(
+        "flotilla_sessions_closed_total",
+        "Agent streams ended, by reason."
+    );
+    describe_counter!(
+        "flotilla_specs_pushed_total",
+        "Rendered specs pushed to agents."
+    );
+    describe_histogram!(
+        "flotilla_push_ack_seconds",
+        metrics::Unit::Seconds,
+        "Time from a push to its ACK or NACK."
+    );
+    describe_counter!("flotilla_nacks_total", "Pushes the agent rejected.");
+    describe_gauge!("flotilla_devices", "Devices by sync state.");
+    describe_gauge!(
+        "flotilla_devices_connection",
+        "Devices by connection state."
+    );
+    describe_gauge!("flotilla_fleet_devices", "Devices each fleet owns.");
+    describe_gauge!(
+        "flotilla_enrollment_requests",
+        "Enrollment requests by state."
+    );
+    describe_counter!("flotilla_certificates_total", "Certificate events by kind.");
+    describe_gauge!(
+        "flotilla_certificates_expiring",
+        "Devices whose current certificate expires within the window."
+    );
+    describe_gauge!(
+        "flotilla_certificates_renewal_due",
+        "Devices whose certificate is due for renewal and not yet renewed."
+    );
+    describe_histogram!(
+        "flotilla_certificate_renewal_seconds",
+        metrics::Unit::Seconds,
+        "From asking a device to renew to issuing its certificate."
+    );
+    describe_counter!(
+        "flotilla_admin_requests_total",
+        "Admin RPCs by method and status code."
+    );
+    describe_histogram!(
+        "flotilla_admin_request_seconds",
+        metrics::Unit::Seconds,
+        "Admin RPC latency by method."
+    );
+    describe_histogram!(
+        "flotilla_store_operation_seconds",
+        metrics::Unit::Seconds,
+        "Database operation latency by operation."
+    );
+}
+
 /// Creates every counter at zero, so dashboards and alerts see them before the first event.
 fn init_series() {
+    describe();
     gauge!("flotilla_build_info", "version" => crate::VERSION).set(1.0);
     counter!("flotilla_sessions_opened_total").absolute(0);
     for reason in SESSION_CLOSE_REASONS {

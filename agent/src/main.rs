@@ -75,6 +75,32 @@ impl Agent {
     }
 }
 
+/// Help texts of the agent's series.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "flotilla_agent_build_info",
+        "Always 1; the version label is the agent's version."
+    );
+    describe_gauge!(
+        "flotilla_agent_connected",
+        "1 while the management stream is open."
+    );
+    describe_counter!("flotilla_agent_applies_total", "Spec applies by result.");
+    describe_counter!(
+        "flotilla_agent_renewals_total",
+        "Certificate renewals by result."
+    );
+    describe_gauge!(
+        "flotilla_agent_certificate_expiry_seconds",
+        "Unix time the current certificate expires."
+    );
+    describe_gauge!(
+        "flotilla_agent_health",
+        "Last health result per check: 0 pass, 1 warn, 2 fail."
+    );
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_lowercase())
@@ -140,6 +166,7 @@ async fn main() -> Result<()> {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+        describe_metrics();
         metrics::gauge!("flotilla_agent_build_info", "version" => flotilla::VERSION).set(1.0);
         for result in ["ok", "rejected"] {
             metrics::counter!("flotilla_agent_applies_total", "result" => result).absolute(0);

@@ -202,15 +202,16 @@ impl ControlPlane {
                 .record_issuance(record.clone(), self.seal(), entry)
                 .await?;
         }
-        self.catalog_mut()
-            .note_certificate(device_id, &record.serial, record.not_after_ms);
-        self.track_certificate(device_id, &record.serial, record.not_after_ms);
+        // Measured before tracking the new certificate clears the request time.
         if kind == "renewed" {
             if let Some(asked) = self.hub.renewal_asked_ms(device_id) {
                 let waited = (now_millis() - asked).max(0) as u64;
                 crate::telemetry::renewal_latency(Duration::from_millis(waited));
             }
         }
+        self.catalog_mut()
+            .note_certificate(device_id, &record.serial, record.not_after_ms);
+        self.track_certificate(device_id, &record.serial, record.not_after_ms);
         crate::telemetry::certificate_event(if kind == "renewed" {
             "renewed"
         } else {
