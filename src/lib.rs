@@ -34,6 +34,8 @@ pub mod render;
 #[cfg(feature = "server")]
 pub mod revocation;
 #[cfg(feature = "server")]
+pub mod rollout;
+#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 pub mod telemetry;
