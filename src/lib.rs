@@ -13,6 +13,7 @@ pub mod names;
 pub mod pki;
 pub mod profiles;
 pub mod proto;
+pub mod rollout;
 pub mod selector;
 pub mod signature;
 pub mod spec;
@@ -33,8 +34,6 @@ pub mod hub;
 pub mod render;
 #[cfg(feature = "server")]
 pub mod revocation;
-#[cfg(feature = "server")]
-pub mod rollout;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]

@@ -192,6 +192,8 @@ pub struct Snapshot {
     pub expiring_7d: usize,
     pub expiring_30d: usize,
     pub renewal_due: usize,
+    /// Open rollouts: (fleet, share of devices synced on the new revision, paused).
+    pub rollouts: Vec<(String, f64, bool)>,
 }
 
 /// Sets the gauges from `snapshot`.
@@ -224,4 +226,13 @@ pub fn publish(snapshot: &Snapshot) {
     gauge!("flotilla_certificates_expiring", "within" => "7d").set(snapshot.expiring_7d as f64);
     gauge!("flotilla_certificates_expiring", "within" => "30d").set(snapshot.expiring_30d as f64);
     gauge!("flotilla_certificates_renewal_due").set(snapshot.renewal_due as f64);
+    gauge!("flotilla_rollouts_open").set(snapshot.rollouts.len() as f64);
+    for (fleet, progress, paused) in &snapshot.rollouts {
+        gauge!("flotilla_rollout_progress", "fleet" => fleet.clone()).set(*progress);
+        gauge!("flotilla_rollout_paused", "fleet" => fleet.clone()).set(if *paused {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }

@@ -28,6 +28,7 @@ fn fleet(name: &str, selector: &str, content: &str) -> admin::ApplyFleetRequest 
             }],
             ..Default::default()
         }),
+        rollout: None,
     }
 }
 

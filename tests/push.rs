@@ -29,6 +29,7 @@ fn web_fleet(content: &str) -> admin::ApplyFleetRequest {
             }],
             ..Default::default()
         }),
+        rollout: None,
     }
 }
 

@@ -6,7 +6,7 @@ mod support;
 use flotilla::audit::{AuditEntry, verify_chain};
 use flotilla::ca::audit_key::AuditKey;
 use flotilla::spec::{DeviceSpec, FileSpec};
-use flotilla::store::{AuditQuery, AuditSeal, Revocation};
+use flotilla::store::{AuditQuery, AuditSeal, FleetRollout, Revocation};
 use flotilla::store::{
     Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
     NewEnrollment, Store, StoreError, SystemInfo,
@@ -194,6 +194,7 @@ async fn device_specs_labels_and_sync_facts_persist() {
         spec: Some(spec.clone()),
         labels: Some(labels.clone()),
         fleet: Some(Some("edge".into())),
+        fleet_revision: Some(Some(3)),
     };
     let updated = store
         .update_device("dev", change, 7)
@@ -203,6 +204,7 @@ async fn device_specs_labels_and_sync_facts_persist() {
     assert_eq!(updated.spec, spec);
     assert_eq!(updated.labels, labels);
     assert_eq!(updated.fleet.as_deref(), Some("edge"));
+    assert_eq!(updated.fleet_revision, Some(3));
     let change = DeviceChange {
         spec: Some(DeviceSpec::default()),
         ..Default::default()
@@ -265,6 +267,7 @@ fn fleet_write(template: &str) -> FleetWrite {
             files: vec![FileSpec::new("/etc/web", template)],
             ..Default::default()
         },
+        rollout: None,
         actor: "admin/admin".into(),
         now_ms: 5,
     }
@@ -291,7 +294,11 @@ async fn fleet_templates_are_immutable_revisions() {
         .unwrap();
 
     let created = store
-        .apply_fleet(fleet_write("one"), vec![("d1".into(), Some("web".into()))])
+        .apply_fleet(
+            fleet_write("one"),
+            vec![("d1".into(), Some("web".into()))],
+            FleetRollout::default(),
+        )
         .await
         .unwrap();
     assert_eq!(created.revision, 1);
@@ -308,19 +315,28 @@ async fn fleet_templates_are_immutable_revisions() {
         "owners move in the same transaction"
     );
 
-    let same = store.apply_fleet(fleet_write("one"), vec![]).await.unwrap();
+    let same = store
+        .apply_fleet(fleet_write("one"), vec![], FleetRollout::default())
+        .await
+        .unwrap();
     assert_eq!(
         same.revision, 1,
         "an identical template is not a new revision"
     );
     let mut reselected = fleet_write("one");
     reselected.selector = "role=web,site=berlin".into();
-    let reselected = store.apply_fleet(reselected, vec![]).await.unwrap();
+    let reselected = store
+        .apply_fleet(reselected, vec![], FleetRollout::default())
+        .await
+        .unwrap();
     assert_eq!(
         (reselected.revision, reselected.selector.as_str()),
         (1, "role=web,site=berlin")
     );
-    let changed = store.apply_fleet(fleet_write("two"), vec![]).await.unwrap();
+    let changed = store
+        .apply_fleet(fleet_write("two"), vec![], FleetRollout::default())
+        .await
+        .unwrap();
     assert_eq!(changed.revision, 2);
     assert_eq!(changed.template.files[0].content, "two");
 
@@ -344,7 +360,7 @@ async fn fleet_templates_are_immutable_revisions() {
         .fleet;
     assert_eq!(owner, None, "no device points at a deleted fleet");
     let again = store
-        .apply_fleet(fleet_write("three"), vec![])
+        .apply_fleet(fleet_write("three"), vec![], FleetRollout::default())
         .await
         .unwrap();
     assert_eq!(again.revision, 1, "a re-created fleet starts over");

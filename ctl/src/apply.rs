@@ -52,6 +52,7 @@ pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> R
                         selector: spec.selector,
                         label_defaults: spec.defaults.labels.into_iter().collect(),
                         template: Some(spec.template.into()),
+                        rollout: spec.rollout.map(Into::into),
                     })
                     .await
                     .map_err(|s| rpc(s).context(format!("fleet {name:?}")))?

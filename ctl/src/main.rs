@@ -8,6 +8,7 @@ mod enrollments;
 mod fleets;
 mod output;
 mod resources;
+mod rollouts;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
@@ -67,6 +68,11 @@ enum Command {
     Cert {
         #[command(subcommand)]
         what: CertWhat,
+    },
+    /// A fleet's rollout: status, pause, resume, rollback, watch.
+    Rollout {
+        #[command(subcommand)]
+        what: RolloutWhat,
     },
     /// The certificate audit trail: list and verify.
     Audit {
@@ -152,6 +158,28 @@ enum CertWhat {
     Renew {
         #[arg(long)]
         device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutWhat {
+    /// Batch, per-state counts, the reason for a pause, and the events.
+    Status {
+        fleet: String,
+    },
+    Pause {
+        fleet: String,
+    },
+    Resume {
+        fleet: String,
+    },
+    /// Return every device of the fleet to the previous revision, in batches.
+    Rollback {
+        fleet: String,
+    },
+    /// Live progress.
+    Watch {
+        fleet: String,
     },
 }
 
@@ -319,6 +347,24 @@ async fn run(cli: Cli) -> Result<()> {
             } => certs::revoke(channel(config).await?, serial, device, reason).await,
             CertWhat::Renew { device } => certs::renew(channel(config).await?, device).await,
         },
+        Command::Rollout { what } => {
+            let channel = channel(config).await?;
+            match what {
+                RolloutWhat::Status { fleet } => {
+                    rollouts::act(channel, format, fleet, rollouts::Action::Status).await
+                }
+                RolloutWhat::Pause { fleet } => {
+                    rollouts::act(channel, format, fleet, rollouts::Action::Pause).await
+                }
+                RolloutWhat::Resume { fleet } => {
+                    rollouts::act(channel, format, fleet, rollouts::Action::Resume).await
+                }
+                RolloutWhat::Rollback { fleet } => {
+                    rollouts::act(channel, format, fleet, rollouts::Action::Rollback).await
+                }
+                RolloutWhat::Watch { fleet } => rollouts::watch(channel, format, fleet).await,
+            }
+        }
         Command::Audit { what } => match what {
             AuditWhat::List {
                 device,

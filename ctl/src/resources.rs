@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 use flotilla::proto::admin::v1 as admin;
 use flotilla::proto::agent::v1 as agent;
+use flotilla::rollout::RolloutSpec;
 use flotilla::spec::DeviceSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -32,6 +33,9 @@ pub struct FleetSpec {
     pub defaults: FleetDefaults,
     #[serde(default)]
     pub template: DeviceSpec,
+    /// How new revisions reach the devices; without it, all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -253,6 +257,7 @@ pub fn fleet_view(fleet: admin::Fleet) -> FleetView {
                 labels: fleet.label_defaults.into_iter().collect(),
             },
             template: fleet.template.unwrap_or_default().into(),
+            rollout: fleet.rollout.map(RolloutSpec::from),
         },
         status: FleetStatusView {
             revision: fleet.revision,

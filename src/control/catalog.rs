@@ -18,6 +18,22 @@ pub struct FleetEntry {
     pub record: FleetRecord,
     pub selector: Selector,
     pub template: Arc<CompiledTemplate>,
+    /// Older revisions some devices are still held at by a rollout, compiled.
+    pub pinned: BTreeMap<i64, Arc<CompiledTemplate>>,
+}
+
+impl FleetEntry {
+    /// The template a device held at `revision` (or following the current one) renders.
+    pub fn template_for(&self, revision: Option<i64>) -> Arc<CompiledTemplate> {
+        match revision {
+            Some(r) if r != self.record.revision => self
+                .pinned
+                .get(&r)
+                .cloned()
+                .unwrap_or_else(|| self.template.clone()),
+            _ => self.template.clone(),
+        }
+    }
 }
 
 /// Owner changes to persist: (device id, new owner).
@@ -129,6 +145,15 @@ impl Catalog {
         }
     }
 
+    /// Pins devices to a revision of their fleet (`None`: follow the current one).
+    pub fn pin(&mut self, ids: &[String], revision: Option<i64>) {
+        for id in ids {
+            if let Some(device) = self.devices.get_mut(id) {
+                device.fleet_revision = revision;
+            }
+        }
+    }
+
     /// Forgets a deleted device.
     pub fn remove_device(&mut self, device_id: &str) {
         if let Some(device) = self.devices.remove(device_id) {
@@ -210,7 +235,7 @@ impl Catalog {
             .fleet
             .as_ref()
             .and_then(|f| self.fleets.get(f))
-            .map(|f| f.template.clone());
+            .map(|f| f.template_for(device.fleet_revision));
         let context = DeviceContext {
             id: &device.id,
             name: &device.name,
@@ -279,6 +304,7 @@ mod tests {
             created_ms: 0,
             updated_ms: 0,
             fleet: None,
+            fleet_revision: None,
         }
     }
 
@@ -296,11 +322,13 @@ mod tests {
                 template: template.clone(),
                 created_ms: 0,
                 updated_ms: 0,
+                rollout: None,
             },
             selector: Selector::parse(selector).unwrap(),
             template: Arc::new(
                 CompiledTemplate::compile(name, &template, BTreeMap::new()).unwrap(),
             ),
+            pinned: BTreeMap::new(),
         }
     }
 

@@ -157,10 +157,13 @@ impl ControlPlane {
             let owner = catalog.placement_for(labels, device.fleet.as_deref()).owner;
             (owner != device.fleet).then_some(owner)
         };
+        // A device that changes fleet follows its new fleet's current revision.
+        let fleet_revision = owner_change.is_some().then_some(None);
         let change = DeviceChange {
             spec,
             labels,
             fleet: owner_change,
+            fleet_revision,
         };
         let record = self
             .store

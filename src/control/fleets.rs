@@ -10,6 +10,7 @@ use crate::hub::SyncState;
 use crate::identity::Identity;
 use crate::names::{validate_labels, validate_name};
 use crate::render::CompiledTemplate;
+use crate::rollout::RolloutSpec;
 use crate::spec::DeviceSpec;
 use crate::store::{FleetRecord, FleetRevision, FleetWrite};
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +24,8 @@ pub struct FleetApply {
     /// Values the template sees for labels a device lacks.
     pub label_defaults: BTreeMap<String, String>,
     pub template: DeviceSpec,
+    /// How new revisions reach the devices; `None`: all at once.
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// A fleet with what it currently owns.
@@ -129,6 +132,10 @@ impl ControlPlane {
                 .validate()
                 .map_err(|e| ControlError::invalid(e.field().replacen("spec", "template", 1), e))?;
         }
+        if let Some(spec) = &apply.rollout {
+            spec.to_policy()
+                .map_err(|e| ControlError::invalid(e.field.clone(), e.reason))?;
+        }
         let template = apply.template.normalized();
         let compiled =
             CompiledTemplate::compile(&apply.name, &template, apply.label_defaults.clone())
@@ -136,6 +143,21 @@ impl ControlPlane {
 
         let _writes = self.writes.lock().await;
         let now = now_millis();
+        let previous = self.catalog().fleet(&apply.name).cloned();
+        let revision = match &previous {
+            Some(p) if p.record.template == template => p.record.revision,
+            Some(p) => p.record.revision + 1,
+            None => 1,
+        };
+        let mut pinned = previous
+            .as_ref()
+            .map(|p| p.pinned.clone())
+            .unwrap_or_default();
+        if let Some(p) = &previous {
+            if p.record.revision != revision {
+                pinned.insert(p.record.revision, p.template.clone());
+            }
+        }
         let mut entry = FleetEntry {
             record: FleetRecord {
                 name: apply.name.clone(),
@@ -145,24 +167,44 @@ impl ControlPlane {
                 template: template.clone(),
                 created_ms: now,
                 updated_ms: now,
+                rollout: apply.rollout.clone(),
             },
             selector,
             template: Arc::new(compiled),
+            pinned,
         };
         let changes = self.catalog().plan_with(&apply.name, Some(&entry));
+        let (rollout_change, started) =
+            self.plan_fleet_rollout(previous.as_ref(), revision, apply.rollout.as_ref());
+        let pins = rollout_change.pins.clone();
+        let saves = rollout_change.saves.clone();
         let write = FleetWrite {
             name: apply.name.clone(),
             selector: entry.record.selector.clone(),
             label_defaults: apply.label_defaults,
             template,
+            rollout: apply.rollout,
             actor: actor.to_string(),
             now_ms: now,
         };
-        entry.record = self.store.apply_fleet(write, changes.clone()).await?;
+        entry.record = self
+            .store
+            .apply_fleet(write, changes.clone(), rollout_change)
+            .await?;
         let revision = entry.record.revision;
+        for (record, _) in saves {
+            self.open_rollouts.set(record);
+        }
+        if let Some(started) = &started {
+            tracing::info!(rollout.id = %started.id, fleet.name = %apply.name, from = started.from_revision, to = started.to_revision, "rollout started");
+        }
+        self.rollout_changed.notify_waiters();
         let (devices, failed) = {
             let mut catalog = self.catalog_mut();
             catalog.put_fleet(entry);
+            for pin in &pins {
+                catalog.pin(&pin.devices, pin.revision);
+            }
             catalog.apply_owners(&changes);
             let mut affected: BTreeSet<String> =
                 catalog.owned_by(&apply.name).into_iter().collect();

@@ -84,6 +84,7 @@ impl ControlPlane {
             expiring_7d: summary.expiring_7d,
             expiring_30d: summary.expiring_30d,
             renewal_due: summary.renewal_due,
+            rollouts: self.rollout_gauges(),
         }
     }
 }

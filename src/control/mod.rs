@@ -8,6 +8,7 @@ mod devices;
 mod enrollment;
 mod fleets;
 mod metrics;
+mod rollouts;
 mod session;
 mod watch;
 
@@ -15,6 +16,7 @@ pub use certs::{CertificateView, RecoverInput, RecoveryChallenge};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
 pub use fleets::{FleetApply, FleetView};
+pub use rollouts::RolloutView;
 pub use session::SessionSettings;
 pub use watch::{DeviceEvent, DeviceWatch};
 
@@ -113,6 +115,8 @@ pub struct ControlPlane {
     /// Serialises audit appends, so records chain in the order they are written.
     audit_lock: Arc<tokio::sync::Mutex<()>>,
     enrollment_counts: Arc<metrics::EnrollmentCounts>,
+    open_rollouts: Arc<rollouts::OpenRollouts>,
+    rollout_changed: Arc<tokio::sync::Notify>,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
@@ -138,6 +142,8 @@ impl ControlPlane {
             challenges: Arc::default(),
             audit_lock: Arc::default(),
             enrollment_counts: Arc::default(),
+            open_rollouts: Arc::default(),
+            rollout_changed: Arc::default(),
             shutting_down: Arc::default(),
             writes: Arc::default(),
         }
@@ -198,6 +204,7 @@ impl ControlPlane {
             .collect::<Result<Vec<_>, _>>()?;
         let devices = self.store.list_devices().await?;
         let count = devices.len();
+        let fleets = self.compile_pinned(fleets, &devices).await?;
         let mut catalog = Catalog::new(fleets, devices);
         let changes = catalog.plan_all();
         if !changes.is_empty() {
@@ -234,7 +241,41 @@ impl ControlPlane {
         }
         self.revoked.extend(self.store.revoked_serials().await?);
         self.count_enrollments().await?;
+        for rollout in self.store.list_open_rollouts().await? {
+            self.open_rollouts.set(rollout);
+        }
         Ok(count)
+    }
+
+    /// Compiles the older revisions devices are held at by rollouts.
+    async fn compile_pinned(
+        &self,
+        mut fleets: Vec<FleetEntry>,
+        devices: &[crate::store::DeviceRecord],
+    ) -> Result<Vec<FleetEntry>, ControlError> {
+        for fleet in &mut fleets {
+            let wanted: std::collections::BTreeSet<i64> = devices
+                .iter()
+                .filter(|d| d.fleet.as_deref() == Some(fleet.record.name.as_str()))
+                .filter_map(|d| d.fleet_revision)
+                .filter(|r| *r != fleet.record.revision)
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            for revision in self.store.list_fleet_revisions(&fleet.record.name).await? {
+                if wanted.contains(&revision.revision) {
+                    let compiled = CompiledTemplate::compile(
+                        &fleet.record.name,
+                        &revision.template,
+                        fleet.record.label_defaults.clone(),
+                    )
+                    .map_err(|e| ControlError::Internal(format!("stored fleet revision: {e}")))?;
+                    fleet.pinned.insert(revision.revision, Arc::new(compiled));
+                }
+            }
+        }
+        Ok(fleets)
     }
 }
 
@@ -253,5 +294,6 @@ fn fleet_entry(record: FleetRecord) -> Result<FleetEntry, ControlError> {
         record,
         selector,
         template: Arc::new(template),
+        pinned: Default::default(),
     })
 }

@@ -24,6 +24,9 @@ pub struct DeviceRecord {
     pub updated_ms: i64,
     /// The fleet that owns the device.
     pub fleet: Option<String>,
+    /// The fleet revision the device is held at while a rollout moves the fleet; `None` follows
+    /// the fleet's current revision.
+    pub fleet_revision: Option<i64>,
 }
 
 /// A device about to be created (by approving its enrollment).
@@ -56,6 +59,7 @@ impl NewDevice {
             created_ms: self.created_ms,
             updated_ms: self.created_ms,
             fleet: self.fleet,
+            fleet_revision: None,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct DeviceChange {
     pub labels: Option<BTreeMap<String, String>>,
     /// `Some(None)` clears the owner.
     pub fleet: Option<Option<String>>,
+    /// `Some(None)` makes the device follow its fleet's current revision.
+    pub fleet_revision: Option<Option<i64>>,
 }
 
 #[derive(AsChangeset)]
@@ -75,6 +81,7 @@ struct DeviceChangeset {
     spec: Option<String>,
     labels: Option<String>,
     fleet: Option<Option<String>>,
+    fleet_revision: Option<Option<i64>>,
     updated_ms: i64,
 }
 
@@ -95,6 +102,7 @@ struct DeviceRow {
     created_ms: i64,
     updated_ms: i64,
     fleet: Option<String>,
+    fleet_revision: Option<i64>,
 }
 
 impl DeviceRow {
@@ -113,6 +121,7 @@ impl DeviceRow {
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
             fleet: self.fleet,
+            fleet_revision: self.fleet_revision,
         })
     }
 }
@@ -136,6 +145,7 @@ pub(super) fn insert_device(
         created_ms: device.created_ms,
         updated_ms: device.created_ms,
         fleet: device.fleet.clone(),
+        fleet_revision: None,
     };
     diesel::insert_into(devices::table)
         .values(&row)
@@ -146,6 +156,20 @@ pub(super) fn insert_device(
             }
             other => other,
         })?;
+    Ok(())
+}
+
+/// Pins devices to a fleet revision (`None`: follow the current one).
+pub(super) fn write_revisions(
+    conn: &mut super::DbConnection,
+    ids: &[String],
+    revision: Option<i64>,
+) -> Result<(), StoreError> {
+    for chunk in ids.chunks(500) {
+        diesel::update(devices::table.filter(devices::id.eq_any(chunk)))
+            .set(devices::fleet_revision.eq(revision))
+            .execute(conn)?;
+    }
     Ok(())
 }
 
@@ -202,6 +226,7 @@ impl Store {
             spec: change.spec.as_ref().map(to_json),
             labels: change.labels.as_ref().map(to_json),
             fleet: change.fleet,
+            fleet_revision: change.fleet_revision,
             updated_ms: now_ms,
         };
         self.run("update_device", move |conn| {

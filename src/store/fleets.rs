@@ -1,8 +1,10 @@
 //! Fleets and their immutable template revisions.
 
-use super::devices::write_owners;
+use super::devices::{write_owners, write_revisions};
+use super::rollouts::{Pins, RolloutEventRecord, RolloutRecord, save as save_rollout};
 use super::schema::{devices, fleet_revisions, fleets};
 use super::{Store, StoreError, from_json, to_json};
+use crate::rollout::RolloutSpec;
 use crate::spec::DeviceSpec;
 use diesel::prelude::*;
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ pub struct FleetRecord {
     pub template: DeviceSpec,
     pub created_ms: i64,
     pub updated_ms: i64,
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// One immutable template revision.
@@ -31,6 +34,14 @@ pub struct FleetRevision {
     pub created_by: String,
 }
 
+/// What a fleet change does to rollouts, written in the same transaction: device revision pins,
+/// and rollouts started or superseded (with their events).
+#[derive(Debug, Clone, Default)]
+pub struct FleetRollout {
+    pub pins: Vec<Pins>,
+    pub saves: Vec<(RolloutRecord, RolloutEventRecord)>,
+}
+
 /// A fleet as an operator applies it.
 #[derive(Debug, Clone)]
 pub struct FleetWrite {
@@ -38,6 +49,7 @@ pub struct FleetWrite {
     pub selector: String,
     pub label_defaults: BTreeMap<String, String>,
     pub template: DeviceSpec,
+    pub rollout: Option<RolloutSpec>,
     pub actor: String,
     pub now_ms: i64,
 }
@@ -51,6 +63,7 @@ struct FleetRow {
     revision: i64,
     created_ms: i64,
     updated_ms: i64,
+    rollout_policy: Option<String>,
 }
 
 #[derive(Queryable, Selectable, Insertable)]
@@ -79,6 +92,11 @@ fn record(fleet: FleetRow, revision: RevisionRow) -> Result<FleetRecord, StoreEr
     Ok(FleetRecord {
         label_defaults: from_json("fleet label defaults", &fleet.label_defaults)?,
         template: from_json("fleet template", &revision.template)?,
+        rollout: fleet
+            .rollout_policy
+            .as_deref()
+            .map(|p| from_json("fleet rollout policy", p))
+            .transpose()?,
         name: fleet.name,
         selector: fleet.selector,
         revision: fleet.revision,
@@ -131,6 +149,7 @@ impl Store {
         &self,
         write: FleetWrite,
         owners: Vec<(String, Option<String>)>,
+        rollout: FleetRollout,
     ) -> Result<FleetRecord, StoreError> {
         self.run("apply_fleet", move |conn| {
             conn.transaction(|conn| {
@@ -153,6 +172,7 @@ impl Store {
                         .execute(conn)?;
                 }
                 let label_defaults = to_json(&write.label_defaults);
+                let rollout_policy = write.rollout.as_ref().map(to_json);
                 match &existing {
                     Some(_) => {
                         diesel::update(fleets::table.find(&write.name))
@@ -161,6 +181,7 @@ impl Store {
                                 fleets::label_defaults.eq(&label_defaults),
                                 fleets::revision.eq(revision),
                                 fleets::updated_ms.eq(write.now_ms),
+                                fleets::rollout_policy.eq(&rollout_policy),
                             ))
                             .execute(conn)?;
                     }
@@ -173,11 +194,18 @@ impl Store {
                                 revision,
                                 created_ms: write.now_ms,
                                 updated_ms: write.now_ms,
+                                rollout_policy,
                             })
                             .execute(conn)?;
                     }
                 }
                 write_owners(conn, &owners)?;
+                for pin in &rollout.pins {
+                    write_revisions(conn, &pin.devices, pin.revision)?;
+                }
+                for (record, event) in &rollout.saves {
+                    save_rollout(conn, record, event, &[])?;
+                }
                 load_fleets(conn, Some(&write.name))?.pop().ok_or_else(|| {
                     StoreError::Precondition(format!("fleet {:?} vanished", write.name))
                 })

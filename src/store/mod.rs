@@ -7,6 +7,7 @@ mod connection;
 mod devices;
 mod enrollments;
 mod fleets;
+mod rollouts;
 mod schema;
 
 pub use audit::{AuditQuery, AuditSeal};
@@ -14,7 +15,8 @@ pub use certificates::{CertificateRecord, Revocation};
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
-pub use fleets::{FleetRecord, FleetRevision, FleetWrite};
+pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
+pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};
 
 use connection::{Manager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};

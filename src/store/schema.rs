@@ -16,6 +16,7 @@ diesel::table! {
         created_ms -> BigInt,
         updated_ms -> BigInt,
         fleet -> Nullable<Text>,
+        fleet_revision -> Nullable<BigInt>,
     }
 }
 
@@ -59,6 +60,33 @@ diesel::table! {
         revision -> BigInt,
         created_ms -> BigInt,
         updated_ms -> BigInt,
+        rollout_policy -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    rollouts (id) {
+        id -> Text,
+        fleet -> Text,
+        from_revision -> BigInt,
+        to_revision -> BigInt,
+        state -> Text,
+        batch -> BigInt,
+        members -> Text,
+        batch_started_ms -> BigInt,
+        reason -> Text,
+        created_ms -> BigInt,
+        updated_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    rollout_events (rollout_id, seq) {
+        rollout_id -> Text,
+        seq -> BigInt,
+        at_ms -> BigInt,
+        event -> Text,
+        detail -> Text,
     }
 }
 
@@ -98,5 +126,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     enrollment_requests,
     certificates,
     fleets,
-    fleet_revisions
+    fleet_revisions,
+    rollouts,
+    rollout_events
 );

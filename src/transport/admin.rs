@@ -9,7 +9,9 @@ use crate::proto::admin::v1::certificate_service_server::CertificateService;
 use crate::proto::admin::v1::device_service_server::DeviceService;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentService;
 use crate::proto::admin::v1::fleet_service_server::FleetService;
+use crate::proto::admin::v1::rollout_service_server::RolloutService;
 use crate::proto::agent::v1::EnrollmentState;
+use crate::rollout::RolloutSpec;
 use crate::store::AuditQuery;
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -229,6 +231,7 @@ impl FleetService for AdminApi {
             selector: request.selector,
             label_defaults: request.label_defaults.into_iter().collect(),
             template: request.template.unwrap_or_default().into(),
+            rollout: request.rollout.map(RolloutSpec::from),
         };
         let view = self.control.apply_fleet(apply, &caller).await?;
         Ok(Response::new(convert::fleet(view)))
@@ -311,5 +314,90 @@ impl EnrollmentService for AdminApi {
             .deny_enrollment(&request.name, &request.reason, &caller)
             .await?;
         Ok(Response::new(convert::enrollment(record)))
+    }
+}
+
+#[tonic::async_trait]
+impl RolloutService for AdminApi {
+    type WatchRolloutStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Rollout, Status>> + Send>>;
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let view = self
+            .control
+            .rollout_view(&request.into_inner().fleet)
+            .await?;
+        Ok(Response::new(convert::rollout(view)))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = caller(&request)?;
+        let view = self
+            .control
+            .pause_rollout(&request.into_inner().fleet, &caller)
+            .await?;
+        Ok(Response::new(convert::rollout(view)))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = caller(&request)?;
+        let view = self
+            .control
+            .resume_rollout(&request.into_inner().fleet, &caller)
+            .await?;
+        Ok(Response::new(convert::rollout(view)))
+    }
+
+    async fn rollback_rollout(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = caller(&request)?;
+        let view = self
+            .control
+            .rollback_rollout(&request.into_inner().fleet, &caller)
+            .await?;
+        Ok(Response::new(convert::rollout(view)))
+    }
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let fleet = request.into_inner().fleet;
+        let first = self.control.rollout_view(&fleet).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(convert::rollout(last.clone()))).await.is_err() {
+                return;
+            }
+            loop {
+                // Counts change with device state too, so look again at least every second.
+                control
+                    .rollout_changed(std::time::Duration::from_secs(1))
+                    .await;
+                let Ok(view) = control.rollout_view(&fleet).await else {
+                    return;
+                };
+                if view != last {
+                    if tx.send(Ok(convert::rollout(view.clone()))).await.is_err() {
+                        return;
+                    }
+                    last = view;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

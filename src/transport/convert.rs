@@ -2,7 +2,9 @@
 
 use crate::audit::SealedRecord;
 use crate::clock::timestamp_from_millis;
-use crate::control::{CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView};
+use crate::control::{
+    CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView, RolloutView,
+};
 use crate::hub::RenewalState;
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
@@ -192,6 +194,39 @@ pub fn fleet(view: FleetView) -> admin::Fleet {
                 .collect(),
         }),
         created_at: Some(timestamp_from_millis(record.created_ms)),
+        updated_at: Some(timestamp_from_millis(record.updated_ms)),
+        rollout: record.rollout.map(Into::into),
+    }
+}
+
+pub fn rollout(view: RolloutView) -> admin::Rollout {
+    let record = view.record;
+    admin::Rollout {
+        id: record.id,
+        fleet: record.fleet,
+        from_revision: record.from_revision,
+        to_revision: record.to_revision,
+        state: record.state,
+        batch: count(record.batch as usize + 1).min(count(view.batches)),
+        batches: count(view.batches),
+        reason: record.reason,
+        batch_size: count(view.batch_size),
+        batch_moved: count(view.batch_moved),
+        batch_synced: count(view.batch_synced),
+        batch_nacked: count(view.batch_nacked),
+        batch_offline: count(view.batch_offline),
+        fleet_moved: count(view.fleet_moved),
+        fleet_devices: count(view.fleet_devices),
+        updating: count(view.updating),
+        events: view
+            .events
+            .into_iter()
+            .map(|e| admin::RolloutEvent {
+                at: Some(timestamp_from_millis(e.at_ms)),
+                event: e.event,
+                detail: e.detail,
+            })
+            .collect(),
         updated_at: Some(timestamp_from_millis(record.updated_ms)),
     }
 }

@@ -15,6 +15,7 @@ use crate::proto::admin::v1::certificate_service_server::CertificateServiceServe
 use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
 use crate::proto::admin::v1::fleet_service_server::FleetServiceServer;
+use crate::proto::admin::v1::rollout_service_server::RolloutServiceServer;
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
 use std::future::Future;
@@ -80,6 +81,7 @@ const HEALTH_SERVICES: &[&str] = &[
     "flotilla.admin.v1.FleetService",
     "flotilla.admin.v1.CertificateService",
     "flotilla.admin.v1.AuditService",
+    "flotilla.admin.v1.RolloutService",
 ];
 
 /// Runs both endpoints until `shutdown` completes, then drains.
@@ -155,6 +157,11 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_ENCODE),
         )
         .add_service(
+            RolloutServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
             AuditServiceServer::new(AdminApi::new(control.clone()))
                 .max_decoding_message_size(ADMIN_MAX_DECODE)
                 .max_encoding_message_size(MAX_ENCODE),
@@ -186,6 +193,10 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_renewal_scheduler().await })
     };
+    let rollouts = {
+        let control = control.clone();
+        tokio::spawn(async move { control.run_rollout_engine().await })
+    };
     for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -204,6 +215,7 @@ pub async fn serve(
     control.hub().close_all();
     waves.abort();
     renewals.abort();
+    rollouts.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

@@ -35,6 +35,17 @@ impl SimAgent {
         device_id: &str,
         heartbeat: Duration,
     ) -> SimAgent {
+        SimAgent::connect_rejecting(url, creds, device_id, heartbeat, None).await
+    }
+
+    /// Like `connect`, NACKing every push with a file whose content contains `reject`.
+    pub async fn connect_rejecting(
+        url: &str,
+        creds: &ClientCredentials,
+        device_id: &str,
+        heartbeat: Duration,
+        reject: Option<String>,
+    ) -> SimAgent {
         let (tx, rx) = mpsc::channel(16);
         tx.send(message(agent::agent_message::Kind::Hello(agent::Hello {
             device_id: device_id.into(),
@@ -65,8 +76,20 @@ impl SimAgent {
                         let Ok(Some(server)) = next else { return };
                         if let Some(agent::server_message::Kind::Spec(push)) = server.kind {
                             record.lock().unwrap().pushes.push(push.version.clone());
-                            let ack = agent::Ack { nonce: push.nonce, version: push.version };
-                            if tx.send(message(agent::agent_message::Kind::Ack(ack))).await.is_err() {
+                            let bad = reject.as_deref().is_some_and(|marker| {
+                                push.spec.iter().flat_map(|s| &s.files).any(|f| f.content.contains(marker))
+                            });
+                            let answer = if bad {
+                                agent::agent_message::Kind::Nack(agent::Nack {
+                                    nonce: push.nonce,
+                                    version: push.version,
+                                    error: "refused by the test".into(),
+                                    rolled_back: false,
+                                })
+                            } else {
+                                agent::agent_message::Kind::Ack(agent::Ack { nonce: push.nonce, version: push.version })
+                            };
+                            if tx.send(message(answer)).await.is_err() {
                                 return;
                             }
                         }

@@ -1,0 +1,192 @@
+//! Rollouts: persisted progress (batch, members, timing, state), the events of every transition,
+//! and the device revision pins a rollout moves — each change in one transaction.
+
+use super::devices::write_revisions;
+use super::schema::{rollout_events, rollouts};
+use super::{DbConnection, Store, StoreError, from_json, to_json};
+use diesel::prelude::*;
+
+/// A rollout as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub fleet: String,
+    pub from_revision: i64,
+    pub to_revision: i64,
+    /// progressing | paused | completed | superseded
+    pub state: String,
+    pub batch: i64,
+    pub members: Vec<Vec<String>>,
+    pub batch_started_ms: i64,
+    pub reason: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One transition of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutEventRecord {
+    pub at_ms: i64,
+    pub event: String,
+    pub detail: String,
+}
+
+/// Pins to write with a rollout change: these devices to this revision (`None`: follow current).
+#[derive(Debug, Clone, Default)]
+pub struct Pins {
+    pub devices: Vec<String>,
+    pub revision: Option<i64>,
+}
+
+#[derive(Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = rollouts)]
+struct RolloutRow {
+    id: String,
+    fleet: String,
+    from_revision: i64,
+    to_revision: i64,
+    state: String,
+    batch: i64,
+    members: String,
+    batch_started_ms: i64,
+    reason: String,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+impl RolloutRow {
+    fn from_record(r: &RolloutRecord) -> RolloutRow {
+        RolloutRow {
+            id: r.id.clone(),
+            fleet: r.fleet.clone(),
+            from_revision: r.from_revision,
+            to_revision: r.to_revision,
+            state: r.state.clone(),
+            batch: r.batch,
+            members: to_json(&r.members),
+            batch_started_ms: r.batch_started_ms,
+            reason: r.reason.clone(),
+            created_ms: r.created_ms,
+            updated_ms: r.updated_ms,
+        }
+    }
+
+    fn into_record(self) -> Result<RolloutRecord, StoreError> {
+        Ok(RolloutRecord {
+            members: from_json("rollout members", &self.members)?,
+            id: self.id,
+            fleet: self.fleet,
+            from_revision: self.from_revision,
+            to_revision: self.to_revision,
+            state: self.state,
+            batch: self.batch,
+            batch_started_ms: self.batch_started_ms,
+            reason: self.reason,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        })
+    }
+}
+
+/// Saves a rollout (insert or update), appends its event and writes its pins, all or nothing.
+pub(super) fn save(
+    conn: &mut DbConnection,
+    rollout: &RolloutRecord,
+    event: &RolloutEventRecord,
+    pins: &[Pins],
+) -> Result<(), StoreError> {
+    let row = RolloutRow::from_record(rollout);
+    let updated = diesel::update(rollouts::table.find(&rollout.id))
+        .set(&row)
+        .execute(conn)?;
+    if updated == 0 {
+        diesel::insert_into(rollouts::table)
+            .values(&row)
+            .execute(conn)?;
+    }
+    let seq: Option<i64> = rollout_events::table
+        .filter(rollout_events::rollout_id.eq(&rollout.id))
+        .select(diesel::dsl::max(rollout_events::seq))
+        .first(conn)?;
+    diesel::insert_into(rollout_events::table)
+        .values((
+            rollout_events::rollout_id.eq(&rollout.id),
+            rollout_events::seq.eq(seq.unwrap_or(0) + 1),
+            rollout_events::at_ms.eq(event.at_ms),
+            rollout_events::event.eq(&event.event),
+            rollout_events::detail.eq(&event.detail),
+        ))
+        .execute(conn)?;
+    for pin in pins {
+        write_revisions(conn, &pin.devices, pin.revision)?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Records a rollout transition with its event and the pins it writes.
+    pub async fn save_rollout(
+        &self,
+        rollout: RolloutRecord,
+        event: RolloutEventRecord,
+        pins: Vec<Pins>,
+    ) -> Result<(), StoreError> {
+        self.run("save_rollout", move |conn| {
+            conn.transaction(|conn| save(conn, &rollout, &event, &pins))
+        })
+        .await
+    }
+
+    /// Rollouts that are progressing or paused (loaded at start).
+    pub async fn list_open_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.run("list_open_rollouts", |conn| {
+            rollouts::table
+                .filter(rollouts::state.eq_any(["progressing", "paused"]))
+                .select(RolloutRow::as_select())
+                .load(conn)?
+                .into_iter()
+                .map(RolloutRow::into_record)
+                .collect()
+        })
+        .await
+    }
+
+    /// The fleet's most recent rollout.
+    pub async fn latest_rollout(&self, fleet: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        let fleet = fleet.to_string();
+        self.run("latest_rollout", move |conn| {
+            rollouts::table
+                .filter(rollouts::fleet.eq(fleet))
+                .order((rollouts::created_ms.desc(), rollouts::id.desc()))
+                .select(RolloutRow::as_select())
+                .first(conn)
+                .optional()?
+                .map(RolloutRow::into_record)
+                .transpose()
+        })
+        .await
+    }
+
+    pub async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError> {
+        let id = id.to_string();
+        self.run("rollout_events", move |conn| {
+            Ok(rollout_events::table
+                .filter(rollout_events::rollout_id.eq(id))
+                .order(rollout_events::seq.asc())
+                .select((
+                    rollout_events::at_ms,
+                    rollout_events::event,
+                    rollout_events::detail,
+                ))
+                .load::<(i64, String, String)>(conn)?
+                .into_iter()
+                .map(|(at_ms, event, detail)| RolloutEventRecord {
+                    at_ms,
+                    event,
+                    detail,
+                })
+                .collect())
+        })
+        .await
+    }
+}
