@@ -122,6 +122,8 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
     pub id: String,
+    /// Batches take devices in name order.
+    pub name: String,
     pub labels: BTreeMap<String, String>,
     /// Moved to the rollout's target revision.
     pub moved: bool,
@@ -165,7 +167,7 @@ pub fn batch_count(policy: &Policy) -> usize {
     policy.batches.len() + 1
 }
 
-/// The members of batch `index`: devices not in an earlier batch, matching its selector, by id.
+/// The members of batch `index`: devices not in an earlier batch, matching its selector, by name.
 fn choose_members(
     policy: &Policy,
     index: usize,
@@ -176,7 +178,7 @@ fn choose_members(
         .iter()
         .filter(|d| !taken.contains(d.id.as_str()))
         .collect();
-    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    candidates.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
     match policy.batches.get(index) {
         Some(spec) => {
             let size = spec.size.of(devices.len());
@@ -331,6 +333,7 @@ mod tests {
     fn device(i: usize) -> DeviceState {
         DeviceState {
             id: format!("d{i:02}"),
+            name: format!("d{i:02}"),
             labels: BTreeMap::from([("site".to_string(), format!("s{}", i % 3))]),
             moved: false,
             synced: false,

@@ -42,6 +42,7 @@ struct RolloutView {
     fleet_moved: u32,
     fleet_devices: u32,
     updating: u32,
+    batch_devices: Vec<String>,
     events: Vec<EventView>,
 }
 
@@ -62,6 +63,7 @@ fn view(r: pb::Rollout) -> RolloutView {
         fleet_moved: r.fleet_moved,
         fleet_devices: r.fleet_devices,
         updating: r.updating,
+        batch_devices: r.batch_devices,
         events: r
             .events
             .into_iter()

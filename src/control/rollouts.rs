@@ -57,6 +57,8 @@ impl OpenRollouts {
 pub struct RolloutView {
     pub record: RolloutRecord,
     pub batches: usize,
+    /// Names of the devices in the current batch.
+    pub batch_devices: Vec<String>,
     pub batch_size: usize,
     pub batch_moved: usize,
     pub batch_synced: usize,
@@ -177,11 +179,18 @@ impl ControlPlane {
                 let status = self.hub.status(&id);
                 let moved = device.fleet_revision.unwrap_or(current) == to_revision;
                 let state = status.as_ref().map(|s| s.state);
+                // Done means the device acknowledged the target's render, even if it is offline
+                // right now (say, reconnecting after a control-plane restart).
+                let applied = status.as_ref().is_some_and(|s| {
+                    !s.desired_version.is_empty()
+                        && s.acked_version.as_deref() == Some(s.desired_version.as_str())
+                });
                 Some(DeviceState {
                     id,
+                    name: device.name.clone(),
                     labels: device.labels.clone(),
                     moved,
-                    synced: moved && state == Some(crate::hub::SyncState::Synced),
+                    synced: moved && applied,
                     nacked: moved && state == Some(crate::hub::SyncState::Error),
                     online: status.is_some_and(|s| s.online),
                 })
@@ -443,8 +452,11 @@ impl ControlPlane {
             .iter()
             .filter(|d| members.contains(&&d.id))
             .collect();
+        let mut batch_devices: Vec<String> = in_batch.iter().map(|d| d.name.clone()).collect();
+        batch_devices.sort();
         RolloutView {
             batches,
+            batch_devices,
             batch_size: in_batch.len(),
             batch_moved: in_batch.iter().filter(|d| d.moved).count(),
             batch_synced: in_batch.iter().filter(|d| d.synced).count(),

@@ -228,6 +228,7 @@ pub fn rollout(view: RolloutView) -> admin::Rollout {
             })
             .collect(),
         updated_at: Some(timestamp_from_millis(record.updated_ms)),
+        batch_devices: view.batch_devices,
     }
 }
 
