@@ -107,6 +107,16 @@ def main():
             f.write("kind: Fleet\nmetadata: {name: everyone}\nspec:\n  selector: \"\"\n  template:\n"
                     f"    files:\n      - path: {work}/out/fleet\n        content: \"{{{{ device.name }}}}\"\n")
         subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True)
+        # A second revision under a rollout policy that the agent rejects (a file below its
+        # motd file): the rollout pauses, so the rollout series exist.
+        with open(fleet, "w") as f:
+            f.write("kind: Fleet\nmetadata: {name: everyone}\nspec:\n  selector: \"\"\n"
+                    "  rollout:\n    batches: [{count: 1}]\n    maxUnavailable: 1\n  template:\n"
+                    f"    files:\n      - path: {work}/out/motd/child\n        content: x\n")
+        subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True)
+        wait("the rollout to pause", lambda: '"state":"paused"' in subprocess.run(
+            flotctl + ["rollout", "status", "everyone", "-o", "json"],
+            capture_output=True, text=True).stdout.replace(" ", ""))
         subprocess.run(flotctl + ["cert", "renew", "--device", "observed"], check=True, capture_output=True)
         wait("the renewal", lambda: "renewed" in subprocess.run(
             flotctl + ["audit", "list"], capture_output=True, text=True).stdout)

@@ -114,6 +114,15 @@ fn describe() {
         metrics::Unit::Seconds,
         "Admin RPC latency by method."
     );
+    describe_gauge!("flotilla_rollouts_open", "Rollouts progressing or paused.");
+    describe_gauge!(
+        "flotilla_rollout_progress",
+        "Share of a fleet's devices that applied the revision its open rollout moves to."
+    );
+    describe_gauge!(
+        "flotilla_rollout_paused",
+        "1 while the fleet's rollout is paused."
+    );
     describe_histogram!(
         "flotilla_store_operation_seconds",
         metrics::Unit::Seconds,

@@ -320,13 +320,21 @@ impl ControlPlane {
         }
     }
 
-    fn open_rollout_of(&self, fleet: &str) -> Result<RolloutRecord, ControlError> {
+    /// The fleet's open rollout, which must be in `state`.
+    fn open_rollout_in(&self, fleet: &str, state: &str) -> Result<RolloutRecord, ControlError> {
         if self.catalog().fleet(fleet).is_none() {
             return Err(ControlError::NotFound(format!("fleet {fleet:?} not found")));
         }
-        self.open_rollouts.get(fleet).ok_or_else(|| {
+        let record = self.open_rollouts.get(fleet).ok_or_else(|| {
             ControlError::FailedPrecondition(format!("fleet {fleet:?} has no rollout in progress"))
-        })
+        })?;
+        if record.state != state {
+            return Err(ControlError::FailedPrecondition(format!(
+                "the rollout of {fleet:?} is {}, not {state}",
+                record.state
+            )));
+        }
+        Ok(record)
     }
 
     pub async fn pause_rollout(
@@ -335,13 +343,7 @@ impl ControlPlane {
         actor: &Identity,
     ) -> Result<RolloutView, ControlError> {
         let _writes = self.writes.lock().await;
-        let mut record = self.open_rollout_of(fleet)?;
-        if record.state != PROGRESSING {
-            return Err(ControlError::FailedPrecondition(format!(
-                "the rollout of {fleet:?} is {}, not progressing",
-                record.state
-            )));
-        }
+        let mut record = self.open_rollout_in(fleet, PROGRESSING)?;
         record.state = PAUSED.into();
         record.reason = format!("paused by {actor}");
         record.updated_ms = now_millis();
@@ -357,13 +359,7 @@ impl ControlPlane {
         actor: &Identity,
     ) -> Result<RolloutView, ControlError> {
         let _writes = self.writes.lock().await;
-        let mut record = self.open_rollout_of(fleet)?;
-        if record.state != PAUSED {
-            return Err(ControlError::FailedPrecondition(format!(
-                "the rollout of {fleet:?} is {}, not paused",
-                record.state
-            )));
-        }
+        let mut record = self.open_rollout_in(fleet, PAUSED)?;
         record.state = PROGRESSING.into();
         record.reason = String::new();
         record.batch_started_ms = now_millis();
