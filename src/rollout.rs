@@ -481,6 +481,53 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn percentages_round_up_never_to_zero(p in 1u8..=100, n in 1usize..10_000) {
+            let k = Amount::Percent(p).of(n);
+            prop_assert!(k >= 1);
+            prop_assert_eq!(k, (p as usize * n).div_ceil(100));
+            prop_assert!(k <= n);
+        }
+
+        /// Whatever the devices do, a batch past its deadline and short of its threshold pauses,
+        /// and so does a batch whose NACKs reach the halt threshold.
+        #[test]
+        fn a_failing_batch_always_pauses(
+            policy in arbitrary_policy(),
+            states in prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()), 1..20),
+        ) {
+            let devices: Vec<DeviceState> = states
+                .iter()
+                .enumerate()
+                .map(|(i, (moved, synced, nacked, online))| DeviceState {
+                    moved: *moved,
+                    synced: *moved && *synced,
+                    nacked: *moved && *nacked && !*synced,
+                    online: *online,
+                    ..device(i)
+                })
+                .collect();
+            let progress = Progress {
+                batch: 0,
+                members: vec![devices.iter().map(|d| d.id.clone()).collect()],
+                batch_started_ms: 0,
+            };
+            let late = policy.progress_deadline_ms + 1;
+            let decision = plan(&policy, &devices, &progress, late);
+            let nacked = devices.iter().filter(|d| d.nacked).count();
+            let counted = if policy.offline_blocks {
+                devices.len()
+            } else {
+                devices.iter().filter(|d| d.online || d.synced).count()
+            };
+            let done = devices.iter().filter(|d| d.synced).count();
+            let halted = nacked > 0 && percent(nacked, devices.len()) >= policy.nack_halt_threshold as usize;
+            let short = percent(done, counted) < policy.success_threshold as usize;
+            if halted || short {
+                prop_assert!(matches!(decision, Decision::Pause(_)), "{:?}", decision);
+            }
+        }
+
         /// Runs whole rollouts with devices that sync, NACK or go offline at random.
         #[test]
         fn the_budget_is_never_exceeded_progress_is_monotonic_and_failures_pause(

@@ -285,6 +285,15 @@ async fn pause_resume_and_bad_policies() {
         .apply_fleet(fleet("b", Some(rollout_policy.clone())))
         .await
         .unwrap();
+    let mut watch = rollouts
+        .watch_rollout(admin::RolloutRequest {
+            fleet: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.to_revision, 2);
     let paused = rollouts
         .pause_rollout(admin::RolloutRequest {
             fleet: "web".into(),
@@ -294,6 +303,17 @@ async fn pause_resume_and_bad_policies() {
         .into_inner();
     assert_eq!(paused.state, "paused");
     assert!(paused.reason.contains("admin/admin"), "{}", paused.reason);
+    let watched = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let update = watch.message().await.unwrap().unwrap();
+            if update.state == "paused" {
+                return update;
+            }
+        }
+    })
+    .await
+    .expect("the watch shows the pause");
+    assert_eq!(watched.reason, paused.reason);
     let resumed = rollouts
         .resume_rollout(admin::RolloutRequest {
             fleet: "web".into(),
