@@ -1,6 +1,7 @@
 //! Certificates issued to devices: every one is kept, so a serial can always be traced to its device.
 
 use super::audit::{AuditSeal, append};
+use super::devices::{NewDevice, insert_device};
 use super::schema::{certificates, devices, enrollment_requests};
 use super::{DbConnection, Store, StoreError};
 use crate::audit::{AuditEntry, SealedRecord};
@@ -198,6 +199,47 @@ impl Store {
                 diesel::delete(devices::table.find(&device_id)).execute(conn)?;
                 Ok(revoked)
             })
+        })
+        .await
+    }
+
+    /// Creates many devices with their first certificates at once (load tests, bulk imports), each
+    /// issuance audited, in transactions of a thousand.
+    pub async fn insert_devices(
+        &self,
+        devices: Vec<(NewDevice, CertificateRecord)>,
+        seal: Arc<dyn AuditSeal>,
+        actor: String,
+    ) -> Result<(), StoreError> {
+        self.run("insert_devices", move |conn| {
+            for chunk in devices.chunks(1000) {
+                conn.transaction(|conn| {
+                    for (device, certificate) in chunk {
+                        insert_device(conn, device)?;
+                        insert_certificate(conn, certificate)?;
+                        append(
+                            conn,
+                            seal.as_ref(),
+                            AuditEntry {
+                                at_ms: certificate.issued_ms,
+                                kind: "issued".into(),
+                                device_id: device.id.clone(),
+                                serial: certificate.serial.clone(),
+                                key_fingerprint: certificate.key_fingerprint.clone(),
+                                not_before_ms: certificate.not_before_ms,
+                                not_after_ms: certificate.not_after_ms,
+                                actor: actor.clone(),
+                                reason: "bulk import".into(),
+                                proof: "bulk-import".into(),
+                                outcome: "ok".into(),
+                                ..Default::default()
+                            },
+                        )?;
+                    }
+                    Ok::<_, StoreError>(())
+                })?;
+            }
+            Ok(())
         })
         .await
     }
