@@ -16,7 +16,7 @@ pub use certs::{CertificateView, RecoverInput, RecoveryChallenge};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
 pub use fleets::{FleetApply, FleetView};
-pub use rollouts::RolloutView;
+pub use rollouts::{RolloutCommand, RolloutView};
 pub use session::SessionSettings;
 pub use watch::{DeviceEvent, DeviceWatch};
 

@@ -52,6 +52,14 @@ impl OpenRollouts {
     }
 }
 
+/// What an operator can do to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutCommand {
+    Pause,
+    Resume,
+    Rollback,
+}
+
 /// A rollout with live counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutView {
@@ -335,6 +343,19 @@ impl ControlPlane {
             )));
         }
         Ok(record)
+    }
+
+    pub async fn command_rollout(
+        &self,
+        fleet: &str,
+        command: RolloutCommand,
+        actor: &Identity,
+    ) -> Result<RolloutView, ControlError> {
+        match command {
+            RolloutCommand::Pause => self.pause_rollout(fleet, actor).await,
+            RolloutCommand::Resume => self.resume_rollout(fleet, actor).await,
+            RolloutCommand::Rollback => self.rollback_rollout(fleet, actor).await,
+        }
     }
 
     pub async fn pause_rollout(

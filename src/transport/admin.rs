@@ -2,7 +2,7 @@
 
 use super::auth::caller;
 use super::convert;
-use crate::control::{ControlPlane, DeviceUpdate, FleetApply, LabelChange};
+use crate::control::{ControlPlane, DeviceUpdate, FleetApply, LabelChange, RolloutCommand};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::audit_service_server::AuditService;
 use crate::proto::admin::v1::certificate_service_server::CertificateService;
@@ -317,6 +317,21 @@ impl EnrollmentService for AdminApi {
     }
 }
 
+impl AdminApi {
+    async fn rollout_command(
+        &self,
+        request: Request<pb::RolloutRequest>,
+        command: RolloutCommand,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = caller(&request)?;
+        let view = self
+            .control
+            .command_rollout(&request.into_inner().fleet, command, &caller)
+            .await?;
+        Ok(Response::new(convert::rollout(view)))
+    }
+}
+
 #[tonic::async_trait]
 impl RolloutService for AdminApi {
     type WatchRolloutStream =
@@ -337,36 +352,22 @@ impl RolloutService for AdminApi {
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let caller = caller(&request)?;
-        let view = self
-            .control
-            .pause_rollout(&request.into_inner().fleet, &caller)
-            .await?;
-        Ok(Response::new(convert::rollout(view)))
+        self.rollout_command(request, RolloutCommand::Pause).await
     }
 
     async fn resume_rollout(
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let caller = caller(&request)?;
-        let view = self
-            .control
-            .resume_rollout(&request.into_inner().fleet, &caller)
-            .await?;
-        Ok(Response::new(convert::rollout(view)))
+        self.rollout_command(request, RolloutCommand::Resume).await
     }
 
     async fn rollback_rollout(
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let caller = caller(&request)?;
-        let view = self
-            .control
-            .rollback_rollout(&request.into_inner().fleet, &caller)
-            .await?;
-        Ok(Response::new(convert::rollout(view)))
+        self.rollout_command(request, RolloutCommand::Rollback)
+            .await
     }
 
     async fn watch_rollout(
