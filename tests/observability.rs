@@ -15,23 +15,29 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// GET over plain HTTP/1.1 (the operations endpoint is not TLS); returns (status, body).
 async fn http_get(base: &str, path: &str) -> (u16, String) {
+    try_http_get(base, path)
+        .await
+        .expect("the operations endpoint answers")
+}
+
+/// Like `http_get`, `None` if the endpoint cannot be reached or closes mid-answer.
+async fn try_http_get(base: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    stream.read_to_string(&mut response).await.ok()?;
     let status = response
         .split_whitespace()
         .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .and_then(|s| s.parse().ok())?;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
 }
 
 /// The series (name plus labels) of an exposition, without values.
@@ -154,14 +160,12 @@ async fn health_turns_not_serving_and_readyz_503_during_shutdown() {
     assert!(control.is_shutting_down());
     assert!(!control.metrics_snapshot().ready);
     // The operations endpoint may already be closed; if it answers, it says not ready.
-    let probe = tokio::time::timeout(Duration::from_secs(2), async {
-        match tokio::net::TcpStream::connect(metrics_url.trim_start_matches("http://")).await {
-            Ok(_) => Some(http_get(&metrics_url, "/readyz").await.0),
-            Err(_) => None,
-        }
-    })
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        try_http_get(&metrics_url, "/readyz"),
+    )
     .await;
-    if let Ok(Some(code)) = probe {
+    if let Ok(Some((code, _))) = probe {
         assert_eq!(code, 503);
     }
     stopping.await.unwrap();
