@@ -12,7 +12,7 @@ use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
 use flotilla::proto::agent::v1 as agent;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::sim::SimAgent;
+use support::sim::{SimAgent, all_synced, connect_fleet};
 use support::{TestServer, channel, wait_for};
 
 fn web_fleet(content: &str) -> admin::ApplyFleetRequest {
@@ -38,34 +38,15 @@ fn role(value: &str) -> BTreeMap<String, String> {
 }
 
 /// Enrolls `names` with `labels` and connects a simulated agent for each.
+/// Enrolls `names` with `labels` and connects a simulated agent for each.
 async fn fleet_of(
     server: &TestServer,
     names: &[&str],
     labels: BTreeMap<String, String>,
     heartbeat: Duration,
 ) -> Vec<(String, SimAgent)> {
-    let mut agents = Vec::new();
-    for name in names {
-        let (creds, id) = server.enroll_device_with(name, labels.clone()).await;
-        let sim = SimAgent::connect(&server.agent_url, &creds, &id, heartbeat).await;
-        agents.push((id, sim));
-    }
-    agents
-}
-
-async fn all_synced(server: &TestServer, agents: &[(String, SimAgent)]) {
-    let hub = server.control.hub().clone();
-    let ids: Vec<String> = agents.iter().map(|(id, _)| id.clone()).collect();
-    wait_for("every device SYNCED", Duration::from_secs(20), || {
-        let hub = hub.clone();
-        let ids = ids.clone();
-        async move {
-            ids.iter()
-                .all(|id| hub.status(id).is_some_and(|s| s.state == SyncState::Synced))
-                .then_some(())
-        }
-    })
-    .await;
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    connect_fleet(server, &names, &labels, heartbeat, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

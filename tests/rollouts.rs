@@ -6,14 +6,14 @@
 mod support;
 
 use flotilla::control::Policy;
-use flotilla::hub::{Debounce, SyncState};
+use flotilla::hub::Debounce;
 use flotilla::proto::admin::v1 as admin;
 use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
 use flotilla::proto::admin::v1::rollout_service_client::RolloutServiceClient;
 use flotilla::proto::agent::v1 as agent;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::sim::SimAgent;
+use support::sim::{SimAgent, all_synced, connect_fleet};
 use support::{TestServer, channel, wait_for};
 use tonic::Code;
 
@@ -69,37 +69,9 @@ async fn web_devices(
     count: usize,
     reject: Option<&str>,
 ) -> Vec<(String, SimAgent)> {
-    let mut agents = Vec::new();
-    for i in 0..count {
-        let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
-        let (creds, id) = server
-            .enroll_device_with(&format!("web-{i:02}"), labels)
-            .await;
-        let sim = SimAgent::connect_rejecting(
-            &server.agent_url,
-            &creds,
-            &id,
-            Duration::from_secs(5),
-            reject.map(str::to_string),
-        )
-        .await;
-        agents.push((id, sim));
-    }
-    agents
-}
-
-async fn all_synced(server: &TestServer, agents: &[(String, SimAgent)]) {
-    let hub = server.control.hub().clone();
-    let ids: Vec<String> = agents.iter().map(|(id, _)| id.clone()).collect();
-    wait_for("every device SYNCED", Duration::from_secs(60), || {
-        let (hub, ids) = (hub.clone(), ids.clone());
-        async move {
-            ids.iter()
-                .all(|id| hub.status(id).is_some_and(|s| s.state == SyncState::Synced))
-                .then_some(())
-        }
-    })
-    .await;
+    let names: Vec<String> = (0..count).map(|i| format!("web-{i:02}")).collect();
+    let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
+    connect_fleet(server, &names, &labels, Duration::from_secs(5), reject).await
 }
 
 async fn rollout(server: &TestServer) -> admin::Rollout {

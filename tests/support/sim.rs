@@ -1,7 +1,7 @@
 //! A simulated agent speaking the real session protocol over real mTLS: it says Hello, ACKs every
 //! push (recording it), and sends heartbeats at a fixed interval.
 
-use super::channel;
+use super::{TestServer, channel, wait_for};
 use flotilla::client::ClientCredentials;
 use flotilla::proto::agent::v1 as agent;
 use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -46,18 +46,7 @@ impl SimAgent {
         heartbeat: Duration,
         reject: Option<String>,
     ) -> SimAgent {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(message(agent::agent_message::Kind::Hello(agent::Hello {
-            device_id: device_id.into(),
-            ..Default::default()
-        })))
-        .await
-        .unwrap();
-        let mut inbound = AgentServiceClient::new(channel(url, creds).await)
-            .session(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let RawSession { tx, mut inbound } = RawSession::open(url, creds, device_id).await.unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let record = seen.clone();
         let task = tokio::spawn(async move {
@@ -164,4 +153,47 @@ impl RawSession {
             .await
             .expect("an answer within 15 s")
     }
+}
+
+/// Enrolls `names` (approved with `labels`) and connects a simulated agent for each; agents NACK
+/// pushes with a file containing `reject`. Returns (device id, agent) pairs.
+pub async fn connect_fleet(
+    server: &TestServer,
+    names: &[String],
+    labels: &std::collections::BTreeMap<String, String>,
+    heartbeat: Duration,
+    reject: Option<&str>,
+) -> Vec<(String, SimAgent)> {
+    let mut agents = Vec::new();
+    for name in names {
+        let (creds, id) = server.enroll_device_with(name, labels.clone()).await;
+        let sim = SimAgent::connect_rejecting(
+            &server.agent_url,
+            &creds,
+            &id,
+            heartbeat,
+            reject.map(str::to_string),
+        )
+        .await;
+        agents.push((id, sim));
+    }
+    agents
+}
+
+/// Waits until every device of `agents` is SYNCED.
+pub async fn all_synced(server: &TestServer, agents: &[(String, SimAgent)]) {
+    let hub = server.control.hub().clone();
+    let ids: Vec<String> = agents.iter().map(|(id, _)| id.clone()).collect();
+    wait_for("every device SYNCED", Duration::from_secs(60), || {
+        let (hub, ids) = (hub.clone(), ids.clone());
+        async move {
+            ids.iter()
+                .all(|id| {
+                    hub.status(id)
+                        .is_some_and(|s| s.state == flotilla::hub::SyncState::Synced)
+                })
+                .then_some(())
+        }
+    })
+    .await;
 }
