@@ -18,6 +18,7 @@ use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClie
 use flotilla::signature::recovery_message;
 use flotilla::store::DbConnection;
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 use support::sim::RawSession;
@@ -246,6 +247,7 @@ async fn the_scheduler_asks_due_devices_and_operators_can_force_a_renewal() {
     let offline = certificates
         .renew_certificate(admin::RenewCertificateRequest {
             device: "forced".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -262,6 +264,7 @@ async fn the_scheduler_asks_due_devices_and_operators_can_force_a_renewal() {
     certificates
         .renew_certificate(admin::RenewCertificateRequest {
             device: "forced".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -277,6 +280,67 @@ async fn the_scheduler_asks_due_devices_and_operators_can_force_a_renewal() {
         "{}",
         directive.reason
     );
+
+    // By selector: every connected match is asked, offline and non-matching ones are not.
+    let site = |s: &str| BTreeMap::from([("site".to_string(), s.to_string())]);
+    let (creds_a, id_a) = relaxed.enroll_device_with("berlin-a", site("berlin")).await;
+    relaxed.enroll_device_with("berlin-b", site("berlin")).await;
+    let (creds_c, id_c) = relaxed.enroll_device_with("paris-c", site("paris")).await;
+    let mut berlin = RawSession::open(&relaxed.agent_url, &creds_a, &id_a)
+        .await
+        .unwrap();
+    let mut paris = RawSession::open(&relaxed.agent_url, &creds_c, &id_c)
+        .await
+        .unwrap();
+    for session in [&mut berlin, &mut paris] {
+        session
+            .next_matching(|kind| {
+                matches!(kind, agent::server_message::Kind::Accepted(_)).then_some(())
+            })
+            .await
+            .unwrap();
+    }
+    let reached = certificates
+        .renew_certificate(admin::RenewCertificateRequest {
+            selector: "site=berlin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((reached.asked, reached.not_connected), (1, 1));
+    berlin
+        .next_matching(|kind| match kind {
+            agent::server_message::Kind::RenewCertificate(r) => Some(r),
+            _ => None,
+        })
+        .await
+        .expect("the connected berlin device is asked");
+    assert!(
+        paris
+            .next_matching_within(Duration::from_millis(500), |kind| match kind {
+                agent::server_message::Kind::RenewCertificate(r) => Some(r),
+                _ => None,
+            })
+            .await
+            .flatten()
+            .is_none(),
+        "a device outside the selector is not asked"
+    );
+    for bad in [
+        admin::RenewCertificateRequest::default(),
+        admin::RenewCertificateRequest {
+            device: "forced".into(),
+            selector: "site=berlin".into(),
+        },
+        admin::RenewCertificateRequest {
+            selector: "site in (".into(),
+            ..Default::default()
+        },
+    ] {
+        let refused = certificates.renew_certificate(bad).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    }
 }
 
 #[tokio::test]

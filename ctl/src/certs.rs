@@ -115,13 +115,25 @@ pub async fn revoke(
     Ok(())
 }
 
-pub async fn renew(channel: Channel, device: String) -> Result<()> {
-    CertificateServiceClient::new(channel)
+pub async fn renew(
+    channel: Channel,
+    device: Option<String>,
+    selector: Option<String>,
+) -> Result<()> {
+    let response = CertificateServiceClient::new(channel)
         .renew_certificate(pb::RenewCertificateRequest {
-            device: device.clone(),
+            device: device.clone().unwrap_or_default(),
+            selector: selector.unwrap_or_default(),
         })
         .await
-        .map_err(rpc)?;
-    println!("device/{device} asked to renew its certificate");
+        .map_err(rpc)?
+        .into_inner();
+    match device {
+        Some(device) => println!("device/{device} asked to renew its certificate"),
+        None => println!(
+            "{} connected device(s) asked to renew; {} not connected (they renew when due)",
+            response.asked, response.not_connected
+        ),
+    }
     Ok(())
 }

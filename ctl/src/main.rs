@@ -154,10 +154,17 @@ enum CertWhat {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Ask a connected device to renew its certificate now.
+    /// Ask a connected device, or every connected device matching a selector, to renew now.
     Renew {
-        #[arg(long)]
-        device: String,
+        #[arg(
+            long,
+            conflicts_with = "selector",
+            required_unless_present = "selector"
+        )]
+        device: Option<String>,
+        /// Label selector, e.g. `site=berlin`.
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
     },
 }
 
@@ -345,7 +352,9 @@ async fn run(cli: Cli) -> Result<()> {
                 device,
                 reason,
             } => certs::revoke(channel(config).await?, serial, device, reason).await,
-            CertWhat::Renew { device } => certs::renew(channel(config).await?, device).await,
+            CertWhat::Renew { device, selector } => {
+                certs::renew(channel(config).await?, device, selector).await
+            }
         },
         Command::Rollout { what } => {
             let channel = channel(config).await?;

@@ -84,6 +84,13 @@ pub struct RecoverInput {
 }
 
 /// A certificate with its device.
+/// What a renewal request by selector reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewalRequested {
+    pub asked: usize,
+    pub not_connected: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct CertificateView {
     pub record: CertificateRecord,
@@ -681,6 +688,28 @@ impl ControlPlane {
         }
         tracing::info!(device.id = %id, by = %actor, "certificate renewal requested");
         Ok(())
+    }
+
+    /// Asks every connected device whose labels match `selector` to renew now.
+    pub async fn force_renewal_matching(
+        &self,
+        selector: &str,
+        actor: &Identity,
+    ) -> Result<RenewalRequested, ControlError> {
+        let selector = super::devices::parse_selector(selector)?;
+        let ids: Vec<String> = self
+            .catalog()
+            .devices()
+            .filter(|d| selector.matches(&d.labels))
+            .map(|d| d.id.clone())
+            .collect();
+        let asked = ids.iter().filter(|id| self.hub.force_renewal(id)).count();
+        let requested = RenewalRequested {
+            asked,
+            not_connected: ids.len() - asked,
+        };
+        tracing::info!(%selector, by = %actor, asked, not_connected = requested.not_connected, "certificate renewal requested");
+        Ok(requested)
     }
 
     /// Audit records matching `query`; a device filter may be a name or an id.

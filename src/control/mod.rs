@@ -12,7 +12,7 @@ mod rollouts;
 mod session;
 mod watch;
 
-pub use certs::{CertificateView, RecoverInput, RecoveryChallenge};
+pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequested};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
 pub use fleets::{FleetApply, FleetView};

@@ -2,7 +2,9 @@
 
 use super::auth::caller;
 use super::convert;
-use crate::control::{ControlPlane, DeviceUpdate, FleetApply, LabelChange, RolloutCommand};
+use crate::control::{
+    ControlError, ControlPlane, DeviceUpdate, FleetApply, LabelChange, RolloutCommand,
+};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::audit_service_server::AuditService;
 use crate::proto::admin::v1::certificate_service_server::CertificateService;
@@ -164,10 +166,29 @@ impl CertificateService for AdminApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         let caller = caller(&request)?;
-        self.control
-            .force_renewal(&request.into_inner().device, &caller)
-            .await?;
-        Ok(Response::new(pb::RenewCertificateResponse {}))
+        let request = request.into_inner();
+        match (request.device.is_empty(), request.selector.is_empty()) {
+            (false, true) => {
+                self.control.force_renewal(&request.device, &caller).await?;
+                Ok(Response::new(pb::RenewCertificateResponse {
+                    asked: 1,
+                    not_connected: 0,
+                }))
+            }
+            (true, false) => {
+                let requested = self
+                    .control
+                    .force_renewal_matching(&request.selector, &caller)
+                    .await?;
+                Ok(Response::new(pb::RenewCertificateResponse {
+                    asked: convert::count(requested.asked),
+                    not_connected: convert::count(requested.not_connected),
+                }))
+            }
+            _ => Err(
+                ControlError::invalid("device", "give exactly one of device or selector").into(),
+            ),
+        }
     }
 }
 

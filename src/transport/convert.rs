@@ -164,7 +164,7 @@ pub fn device_event(event: DeviceEvent) -> admin::DeviceEvent {
     }
 }
 
-fn count(n: usize) -> u32 {
+pub fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 

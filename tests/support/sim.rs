@@ -134,8 +134,19 @@ impl RawSession {
     /// `None` if the stream ends first.
     pub async fn next_matching<T>(
         &mut self,
-        mut pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
+        pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
     ) -> Option<T> {
+        self.next_matching_within(Duration::from_secs(15), pick)
+            .await
+            .expect("an answer within 15 s")
+    }
+
+    /// Like `next_matching`, but `None` (instead of a panic) when nothing matches within `limit`.
+    pub async fn next_matching_within<T>(
+        &mut self,
+        limit: Duration,
+        mut pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
+    ) -> Option<Option<T>> {
         let wait = async {
             loop {
                 match self.inbound.message().await {
@@ -149,9 +160,7 @@ impl RawSession {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(15), wait)
-            .await
-            .expect("an answer within 15 s")
+        tokio::time::timeout(limit, wait).await.ok()
     }
 }
 
