@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_types::StatusExt;
 
 /// Everything needed to reach the control plane as one identity.
 #[derive(Clone)]
@@ -81,4 +82,13 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// When a refusal asks the caller to come back: the control plane's admission control answers
+/// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` delay (already spread by jitter).
+pub fn retry_after(status: &tonic::Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    status.get_details_retry_info()?.retry_delay
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
-use flotilla::control::{ControlPlane, Policy, SessionSettings};
+use flotilla::control::{AdmissionSettings, ControlPlane, Policy, SessionSettings};
 use flotilla::hub::{Debounce, Hub};
 use flotilla::store::{Backend, Store};
 use flotilla::transport::{Endpoints, TlsMaterial, serve};
@@ -85,6 +85,17 @@ struct ServeArgs {
     /// How long after expiry a device may still recover with its previous key.
     #[arg(long, default_value = "90d", value_parser = flotilla::clock::parse_duration)]
     recovery_window: Duration,
+    /// Sessions that may be opening at once; agents beyond it are told to retry later
+    /// (RESOURCE_EXHAUSTED with a retry delay).
+    #[arg(long, default_value_t = 256)]
+    max_opening_sessions: usize,
+    /// Sessions this control plane holds at most (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_sessions: usize,
+    /// A session older than this (less up to a tenth, at random) is asked to reconnect, so
+    /// connections rebalance across replicas and pick up renewed certificates (0: never).
+    #[arg(long, default_value = "24h", value_parser = flotilla::clock::parse_duration)]
+    session_max_age: Duration,
 }
 
 #[derive(Subcommand)]
@@ -200,6 +211,9 @@ async fn main() -> Result<()> {
                 device_cert_validity,
                 renew_before,
                 recovery_window,
+                max_opening_sessions,
+                max_sessions,
+                session_max_age,
             } = *args;
             let agent = TcpListener::bind(agent_listen)
                 .await
@@ -247,6 +261,12 @@ async fn main() -> Result<()> {
                     silence_timeout: offline_after
                         .map(|s| Duration::from_secs(s.max(1)))
                         .unwrap_or(heartbeat * 3 + Duration::from_secs(10)),
+                    max_age: Some(session_max_age).filter(|age| !age.is_zero()),
+                },
+                admission: AdmissionSettings {
+                    max_opening: max_opening_sessions.max(1),
+                    max_sessions,
+                    ..AdmissionSettings::default()
                 },
                 debounce: Debounce {
                     quiet: Duration::from_millis(push_debounce_ms),

@@ -13,6 +13,7 @@ pub const SESSION_CLOSE_REASONS: &[&str] = &[
     "silent",
     "replaced",
     "protocol_error",
+    "max_age",
 ];
 pub const CERTIFICATE_EVENTS: &[&str] = &["issued", "renewed", "recovered", "revoked", "rejected"];
 
@@ -67,6 +68,10 @@ fn describe() {
         "Open agent streams (connected agents)."
     );
     describe_counter!("flotilla_sessions_opened_total", "Agent streams accepted.");
+    describe_counter!(
+        "flotilla_sessions_refused_total",
+        "Agent streams turned away by admission control (told to retry later), by reason."
+    );
     describe_counter!(
         "flotilla_sessions_closed_total",
         "Agent streams ended, by reason."
@@ -135,6 +140,9 @@ fn init_series() {
     describe();
     gauge!("flotilla_build_info", "version" => crate::VERSION).set(1.0);
     counter!("flotilla_sessions_opened_total").absolute(0);
+    for reason in SESSION_REFUSAL_REASONS {
+        counter!("flotilla_sessions_refused_total", "reason" => *reason).absolute(0);
+    }
     for reason in SESSION_CLOSE_REASONS {
         counter!("flotilla_sessions_closed_total", "reason" => *reason).absolute(0);
     }
@@ -147,6 +155,13 @@ fn init_series() {
 
 pub fn session_opened() {
     counter!("flotilla_sessions_opened_total").increment(1);
+}
+
+/// Why admission control turned a session away.
+const SESSION_REFUSAL_REASONS: &[&str] = &["opening", "max_sessions"];
+
+pub fn session_refused(reason: &'static str) {
+    counter!("flotilla_sessions_refused_total", "reason" => reason).increment(1);
 }
 
 pub fn session_closed(reason: &'static str) {

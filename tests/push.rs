@@ -118,6 +118,7 @@ async fn an_idle_fleet_makes_no_database_queries() {
         session: SessionSettings {
             heartbeat_interval: Duration::from_millis(100),
             silence_timeout: Duration::from_secs(5),
+            ..SessionSettings::default()
         },
         ..Policy::default()
     })
@@ -192,6 +193,7 @@ async fn a_silent_device_goes_offline_and_a_chatty_one_stays_online() {
         session: SessionSettings {
             heartbeat_interval: Duration::from_millis(100),
             silence_timeout: Duration::from_millis(600),
+            ..SessionSettings::default()
         },
         ..Policy::default()
     })

@@ -10,7 +10,7 @@ use crate::recover::{self, Recovery};
 use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
 use crate::state::{Applied, Enrolled};
 use anyhow::{Context, Result};
-use flotilla::client::{ClientCredentials, connect};
+use flotilla::client::{ClientCredentials, connect, retry_after};
 use flotilla::clock::{now_millis, timestamp_from_millis, timestamp_from_secs};
 use flotilla::pki::cert_info_pem;
 use flotilla::proto::agent::v1 as pb;
@@ -27,6 +27,8 @@ enum End {
     Reconnect(Duration),
     /// A renewed certificate is active: reconnect with it at once.
     Renewed,
+    /// The control plane is busy (admission control) and said when to come back.
+    Busy(Duration),
     /// The stream closed or failed.
     Lost(String),
     Shutdown,
@@ -104,6 +106,10 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         let wait = match end {
             End::Shutdown => return Ok(()),
             End::Renewed => Duration::ZERO,
+            End::Busy(wait) => {
+                tracing::info!(retry_in_ms = wait.as_millis() as u64, "control plane busy");
+                wait.min(agent.config.max_backoff())
+            }
             End::Reconnect(within) => {
                 tracing::info!("server asked to reconnect");
                 backoff.reset();
@@ -184,11 +190,20 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
         certificate_not_after: Some(timestamp_from_secs(cert.not_after)),
     })))
     .await?;
-    let mut inbound = AgentServiceClient::new(channel)
+    let mut inbound = match AgentServiceClient::new(channel)
         .session(ReceiverStream::new(rx))
         .await
-        .map_err(|s| anyhow::anyhow!("session refused ({:?}): {}", s.code(), s.message()))?
-        .into_inner();
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => match retry_after(&status) {
+            Some(wait) => return Ok(End::Busy(wait)),
+            None => anyhow::bail!(
+                "session refused ({:?}): {}",
+                status.code(),
+                status.message()
+            ),
+        },
+    };
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.reset();
     let mut shutdown = agent.shutdown.clone();

@@ -2,6 +2,7 @@
 //! is persisted), the hub (who is connected, what they run) and the CA (what they may prove)
 //! together. Transport-agnostic: the gRPC services translate to and from it.
 
+mod admission;
 mod catalog;
 mod certs;
 mod devices;
@@ -12,6 +13,7 @@ mod rollouts;
 mod session;
 mod watch;
 
+pub use admission::{AdmissionSettings, OpeningPermit};
 pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequested};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome};
@@ -27,6 +29,7 @@ use crate::render::CompiledTemplate;
 use crate::revocation::RevokedSerials;
 use crate::selector::Selector;
 use crate::store::{FleetRecord, Store, StoreError};
+use admission::Admission;
 use catalog::{Catalog, FleetEntry};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -46,6 +49,8 @@ pub struct Policy {
     pub session: SessionSettings,
     /// How spec changes are coalesced into waves of pushes.
     pub debounce: Debounce,
+    /// Limits on new and open sessions.
+    pub admission: AdmissionSettings,
 }
 
 impl Default for Policy {
@@ -57,6 +62,7 @@ impl Default for Policy {
             enrollment_poll_interval: Duration::from_secs(2),
             session: SessionSettings::default(),
             debounce: Debounce::default(),
+            admission: AdmissionSettings::default(),
         }
     }
 }
@@ -75,6 +81,12 @@ pub enum ControlError {
     PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Admission control turned the request away; the caller should retry after `retry_after`.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -118,6 +130,7 @@ pub struct ControlPlane {
     open_rollouts: Arc<rollouts::OpenRollouts>,
     rollout_changed: Arc<tokio::sync::Notify>,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    admission: Arc<Admission>,
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
     writes: Arc<tokio::sync::Mutex<()>>,
@@ -136,6 +149,7 @@ impl ControlPlane {
             ca,
             audit_key,
             hub,
+            admission: Arc::new(Admission::new(policy.admission.clone())),
             policy: Arc::new(policy),
             catalog: Arc::default(),
             revoked: Arc::default(),
@@ -163,6 +177,11 @@ impl ControlPlane {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Lets one more session start opening, or says when to retry.
+    pub fn admit_session(&self) -> Result<OpeningPermit, ControlError> {
+        self.admission.admit(|| self.hub.connected())
     }
 
     /// Serials refused on every connection.

@@ -8,6 +8,7 @@ use crate::hub::{Answer, HubError, SessionHandle};
 use crate::identity::{Identity, Role};
 use crate::proto::agent::v1 as pb;
 use futures::{Stream, StreamExt};
+use rand::Rng;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
@@ -19,6 +20,9 @@ pub struct SessionSettings {
     pub heartbeat_interval: Duration,
     /// A session that sends nothing for this long is closed as dead.
     pub silence_timeout: Duration,
+    /// A session older than this (less a random tenth) is asked to reconnect: connections
+    /// rebalance across replicas and pick up renewed certificates. `None`: never.
+    pub max_age: Option<Duration>,
 }
 
 impl Default for SessionSettings {
@@ -26,6 +30,7 @@ impl Default for SessionSettings {
         SessionSettings {
             heartbeat_interval: Duration::from_secs(30),
             silence_timeout: Duration::from_secs(100),
+            max_age: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -48,6 +53,8 @@ pub enum EndReason {
     Silent,
     Replaced,
     ProtocolError,
+    /// Asked to reconnect because the session reached its maximum age.
+    MaxAge,
 }
 
 impl EndReason {
@@ -58,7 +65,29 @@ impl EndReason {
             EndReason::Silent => "silent",
             EndReason::Replaced => "replaced",
             EndReason::ProtocolError => "protocol_error",
+            EndReason::MaxAge => "max_age",
         }
+    }
+}
+
+/// Agents asked to reconnect because of age spread their return over this long.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// When a session opened now should retire: `max_age` less up to a tenth, at random, so sessions
+/// opened together (after an outage) do not all retire together.
+fn max_age_deadline(max_age: Option<Duration>) -> Option<Instant> {
+    let age = max_age?;
+    let spread = (age / 10).as_millis().max(1) as u64;
+    let early = Duration::from_millis(rand::rng().random_range(0..spread));
+    Some(Instant::now() + age.saturating_sub(early))
+}
+
+fn reconnect(reason: &str, within: Duration) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(pb::server_message::Kind::Reconnect(pb::Reconnect {
+            reason: reason.into(),
+            within: prost_types::Duration::try_from(within).ok(),
+        })),
     }
 }
 
@@ -167,16 +196,15 @@ impl ControlPlane {
     {
         let silence = self.policy.session.silence_timeout;
         let mut deadline = Instant::now() + silence;
+        let retire_at = max_age_deadline(self.policy.session.max_age);
         loop {
             tokio::select! {
+                _ = sleep_until(retire_at.unwrap_or(deadline)), if retire_at.is_some() => {
+                    let _ = outbound.try_send(reconnect("the session reached its maximum age", RECONNECT_WITHIN));
+                    return EndReason::MaxAge;
+                }
                 _ = handle.closed.notified() => {
-                    let reconnect = pb::ServerMessage {
-                        kind: Some(pb::server_message::Kind::Reconnect(pb::Reconnect {
-                            reason: "session closed by the control plane".into(),
-                            within: prost_types::Duration::try_from(Duration::from_secs(5)).ok(),
-                        })),
-                    };
-                    let _ = outbound.try_send(reconnect);
+                    let _ = outbound.try_send(reconnect("session closed by the control plane", Duration::from_secs(5)));
                     return EndReason::Replaced;
                 }
                 _ = handle.changed.notified() => {

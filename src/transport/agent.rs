@@ -104,6 +104,8 @@ impl AgentService for AgentApi {
     ) -> Result<Response<SessionStream>, Status> {
         let caller = caller(&request)?;
         let serial = caller_serial(&request)?;
+        // Held until the session is accepted: bounds how many are opening at once.
+        let opening = self.control.admit_session()?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -117,6 +119,7 @@ impl AgentService for AgentApi {
             }
         };
         let session = self.control.open_session(&caller, &serial, &hello).await?;
+        drop(opening);
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {

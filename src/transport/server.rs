@@ -31,6 +31,10 @@ const AGENT_MAX_DECODE: usize = 64 * 1024;
 const ADMIN_MAX_DECODE: usize = 2 * 1024 * 1024;
 /// Largest message the server sends: a full spec plus framing.
 const MAX_ENCODE: usize = 2 * 1024 * 1024;
+/// Concurrent HTTP/2 streams per agent connection.
+const AGENT_MAX_STREAMS: u32 = 8;
+/// Receive window per agent stream (HTTP/2 flow control).
+const AGENT_STREAM_WINDOW: u32 = 64 * 1024;
 /// How long shutdown waits for connections to drain before it stops anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +73,21 @@ fn builder() -> Server {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(Duration::from_secs(60))
+}
+
+/// The agent endpoint holds one long-lived connection per device carrying small messages: one
+/// session stream plus the odd enrollment or health call, so few concurrent streams and small
+/// receive windows (what an agent sends is acks, heartbeats and CSRs; specs travel the other way
+/// under the agent's window). The windows are fixed rather than adaptive, so a connection never
+/// grows its buffers after a burst.
+fn agent_builder() -> Server {
+    builder()
+        .max_concurrent_streams(Some(AGENT_MAX_STREAMS))
+        .initial_stream_window_size(Some(AGENT_STREAM_WINDOW))
+        .initial_connection_window_size(Some(AGENT_STREAM_WINDOW * 2))
+        .http2_adaptive_window(Some(false))
+        .max_frame_size(Some(16 * 1024))
+        .http2_max_header_list_size(Some(16 * 1024))
 }
 
 /// The names the health service reports on ("" is the server as a whole).
@@ -117,7 +136,7 @@ pub async fn serve(
     };
 
     let agent_api = AgentApi::new(control.clone());
-    let agent_server = builder()
+    let agent_server = agent_builder()
         .layer(auth.clone())
         .add_service(
             AgentServiceServer::new(agent_api)

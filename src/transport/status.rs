@@ -17,6 +17,14 @@ impl From<ControlError> for Status {
             ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
             ControlError::PermissionDenied(m) => Status::permission_denied(m),
             ControlError::Unavailable(m) => Status::unavailable(m),
+            ControlError::Overloaded {
+                message,
+                retry_after,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             ControlError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal(m)
