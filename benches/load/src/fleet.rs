@@ -1,0 +1,353 @@
+//! Simulated agents: each holds its own mTLS connection and management stream and speaks the real
+//! protocol — Hello with the version it runs, ACK for every push, heartbeats, renewal with a fresh
+//! key when asked (then back at once with the new certificate), Reconnect, and back-off when the
+//! control plane is busy or gone — like `flotilla-agent`, but applying specs in memory.
+
+use crate::server::Device;
+use anyhow::{Result, bail};
+use flotilla::client::{ClientCredentials, endpoint, retry_after};
+use flotilla::proto::agent::v1 as pb;
+use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
+use rand::Rng;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One ACK an agent sent: which agent, when.
+pub struct Ack {
+    pub agent: usize,
+    pub at: Instant,
+}
+
+/// What the simulated fleet has seen, shared by every agent task.
+pub struct Shared {
+    epoch: Instant,
+    port: u16,
+    pub acks: Mutex<Vec<Ack>>,
+    /// Per agent: milliseconds since `epoch` of the last time it was in sync (0: never).
+    synced_at: Vec<AtomicU64>,
+    /// Per agent: told at least once to back off since the last reset.
+    told_busy: Vec<AtomicBool>,
+    pub busy_answers: AtomicUsize,
+    pub sessions_lost: AtomicUsize,
+    /// When each agent received a renewed certificate.
+    pub renewals: Mutex<Vec<(usize, Instant)>>,
+    pub refusals: AtomicUsize,
+    stopping: AtomicBool,
+    /// The first few distinct errors, for the report.
+    errors: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn millis(&self, at: Instant) -> u64 {
+        at.duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    fn mark_synced(&self, agent: usize) {
+        self.synced_at[agent].store(self.millis(Instant::now()), Ordering::Relaxed);
+    }
+
+    /// Agents in sync at some moment after `since`.
+    pub fn synced_since(&self, since: Instant) -> usize {
+        let since = self.millis(since);
+        self.synced_at
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) >= since)
+            .count()
+    }
+
+    /// When the last of the agents in sync after `since` got there.
+    pub fn last_synced_after(&self, since: Instant) -> Duration {
+        let since_ms = self.millis(since);
+        let last = self
+            .synced_at
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&s| s >= since_ms)
+            .max()
+            .unwrap_or(since_ms);
+        Duration::from_millis(last - since_ms)
+    }
+
+    /// How many agents were told to back off since the last call, and resets.
+    pub fn take_told_busy(&self) -> usize {
+        self.told_busy
+            .iter()
+            .filter(|b| b.swap(false, Ordering::Relaxed))
+            .count()
+    }
+
+    pub fn ack_count(&self) -> usize {
+        self.acks.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    pub fn renewal_count(&self) -> usize {
+        self.renewals.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    fn note_error(&self, error: String) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut errors) = self.errors.lock() {
+            // Certificates and addresses differ per agent; compare the first words only.
+            let key: String = error.chars().take(60).collect();
+            if errors.len() < 10 && !errors.iter().any(|e| e.starts_with(&key)) {
+                errors.push(error);
+            }
+        }
+    }
+}
+
+/// The simulated agents of one run.
+pub struct Fleet {
+    pub shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Starts one task per device; all connect at once.
+    pub async fn connect(devices: Vec<Device>, port: u16) -> Fleet {
+        let n = devices.len();
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            port,
+            acks: Mutex::new(Vec::with_capacity(n * 3)),
+            synced_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            told_busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            busy_answers: AtomicUsize::new(0),
+            sessions_lost: AtomicUsize::new(0),
+            renewals: Mutex::new(Vec::with_capacity(n)),
+            refusals: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            errors: Mutex::default(),
+        });
+        let mut tasks = Vec::with_capacity(n);
+        for (index, device) in devices.into_iter().enumerate() {
+            tasks.push(tokio::spawn(run_agent(index, device, shared.clone())));
+            if index % 200 == 199 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Fleet { shared, tasks }
+    }
+
+    pub fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Waits until `done` holds, checking every 20 ms; how long it took.
+pub async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            bail!("{what}: not done within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Spreads source addresses over 127.0.0.0/8 so tens of thousands of connections find ports.
+fn source_address(index: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        (index / 62_500 % 250) as u8 + 1,
+        (index / 250 % 250) as u8 + 1,
+        (index % 250) as u8 + 1,
+    ))
+}
+
+enum End {
+    Renewed,
+    Reconnect(Duration),
+    Busy(Duration),
+    Closed,
+}
+
+/// Exponential back-off with full jitter from 500 ms to 30 s, as the real agent does.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64))
+    }
+}
+
+async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
+    let mut creds = device.creds;
+    let mut version = String::new();
+    let mut backoff = Backoff {
+        next: Backoff::FIRST,
+    };
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let end = session(
+            index,
+            &device.id,
+            &mut creds,
+            &mut version,
+            &shared,
+            &mut backoff,
+        )
+        .await;
+        let wait = match end {
+            Ok(End::Renewed) => Duration::ZERO,
+            Ok(End::Reconnect(within)) => {
+                Duration::from_millis(rand::rng().random_range(0..=within.as_millis() as u64))
+            }
+            Ok(End::Busy(wait)) => {
+                shared.busy_answers.fetch_add(1, Ordering::Relaxed);
+                shared.told_busy[index].store(true, Ordering::Relaxed);
+                wait
+            }
+            Ok(End::Closed) => {
+                shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                backoff.delay()
+            }
+            Err(error) => {
+                shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                shared.note_error(format!("{error:#}"));
+                backoff.delay()
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+async fn session(
+    index: usize,
+    device_id: &str,
+    creds: &mut ClientCredentials,
+    version: &mut String,
+    shared: &Shared,
+    backoff: &mut Backoff,
+) -> Result<End> {
+    let channel = endpoint(&format!("https://127.0.0.1:{}", shared.port), creds)?
+        .local_address(Some(source_address(index)))
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(message(pb::agent_message::Kind::Hello(pb::Hello {
+        device_id: device_id.to_string(),
+        rendered_version: version.clone(),
+        agent_version: "load".into(),
+        ..Default::default()
+    })))
+    .await?;
+    let mut inbound = match AgentServiceClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => match retry_after(&status) {
+            Some(wait) => return Ok(End::Busy(wait)),
+            None => bail!(
+                "session refused ({:?}): {}",
+                status.code(),
+                status.message()
+            ),
+        },
+    };
+    let mut beat = tokio::time::interval(Duration::from_secs(30));
+    beat.reset();
+    let mut pending_key: Option<rcgen::KeyPair> = None;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                let heartbeat = pb::agent_message::Kind::Heartbeat(pb::Heartbeat { sent_at: None });
+                if tx.send(message(heartbeat)).await.is_err() {
+                    return Ok(End::Closed);
+                }
+            }
+            received = inbound.message() => {
+                let Some(received) = received? else { return Ok(End::Closed) };
+                use pb::server_message::Kind;
+                match received.kind {
+                    Some(Kind::Accepted(accepted)) => {
+                        backoff.next = Backoff::FIRST;
+                        if !version.is_empty() && accepted.current_version == *version {
+                            shared.mark_synced(index);
+                        }
+                    }
+                    Some(Kind::Spec(push)) => {
+                        let ack = pb::agent_message::Kind::Ack(pb::Ack { nonce: push.nonce, version: push.version.clone() });
+                        if tx.send(message(ack)).await.is_err() {
+                            return Ok(End::Closed);
+                        }
+                        *version = push.version;
+                        shared.mark_synced(index);
+                        if let Ok(mut acks) = shared.acks.lock() {
+                            acks.push(Ack { agent: index, at: Instant::now() });
+                        }
+                    }
+                    Some(Kind::RenewCertificate(_)) => {
+                        let key = rcgen::KeyPair::generate()?;
+                        let request = pb::agent_message::Kind::CertificateRequest(pb::CertificateRequest {
+                            request_id: format!("{device_id}-{}", creds.cert_pem.len()),
+                            csr_pem: device_csr(&key, device_id)?,
+                        });
+                        pending_key = Some(key);
+                        if tx.send(message(request)).await.is_err() {
+                            return Ok(End::Closed);
+                        }
+                    }
+                    Some(Kind::CertificateIssued(issued)) => {
+                        let Some(key) = pending_key.take() else {
+                            bail!("a certificate arrived that was not asked for");
+                        };
+                        creds.cert_pem = issued.certificate_pem;
+                        creds.key_pem = key.serialize_pem();
+                        if let Ok(mut renewals) = shared.renewals.lock() {
+                            renewals.push((index, Instant::now()));
+                        }
+                        return Ok(End::Renewed);
+                    }
+                    Some(Kind::CertificateRefused(refused)) => {
+                        shared.refusals.fetch_add(1, Ordering::Relaxed);
+                        shared.note_error(format!("renewal refused: {}", refused.reason));
+                    }
+                    Some(Kind::Reconnect(reconnect)) => {
+                        let within = reconnect
+                            .within
+                            .and_then(|d| Duration::try_from(d).ok())
+                            .unwrap_or(Duration::from_secs(5));
+                        return Ok(End::Reconnect(within));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// A CSR for `key` asking for the device's own identity.
+fn device_csr(key: &rcgen::KeyPair, device_id: &str) -> Result<String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("flotilla://device/{device_id}").try_into()?,
+    )];
+    Ok(params.serialize_request(key)?.pem()?)
+}

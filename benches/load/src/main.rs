@@ -1,0 +1,507 @@
+//! `flotilla-load`: runs a real `flotilla serve` and N simulated agents speaking the real agent
+//! protocol over real mTLS (certificates minted in bulk for the run), and measures the scenarios
+//! of BENCHMARKS.md — idle streams, fan-out, renewal, reconnect storm — beside Mosquitto holding
+//! the same N TLS connections. Prints the figures, writes them as JSON, and stops by itself.
+//!
+//! `cargo build --release -p flotilla-load -p flotilla && target/release/flotilla-load --agents 10000`
+
+mod fleet;
+mod measure;
+mod mosquitto;
+mod server;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use fleet::{Fleet, wait_until};
+use flotilla::bootstrap::DataDir;
+use flotilla::client::ClientCredentials;
+use flotilla::proto::admin::v1 as admin;
+use flotilla::proto::admin::v1::certificate_service_client::CertificateServiceClient;
+use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
+use flotilla::proto::agent::v1 as agent;
+use flotilla::store::{AuditQuery, Backend, Store};
+use measure::{Latencies, metric_sum, socket_memory, usage};
+use serde::Serialize;
+use server::{ControlPlane, LOAD_SELECTOR};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Idle,
+    Fanout,
+    Renewal,
+    Storm,
+    Mosquitto,
+    All,
+}
+
+#[derive(Parser)]
+#[command(name = "flotilla-load", about = "Flotilla load harness")]
+struct Cli {
+    /// Number of simulated agents (streams), and of Mosquitto connections.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Scenarios to run (repeatable); `all` runs every one, Mosquitto first.
+    #[arg(long, value_enum, default_values_t = [Scenario::All])]
+    scenario: Vec<Scenario>,
+    /// Seconds of idle measurement.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// The control plane binary (default: beside this one).
+    #[arg(long)]
+    flotilla: Option<PathBuf>,
+    /// Extra arguments for `flotilla serve` (repeatable), e.g. `--server-arg=--max-opening-sessions=64`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// Where to write the figures as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Fail (exit 1) unless every scenario completed correctly (all ACKed, none lost, every
+    /// renewal audited, no store work while idle): the CI smoke test.
+    #[arg(long)]
+    check: bool,
+}
+
+impl Cli {
+    fn runs(&self, scenario: Scenario) -> bool {
+        self.scenario.contains(&scenario) || self.scenario.contains(&Scenario::All)
+    }
+}
+
+#[derive(Serialize, Default)]
+struct Figures {
+    agents: usize,
+    cpus: usize,
+    open_file_limit: u64,
+    mosquitto: Option<mosquitto::MosquittoFigures>,
+    connect: Option<Connect>,
+    idle: Option<Idle>,
+    fanout: Option<Fanout>,
+    renewal: Option<Renewal>,
+    storm: Option<Storm>,
+}
+
+#[derive(Serialize)]
+struct Connect {
+    seconds: f64,
+    told_to_back_off: usize,
+}
+
+#[derive(Serialize)]
+struct Idle {
+    rss_before_mib: f64,
+    rss_after_mib: f64,
+    rss_per_stream_kib: f64,
+    socket_memory_kib: Option<f64>,
+    cpu_seconds: f64,
+    idle_seconds: u64,
+    store_operations: f64,
+}
+
+#[derive(Serialize)]
+struct Fanout {
+    acked: usize,
+    latency: Latencies,
+}
+
+#[derive(Serialize)]
+struct Renewal {
+    renewed: usize,
+    seconds: f64,
+    issuances_per_second: f64,
+    latency: Latencies,
+    all_back_on_new_certificate_seconds: f64,
+    refused: usize,
+    audited: usize,
+    audit_chain_verified: usize,
+}
+
+#[derive(Serialize)]
+struct Storm {
+    restart_to_ready_seconds: f64,
+    ready_to_all_synced_seconds: f64,
+    restart_to_all_synced_seconds: f64,
+    agents_told_to_back_off: usize,
+    sessions_refused_by_server: f64,
+    server_sessions: f64,
+    server_synced: f64,
+}
+
+fn admin_template(content: &str) -> admin::ApplyFleetRequest {
+    admin::ApplyFleetRequest {
+        name: "load".into(),
+        selector: LOAD_SELECTOR.into(),
+        template: Some(agent::DeviceSpec {
+            files: vec![agent::FileSpec {
+                path: "/etc/load.conf".into(),
+                content: content.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let open_file_limit = measure::raise_file_limit();
+    let work = std::env::temp_dir().join(format!("flotilla-load-{}", std::process::id()));
+    let result = run(&cli, &work, open_file_limit).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let figures = result?;
+    let json = serde_json::to_string_pretty(&figures)?;
+    println!("{json}");
+    if let Some(out) = &cli.out {
+        std::fs::write(out, &json)?;
+    }
+    Ok(())
+}
+
+async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<Figures> {
+    let n = cli.agents;
+    let dir = DataDir::new(work.join("data"));
+    let binary = match cli.flotilla.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("flotilla"),
+    };
+    let mut figures = Figures {
+        agents: n,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        open_file_limit,
+        ..Default::default()
+    };
+    eprintln!("minting {n} devices…");
+    let devices = server::mint(&dir, n).await?;
+
+    if cli.runs(Scenario::Mosquitto) {
+        let publisher = ClientCredentials {
+            ca_pem: std::fs::read_to_string(dir.ca_cert())?,
+            cert_pem: std::fs::read_to_string(dir.admin_cert())?,
+            key_pem: std::fs::read_to_string(dir.admin_key())?,
+            server_name: "localhost".into(),
+        };
+        // The same bytes a pushed spec carries.
+        let payload =
+            prost::Message::encode_to_vec(&admin_template("fan-out").template.unwrap_or_default());
+        let figures_m = mosquitto::run(
+            work,
+            &devices,
+            &publisher,
+            server::broker_certificate(&dir)?,
+            payload,
+        )
+        .await
+        .context("mosquitto")?;
+        eprintln!(
+            "mosquitto: {} TLS connections in {:.1} s, RSS {:.1} → {:.1} MiB ({:.1} KiB per connection), delivery {}",
+            figures_m.connections,
+            figures_m.connect_seconds,
+            figures_m.rss_before_mib,
+            figures_m.rss_after_mib,
+            figures_m.rss_per_connection_kib,
+            figures_m.delivery
+        );
+        if cli.check && figures_m.delivery.count < n {
+            bail!("mosquitto delivered to {} of {n}", figures_m.delivery.count);
+        }
+        figures.mosquitto = Some(figures_m);
+        if cli.scenario == [Scenario::Mosquitto] {
+            return Ok(figures);
+        }
+    }
+
+    let mut server = ControlPlane::start(&binary, &dir, cli.server_args.clone()).await?;
+    let pid = server.pid();
+    let (rss_before, _) = usage(pid)?;
+    let started = Instant::now();
+    let fleet = Fleet::connect(devices, server.agent_port).await;
+    let shared = fleet.shared.clone();
+    let connected = wait_until(
+        Duration::from_secs(900),
+        "first connection and sync",
+        || shared.synced_since(started) >= n,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "{} of {n} synced; errors: {:?}",
+            shared.synced_since(started),
+            shared.errors()
+        )
+    })?;
+    figures.connect = Some(Connect {
+        seconds: connected.as_secs_f64(),
+        told_to_back_off: shared.take_told_busy(),
+    });
+    eprintln!(
+        "{n} agents connected and synced in {:.1} s",
+        connected.as_secs_f64()
+    );
+
+    if cli.runs(Scenario::Idle) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ops_before = metric_sum(
+            &server.metrics().await?,
+            "flotilla_store_operation_seconds_count",
+            "",
+        );
+        let (rss_after, cpu_before) = usage(pid)?;
+        tokio::time::sleep(Duration::from_secs(cli.idle_seconds)).await;
+        let (_, cpu_after) = usage(pid)?;
+        let ops_after = metric_sum(
+            &server.metrics().await?,
+            "flotilla_store_operation_seconds_count",
+            "",
+        );
+        let idle = Idle {
+            rss_before_mib: rss_before / 1024.0,
+            rss_after_mib: rss_after / 1024.0,
+            rss_per_stream_kib: (rss_after - rss_before) / n as f64,
+            socket_memory_kib: socket_memory(server.agent_port),
+            cpu_seconds: cpu_after - cpu_before,
+            idle_seconds: cli.idle_seconds,
+            store_operations: ops_after - ops_before,
+        };
+        eprintln!(
+            "idle: RSS {:.1} → {:.1} MiB ({:.1} KiB per stream), socket memory {:.0} KiB, CPU {:.2} s over {} s, {} store operations",
+            idle.rss_before_mib,
+            idle.rss_after_mib,
+            idle.rss_per_stream_kib,
+            idle.socket_memory_kib.unwrap_or(0.0),
+            idle.cpu_seconds,
+            idle.idle_seconds,
+            idle.store_operations
+        );
+        if cli.check && idle.store_operations > 0.0 {
+            bail!(
+                "the idle fleet made {} store operations",
+                idle.store_operations
+            );
+        }
+        figures.idle = Some(idle);
+    }
+
+    if cli.runs(Scenario::Fanout) {
+        let acked_before = shared.ack_count();
+        FleetServiceClient::new(server.admin().await?)
+            .apply_fleet(admin_template("fan-out"))
+            .await?;
+        let returned = Instant::now();
+        wait_until(Duration::from_secs(300), "fan-out", || {
+            shared.ack_count() >= acked_before + n
+        })
+        .await
+        .with_context(|| format!("{} of {n} ACKed", shared.ack_count() - acked_before))?;
+        let latency = Latencies::of(
+            shared
+                .acks
+                .lock()
+                .map(|acks| {
+                    acks[acked_before..]
+                        .iter()
+                        .map(|a| a.at.duration_since(returned).as_secs_f64() * 1000.0)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        let distinct_agents = shared
+            .acks
+            .lock()
+            .map(|acks| {
+                acks[acked_before..]
+                    .iter()
+                    .map(|a| a.agent)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .unwrap_or(0);
+        eprintln!("fan-out to {distinct_agents} agents: {latency}");
+        if cli.check && distinct_agents < n {
+            bail!("fan-out reached {distinct_agents} of {n} agents");
+        }
+        figures.fanout = Some(Fanout {
+            acked: distinct_agents,
+            latency,
+        });
+    }
+
+    let mut renewal = None;
+    if cli.runs(Scenario::Renewal) {
+        let before = shared.renewal_count();
+        let asked = CertificateServiceClient::new(server.admin().await?)
+            .renew_certificate(admin::RenewCertificateRequest {
+                selector: LOAD_SELECTOR.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let called = Instant::now();
+        if asked.asked as usize != n {
+            bail!(
+                "renewal: {} of {n} asked ({} not connected)",
+                asked.asked,
+                asked.not_connected
+            );
+        }
+        let took = wait_until(Duration::from_secs(600), "renewal", || {
+            shared.renewal_count() >= before + n
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {n} renewed; errors: {:?}",
+                shared.renewal_count() - before,
+                shared.errors()
+            )
+        })?;
+        let back = wait_until(
+            Duration::from_secs(600),
+            "reconnect with the new certificates",
+            || shared.synced_since(called) >= n,
+        )
+        .await?;
+        let latency = Latencies::of(
+            shared
+                .renewals
+                .lock()
+                .map(|r| {
+                    r[before..]
+                        .iter()
+                        .map(|(_, at)| at.duration_since(called).as_secs_f64() * 1000.0)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        eprintln!(
+            "renewal of {n}: {:.1} s ({:.0} issuances/s), {latency}; all back on the new certificate after {:.1} s",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64(),
+            back.as_secs_f64()
+        );
+        renewal = Some(Renewal {
+            renewed: latency.count,
+            seconds: took.as_secs_f64(),
+            issuances_per_second: n as f64 / took.as_secs_f64(),
+            latency,
+            all_back_on_new_certificate_seconds: back.as_secs_f64(),
+            refused: shared.refusals.load(std::sync::atomic::Ordering::Relaxed),
+            audited: 0,
+            audit_chain_verified: 0,
+        });
+    }
+
+    if cli.runs(Scenario::Storm) {
+        shared.take_told_busy();
+        let killed = Instant::now();
+        server.crash_and_restart()?;
+        server.wait_ready(Duration::from_secs(120)).await?;
+        let ready = killed.elapsed();
+        wait_until(Duration::from_secs(600), "storm", || {
+            shared.synced_since(killed) >= n
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {n} synced again; errors: {:?}",
+                shared.synced_since(killed),
+                shared.errors()
+            )
+        })?;
+        let all_synced = shared.last_synced_after(killed);
+        // The control plane's own view must agree: every device connected and in sync.
+        let mut server_view = (0.0, 0.0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let metrics = server.metrics().await?;
+            server_view = (
+                metric_sum(&metrics, "flotilla_agent_sessions", ""),
+                metric_sum(&metrics, "flotilla_devices", "sync_state=\"synced\""),
+            );
+            if server_view == (n as f64, n as f64) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let refused = metric_sum(
+            &server.metrics().await?,
+            "flotilla_sessions_refused_total",
+            "",
+        );
+        let storm = Storm {
+            restart_to_ready_seconds: ready.as_secs_f64(),
+            ready_to_all_synced_seconds: (all_synced.saturating_sub(ready)).as_secs_f64(),
+            restart_to_all_synced_seconds: all_synced.as_secs_f64(),
+            agents_told_to_back_off: shared.take_told_busy(),
+            // The restarted process counts from zero.
+            sessions_refused_by_server: refused,
+            server_sessions: server_view.0,
+            server_synced: server_view.1,
+        };
+        eprintln!(
+            "storm of {n}: ready {:.1} s after the crash, all synced {:.1} s after ready ({:.1} s after the crash); {} agents told to back off; server sees {} sessions, {} synced",
+            storm.restart_to_ready_seconds,
+            storm.ready_to_all_synced_seconds,
+            storm.restart_to_all_synced_seconds,
+            storm.agents_told_to_back_off,
+            storm.server_sessions,
+            storm.server_synced
+        );
+        if cli.check && server_view != (n as f64, n as f64) {
+            bail!(
+                "after the storm the server sees {} sessions and {} synced devices of {n}",
+                server_view.0,
+                server_view.1
+            );
+        }
+        figures.storm = Some(storm);
+    }
+
+    fleet.stop();
+    server.stop();
+    if let Some(mut renewal) = renewal {
+        let (audited, verified) = audit(&dir).await?;
+        renewal.audited = audited;
+        renewal.audit_chain_verified = verified;
+        eprintln!("audit: {audited} renewals recorded; chain of {verified} records verifies");
+        if cli.check && (audited < n || renewal.renewed < n) {
+            bail!(
+                "renewal: {} renewed, {audited} audited, of {n}",
+                renewal.renewed
+            );
+        }
+        figures.renewal = Some(renewal);
+    }
+    Ok(figures)
+}
+
+/// Counts `renewed` audit records and verifies the whole chain.
+async fn audit(dir: &DataDir) -> Result<(usize, usize)> {
+    let store = Store::open(Backend::Sqlite(dir.sqlite_path().display().to_string()))?;
+    let mut records = Vec::new();
+    loop {
+        let page = store
+            .list_audit(AuditQuery {
+                after_seq: records
+                    .last()
+                    .map(|r: &flotilla::audit::SealedRecord| r.entry.seq)
+                    .unwrap_or(0),
+                limit: 5000,
+                ..Default::default()
+            })
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        records.extend(page);
+    }
+    let renewed = records.iter().filter(|r| r.entry.kind == "renewed").count();
+    let key =
+        flotilla::signature::spki_der_from_pem(&std::fs::read_to_string(dir.audit_public_key())?)?;
+    let verified = flotilla::audit::verify_chain(&records, &key)?;
+    Ok((renewed, verified))
+}
