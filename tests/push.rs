@@ -298,3 +298,49 @@ async fn watch_streams_the_set_then_its_changes() {
         .unwrap_err();
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_and_ack_bookkeeping_is_written_behind_and_flushed() {
+    let server = TestServer::start().await;
+    let names: Vec<String> = (0..20).map(|i| format!("book-{i:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let agents = fleet_of(&server, &names, role("web"), Duration::from_secs(5)).await;
+    let mut fleets =
+        FleetServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
+    fleets.apply_fleet(web_fleet("book")).await.unwrap();
+    all_synced(&server, &agents).await;
+
+    server.control.flush_journal().await;
+    let stored = server.control.store().list_devices().await.unwrap();
+    for (id, _) in &agents {
+        let live = server.control.hub().status(id).unwrap();
+        let row = stored.iter().find(|d| &d.id == id).expect("device row");
+        assert_eq!(row.acked_version, live.acked_version, "{id}");
+        assert!(row.acked_version.is_some(), "{id}");
+        assert!(row.last_seen_ms.is_some(), "{id}: session start recorded");
+    }
+
+    // Session ends are recorded too: last_seen moves when the agents go away.
+    let before: Vec<Option<i64>> = stored.iter().map(|d| d.last_seen_ms).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(agents);
+    wait_for("every session closed", Duration::from_secs(20), || {
+        let hub = server.control.hub().clone();
+        async move { (hub.connected() == 0).then_some(()) }
+    })
+    .await;
+    server.control.flush_journal().await;
+    let after: Vec<Option<i64>> = server
+        .control
+        .store()
+        .list_devices()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.last_seen_ms)
+        .collect();
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a > b),
+        "{before:?} → {after:?}"
+    );
+}

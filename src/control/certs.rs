@@ -203,12 +203,9 @@ impl ControlPlane {
             .ok_or_else(|| ControlError::NotFound(format!("device {device_id} not found")))?;
         let record = self.sign_device_certificate(device_id, &name, key)?;
         let entry = issuance_audit(&record, kind, actor, reason, proof);
-        {
-            let _order = self.audit_lock.lock().await;
-            self.store
-                .record_issuance(record.clone(), self.seal(), entry)
-                .await?;
-        }
+        // Committed with whatever other issuances are waiting (group commit), in audit order.
+        self.start_writers();
+        self.issuances.record(record.clone(), entry).await?;
         // Measured before tracking the new certificate clears the request time.
         if kind == "renewed" {
             if let Some(asked) = self.hub.renewal_asked_ms(device_id) {
@@ -286,8 +283,12 @@ impl ControlPlane {
                 return refuse(reason, false);
             }
         };
-        let current_key = match self.store.get_certificate(session_serial).await {
-            Ok(certificate) => certificate.map(|c| c.key_fingerprint),
+        let (current_key, existing) = match self
+            .store
+            .renewal_context(session_serial, device_id, &key.fingerprint)
+            .await
+        {
+            Ok(context) => context,
             Err(error) => return refuse(format!("database unavailable: {error}"), true),
         };
         if current_key.as_deref() == Some(key.fingerprint.as_str()) {
@@ -299,22 +300,17 @@ impl ControlPlane {
             return refuse(reason, false);
         }
         // The same CSR (same key) always yields the same certificate.
-        match self
-            .store
-            .find_certificate_for_key(device_id, &key.fingerprint)
-            .await
-        {
-            Ok(Some(existing)) if existing.revoked_ms.is_none() => {
+        match existing {
+            Some(existing) if existing.revoked_ms.is_none() => {
                 return self.issued_message(&request.request_id, &existing);
             }
-            Ok(Some(_)) => {
+            Some(_) => {
                 let reason = "a certificate for this key was revoked".to_string();
                 self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
                     .await;
                 return refuse(reason, false);
             }
-            Ok(None) => {}
-            Err(error) => return refuse(format!("database unavailable: {error}"), true),
+            None => {}
         }
         let reason = format!("renewal of {session_serial}");
         match self

@@ -8,6 +8,8 @@ mod certs;
 mod devices;
 mod enrollment;
 mod fleets;
+mod issuance;
+mod journal;
 mod metrics;
 mod rollouts;
 mod session;
@@ -131,6 +133,10 @@ pub struct ControlPlane {
     rollout_changed: Arc<tokio::sync::Notify>,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
     admission: Arc<Admission>,
+    journal: journal::Journal,
+    issuances: issuance::Issuances,
+    /// The background writers, until `start_writers` starts them.
+    writers: Arc<std::sync::Mutex<Option<(journal::JournalWriter, issuance::IssuanceWriter)>>>,
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
     writes: Arc<tokio::sync::Mutex<()>>,
@@ -144,7 +150,15 @@ impl ControlPlane {
         hub: Arc<Hub>,
         policy: Policy,
     ) -> Self {
+        let (journal, journal_writer) = journal::journal();
+        let (issuances, issuance_writer) = issuance::issuances();
         ControlPlane {
+            journal,
+            issuances,
+            writers: Arc::new(std::sync::Mutex::new(Some((
+                journal_writer,
+                issuance_writer,
+            )))),
             store,
             ca,
             audit_key,
@@ -177,6 +191,28 @@ impl ControlPlane {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Starts the background writers (device bookkeeping, certificate issuances) once.
+    fn start_writers(&self) {
+        let writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((journal, issuances)) = writers {
+            tokio::spawn(journal.run(self.store.clone()));
+            tokio::spawn(issuances.run(
+                self.store.clone(),
+                self.audit_key.clone(),
+                self.audit_lock.clone(),
+            ));
+        }
+    }
+
+    /// Waits until device bookkeeping recorded so far is in the database.
+    pub async fn flush_journal(&self) {
+        self.journal.flush().await;
     }
 
     /// Lets one more session start opening, or says when to retry.
@@ -214,6 +250,7 @@ impl ControlPlane {
     /// until this has run, sessions are refused.
     pub async fn load(&self) -> Result<usize, ControlError> {
         let _writes = self.writes.lock().await;
+        self.start_writers();
         let fleets = self
             .store
             .list_fleets()

@@ -7,6 +7,7 @@ use crate::clock::now_millis;
 use crate::hub::{Answer, HubError, SessionHandle};
 use crate::identity::{Identity, Role};
 use crate::proto::agent::v1 as pb;
+use crate::store::DeviceFact;
 use futures::{Stream, StreamExt};
 use rand::Rng;
 use std::time::Duration;
@@ -121,15 +122,13 @@ impl ControlPlane {
             })?;
         self.catalog_mut()
             .note_agent_version(&device_id, &hello.agent_version);
-        let reported = Some(hello.rendered_version.clone()).filter(|v| !v.is_empty());
-        if let Err(error) = self
-            .store
-            .record_device_session(&device_id, hello.agent_version.clone(), reported, now)
-            .await
-        {
-            // The session itself does not depend on this bookkeeping.
-            tracing::warn!(device.id = %device_id, %error, "could not record session start");
-        }
+        // Bookkeeping only: the live state is the hub's; written behind, in batches.
+        self.journal.record(DeviceFact::Session {
+            id: device_id.clone(),
+            agent_version: hello.agent_version.clone(),
+            running_version: Some(hello.rendered_version.clone()).filter(|v| !v.is_empty()),
+            seen_ms: now,
+        });
         crate::telemetry::session_opened();
         tracing::info!(device.id = %device_id, version = %hello.rendered_version, agent = %hello.agent_version, "session opened");
         Ok(Session {
@@ -175,9 +174,10 @@ impl ControlPlane {
         let now = now_millis();
         self.hub.close_session(&device_id, handle.id, now);
         // last_seen lives in memory while the session is open; it is written once, here.
-        if let Err(error) = self.store.record_last_seen(&device_id, now).await {
-            tracing::warn!(device.id = %device_id, %error, "could not record last_seen");
-        }
+        self.journal.record(DeviceFact::LastSeen {
+            id: device_id.clone(),
+            seen_ms: now,
+        });
         crate::telemetry::session_closed(reason.as_str());
         tracing::info!(device.id = %device_id, reason = reason.as_str(), "session closed");
         reason
@@ -292,13 +292,11 @@ impl ControlPlane {
             nacked,
         } = answer
         {
-            if let Err(error) = self
-                .store
-                .record_device_sync(device_id, acked_version, nacked)
-                .await
-            {
-                tracing::error!(device.id = %device_id, %error, "could not persist device sync state");
-            }
+            self.journal.record(DeviceFact::Sync {
+                id: device_id.to_string(),
+                acked_version,
+                nacked,
+            });
         }
         true
     }

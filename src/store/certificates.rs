@@ -23,6 +23,36 @@ pub struct CertificateRecord {
     pub revocation_reason: Option<String>,
 }
 
+fn certificate_for_key(
+    conn: &mut DbConnection,
+    device_id: &str,
+    key_fingerprint: &str,
+) -> Result<Option<CertificateRecord>, StoreError> {
+    Ok(certificates::table
+        .filter(certificates::device_id.eq(device_id))
+        .filter(certificates::key_fingerprint.eq(key_fingerprint))
+        .select(CertificateRecord::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// A new certificate, the device now using it, and its audit record.
+fn record_one_issuance(
+    conn: &mut DbConnection,
+    certificate: &CertificateRecord,
+    seal: &dyn AuditSeal,
+    entry: AuditEntry,
+) -> Result<SealedRecord, StoreError> {
+    insert_certificate(conn, certificate)?;
+    diesel::update(devices::table.find(&certificate.device_id))
+        .set((
+            devices::cert_serial.eq(&certificate.serial),
+            devices::cert_not_after_ms.eq(certificate.not_after_ms),
+        ))
+        .execute(conn)?;
+    append(conn, seal, entry)
+}
+
 pub(super) fn insert_certificate(
     conn: &mut super::DbConnection,
     certificate: &CertificateRecord,
@@ -127,6 +157,27 @@ impl Store {
     }
 
     /// The certificate issued to `device_id` for the key with `key_fingerprint`, if any.
+    /// What a renewal must know, in one round trip: the key fingerprint of the certificate the
+    /// session authenticated with, and any certificate already issued to the device for `key`.
+    pub async fn renewal_context(
+        &self,
+        session_serial: &str,
+        device_id: &str,
+        key_fingerprint: &str,
+    ) -> Result<(Option<String>, Option<CertificateRecord>), StoreError> {
+        let serial = session_serial.to_string();
+        let (device_id, key) = (device_id.to_string(), key_fingerprint.to_string());
+        self.run("renewal_context", move |conn| {
+            let current = certificates::table
+                .find(serial)
+                .select(certificates::key_fingerprint)
+                .first::<String>(conn)
+                .optional()?;
+            Ok((current, certificate_for_key(conn, &device_id, &key)?))
+        })
+        .await
+    }
+
     pub async fn find_certificate_for_key(
         &self,
         device_id: &str,
@@ -134,12 +185,7 @@ impl Store {
     ) -> Result<Option<CertificateRecord>, StoreError> {
         let (device_id, key) = (device_id.to_string(), key_fingerprint.to_string());
         self.run("find_certificate_for_key", move |conn| {
-            Ok(certificates::table
-                .filter(certificates::device_id.eq(device_id))
-                .filter(certificates::key_fingerprint.eq(key))
-                .select(CertificateRecord::as_select())
-                .first(conn)
-                .optional()?)
+            certificate_for_key(conn, &device_id, &key)
         })
         .await
     }
@@ -153,15 +199,29 @@ impl Store {
         entry: AuditEntry,
     ) -> Result<SealedRecord, StoreError> {
         self.run("record_issuance", move |conn| {
+            conn.transaction(|conn| record_one_issuance(conn, &certificate, seal.as_ref(), entry))
+        })
+        .await
+    }
+
+    /// Records several issuances in one transaction, in order, each with its audit record (the
+    /// group commit of concurrent renewals). Each stands alone: one that fails (say, a duplicate)
+    /// is rolled back to its savepoint and reported, the others are kept. An error for the whole
+    /// batch means nothing was recorded.
+    pub async fn record_issuances(
+        &self,
+        issuances: Vec<(CertificateRecord, AuditEntry)>,
+        seal: Arc<dyn AuditSeal>,
+    ) -> Result<Vec<Result<SealedRecord, StoreError>>, StoreError> {
+        self.run("record_issuances", move |conn| {
             conn.transaction(|conn| {
-                insert_certificate(conn, &certificate)?;
-                diesel::update(devices::table.find(&certificate.device_id))
-                    .set((
-                        devices::cert_serial.eq(&certificate.serial),
-                        devices::cert_not_after_ms.eq(certificate.not_after_ms),
-                    ))
-                    .execute(conn)?;
-                append(conn, seal.as_ref(), entry)
+                let mut outcomes = Vec::with_capacity(issuances.len());
+                for (certificate, entry) in issuances {
+                    outcomes.push(conn.transaction(|conn| {
+                        record_one_issuance(conn, &certificate, seal.as_ref(), entry)
+                    }));
+                }
+                Ok(outcomes)
             })
         })
         .await

@@ -270,30 +270,20 @@ impl Store {
         acked_version: Option<String>,
         nacked: Option<(String, String)>,
     ) -> Result<(), StoreError> {
-        let id = id.to_string();
-        let (nacked_version, last_error) = nacked.unzip();
-        self.run("record_device_sync", move |conn| {
-            diesel::update(devices::table.find(id))
-                .set((
-                    devices::acked_version.eq(acked_version),
-                    devices::nacked_version.eq(nacked_version),
-                    devices::last_error.eq(last_error),
-                ))
-                .execute(conn)?;
-            Ok(())
-        })
+        self.record_device_facts(vec![DeviceFact::Sync {
+            id: id.to_string(),
+            acked_version,
+            nacked,
+        }])
         .await
     }
 
     /// Records when a device was last heard from (at the end of a session).
     pub async fn record_last_seen(&self, id: &str, seen_ms: i64) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.run("record_last_seen", move |conn| {
-            diesel::update(devices::table.find(id))
-                .set(devices::last_seen_ms.eq(seen_ms))
-                .execute(conn)?;
-            Ok(())
-        })
+        self.record_device_facts(vec![DeviceFact::LastSeen {
+            id: id.to_string(),
+            seen_ms,
+        }])
         .await
     }
 
@@ -306,8 +296,65 @@ impl Store {
         running_version: Option<String>,
         seen_ms: i64,
     ) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.run("record_device_session", move |conn| {
+        self.record_device_facts(vec![DeviceFact::Session {
+            id: id.to_string(),
+            agent_version,
+            running_version,
+            seen_ms,
+        }])
+        .await
+    }
+
+    /// Writes device bookkeeping facts, in order, in one transaction (facts about devices that no
+    /// longer exist change nothing).
+    pub async fn record_device_facts(&self, facts: Vec<DeviceFact>) -> Result<(), StoreError> {
+        if facts.is_empty() {
+            return Ok(());
+        }
+        self.run("record_device_facts", move |conn| {
+            conn.transaction(|conn| {
+                for fact in &facts {
+                    write_fact(conn, fact)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+/// One piece of device bookkeeping: what the device reported or when it was seen. Written behind
+/// the live state (which is in memory), so many are batched into one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFact {
+    /// A session opened: the agent's version and, if it reported one, the version it runs.
+    Session {
+        id: String,
+        agent_version: String,
+        running_version: Option<String>,
+        seen_ms: i64,
+    },
+    /// The device was last heard from at `seen_ms`.
+    LastSeen { id: String, seen_ms: i64 },
+    /// The version it acknowledged last and the one it rejected, with the reason.
+    Sync {
+        id: String,
+        acked_version: Option<String>,
+        nacked: Option<(String, String)>,
+    },
+}
+
+fn write_fact(
+    conn: &mut super::DbConnection,
+    fact: &DeviceFact,
+) -> Result<(), diesel::result::Error> {
+    match fact {
+        DeviceFact::Session {
+            id,
+            agent_version,
+            running_version,
+            seen_ms,
+        } => {
             let target = devices::table.find(id);
             match running_version {
                 Some(version) => diesel::update(target)
@@ -324,8 +371,26 @@ impl Store {
                     ))
                     .execute(conn)?,
             };
-            Ok(())
-        })
-        .await
+        }
+        DeviceFact::LastSeen { id, seen_ms } => {
+            diesel::update(devices::table.find(id))
+                .set(devices::last_seen_ms.eq(seen_ms))
+                .execute(conn)?;
+        }
+        DeviceFact::Sync {
+            id,
+            acked_version,
+            nacked,
+        } => {
+            let (nacked_version, last_error) = nacked.clone().unzip();
+            diesel::update(devices::table.find(id))
+                .set((
+                    devices::acked_version.eq(acked_version),
+                    devices::nacked_version.eq(nacked_version),
+                    devices::last_error.eq(last_error),
+                ))
+                .execute(conn)?;
+        }
     }
+    Ok(())
 }

@@ -13,7 +13,7 @@ mod schema;
 pub use audit::{AuditQuery, AuditSeal};
 pub use certificates::{CertificateRecord, Revocation};
 pub use connection::{Backend, DbConnection};
-pub use devices::{DeviceChange, DeviceRecord, NewDevice};
+pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
 pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};

@@ -252,5 +252,12 @@ pub async fn serve(
         }
         Err(_) => tracing::warn!("connections did not drain in time; stopping anyway"),
     }
+    // Sessions ended above; their last bookkeeping (last seen) is written before we go.
+    if tokio::time::timeout(DRAIN_TIMEOUT, control.flush_journal())
+        .await
+        .is_err()
+    {
+        tracing::warn!("device bookkeeping could not be written before stopping");
+    }
     Ok(())
 }

@@ -113,6 +113,7 @@ struct Renewal {
     latency: Latencies,
     all_back_on_new_certificate_seconds: f64,
     refused: usize,
+    server_cpu_seconds: f64,
     audited: usize,
     audit_chain_verified: usize,
 }
@@ -333,6 +334,7 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
     let mut renewal = None;
     if cli.runs(Scenario::Renewal) {
         let before = shared.renewal_count();
+        let (_, cpu_before) = usage(pid)?;
         let asked = CertificateServiceClient::new(server.admin().await?)
             .renew_certificate(admin::RenewCertificateRequest {
                 selector: LOAD_SELECTOR.into(),
@@ -359,12 +361,14 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
                 shared.errors()
             )
         })?;
-        let back = wait_until(
+        wait_until(
             Duration::from_secs(600),
             "reconnect with the new certificates",
             || shared.synced_since(called) >= n,
         )
         .await?;
+        let back = shared.last_synced_after(called);
+        let (_, cpu_after) = usage(pid)?;
         let latency = Latencies::of(
             shared
                 .renewals
@@ -378,10 +382,11 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
                 .unwrap_or_default(),
         );
         eprintln!(
-            "renewal of {n}: {:.1} s ({:.0} issuances/s), {latency}; all back on the new certificate after {:.1} s",
+            "renewal of {n}: {:.1} s ({:.0} issuances/s), {latency}; all back on the new certificate after {:.1} s; server CPU {:.1} s",
             took.as_secs_f64(),
             n as f64 / took.as_secs_f64(),
-            back.as_secs_f64()
+            back.as_secs_f64(),
+            cpu_after - cpu_before
         );
         renewal = Some(Renewal {
             renewed: latency.count,
@@ -390,6 +395,7 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
             latency,
             all_back_on_new_certificate_seconds: back.as_secs_f64(),
             refused: shared.refusals.load(std::sync::atomic::Ordering::Relaxed),
+            server_cpu_seconds: cpu_after - cpu_before,
             audited: 0,
             audit_chain_verified: 0,
         });
