@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("flotilla_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .btree_map(".")
+        .codec_path("crate::proto::codec::CompactCodec")
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
     Ok(())

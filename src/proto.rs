@@ -1,6 +1,8 @@
 //! The generated gRPC contract (`proto/`): device-facing `flotilla.agent.v1` and operator-facing
 //! `flotilla.admin.v1`, plus the encoded descriptor set served through reflection.
 
+pub mod codec;
+
 #[allow(clippy::all, missing_docs)]
 pub mod agent {
     pub mod v1 {

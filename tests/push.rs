@@ -344,3 +344,45 @@ async fn session_and_ack_bookkeeping_is_written_behind_and_flushed() {
         "{before:?} → {after:?}"
     );
 }
+
+#[tokio::test]
+async fn a_large_spec_travels_whole_through_the_stream() {
+    // Stream buffers start small (see proto::codec); a spec near the 1 MiB limit must still arrive
+    // intact, and the agent's large ACK path must too.
+    let server = TestServer::start().await;
+    let (creds, id) = server.enroll_device("large").await;
+    let mut session = support::sim::RawSession::open(&server.agent_url, &creds, &id)
+        .await
+        .unwrap();
+    let content: String = (0..900 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let spec = agent::DeviceSpec {
+        files: vec![agent::FileSpec {
+            path: "/etc/large.conf".into(),
+            content: content.clone(),
+            mode: 0o644,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+        .apply_device(admin::ApplyDeviceRequest {
+            name: "large".into(),
+            spec: Some(spec),
+            labels: None,
+        })
+        .await
+        .unwrap();
+    let pushed = session
+        .next_matching(|kind| match kind {
+            // The first push is the empty spec the device had on connecting.
+            agent::server_message::Kind::Spec(push) => push.spec.filter(|s| !s.files.is_empty()),
+            _ => None,
+        })
+        .await
+        .expect("the large spec is pushed");
+    let file = &pushed.files[0];
+    assert_eq!(file.content.len(), content.len());
+    assert!(file.content == content, "content arrives unchanged");
+}
