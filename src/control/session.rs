@@ -71,6 +71,10 @@ impl EndReason {
     }
 }
 
+/// Messages on their way to an agent. Boxed: a bounded channel allocates room for 32 messages up
+/// front, and a `ServerMessage` inline is a few hundred bytes — per held stream, that was 6 KiB.
+pub type Outbound = mpsc::Sender<Box<pb::ServerMessage>>;
+
 /// Agents asked to reconnect because of age spread their return over this long.
 const RECONNECT_WITHIN: Duration = Duration::from_secs(30);
 
@@ -144,7 +148,7 @@ impl ControlPlane {
         &self,
         session: Session,
         mut inbound: S,
-        outbound: mpsc::Sender<pb::ServerMessage>,
+        outbound: Outbound,
     ) -> EndReason
     where
         S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
@@ -165,7 +169,7 @@ impl ControlPlane {
                     .ok(),
             })),
         };
-        let reason = if outbound.send(accepted).await.is_err() {
+        let reason = if outbound.send(Box::new(accepted)).await.is_err() {
             EndReason::AgentClosed
         } else {
             self.session_loop(&device_id, &serial, &handle, &mut inbound, &outbound)
@@ -189,7 +193,7 @@ impl ControlPlane {
         serial: &str,
         handle: &SessionHandle,
         inbound: &mut S,
-        outbound: &mpsc::Sender<pb::ServerMessage>,
+        outbound: &Outbound,
     ) -> EndReason
     where
         S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
@@ -200,18 +204,18 @@ impl ControlPlane {
         loop {
             tokio::select! {
                 _ = sleep_until(retire_at.unwrap_or(deadline)), if retire_at.is_some() => {
-                    let _ = outbound.try_send(reconnect("the session reached its maximum age", RECONNECT_WITHIN));
+                    let _ = outbound.try_send(Box::new(reconnect("the session reached its maximum age", RECONNECT_WITHIN)));
                     return EndReason::MaxAge;
                 }
                 _ = handle.closed.notified() => {
-                    let _ = outbound.try_send(reconnect("session closed by the control plane", Duration::from_secs(5)));
+                    let _ = outbound.try_send(Box::new(reconnect("session closed by the control plane", Duration::from_secs(5))));
                     return EndReason::Replaced;
                 }
                 _ = handle.changed.notified() => {
                     while let Some(push) = self.hub.next_push(device_id, handle.id) {
                         tracing::debug!(device.id = %device_id, version = %push.version, "pushing spec");
                         let message = pb::ServerMessage { kind: Some(pb::server_message::Kind::Spec(push)) };
-                        if outbound.send(message).await.is_err() {
+                        if outbound.send(Box::new(message)).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                     }
@@ -223,7 +227,7 @@ impl ControlPlane {
                                 deadline: Some(crate::clock::timestamp_from_millis(renewal.deadline_ms)),
                             })),
                         };
-                        if outbound.send(message).await.is_err() {
+                        if outbound.send(Box::new(message)).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                     }
@@ -240,7 +244,7 @@ impl ControlPlane {
                         deadline = Instant::now() + silence;
                         self.hub.touch(device_id, now_millis());
                         let answer = self.renew_certificate(device_id, serial, request).await;
-                        if outbound.send(pb::ServerMessage { kind: Some(answer) }).await.is_err() {
+                        if outbound.send(Box::new(pb::ServerMessage { kind: Some(answer) })).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                     }

@@ -126,6 +126,8 @@ impl AgentService for AgentApi {
             let inbound = inbound.map(|m| m.map_err(|s| s.message().to_string()));
             control.run_session(session, Box::pin(inbound), tx).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|message| Ok(*message)),
+        )))
     }
 }
