@@ -15,6 +15,19 @@ fn online(cluster: &Cluster, name: &str) -> bool {
         .is_some_and(|d| d["status"]["online"] == true)
 }
 
+/// Waits for `name`'s enrollment request and approves it.
+fn approve_when_asked(cluster: &Cluster, name: &str) {
+    wait(&format!("{name}'s enrollment request"), TIMEOUT, || {
+        cluster
+            .flotctl_json(&["get", "enrollments", "--state", "pending"])
+            .is_some_and(|v| {
+                v.as_array()
+                    .is_some_and(|a| a.iter().any(|e| e["name"] == name))
+            })
+    });
+    cluster.flotctl_ok(&["approve", "enrollment", name]);
+}
+
 #[test]
 fn an_agent_turned_away_waits_as_told_and_gets_the_freed_place() {
     let tmp = tempfile::tempdir().unwrap();
@@ -26,21 +39,11 @@ fn an_agent_turned_away_waits_as_told_and_gets_the_freed_place() {
     let log_a = root.join("agent-a.log");
     let log_b = root.join("agent-b.log");
     let agent_a = cluster.spawn_agent("a", &["site=lab"], &root.join("state-a"), &log_a);
-    wait("a's enrollment request", TIMEOUT, || {
-        cluster
-            .flotctl_json(&["get", "enrollments", "--state", "pending"])
-            .is_some_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
-    });
-    cluster.flotctl_ok(&["approve", "enrollment", "a"]);
+    approve_when_asked(&cluster, "a");
     wait("a online", TIMEOUT, || online(&cluster, "a"));
 
     let _agent_b = cluster.spawn_agent("b", &["site=lab"], &root.join("state-b"), &log_b);
-    wait("b's enrollment request", TIMEOUT, || {
-        cluster
-            .flotctl_json(&["get", "enrollments", "--state", "pending"])
-            .is_some_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
-    });
-    cluster.flotctl_ok(&["approve", "enrollment", "b"]);
+    approve_when_asked(&cluster, "b");
     wait("b told the control plane is busy, twice", TIMEOUT, || {
         count_lines(&log_b, "control plane busy") >= 2
     });

@@ -2,7 +2,7 @@
 //! certificates minted straight into its store for the run.
 
 use anyhow::{Context, Result, bail};
-use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
+use flotilla::bootstrap::{BootstrapOptions, DataDir, Prepared, prepare};
 use flotilla::ca::{Subject, Usage};
 use flotilla::client::ClientCredentials;
 use flotilla::identity::{Identity, Role};
@@ -24,17 +24,23 @@ pub struct Device {
 /// The label every minted device carries (fleets and renewals select on it).
 pub const LOAD_SELECTOR: &str = "role=load";
 
-/// Mints `n` devices with certificates straight into the store of `dir` (audited like any
-/// issuance), plus a server certificate for a broker to use.
-pub async fn mint(dir: &DataDir, n: usize) -> Result<Vec<Device>> {
-    let prepared = prepare(
+/// The run's data directory with its CA (created on first use; the URLs written into the
+/// generated profiles are not used).
+fn prepare_dir(dir: &DataDir) -> Result<Prepared> {
+    Ok(prepare(
         dir,
         &BootstrapOptions {
             agent_url: "https://127.0.0.1:1".into(),
             admin_url: "https://127.0.0.1:1".into(),
             server_names: vec![],
         },
-    )?;
+    )?)
+}
+
+/// Mints `n` devices with certificates straight into the store of `dir` (audited like any
+/// issuance), plus a server certificate for a broker to use.
+pub async fn mint(dir: &DataDir, n: usize) -> Result<Vec<Device>> {
+    let prepared = prepare_dir(dir)?;
     let store = Store::open(Backend::Sqlite(dir.sqlite_path().display().to_string()))?;
     store.migrate().await?;
     let ca_pem = prepared.ca.cert_pem().to_string();
@@ -96,14 +102,7 @@ pub async fn mint(dir: &DataDir, n: usize) -> Result<Vec<Device>> {
 
 /// A server certificate (and key) for `localhost`, signed by the run's CA.
 pub fn broker_certificate(dir: &DataDir) -> Result<(String, String)> {
-    let prepared = prepare(
-        dir,
-        &BootstrapOptions {
-            agent_url: "https://127.0.0.1:1".into(),
-            admin_url: "https://127.0.0.1:1".into(),
-            server_names: vec![],
-        },
-    )?;
+    let prepared = prepare_dir(dir)?;
     let (issued, key) = prepared.ca.issue_with_new_key(&Subject {
         common_name: "localhost".into(),
         identity: None,
