@@ -164,12 +164,15 @@ fn agents_renew_before_expiry_without_operators_and_never_hold_a_bad_pair() {
             Ok(())
         })
     };
+    // Issued (audited on the server) and swapped in (logged by the agent a moment later).
+    let log = root.join("agent-0.log");
     wait("three renewals", Duration::from_secs(90), || {
         audit_kinds(&cluster)
             .iter()
             .filter(|k| *k == "renewed")
             .count()
             >= 3
+            && count_lines(&log, "certificate renewed") >= 3
     });
     stop.store(true, Ordering::Relaxed);
     sampler
@@ -181,7 +184,6 @@ fn agents_renew_before_expiry_without_operators_and_never_hold_a_bad_pair() {
         "the pair was sampled throughout"
     );
 
-    let log = root.join("agent-0.log");
     assert!(count_lines(&log, "certificate renewed") >= 3);
     assert_eq!(
         count_lines(&log, "enrollment request submitted"),
