@@ -74,9 +74,13 @@ impl Store {
     /// Opens a pool on `backend`. Fails at once, with the backend's own message, if no connection
     /// can be made within a few seconds.
     pub fn open(backend: Backend) -> Result<Store, StoreError> {
+        // SQLite has one writer at a time anyway; with several connections, a transaction that
+        // read before it wrote fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT, no
+        // busy wait) whenever another connection committed in between. One connection serialises
+        // everything in order instead; batching (journal, group commit) keeps the queue short.
         let max_size = match backend {
             Backend::Postgres(_) => 16,
-            Backend::Sqlite(_) => 4,
+            Backend::Sqlite(_) => 1,
         };
         // No idle minimum: the pool never opens connections in the background, so nothing is
         // half-way through a libpq/TLS handshake when the process exits. Connectivity is proven
