@@ -303,6 +303,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             renewal_retry_secs: 60,
             renewal_retry_max_secs: 24 * 3600,
             health_listen: None,
+            tpm: Default::default(),
         };
         write_file(
             &dir.agent_config(),

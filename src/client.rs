@@ -43,21 +43,39 @@ pub fn endpoint(address: &str, creds: &ClientCredentials) -> Result<Endpoint, Cl
         .ca_certificate(Certificate::from_pem(&creds.ca_pem))
         .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
         .domain_name(creds.server_name.clone());
-    let address_error = |source| ClientError::Address {
+    Endpoint::from_shared(address.to_string())
+        .map_err(address_error(address))?
+        .tls_config(tls)
+        .map_err(address_error(address))
+        .map(keepalives)
+}
+
+fn address_error(address: &str) -> impl Fn(tonic::transport::Error) -> ClientError + '_ {
+    move |source| ClientError::Address {
         address: address.to_string(),
         source,
+    }
+}
+
+fn keepalives(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+}
+
+/// The same settings for a caller that brings its own TLS (a connector whose key lives in a
+/// TPM): the endpoint speaks plain HTTP/2 over whatever the connector returns.
+pub fn endpoint_over_own_tls(address: &str) -> Result<Endpoint, ClientError> {
+    let plain = match address.strip_prefix("https://") {
+        Some(rest) => format!("http://{rest}"),
+        None => address.to_string(),
     };
-    Endpoint::from_shared(address.to_string())
-        .map_err(address_error)?
-        .tls_config(tls)
-        .map_err(address_error)
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(10))
-                .tcp_keepalive(Some(Duration::from_secs(30)))
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-        })
+    Endpoint::from_shared(plain)
+        .map_err(address_error(address))
+        .map(keepalives)
 }
 
 /// Connects now, so that an unreachable server or a refused handshake is reported here.

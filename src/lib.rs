@@ -39,6 +39,8 @@ pub mod store;
 #[cfg(feature = "server")]
 pub mod telemetry;
 #[cfg(feature = "server")]
+pub mod tpm;
+#[cfg(feature = "server")]
 pub mod transport;
 
 /// The version of this build, reported by agents in `Hello` and by the server in logs.

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
-use flotilla::control::{AdmissionSettings, ControlPlane, Policy, SessionSettings};
+use flotilla::control::{AdmissionSettings, ControlPlane, Policy, SessionSettings, TpmPolicy};
 use flotilla::hub::{Debounce, Hub};
 use flotilla::store::{Backend, Store};
 use flotilla::transport::{Endpoints, TlsMaterial, serve};
@@ -96,6 +96,27 @@ struct ServeArgs {
     /// connections rebalance across replicas and pick up renewed certificates (0: never).
     #[arg(long, default_value = "24h", value_parser = flotilla::clock::parse_duration)]
     session_max_age: Duration,
+    /// TPM manufacturer CA certificates (PEM bundle) that endorsement key certificates must chain
+    /// to; repeatable. Without one, agents that offer TPM evidence are refused.
+    #[arg(long = "tpm-ca", value_name = "PEM")]
+    tpm_cas: Vec<PathBuf>,
+    /// Approve an enrollment at once when its TPM attestation verifies and no other request or
+    /// device has the same TPM.
+    #[arg(long)]
+    auto_approve_tpm: bool,
+}
+
+/// Reads the TPM manufacturer CAs (DER) from PEM bundles.
+fn read_tpm_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
+    let mut cas = Vec::new();
+    for path in paths {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading TPM CA bundle {}", path.display()))?;
+        let certs = flotilla::pki::certs_from_pem(&pem)
+            .with_context(|| format!("TPM CA bundle {}", path.display()))?;
+        cas.extend(certs.into_iter().map(|c| c.to_vec()));
+    }
+    Ok(cas)
 }
 
 #[derive(Subcommand)]
@@ -214,7 +235,16 @@ async fn main() -> Result<()> {
                 max_opening_sessions,
                 max_sessions,
                 session_max_age,
+                tpm_cas,
+                auto_approve_tpm,
             } = *args;
+            let tpm = TpmPolicy {
+                trusted_cas: read_tpm_cas(&tpm_cas)?,
+                auto_approve: auto_approve_tpm,
+            };
+            if auto_approve_tpm && tpm.trusted_cas.is_empty() {
+                anyhow::bail!("--auto-approve-tpm needs at least one --tpm-ca");
+            }
             let agent = TcpListener::bind(agent_listen)
                 .await
                 .with_context(|| format!("binding the agent endpoint {agent_listen}"))?;
@@ -272,6 +302,7 @@ async fn main() -> Result<()> {
                     quiet: Duration::from_millis(push_debounce_ms),
                     max_delay: Duration::from_millis(push_max_delay_ms.max(push_debounce_ms)),
                 },
+                tpm,
                 ..Policy::default()
             };
             let material = TlsMaterial {

@@ -66,6 +66,35 @@ pub struct AgentConfig {
     /// Address of the local health and metrics endpoint (`/healthz`, `/metrics`); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Keep the device key in a TPM 2.0 and attest it at enrollment (agent built with `tpm`).
+    #[serde(default, skip_serializing_if = "TpmConfig::is_off")]
+    pub tpm: TpmConfig,
+}
+
+/// The `[tpm]` table of the agent configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// A TSS2 TCTI string: `device:/dev/tpmrm0` (the default), `swtpm:host=127.0.0.1,port=2321`,
+    /// `tabrmd:`; a bare path means a device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcti: Option<String>,
+}
+
+impl TpmConfig {
+    fn is_off(&self) -> bool {
+        *self == TpmConfig::default()
+    }
+
+    /// The TCTI to open.
+    pub fn tcti(&self) -> String {
+        match self.tcti.as_deref() {
+            None | Some("") => "device:/dev/tpmrm0".to_string(),
+            Some(path) if path.starts_with('/') => format!("device:{path}"),
+            Some(tcti) => tcti.to_string(),
+        }
+    }
 }
 
 fn default_server_name() -> String {

@@ -11,6 +11,12 @@ const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 const OID_ED25519: &str = "1.3.101.112";
 
+/// The qualifying data of a TPM2_Certify of a device key at enrollment: SHA-256 of the CSR PEM,
+/// so the attestation is bound to the one request it travels with.
+pub fn tpm_certify_qualifying_data(csr_pem: &str) -> Vec<u8> {
+    Sha256::digest(csr_pem.as_bytes()).to_vec()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error("public key is not valid DER: {0}")]

@@ -26,6 +26,7 @@ fn enrollment(name: &str, key: &str) -> NewEnrollment {
             ..Default::default()
         },
         created_ms: 1,
+        tpm_ek_fingerprint: None,
     }
 }
 
@@ -39,6 +40,7 @@ fn device(id: &str, name: &str) -> NewDevice {
         cert_not_after_ms: 10,
         created_ms: 2,
         fleet: None,
+        tpm_ek_fingerprint: None,
     }
 }
 

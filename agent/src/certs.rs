@@ -5,18 +5,19 @@
 //! session; a renewal's fresh key waits in `certs/pending/` so a retry sends the same request.
 //! Start-up reconciles whatever a crash left half done.
 
+use crate::keys::StoredKey;
 use crate::state::write_atomic;
 use flotilla::identity::{Identity, Role};
 use flotilla::pki::{cert_info_pem, identity_pem, sha256_hex, verify_signed_by};
-use rcgen::{KeyPair, PublicKeyData};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 const CURRENT: &str = "current";
 const PREVIOUS: &str = "previous";
 const PENDING: &str = "pending";
-const KEY: &str = "device.key";
 const CERT: &str = "device.crt";
+/// Key file names, in the order they are looked for.
+const KEY_FILES: [&str; 2] = [StoredKey::PEM_FILE, StoredKey::TPM_FILE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertStoreError {
@@ -41,7 +42,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertStoreError + '_ {
 /// A key and the certificate issued for it.
 #[derive(Debug, Clone)]
 pub struct Pair {
-    pub key_pem: String,
+    pub key: StoredKey,
     pub cert_pem: String,
 }
 
@@ -56,9 +57,9 @@ impl Pair {
                 "certificate names {identity}, expected device/{device_id}"
             ));
         }
-        let key = KeyPair::from_pem(&self.key_pem).map_err(|e| format!("key: {e}"))?;
+        let spki = self.key.spki().map_err(|e| format!("key: {e:#}"))?;
         let info = cert_info_pem(&self.cert_pem).map_err(|e| e.to_string())?;
-        if info.key_fingerprint != sha256_hex(&key.subject_public_key_info()) {
+        if info.key_fingerprint != sha256_hex(&spki) {
             return Err("certificate is for a different key".into());
         }
         Ok(())
@@ -100,6 +101,18 @@ fn read(path: &Path) -> Result<String, CertStoreError> {
     std::fs::read_to_string(path).map_err(io(path))
 }
 
+/// The key of a version (or pending) directory, whichever kind it is.
+fn read_key(dir: &Path) -> Result<StoredKey, CertStoreError> {
+    for name in KEY_FILES {
+        let path = dir.join(name);
+        if path.exists() {
+            return StoredKey::parse(name, &read(&path)?)
+                .map_err(|e| CertStoreError::Invalid(format!("{}: {e:#}", path.display())));
+        }
+    }
+    Err(CertStoreError::Missing(dir.to_path_buf()))
+}
+
 /// Replaces the symlink `link` by one pointing at `target`, atomically.
 fn relink(dir: &Path, link: &str, target: &str) -> Result<(), CertStoreError> {
     let tmp = dir.join(format!("{link}.tmp"));
@@ -126,7 +139,7 @@ impl CertStore {
     fn read_pair(&self, version: &str) -> Result<Pair, CertStoreError> {
         let dir = self.dir.join(version);
         Ok(Pair {
-            key_pem: read(&dir.join(KEY))?,
+            key: read_key(&dir)?,
             cert_pem: read(&dir.join(CERT))?,
         })
     }
@@ -162,7 +175,12 @@ impl CertStore {
     /// Paths of the pair in use (for tools and tests).
     pub fn current_paths(&self) -> (PathBuf, PathBuf) {
         let current = self.dir.join(CURRENT);
-        (current.join(KEY), current.join(CERT))
+        let key = KEY_FILES
+            .iter()
+            .map(|name| current.join(name))
+            .find(|path| path.exists())
+            .unwrap_or_else(|| current.join(StoredKey::PEM_FILE));
+        (key, current.join(CERT))
     }
 
     /// Writes a complete pair as a new version directory and makes it current with one atomic
@@ -174,7 +192,12 @@ impl CertStore {
         let staging = self.dir.join(format!("{version}.tmp"));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        write_atomic(&staging.join(KEY), pair.key_pem.as_bytes(), 0o600).map_err(io(&staging))?;
+        write_atomic(
+            &staging.join(pair.key.file_name()),
+            &pair.key.to_bytes(),
+            0o600,
+        )
+        .map_err(io(&staging))?;
         write_atomic(&staging.join(CERT), pair.cert_pem.as_bytes(), 0o644).map_err(io(&staging))?;
         sync_dir(&staging)?;
         failpoint("swap:staged");
@@ -226,9 +249,9 @@ impl CertStore {
     }
 
     /// The pending renewal, if one is in flight: its key and request.
-    pub fn pending(&self) -> Option<(KeyPair, PendingRequest)> {
+    pub fn pending(&self) -> Option<(StoredKey, PendingRequest)> {
         let dir = self.dir.join(PENDING);
-        let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join(KEY)).ok()?).ok()?;
+        let key = read_key(&dir).ok()?;
         let request =
             serde_json::from_str(&std::fs::read_to_string(dir.join("request.json")).ok()?).ok()?;
         Some((key, request))
@@ -237,13 +260,13 @@ impl CertStore {
     /// Stores a fresh key and the request made with it, before the request is sent.
     pub fn save_pending(
         &self,
-        key: &KeyPair,
+        key: &StoredKey,
         request: &PendingRequest,
     ) -> Result<(), CertStoreError> {
         let staging = self.dir.join(format!("{PENDING}.tmp"));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        write_atomic(&staging.join(KEY), key.serialize_pem().as_bytes(), 0o600)
+        write_atomic(&staging.join(key.file_name()), &key.to_bytes(), 0o600)
             .map_err(io(&staging))?;
         let json =
             serde_json::to_vec(request).map_err(|e| CertStoreError::Invalid(e.to_string()))?;
@@ -308,8 +331,10 @@ impl CertStore {
             return Ok(());
         }
         let legacy = Pair {
-            key_pem: read(&legacy_root.join(KEY))
-                .map_err(|_| CertStoreError::Missing(self.dir.clone()))?,
+            key: StoredKey::Pem(
+                read(&legacy_root.join(StoredKey::PEM_FILE))
+                    .map_err(|_| CertStoreError::Missing(self.dir.clone()))?,
+            ),
             cert_pem: read(&legacy_root.join(CERT))
                 .map_err(|_| CertStoreError::Missing(self.dir.clone()))?,
         };
@@ -317,7 +342,7 @@ impl CertStore {
             .check(ca_pem, device_id)
             .map_err(CertStoreError::Invalid)?;
         self.activate(&legacy)?;
-        let _ = std::fs::remove_file(legacy_root.join(KEY));
+        let _ = std::fs::remove_file(legacy_root.join(StoredKey::PEM_FILE));
         let _ = std::fs::remove_file(legacy_root.join(CERT));
         Ok(())
     }
@@ -326,6 +351,7 @@ impl CertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::KeyPair;
 
     struct Ca {
         key: KeyPair,
@@ -349,7 +375,7 @@ mod tests {
         let issuer = rcgen::Issuer::from_ca_cert_der(ca.cert.der(), &ca.key).unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
         Pair {
-            key_pem: key.serialize_pem(),
+            key: StoredKey::Pem(key.serialize_pem()),
             cert_pem: cert.pem(),
         }
     }
@@ -387,16 +413,19 @@ mod tests {
         let ca = ca();
         let ca_pem = ca.cert.pem();
         let legacy = pair(&ca, "d");
-        std::fs::write(dir.path().join(KEY), &legacy.key_pem).unwrap();
+        std::fs::write(dir.path().join(StoredKey::PEM_FILE), legacy.key.to_bytes()).unwrap();
         std::fs::write(dir.path().join(CERT), &legacy.cert_pem).unwrap();
         let store = CertStore::new(dir.path());
         store.reconcile(dir.path(), &ca_pem, "d").unwrap();
         assert_eq!(store.current().unwrap().cert_pem, legacy.cert_pem);
-        assert!(!dir.path().join(KEY).exists(), "old layout moved in");
+        assert!(
+            !dir.path().join(StoredKey::PEM_FILE).exists(),
+            "old layout moved in"
+        );
 
         // A newer version whose certificate is for another key, made current by accident.
         let mut broken = pair(&ca, "d");
-        broken.key_pem = KeyPair::generate().unwrap().serialize_pem();
+        broken.key = StoredKey::Pem(KeyPair::generate().unwrap().serialize_pem());
         store.activate(&broken).unwrap();
         std::fs::create_dir_all(dir.path().join("certs/v9.tmp")).unwrap();
         store.reconcile(dir.path(), &ca_pem, "d").unwrap();
@@ -412,7 +441,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CertStore::new(dir.path());
         assert!(store.pending().is_none());
-        let key = KeyPair::generate().unwrap();
+        let key = StoredKey::Pem(KeyPair::generate().unwrap().serialize_pem());
         let request = PendingRequest {
             request_id: "r1".into(),
             csr_pem: "csr".into(),
@@ -420,7 +449,7 @@ mod tests {
         store.save_pending(&key, &request).unwrap();
         let (loaded, again) = store.pending().unwrap();
         assert_eq!(again, request);
-        assert_eq!(loaded.serialize_pem(), key.serialize_pem());
+        assert_eq!(loaded, key);
         store.clear_pending().unwrap();
         assert!(store.pending().is_none());
     }

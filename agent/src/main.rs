@@ -5,10 +5,14 @@ mod backoff;
 mod certs;
 mod enroll;
 mod health;
+mod keys;
 mod recover;
 mod renewal;
 mod session;
 mod state;
+mod tls;
+#[cfg(feature = "tpm")]
+mod tpm;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -57,6 +61,8 @@ pub struct Agent {
     pub config: AgentConfig,
     pub state: StateDir,
     pub certs: certs::CertStore,
+    /// Where device keys are made: files, or the TPM.
+    pub keys: keys::KeySource,
     pub health: std::sync::Arc<health::Health>,
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -177,7 +183,9 @@ async fn main() -> Result<()> {
         tracing::info!(%addr, "health endpoint listening");
         tokio::spawn(health::serve(listener, health.clone(), handle));
     }
+    let keys = keys::KeySource::from_config(&config.tpm)?;
     let agent = Agent {
+        keys,
         config,
         certs: certs::CertStore::new(state.root()),
         health,

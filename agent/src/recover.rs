@@ -12,7 +12,7 @@ use flotilla::pki::cert_info_pem;
 use flotilla::proto::agent::v1 as pb;
 use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient;
 use flotilla::signature::recovery_message;
-use rcgen::{KeyPair, SigningKey};
+use rcgen::SigningKey;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::Code;
 
@@ -42,7 +42,10 @@ pub fn expired(agent: &Agent) -> bool {
 
 pub async fn recover(agent: &Agent, enrolled: &Enrolled) -> Result<Recovery> {
     let previous = agent.certs.current()?;
-    let previous_key = KeyPair::from_pem(&previous.key_pem).context("reading the previous key")?;
+    let previous_key = agent
+        .keys
+        .open(&previous.key)
+        .context("opening the previous key")?;
     let ca_pem = agent
         .state
         .read_optional(&agent.state.ca_path())?
@@ -69,7 +72,7 @@ pub async fn recover(agent: &Agent, enrolled: &Enrolled) -> Result<Recovery> {
         Ok(response) => response.into_inner(),
         Err(status) => return Ok(classify(status)),
     };
-    let (_, pending) = pending_or_new(&agent.certs, &device_id)?;
+    let (_, pending) = pending_or_new(&agent.certs, &agent.keys, &device_id)?;
     let message = recovery_message(&device_id, &challenge.nonce, &pending.csr_pem);
     let signature = previous_key
         .sign(&message)

@@ -6,11 +6,12 @@
 
 use crate::backoff::Backoff;
 use crate::certs::{CertStore, Pair, PendingRequest};
+use crate::keys::{DeviceKey, KeySource, StoredKey};
 use anyhow::{Context, Result, bail};
 use flotilla::pki::{cert_info_pem, sha256_hex};
 use flotilla::proto::agent::v1 as pb;
 use rand::RngCore;
-use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
+use rcgen::{CertificateParams, SanType};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Used until the control plane says otherwise.
@@ -24,7 +25,7 @@ fn unix_secs() -> i64 {
 }
 
 /// A CSR for `key` asking for the device's own identity (the server checks it is nobody else's).
-pub fn device_csr(key: &KeyPair, device_id: &str) -> Result<String> {
+pub fn device_csr(key: &DeviceKey, device_id: &str) -> Result<String> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![SanType::URI(
         format!("flotilla://device/{device_id}")
@@ -35,16 +36,20 @@ pub fn device_csr(key: &KeyPair, device_id: &str) -> Result<String> {
 }
 
 /// The pending renewal, or a new one with a fresh key (saved before it is used).
-pub fn pending_or_new(store: &CertStore, device_id: &str) -> Result<(KeyPair, PendingRequest)> {
+pub fn pending_or_new(
+    store: &CertStore,
+    keys: &KeySource,
+    device_id: &str,
+) -> Result<(StoredKey, PendingRequest)> {
     if let Some(pending) = store.pending() {
         return Ok(pending);
     }
-    let key = KeyPair::generate().context("generating a fresh key")?;
+    let key = keys.generate().context("generating a fresh key")?;
     let mut id = [0u8; 12];
     rand::rng().fill_bytes(&mut id);
     let request = PendingRequest {
         request_id: hex::encode(id),
-        csr_pem: device_csr(&key, device_id)?,
+        csr_pem: device_csr(&keys.open(&key)?, device_id)?,
     };
     store.save_pending(&key, &request)?;
     Ok((key, request))
@@ -60,8 +65,9 @@ pub fn accept(
     let (key, _) = store
         .pending()
         .context("no renewal is pending for this certificate")?;
+    let spki = key.spki()?;
     let pair = Pair {
-        key_pem: key.serialize_pem(),
+        key,
         cert_pem: certificate_pem.to_string(),
     };
     pair.check(ca_pem, device_id)
@@ -71,7 +77,7 @@ pub fn accept(
     if info.not_after <= now || info.not_before > now + 300 || info.not_after <= info.not_before {
         bail!("issued certificate has an unusable validity window");
     }
-    if info.key_fingerprint != sha256_hex(&key.subject_public_key_info()) {
+    if info.key_fingerprint != sha256_hex(&spki) {
         bail!("issued certificate is not for the pending key");
     }
     Ok(pair)
@@ -80,6 +86,7 @@ pub fn accept(
 /// The agent's renewal state for one process lifetime.
 pub struct Renewer {
     store: CertStore,
+    keys: KeySource,
     ca_pem: String,
     device_id: String,
     pub renew_before: Duration,
@@ -102,6 +109,7 @@ pub enum Outcome {
 impl Renewer {
     pub fn new(
         store: CertStore,
+        keys: KeySource,
         ca_pem: String,
         device_id: String,
         renew_before: Duration,
@@ -109,6 +117,7 @@ impl Renewer {
     ) -> Renewer {
         Renewer {
             store,
+            keys,
             ca_pem,
             device_id,
             renew_before,
@@ -130,7 +139,7 @@ impl Renewer {
     }
 
     fn request(&mut self) -> Result<Outcome> {
-        let (_, pending) = pending_or_new(&self.store, &self.device_id)?;
+        let (_, pending) = pending_or_new(&self.store, &self.keys, &self.device_id)?;
         self.in_flight = Some(pending.request_id.clone());
         Ok(Outcome::Send(pb::CertificateRequest {
             request_id: pending.request_id,
@@ -235,6 +244,7 @@ impl Renewer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::KeyPair;
 
     fn ca() -> (KeyPair, rcgen::Certificate) {
         let key = KeyPair::generate().unwrap();
@@ -263,27 +273,32 @@ mod tests {
             accept(&store, &ca_pem, "d", "x").is_err(),
             "nothing pending"
         );
-        let (pending, request) = pending_or_new(&store, "d").unwrap();
+        let (pending, request) = pending_or_new(&store, &KeySource::File, "d").unwrap();
+        let StoredKey::Pem(pending_pem) = &pending else {
+            panic!("a file key")
+        };
+        let pending_key = KeyPair::from_pem(pending_pem).unwrap();
         assert!(request.csr_pem.contains("CERTIFICATE REQUEST"));
-        let (again, same) = pending_or_new(&store, "d").unwrap();
+        let (again, same) = pending_or_new(&store, &KeySource::File, "d").unwrap();
         assert_eq!(same, request, "a retry sends the same request");
-        assert_eq!(again.serialize_pem(), pending.serialize_pem());
+        assert_eq!(again, pending);
 
         let other_key = KeyPair::generate().unwrap();
         let error = accept(&store, &ca_pem, "d", &issue(&authority, &other_key, "d")).unwrap_err();
         assert!(format!("{error:#}").contains("different key"), "{error:#}");
-        let error = accept(&store, &ca_pem, "d", &issue(&authority, &pending, "e")).unwrap_err();
+        let error =
+            accept(&store, &ca_pem, "d", &issue(&authority, &pending_key, "e")).unwrap_err();
         assert!(
             format!("{error:#}").contains("expected device/d"),
             "{error:#}"
         );
         let stranger = ca();
-        let error = accept(&store, &ca_pem, "d", &issue(&stranger, &pending, "d")).unwrap_err();
+        let error = accept(&store, &ca_pem, "d", &issue(&stranger, &pending_key, "d")).unwrap_err();
         assert!(
             format!("{error:#}").contains("not signed by the CA"),
             "{error:#}"
         );
-        let pair = accept(&store, &ca_pem, "d", &issue(&authority, &pending, "d")).unwrap();
-        assert_eq!(pair.key_pem, pending.serialize_pem());
+        let pair = accept(&store, &ca_pem, "d", &issue(&authority, &pending_key, "d")).unwrap();
+        assert_eq!(pair.key, pending);
     }
 }

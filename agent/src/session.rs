@@ -6,9 +6,12 @@ use crate::Agent;
 use crate::apply::apply;
 use crate::apply::executor::SystemExecutor;
 use crate::backoff::Backoff;
+use crate::certs::Pair;
+use crate::keys::{DeviceKey, StoredKey};
 use crate::recover::{self, Recovery};
 use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
 use crate::state::{Applied, Enrolled};
+use crate::tls::connect_with_tpm_key;
 use anyhow::{Context, Result};
 use flotilla::client::{ClientCredentials, connect, retry_after};
 use flotilla::clock::{now_millis, timestamp_from_millis, timestamp_from_secs};
@@ -20,6 +23,7 @@ use rand::Rng;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 /// How a session ended.
 enum End {
@@ -52,6 +56,7 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         .with_context(|| format!("reading {}", agent.state.ca_path().display()))?;
     let mut renewer = Renewer::new(
         agent.certs.clone(),
+        agent.keys.clone(),
         ca_pem,
         enrolled.device_id.clone(),
         agent.state.renew_before().unwrap_or(DEFAULT_RENEW_BEFORE),
@@ -128,16 +133,37 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
     }
 }
 
-fn credentials(agent: &Agent) -> Result<ClientCredentials> {
+/// Opens the management channel with the current pair: tonic's TLS for a key file, rustls with
+/// the TPM signing for a TPM key.
+async fn open_channel(agent: &Agent, pair: Pair) -> Result<Channel> {
     let path = agent.state.ca_path();
-    let pair = agent.certs.current()?;
-    Ok(ClientCredentials {
-        ca_pem: std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?,
-        cert_pem: pair.cert_pem,
-        key_pem: pair.key_pem,
-        server_name: agent.config.server_name.clone(),
-    })
+    let ca_pem =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let server = &agent.config.server;
+    match agent.keys.open(&pair.key)? {
+        DeviceKey::Tpm(signer) => {
+            connect_with_tpm_key(
+                server,
+                &ca_pem,
+                &pair.cert_pem,
+                signer,
+                &agent.config.server_name,
+            )
+            .await
+        }
+        DeviceKey::File(_) => {
+            let StoredKey::Pem(key_pem) = pair.key else {
+                anyhow::bail!("a file key that is not PEM");
+            };
+            let creds = ClientCredentials {
+                ca_pem,
+                cert_pem: pair.cert_pem,
+                key_pem,
+                server_name: agent.config.server_name.clone(),
+            };
+            Ok(connect(server, &creds).await?)
+        }
+    }
 }
 
 /// Sends what the renewer wants sent; true if the session should end because a new pair is active.
@@ -176,9 +202,9 @@ async fn renewal_step(
 }
 
 async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> Result<End> {
-    let creds = credentials(agent)?;
-    let cert = cert_info_pem(&creds.cert_pem)?;
-    let channel = connect(&agent.config.server, &creds).await?;
+    let pair = agent.certs.current()?;
+    let cert = cert_info_pem(&pair.cert_pem)?;
+    let channel = open_channel(agent, pair).await?;
     let mut applied = agent.state.applied()?;
     let (tx, rx) = mpsc::channel(8);
     tx.send(message(pb::agent_message::Kind::Hello(pb::Hello {

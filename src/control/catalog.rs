@@ -305,6 +305,7 @@ mod tests {
             updated_ms: 0,
             fleet: None,
             fleet_revision: None,
+            tpm_ek_fingerprint: None,
         }
     }
 

@@ -6,10 +6,16 @@ use super::{ControlError, ControlPlane};
 use crate::ca::csr::verify_csr_pem;
 use crate::clock::now_millis;
 use crate::identity::Identity;
+use crate::identity::Role;
 use crate::names::{validate_labels, validate_name};
+use crate::pki::sha256_hex;
 use crate::spec::DeviceSpec;
 use crate::store::{
     CertificateRecord, EnrollmentRecord, EnrollmentState, NewDevice, NewEnrollment, SystemInfo,
+    TpmChallengeRecord,
+};
+use crate::tpm::{
+    Evidence, TpmError, WrappedCredential, certify_qualifying_data, check_evidence, make_credential,
 };
 use std::collections::BTreeMap;
 
@@ -20,6 +26,18 @@ pub struct EnrollInput {
     pub device_name: String,
     pub labels: BTreeMap<String, String>,
     pub system_info: SystemInfo,
+    /// Proof that the key lives in a TPM: evidence first, then the answer to its challenge.
+    pub tpm: Option<TpmProof>,
+}
+
+/// One of the two TPM steps of an enrollment.
+#[derive(Debug, Clone)]
+pub enum TpmProof {
+    Evidence(Evidence),
+    Answer {
+        challenge_id: String,
+        secret: Vec<u8>,
+    },
 }
 
 /// What an agent learns about its request.
@@ -31,6 +49,34 @@ pub struct EnrollOutcome {
     pub certificate: Option<CertificateRecord>,
     pub ca_pem: String,
     pub retry_after_secs: u32,
+    /// The credential the agent must activate, in answer to TPM evidence.
+    pub tpm_challenge: Option<IssuedChallenge>,
+    pub tpm_verified: bool,
+}
+
+/// A TPM credential challenge as sent to the agent.
+#[derive(Debug, Clone)]
+pub struct IssuedChallenge {
+    pub id: String,
+    pub credential: WrappedCredential,
+}
+
+/// How long a TPM challenge can be answered.
+const TPM_CHALLENGE_TTL_MS: i64 = 5 * 60 * 1000;
+
+/// The identity that approves requests whose TPM evidence checked out, when configured to.
+fn tpm_approver() -> Identity {
+    Identity::new(Role::Service, "tpm-attestation")
+}
+
+fn tpm_refused(error: TpmError) -> ControlError {
+    match error {
+        TpmError::Refused(reason) => {
+            ControlError::PermissionDenied(format!("TPM attestation refused: {reason}"))
+        }
+        TpmError::Internal(reason) => ControlError::Internal(reason),
+        other => ControlError::invalid("tpm_evidence", other),
+    }
 }
 
 impl ControlPlane {
@@ -45,7 +91,21 @@ impl ControlPlane {
         let key =
             verify_csr_pem(&input.csr_pem).map_err(|e| ControlError::invalid("csr_pem", e))?;
         let submitted_ms = now_millis();
-        let record = self
+        let tpm_ek_fingerprint = match &input.tpm {
+            None => None,
+            Some(TpmProof::Evidence(evidence)) => {
+                return self.challenge_tpm(&input, evidence, &key).await;
+            }
+            Some(TpmProof::Answer {
+                challenge_id,
+                secret,
+            }) => Some(
+                self.check_tpm_answer(&input.device_name, &key.fingerprint, challenge_id, secret)
+                    .await?,
+            ),
+        };
+        let name = input.device_name.clone();
+        let mut record = self
             .store
             .submit_enrollment(NewEnrollment {
                 name: input.device_name,
@@ -54,11 +114,22 @@ impl ControlPlane {
                 labels: input.labels,
                 system_info: input.system_info,
                 created_ms: submitted_ms,
+                tpm_ek_fingerprint: tpm_ek_fingerprint.clone(),
             })
             .await?;
         if record.created_ms == submitted_ms && record.state == EnrollmentState::Pending {
             self.enrollment_counts
                 .moved(None, Some(EnrollmentState::Pending));
+        }
+        if let Some(ek) = &tpm_ek_fingerprint {
+            let same_tpm = self.store.names_with_tpm(ek, &name).await?;
+            if !same_tpm.is_empty() {
+                tracing::warn!(enrollment.name = %name, tpm.ek = %ek, same_tpm_as = ?same_tpm, "a TPM that already enrolled is enrolling again; leaving the request to an operator");
+            } else if self.policy.tpm.auto_approve && record.state == EnrollmentState::Pending {
+                record = self
+                    .approve_enrollment(&name, BTreeMap::new(), &tpm_approver())
+                    .await?;
+            }
         }
         let certificate = match &record.certificate_serial {
             Some(serial) => self.store.get_certificate(serial).await?,
@@ -72,22 +143,117 @@ impl ControlPlane {
             certificate,
             ca_pem: self.ca.cert_pem().to_string(),
             retry_after_secs: self.policy.enrollment_poll_interval.as_secs() as u32,
+            tpm_verified: record.tpm_ek_fingerprint.is_some(),
+            tpm_challenge: None,
         })
+    }
+
+    /// Checks TPM evidence and answers with a credential only that TPM can activate.
+    async fn challenge_tpm(
+        &self,
+        input: &EnrollInput,
+        evidence: &Evidence,
+        key: &crate::ca::csr::CsrPublicKey,
+    ) -> Result<EnrollOutcome, ControlError> {
+        if self.policy.tpm.trusted_cas.is_empty() {
+            return Err(ControlError::FailedPrecondition(
+                "this control plane does not accept TPM attestation: no TPM manufacturer CA is configured (--tpm-ca)".into(),
+            ));
+        }
+        let checked = check_evidence(
+            evidence,
+            &self.policy.tpm.trusted_cas,
+            rcgen::PublicKeyData::der_bytes(key),
+            &certify_qualifying_data(&input.csr_pem),
+        )
+        .map_err(|error| {
+            tracing::warn!(enrollment.name = %input.device_name, %error, "TPM evidence refused");
+            tpm_refused(error)
+        })?;
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+        let credential =
+            make_credential(&checked.ek, &checked.ak_name, &secret).map_err(tpm_refused)?;
+        let now = now_millis();
+        let id = uuid::Uuid::new_v4().to_string();
+        self.store
+            .put_tpm_challenge(TpmChallengeRecord {
+                id: id.clone(),
+                name: input.device_name.clone(),
+                key_fingerprint: key.fingerprint.clone(),
+                ek_fingerprint: checked.ek_fingerprint.clone(),
+                secret_digest: sha256_hex(&secret),
+                expires_ms: now + TPM_CHALLENGE_TTL_MS,
+                created_ms: now,
+            })
+            .await?;
+        tracing::info!(enrollment.name = %input.device_name, tpm.ek = %checked.ek_fingerprint, "TPM evidence checked; challenge issued");
+        Ok(EnrollOutcome {
+            state: EnrollmentState::Pending,
+            reason: None,
+            device_id: None,
+            certificate: None,
+            ca_pem: self.ca.cert_pem().to_string(),
+            retry_after_secs: 0,
+            tpm_challenge: Some(IssuedChallenge { id, credential }),
+            tpm_verified: false,
+        })
+    }
+
+    /// Consumes a challenge and checks the answer; the endorsement key's fingerprint if right.
+    async fn check_tpm_answer(
+        &self,
+        name: &str,
+        key_fingerprint: &str,
+        challenge_id: &str,
+        secret: &[u8],
+    ) -> Result<String, ControlError> {
+        let refuse = |reason: &str| {
+            tracing::warn!(enrollment.name = %name, reason, "TPM challenge answer refused");
+            ControlError::PermissionDenied(format!("TPM attestation refused: {reason}"))
+        };
+        let Some(challenge) = self.store.take_tpm_challenge(challenge_id).await? else {
+            return Err(refuse("unknown or already answered challenge"));
+        };
+        if challenge.name != name || challenge.key_fingerprint != key_fingerprint {
+            return Err(refuse("the challenge was issued for a different request"));
+        }
+        if challenge.expires_ms < now_millis() {
+            return Err(refuse("the challenge expired"));
+        }
+        if sha256_hex(secret) != challenge.secret_digest {
+            return Err(refuse("wrong answer to the credential challenge"));
+        }
+        tracing::info!(enrollment.name = %name, tpm.ek = %challenge.ek_fingerprint, "TPM attestation verified");
+        Ok(challenge.ek_fingerprint)
     }
 
     pub async fn list_enrollments(
         &self,
         state: Option<EnrollmentState>,
     ) -> Result<Vec<EnrollmentRecord>, ControlError> {
-        Ok(self.store.list_enrollments(state).await?)
+        let mut records = self.store.list_enrollments(state).await?;
+        for record in &mut records {
+            self.note_same_tpm(record).await?;
+        }
+        Ok(records)
     }
 
     pub async fn get_enrollment(&self, name: &str) -> Result<EnrollmentRecord, ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
-        self.store
-            .get_enrollment(name)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("enrollment request {name:?} not found")))
+        let mut record = self.store.get_enrollment(name).await?.ok_or_else(|| {
+            ControlError::NotFound(format!("enrollment request {name:?} not found"))
+        })?;
+        self.note_same_tpm(&mut record).await?;
+        Ok(record)
+    }
+
+    /// Shows which other requests and devices the same TPM vouched for.
+    async fn note_same_tpm(&self, record: &mut EnrollmentRecord) -> Result<(), ControlError> {
+        if let Some(ek) = &record.tpm_ek_fingerprint {
+            record.same_tpm_as = self.store.names_with_tpm(ek, &record.name).await?;
+        }
+        Ok(())
     }
 
     async fn pending(&self, name: &str) -> Result<EnrollmentRecord, ControlError> {
@@ -128,14 +294,19 @@ impl ControlPlane {
             cert_not_after_ms: certificate.not_after_ms,
             created_ms: now,
             fleet: owner,
+            tpm_ek_fingerprint: request.tpm_ek_fingerprint.clone(),
         };
-        let audit = issuance_audit(
-            &certificate,
-            "issued",
-            decided_by,
-            format!("enrollment of {name} approved"),
-            "enrollment-approval",
-        );
+        let (reason, via) = match &request.tpm_ek_fingerprint {
+            Some(ek) => (
+                format!("enrollment of {name} approved; key attested by TPM (EK {ek})"),
+                "tpm-attestation",
+            ),
+            None => (
+                format!("enrollment of {name} approved"),
+                "enrollment-approval",
+            ),
+        };
+        let audit = issuance_audit(&certificate, "issued", decided_by, reason, via);
         let (serial, not_after_ms) = (certificate.serial.clone(), certificate.not_after_ms);
         let record = {
             let _order = self.audit_lock.lock().await;

@@ -18,7 +18,7 @@ mod watch;
 pub use admission::{AdmissionSettings, OpeningPermit};
 pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequested};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
-pub use enrollment::{EnrollInput, EnrollOutcome};
+pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
 pub use rollouts::{RolloutCommand, RolloutView};
 pub use session::SessionSettings;
@@ -53,6 +53,19 @@ pub struct Policy {
     pub debounce: Debounce,
     /// Limits on new and open sessions.
     pub admission: AdmissionSettings,
+    /// TPM attestation at enrollment.
+    pub tpm: TpmPolicy,
+}
+
+/// What the control plane trusts of TPM evidence.
+#[derive(Debug, Clone, Default)]
+pub struct TpmPolicy {
+    /// TPM manufacturer CA certificates (DER) that endorsement key certificates must chain to;
+    /// empty turns TPM attestation off (evidence is refused).
+    pub trusted_cas: Vec<Vec<u8>>,
+    /// Approve a request at once when its TPM evidence and challenge check out and no other
+    /// request or device has the same endorsement key.
+    pub auto_approve: bool,
 }
 
 impl Default for Policy {
@@ -65,6 +78,7 @@ impl Default for Policy {
             session: SessionSettings::default(),
             debounce: Debounce::default(),
             admission: AdmissionSettings::default(),
+            tpm: TpmPolicy::default(),
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct DeviceRecord {
     /// The fleet revision the device is held at while a rollout moves the fleet; `None` follows
     /// the fleet's current revision.
     pub fleet_revision: Option<i64>,
+    /// The endorsement key of the TPM its key was proven to live in at enrollment.
+    pub tpm_ek_fingerprint: Option<String>,
 }
 
 /// A device about to be created (by approving its enrollment).
@@ -40,6 +42,7 @@ pub struct NewDevice {
     pub cert_not_after_ms: i64,
     pub created_ms: i64,
     pub fleet: Option<String>,
+    pub tpm_ek_fingerprint: Option<String>,
 }
 
 impl NewDevice {
@@ -60,6 +63,7 @@ impl NewDevice {
             updated_ms: self.created_ms,
             fleet: self.fleet,
             fleet_revision: None,
+            tpm_ek_fingerprint: self.tpm_ek_fingerprint,
         }
     }
 }
@@ -103,6 +107,7 @@ struct DeviceRow {
     updated_ms: i64,
     fleet: Option<String>,
     fleet_revision: Option<i64>,
+    tpm_ek_fingerprint: Option<String>,
 }
 
 impl DeviceRow {
@@ -122,6 +127,7 @@ impl DeviceRow {
             updated_ms: self.updated_ms,
             fleet: self.fleet,
             fleet_revision: self.fleet_revision,
+            tpm_ek_fingerprint: self.tpm_ek_fingerprint,
         })
     }
 }
@@ -146,6 +152,7 @@ pub(super) fn insert_device(
         updated_ms: device.created_ms,
         fleet: device.fleet.clone(),
         fleet_revision: None,
+        tpm_ek_fingerprint: device.tpm_ek_fingerprint.clone(),
     };
     diesel::insert_into(devices::table)
         .values(&row)

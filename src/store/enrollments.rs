@@ -64,6 +64,11 @@ pub struct EnrollmentRecord {
     pub created_ms: i64,
     pub decided_ms: Option<i64>,
     pub decided_by: Option<String>,
+    /// Set when the key was proven to live in a genuine TPM: its endorsement key's fingerprint.
+    pub tpm_ek_fingerprint: Option<String>,
+    /// Other requests and devices attested by the same endorsement key (filled in by the control
+    /// plane, not stored).
+    pub same_tpm_as: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +79,7 @@ pub struct NewEnrollment {
     pub labels: BTreeMap<String, String>,
     pub system_info: SystemInfo,
     pub created_ms: i64,
+    pub tpm_ek_fingerprint: Option<String>,
 }
 
 #[derive(Queryable, Selectable, Insertable)]
@@ -91,6 +97,7 @@ struct EnrollmentRow {
     created_ms: i64,
     decided_ms: Option<i64>,
     decided_by: Option<String>,
+    tpm_ek_fingerprint: Option<String>,
 }
 
 impl EnrollmentRow {
@@ -108,6 +115,8 @@ impl EnrollmentRow {
             created_ms: self.created_ms,
             decided_ms: self.decided_ms,
             decided_by: self.decided_by,
+            tpm_ek_fingerprint: self.tpm_ek_fingerprint,
+            same_tpm_as: Vec::new(),
         })
     }
 }
@@ -140,6 +149,16 @@ impl Store {
             conn.transaction(|conn| {
                 if let Some(existing) = find(conn, &new.name)? {
                     if existing.key_fingerprint == new.key_fingerprint {
+                        // The same request, now with its TPM proven.
+                        if existing.tpm_ek_fingerprint.is_none()
+                            && new.tpm_ek_fingerprint.is_some()
+                            && existing.state == EnrollmentState::Pending
+                        {
+                            diesel::update(er::table.find(&new.name))
+                                .set(er::tpm_ek_fingerprint.eq(&new.tpm_ek_fingerprint))
+                                .execute(conn)?;
+                            return find(conn, &new.name)?.ok_or_else(|| not_pending(&new.name));
+                        }
                         return Ok(existing);
                     }
                     return Err(StoreError::Conflict(format!(
@@ -160,6 +179,7 @@ impl Store {
                     created_ms: new.created_ms,
                     decided_ms: None,
                     decided_by: None,
+                    tpm_ek_fingerprint: new.tpm_ek_fingerprint,
                 };
                 diesel::insert_into(er::table).values(&row).execute(conn)?;
                 row.into_record()

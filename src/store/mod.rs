@@ -9,6 +9,7 @@ mod enrollments;
 mod fleets;
 mod rollouts;
 mod schema;
+mod tpm;
 
 pub use audit::{AuditQuery, AuditSeal};
 pub use certificates::{CertificateRecord, Revocation};
@@ -17,6 +18,7 @@ pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
 pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};
+pub use tpm::TpmChallengeRecord;
 
 use connection::{Manager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};

@@ -17,6 +17,7 @@ diesel::table! {
         updated_ms -> BigInt,
         fleet -> Nullable<Text>,
         fleet_revision -> Nullable<BigInt>,
+        tpm_ek_fingerprint -> Nullable<Text>,
     }
 }
 
@@ -34,6 +35,7 @@ diesel::table! {
         created_ms -> BigInt,
         decided_ms -> Nullable<BigInt>,
         decided_by -> Nullable<Text>,
+        tpm_ek_fingerprint -> Nullable<Text>,
     }
 }
 
@@ -120,6 +122,18 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    tpm_challenges (id) {
+        id -> Text,
+        name -> Text,
+        key_fingerprint -> Text,
+        ek_fingerprint -> Text,
+        secret_digest -> Text,
+        expires_ms -> BigInt,
+        created_ms -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     certificate_audit,
     devices,
@@ -128,5 +142,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     fleets,
     fleet_revisions,
     rollouts,
-    rollout_events
+    rollout_events,
+    tpm_challenges
 );

@@ -44,6 +44,7 @@ impl EnrollmentService for AgentApi {
                     device_name: request.device_name,
                     labels: request.labels,
                     system_info: convert::system_info_from(request.system_info),
+                    tpm: convert::tpm_proof(request.tpm_evidence, request.tpm_answer),
                 },
             )
             .await?;

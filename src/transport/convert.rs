@@ -3,13 +3,14 @@
 use crate::audit::SealedRecord;
 use crate::clock::timestamp_from_millis;
 use crate::control::{
-    CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView, RolloutView,
+    CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView, RolloutView, TpmProof,
 };
 use crate::hub::RenewalState;
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
 use crate::store::{EnrollmentRecord, EnrollmentState, FleetRevision, SystemInfo};
+use crate::tpm::Evidence;
 
 pub fn enrollment_state(state: EnrollmentState) -> agent::EnrollmentState {
     match state {
@@ -50,6 +51,28 @@ fn system_info_to(info: SystemInfo) -> agent::SystemInfo {
     }
 }
 
+/// The TPM step of an enrollment request, if it has one.
+pub fn tpm_proof(
+    evidence: Option<agent::TpmEvidence>,
+    answer: Option<agent::TpmChallengeAnswer>,
+) -> Option<TpmProof> {
+    match (evidence, answer) {
+        (_, Some(answer)) => Some(TpmProof::Answer {
+            challenge_id: answer.challenge_id,
+            secret: answer.secret,
+        }),
+        (Some(e), None) => Some(TpmProof::Evidence(Evidence {
+            ek_certificate_der: e.ek_certificate,
+            ek_public: e.ek_public,
+            ak_public: e.ak_public,
+            key_public: e.key_public,
+            certify_info: e.certify_info,
+            certify_signature: e.certify_signature,
+        })),
+        (None, None) => None,
+    }
+}
+
 pub fn enroll_response(outcome: EnrollOutcome) -> agent::EnrollResponse {
     let (certificate_pem, not_after) = match outcome.certificate {
         Some(cert) => (
@@ -66,6 +89,12 @@ pub fn enroll_response(outcome: EnrollOutcome) -> agent::EnrollResponse {
         ca_bundle_pem: outcome.ca_pem,
         retry_after_seconds: outcome.retry_after_secs,
         certificate_not_after: not_after,
+        tpm_challenge: outcome.tpm_challenge.map(|c| agent::TpmChallenge {
+            challenge_id: c.id,
+            credential_blob: c.credential.credential_blob,
+            encrypted_secret: c.credential.encrypted_secret,
+        }),
+        tpm_verified: outcome.tpm_verified,
     }
 }
 
@@ -81,6 +110,8 @@ pub fn enrollment(record: EnrollmentRecord) -> admin::Enrollment {
         created_at: Some(timestamp_from_millis(record.created_ms)),
         decided_at: record.decided_ms.map(timestamp_from_millis),
         decided_by: record.decided_by.unwrap_or_default(),
+        tpm_ek_fingerprint: record.tpm_ek_fingerprint.unwrap_or_default(),
+        same_tpm_as: record.same_tpm_as,
     }
 }
 
@@ -140,6 +171,7 @@ pub fn device(view: DeviceView) -> admin::Device {
         fleet: record.fleet.unwrap_or_default(),
         conflicting_fleets: view.conflicts,
         rendered_spec: view.rendered.map(|r| r.spec.clone()),
+        tpm_ek_fingerprint: record.tpm_ek_fingerprint.unwrap_or_default(),
     }
 }
 

@@ -134,6 +134,8 @@ pub fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
         device_name: name.into(),
         labels: [("site".to_string(), "lab".to_string())].into(),
         system_info: None,
+        tpm_evidence: None,
+        tpm_answer: None,
     }
 }
 

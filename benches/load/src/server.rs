@@ -80,6 +80,7 @@ pub async fn mint(dir: &DataDir, n: usize) -> Result<Vec<Device>> {
                 cert_not_after_ms: certificate.not_after_ms,
                 created_ms: now,
                 fleet: None,
+                tpm_ek_fingerprint: None,
             },
             certificate,
         ));
