@@ -115,6 +115,15 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
             None => status.certificate_serial.clone(),
         },
     );
+    if !status.tpm_ek_fingerprint.is_empty() {
+        line(
+            "TPM",
+            format!(
+                "key attested at enrollment (EK {})",
+                status.tpm_ek_fingerprint
+            ),
+        );
+    }
     if !view.spec.is_empty() {
         out.push_str("Overrides:\n");
         out.push_str(&indent(&yaml_serde::to_string(&view.spec)?));

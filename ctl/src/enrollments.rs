@@ -17,17 +17,30 @@ fn print_enrollments(format: Format, enrollments: Vec<pb::Enrollment>, single: b
         format,
         &views,
         single,
-        &["NAME", "STATE", "HOSTNAME", "LABELS", "CREATED"],
+        &["NAME", "STATE", "HOSTNAME", "TPM", "LABELS", "CREATED"],
         |e| {
             vec![
                 e.name.clone(),
                 e.state.clone(),
                 e.hostname.clone(),
+                tpm_text(e),
                 labels_text(&e.labels),
                 e.created_at.clone().unwrap_or_default(),
             ]
         },
     )
+}
+
+/// `verified`, with a warning when the same TPM enrolled under other names; `-` without a TPM.
+fn tpm_text(view: &resources::EnrollmentView) -> String {
+    match (
+        view.tpm_ek_fingerprint.is_empty(),
+        view.same_tpm_as.is_empty(),
+    ) {
+        (true, _) => "-".into(),
+        (false, true) => "verified".into(),
+        (false, false) => format!("verified, same TPM as {}", view.same_tpm_as.join(",")),
+    }
 }
 
 fn parse_state(text: &str) -> Result<EnrollmentState> {

@@ -142,6 +142,9 @@ pub struct DeviceStatusView {
     pub renew_at: Option<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub renewal_error: String,
+    /// The endorsement key of the TPM the device's key was attested in, if it was.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tpm_ek_fingerprint: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,6 +217,7 @@ pub fn device_view(device: admin::Device) -> DeviceView {
                 .unwrap_or_else(|_| "UNKNOWN".into()),
             renew_at: status.renew_at.map(|t| t.to_string()),
             renewal_error: status.renewal_error,
+            tpm_ek_fingerprint: device.tpm_ek_fingerprint,
         },
     }
 }
@@ -298,6 +302,12 @@ pub struct EnrollmentView {
     pub decided_at: Option<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub decided_by: String,
+    /// Set when the key was proven to live in a genuine TPM.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tpm_ek_fingerprint: String,
+    /// Other requests and devices attested by the same TPM.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub same_tpm_as: Vec<String>,
 }
 
 pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
@@ -320,6 +330,8 @@ pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
         created_at: enrollment.created_at.map(|t| t.to_string()),
         decided_at: enrollment.decided_at.map(|t| t.to_string()),
         decided_by: enrollment.decided_by,
+        tpm_ek_fingerprint: enrollment.tpm_ek_fingerprint,
+        same_tpm_as: enrollment.same_tpm_as,
     }
 }
 

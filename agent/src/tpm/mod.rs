@@ -36,7 +36,20 @@ type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 /// A handle on the TPM worker thread.
 pub struct Tpm {
-    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Tpm {
+    /// Lets the worker flush what it holds and close the context before the process goes on.
+    fn drop(&mut self) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 struct Worker {
@@ -218,10 +231,20 @@ impl Worker {
 
     fn attest(&mut self, blob: &TpmKeyBlob, qualifying: &[u8]) -> Result<pb::TpmEvidence> {
         self.forget_attestation();
+        let endorsement = self.endorsement()?;
+        self.attest_under(endorsement, blob, qualifying)
+    }
+
+    /// Evidence under a given endorsement key (its algorithm, handle and certificate).
+    fn attest_under(
+        &mut self,
+        (ek_alg, ek_handle, ek_certificate): (AsymmetricAlgorithmSelection, KeyHandle, Vec<u8>),
+        blob: &TpmKeyBlob,
+        qualifying: &[u8],
+    ) -> Result<pb::TpmEvidence> {
         // A TPM without a resource manager holds only three transient objects: the endorsement
         // key goes once the attestation key is loaded, and is made again (the same key, from the
         // same template) to activate the credential.
-        let (ek_alg, ek_handle, ek_certificate) = self.endorsement()?;
         let ek_public = self.ctx.read_public(ek_handle)?.0;
         let created = ak::create_ak_2(
             &mut self.ctx,
@@ -329,7 +352,7 @@ impl Tpm {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready_tx, ready) = mpsc::channel();
         let tcti = tcti.to_string();
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name("tpm".into())
             .spawn(move || {
                 let mut worker = match Worker::open(&tcti) {
@@ -353,7 +376,8 @@ impl Tpm {
             .recv()
             .map_err(|_| anyhow!("the TPM thread stopped"))??;
         Ok(Tpm {
-            jobs: std::sync::Mutex::new(jobs),
+            jobs: std::sync::Mutex::new(Some(jobs)),
+            worker: Some(worker),
         })
     }
 
@@ -366,7 +390,8 @@ impl Tpm {
             .jobs
             .lock()
             .map_err(|_| anyhow!("the TPM thread failed"))?
-            .clone();
+            .clone()
+            .context("the TPM is closed")?;
         sender
             .send(Box::new(move |worker: &mut Worker| {
                 let _ = reply.send(job(worker));
@@ -395,9 +420,29 @@ impl Tpm {
         self.call(move |w| w.attest(&blob, &qualifying))
     }
 
+    /// Evidence under an endorsement key of the given kind, certificate or not (the tests use it
+    /// for the ECC endorsement key that swtpm certifies only at P-384).
+    #[cfg(test)]
+    pub fn attest_with_ek(
+        &self,
+        alg: AsymmetricAlgorithmSelection,
+        blob: &TpmKeyBlob,
+        qualifying: &[u8],
+    ) -> Result<pb::TpmEvidence> {
+        let (blob, qualifying) = (blob.clone(), qualifying.to_vec());
+        self.call(move |w| {
+            w.forget_attestation();
+            let ek = ek::create_ek_object_2(&mut w.ctx, alg, None)?;
+            w.attest_under((alg, ek, Vec::new()), &blob, &qualifying)
+        })
+    }
+
     /// Answers the control plane's credential challenge.
     pub fn activate(&self, challenge: &pb::TpmChallenge) -> Result<Vec<u8>> {
         let challenge = challenge.clone();
         self.call(move |w| w.activate(&challenge))
     }
 }
+
+#[cfg(test)]
+mod tests;
