@@ -82,11 +82,24 @@ impl Cluster {
         log: &Path,
         env: &[(&str, &str)],
     ) -> ChildGuard {
+        self.spawn_agent_configured(&self.data.join("agent.toml"), name, labels, state, log, env)
+    }
+
+    /// Like `spawn_agent_with_env`, with its own agent configuration file.
+    pub fn spawn_agent_configured(
+        &self,
+        config: &Path,
+        name: &str,
+        labels: &[&str],
+        state: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
         let mut command = Command::new(binary("flotilla-agent"));
         command.envs(env.iter().copied());
         command
             .arg("--config")
-            .arg(self.data.join("agent.toml"))
+            .arg(config)
             .arg("--state-dir")
             .arg(state)
             .args(["--name", name]);

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod sim;
+pub mod swtpm;
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
@@ -360,6 +361,10 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
         command.args(["build", "--quiet", "-p", "flotilla-agent", "-p", "flotctl"]);
+        // The TPM end-to-end tests need the agent that keeps its key in a TPM.
+        if cfg!(feature = "tpm-tests") {
+            command.args(["--features", "flotilla-agent/tpm"]);
+        }
         if dir.ends_with("release") {
             command.arg("--release");
         }

@@ -346,6 +346,18 @@ impl Worker {
     }
 }
 
+/// Some TSS errors display as nothing; their debug form names the response code.
+fn readable(error: anyhow::Error) -> anyhow::Error {
+    let parts: Vec<String> = error
+        .chain()
+        .map(|cause| match cause.to_string() {
+            text if text.trim().is_empty() => format!("{cause:?}"),
+            text => text,
+        })
+        .collect();
+    anyhow!(parts.join(": "))
+}
+
 impl Tpm {
     /// Opens the TPM on its own thread and creates the storage root key.
     pub fn open(tcti: &str) -> Result<Tpm> {
@@ -400,6 +412,7 @@ impl Tpm {
         answer
             .recv()
             .map_err(|_| anyhow!("the TPM thread stopped"))?
+            .map_err(readable)
     }
 
     /// Creates a fresh P-256 signing key inside the TPM.

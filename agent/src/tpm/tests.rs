@@ -14,79 +14,15 @@ use flotilla::signature::tpm_certify_qualifying_data;
 use flotilla::store::{Backend, EnrollmentState, Store};
 use flotilla::tpm::{Evidence, TpmError, check_evidence, make_credential};
 use rcgen::{CertificateParams, KeyPair, PublicKeyData};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use swtpm::Swtpm;
 
-/// A running swtpm, killed when dropped.
-struct Swtpm {
-    child: Child,
-    dir: tempfile::TempDir,
-    tcti: String,
-}
+#[path = "../../../tests/support/swtpm.rs"]
+mod swtpm;
 
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port_pair();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/swtpm.sh");
-        let child = Command::new("bash")
-            .arg(script)
-            .arg(dir.path())
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start scripts/swtpm.sh (needs swtpm and swtpm-tools)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "swtpm did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Swtpm {
-            child,
-            tcti: format!("swtpm:host=127.0.0.1,port={port}"),
-            dir,
-        }
-    }
-
-    fn ca_bundle(&self) -> PathBuf {
-        self.dir.path().join("tpm-ca.pem")
-    }
-
-    /// The manufacturer CA certificates (DER) that signed this TPM's EK certificates.
-    fn trusted(&self) -> Vec<Vec<u8>> {
-        let pem = std::fs::read_to_string(self.ca_bundle()).unwrap();
-        flotilla::pki::certs_from_pem(&pem)
-            .unwrap()
-            .into_iter()
-            .map(|c| c.to_vec())
-            .collect()
-    }
-
-    fn open(&self) -> Arc<Tpm> {
-        Arc::new(Tpm::open(&self.tcti).unwrap())
-    }
+fn open(swtpm: &Swtpm) -> Arc<Tpm> {
+    Arc::new(Tpm::open(&swtpm.tcti).unwrap())
 }
 
 fn evidence(e: &pb::TpmEvidence) -> Evidence {
@@ -131,7 +67,7 @@ fn refusal(result: Result<flotilla::tpm::CheckedEvidence, TpmError>) -> String {
 #[test]
 fn a_tpm_key_signs_requests_and_handshakes_and_is_useless_in_another_tpm() {
     let swtpm = Swtpm::start();
-    let keys = KeySource::Tpm(swtpm.open());
+    let keys = KeySource::Tpm(open(&swtpm));
     let (stored, signer, csr) = key_and_csr(&keys);
     let verified = flotilla::ca::csr::verify_csr_pem(&csr).expect("the TPM-signed CSR verifies");
     assert_eq!(
@@ -157,7 +93,7 @@ fn a_tpm_key_signs_requests_and_handshakes_and_is_useless_in_another_tpm() {
     assert!(KeyPair::from_pem(&on_disk).is_err());
 
     let other = Swtpm::start();
-    let elsewhere = KeySource::Tpm(other.open()).open(&stored).unwrap();
+    let elsewhere = KeySource::Tpm(open(&other)).open(&stored).unwrap();
     let DeviceKey::Tpm(elsewhere) = elsewhere else {
         panic!("a TPM signer")
     };
@@ -170,7 +106,7 @@ fn a_tpm_key_signs_requests_and_handshakes_and_is_useless_in_another_tpm() {
 #[test]
 fn evidence_verifies_and_every_tampering_is_refused() {
     let swtpm = Swtpm::start();
-    let tpm = swtpm.open();
+    let tpm = open(&swtpm);
     let keys = KeySource::Tpm(tpm.clone());
     let (stored, signer, csr) = key_and_csr(&keys);
     let qualifying = tpm_certify_qualifying_data(&csr);
@@ -246,7 +182,7 @@ fn evidence_verifies_and_every_tampering_is_refused() {
 #[test]
 fn the_tpm_activates_a_software_credential_only_for_its_attestation_key() {
     let swtpm = Swtpm::start();
-    let tpm = swtpm.open();
+    let tpm = open(&swtpm);
     let keys = KeySource::Tpm(tpm.clone());
     let (stored, signer, csr) = key_and_csr(&keys);
     let qualifying = tpm_certify_qualifying_data(&csr);
@@ -281,7 +217,7 @@ fn credentials_for_an_ecc_endorsement_key_activate_too() {
     use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
     use tss_esapi::interface_types::ecc::EccCurve;
     let swtpm = Swtpm::start();
-    let tpm = swtpm.open();
+    let tpm = open(&swtpm);
     let keys = KeySource::Tpm(tpm.clone());
     let (stored, _, csr) = key_and_csr(&keys);
     let evidence = tpm
@@ -363,7 +299,7 @@ async fn a_challenge_is_answered_by_the_tpm_once_and_never_by_a_guess_or_a_repla
     let dir = tempfile::tempdir().unwrap();
     let control = control_plane(dir.path(), &swtpm, false).await;
     let caller = Identity::new(Role::Enrollment, "shared");
-    let tpm = swtpm.open();
+    let tpm = open(&swtpm);
     let keys = KeySource::Tpm(tpm.clone());
     let (stored, _, csr) = key_and_csr(&keys);
     let attest = |csr: &str| {
