@@ -78,6 +78,33 @@ fn assert_no_private_key(state: &Path) {
     }
 }
 
+/// SHA-256 of the RSA EK certificate's public key, read from the TPM's NV storage by tpm2-tools
+/// and hashed by openssl: an account of the EK independent of the agent and the control plane.
+fn ek_fingerprint_read_with_tpm2_tools(swtpm: &Swtpm, root: &Path) -> String {
+    let der = root.join("ek.der");
+    let read = std::process::Command::new("tpm2_nvread")
+        .env("TPM2TOOLS_TCTI", &swtpm.tcti)
+        .args(["-C", "o", "0x01c00002", "-o"])
+        .arg(&der)
+        .output()
+        .expect("run tpm2_nvread (tpm2-tools)");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let spki = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -inform DER -in {} -pubkey -noout | openssl pkey -pubin -outform DER",
+            der.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(spki.status.success());
+    flotilla::pki::sha256_hex(&spki.stdout)
+}
+
 #[test]
 fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_writes_a_key() {
     let swtpm = Swtpm::start();
@@ -175,6 +202,11 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
     // The same TPM enrolling as another device (re-imaged, or its identity copied) is shown, and
     // left to an operator.
     agent.terminate();
+    assert_eq!(
+        ek_fingerprint_read_with_tpm2_tools(&swtpm, &root),
+        ek,
+        "the fingerprint is of the TPM's own EK certificate"
+    );
     let state_2 = root.join("state-2");
     let log_2 = root.join("agent-2.log");
     let _second =
