@@ -180,3 +180,33 @@ pub fn make_credential(
         encrypted_secret,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tpm::public::HashAlg;
+    use crate::tpm::public::tests::ecc_public;
+
+    #[test]
+    fn kdf_a_is_deterministic_sized_and_separates_labels() {
+        let a = kdf_a(HashAlg::Sha256, b"seed", "STORAGE", b"name", &[], 128);
+        assert_eq!(a.len(), 16);
+        assert_eq!(
+            a,
+            kdf_a(HashAlg::Sha256, b"seed", "STORAGE", b"name", &[], 128)
+        );
+        assert_ne!(
+            a,
+            kdf_a(HashAlg::Sha256, b"seed", "INTEGRITY", b"name", &[], 128)
+        );
+        let long = kdf_a(HashAlg::Sha256, b"seed", "STORAGE", b"name", &[], 384);
+        assert_eq!(long.len(), 48, "more than one HMAC block");
+    }
+
+    #[test]
+    fn a_key_without_an_aes_cfb_storage_algorithm_gets_no_credential() {
+        let signing_key = TpmPublic::parse(&ecc_public(0, &[1; 32], &[2; 32])).unwrap();
+        let error = make_credential(&signing_key, b"name", &[0; 32]).unwrap_err();
+        assert!(matches!(error, TpmError::Unsupported(_)), "{error}");
+    }
+}

@@ -220,3 +220,71 @@ fn scheme_is_null_kdf(r: &mut Reader<'_>) -> Result<(), TpmError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::tpm::wire::put_sized;
+
+    /// A marshaled ECC P-256 signing key's TPMT_PUBLIC with the given point and attributes.
+    pub(crate) fn ecc_public(attributes: u32, x: &[u8], y: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(ALG_ECC.to_be_bytes());
+        out.extend(ALG_SHA256.to_be_bytes());
+        out.extend(attributes.to_be_bytes());
+        put_sized(&mut out, &[]).unwrap();
+        out.extend(ALG_NULL.to_be_bytes()); // symmetric
+        out.extend(ALG_ECDSA.to_be_bytes()); // scheme
+        out.extend(ALG_SHA256.to_be_bytes());
+        out.extend(CURVE_NIST_P256.to_be_bytes());
+        out.extend(ALG_NULL.to_be_bytes()); // kdf
+        put_sized(&mut out, x).unwrap();
+        put_sized(&mut out, y).unwrap();
+        out
+    }
+
+    #[test]
+    fn parses_an_ecc_key_names_it_and_pads_its_point() {
+        let bytes = ecc_public(attr::SIGN | attr::FIXED_TPM, &[1; 31], &[2; 32]);
+        let public = TpmPublic::parse(&bytes).unwrap();
+        assert!(public.has(attr::SIGN | attr::FIXED_TPM));
+        assert!(!public.has(attr::RESTRICTED));
+        assert_eq!(public.scheme, Some((ALG_ECDSA, ALG_SHA256)));
+        let (curve, point) = public.ecc_point().unwrap();
+        assert_eq!(curve, CURVE_NIST_P256);
+        assert_eq!(point.len(), 65);
+        assert_eq!(&point[..2], &[0x04, 0x00], "x padded to 32 bytes");
+        let mut name = ALG_SHA256.to_be_bytes().to_vec();
+        name.extend(HashAlg::Sha256.digest(&bytes));
+        assert_eq!(public.name(), name);
+
+        let mut sized = Vec::new();
+        put_sized(&mut sized, &bytes).unwrap();
+        assert_eq!(
+            TpmPublic::parse(&sized).unwrap(),
+            public,
+            "TPM2B_PUBLIC too"
+        );
+    }
+
+    #[test]
+    fn truncated_trailing_and_unknown_structures_are_errors() {
+        let bytes = ecc_public(0, &[1; 32], &[2; 32]);
+        assert!(matches!(
+            TpmPublic::parse(&bytes[..bytes.len() - 3]),
+            Err(TpmError::Malformed(_))
+        ));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            TpmPublic::parse(&long),
+            Err(TpmError::Malformed(_))
+        ));
+        let mut keyed_hash = bytes;
+        keyed_hash[..2].copy_from_slice(&0x0008u16.to_be_bytes());
+        assert!(matches!(
+            TpmPublic::parse(&keyed_hash),
+            Err(TpmError::Unsupported(_))
+        ));
+    }
+}
