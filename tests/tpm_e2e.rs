@@ -2,7 +2,8 @@
 //! `flotilla-agent` built with `tpm` keeping its key in swtpm. It enrolls with attestation and is
 //! approved for it, shows as TPM-verified, applies a pushed spec, renews its certificate into a
 //! fresh TPM key — and no private key is ever written to its state directory. A second device
-//! with the same TPM is caught. Runs with `cargo test --features tpm-tests --test tpm_e2e`.
+//! with the same TPM is caught, and one offline past expiry recovers with a proof the TPM signs.
+//! Runs with `cargo test --features tpm-tests --test tpm_e2e`.
 #![cfg(feature = "tpm-tests")]
 
 mod support;
@@ -252,4 +253,58 @@ fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_and_nothing_is_re
         cluster.flotctl_json(&["get", "enrollments"]).unwrap(),
         serde_json::json!([])
     );
+}
+
+#[test]
+fn a_tpm_backed_agent_offline_past_expiry_recovers_with_its_tpm_key() {
+    let swtpm = Swtpm::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let cluster = Cluster::new(&root);
+    let bundle = swtpm.ca_bundle().display().to_string();
+    let _server = cluster.start_server_with(
+        1,
+        &[
+            "--tpm-ca",
+            &bundle,
+            "--auto-approve-tpm",
+            "--device-cert-validity",
+            "10s",
+            "--renew-before",
+            "2s",
+            "--recovery-window",
+            "5m",
+        ],
+    );
+    cluster.wait_until_serving();
+    let config = tpm_agent_config(&cluster, &swtpm);
+    let state = root.join("state");
+    let log = root.join("agent-1.log");
+    let mut agent = cluster.spawn_agent_configured(&config, "edge-tpm", &[], &state, &log, &[]);
+    wait("the TPM agent's session", TIMEOUT, || {
+        count_lines(&log, "session established") >= 1
+    });
+    agent.terminate();
+    let expired_key = std::fs::read(state.join("certs/current/device.tpmkey")).unwrap();
+    // Offline until the ten-second certificate has expired.
+    std::thread::sleep(Duration::from_secs(12));
+
+    let log = root.join("agent-2.log");
+    let _agent = cluster.spawn_agent_configured(&config, "edge-tpm", &[], &state, &log, &[]);
+    wait("recovery signed by the TPM, and a session", TIMEOUT, || {
+        count_lines(&log, "recovered from an expired certificate") == 1
+            && count_lines(&log, "session established") >= 1
+    });
+    let recovered_key = std::fs::read(state.join("certs/current/device.tpmkey")).unwrap();
+    assert_ne!(expired_key, recovered_key, "recovery makes a fresh TPM key");
+    assert!(
+        cluster
+            .flotctl_json(&["audit", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["kind"] == "recovered")
+    );
+    assert_no_private_key(&state);
 }
