@@ -97,6 +97,10 @@ fn describe() {
         "Enrollment requests by state."
     );
     describe_counter!("flotilla_certificates_total", "Certificate events by kind.");
+    describe_counter!(
+        "flotilla_tpm_attestations_total",
+        "TPM attestation steps at enrollment by result."
+    );
     describe_gauge!(
         "flotilla_certificates_expiring",
         "Devices whose current certificate expires within the window."
@@ -151,6 +155,16 @@ fn init_series() {
     for event in CERTIFICATE_EVENTS {
         counter!("flotilla_certificates_total", "event" => *event).absolute(0);
     }
+    for result in TPM_ATTESTATION_RESULTS {
+        counter!("flotilla_tpm_attestations_total", "result" => *result).absolute(0);
+    }
+}
+
+/// Steps of TPM attestation: evidence checked and challenged, answer verified, either refused.
+pub const TPM_ATTESTATION_RESULTS: &[&str] = &["challenged", "verified", "refused"];
+
+pub fn tpm_attestation(result: &'static str) {
+    counter!("flotilla_tpm_attestations_total", "result" => result).increment(1);
 }
 
 pub fn session_opened() {

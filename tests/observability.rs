@@ -111,6 +111,7 @@ async fn metrics_cover_the_catalogue_and_stay_bounded_as_the_fleet_grows() {
         "flotilla_certificates_total{event=\"issued\"}",
         "flotilla_certificates_expiring{within=\"7d\"} 0",
         "flotilla_certificates_renewal_due 0",
+        "flotilla_tpm_attestations_total{result=\"refused\"} 0",
         "flotilla_admin_requests_total{method=\"DeviceService/GetDevice\",code=\"NOT_FOUND\"} 1",
         "flotilla_admin_request_seconds_bucket",
         "flotilla_store_operation_seconds_bucket",

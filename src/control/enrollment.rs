@@ -168,6 +168,7 @@ impl ControlPlane {
         )
         .map_err(|error| {
             tracing::warn!(enrollment.name = %input.device_name, %error, "TPM evidence refused");
+            crate::telemetry::tpm_attestation("refused");
             tpm_refused(error)
         })?;
         let mut secret = [0u8; 32];
@@ -187,6 +188,7 @@ impl ControlPlane {
                 created_ms: now,
             })
             .await?;
+        crate::telemetry::tpm_attestation("challenged");
         tracing::info!(enrollment.name = %input.device_name, tpm.ek = %checked.ek_fingerprint, "TPM evidence checked; challenge issued");
         Ok(EnrollOutcome {
             state: EnrollmentState::Pending,
@@ -210,6 +212,7 @@ impl ControlPlane {
     ) -> Result<String, ControlError> {
         let refuse = |reason: &str| {
             tracing::warn!(enrollment.name = %name, reason, "TPM challenge answer refused");
+            crate::telemetry::tpm_attestation("refused");
             ControlError::PermissionDenied(format!("TPM attestation refused: {reason}"))
         };
         let Some(challenge) = self.store.take_tpm_challenge(challenge_id).await? else {
@@ -224,6 +227,7 @@ impl ControlPlane {
         if sha256_hex(secret) != challenge.secret_digest {
             return Err(refuse("wrong answer to the credential challenge"));
         }
+        crate::telemetry::tpm_attestation("verified");
         tracing::info!(enrollment.name = %name, tpm.ek = %challenge.ek_fingerprint, "TPM attestation verified");
         Ok(challenge.ek_fingerprint)
     }
