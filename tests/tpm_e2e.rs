@@ -227,7 +227,7 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
 }
 
 #[test]
-fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_and_nothing_is_recorded() {
+fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_audited_and_not_recorded() {
     let swtpm = Swtpm::start();
     let stranger = Swtpm::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -253,6 +253,23 @@ fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_and_nothing_is_re
         cluster.flotctl_json(&["get", "enrollments"]).unwrap(),
         serde_json::json!([])
     );
+    let audit = cluster.flotctl_json(&["audit", "list"]).unwrap();
+    let refused = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "rejected")
+        .expect("the refusal is audited")
+        .clone();
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("enrollment of edge-tpm: TPM attestation refused"),
+        "{refused}"
+    );
+    assert_eq!(refused["proof"], "tpm-attestation", "{refused}");
+    cluster.flotctl_ok(&["audit", "verify"]);
 }
 
 #[test]

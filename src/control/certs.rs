@@ -99,13 +99,13 @@ pub struct CertificateView {
 }
 
 /// Facts of a refused request, for its audit record.
-struct Refusal<'a> {
-    device_id: &'a str,
-    serial: &'a str,
-    key_fingerprint: &'a str,
-    actor: &'a Identity,
-    proof: &'a str,
-    reason: String,
+pub(super) struct Refusal<'a> {
+    pub device_id: &'a str,
+    pub serial: &'a str,
+    pub key_fingerprint: &'a str,
+    pub actor: &'a Identity,
+    pub proof: &'a str,
+    pub reason: String,
 }
 
 impl ControlPlane {
@@ -154,7 +154,7 @@ impl ControlPlane {
     }
 
     /// Records a refused request in the audit trail (a failure to record it is logged, not hidden).
-    async fn audit_refusal(&self, refusal: Refusal<'_>) {
+    pub(super) async fn audit_refusal(&self, refusal: Refusal<'_>) {
         let entry = AuditEntry {
             at_ms: now_millis(),
             kind: "rejected".into(),

@@ -1,7 +1,7 @@
 //! Enrollment use cases: an agent submits (and polls) its request; an operator approves or denies.
 //! Approval creates the device, signs its CSR and records the certificate in one transaction.
 
-use super::certs::issuance_audit;
+use super::certs::{Refusal, issuance_audit};
 use super::{ControlError, ControlPlane};
 use crate::ca::csr::verify_csr_pem;
 use crate::clock::now_millis;
@@ -94,15 +94,26 @@ impl ControlPlane {
         let tpm_ek_fingerprint = match &input.tpm {
             None => None,
             Some(TpmProof::Evidence(evidence)) => {
-                return self.challenge_tpm(&input, evidence, &key).await;
+                let challenged = self.challenge_tpm(&input, evidence, &key).await;
+                if let Err(ControlError::PermissionDenied(reason)) = &challenged {
+                    self.audit_tpm_refusal(caller, &input.device_name, &key.fingerprint, reason)
+                        .await;
+                }
+                return challenged;
             }
             Some(TpmProof::Answer {
                 challenge_id,
                 secret,
-            }) => Some(
-                self.check_tpm_answer(&input.device_name, &key.fingerprint, challenge_id, secret)
-                    .await?,
-            ),
+            }) => {
+                let answered = self
+                    .check_tpm_answer(&input.device_name, &key.fingerprint, challenge_id, secret)
+                    .await;
+                if let Err(ControlError::PermissionDenied(reason)) = &answered {
+                    self.audit_tpm_refusal(caller, &input.device_name, &key.fingerprint, reason)
+                        .await;
+                }
+                Some(answered?)
+            }
         };
         let name = input.device_name.clone();
         let mut record = self
@@ -146,6 +157,25 @@ impl ControlPlane {
             tpm_verified: record.tpm_ek_fingerprint.is_some(),
             tpm_challenge: None,
         })
+    }
+
+    /// A refused TPM proof in the audit trail: no device or serial yet, the requested key and name.
+    async fn audit_tpm_refusal(
+        &self,
+        caller: &Identity,
+        name: &str,
+        key_fingerprint: &str,
+        reason: &str,
+    ) {
+        self.audit_refusal(Refusal {
+            device_id: "",
+            serial: "",
+            key_fingerprint,
+            actor: caller,
+            proof: "tpm-attestation",
+            reason: format!("enrollment of {name}: {reason}"),
+        })
+        .await;
     }
 
     /// Checks TPM evidence and answers with a credential only that TPM can activate.
