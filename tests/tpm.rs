@@ -39,6 +39,11 @@ fn manufacturer_ca() -> Vec<u8> {
     params.self_signed(&key).unwrap().der().to_vec()
 }
 
+async fn assert_no_requests(server: &TestServer) {
+    let requests = server.control.list_enrollments(None).await.unwrap();
+    assert!(requests.is_empty(), "{requests:?}");
+}
+
 #[tokio::test]
 async fn a_control_plane_without_tpm_cas_refuses_evidence_and_records_nothing() {
     let server = TestServer::start().await;
@@ -55,14 +60,7 @@ async fn a_control_plane_without_tpm_cas_refuses_evidence_and_records_nothing() 
         "{}",
         status.message()
     );
-    assert!(
-        server
-            .control
-            .list_enrollments(None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_no_requests(&server).await;
 }
 
 #[tokio::test]
@@ -105,14 +103,7 @@ async fn malformed_evidence_and_unknown_challenges_are_refused_clearly() {
         "{}",
         status.message()
     );
-    assert!(
-        server
-            .control
-            .list_enrollments(None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_no_requests(&server).await;
 
     // A device without a TPM still enrolls as before, and is not TPM-verified.
     let response = enroll

@@ -40,6 +40,16 @@ fn device(cluster: &Cluster, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The first audit record of `kind`, as `flotctl audit list` shows it.
+fn audit_record(cluster: &Cluster, kind: &str) -> Option<Value> {
+    cluster
+        .flotctl_json(&["audit", "list"])?
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == kind)
+        .cloned()
+}
+
 /// Every file under `dir`, with its contents.
 fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut found = Vec::new();
@@ -141,14 +151,7 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
         described.contains(&format!("key attested at enrollment (EK {ek})")),
         "{described}"
     );
-    let audit = cluster.flotctl_json(&["audit", "list"]).unwrap();
-    let issued = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["kind"] == "issued")
-        .expect("the enrollment's issuance is audited")
-        .clone();
+    let issued = audit_record(&cluster, "issued").expect("the enrollment's issuance is audited");
     assert!(
         issued["reason"]
             .as_str()
@@ -189,15 +192,7 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
     assert_ne!(before, after);
     let key_after = std::fs::read(state.join("certs/current/device.tpmkey")).unwrap();
     assert_ne!(key_before, key_after, "every renewal makes a fresh TPM key");
-    assert!(
-        cluster
-            .flotctl_json(&["audit", "list"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["kind"] == "renewed")
-    );
+    assert!(audit_record(&cluster, "renewed").is_some());
     assert_no_private_key(&state);
 
     // The same TPM enrolling as another device (re-imaged, or its identity copied) is shown, and
@@ -253,14 +248,7 @@ fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_audited_and_not_r
         cluster.flotctl_json(&["get", "enrollments"]).unwrap(),
         serde_json::json!([])
     );
-    let audit = cluster.flotctl_json(&["audit", "list"]).unwrap();
-    let refused = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["kind"] == "rejected")
-        .expect("the refusal is audited")
-        .clone();
+    let refused = audit_record(&cluster, "rejected").expect("the refusal is audited");
     assert!(
         refused["reason"]
             .as_str()
@@ -314,14 +302,6 @@ fn a_tpm_backed_agent_offline_past_expiry_recovers_with_its_tpm_key() {
     });
     let recovered_key = std::fs::read(state.join("certs/current/device.tpmkey")).unwrap();
     assert_ne!(expired_key, recovered_key, "recovery makes a fresh TPM key");
-    assert!(
-        cluster
-            .flotctl_json(&["audit", "list"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["kind"] == "recovered")
-    );
+    assert!(audit_record(&cluster, "recovered").is_some());
     assert_no_private_key(&state);
 }

@@ -36,6 +36,14 @@ fn evidence(e: &pb::TpmEvidence) -> Evidence {
     }
 }
 
+fn as_challenge(wrapped: flotilla::tpm::WrappedCredential) -> pb::TpmChallenge {
+    pb::TpmChallenge {
+        challenge_id: "c".into(),
+        credential_blob: wrapped.credential_blob,
+        encrypted_secret: wrapped.encrypted_secret,
+    }
+}
+
 fn blob(key: &StoredKey) -> TpmKeyBlob {
     match key {
         StoredKey::Tpm(blob) => blob.clone(),
@@ -191,11 +199,7 @@ fn the_tpm_activates_a_software_credential_only_for_its_attestation_key() {
 
     let secret = b"a secret only this TPM can read!".to_vec();
     let wrapped = make_credential(&checked.ek, &checked.ak_name, &secret).unwrap();
-    let challenge = pb::TpmChallenge {
-        challenge_id: "c".into(),
-        credential_blob: wrapped.credential_blob,
-        encrypted_secret: wrapped.encrypted_secret,
-    };
+    let challenge = as_challenge(wrapped);
     assert_eq!(tpm.activate(&challenge).unwrap(), secret);
 
     // Bound to another object's name, the TPM refuses to activate it.
@@ -204,11 +208,7 @@ fn the_tpm_activates_a_software_credential_only_for_its_attestation_key() {
     let last = other_name.len() - 1;
     other_name[last] ^= 0x01;
     let wrapped = make_credential(&checked.ek, &other_name, &secret).unwrap();
-    let challenge = pb::TpmChallenge {
-        challenge_id: "c".into(),
-        credential_blob: wrapped.credential_blob,
-        encrypted_secret: wrapped.encrypted_secret,
-    };
+    let challenge = as_challenge(wrapped);
     assert!(tpm.activate(&challenge).is_err());
 }
 
@@ -235,11 +235,7 @@ fn credentials_for_an_ecc_endorsement_key_activate_too() {
     let ak = flotilla::tpm::TpmPublic::parse(&evidence.ak_public).unwrap();
     let secret = vec![7u8; 32];
     let wrapped = make_credential(&ek, &ak.name(), &secret).unwrap();
-    let challenge = pb::TpmChallenge {
-        challenge_id: "c".into(),
-        credential_blob: wrapped.credential_blob,
-        encrypted_secret: wrapped.encrypted_secret,
-    };
+    let challenge = as_challenge(wrapped);
     assert_eq!(tpm.activate(&challenge).unwrap(), secret);
 }
 
