@@ -147,6 +147,35 @@ fn retryable(status: &tonic::Status) -> bool {
     )
 }
 
+/// Installs an approved request's certificate with its key and records the device identity.
+fn install(agent: &Agent, key: &StoredKey, response: pb::EnrollResponse) -> Result<Enrolled> {
+    check_certificate(
+        &response.certificate_pem,
+        &response.ca_bundle_pem,
+        key,
+        &response.device_id,
+    )?;
+    agent.state.write(
+        &agent.state.ca_path(),
+        response.ca_bundle_pem.as_bytes(),
+        0o644,
+    )?;
+    agent.certs.activate(&Pair {
+        key: key.clone(),
+        cert_pem: response.certificate_pem.clone(),
+    })?;
+    let enrolled = Enrolled {
+        device_id: response.device_id,
+        device_name: agent.name.clone(),
+    };
+    agent.state.save_enrolled(&enrolled)?;
+    // The key now lives with its certificate.
+    let _ = std::fs::remove_file(agent.state.root().join(key.file_name()));
+    agent.health.set_enrollment(Enrollment::Enrolled);
+    tracing::info!(device.id = %enrolled.device_id, device.name = %enrolled.device_name, tpm_verified = response.tpm_verified, "enrolled");
+    Ok(enrolled)
+}
+
 /// Returns the device identity, enrolling first if needed; repairs an interrupted certificate swap.
 pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
     if let Some(enrolled) = agent.state.enrolled()? {
@@ -214,32 +243,7 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
                     } else {
                         match pb::EnrollmentState::try_from(response.state) {
                             Ok(pb::EnrollmentState::Approved) => {
-                                check_certificate(
-                                    &response.certificate_pem,
-                                    &response.ca_bundle_pem,
-                                    &key,
-                                    &response.device_id,
-                                )?;
-                                agent.state.write(
-                                    &agent.state.ca_path(),
-                                    response.ca_bundle_pem.as_bytes(),
-                                    0o644,
-                                )?;
-                                agent.certs.activate(&Pair {
-                                    key: key.clone(),
-                                    cert_pem: response.certificate_pem.clone(),
-                                })?;
-                                let enrolled = Enrolled {
-                                    device_id: response.device_id,
-                                    device_name: agent.name.clone(),
-                                };
-                                agent.state.save_enrolled(&enrolled)?;
-                                // The key now lives with its certificate.
-                                let _ =
-                                    std::fs::remove_file(agent.state.root().join(key.file_name()));
-                                agent.health.set_enrollment(Enrollment::Enrolled);
-                                tracing::info!(device.id = %enrolled.device_id, device.name = %enrolled.device_name, tpm_verified = response.tpm_verified, "enrolled");
-                                return Ok(enrolled);
+                                return install(agent, &key, response);
                             }
                             Ok(pb::EnrollmentState::Denied) => {
                                 agent.health.set_enrollment(Enrollment::Refused(format!(

@@ -1,6 +1,7 @@
-//! The agent's state directory: its private key (0600, generated here, never sent anywhere), its
-//! management certificate, and the last spec it applied successfully. Every write is atomic
-//! (temporary file, fsync, rename, fsync of the directory).
+//! The agent's state directory: its private key (0600, generated here, never sent anywhere — or, for
+//! a TPM key, only the TPM's wrapped blob of it), its management certificate, and the last spec it
+//! applied successfully. Every write is atomic (temporary file, fsync, rename, fsync of the
+//! directory).
 
 use flotilla::spec::DeviceSpec;
 use serde::{Deserialize, Serialize};
@@ -99,12 +100,6 @@ impl StateDir {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-    pub fn key_path(&self) -> PathBuf {
-        self.root.join("device.key")
-    }
-    pub fn cert_path(&self) -> PathBuf {
-        self.root.join("device.crt")
     }
     pub fn ca_path(&self) -> PathBuf {
         self.root.join("ca.crt")
