@@ -15,6 +15,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(root: &Path) -> Cluster {
+        // Build the binaries before taking ports: another test may bind a port taken and released
+        // here while this one waits for the build.
+        binary("flotilla");
         Cluster {
             data: root.join("data"),
             db: TestDb::new(root),
@@ -25,14 +28,25 @@ impl Cluster {
     }
 
     pub fn wait_until_serving(&self) {
-        wait(
-            "the server to write flotctl.toml and answer",
-            Duration::from_secs(60),
-            || {
-                self.data.join("flotctl.toml").exists()
-                    && self.flotctl(&["get", "devices"]).status.success()
-            },
-        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(self.data.join("flotctl.toml").exists()
+            && self.flotctl(&["get", "devices"]).status.success())
+        {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = std::fs::read_dir(&self.root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("server-"))
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect();
+                panic!(
+                    "timed out waiting for the server to write flotctl.toml and answer; its log:\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn start_server(&self, run: usize) -> ChildGuard {

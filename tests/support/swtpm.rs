@@ -21,14 +21,13 @@ impl Drop for Swtpm {
     }
 }
 
+/// Two free consecutive ports (swtpm's server and control ports), taken below the kernel's ephemeral
+/// range so that no port another test was handed by the kernel, and has yet to bind, collides.
 fn free_port_pair() -> u16 {
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let port: u16 = rand::random_range(20000..30000);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
             return port;
         }
     }
