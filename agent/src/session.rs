@@ -140,8 +140,20 @@ async fn open_channel(agent: &Agent, pair: Pair) -> Result<Channel> {
     let ca_pem =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let server = &agent.config.server;
-    match agent.keys.open(&pair.key)? {
-        DeviceKey::Tpm(signer) => {
+    match pair.key {
+        StoredKey::Pem(key_pem) => {
+            let creds = ClientCredentials {
+                ca_pem,
+                cert_pem: pair.cert_pem,
+                key_pem,
+                server_name: agent.config.server_name.clone(),
+            };
+            Ok(connect(server, &creds).await?)
+        }
+        tpm_key @ StoredKey::Tpm(_) => {
+            let DeviceKey::Tpm(signer) = agent.keys.open(&tpm_key)? else {
+                anyhow::bail!("a TPM key opened as a file key");
+            };
             connect_with_tpm_key(
                 server,
                 &ca_pem,
@@ -150,18 +162,6 @@ async fn open_channel(agent: &Agent, pair: Pair) -> Result<Channel> {
                 &agent.config.server_name,
             )
             .await
-        }
-        DeviceKey::File(_) => {
-            let StoredKey::Pem(key_pem) = pair.key else {
-                anyhow::bail!("a file key that is not PEM");
-            };
-            let creds = ClientCredentials {
-                ca_pem,
-                cert_pem: pair.cert_pem,
-                key_pem,
-                server_name: agent.config.server_name.clone(),
-            };
-            Ok(connect(server, &creds).await?)
         }
     }
 }

@@ -64,6 +64,32 @@ fn key_and_csr(keys: &KeySource) -> (StoredKey, DeviceKey, String) {
     (stored, signer, csr)
 }
 
+/// A TPM key, its CSR's qualifying data, and evidence for it from `swtpm`.
+struct Attested {
+    tpm: Arc<Tpm>,
+    keys: KeySource,
+    stored: StoredKey,
+    signer: DeviceKey,
+    qualifying: Vec<u8>,
+    good: Evidence,
+}
+
+fn attested(swtpm: &Swtpm) -> Attested {
+    let tpm = open(swtpm);
+    let keys = KeySource::Tpm(tpm.clone());
+    let (stored, signer, csr) = key_and_csr(&keys);
+    let qualifying = tpm_certify_qualifying_data(&csr);
+    let good = evidence(&tpm.attest(&blob(&stored), &qualifying).unwrap());
+    Attested {
+        tpm,
+        keys,
+        stored,
+        signer,
+        qualifying,
+        good,
+    }
+}
+
 fn refusal(result: Result<flotilla::tpm::CheckedEvidence, TpmError>) -> String {
     match result {
         Err(TpmError::Refused(reason)) => reason,
@@ -114,11 +140,14 @@ fn a_tpm_key_signs_requests_and_handshakes_and_is_useless_in_another_tpm() {
 #[test]
 fn evidence_verifies_and_every_tampering_is_refused() {
     let swtpm = Swtpm::start();
-    let tpm = open(&swtpm);
-    let keys = KeySource::Tpm(tpm.clone());
-    let (stored, signer, csr) = key_and_csr(&keys);
-    let qualifying = tpm_certify_qualifying_data(&csr);
-    let good = evidence(&tpm.attest(&blob(&stored), &qualifying).unwrap());
+    let Attested {
+        tpm: _,
+        keys,
+        stored: _,
+        signer,
+        qualifying,
+        good,
+    } = attested(&swtpm);
     let trusted = swtpm.trusted();
     let point = signer.der_bytes().to_vec();
 
@@ -190,11 +219,14 @@ fn evidence_verifies_and_every_tampering_is_refused() {
 #[test]
 fn the_tpm_activates_a_software_credential_only_for_its_attestation_key() {
     let swtpm = Swtpm::start();
-    let tpm = open(&swtpm);
-    let keys = KeySource::Tpm(tpm.clone());
-    let (stored, signer, csr) = key_and_csr(&keys);
-    let qualifying = tpm_certify_qualifying_data(&csr);
-    let good = evidence(&tpm.attest(&blob(&stored), &qualifying).unwrap());
+    let Attested {
+        tpm,
+        keys: _,
+        stored,
+        signer,
+        qualifying,
+        good,
+    } = attested(&swtpm);
     let checked = check_evidence(&good, &swtpm.trusted(), signer.der_bytes(), &qualifying).unwrap();
 
     let secret = b"a secret only this TPM can read!".to_vec();
