@@ -126,7 +126,7 @@ pub struct Prepared {
 
 /// Writes a file with the given mode, atomically (temporary file, fsync, rename).
 pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), BootstrapError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = path.with_extension("tmp");
@@ -137,10 +137,25 @@ pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), Bootstra
         .mode(mode)
         .open(&tmp)
         .map_err(io(&tmp))?;
+    // `mode` at creation is filtered by the umask, and an existing file keeps its own: set it.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(&tmp))?;
     file.write_all(content).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
+    // The rename itself is durable only once the directory is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(())
+}
+
+/// Creates `path` (and its parents) if needed and makes it private to the owner (0700), whatever
+/// the umask: it holds keys and the database, whose specs may carry secrets.
+pub fn private_dir(path: &Path) -> Result<(), BootstrapError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))
 }
 
 fn read(path: &Path) -> Result<String, BootstrapError> {
@@ -198,7 +213,7 @@ fn toml_text<T: serde::Serialize>(path: &Path, value: &T) -> Result<String, Boot
 
 /// Loads the CA (creating everything on an empty directory) and returns the server's TLS material.
 pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, BootstrapError> {
-    std::fs::create_dir_all(dir.root()).map_err(io(dir.root()))?;
+    private_dir(dir.root())?;
     let root = std::fs::canonicalize(dir.root()).map_err(io(dir.root()))?;
     let dir = DataDir::new(root);
     let mut created = Vec::new();

@@ -756,6 +756,15 @@ impl Hub {
         self.changed(device_id);
     }
 
+    /// Records that a device holds a good certificate again (a repeated request answered, or its
+    /// new certificate in use): an earlier failure no longer describes it.
+    pub fn renewal_succeeded(&self, device_id: &str) {
+        if let Some(cert) = self.lock().get_mut(device_id).and_then(|e| e.cert.as_mut()) {
+            cert.last_error = None;
+        }
+        self.changed(device_id);
+    }
+
     /// Asks a connected device to renew now; false if it has no open session.
     pub fn force_renewal(&self, device_id: &str) -> bool {
         let mut state = self.lock();

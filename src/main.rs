@@ -157,7 +157,7 @@ fn backend(store: &StoreArgs) -> Backend {
 
 /// Opens the store and applies pending migrations; returns it with the number applied.
 async fn open_store(args: &StoreArgs) -> Result<(Store, usize)> {
-    std::fs::create_dir_all(&args.data_dir)
+    flotilla::bootstrap::private_dir(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let backend = backend(args);
     let location = backend.redacted();

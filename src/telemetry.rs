@@ -64,6 +64,10 @@ fn describe() {
         "1 when state is loaded and the server is not shutting down."
     );
     describe_gauge!(
+        "flotilla_database_reachable",
+        "1 while the database answers; 0 from the first failed connection until a probe succeeds."
+    );
+    describe_gauge!(
         "flotilla_agent_sessions",
         "Open agent streams (connected agents)."
     );
@@ -217,6 +221,7 @@ pub fn store_operation(operation: &'static str, elapsed: Duration) {
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub ready: bool,
+    pub database_reachable: bool,
     pub sessions: usize,
     pub synced: usize,
     pub pending: usize,
@@ -237,6 +242,11 @@ pub struct Snapshot {
 /// Sets the gauges from `snapshot`.
 pub fn publish(snapshot: &Snapshot) {
     gauge!("flotilla_ready").set(if snapshot.ready { 1.0 } else { 0.0 });
+    gauge!("flotilla_database_reachable").set(if snapshot.database_reachable {
+        1.0
+    } else {
+        0.0
+    });
     gauge!("flotilla_agent_sessions").set(snapshot.sessions as f64);
     for (state, count) in [
         ("synced", snapshot.synced),

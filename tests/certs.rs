@@ -534,11 +534,25 @@ async fn an_expired_device_recovers_with_its_previous_key_and_bad_proofs_are_ref
 
     let records = audit(&server).await;
     let recovery_kinds: Vec<&str> = records[2..].iter().map(|r| r.kind.as_str()).collect();
+    // The recovered certificate supersedes the expired one: it cannot serve a second recovery.
     assert_eq!(
         recovery_kinds,
-        ["rejected", "rejected", "rejected", "rejected", "recovered"]
+        [
+            "rejected",
+            "rejected",
+            "rejected",
+            "rejected",
+            "recovered",
+            "superseded"
+        ]
     );
-    assert_eq!(records.last().unwrap().proof, "previous-key");
+    let recovered_record = &records[records.len() - 2];
+    assert_eq!(recovered_record.proof, "previous-key");
+    let superseded = records.last().unwrap();
+    assert_eq!(
+        superseded.serial,
+        cert_info_pem(&creds.cert_pem).unwrap().serial
+    );
 
     // Management credentials cannot use the recovery API at all.
     let mut as_device = EnrollmentServiceClient::new(channel(&server.agent_url, &renewed).await);

@@ -6,7 +6,7 @@ mod support;
 use flotilla::audit::{AuditEntry, verify_chain};
 use flotilla::ca::audit_key::AuditKey;
 use flotilla::spec::{DeviceSpec, FileSpec};
-use flotilla::store::{AuditQuery, AuditSeal, FleetRollout, Revocation};
+use flotilla::store::{AuditQuery, AuditSeal, FleetRollout, IssuanceRules, Revocation};
 use flotilla::store::{
     Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
     NewEnrollment, Store, StoreError, SystemInfo,
@@ -397,7 +397,14 @@ async fn certificates_revocations_and_the_audit_trail() {
     let mut entry = issued("d1");
     entry.kind = "renewed".into();
     store
-        .record_issuance(renewed.clone(), seal.clone(), entry)
+        .record_issuance(
+            renewed.clone(),
+            seal.clone(),
+            entry,
+            IssuanceRules {
+                renews: Some("serial-d1".into()),
+            },
+        )
         .await
         .unwrap();
     let device = store.get_device_by_name("dev").await.unwrap().unwrap();
@@ -417,6 +424,7 @@ async fn certificates_revocations_and_the_audit_trail() {
         reason: "lost".into(),
         actor: "admin/admin".into(),
         now_ms: 30,
+        ..Default::default()
     };
     let revoked = store
         .revoke_certificates(revocation, seal.clone())
@@ -433,6 +441,7 @@ async fn certificates_revocations_and_the_audit_trail() {
                 reason: "decommissioned".into(),
                 actor: "admin/admin".into(),
                 now_ms: 40,
+                ..Default::default()
             },
             seal.clone(),
         )

@@ -223,6 +223,14 @@ impl Renewer {
             self.store.clear_pending()?;
         }
         self.back_off();
+        // The control plane's own wait (a rate limit) overrides a shorter backoff.
+        if let Some(wait) = refused
+            .retry_after
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+        {
+            let told = Instant::now() + wait;
+            self.not_before = Some(self.not_before.map_or(told, |at| at.max(told)));
+        }
         Ok(Outcome::Nothing)
     }
 

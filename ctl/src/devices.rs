@@ -132,7 +132,7 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
         out.push_str("Rendered spec:\n");
         out.push_str(&indent(&yaml_serde::to_string(rendered)?));
     }
-    print!("{out}");
+    crate::output::print_text(&out);
     Ok(())
 }
 
@@ -191,7 +191,8 @@ pub async fn watch(channel: Channel, format: Format, selector: String) -> Result
         match format {
             Format::Table => {
                 let cells = view.as_ref().map(row).unwrap_or_default();
-                println!("{kind:<9}{}", cells.join("   "));
+                let line = format!("{kind:<9}{}", cells.join("   "));
+                println!("{}", crate::output::terminal_safe(&line, false));
             }
             Format::Json | Format::Yaml => {
                 let line = serde_json::json!({ "type": kind, "device": view });

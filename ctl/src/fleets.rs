@@ -104,7 +104,7 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
     for line in yaml_serde::to_string(&view.spec.template)?.lines() {
         out.push_str(&format!("  {line}\n"));
     }
-    print!("{out}");
+    crate::output::print_text(&out);
     Ok(())
 }
 

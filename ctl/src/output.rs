@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::ValueEnum;
 use serde::Serialize;
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -33,8 +35,46 @@ pub fn print<T: Serialize>(
     Ok(())
 }
 
+/// Text that came from the control plane (and so, possibly, from a device) made safe to print on a
+/// terminal: control characters — escape sequences above all — are shown as `\x1b`-style escapes
+/// instead of being interpreted. With `keep_newlines`, line breaks and tabs pass (multi-line
+/// views); otherwise they are escaped too (table cells). JSON and YAML output is never filtered.
+pub fn terminal_safe(text: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && !(keep_newlines && (c == '\n' || c == '\t'));
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut safe = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            let code = c as u32;
+            if code <= 0xff {
+                let _ = write!(safe, "\\x{code:02x}");
+            } else {
+                let _ = write!(safe, "\\u{{{code:x}}}");
+            }
+        } else {
+            safe.push(c);
+        }
+    }
+    Cow::Owned(safe)
+}
+
+/// Prints multi-line text made for the terminal (describe views), escaping control characters.
+pub fn print_text(text: &str) {
+    print!("{}", terminal_safe(text, true));
+}
+
 /// Left-aligned columns separated by three spaces, like kubectl.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|cell| terminal_safe(&cell, false).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
@@ -63,6 +103,28 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::terminal_safe;
+
+    #[test]
+    fn escape_sequences_never_reach_the_terminal() {
+        let hostile = "edge\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\nfake-row";
+        let cell = terminal_safe(hostile, false);
+        assert!(!cell.chars().any(char::is_control), "{cell}");
+        assert_eq!(cell, "edge\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x0afake-row");
+        let text = terminal_safe("Name: a\u{1b}[31m\nLabels:\tx\n", true);
+        assert_eq!(text, "Name: a\\x1b[31m\nLabels:\tx\n");
+        assert!(matches!(
+            terminal_safe("plain", false),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn table_cells_are_escaped() {
+        let text = super::table(&["NAME"], vec![vec!["a\u{1b}[2Jb".into()]]);
+        assert_eq!(text, "NAME\na\\x1b[2Jb\n");
+    }
+
     #[test]
     fn table_aligns_columns() {
         let text = super::table(

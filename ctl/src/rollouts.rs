@@ -81,7 +81,7 @@ fn show(format: Format, rollout: pb::Rollout) -> Result<()> {
     if format != Format::Table {
         return print(format, &[rollout], true, &[], |_| vec![]);
     }
-    println!(
+    let mut out = format!(
         "Fleet:     {}\nRevision:  {} -> {}\nState:     {}{}\nBatch:     {} ({} devices: {} moved, {} synced, {} rejected, {} offline)\nFleet:     {} of {} devices on the new revision, {} updating",
         rollout.fleet,
         rollout.from_revision,
@@ -102,15 +102,16 @@ fn show(format: Format, rollout: pb::Rollout) -> Result<()> {
         rollout.fleet_devices,
         rollout.updating
     );
-    println!("Events:");
+    out.push_str("\nEvents:\n");
     for event in &rollout.events {
-        println!(
-            "  {}  {:<14} {}",
+        out.push_str(&format!(
+            "  {}  {:<14} {}\n",
             event.at.clone().unwrap_or_default(),
             event.event,
             event.detail
-        );
+        ));
     }
+    crate::output::print_text(&out);
     Ok(())
 }
 
@@ -145,8 +146,8 @@ pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()
     while let Some(rollout) = stream.message().await.map_err(rpc)? {
         let rollout = view(rollout);
         match format {
-            Format::Table => println!(
-                "{:<13} {:<7} {:<7} {:<8} {:<10} {:<10} {}/{}",
+            Format::Table => crate::output::print_text(&format!(
+                "{:<13} {:<7} {:<7} {:<8} {:<10} {:<10} {}/{}\n",
                 rollout.state,
                 rollout.batch,
                 rollout.batch_moved,
@@ -155,7 +156,7 @@ pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()
                 rollout.updating,
                 rollout.fleet_moved,
                 rollout.fleet_devices
-            ),
+            )),
             Format::Json | Format::Yaml => println!("{}", serde_json::to_string(&rollout)?),
         }
     }

@@ -161,7 +161,9 @@ impl CertificateAuthority {
                 .map(|ip| SanType::IpAddress(*ip)),
         );
         params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
+        // No BasicConstraints at all: DER forbids encoding its default (`cA FALSE`), and strict
+        // parsers refuse certificates that do.
+        params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![match subject.usage {
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,

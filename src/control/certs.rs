@@ -11,7 +11,7 @@ use crate::identity::{Identity, Role};
 use crate::pki::{cert_info_pem, certs_from_pem, identity_pem, verify_signed_by};
 use crate::proto::agent::v1 as pb;
 use crate::signature::{recovery_message, verify};
-use crate::store::{AuditQuery, AuditSeal, CertificateRecord, Revocation};
+use crate::store::{AuditQuery, AuditSeal, CertificateRecord, IssuanceRules, Revocation};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -96,6 +96,14 @@ pub struct CertificateView {
     pub record: CertificateRecord,
     pub device_name: String,
     pub current: bool,
+}
+
+/// What an issuance's audit record says of it.
+struct Issuance<'a> {
+    kind: &'a str,
+    actor: &'a Identity,
+    proof: &'a str,
+    reason: String,
 }
 
 /// Facts of a refused request, for its audit record.
@@ -186,16 +194,20 @@ impl ControlPlane {
     }
 
     /// Signs a device certificate for `key` and records it (with its audit record) in one
-    /// transaction; then the scheduler tracks it.
+    /// transaction, if `rules` still hold then; then the scheduler tracks it.
     async fn issue_for_device(
         &self,
         device_id: &str,
         key: &CsrPublicKey,
-        kind: &str,
-        actor: &Identity,
-        proof: &str,
-        reason: String,
+        issuance: Issuance<'_>,
+        rules: IssuanceRules,
     ) -> Result<CertificateRecord, ControlError> {
+        let Issuance {
+            kind,
+            actor,
+            proof,
+            reason,
+        } = issuance;
         let name = self
             .catalog()
             .device(device_id)
@@ -203,9 +215,15 @@ impl ControlPlane {
             .ok_or_else(|| ControlError::NotFound(format!("device {device_id} not found")))?;
         let record = self.sign_device_certificate(device_id, &name, key)?;
         let entry = issuance_audit(&record, kind, actor, reason, proof);
+        let keeps_spare = rules.renews.is_some();
         // Committed with whatever other issuances are waiting (group commit), in audit order.
         self.start_writers();
-        self.issuances.record(record.clone(), entry).await?;
+        let recorded = self.issuances.record(record.clone(), entry, rules).await?;
+        self.after_revocation(recorded.superseded);
+        if keeps_spare {
+            // The renewed certificate stays valid until the new one is used.
+            self.spares().insert(device_id.to_string());
+        }
         // Measured before tracking the new certificate clears the request time.
         if kind == "renewed" {
             if let Some(asked) = self.hub.renewal_asked_ms(device_id) {
@@ -268,13 +286,21 @@ impl ControlPlane {
         request: pb::CertificateRequest,
     ) -> pb::server_message::Kind {
         let actor = Identity::new(Role::Device, device_id);
-        let refuse = |reason: String, retryable: bool| {
+        let refuse_after = |reason: String, retryable: bool, retry_after: Option<Duration>| {
             pb::server_message::Kind::CertificateRefused(pb::CertificateRefused {
                 request_id: request.request_id.clone(),
                 reason,
                 retryable,
+                retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
             })
         };
+        let refuse = |reason: String, retryable: bool| refuse_after(reason, retryable, None);
+        if self.revoked.contains(session_serial) {
+            let reason = format!("certificate {session_serial} has been revoked");
+            self.refused_renewal(device_id, session_serial, "", &actor, &reason)
+                .await;
+            return refuse(reason, false);
+        }
         let key = match self.check_csr(device_id, &request.csr_pem) {
             Ok(key) => key,
             Err(reason) => {
@@ -289,7 +315,10 @@ impl ControlPlane {
             .await
         {
             Ok(context) => context,
-            Err(error) => return refuse(format!("database unavailable: {error}"), true),
+            Err(error) => {
+                tracing::warn!(device.id = %device_id, %error, "renewal deferred: database unavailable");
+                return refuse("database unavailable; try again later".into(), true);
+            }
         };
         if current_key.as_deref() == Some(key.fingerprint.as_str()) {
             let reason =
@@ -299,36 +328,84 @@ impl ControlPlane {
                 .await;
             return refuse(reason, false);
         }
-        // The same CSR (same key) always yields the same certificate.
-        match existing {
-            Some(existing) if existing.revoked_ms.is_none() => {
+        // The same CSR (same key) yields the same certificate while that certificate is the
+        // device's newest and not yet in use; an older key gets nothing.
+        if let Some(existing) = existing {
+            let newest = self
+                .catalog()
+                .device(device_id)
+                .and_then(|d| d.cert_serial.clone());
+            if existing.revoked_ms.is_none()
+                && newest.as_deref() == Some(existing.serial.as_str())
+                && existing.serial != session_serial
+            {
+                self.hub.renewal_succeeded(device_id);
                 return self.issued_message(&request.request_id, &existing);
             }
-            Some(_) => {
-                let reason = "a certificate for this key was revoked".to_string();
-                self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
-                    .await;
-                return refuse(reason, false);
+            let reason = if existing.revoked_ms.is_some() {
+                "a certificate for this key was revoked".to_string()
+            } else {
+                "a certificate for this key was already issued and replaced; renewal needs a fresh key".to_string()
+            };
+            self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
+                .await;
+            return refuse(reason, false);
+        }
+        if let Err(limited) = self.issuance_limiter.check(device_id, now_millis()) {
+            let limit = self.policy.issuance_limit;
+            let reason = format!(
+                "issuance rate limit: at most {} certificates per device in {} s",
+                limit.max,
+                limit.window.as_secs()
+            );
+            tracing::warn!(device.id = %device_id, retry_after_s = limited.retry_after.as_secs(), "certificate renewal refused: rate limit");
+            if limited.first_refusal {
+                self.audit_refusal(Refusal {
+                    device_id,
+                    serial: session_serial,
+                    key_fingerprint: &key.fingerprint,
+                    actor: &actor,
+                    proof: "device-certificate",
+                    reason: format!("{reason}; further refusals in this window are not audited"),
+                })
+                .await;
             }
-            None => {}
+            return refuse_after(reason, true, Some(limited.retry_after));
         }
         let reason = format!("renewal of {session_serial}");
         match self
             .issue_for_device(
                 device_id,
                 &key,
-                "renewed",
-                &actor,
-                "device-certificate",
-                reason,
+                Issuance {
+                    kind: "renewed",
+                    actor: &actor,
+                    proof: "device-certificate",
+                    reason,
+                },
+                IssuanceRules {
+                    renews: Some(session_serial.to_string()),
+                },
             )
             .await
         {
             Ok(record) => self.issued_message(&request.request_id, &record),
+            Err(ControlError::FailedPrecondition(reason)) => {
+                // Revoked between the check above and the issuance's transaction.
+                self.refused_renewal(device_id, session_serial, &key.fingerprint, &actor, &reason)
+                    .await;
+                refuse(reason, false)
+            }
             Err(error) => {
                 tracing::error!(device.id = %device_id, %error, "renewal failed");
-                self.hub.renewal_failed(device_id, &error.to_string());
-                refuse(error.to_string(), true)
+                self.hub.renewal_failed(
+                    device_id,
+                    "the control plane could not issue the certificate",
+                );
+                refuse(
+                    "the control plane could not issue the certificate; try again later".into(),
+                    true,
+                )
             }
         }
     }
@@ -447,13 +524,17 @@ impl ControlPlane {
                 self.issue_for_device(
                     &device_id,
                     &key,
-                    "recovered",
-                    caller,
-                    "previous-key",
-                    reason,
+                    Issuance {
+                        kind: "recovered",
+                        actor: caller,
+                        proof: "previous-key",
+                        reason,
+                    },
+                    IssuanceRules::default(),
                 )
                 .await
             }
+            Err(error @ ControlError::Overloaded { .. }) => Err(error),
             Err(error) => {
                 tracing::warn!(device.id = %device_id, %error, "certificate recovery refused");
                 self.audit_refusal(Refusal {
@@ -473,6 +554,23 @@ impl ControlPlane {
     async fn check_recovery(&self, input: &RecoverInput) -> Result<CsrPublicKey, ControlError> {
         let denied = |reason: String| ControlError::PermissionDenied(reason);
         let now = now_millis();
+        if let Err(limited) = self.recovery_limiter.check(&input.device_id, now) {
+            let message = format!(
+                "too many recovery attempts for device {}; retry in {} s",
+                input.device_id,
+                limited.retry_after.as_secs().max(1)
+            );
+            if limited.first_refusal {
+                // One record per window, not one per attempt.
+                return Err(denied(format!(
+                    "{message} (further attempts in this window are refused without a record)"
+                )));
+            }
+            return Err(ControlError::Overloaded {
+                message,
+                retry_after: limited.retry_after,
+            });
+        }
         self.challenges
             .redeem(&input.nonce, &input.device_id, now)
             .map_err(denied)?;
@@ -505,6 +603,12 @@ impl ControlPlane {
             })?;
         if stored.revoked_ms.is_some() {
             return Err(denied("previous certificate was revoked".into()));
+        }
+        if now < info.not_after * 1000 {
+            return Err(denied(format!(
+                "certificate {} has not expired; a device with a valid certificate renews it on its session",
+                info.serial
+            )));
         }
         let window_end = info.not_after * 1000 + self.policy.recovery_window.as_millis() as i64;
         if now > window_end {
@@ -547,18 +651,10 @@ impl ControlPlane {
                 let record = self.store.get_certificate(serial).await?.ok_or_else(|| {
                     ControlError::NotFound(format!("certificate {serial} not found"))
                 })?;
-                vec![record.serial]
+                (vec![record.serial], None)
             }
-            (None, Some(name)) => {
-                let id = self.device_id_by_name(name)?;
-                self.store
-                    .list_certificates(Some(id))
-                    .await?
-                    .into_iter()
-                    .filter(|c| c.revoked_ms.is_none())
-                    .map(|c| c.serial)
-                    .collect()
-            }
+            // Listed inside the revoking transaction: one issued a moment ago is included.
+            (None, Some(name)) => (Vec::new(), Some(self.device_id_by_name(name)?)),
             _ => {
                 return Err(ControlError::invalid(
                     "serial",
@@ -566,8 +662,10 @@ impl ControlPlane {
                 ));
             }
         };
+        let (serials, device) = serials;
         let revocation = Revocation {
             serials,
+            device,
             reason: if reason.is_empty() {
                 "revoked by operator".into()
             } else {
@@ -575,14 +673,39 @@ impl ControlPlane {
             },
             actor: actor.to_string(),
             now_ms: now_millis(),
+            superseded: false,
         };
-        let revoked = {
-            let _order = self.audit_lock.lock().await;
-            self.store
-                .revoke_certificates(revocation, self.seal())
-                .await?
-        };
+        // Under the audit order, so no issuance commits between the store and memory updates.
+        let _order = self.audit_lock.lock().await;
+        let revoked = self
+            .store
+            .revoke_certificates(revocation, self.seal())
+            .await?;
         Ok(self.after_revocation(revoked))
+    }
+
+    /// A device opened a session with its newest certificate: the certificate it renewed is no
+    /// longer needed and is superseded (audited), so it cannot open sessions for the rest of its
+    /// lifetime. A failure leaves the spare for the next session to retire.
+    pub(super) async fn supersede_spares(&self, device_id: &str, serial: &str) {
+        let _order = self.audit_lock.lock().await;
+        let actor = Identity::new(Role::Device, device_id).to_string();
+        match self
+            .store
+            .supersede_spares(device_id, serial, actor, self.seal(), now_millis())
+            .await
+        {
+            Ok(superseded) => {
+                self.spares().remove(device_id);
+                self.hub.renewal_succeeded(device_id);
+                for serial in self.after_revocation(superseded) {
+                    tracing::info!(device.id = %device_id, %serial, "certificate superseded by the one in use");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(device.id = %device_id, %error, "could not retire the renewed certificate; trying again on the next session");
+            }
+        }
     }
 
     /// Makes revocations effective at once: refused on new connections, open streams closed.
@@ -619,27 +742,21 @@ impl ControlPlane {
     ) -> Result<Vec<String>, ControlError> {
         let _writes = self.writes.lock().await;
         let id = self.device_id_by_name(name)?;
-        let serials = self
-            .store
-            .list_certificates(Some(id.clone()))
-            .await?
-            .into_iter()
-            .filter(|c| c.revoked_ms.is_none())
-            .map(|c| c.serial)
-            .collect();
         let revocation = Revocation {
-            serials,
+            device: Some(id.clone()),
             reason: format!("device {name} deleted"),
             actor: actor.to_string(),
             now_ms: now_millis(),
+            ..Default::default()
         };
-        let revoked = {
+        let serials = {
             let _order = self.audit_lock.lock().await;
-            self.store
+            let revoked = self
+                .store
                 .delete_device(&id, revocation, self.seal())
-                .await?
+                .await?;
+            self.after_revocation(revoked)
         };
-        let serials = self.after_revocation(revoked);
         self.enrollment_counts
             .moved(Some(crate::store::EnrollmentState::Approved), None);
         self.hub.remove(&id);

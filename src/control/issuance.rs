@@ -4,8 +4,10 @@
 //! certificates wait here and one writer records whatever has gathered — in order, each with its
 //! own savepoint — in a single transaction, and tells each caller its outcome.
 
-use crate::audit::{AuditEntry, SealedRecord};
-use crate::store::{AuditSeal, CertificateRecord, Store, StoreError};
+use crate::audit::AuditEntry;
+use crate::store::{
+    AuditSeal, CertificateRecord, IssuanceRules, RecordedIssuance, Store, StoreError,
+};
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -15,7 +17,8 @@ const BATCH: usize = 512;
 struct Pending {
     certificate: CertificateRecord,
     entry: AuditEntry,
-    done: oneshot::Sender<Result<SealedRecord, StoreError>>,
+    rules: IssuanceRules,
+    done: oneshot::Sender<Result<RecordedIssuance, StoreError>>,
 }
 
 /// The sending side. Cheap to clone.
@@ -35,18 +38,21 @@ pub fn issuances() -> (Issuances, IssuanceWriter) {
 }
 
 impl Issuances {
-    /// Records `certificate` with its audit record; returns once it is committed.
+    /// Records `certificate` with its audit record, if `rules` hold; returns once it is
+    /// committed.
     pub async fn record(
         &self,
         certificate: CertificateRecord,
         entry: AuditEntry,
-    ) -> Result<SealedRecord, StoreError> {
+        rules: IssuanceRules,
+    ) -> Result<RecordedIssuance, StoreError> {
         let (done, outcome) = oneshot::channel();
         let gone = || StoreError::Unavailable("the control plane is stopping".into());
         self.tx
             .send(Pending {
                 certificate,
                 entry,
+                rules,
                 done,
             })
             .map_err(|_| gone())?;
@@ -62,7 +68,7 @@ impl IssuanceWriter {
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
             let (records, waiting): (Vec<_>, Vec<_>) = batch
                 .drain(..)
-                .map(|p| ((p.certificate, p.entry), p.done))
+                .map(|p| ((p.certificate, p.entry, p.rules), p.done))
                 .unzip();
             let outcomes = {
                 let _order = order.lock().await;

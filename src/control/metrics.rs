@@ -70,7 +70,8 @@ impl ControlPlane {
         };
         let counts = &self.enrollment_counts;
         Snapshot {
-            ready: self.hub.is_ready() && !self.is_shutting_down(),
+            ready: self.is_loaded() && !self.is_shutting_down(),
+            database_reachable: self.store.reachability().is_reachable(),
             sessions: summary.online,
             synced: summary.synced,
             pending: summary.pending,

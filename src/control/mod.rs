@@ -10,6 +10,7 @@ mod enrollment;
 mod fleets;
 mod issuance;
 mod journal;
+mod limits;
 mod metrics;
 mod rollouts;
 mod session;
@@ -20,6 +21,7 @@ pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequest
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
+pub use limits::RateLimit;
 pub use rollouts::{RolloutCommand, RolloutView};
 pub use session::SessionSettings;
 pub use watch::{DeviceEvent, DeviceWatch};
@@ -33,7 +35,8 @@ use crate::selector::Selector;
 use crate::store::{FleetRecord, Store, StoreError};
 use admission::Admission;
 use catalog::{Catalog, FleetEntry};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 /// Tunables of the control plane.
@@ -55,6 +58,10 @@ pub struct Policy {
     pub admission: AdmissionSettings,
     /// TPM attestation at enrollment.
     pub tpm: TpmPolicy,
+    /// Certificates one device may be issued (renewals, recoveries) per window.
+    pub issuance_limit: RateLimit,
+    /// Recovery attempts per device per window.
+    pub recovery_limit: RateLimit,
 }
 
 /// What the control plane trusts of TPM evidence.
@@ -79,6 +86,14 @@ impl Default for Policy {
             debounce: Debounce::default(),
             admission: AdmissionSettings::default(),
             tpm: TpmPolicy::default(),
+            issuance_limit: RateLimit {
+                max: 5,
+                window: Duration::from_secs(600),
+            },
+            recovery_limit: RateLimit {
+                max: 10,
+                window: Duration::from_secs(600),
+            },
         }
     }
 }
@@ -95,6 +110,9 @@ pub enum ControlError {
     FailedPrecondition(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller's credential is no longer accepted (revoked or superseded).
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("{0}")]
     Unavailable(String),
     /// Admission control turned the request away; the caller should retry after `retry_after`.
@@ -103,6 +121,10 @@ pub enum ControlError {
         message: String,
         retry_after: Duration,
     },
+    /// The database could not be reached; the detail is logged, never shown to clients.
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
+    /// A fault of the control plane; the detail is logged, never shown to clients.
     #[error("{0}")]
     Internal(String),
 }
@@ -119,9 +141,7 @@ impl ControlError {
 impl From<StoreError> for ControlError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Unavailable(e) => {
-                ControlError::Unavailable(format!("database unavailable: {e}"))
-            }
+            StoreError::Unavailable(e) => ControlError::DatabaseUnavailable(e),
             StoreError::Conflict(e) => ControlError::AlreadyExists(e),
             StoreError::Precondition(e) => ControlError::FailedPrecondition(e),
             other => ControlError::Internal(other.to_string()),
@@ -140,6 +160,10 @@ pub struct ControlPlane {
     catalog: Arc<RwLock<Catalog>>,
     revoked: Arc<RevokedSerials>,
     challenges: Arc<certs::Challenges>,
+    issuance_limiter: Arc<limits::Limiter>,
+    recovery_limiter: Arc<limits::Limiter>,
+    /// Devices that hold a renewed certificate beside their newest one, until the newest is used.
+    spares: Arc<Mutex<HashSet<String>>>,
     /// Serialises audit appends, so records chain in the order they are written.
     audit_lock: Arc<tokio::sync::Mutex<()>>,
     enrollment_counts: Arc<metrics::EnrollmentCounts>,
@@ -178,6 +202,9 @@ impl ControlPlane {
             audit_key,
             hub,
             admission: Arc::new(Admission::new(policy.admission.clone())),
+            issuance_limiter: Arc::new(limits::Limiter::new(policy.issuance_limit)),
+            recovery_limiter: Arc::new(limits::Limiter::new(policy.recovery_limit)),
+            spares: Arc::default(),
             policy: Arc::new(policy),
             catalog: Arc::default(),
             revoked: Arc::default(),
@@ -200,6 +227,11 @@ impl ControlPlane {
     pub fn begin_shutdown(&self) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The state is loaded and requests are served.
+    pub fn is_loaded(&self) -> bool {
+        self.revoked.is_loaded()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -244,6 +276,10 @@ impl ControlPlane {
         self.catalog.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn spares(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn catalog_mut(&self) -> RwLockWriteGuard<'_, Catalog> {
         self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -265,6 +301,10 @@ impl ControlPlane {
     pub async fn load(&self) -> Result<usize, ControlError> {
         let _writes = self.writes.lock().await;
         self.start_writers();
+        // Revocations first: nothing below may hand out a session before they are known.
+        self.revoked.extend(self.store.revoked_serials().await?);
+        let spares = self.store.devices_with_spare_certificates().await?;
+        self.spares().extend(spares);
         let fleets = self
             .store
             .list_fleets()
@@ -309,11 +349,12 @@ impl ControlPlane {
         for (device_id, serial, not_after_ms) in certificates {
             self.track_certificate(&device_id, &serial, not_after_ms);
         }
-        self.revoked.extend(self.store.revoked_serials().await?);
         self.count_enrollments().await?;
         for rollout in self.store.list_open_rollouts().await? {
             self.open_rollouts.set(rollout);
         }
+        // Only now does the authentication layer let requests through.
+        self.revoked.mark_loaded();
         Ok(count)
     }
 

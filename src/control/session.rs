@@ -124,6 +124,23 @@ impl ControlPlane {
                 HubError::NotReady => ControlError::Unavailable(e.to_string()),
                 HubError::UnknownDevice(_) => ControlError::PermissionDenied(e.to_string()),
             })?;
+        // Checked after the session is registered: a revocation either finished before this
+        // check (and is seen here) or closes the registered session itself.
+        if self.revoked.contains(serial) {
+            self.hub.close_session(&device_id, handle.id, now);
+            tracing::warn!(device.id = %device_id, serial, "session refused: certificate revoked");
+            return Err(ControlError::Unauthenticated(format!(
+                "client certificate {serial} has been revoked"
+            )));
+        }
+        let newest = self
+            .catalog()
+            .device(&device_id)
+            .and_then(|d| d.cert_serial.clone());
+        let has_spares = self.spares().contains(&device_id);
+        if has_spares && newest.as_deref() == Some(serial) {
+            self.supersede_spares(&device_id, serial).await;
+        }
         self.catalog_mut()
             .note_agent_version(&device_id, &hello.agent_version);
         // Bookkeeping only: the live state is the hub's; written behind, in batches.

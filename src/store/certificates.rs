@@ -36,13 +36,43 @@ fn certificate_for_key(
         .optional()?)
 }
 
-/// A new certificate, the device now using it, and its audit record.
+/// What must hold for an issuance to be recorded, checked inside its transaction.
+#[derive(Debug, Clone, Default)]
+pub struct IssuanceRules {
+    /// The certificate this one renews (the one the device authenticated with): if it has been
+    /// revoked meanwhile, nothing is issued. It stays valid until the new one is used.
+    pub renews: Option<String>,
+}
+
+/// An issuance as recorded: its audit record and the spare certificates it superseded.
+#[derive(Debug, Clone)]
+pub struct RecordedIssuance {
+    pub record: SealedRecord,
+    pub superseded: Vec<CertificateRecord>,
+}
+
+/// A new certificate, the device now using it, and its audit record. Every other valid
+/// certificate of the device except the one it renews is superseded (audited) at once: a device
+/// holds at most the certificate it uses and the one replacing it.
 fn record_one_issuance(
     conn: &mut DbConnection,
     certificate: &CertificateRecord,
     seal: &dyn AuditSeal,
     entry: AuditEntry,
-) -> Result<SealedRecord, StoreError> {
+    rules: &IssuanceRules,
+) -> Result<RecordedIssuance, StoreError> {
+    if let Some(renews) = &rules.renews {
+        let revoked: Option<Option<i64>> = certificates::table
+            .find(renews)
+            .select(certificates::revoked_ms)
+            .first(conn)
+            .optional()?;
+        if matches!(revoked, Some(Some(_))) {
+            return Err(StoreError::Precondition(format!(
+                "certificate {renews} has been revoked; nothing is issued on its behalf"
+            )));
+        }
+    }
     insert_certificate(conn, certificate)?;
     diesel::update(devices::table.find(&certificate.device_id))
         .set((
@@ -50,7 +80,39 @@ fn record_one_issuance(
             devices::cert_not_after_ms.eq(certificate.not_after_ms),
         ))
         .execute(conn)?;
-    append(conn, seal, entry)
+    let record = append(conn, seal, entry)?;
+    let keep: Vec<&str> = [Some(certificate.serial.as_str()), rules.renews.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let spares = spare_certificates(conn, &certificate.device_id, &keep)?;
+    let superseded = revoke(
+        conn,
+        seal,
+        &Revocation {
+            serials: spares,
+            reason: format!("superseded by {}", certificate.serial),
+            actor: record.entry.actor.clone(),
+            now_ms: certificate.issued_ms,
+            superseded: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(RecordedIssuance { record, superseded })
+}
+
+/// The device's valid certificates other than `keep`.
+fn spare_certificates(
+    conn: &mut DbConnection,
+    device_id: &str,
+    keep: &[&str],
+) -> Result<Vec<String>, StoreError> {
+    Ok(certificates::table
+        .filter(certificates::device_id.eq(device_id))
+        .filter(certificates::revoked_ms.is_null())
+        .filter(certificates::serial.ne_all(keep))
+        .select(certificates::serial)
+        .load(conn)?)
 }
 
 pub(super) fn insert_certificate(
@@ -81,12 +143,17 @@ impl Store {
 }
 
 /// A certificate revocation to record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Revocation {
     pub serials: Vec<String>,
+    /// Also every valid certificate of this device, listed inside the revoking transaction, so a
+    /// certificate issued a moment earlier cannot slip through.
+    pub device: Option<String>,
     pub reason: String,
     pub actor: String,
     pub now_ms: i64,
+    /// Audited as `superseded` (a newer certificate replaced these) rather than `revoked`.
+    pub superseded: bool,
 }
 
 /// Marks `serials` revoked (those not revoked already) and audits each; returns the ones revoked.
@@ -95,8 +162,17 @@ fn revoke(
     seal: &dyn AuditSeal,
     revocation: &Revocation,
 ) -> Result<Vec<CertificateRecord>, StoreError> {
+    let mut serials = revocation.serials.clone();
+    if let Some(device_id) = &revocation.device {
+        serials.extend(spare_certificates(conn, device_id, &[])?);
+    }
+    let (kind, proof) = if revocation.superseded {
+        ("superseded", "newer-certificate")
+    } else {
+        ("revoked", "admin")
+    };
     let mut revoked = Vec::new();
-    for serial in &revocation.serials {
+    for serial in &serials {
         let changed = diesel::update(
             certificates::table
                 .find(serial)
@@ -119,7 +195,7 @@ fn revoke(
             seal,
             AuditEntry {
                 at_ms: revocation.now_ms,
-                kind: "revoked".into(),
+                kind: kind.into(),
                 device_id: certificate.device_id.clone(),
                 serial: certificate.serial.clone(),
                 key_fingerprint: certificate.key_fingerprint.clone(),
@@ -127,7 +203,7 @@ fn revoke(
                 not_after_ms: certificate.not_after_ms,
                 actor: revocation.actor.clone(),
                 reason: revocation.reason.clone(),
-                proof: "admin".into(),
+                proof: proof.into(),
                 outcome: "ok".into(),
                 ..Default::default()
             },
@@ -197,9 +273,12 @@ impl Store {
         certificate: CertificateRecord,
         seal: Arc<dyn AuditSeal>,
         entry: AuditEntry,
-    ) -> Result<SealedRecord, StoreError> {
+        rules: IssuanceRules,
+    ) -> Result<RecordedIssuance, StoreError> {
         self.run("record_issuance", move |conn| {
-            conn.transaction(|conn| record_one_issuance(conn, &certificate, seal.as_ref(), entry))
+            conn.transaction(|conn| {
+                record_one_issuance(conn, &certificate, seal.as_ref(), entry, &rules)
+            })
         })
         .await
     }
@@ -210,15 +289,15 @@ impl Store {
     /// batch means nothing was recorded.
     pub async fn record_issuances(
         &self,
-        issuances: Vec<(CertificateRecord, AuditEntry)>,
+        issuances: Vec<(CertificateRecord, AuditEntry, IssuanceRules)>,
         seal: Arc<dyn AuditSeal>,
-    ) -> Result<Vec<Result<SealedRecord, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<RecordedIssuance, StoreError>>, StoreError> {
         self.run("record_issuances", move |conn| {
             conn.transaction(|conn| {
                 let mut outcomes = Vec::with_capacity(issuances.len());
-                for (certificate, entry) in issuances {
+                for (certificate, entry, rules) in issuances {
                     outcomes.push(conn.transaction(|conn| {
-                        record_one_issuance(conn, &certificate, seal.as_ref(), entry)
+                        record_one_issuance(conn, &certificate, seal.as_ref(), entry, &rules)
                     }));
                 }
                 Ok(outcomes)
@@ -305,6 +384,55 @@ impl Store {
     }
 
     /// Serials of every revoked certificate (loaded at start for the connection check).
+    /// Supersedes (revokes, audited as `superseded`) every valid certificate of `device_id` but
+    /// `keep`, the one it now uses. Returns those superseded.
+    pub async fn supersede_spares(
+        &self,
+        device_id: &str,
+        keep: &str,
+        actor: String,
+        seal: Arc<dyn AuditSeal>,
+        now_ms: i64,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let (device_id, keep) = (device_id.to_string(), keep.to_string());
+        self.run("supersede_spares", move |conn| {
+            conn.transaction(|conn| {
+                let spares = spare_certificates(conn, &device_id, &[keep.as_str()])?;
+                revoke(
+                    conn,
+                    seal.as_ref(),
+                    &Revocation {
+                        serials: spares,
+                        reason: format!("superseded: the device uses {keep}"),
+                        actor,
+                        now_ms,
+                        superseded: true,
+                        ..Default::default()
+                    },
+                )
+            })
+        })
+        .await
+    }
+
+    /// Devices holding more than one valid certificate (a renewal not yet confirmed by use).
+    pub async fn devices_with_spare_certificates(&self) -> Result<Vec<String>, StoreError> {
+        self.run("devices_with_spare_certificates", |conn| {
+            use diesel::dsl::count_star;
+            let counts: Vec<(String, i64)> = certificates::table
+                .filter(certificates::revoked_ms.is_null())
+                .group_by(certificates::device_id)
+                .select((certificates::device_id, count_star()))
+                .load(conn)?;
+            Ok(counts
+                .into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|(id, _)| id)
+                .collect())
+        })
+        .await
+    }
+
     pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
         self.run("revoked_serials", |conn| {
             Ok(certificates::table

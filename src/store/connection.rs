@@ -79,6 +79,9 @@ impl ManageConnection for Manager {
         match &self.backend {
             Backend::Postgres(url) => PgConnection::establish(url).map(DbConnection::Postgres),
             Backend::Sqlite(path) => {
+                private_database_file(path).map_err(|e| {
+                    ConnectionError::BadConnection(format!("database file {path}: {e}"))
+                })?;
                 let mut conn = SqliteConnection::establish(path)?;
                 conn.batch_execute(SQLITE_PRAGMAS)
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
@@ -98,6 +101,29 @@ impl ManageConnection for Manager {
 }
 
 pub type Pool = r2d2::Pool<Manager>;
+
+/// Creates the SQLite file (if new) and its WAL companions readable by the owner only (0600),
+/// whatever the umask: device specs in it may be secrets. SQLite gives the `-wal` and `-shm`
+/// files the main file's permissions.
+fn private_database_file(path: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?
+        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    for suffix in ["-wal", "-shm"] {
+        let companion = format!("{path}{suffix}");
+        if std::path::Path::new(&companion).exists() {
+            std::fs::set_permissions(&companion, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
 
 /// Applies every pending migration of the connection's backend; returns how many ran.
 pub fn run_migrations(conn: &mut DbConnection) -> Result<usize, String> {

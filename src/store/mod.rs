@@ -7,24 +7,30 @@ mod connection;
 mod devices;
 mod enrollments;
 mod fleets;
+mod reachability;
 mod rollouts;
 mod schema;
 mod tpm;
 
 pub use audit::{AuditQuery, AuditSeal};
-pub use certificates::{CertificateRecord, Revocation};
+pub use certificates::{CertificateRecord, IssuanceRules, RecordedIssuance, Revocation};
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
+pub use reachability::{Reachability, outage_log};
 pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};
 pub use tpm::TpmChallengeRecord;
 
 use connection::{Manager, Pool};
+use diesel::r2d2::R2D2Connection;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// How long an operation waits for a pooled connection before the database counts as down.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +68,7 @@ pub struct Store {
     pool: Pool,
     backend: Arc<Backend>,
     queries: Arc<AtomicU64>,
+    reachability: Arc<Reachability>,
 }
 
 impl std::fmt::Debug for Store {
@@ -90,7 +97,9 @@ impl Store {
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(CONNECTION_TIMEOUT)
+            // Failures are logged by the store, rate-limited; r2d2's own handler logs every retry.
+            .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
             .build_unchecked(Manager::new(backend.clone()));
         pool.get()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -98,6 +107,7 @@ impl Store {
             pool,
             backend: Arc::new(backend),
             queries: Arc::new(AtomicU64::new(0)),
+            reachability: Arc::default(),
         })
     }
 
@@ -126,18 +136,62 @@ impl Store {
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
         self.queries.fetch_add(1, Ordering::Relaxed);
+        if !self.reachability.is_reachable() {
+            return Err(StoreError::Unavailable(format!(
+                "the database is unreachable ({})",
+                self.reachability.reason()
+            )));
+        }
         let pool = self.pool.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = pool
                 .get()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            op(&mut conn)
+            let result = op(&mut conn);
+            if result.is_err() && conn.ping().is_err() {
+                return Err(StoreError::Unavailable(
+                    "the database connection broke".into(),
+                ));
+            }
+            result
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?;
         crate::telemetry::store_operation(operation, started.elapsed());
+        if let Err(StoreError::Unavailable(reason)) = &result {
+            self.unreachable(reason);
+        }
         result
+    }
+
+    /// Whether the database answered the last time it was needed.
+    pub fn reachability(&self) -> &Reachability {
+        &self.reachability
+    }
+
+    /// Marks the database down and starts the one probe that waits for it to answer again.
+    fn unreachable(&self, reason: &str) {
+        if !self.reachability.mark_down(reason) {
+            return;
+        }
+        let (pool, reachability) = (self.pool.clone(), self.reachability.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(reachability::PROBE_INTERVAL).await;
+                let pool = pool.clone();
+                let answered = tokio::task::spawn_blocking(move || {
+                    pool.get_timeout(CONNECTION_TIMEOUT)
+                        .is_ok_and(|mut conn| conn.ping().is_ok())
+                })
+                .await
+                .unwrap_or(false);
+                if answered {
+                    reachability.mark_up();
+                    return;
+                }
+            }
+        });
     }
 }
 

@@ -56,6 +56,11 @@ impl Authenticator {
 
     /// Decides who sent `request` and whether they may call its method.
     pub fn authenticate<B>(&self, request: &Request<B>) -> Result<Caller, Status> {
+        // Until the revoked serials (and the rest of the state) are loaded, a certificate cannot
+        // be trusted and a read would describe an empty world: only health and reflection answer.
+        if !self.revoked.is_loaded() && !answers_while_starting(request.uri().path()) {
+            return Err(Status::unavailable("starting: state not loaded"));
+        }
         let certs = request
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -86,6 +91,11 @@ impl Authenticator {
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         Ok(Caller { identity, serial })
     }
+}
+
+/// Health and reflection describe the server itself, so they answer while it is starting.
+fn answers_while_starting(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
 }
 
 #[derive(Clone)]
@@ -143,5 +153,47 @@ where
                 futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CertificateAuthority;
+
+    fn authenticator(revoked: Arc<RevokedSerials>) -> Authenticator {
+        let (ca, _) =
+            CertificateAuthority::generate("test", std::time::Duration::from_secs(60)).unwrap();
+        let verifier = super::super::tls::client_verifier(ca.cert_pem()).unwrap();
+        Authenticator::new(verifier, revoked)
+    }
+
+    fn request(path: &str) -> Request<()> {
+        Request::builder().uri(path).body(()).unwrap()
+    }
+
+    #[test]
+    fn nothing_but_health_and_reflection_answers_before_the_state_is_loaded() {
+        let revoked = Arc::new(RevokedSerials::default());
+        let auth = authenticator(revoked.clone());
+        for path in [
+            "/flotilla.admin.v1.DeviceService/ListDevices",
+            "/flotilla.agent.v1.AgentService/Session",
+            "/flotilla.agent.v1.EnrollmentService/Enroll",
+        ] {
+            let status = auth.authenticate(&request(path)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{path}");
+            assert_eq!(status.message(), "starting: state not loaded");
+        }
+        // Health passes the gate (and then needs a certificate like everything else).
+        let status = auth
+            .authenticate(&request("/grpc.health.v1.Health/Check"))
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        revoked.mark_loaded();
+        let status = auth
+            .authenticate(&request("/flotilla.admin.v1.DeviceService/ListDevices"))
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "past the gate");
     }
 }

@@ -6,11 +6,18 @@ use crate::control::ControlPlane;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::convert::Infallible;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// A client must send a request's headers within this time (a scrape sends them at once), so
+/// unfinished requests cannot hold connections open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (usually: out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -39,14 +46,22 @@ fn route(
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            if control.hub().is_ready() && !control.is_shutting_down() {
-                text(StatusCode::OK, "text/plain", "ready\n".into())
+            let unready = if !control.is_loaded() {
+                Some("starting: state not loaded")
+            } else if control.is_shutting_down() {
+                Some("shutting down")
+            } else if !control.store().reachability().is_reachable() {
+                Some("database unreachable")
             } else {
-                text(
+                None
+            };
+            match unready {
+                None => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "not ready\n".into(),
-                )
+                    format!("not ready: {reason}\n"),
+                ),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
@@ -68,7 +83,9 @@ pub async fn serve_http(
         let (stream, _) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
+                // Usually EMFILE: back off briefly instead of spinning.
                 tracing::warn!(%error, "operations endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -79,6 +96,8 @@ pub async fn serve_http(
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

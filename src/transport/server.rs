@@ -130,7 +130,8 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_rx_http = stop_rx.clone();
+    // The operations endpoint outlives the drain, so `/readyz` answers 503 until the very end.
+    let (stop_http_tx, stop_rx_http) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -193,13 +194,14 @@ pub async fn serve(
     let agent_task = tokio::spawn(agent_server);
     let admin_task = tokio::spawn(admin_server);
     let metrics = crate::telemetry::install();
+    let mut http_task = None;
     if let Some(listener) = endpoints.metrics {
-        tokio::spawn(super::http::serve_http(
+        http_task = Some(tokio::spawn(super::http::serve_http(
             listener,
             control.clone(),
             metrics,
             stop_rx_http,
-        ));
+        )));
     }
 
     let devices = control.load().await?;
@@ -258,6 +260,10 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("device bookkeeping could not be written before stopping");
+    }
+    let _ = stop_http_tx.send(true);
+    if let Some(task) = http_task {
+        let _ = task.await;
     }
     Ok(())
 }

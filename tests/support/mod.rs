@@ -246,7 +246,7 @@ impl TestServer {
             _tmp: tmp,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.control.hub().is_ready() {
+        while !server.control.is_loaded() {
             assert!(Instant::now() < deadline, "server did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
