@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
-use flotilla::control::{AdmissionSettings, ControlPlane, Policy, SessionSettings, TpmPolicy};
+use flotilla::control::{
+    AdmissionSettings, ControlPlane, Policy, RateLimit, SessionSettings, TpmPolicy,
+};
 use flotilla::hub::{Debounce, Hub};
 use flotilla::store::{Backend, Store};
-use flotilla::transport::{Endpoints, TlsMaterial, serve};
+use flotilla::transport::{ConnectionLimits, Endpoints, TlsMaterial, serve};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +98,25 @@ struct ServeArgs {
     /// connections rebalance across replicas and pick up renewed certificates (0: never).
     #[arg(long, default_value = "24h", value_parser = flotilla::clock::parse_duration)]
     session_max_age: Duration,
+    /// Certificates one device may be issued (renewals, recoveries) per issuance window; more
+    /// are refused with a retry delay (audited once per window).
+    #[arg(long, default_value_t = 5)]
+    max_issuances_per_device: u32,
+    /// The window of --max-issuances-per-device and of the recovery attempt limit.
+    #[arg(long, default_value = "10m", value_parser = flotilla::clock::parse_duration)]
+    issuance_window: Duration,
+    /// Connections per gRPC endpoint that may be open without having authenticated a request
+    /// (in the TLS handshake, or not yet past the first request); more are closed at once.
+    #[arg(long, default_value_t = 256)]
+    max_pending_connections: usize,
+    /// Open connections per source address and gRPC endpoint (0: no limit). Devices behind one
+    /// NAT address share it.
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_address: usize,
+    /// A connection that has not authenticated a request this long after it was accepted is
+    /// closed.
+    #[arg(long, default_value = "10s", value_parser = flotilla::clock::parse_duration)]
+    first_request_timeout: Duration,
     /// TPM manufacturer CA certificates (PEM bundle) that endorsement key certificates must chain
     /// to; repeatable. Without one, agents that offer TPM evidence are refused.
     #[arg(long = "tpm-ca", value_name = "PEM")]
@@ -237,6 +258,11 @@ async fn main() -> Result<()> {
                 session_max_age,
                 tpm_cas,
                 auto_approve_tpm,
+                max_pending_connections,
+                max_connections_per_address,
+                first_request_timeout,
+                max_issuances_per_device,
+                issuance_window,
             } = *args;
             let tpm = TpmPolicy {
                 trusted_cas: read_tpm_cas(&tpm_cas)?,
@@ -303,6 +329,14 @@ async fn main() -> Result<()> {
                     max_delay: Duration::from_millis(push_max_delay_ms.max(push_debounce_ms)),
                 },
                 tpm,
+                issuance_limit: RateLimit {
+                    max: max_issuances_per_device.max(1),
+                    window: issuance_window,
+                },
+                recovery_limit: RateLimit {
+                    max: Policy::default().recovery_limit.max,
+                    window: issuance_window,
+                },
                 ..Policy::default()
             };
             let material = TlsMaterial {
@@ -328,6 +362,11 @@ async fn main() -> Result<()> {
                     agent,
                     admin,
                     metrics,
+                    limits: ConnectionLimits {
+                        first_request_timeout,
+                        max_pending: max_pending_connections.max(1),
+                        max_per_address: max_connections_per_address,
+                    },
                 },
                 material,
                 shutdown_signal(),

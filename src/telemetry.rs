@@ -77,6 +77,10 @@ fn describe() {
         "Agent streams turned away by admission control (told to retry later), by reason."
     );
     describe_counter!(
+        "flotilla_connections_refused_total",
+        "Connections closed before serving anything, by endpoint and reason (too many pending or from one address, no authenticated request in time)."
+    );
+    describe_counter!(
         "flotilla_sessions_closed_total",
         "Agent streams ended, by reason."
     );
@@ -154,6 +158,12 @@ fn init_series() {
     for reason in SESSION_CLOSE_REASONS {
         counter!("flotilla_sessions_closed_total", "reason" => *reason).absolute(0);
     }
+    for endpoint in ["agent", "admin"] {
+        for reason in CONNECTION_REFUSAL_REASONS {
+            counter!("flotilla_connections_refused_total", "endpoint" => endpoint, "reason" => *reason)
+                .absolute(0);
+        }
+    }
     counter!("flotilla_specs_pushed_total").absolute(0);
     counter!("flotilla_nacks_total").absolute(0);
     for event in CERTIFICATE_EVENTS {
@@ -177,6 +187,18 @@ pub fn session_opened() {
 
 /// Why admission control turned a session away.
 const SESSION_REFUSAL_REASONS: &[&str] = &["opening", "max_sessions"];
+const CONNECTION_REFUSAL_REASONS: &[&str] = &[
+    "too_many_pending",
+    "too_many_from_address",
+    "handshake_failed",
+    "timeout",
+];
+
+/// A connection was closed before it served anything (`reason` from a fixed set).
+pub fn connection_refused(endpoint: &'static str, reason: &'static str) {
+    counter!("flotilla_connections_refused_total", "endpoint" => endpoint, "reason" => reason)
+        .increment(1);
+}
 
 pub fn session_refused(reason: &'static str) {
     counter!("flotilla_sessions_refused_total", "reason" => reason).increment(1);

@@ -14,7 +14,6 @@ use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClie
 use std::time::Duration;
 use support::{TestServer, channel, csr, enroll_request};
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;
 
 fn hello(device_id: &str) -> agent::AgentMessage {
@@ -37,31 +36,6 @@ async fn open_session(
 }
 
 use tokio_stream::StreamExt;
-
-#[tokio::test]
-async fn a_caller_without_a_client_certificate_is_unauthenticated() {
-    let server = TestServer::start().await;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(server.ca_pem()))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(server.admin_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let status = DeviceServiceClient::new(channel)
-        .list_devices(admin::ListDevicesRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("client certificate"),
-        "{}",
-        status.message()
-    );
-}
 
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_unauthenticated() {

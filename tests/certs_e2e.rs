@@ -243,7 +243,8 @@ const FAILPOINTS: &[&str] = &[
 fn power_loss_at_any_step_of_the_swap_leaves_a_valid_pair_then_revocation_cuts_the_agent_off() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let (cluster, _server, mut agent, id) = enrolled(&root, &[]);
+    // Seven renewals in a row: more than the default per-device issuance limit allows.
+    let (cluster, _server, mut agent, id) = enrolled(&root, &["--max-issuances-per-device", "20"]);
     let ca = ca_pem(&cluster);
     let state = root.join("agent-state");
     agent.terminate();

@@ -537,3 +537,263 @@ async fn http_status(url: &str) -> Option<u16> {
     let text = String::from_utf8_lossy(&response);
     text.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// The body of a plain HTTP GET (status line and headers stripped).
+async fn http_body(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_cut_database_fails_concurrent_writers_fast_and_clearly_then_recovers() {
+    let admin_url = std::env::var("FLOTILLA_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| support::DEFAULT_POSTGRES_URL.to_string());
+    let db = support::TestDb::postgres(&admin_url);
+    let upstream: std::net::SocketAddr = tokio::net::lookup_host(
+        admin_url
+            .split_once('@')
+            .map(|(_, rest)| rest)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .next()
+    .unwrap();
+    let proxy = support::proxy::Proxy::start(upstream).await;
+    let url = db.url_via(proxy.addr);
+    let server = TestServer::start_on(
+        Policy::default(),
+        flotilla::transport::ConnectionLimits::default(),
+        tempfile::tempdir().unwrap(),
+        db,
+        &url,
+    )
+    .await;
+    server.enroll_device("edge-1").await;
+    let devices = DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
+    let label = |devices: &DeviceServiceClient<tonic::transport::Channel>, i: usize| {
+        let mut devices = devices.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let result = devices
+                .label_device(admin::LabelDeviceRequest {
+                    name: "edge-1".into(),
+                    set: [("writer".to_string(), i.to_string())].into(),
+                    remove: vec![],
+                })
+                .await;
+            (result, started.elapsed())
+        }
+    };
+    assert!(label(&devices, 0).await.0.is_ok());
+
+    proxy.cut();
+    let writers: Vec<_> = (0..20).map(|i| tokio::spawn(label(&devices, i))).collect();
+    for writer in writers {
+        let (result, took) = writer.await.unwrap();
+        let status = result.expect_err("a write with the database cut");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        assert!(
+            status.message().contains("database unavailable"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains(&proxy.addr.to_string()),
+            "connection details stay in the log: {}",
+            status.message()
+        );
+        assert!(took < Duration::from_secs(12), "a writer waited {took:?}");
+    }
+    let ready = format!("{}/readyz", server.metrics_url);
+    assert_eq!(http_status(&ready).await, Some(503));
+    assert!(http_body(&ready).await.contains("database unreachable"));
+    let metrics = http_body(&format!("{}/metrics", server.metrics_url)).await;
+    assert!(
+        metrics.contains("flotilla_database_reachable 0"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("reachable"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Reads are served from memory meanwhile.
+    let listed = devices
+        .clone()
+        .list_devices(admin::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.devices.len(), 1);
+
+    proxy.restore();
+    wait_for("writes to succeed again", Duration::from_secs(15), || {
+        let devices = devices.clone();
+        async move { label(&devices, 99).await.0.ok().map(|_| ()) }
+    })
+    .await;
+    assert_eq!(http_status(&ready).await, Some(200));
+    let device = devices
+        .clone()
+        .get_device(admin::GetDeviceRequest {
+            name: "edge-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(device.labels.get("writer").map(String::as_str), Some("99"));
+}
+
+/// Whether the server closes `stream` within `limit` (EOF or a reset); false if it is still open.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.is_ok()
+}
+
+/// A TLS connection to the admin endpoint with `creds`, offering HTTP/2 and then saying nothing.
+async fn silent_tls(
+    server: &TestServer,
+    creds: &ClientCredentials,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(creds.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(creds.cert_pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.admin_url.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes")
+}
+
+#[tokio::test]
+async fn connections_that_never_make_a_request_are_bounded_and_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = support::TestDb::new(tmp.path());
+    let url = db.url.clone();
+    let limits = flotilla::transport::ConnectionLimits {
+        first_request_timeout: Duration::from_secs(2),
+        max_pending: 16,
+        max_per_address: 8,
+    };
+    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    let admin_addr = server.admin_url.trim_start_matches("https://").to_string();
+
+    // A TLS client with a valid certificate that never speaks HTTP/2 is closed after the timeout.
+    let mut silent = silent_tls(&server, &server.admin_creds()).await;
+    let started = std::time::Instant::now();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(6)).await,
+        "a connection without a request stayed open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // One address holding many bare TCP connections gets only its share...
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..30 {
+        let mut tcp = tokio::net::TcpStream::connect(&admin_addr).await.unwrap();
+        if closed_within(&mut tcp, Duration::from_millis(200)).await {
+            refused += 1;
+        } else {
+            held.push(tcp);
+        }
+    }
+    assert_eq!(held.len(), 8, "connections held from one address");
+    assert_eq!(refused, 22);
+    // ...and a client from another address is still served meanwhile.
+    let endpoint = flotilla::client::endpoint(&server.admin_url, &server.admin_creds())
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()));
+    let listed = DeviceServiceClient::new(endpoint.connect().await.unwrap())
+        .list_devices(admin::ListDevicesRequest::default())
+        .await;
+    assert!(listed.is_ok(), "{listed:?}");
+    // The held ones are closed once their time is up.
+    for tcp in &mut held {
+        assert!(closed_within(tcp, Duration::from_secs(5)).await);
+    }
+    let metrics = http_body(&format!("{}/metrics", server.metrics_url)).await;
+    for reason in ["too_many_from_address", "timeout"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("flotilla_connections_refused_total")
+                    && l.contains("endpoint=\"admin\"")
+                    && l.contains(reason)
+            })
+            .unwrap_or_else(|| panic!("no {reason} series"));
+        let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 1.0, "{line}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_fails_the_handshake() {
+    let server = TestServer::start().await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(server.ca_pem()))
+        .domain_name("localhost");
+    let outcome = async {
+        let channel = tonic::transport::Endpoint::from_shared(server.admin_url.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        DeviceServiceClient::new(channel)
+            .list_devices(admin::ListDevicesRequest::default())
+            .await
+            .map_err(|s| s.to_string())
+    }
+    .await;
+    let error = outcome.expect_err("no certificate, no answer");
+    assert!(!error.contains("ListDevices"), "{error}");
+}

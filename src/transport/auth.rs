@@ -3,6 +3,7 @@
 //! consult `authz` for the method, and hand the verified `Caller` to the handler. Nothing else in
 //! the server decides who a caller is.
 
+use super::guard::GuardedInfo;
 use crate::authz::authorize;
 use crate::identity::Identity;
 use crate::pki::cert_info;
@@ -61,10 +62,11 @@ impl Authenticator {
         if !self.revoked.is_loaded() && !answers_while_starting(request.uri().path()) {
             return Err(Status::unavailable("starting: state not loaded"));
         }
-        let certs = request
+        let connection = request
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs())
+            .get::<GuardedInfo<TlsConnectInfo<TcpConnectInfo>>>();
+        let certs = connection
+            .and_then(|info| info.inner.peer_certs())
             .filter(|certs| !certs.is_empty())
             .ok_or_else(|| {
                 Status::unauthenticated(
@@ -89,6 +91,10 @@ impl Authenticator {
         }
         authorize(identity.role, request.uri().path())
             .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if let Some(connection) = connection {
+            // The connection has proven itself: it no longer counts as pending.
+            connection.proof.authenticated();
+        }
         Ok(Caller { identity, serial })
     }
 }

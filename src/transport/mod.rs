@@ -5,10 +5,12 @@ pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod convert;
+pub mod guard;
 pub mod http;
 pub mod rpc_metrics;
 pub mod server;
 pub mod status;
 pub mod tls;
 
+pub use guard::ConnectionLimits;
 pub use server::{Endpoints, ServeError, TlsMaterial, serve};

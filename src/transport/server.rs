@@ -6,6 +6,7 @@
 use super::admin::AdminApi;
 use super::agent::AgentApi;
 use super::auth::{AuthLayer, Authenticator};
+use super::guard::{ConnectionLimits, Gate};
 use super::rpc_metrics::RpcMetricsLayer;
 use super::tls;
 use crate::control::{ControlError, ControlPlane};
@@ -19,6 +20,7 @@ use crate::proto::admin::v1::rollout_service_server::RolloutServiceServer;
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +46,8 @@ pub struct Endpoints {
     pub admin: TcpListener,
     /// The plain-HTTP operations endpoint (`/metrics`, `/healthz`, `/readyz`), if wanted.
     pub metrics: Option<TcpListener>,
+    /// Bounds on unauthenticated and per-address connections, for each gRPC endpoint alike.
+    pub limits: ConnectionLimits,
 }
 
 /// The server's certificate and the CA it trusts for clients.
@@ -150,7 +154,12 @@ pub async fn serve(
         )
         .add_service(health_service.clone())
         .serve_with_incoming_shutdown(
-            tls::incoming(endpoints.agent, tls_config.clone()),
+            tls::incoming(
+                endpoints.agent,
+                tls_config.clone(),
+                Arc::new(Gate::new(endpoints.limits)),
+                "agent",
+            ),
             stopped(stop_rx.clone()),
         );
 
@@ -189,7 +198,15 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(tls::incoming(endpoints.admin, tls_config), stopped(stop_rx));
+        .serve_with_incoming_shutdown(
+            tls::incoming(
+                endpoints.admin,
+                tls_config,
+                Arc::new(Gate::new(endpoints.limits)),
+                "admin",
+            ),
+            stopped(stop_rx),
+        );
 
     let agent_task = tokio::spawn(agent_server);
     let admin_task = tokio::spawn(admin_server);

@@ -2,10 +2,11 @@
 //! identity of every client certificate can be checked by the authentication layer with a clear
 //! gRPC status instead of a bare handshake alert.
 //!
-//! The handshake *offers* client authentication and checks that the client holds the key of the
-//! certificate it presents (rustls verifies the handshake signature), but defers the chain check to
-//! `auth::Authenticator`, which runs before any handler.
+//! The handshake *requires* a client certificate and checks that the client holds its key (rustls
+//! verifies the handshake signature), but defers the chain check to `auth::Authenticator`, which
+//! runs before any handler and answers with a clear gRPC status.
 
+use super::guard::{Gate, Guarded};
 use crate::pki::certs_from_pem;
 use futures::Stream;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,8 +73,9 @@ impl ClientCertVerifier for DeferredChainCheck {
         true
     }
 
+    /// Without a client certificate there is nothing to serve: the handshake fails.
     fn client_auth_mandatory(&self) -> bool {
-        false
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -140,11 +143,14 @@ fn tune_socket(stream: &TcpStream) {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never delays
-/// another), yielding finished TLS streams for `Server::serve_with_incoming`.
+/// another), yielding finished TLS streams for `Server::serve_with_incoming`. Every connection
+/// passes `gate` first and must authenticate a request before its deadline (see `guard`).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    gate: Arc<Gate>,
+    endpoint: &'static str,
+) -> impl Stream<Item = Result<Guarded<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -161,19 +167,42 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
+            let ticket = match gate.admit(peer.ip()) {
+                Ok(ticket) => ticket,
+                Err(refusal) => {
+                    crate::telemetry::connection_refused(endpoint, refusal.as_str());
+                    tracing::debug!(%peer, reason = refusal.as_str(), "connection refused");
+                    continue;
+                }
+            };
             tune_socket(&stream);
+            let deadline = Instant::now() + gate.limits().first_request_timeout;
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                let handshake = HANDSHAKE_TIMEOUT.min(gate_timeout(deadline));
+                match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx
+                            .send(Ok(Guarded::new(tls, ticket, deadline, endpoint)))
+                            .await;
                     }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(error)) => {
+                        crate::telemetry::connection_refused(endpoint, "handshake_failed");
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        crate::telemetry::connection_refused(endpoint, "timeout");
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Time left until `deadline`.
+fn gate_timeout(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
 }

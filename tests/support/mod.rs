@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod proxy;
 pub mod sim;
 pub mod swtpm;
 
@@ -19,7 +20,7 @@ use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClie
 use flotilla::proto::agent::v1 as agent;
 use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient;
 use flotilla::store::{Backend, Store};
-use flotilla::transport::{Endpoints, TlsMaterial, serve};
+use flotilla::transport::{ConnectionLimits, Endpoints, TlsMaterial, serve};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,27 +38,41 @@ pub struct TestDb {
     name: String,
 }
 
+/// The PostgreSQL server tests use when FLOTILLA_TEST_DATABASE_URL names none (CI starts it).
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 impl TestDb {
+    /// A new database on the PostgreSQL server `admin_url` points at.
+    pub fn postgres(admin_url: &str) -> TestDb {
+        let name = format!("flotilla_t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn =
+            PgConnection::establish(admin_url).expect("connect to the PostgreSQL test server");
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .unwrap();
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(admin_url);
+        TestDb {
+            url: format!("{base}/{name}"),
+            admin_url: Some(admin_url.to_string()),
+            name,
+        }
+    }
+
+    /// The database's URL with its host and port replaced by `addr` (e.g. a proxy's).
+    pub fn url_via(&self, addr: SocketAddr) -> String {
+        let (scheme, rest) = self.url.split_once("://").unwrap();
+        let (authority, path) = rest.split_once('/').unwrap();
+        let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+        format!("{scheme}://{}{addr}/{path}", user.unwrap_or_default())
+    }
+
     /// SQLite in `dir`, or a new database on the server named by `FLOTILLA_TEST_DATABASE_URL`.
     pub fn new(dir: &Path) -> TestDb {
         match std::env::var("FLOTILLA_TEST_DATABASE_URL") {
-            Ok(admin_url) if !admin_url.is_empty() => {
-                let name = format!("flotilla_t_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = PgConnection::establish(&admin_url)
-                    .expect("connect to the PostgreSQL test server");
-                diesel::sql_query(format!("CREATE DATABASE {name}"))
-                    .execute(&mut conn)
-                    .unwrap();
-                let base = admin_url
-                    .rsplit_once('/')
-                    .map(|(b, _)| b)
-                    .unwrap_or(&admin_url);
-                TestDb {
-                    url: format!("{base}/{name}"),
-                    admin_url: Some(admin_url),
-                    name,
-                }
-            }
+            Ok(admin_url) if !admin_url.is_empty() => TestDb::postgres(&admin_url),
             _ => TestDb {
                 url: dir.join("flotilla.db").display().to_string(),
                 admin_url: None,
@@ -187,6 +202,19 @@ impl TestServer {
 
     pub async fn start_with(policy: Policy) -> TestServer {
         let tmp = tempfile::tempdir().unwrap();
+        let db = TestDb::new(tmp.path());
+        let url = db.url.clone();
+        TestServer::start_on(policy, ConnectionLimits::default(), tmp, db, &url).await
+    }
+
+    /// Starts on `db`, reached at `url` (which may lead through a proxy).
+    pub async fn start_on(
+        policy: Policy,
+        limits: ConnectionLimits,
+        tmp: tempfile::TempDir,
+        db: TestDb,
+        url: &str,
+    ) -> TestServer {
         let dir = DataDir::new(tmp.path().join("data"));
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -201,7 +229,12 @@ impl TestServer {
             server_names: vec![],
         };
         let prepared = prepare(&dir, &options).unwrap();
-        let (store, db) = test_store(tmp.path()).await;
+        let backend = Backend::from_url(url);
+        let store = tokio::task::spawn_blocking(move || Store::open(backend))
+            .await
+            .unwrap()
+            .unwrap();
+        store.migrate().await.unwrap();
         let ca = Arc::new(prepared.ca);
         let control = ControlPlane::new(
             store,
@@ -224,6 +257,7 @@ impl TestServer {
                     agent,
                     admin,
                     metrics,
+                    limits,
                 },
                 material,
                 async {
