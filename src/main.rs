@@ -105,6 +105,10 @@ struct ServeArgs {
     /// The window of --max-issuances-per-device and of the recovery attempt limit.
     #[arg(long, default_value = "10m", value_parser = flotilla::clock::parse_duration)]
     issuance_window: Duration,
+    /// Enrollment requests that may wait for a decision at once; new requests beyond it are
+    /// refused (RESOURCE_EXHAUSTED) until an operator decides some.
+    #[arg(long, default_value_t = 1000)]
+    max_pending_enrollments: usize,
     /// Connections per gRPC endpoint that may be open without having authenticated a request
     /// (in the TLS handshake, or not yet past the first request); more are closed at once.
     #[arg(long, default_value_t = 256)]
@@ -263,6 +267,7 @@ async fn main() -> Result<()> {
                 first_request_timeout,
                 max_issuances_per_device,
                 issuance_window,
+                max_pending_enrollments,
             } = *args;
             let tpm = TpmPolicy {
                 trusted_cas: read_tpm_cas(&tpm_cas)?,
@@ -337,6 +342,7 @@ async fn main() -> Result<()> {
                     max: Policy::default().recovery_limit.max,
                     window: issuance_window,
                 },
+                max_pending_enrollments: max_pending_enrollments.max(1),
                 ..Policy::default()
             };
             let material = TlsMaterial {

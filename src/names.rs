@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 pub const MAX_NAME_LEN: usize = 63;
 const MAX_LABEL_KEY_LEN: usize = 63;
 const MAX_LABEL_VALUE_LEN: usize = 63;
+/// Most labels one device, request or fleet default set may carry: enough for any real
+/// classification, and it keeps every listing small.
+pub const MAX_LABELS: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -25,6 +28,8 @@ pub enum NameError {
         "label value {value:?} of {key:?} is invalid: use letters, digits, '-', '_', '.', at most 63 characters"
     )]
     LabelValue { key: String, value: String },
+    #[error("{count} labels is more than the {max} allowed")]
+    TooManyLabels { count: usize, max: usize },
 }
 
 /// Checks a device or resource name: lowercase alphanumerics, '-' and '.', alphanumeric at both ends.
@@ -78,6 +83,12 @@ pub fn validate_label_key(key: &str) -> Result<(), NameError> {
 
 /// Checks every key and value of a label set. Empty values are allowed.
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), NameError> {
+    if labels.len() > MAX_LABELS {
+        return Err(NameError::TooManyLabels {
+            count: labels.len(),
+            max: MAX_LABELS,
+        });
+    }
     for (key, value) in labels {
         validate_label_key(key)?;
         validate_label_value(key, value)?;

@@ -797,3 +797,127 @@ async fn a_client_without_a_certificate_fails_the_handshake() {
     let error = outcome.expect_err("no certificate, no answer");
     assert!(!error.contains("ListDevices"), "{error}");
 }
+
+#[tokio::test]
+async fn the_shared_enrollment_credential_cannot_flood_the_queue() {
+    let server = TestServer::start_with(Policy {
+        max_pending_enrollments: 3,
+        ..Policy::default()
+    })
+    .await;
+    let mut enroll =
+        EnrollmentServiceClient::new(channel(&server.agent_url, &server.enrollment_creds()).await);
+    let keys: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate().unwrap()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        enroll
+            .enroll(support::enroll_request(
+                &format!("queued-{i}"),
+                support::csr(key),
+            ))
+            .await
+            .unwrap();
+    }
+    let status = enroll
+        .enroll(support::enroll_request(
+            "one-too-many",
+            support::csr(&KeyPair::generate().unwrap()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("too many pending"),
+        "{}",
+        status.message()
+    );
+    assert!(flotilla::client::retry_after(&status).is_some());
+    // A device already waiting still gets its answer.
+    let polled = enroll
+        .enroll(support::enroll_request("queued-0", support::csr(&keys[0])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(polled.state(), agent::EnrollmentState::Pending);
+
+    // Label sets are bounded.
+    let mut request =
+        support::enroll_request("labelled", support::csr(&KeyPair::generate().unwrap()));
+    request.labels = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let status = enroll.enroll(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(
+        status.message().contains("65 labels"),
+        "{}",
+        status.message()
+    );
+
+    // A decision makes room.
+    flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient::new(
+        channel(&server.admin_url, &server.admin_creds()).await,
+    )
+    .deny_enrollment(admin::DenyEnrollmentRequest {
+        name: "queued-1".into(),
+        reason: "not ours".into(),
+    })
+    .await
+    .unwrap();
+    enroll
+        .enroll(support::enroll_request(
+            "one-too-many",
+            support::csr(&KeyPair::generate().unwrap()),
+        ))
+        .await
+        .unwrap();
+}
+
+// Multi-threaded: flotctl runs as a blocking child process while this runtime serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_device_says_cannot_drive_the_operators_terminal() {
+    let server = TestServer::start().await;
+    let hostile = "evil\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m";
+    let mut request =
+        support::enroll_request("hostile", support::csr(&KeyPair::generate().unwrap()));
+    request.system_info = Some(agent::SystemInfo {
+        hostname: hostile.into(),
+        ..Default::default()
+    });
+    EnrollmentServiceClient::new(channel(&server.agent_url, &server.enrollment_creds()).await)
+        .enroll(request)
+        .await
+        .unwrap();
+    let flotctl = |args: &[&str]| {
+        let out = std::process::Command::new(support::binary("flotctl"))
+            .arg("--config")
+            .arg(server.dir.ctl_config())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let table = flotctl(&["get", "enrollments"]);
+    assert!(
+        !table.contains(&0x1b) && !table.contains(&0x07),
+        "raw control bytes printed"
+    );
+    let text = String::from_utf8(table).unwrap();
+    assert!(
+        text.contains("evil\\x1b]0;owned\\x07\\x1b[2J\\x9b31m"),
+        "{text}"
+    );
+    // Machine-readable output stays exact.
+    let json: serde_json::Value =
+        serde_json::from_slice(&flotctl(&["get", "enrollments", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["hostname"], hostile);
+}

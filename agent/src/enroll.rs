@@ -274,6 +274,16 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
                     tracing::warn!(code = ?status.code(), message = status.message(), "enrollment attempt failed");
                     backoff.next_delay()
                 }
+                // The control plane is busy (e.g. its pending queue is full): wait as told.
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    let told = flotilla::client::retry_after(&status).unwrap_or_default();
+                    tracing::warn!(
+                        message = status.message(),
+                        retry_in_s = told.as_secs(),
+                        "enrollment turned away for now"
+                    );
+                    backoff.next_delay().max(told.min(config.max_backoff()))
+                }
                 Err(status) => bail!(
                     "enrollment refused ({:?}): {}",
                     status.code(),

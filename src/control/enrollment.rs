@@ -63,6 +63,8 @@ pub struct IssuedChallenge {
 
 /// How long a TPM challenge can be answered.
 const TPM_CHALLENGE_TTL_MS: i64 = 5 * 60 * 1000;
+/// When an agent turned away by the pending-request quota should ask again.
+const PENDING_QUOTA_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The identity that approves requests whose TPM evidence checked out, when configured to.
 fn tpm_approver() -> Identity {
@@ -81,6 +83,24 @@ fn tpm_refused(error: TpmError) -> ControlError {
 
 impl ControlPlane {
     /// Submits or polls an enrollment request (idempotent for the same name and key).
+    /// Refuses a *new* request while the pending queue is full; a request already known (a
+    /// device polling for its decision) always gets its answer.
+    async fn check_pending_quota(&self, name: &str) -> Result<(), ControlError> {
+        let limit = self.policy.max_pending_enrollments;
+        if self.enrollment_counts.pending() < limit as i64
+            || self.store.get_enrollment(name).await?.is_some()
+        {
+            return Ok(());
+        }
+        tracing::warn!(enrollment.name = %name, limit, "enrollment request refused: too many pending");
+        Err(ControlError::Overloaded {
+            message: format!(
+                "too many pending enrollment requests ({limit}); an operator must approve, deny or delete some first"
+            ),
+            retry_after: PENDING_QUOTA_RETRY,
+        })
+    }
+
     pub async fn enroll(
         &self,
         caller: &Identity,
@@ -116,6 +136,7 @@ impl ControlPlane {
             }
         };
         let name = input.device_name.clone();
+        self.check_pending_quota(&name).await?;
         let mut record = self
             .store
             .submit_enrollment(NewEnrollment {

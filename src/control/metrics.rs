@@ -34,6 +34,11 @@ impl EnrollmentCounts {
         }
     }
 
+    /// Requests waiting for a decision.
+    pub fn pending(&self) -> i64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     pub fn reset(&self, pending: i64, approved: i64, denied: i64) {
         self.pending.store(pending, Ordering::Relaxed);
         self.approved.store(approved, Ordering::Relaxed);

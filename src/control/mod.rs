@@ -62,6 +62,9 @@ pub struct Policy {
     pub issuance_limit: RateLimit,
     /// Recovery attempts per device per window.
     pub recovery_limit: RateLimit,
+    /// Enrollment requests that may wait for a decision at once; new ones beyond it are refused
+    /// (the shared enrollment credential cannot fill the database).
+    pub max_pending_enrollments: usize,
 }
 
 /// What the control plane trusts of TPM evidence.
@@ -94,6 +97,7 @@ impl Default for Policy {
                 max: 10,
                 window: Duration::from_secs(600),
             },
+            max_pending_enrollments: 1000,
         }
     }
 }
