@@ -511,9 +511,9 @@ impl Hub {
         if let Some(old) = entry.session.replace(handle.clone()) {
             old.closed.notify_one();
         }
-        if !running_version.is_empty() {
-            entry.acked_version = Some(running_version.to_string());
-        }
+        // The device's word is what it runs: "" means nothing (a fresh or wiped agent), so the
+        // current version is sent again rather than assumed from an old ACK.
+        entry.acked_version = Some(running_version.to_string()).filter(|v| !v.is_empty());
         entry.sent = None;
         entry.session_serial = Some(certificate_serial.to_string());
         if let Some(cert) = entry.cert.as_mut() {

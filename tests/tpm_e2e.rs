@@ -11,6 +11,7 @@ mod support;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
+use support::ChildGuard;
 use support::cluster::{Cluster, count_lines, wait};
 use support::swtpm::Swtpm;
 
@@ -128,8 +129,12 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
     let config = tpm_agent_config(&cluster, &swtpm);
     let state = root.join("state-1");
     let log = root.join("agent-1.log");
-    let mut agent =
-        cluster.spawn_agent_configured(&config, "edge-tpm", &["site=lab"], &state, &log, &[]);
+    let mut agent = ChildGuard(
+        cluster
+            .agent_command(&config, "edge-tpm", &["site=lab"], &state, &log)
+            .spawn()
+            .unwrap(),
+    );
 
     // Attested, then approved by policy, with no operator involved.
     wait("the TPM-attested enrollment, approved", TIMEOUT, || {
@@ -205,8 +210,12 @@ fn a_tpm_backed_agent_enrolls_with_attestation_gets_specs_renews_and_never_write
     );
     let state_2 = root.join("state-2");
     let log_2 = root.join("agent-2.log");
-    let _second =
-        cluster.spawn_agent_configured(&config, "edge-tpm-2", &["site=lab"], &state_2, &log_2, &[]);
+    let _second = ChildGuard(
+        cluster
+            .agent_command(&config, "edge-tpm-2", &["site=lab"], &state_2, &log_2)
+            .spawn()
+            .unwrap(),
+    );
     wait("the second request from the same TPM", TIMEOUT, || {
         enrollment(&cluster, "edge-tpm-2")["tpm_ek_fingerprint"] == ek.as_str()
     });
@@ -234,8 +243,12 @@ fn an_ek_certificate_from_an_untrusted_manufacturer_is_refused_audited_and_not_r
     cluster.wait_until_serving();
     let config = tpm_agent_config(&cluster, &swtpm);
     let log = root.join("agent.log");
-    let mut agent =
-        cluster.spawn_agent_configured(&config, "edge-tpm", &[], &root.join("state"), &log, &[]);
+    let mut agent = ChildGuard(
+        cluster
+            .agent_command(&config, "edge-tpm", &[], &root.join("state"), &log)
+            .spawn()
+            .unwrap(),
+    );
     wait("the agent to give up", TIMEOUT, || {
         matches!(agent.0.try_wait(), Ok(Some(_)))
     });
@@ -285,7 +298,12 @@ fn a_tpm_backed_agent_offline_past_expiry_recovers_with_its_tpm_key() {
     let config = tpm_agent_config(&cluster, &swtpm);
     let state = root.join("state");
     let log = root.join("agent-1.log");
-    let mut agent = cluster.spawn_agent_configured(&config, "edge-tpm", &[], &state, &log, &[]);
+    let mut agent = ChildGuard(
+        cluster
+            .agent_command(&config, "edge-tpm", &[], &state, &log)
+            .spawn()
+            .unwrap(),
+    );
     wait("the TPM agent's session", TIMEOUT, || {
         count_lines(&log, "session established") >= 1
     });
@@ -295,7 +313,12 @@ fn a_tpm_backed_agent_offline_past_expiry_recovers_with_its_tpm_key() {
     std::thread::sleep(Duration::from_secs(12));
 
     let log = root.join("agent-2.log");
-    let _agent = cluster.spawn_agent_configured(&config, "edge-tpm", &[], &state, &log, &[]);
+    let _agent = ChildGuard(
+        cluster
+            .agent_command(&config, "edge-tpm", &[], &state, &log)
+            .spawn()
+            .unwrap(),
+    );
     wait("recovery signed by the TPM, and a session", TIMEOUT, || {
         count_lines(&log, "recovered from an expired certificate") == 1
             && count_lines(&log, "session established") >= 1

@@ -79,18 +79,6 @@ pub struct CertStore {
     dir: PathBuf,
 }
 
-/// Kills the process at a named point of the swap when `FLOTILLA_AGENT_FAILPOINT` says so: the
-/// power-loss tests use it to stop the agent exactly there, as SIGKILL would.
-fn failpoint(name: &str) {
-    if std::env::var("FLOTILLA_AGENT_FAILPOINT").is_ok_and(|v| v == name) {
-        tracing::warn!(failpoint = name, "failpoint reached: killing the agent");
-        // SAFETY: raising a signal on our own process has no memory-safety preconditions.
-        unsafe {
-            libc::raise(libc::SIGKILL);
-        }
-    }
-}
-
 fn sync_dir(dir: &Path) -> Result<(), CertStoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -200,19 +188,19 @@ impl CertStore {
         .map_err(io(&staging))?;
         write_atomic(&staging.join(CERT), pair.cert_pem.as_bytes(), 0o644).map_err(io(&staging))?;
         sync_dir(&staging)?;
-        failpoint("swap:staged");
+        crate::failpoint::reached("swap:staged");
         let final_dir = self.dir.join(&version);
         std::fs::rename(&staging, &final_dir).map_err(io(&final_dir))?;
         sync_dir(&self.dir)?;
-        failpoint("swap:version-written");
+        crate::failpoint::reached("swap:version-written");
         if let Some(old) = self.link_target(CURRENT) {
             relink(&self.dir, PREVIOUS, &old)?;
         }
-        failpoint("swap:previous-linked");
+        crate::failpoint::reached("swap:previous-linked");
         relink(&self.dir, CURRENT, &version)?;
-        failpoint("swap:current-switched");
+        crate::failpoint::reached("swap:current-switched");
         self.clear_pending()?;
-        failpoint("swap:pending-cleared");
+        crate::failpoint::reached("swap:pending-cleared");
         Ok(())
     }
 
@@ -226,7 +214,7 @@ impl CertStore {
             std::fs::remove_file(&previous).map_err(io(&previous))?;
             sync_dir(&self.dir)?;
         }
-        failpoint("confirm:previous-unlinked");
+        crate::failpoint::reached("confirm:previous-unlinked");
         for (_, version) in self.versions() {
             if version != current {
                 let dir = self.dir.join(&version);
@@ -276,7 +264,7 @@ impl CertStore {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&staging, &dir).map_err(io(&dir))?;
         sync_dir(&self.dir)?;
-        failpoint("renew:pending-saved");
+        crate::failpoint::reached("renew:pending-saved");
         Ok(())
     }
 

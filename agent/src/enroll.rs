@@ -186,7 +186,13 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
         agent
             .certs
             .reconcile(agent.state.root(), &ca_pem, &enrolled.device_id)
-            .context("no usable device certificate; enroll the device again")?;
+            .with_context(|| {
+                format!(
+                    "no usable device certificate in {}; to bring device {name} back, restore its certificate and key, or have an operator run `flotctl delete device {name}` and start the agent with an empty state directory to enroll again",
+                    agent.state.root().join("certs").display(),
+                    name = enrolled.device_name
+                )
+            })?;
         agent.health.set_enrollment(Enrollment::Enrolled);
         return Ok(enrolled);
     }

@@ -1,5 +1,5 @@
 //! The agent's health: checks of enrollment, certificate validity, the management stream, the last
-//! apply and the state directory's disk space — each pass, warn or fail — served with the agent's
+//! apply, the state directory (writable, records readable) and its disk space — each pass, warn or fail — served with the agent's
 //! metrics on a local HTTP endpoint (`/healthz`: 200 unless a check fails, then 503; JSON body;
 //! `/metrics`: Prometheus exposition).
 
@@ -63,6 +63,8 @@ pub struct Inputs {
     pub last_apply: Option<Result<String, String>>,
     /// (available, total) bytes of the state directory's filesystem.
     pub disk: Option<(u64, u64)>,
+    /// A problem with the state directory (cannot be written, held a corrupt record).
+    pub state: Option<(Level, String)>,
 }
 
 fn check(name: &'static str, status: Level, message: impl Into<String>) -> Check {
@@ -142,7 +144,11 @@ pub fn evaluate(inputs: &Inputs, now: i64, elapsed: Duration) -> Vec<Check> {
             check("disk", level, message)
         }
     };
-    vec![enrollment, certificate, stream, apply, disk]
+    let state = match &inputs.state {
+        None => check("state", Level::Pass, "state directory in order"),
+        Some((level, message)) => check("state", *level, message.clone()),
+    };
+    vec![enrollment, certificate, stream, apply, disk, state]
 }
 
 /// Free and total bytes of the filesystem holding `path`.
@@ -184,6 +190,7 @@ impl Health {
                 since: Instant::now(),
                 last_apply: None,
                 disk: None,
+                state: None,
             }),
             state_dir,
         }
@@ -217,6 +224,11 @@ impl Health {
 
     pub fn set_last_apply(&self, result: Result<String, String>) {
         self.update(|i| i.last_apply = Some(result));
+    }
+
+    /// Reports a problem with the state directory (`None`: it is in order again).
+    pub fn set_state(&self, problem: Option<(Level, String)>) {
+        self.update(|i| i.state = problem);
     }
 
     /// Evaluates every check now.
@@ -325,6 +337,7 @@ mod tests {
             since: Instant::now(),
             last_apply: Some(Ok("abc".into())),
             disk: Some((50 << 30, 100 << 30)),
+            state: None,
         }
     }
 
@@ -349,7 +362,7 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["status"], "pass");
-        assert_eq!(json["checks"].as_array().unwrap().len(), 5);
+        assert_eq!(json["checks"].as_array().unwrap().len(), 6);
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod apply;
 mod backoff;
 mod certs;
 mod enroll;
+mod failpoint;
 mod health;
 mod keys;
 mod recover;
@@ -174,7 +175,7 @@ async fn main() -> Result<()> {
         metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
         describe_metrics();
         metrics::gauge!("flotilla_agent_build_info", "version" => flotilla::VERSION).set(1.0);
-        for result in ["ok", "rejected"] {
+        for result in ["ok", "rejected", "deferred"] {
             metrics::counter!("flotilla_agent_applies_total", "result" => result).absolute(0);
         }
         for result in ["renewed", "refused", "rejected"] {
@@ -195,6 +196,10 @@ async fn main() -> Result<()> {
         boot_id: boot_id(),
         shutdown: stop_rx,
     };
+    // Before anything else: a crash in the middle of an apply is settled now, so the disk holds
+    // one version, and the session says which.
+    let applied = session::current_applied(&agent);
+    let _ = session::settle_interrupted_apply(&agent, &applied.version);
     let enrolled = enroll::ensure_enrolled(&agent).await?;
     session::run(&agent, &enrolled).await
 }

@@ -3,10 +3,12 @@
 //! with jittered backoff whenever the connection is lost.
 
 use crate::Agent;
-use crate::apply::apply;
 use crate::apply::executor::SystemExecutor;
+use crate::apply::journal::{ApplyJournal, Recovered};
+use crate::apply::{Durable, apply_durably};
 use crate::backoff::Backoff;
 use crate::certs::Pair;
+use crate::health::Level;
 use crate::keys::{DeviceKey, StoredKey};
 use crate::recover::{self, Recovery};
 use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
@@ -205,7 +207,7 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
     let pair = agent.certs.current()?;
     let cert = cert_info_pem(&pair.cert_pem)?;
     let channel = open_channel(agent, pair).await?;
-    let mut applied = agent.state.applied()?;
+    let mut applied = current_applied(agent);
     let (tx, rx) = mpsc::channel(8);
     tx.send(message(pb::agent_message::Kind::Hello(pb::Hello {
         device_id: enrolled.device_id.clone(),
@@ -291,9 +293,16 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                         }
                     }
                     Some(pb::server_message::Kind::Spec(push)) => {
-                        let answer = handle_push(agent, &mut applied, push).await;
-                        if tx.send(message(answer)).await.is_err() {
-                            return Ok(End::Lost("outbound stream closed".into()));
+                        match handle_push(agent, &mut applied, push).await {
+                            Pushed::Answer(answer) => {
+                                if tx.send(message(answer)).await.is_err() {
+                                    return Ok(End::Lost("outbound stream closed".into()));
+                                }
+                            }
+                            // No NACK: the version is fine, the device is not. A new session
+                            // gets it pushed again.
+                            Pushed::Deferred(_) if *agent.shutdown.borrow() => return Ok(End::Shutdown),
+                            Pushed::Deferred(reason) => return Ok(End::Lost(format!("apply deferred: {reason}"))),
                         }
                     }
                     Some(pb::server_message::Kind::Reconnect(reconnect)) => {
@@ -307,46 +316,114 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
     }
 }
 
-/// Applies one push and returns the ACK or NACK for it.
-async fn handle_push(
-    agent: &Agent,
-    applied: &mut Applied,
-    push: pb::RenderedSpec,
-) -> pb::agent_message::Kind {
+/// The applied record; a corrupt one counts as nothing applied (and is reported).
+pub fn current_applied(agent: &Agent) -> Applied {
+    let (applied, problem) = agent.state.applied_or_unknown();
+    if let Some(problem) = problem {
+        tracing::warn!(%problem, "the applied-spec record is unreadable");
+        agent.health.set_state(Some((Level::Warn, problem)));
+    }
+    applied
+}
+
+/// Finishes or rolls back an apply that a crash interrupted (see `apply::journal`), reporting
+/// what it did; an error means the files could not be put back yet (e.g. a read-only disk).
+pub fn settle_interrupted_apply(agent: &Agent, applied_version: &str) -> Result<(), String> {
+    let journal = ApplyJournal::new(agent.state.root());
+    match journal.recover(Some(applied_version)) {
+        Ok(Recovered::Nothing) => Ok(()),
+        Ok(Recovered::Completed) => {
+            tracing::info!(version = %applied_version, "the last apply had completed; its journal is removed");
+            Ok(())
+        }
+        Ok(Recovered::RolledBack {
+            target_version,
+            files,
+        }) => {
+            tracing::warn!(version = %target_version, files, "an apply was interrupted; its files are back as they were before it, and the control plane will send the spec again");
+            Ok(())
+        }
+        Err(problem) => {
+            let problem = format!("an interrupted apply could not be rolled back: {problem}");
+            tracing::error!(%problem);
+            agent.health.set_state(Some((Level::Fail, problem.clone())));
+            Err(problem)
+        }
+    }
+}
+
+/// What became of a push.
+enum Pushed {
+    /// ACK or NACK it.
+    Answer(pb::agent_message::Kind),
+    /// Not applied for a reason of the device's own (interrupted, state directory unwritable):
+    /// neither ACK nor NACK; the session ends so the version comes again.
+    Deferred(String),
+}
+
+/// Applies one push and returns the ACK or NACK for it, or defers it.
+async fn handle_push(agent: &Agent, applied: &mut Applied, push: pb::RenderedSpec) -> Pushed {
     let nack = |error: String, rolled_back: bool| {
-        pb::agent_message::Kind::Nack(pb::Nack {
+        Pushed::Answer(pb::agent_message::Kind::Nack(pb::Nack {
             nonce: push.nonce.clone(),
             version: push.version.clone(),
             error,
             rolled_back,
-        })
+        }))
     };
     let spec: DeviceSpec = push.spec.clone().unwrap_or_default().into();
     if spec.content_hash() != push.content_hash {
         return nack("content hash does not match the spec".into(), false);
     }
+    if let Err(problem) = settle_interrupted_apply(agent, &applied.version) {
+        return Pushed::Deferred(problem);
+    }
     let previous = applied.spec.clone();
-    let next = spec.clone();
-    let result =
-        tokio::task::spawn_blocking(move || apply(&previous, &next, &SystemExecutor)).await;
+    let new_state = Applied {
+        version: push.version.clone(),
+        spec,
+    };
+    let recorded = new_state.clone();
+    let state = agent.state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let journal = ApplyJournal::new(state.root());
+        let record = || state.save_applied(&recorded).map_err(|e| e.to_string());
+        apply_durably(
+            &previous,
+            &recorded.spec,
+            &SystemExecutor,
+            Durable {
+                journal: &journal,
+                target_version: &recorded.version,
+                record: &record,
+            },
+        )
+    })
+    .await;
     match result {
         Ok(Ok(())) => {
-            let new_state = Applied {
-                version: push.version.clone(),
-                spec,
-            };
-            if let Err(error) = agent.state.save_applied(&new_state) {
-                tracing::error!(%error, "applied spec but could not record it");
-                return nack(format!("could not record the applied spec: {error}"), false);
-            }
             *applied = new_state;
             agent.health.set_last_apply(Ok(push.version.clone()));
+            agent.health.set_state(None);
             metrics::counter!("flotilla_agent_applies_total", "result" => "ok").increment(1);
             tracing::info!(version = %push.version, files = applied.spec.files.len(), "spec applied");
-            pb::agent_message::Kind::Ack(pb::Ack {
+            Pushed::Answer(pb::agent_message::Kind::Ack(pb::Ack {
                 nonce: push.nonce.clone(),
                 version: push.version.clone(),
-            })
+            }))
+        }
+        Ok(Err(error)) if error.retry || *agent.shutdown.borrow() => {
+            metrics::counter!("flotilla_agent_applies_total", "result" => "deferred").increment(1);
+            tracing::warn!(version = %push.version, error = %error.message, rolled_back = error.rolled_back, "apply deferred; the version will be applied again");
+            agent
+                .health
+                .set_last_apply(Err(format!("deferred: {}", error.message)));
+            if !*agent.shutdown.borrow() {
+                agent
+                    .health
+                    .set_state(Some((Level::Fail, error.message.clone())));
+            }
+            Pushed::Deferred(error.message)
         }
         Ok(Err(error)) => {
             agent.health.set_last_apply(Err(error.message.clone()));

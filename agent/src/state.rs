@@ -157,6 +157,29 @@ impl StateDir {
         Ok(self.read_json(&self.applied_path())?.unwrap_or_default())
     }
 
+    /// The applied record, or — when it cannot be read or is corrupt — nothing known (the
+    /// control plane then sends the whole spec again). A corrupt record is moved aside to
+    /// `applied.json.corrupt` for inspection; the returned message says what happened.
+    pub fn applied_or_unknown(&self) -> (Applied, Option<String>) {
+        match self.applied() {
+            Ok(applied) => (applied, None),
+            Err(error) => {
+                let path = self.applied_path();
+                let aside = self.root.join("applied.json.corrupt");
+                let moved = std::fs::rename(&path, &aside).is_ok();
+                let message = if moved {
+                    format!(
+                        "{error}; moved to {} and resyncing the whole spec",
+                        aside.display()
+                    )
+                } else {
+                    format!("{error}; resyncing the whole spec")
+                };
+                (Applied::default(), Some(message))
+            }
+        }
+    }
+
     pub fn save_applied(&self, applied: &Applied) -> Result<(), StateError> {
         self.write_json(&self.applied_path(), applied)
     }

@@ -96,21 +96,22 @@ impl Cluster {
         log: &Path,
         env: &[(&str, &str)],
     ) -> ChildGuard {
-        self.spawn_agent_configured(&self.data.join("agent.toml"), name, labels, state, log, env)
+        let mut command =
+            self.agent_command(&self.data.join("agent.toml"), name, labels, state, log);
+        command.envs(env.iter().copied());
+        ChildGuard(command.spawn().unwrap())
     }
 
-    /// Like `spawn_agent_with_env`, with its own agent configuration file.
-    pub fn spawn_agent_configured(
+    /// The command that starts an agent (not yet spawned), logging to `log`.
+    pub fn agent_command(
         &self,
         config: &Path,
         name: &str,
         labels: &[&str],
         state: &Path,
         log: &Path,
-        env: &[(&str, &str)],
-    ) -> ChildGuard {
+    ) -> Command {
         let mut command = Command::new(binary("flotilla-agent"));
-        command.envs(env.iter().copied());
         command
             .arg("--config")
             .arg(config)
@@ -120,13 +121,10 @@ impl Cluster {
         for label in labels {
             command.args(["--label", label]);
         }
-        ChildGuard(
-            command
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log).unwrap())
-                .spawn()
-                .unwrap(),
-        )
+        command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        command
     }
 
     /// Runs flotctl and fails the test, with its stderr, if it fails.

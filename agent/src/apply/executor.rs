@@ -29,10 +29,42 @@ impl CommandLine {
     }
 }
 
+/// Why a command failed, in one line, and whether it was stopped by a shutdown signal (SIGTERM,
+/// SIGINT, SIGHUP — what systemd sends a unit's processes) rather than failing on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecError {
+    pub message: String,
+    pub interrupted: bool,
+}
+
+impl ExecError {
+    pub fn failed(message: String) -> ExecError {
+        ExecError {
+            message,
+            interrupted: false,
+        }
+    }
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ExecError> for String {
+    fn from(error: ExecError) -> String {
+        error.message
+    }
+}
+
 /// Runs commands; an error says what failed and why, in one line.
 pub trait Executor: Send + Sync {
-    fn run(&self, command: &CommandLine) -> Result<(), String>;
+    fn run(&self, command: &CommandLine) -> Result<(), ExecError>;
 }
+
+/// Signals a service manager sends to stop processes: a command they end was interrupted.
+const SHUTDOWN_SIGNALS: [i32; 3] = [1, 2, 15];
 
 /// Spawns real processes (no shell), killing them at their deadline.
 #[derive(Debug, Default, Clone, Copy)]
@@ -51,19 +83,20 @@ fn tail(bytes: &[u8]) -> String {
 }
 
 impl Executor for SystemExecutor {
-    fn run(&self, command: &CommandLine) -> Result<(), String> {
+    fn run(&self, command: &CommandLine) -> Result<(), ExecError> {
+        use std::os::unix::process::ExitStatusExt;
         let shown = command.display();
         let (program, args) = command
             .argv
             .split_first()
-            .ok_or_else(|| "empty command".to_string())?;
+            .ok_or_else(|| ExecError::failed("empty command".to_string()))?;
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("`{shown}` could not start: {e}"))?;
+            .map_err(|e| ExecError::failed(format!("`{shown}` could not start: {e}")))?;
         // Read stderr on a thread so a chatty command cannot block on a full pipe.
         let stderr = child.stderr.take();
         let reader = std::thread::spawn(move || {
@@ -90,17 +123,23 @@ impl Executor for SystemExecutor {
             }
         };
         let output = reader.join().unwrap_or_default();
-        let status = status?;
+        let status = status.map_err(ExecError::failed)?;
         if status.success() {
-            Ok(())
-        } else {
-            let detail = tail(&output);
-            Err(match (status.code(), detail.is_empty()) {
-                (Some(code), true) => format!("`{shown}` exited with {code}"),
-                (Some(code), false) => format!("`{shown}` exited with {code}: {detail}"),
-                (None, _) => format!("`{shown}` was killed by a signal"),
-            })
+            return Ok(());
         }
+        let detail = tail(&output);
+        if let Some(signal) = status.signal() {
+            return Err(ExecError {
+                message: format!("`{shown}` was killed by signal {signal}"),
+                interrupted: SHUTDOWN_SIGNALS.contains(&signal),
+            });
+        }
+        let code = status.code().unwrap_or(-1);
+        Err(ExecError::failed(if detail.is_empty() {
+            format!("`{shown}` exited with {code}")
+        } else {
+            format!("`{shown}` exited with {code}: {detail}")
+        }))
     }
 }
 
@@ -108,7 +147,7 @@ impl Executor for SystemExecutor {
 pub mod recording {
     //! An executor that records what it was asked to run and fails on request.
 
-    use super::{CommandLine, Executor};
+    use super::{CommandLine, ExecError, Executor};
     use std::sync::Mutex;
 
     #[derive(Default)]
@@ -132,11 +171,11 @@ pub mod recording {
     }
 
     impl Executor for RecordingExecutor {
-        fn run(&self, command: &CommandLine) -> Result<(), String> {
+        fn run(&self, command: &CommandLine) -> Result<(), ExecError> {
             let shown = command.display();
             self.calls.lock().unwrap().push(shown.clone());
             if self.failing.contains(&shown) {
-                Err(format!("`{shown}` exited with 1"))
+                Err(ExecError::failed(format!("`{shown}` exited with 1")))
             } else {
                 Ok(())
             }
@@ -149,7 +188,19 @@ mod tests {
     use super::*;
 
     fn run(argv: &[&str], timeout_ms: u64) -> Result<(), String> {
-        SystemExecutor.run(&CommandLine::new(argv, Duration::from_millis(timeout_ms)))
+        SystemExecutor
+            .run(&CommandLine::new(argv, Duration::from_millis(timeout_ms)))
+            .map_err(String::from)
+    }
+
+    #[test]
+    fn a_command_stopped_by_a_shutdown_signal_is_interrupted_not_failed() {
+        let command = CommandLine::new(&["sh", "-c", "kill -TERM $$"], Duration::from_secs(5));
+        let error = SystemExecutor.run(&command).unwrap_err();
+        assert!(error.interrupted, "{error}");
+        assert!(error.message.contains("signal 15"), "{error}");
+        let command = CommandLine::new(&["sh", "-c", "kill -SEGV $$"], Duration::from_secs(5));
+        assert!(!SystemExecutor.run(&command).unwrap_err().interrupted);
     }
 
     #[test]

@@ -10,18 +10,91 @@ use std::path::{Path, PathBuf};
 
 /// A file as it was: content, mode, owner, group.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Existing {
-    content: Vec<u8>,
-    mode: u32,
-    uid: u32,
-    gid: u32,
+pub struct Existing {
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A file as it was before the apply (`None`: it did not exist).
+#[derive(Debug, Clone)]
+pub struct Backup {
+    pub path: PathBuf,
+    pub previous: Option<Existing>,
+}
+
+impl Backup {
+    /// Puts the file back as it was.
+    pub fn restore(&self) -> std::io::Result<()> {
+        match &self.previous {
+            Some(was) => write_atomic_owned(
+                &self.path,
+                &was.content,
+                was.mode,
+                Some(was.uid),
+                Some(was.gid),
+            ),
+            None => match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// One change the file step will make.
 #[derive(Debug)]
-struct Backup {
-    path: PathBuf,
-    previous: Option<Existing>,
+enum Step {
+    Write {
+        file: FileSpec,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    Remove(PathBuf),
+}
+
+/// What the file step will do, worked out (and every touched file read) before anything
+/// changes, so the previous state can be recorded durably first.
+#[derive(Debug, Default)]
+pub struct FilePlan {
+    steps: Vec<(Step, Backup)>,
+}
+
+impl FilePlan {
+    /// The files that will change, as they are now.
+    pub fn backups(&self) -> impl Iterator<Item = &Backup> {
+        self.steps.iter().map(|(_, backup)| backup)
+    }
+
+    /// Makes the changes in order. On error, those made so far are returned with it.
+    pub fn execute(self) -> Result<FileChanges, (FileChanges, String)> {
+        let mut changes = FileChanges::default();
+        for (step, backup) in self.steps {
+            let path = backup.path.clone();
+            changes.backups.push(backup);
+            let result = match step {
+                Step::Write { file, uid, gid } => write_file(&file, uid, gid),
+                Step::Remove(path) => std::fs::remove_file(&path)
+                    .map_err(|e| format!("removing {}: {e}", path.display())),
+            };
+            if let Err(error) = result {
+                return Err((changes, error));
+            }
+            crate::failpoint::reached_nth("apply:file", changes.backups.len());
+            tracing::trace!(path = %path.display(), "file changed");
+        }
+        Ok(changes)
+    }
+}
+
+fn write_file(file: &FileSpec, uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
+    let at = |e: &dyn std::fmt::Display| format!("file {}: {e}", file.path);
+    let path = Path::new(&file.path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| at(&e))?;
+    }
+    write_atomic_owned(path, file.content.as_bytes(), file.mode, uid, gid).map_err(|e| at(&e))
 }
 
 fn read_existing(path: &Path) -> std::io::Result<Option<Existing>> {
@@ -61,28 +134,20 @@ impl FileChanges {
 
     /// Puts every changed file back as it was; returns what could not be restored.
     pub fn restore(&self) -> Vec<String> {
-        let mut failures = Vec::new();
-        for backup in self.backups.iter().rev() {
-            let result = match &backup.previous {
-                Some(was) => write_atomic_owned(
-                    &backup.path,
-                    &was.content,
-                    was.mode,
-                    Some(was.uid),
-                    Some(was.gid),
-                ),
-                None => match std::fs::remove_file(&backup.path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                },
-            };
-            if let Err(e) = result {
-                failures.push(format!("{}: {e}", backup.path.display()));
-            }
-        }
-        failures
+        self.backups
+            .iter()
+            .rev()
+            .filter_map(|backup| {
+                backup
+                    .restore()
+                    .err()
+                    .map(|e| format!("{}: {e}", backup.path.display()))
+            })
+            .collect()
     }
+}
 
+impl FilePlan {
     fn write(&mut self, file: &FileSpec) -> Result<(), String> {
         let at = |e: &dyn std::fmt::Display| format!("file {}: {e}", file.path);
         let uid = file
@@ -108,14 +173,18 @@ impl FileChanges {
         if up_to_date {
             return Ok(());
         }
-        self.backups.push(Backup {
-            path: path.to_path_buf(),
-            previous: existing,
-        });
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| at(&e))?;
-        }
-        write_atomic_owned(path, file.content.as_bytes(), file.mode, uid, gid).map_err(|e| at(&e))
+        self.steps.push((
+            Step::Write {
+                file: file.clone(),
+                uid,
+                gid,
+            },
+            Backup {
+                path: path.to_path_buf(),
+                previous: existing,
+            },
+        ));
+        Ok(())
     }
 
     fn remove(&mut self, path: &str) -> Result<(), String> {
@@ -124,35 +193,44 @@ impl FileChanges {
         if existing.is_none() {
             return Ok(());
         }
-        self.backups.push(Backup {
-            path: PathBuf::from(path),
-            previous: existing,
-        });
-        std::fs::remove_file(path).map_err(at)
+        self.steps.push((
+            Step::Remove(PathBuf::from(path)),
+            Backup {
+                path: PathBuf::from(path),
+                previous: existing,
+            },
+        ));
+        Ok(())
     }
+}
+
+/// Works out how to write `next`'s files and remove those only `previous` had, reading what
+/// each touched file is now. Changes nothing.
+pub fn plan_files(previous: &DeviceSpec, next: &DeviceSpec) -> Result<FilePlan, String> {
+    let wanted: BTreeSet<&str> = next.files.iter().map(|f| f.path.as_str()).collect();
+    let mut plan = FilePlan::default();
+    for file in &next.files {
+        plan.write(file)?;
+    }
+    for file in &previous.files {
+        if !wanted.contains(file.path.as_str()) {
+            plan.remove(&file.path)?;
+        }
+    }
+    Ok(plan)
 }
 
 /// Writes `next`'s files and removes those only `previous` had. On error, the changes made so far
 /// are returned with it so the caller can restore them.
+#[cfg(test)]
 pub fn apply_files(
     previous: &DeviceSpec,
     next: &DeviceSpec,
 ) -> Result<FileChanges, (FileChanges, String)> {
-    let wanted: BTreeSet<&str> = next.files.iter().map(|f| f.path.as_str()).collect();
-    let mut changes = FileChanges::default();
-    for file in &next.files {
-        if let Err(e) = changes.write(file) {
-            return Err((changes, e));
-        }
+    match plan_files(previous, next) {
+        Ok(plan) => plan.execute(),
+        Err(error) => Err((FileChanges::default(), error)),
     }
-    for file in &previous.files {
-        if !wanted.contains(file.path.as_str()) {
-            if let Err(e) = changes.remove(&file.path) {
-                return Err((changes, e));
-            }
-        }
-    }
-    Ok(changes)
 }
 
 #[cfg(test)]
@@ -219,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_can_restore_every_touched_file() {
+    fn every_touched_file_is_read_first_and_can_be_restored() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a");
         std::fs::write(&a, "original").unwrap();
@@ -231,8 +309,19 @@ mod tests {
             file(&new_file, "fresh", 0o644),
             file(&blocker.join("x"), "cannot", 0o644),
         ]);
+        // Every touched file is read before the first change: a path that cannot be read
+        // refuses the whole step up front.
         let (changes, error) = apply_files(&DeviceSpec::default(), &next).err().unwrap();
         assert!(error.contains("not-a-dir"), "{error}");
+        assert!(changes.is_empty());
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "original");
+        assert!(!new_file.exists());
+
+        let next = spec(vec![
+            file(&a, "changed", 0o644),
+            file(&new_file, "fresh", 0o644),
+        ]);
+        let changes = apply_files(&DeviceSpec::default(), &next).unwrap();
         assert_eq!(std::fs::read_to_string(&a).unwrap(), "changed");
         assert!(changes.restore().is_empty());
         assert_eq!(std::fs::read_to_string(&a).unwrap(), "original");

@@ -1,18 +1,23 @@
 //! Applying a spec to the device, all or nothing. Order: `beforeUpdate` commands, image pulls
-//! (nothing is touched yet), files, `daemon-reload` if a unit file changed, units, containers,
-//! `afterUpdate` commands. A failure after the first change restores every touched file, undoes
-//! the unit and container steps already taken, and says so.
+//! (nothing is touched yet), the apply journal (the previous state of every file it will touch,
+//! durably), files, `daemon-reload` if a unit file changed, units, containers, `afterUpdate`
+//! commands, the caller's record of the new version. A failure after the first change restores
+//! every touched file, undoes the unit and container steps already taken, and says so; a crash
+//! is undone at the next start from the journal.
 
 mod accounts;
 mod containers;
 pub mod executor;
 mod files;
+pub mod journal;
 mod units;
 
 use containers::ContainerAction;
-use executor::{CommandLine, Executor};
-use files::{FileChanges, apply_files};
+use executor::{CommandLine, ExecError, Executor};
+use files::{FileChanges, FilePlan, plan_files};
 use flotilla::spec::{CommandSpec, DeviceSpec};
+use journal::ApplyJournal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use units::UnitAction;
 
@@ -23,12 +28,17 @@ pub struct ApplyError {
     pub message: String,
     /// True when some change had been made and was undone.
     pub rolled_back: bool,
+    /// Not the spec's fault: the apply was interrupted by a shutdown, or the device could not
+    /// record it (state directory read-only or full). The same version should be applied again
+    /// later, not rejected.
+    pub retry: bool,
 }
 
 fn untouched(message: String) -> ApplyError {
     ApplyError {
         message,
         rolled_back: false,
+        retry: false,
     }
 }
 
@@ -37,6 +47,22 @@ fn update_command(command: &CommandSpec) -> CommandLine {
         &command.run,
         Duration::from_secs(u64::from(command.timeout_seconds)),
     )
+}
+
+/// Runs commands through `inner`, noting whether any was stopped by a shutdown signal.
+struct Watched<'a> {
+    inner: &'a dyn Executor,
+    interrupted: AtomicBool,
+}
+
+impl Executor for Watched<'_> {
+    fn run(&self, command: &CommandLine) -> Result<(), ExecError> {
+        self.inner.run(command).inspect_err(|e| {
+            if e.interrupted {
+                self.interrupted.store(true, Ordering::Relaxed);
+            }
+        })
+    }
 }
 
 /// What the changing part of an apply has done so far, so it can be undone.
@@ -55,20 +81,19 @@ impl Progress {
     /// Undoes everything, best effort; returns a summary and what could not be undone.
     fn undo(&self, previous: &DeviceSpec, exec: &dyn Executor) -> (String, Vec<String>) {
         let mut failures = self.files.restore();
-        if units::needs_daemon_reload(&self.files.changed()) {
-            if let Err(e) = exec.run(&units::daemon_reload()) {
-                failures.push(e);
+        let mut run = |command: CommandLine| {
+            if let Err(e) = exec.run(&command) {
+                failures.push(e.message);
             }
+        };
+        if units::needs_daemon_reload(&self.files.changed()) {
+            run(units::daemon_reload());
         }
         for action in units::undo(&self.units) {
-            if let Err(e) = exec.run(&action.command()) {
-                failures.push(e);
-            }
+            run(action.command());
         }
         for action in containers::undo(previous, &self.containers) {
-            if let Err(e) = exec.run(&action.command()) {
-                failures.push(e);
-            }
+            run(action.command());
         }
         let summary = format!(
             "rolled back: restored {} file(s), undid {} unit step(s) and {} container step(s)",
@@ -81,12 +106,13 @@ impl Progress {
 }
 
 fn change(
+    plan: FilePlan,
     previous: &DeviceSpec,
     next: &DeviceSpec,
     exec: &dyn Executor,
     progress: &mut Progress,
 ) -> Result<(), String> {
-    progress.files = match apply_files(previous, next) {
+    progress.files = match plan.execute() {
         Ok(changes) => changes,
         Err((partial, error)) => {
             progress.files = partial;
@@ -112,38 +138,113 @@ fn change(
     Ok(())
 }
 
+/// Where an apply keeps its journal, and how its caller records the new version.
+pub struct Durable<'a> {
+    pub journal: &'a ApplyJournal,
+    pub target_version: &'a str,
+    /// Records the new version as applied; a failure undoes the apply.
+    pub record: &'a dyn Fn() -> Result<(), String>,
+}
+
 /// Moves the device from `previous` to `next`. On error nothing of `next` remains.
+#[cfg(test)]
 pub fn apply(
     previous: &DeviceSpec,
     next: &DeviceSpec,
     exec: &dyn Executor,
 ) -> Result<(), ApplyError> {
+    run(previous, next, exec, None)
+}
+
+/// Like `apply`, journaled so that a crash midway is undone at the next start, and finished by
+/// `durable.record` (its failure undoes the apply too).
+pub fn apply_durably(
+    previous: &DeviceSpec,
+    next: &DeviceSpec,
+    exec: &dyn Executor,
+    durable: Durable<'_>,
+) -> Result<(), ApplyError> {
+    run(previous, next, exec, Some(durable))
+}
+
+fn run(
+    previous: &DeviceSpec,
+    next: &DeviceSpec,
+    exec: &dyn Executor,
+    durable: Option<Durable<'_>>,
+) -> Result<(), ApplyError> {
+    let exec = Watched {
+        inner: exec,
+        interrupted: AtomicBool::new(false),
+    };
+    let interrupted = |mut error: ApplyError| {
+        error.retry |= exec.interrupted.load(Ordering::Relaxed);
+        error
+    };
     next.validate()
         .map_err(|e| untouched(format!("invalid spec: {e}")))?;
     for (i, command) in next.before_update.iter().enumerate() {
-        exec.run(&update_command(command))
-            .map_err(|e| untouched(format!("beforeUpdate[{i}]: {e}; nothing was changed")))?;
+        exec.run(&update_command(command)).map_err(|e| {
+            interrupted(untouched(format!(
+                "beforeUpdate[{i}]: {e}; nothing was changed"
+            )))
+        })?;
     }
     for image in containers::pulls(previous, next) {
         exec.run(&containers::pull_command(&image))
-            .map_err(|e| untouched(format!("{e}; nothing was changed")))?;
+            .map_err(|e| interrupted(untouched(format!("{e}; nothing was changed"))))?;
+    }
+    let plan =
+        plan_files(previous, next).map_err(|e| untouched(format!("{e}; nothing was changed")))?;
+    if let Some(durable) = &durable {
+        durable
+            .journal
+            .begin(durable.target_version, plan.backups())
+            .map_err(|e| ApplyError {
+                message: format!(
+                    "could not record the apply in the state directory ({e}); nothing was changed"
+                ),
+                rolled_back: false,
+                retry: true,
+            })?;
     }
     let mut progress = Progress::default();
-    let Err(error) = change(previous, next, exec, &mut progress) else {
-        return Ok(());
+    let mut retry = false;
+    let mut result = change(plan, previous, next, &exec, &mut progress);
+    if let (Ok(()), Some(durable)) = (&result, &durable) {
+        if let Err(error) = (durable.record)() {
+            retry = true;
+            result = Err(format!("could not record the applied version: {error}"));
+        }
+    }
+    let outcome = match result {
+        Ok(()) => Ok(()),
+        Err(error) if !progress.touched() => Err(ApplyError {
+            message: format!("{error}; nothing was changed"),
+            rolled_back: false,
+            retry,
+        }),
+        Err(error) => {
+            let (summary, failures) = progress.undo(previous, &exec);
+            let mut message = format!("{error}; {summary}");
+            if !failures.is_empty() {
+                message.push_str(&format!("; undoing also failed: {}", failures.join(", ")));
+            }
+            Err(ApplyError {
+                message,
+                rolled_back: true,
+                retry,
+            })
+        }
     };
-    if !progress.touched() {
-        return Err(untouched(format!("{error}; nothing was changed")));
+    // The journal goes once the outcome is settled on disk; if it cannot be removed, start-up
+    // settles it again (restoring what is already restored, or keeping a recorded version).
+    if let Some(durable) = &durable {
+        if let Err(error) = durable.journal.finish() {
+            tracing::warn!(%error, "could not remove the apply journal; start-up will settle it");
+        }
     }
-    let (summary, failures) = progress.undo(previous, exec);
-    let mut message = format!("{error}; {summary}");
-    if !failures.is_empty() {
-        message.push_str(&format!("; undoing also failed: {}", failures.join(", ")));
-    }
-    Err(ApplyError {
-        message,
-        rolled_back: true,
-    })
+    outcome.map_err(interrupted)
 }
 
 #[cfg(test)]
@@ -300,6 +401,112 @@ mod tests {
         );
         assert!(error.rolled_back);
         assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
+    }
+
+    #[test]
+    fn a_hook_stopped_by_a_shutdown_is_deferred_not_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = DeviceSpec {
+            files: vec![file(&dir.path().join("f"), "x")],
+            ..Default::default()
+        };
+        apply(&DeviceSpec::default(), &before, &SystemExecutor).unwrap();
+        let next = DeviceSpec {
+            files: vec![file(&dir.path().join("f"), "y")],
+            after_update: vec![CommandSpec {
+                run: vec!["sh".into(), "-c".into(), "kill -TERM $$".into()],
+                timeout_seconds: 5,
+            }],
+            ..Default::default()
+        };
+        let error = apply(&before, &next, &SystemExecutor).unwrap_err();
+        assert!(error.retry, "{}", error.message);
+        assert!(error.rolled_back);
+        assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
+
+        // A hook that fails on its own is the spec's problem.
+        let failing = DeviceSpec {
+            after_update: vec![CommandSpec {
+                run: vec!["false".into()],
+                timeout_seconds: 5,
+            }],
+            ..next
+        };
+        assert!(!apply(&before, &failing, &SystemExecutor).unwrap_err().retry);
+    }
+
+    fn durable_apply(
+        state: &Path,
+        previous: &DeviceSpec,
+        next: &DeviceSpec,
+        record: &dyn Fn() -> Result<(), String>,
+    ) -> Result<(), ApplyError> {
+        let journal = ApplyJournal::new(state);
+        apply_durably(
+            previous,
+            next,
+            &RecordingExecutor::default(),
+            Durable {
+                journal: &journal,
+                target_version: "v2",
+                record,
+            },
+        )
+    }
+
+    #[test]
+    fn an_apply_that_cannot_be_recorded_is_undone_and_deferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let v1 = DeviceSpec {
+            files: vec![file(&dir.path().join("f"), "one")],
+            ..Default::default()
+        };
+        apply(&DeviceSpec::default(), &v1, &RecordingExecutor::default()).unwrap();
+        let v2 = DeviceSpec {
+            files: vec![
+                file(&dir.path().join("f"), "two"),
+                file(&dir.path().join("g"), "new"),
+            ],
+            ..Default::default()
+        };
+        let error = durable_apply(state.path(), &v1, &v2, &|| Err("disk full".into())).unwrap_err();
+        assert!(error.retry && error.rolled_back, "{}", error.message);
+        assert!(error.message.contains("disk full"), "{}", error.message);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("f")).unwrap(),
+            "one"
+        );
+        assert!(!dir.path().join("g").exists());
+        assert!(!ApplyJournal::new(state.path()).in_progress());
+
+        durable_apply(state.path(), &v1, &v2, &|| Ok(())).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("f")).unwrap(),
+            "two"
+        );
+        assert!(!ApplyJournal::new(state.path()).in_progress(), "settled");
+    }
+
+    #[test]
+    fn an_apply_whose_journal_cannot_be_written_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        // The journal's directory cannot be created where a regular file is in the way.
+        let blocked = state.path().join("blocked");
+        std::fs::write(&blocked, "").unwrap();
+        let next = DeviceSpec {
+            files: vec![file(&dir.path().join("f"), "x")],
+            ..Default::default()
+        };
+        let error = durable_apply(&blocked, &DeviceSpec::default(), &next, &|| Ok(())).unwrap_err();
+        assert!(error.retry && !error.rolled_back, "{}", error.message);
+        assert!(
+            error.message.contains("nothing was changed"),
+            "{}",
+            error.message
+        );
+        assert!(!dir.path().join("f").exists());
     }
 
     #[test]

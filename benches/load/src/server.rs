@@ -159,6 +159,9 @@ impl ControlPlane {
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
+            // Every simulated device connects from 127.0.0.1, so the per-address cap (meant for
+            // one host holding many connections) would refuse the fleet itself.
+            .args(["--max-connections-per-address", "0"])
             .args(&self.extra_args)
             .env("FLOTILLA_LOG", "warn")
             .stdout(Stdio::null())
