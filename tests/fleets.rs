@@ -290,6 +290,23 @@ async fn bad_fleets_selectors_and_labels_are_refused_and_store_nothing() {
             fleet("ok", "role=web", "{{ unclosed"),
             "template.files[0].content",
         ),
+        // 47 bytes that would take hundreds of MiB per device: refused before any render.
+        (
+            fleet("ok", "role=web", r#"{% set a="x"*50000000 %}{{a~a~a~a}}"#),
+            "template.files[0].content",
+        ),
+        (
+            fleet(
+                "ok",
+                "role=web",
+                r#"{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"#,
+            ),
+            "template.files[0].content",
+        ),
+        (
+            fleet("ok", "role=web", "{% macro m() %}{% endmacro %}"),
+            "template.files[0].content",
+        ),
         (bad_defaults, "defaults.labels"),
         (static_bad_path, "template.files[0].path"),
     ] {

@@ -5,6 +5,10 @@
 //! the device lacks is an error unless the fleet gives a default (`defaults.labels`) or the
 //! template does (`{{ device.labels.site | default("lab") }}`).
 
+mod size;
+
+pub use size::MAX_TEMPLATE_BYTES;
+
 use crate::spec::{DeviceSpec, SpecError};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
@@ -124,6 +128,10 @@ impl CompiledTemplate {
                         field: path.to_string(),
                         reason: describe(&e),
                     })?;
+                size::check(s).map_err(|e| RenderError {
+                    field: path.to_string(),
+                    reason: e.to_string(),
+                })?;
             }
             Ok(())
         })?;
