@@ -373,6 +373,34 @@ mod tests {
         assert_eq!(spec.template.units[0].restart_on_change, ["/etc/site"]);
     }
 
+    proptest::proptest! {
+        /// Whatever text `apply -f` is given, parsing answers: documents, or an error.
+        #[test]
+        fn arbitrary_text_parses_or_is_refused(text in "\\PC{0,200}") {
+            let _ = parse_documents(&text);
+        }
+
+        /// A valid document with bytes changed, dropped or repeated parses or is refused cleanly.
+        #[test]
+        fn damaged_documents_parse_or_are_refused(
+            edits in proptest::collection::vec((0usize..400, 0u8..3, proptest::char::any()), 1..8),
+        ) {
+            let mut text: Vec<char> = "kind: Fleet\nmetadata: {name: web, labels: {a: b}}\nspec:\n  selector: role=web\n  defaults: {labels: {site: lab}}\n  template:\n    files:\n      - path: /etc/site\n        content: \"{{ device.labels.site }}\"\n        mode: \"0640\"\n---\nkind: Device\nmetadata: {name: a}\nspec: {files: []}\n".chars().collect();
+            for (at, how, c) in edits {
+                let at = at % (text.len() + 1);
+                match how {
+                    0 => text.insert(at, c),
+                    1 if at < text.len() => { text.remove(at); }
+                    _ => {
+                        let tail: Vec<char> = text[at..].iter().take(20).copied().collect();
+                        text.splice(at..at, tail);
+                    }
+                }
+            }
+            let _ = parse_documents(&text.into_iter().collect::<String>());
+        }
+    }
+
     #[test]
     fn malformed_documents_are_clear_errors() {
         let err = |text: &str| format!("{:#}", parse_documents(text).unwrap_err());

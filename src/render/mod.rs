@@ -336,5 +336,39 @@ mod tests {
             let c = render_device(Some(&again), &context, &DeviceSpec::default()).unwrap();
             prop_assert_eq!(a, c);
         }
+
+        /// Whatever a template says, compiling it and rendering it answer, with a field on error.
+        #[test]
+        fn arbitrary_templates_compile_or_are_refused_and_render_or_fail_cleanly(
+            body in prop_oneof![
+                "\\PC{0,60}",
+                prop::collection::vec(
+                    prop_oneof![
+                        Just("{{".to_string()), Just("}}".to_string()), Just("{%".to_string()),
+                        Just("%}".to_string()), Just(" for x in ".to_string()), Just(" endfor ".to_string()),
+                        Just(" set a = ".to_string()), Just(" if ".to_string()), Just(" endif ".to_string()),
+                        Just("device.labels".to_string()), Just("device.name".to_string()),
+                        Just(" ~ ".to_string()), Just(" * ".to_string()), Just(" | ".to_string()),
+                        Just("upper".to_string()), Just("range(".to_string()), Just(")".to_string()),
+                        "[a-z0-9'\" ]{0,6}",
+                    ],
+                    0..16,
+                ).prop_map(|parts| parts.concat()),
+            ],
+        ) {
+            let template = DeviceSpec {
+                files: vec![FileSpec::new("/etc/fuzzed", &body)],
+                ..Default::default()
+            };
+            match CompiledTemplate::compile("fuzz", &template, BTreeMap::new()) {
+                Err(error) => prop_assert!(error.field.starts_with("template")),
+                Ok(compiled) => {
+                    let labels = labels(&[("site", "lab")]);
+                    if let Ok(spec) = render_device(Some(&compiled), &device("gw", &labels), &DeviceSpec::default()) {
+                        prop_assert!(spec.files[0].content.len() <= MAX_TEMPLATE_BYTES as usize);
+                    }
+                }
+            }
+        }
     }
 }

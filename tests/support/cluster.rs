@@ -15,12 +15,21 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(root: &Path) -> Cluster {
+        Cluster::with_db(root, TestDb::new(root))
+    }
+
+    /// A cluster on PostgreSQL whatever backend the suite runs on.
+    pub fn on_postgres(root: &Path) -> Cluster {
+        Cluster::with_db(root, TestDb::postgres_for_tests())
+    }
+
+    fn with_db(root: &Path, db: TestDb) -> Cluster {
         // Build the binaries before taking ports: another test may bind a port taken and released
         // here while this one waits for the build.
         binary("flotilla");
         Cluster {
             data: root.join("data"),
-            db: TestDb::new(root),
+            db,
             agent_addr: free_addr(),
             admin_addr: free_addr(),
             root: root.to_path_buf(),
@@ -53,7 +62,8 @@ impl Cluster {
         self.start_server_with(run, &[])
     }
 
-    /// Starts `flotilla serve` with extra arguments (e.g. certificate lifetimes).
+    /// Starts `flotilla serve` with extra arguments (e.g. certificate lifetimes, or a
+    /// `--database-url` that replaces the cluster's).
     pub fn start_server_with(&self, run: usize, extra: &[&str]) -> ChildGuard {
         let log = std::fs::File::create(self.root.join(format!("server-{run}.log"))).unwrap();
         let mut command = Command::new(binary("flotilla"));
@@ -71,7 +81,7 @@ impl Cluster {
             .env("FLOTILLA_LOG", "info,flotilla::control::session=debug")
             .stdout(Stdio::null())
             .stderr(log);
-        if self.db.is_postgres() {
+        if self.db.is_postgres() && !extra.contains(&"--database-url") {
             command.arg("--database-url").arg(&self.db.url);
         }
         ChildGuard(command.spawn().unwrap())

@@ -61,6 +61,31 @@ impl TestDb {
         }
     }
 
+    /// The PostgreSQL server's address (for a proxy in front of it).
+    pub fn server_addr(&self) -> SocketAddr {
+        let rest = self.url.split_once("://").unwrap().1;
+        let authority = rest.split_once('/').unwrap().0;
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = if host.contains(':') {
+            host.to_string()
+        } else {
+            format!("{host}:5432")
+        };
+        std::net::ToSocketAddrs::to_socket_addrs(&host)
+            .unwrap()
+            .next()
+            .unwrap()
+    }
+
+    /// A new database on the suite's PostgreSQL server, whatever backend the suite runs on.
+    pub fn postgres_for_tests() -> TestDb {
+        let admin_url = std::env::var("FLOTILLA_TEST_DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty())
+            .unwrap_or_else(|| DEFAULT_POSTGRES_URL.to_string());
+        TestDb::postgres(&admin_url)
+    }
+
     /// The database's URL with its host and port replaced by `addr` (e.g. a proxy's).
     pub fn url_via(&self, addr: SocketAddr) -> String {
         let (scheme, rest) = self.url.split_once("://").unwrap();
