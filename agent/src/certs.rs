@@ -80,9 +80,7 @@ pub struct CertStore {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CertStoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    crate::state::sync_dir(dir).map_err(io(dir))
 }
 
 fn read(path: &Path) -> Result<String, CertStoreError> {

@@ -27,6 +27,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
+/// Makes the entries of `dir` (renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Writes `content` to `path` atomically with permission `mode`.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
     write_atomic_owned(path, content, mode, None, None)
@@ -61,7 +66,7 @@ pub fn write_atomic_owned(
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

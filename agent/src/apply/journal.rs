@@ -6,7 +6,7 @@
 //! never stays a mix of two versions; the control plane then pushes whatever is wanted now.
 
 use super::files::{Backup, Existing};
-use crate::state::write_atomic;
+use crate::state::{sync_dir, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -49,10 +49,6 @@ pub enum Recovered {
 #[derive(Debug, Clone)]
 pub struct ApplyJournal {
     root: PathBuf,
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn remove_dir(dir: &Path) -> std::io::Result<()> {
