@@ -62,6 +62,8 @@ pub struct SyncStatus {
     pub render_error: Option<String>,
     pub last_seen_ms: Option<i64>,
     pub certificate: Option<CertStatus>,
+    /// The other replica that holds the device's session, when not this one.
+    pub elsewhere: Option<String>,
 }
 
 /// Where a device's management certificate stands in its renewal cycle.
@@ -133,7 +135,10 @@ pub struct HubSummary {
     pub pending: usize,
     pub error: usize,
     pub offline: usize,
+    /// Devices with a session on any replica.
     pub online: usize,
+    /// Sessions this replica holds.
+    pub sessions: usize,
     pub expiring_7d: usize,
     pub expiring_30d: usize,
     pub renewal_due: usize,
@@ -220,6 +225,8 @@ struct DeviceEntry {
     session_serial: Option<String>,
     last_seen_ms: Option<i64>,
     cert: Option<CertTrack>,
+    /// Another replica holds the device's session (learnt from the change feed).
+    elsewhere: Option<String>,
 }
 
 impl DeviceEntry {
@@ -229,7 +236,7 @@ impl DeviceEntry {
 
     fn status(&self) -> SyncStatus {
         let desired = self.desired_version();
-        let online = self.session.is_some();
+        let online = self.session.is_some() || self.elsewhere.is_some();
         let nacked_desired = self
             .nacked
             .as_ref()
@@ -256,6 +263,7 @@ impl DeviceEntry {
                 .cert
                 .as_ref()
                 .map(|c| c.status(crate::clock::now_millis())),
+            elsewhere: self.elsewhere.clone(),
         }
     }
 
@@ -281,6 +289,7 @@ impl DeviceEntry {
             session_serial: None,
             last_seen_ms: None,
             cert: None,
+            elsewhere: None,
         }
     }
 
@@ -449,10 +458,10 @@ impl Hub {
 
     /// Forgets a device (deleted); its session is closed.
     pub fn remove(&self, device_id: &str) {
-        if let Some(entry) = self.lock().remove(device_id) {
-            if let Some(session) = entry.session {
-                session.closed.notify_one();
-            }
+        if let Some(entry) = self.lock().remove(device_id)
+            && let Some(session) = entry.session
+        {
+            session.closed.notify_one();
         }
         self.changed(device_id);
     }
@@ -511,6 +520,7 @@ impl Hub {
         if let Some(old) = entry.session.replace(handle.clone()) {
             old.closed.notify_one();
         }
+        entry.elsewhere = None;
         // The device's word is what it runs: "" means nothing (a fresh or wiped agent), so the
         // current version is sent again rather than assumed from an old ACK.
         entry.acked_version = Some(running_version.to_string()).filter(|v| !v.is_empty());
@@ -536,15 +546,15 @@ impl Hub {
     /// Forgets a session that ended; a newer session of the same device is left alone.
     pub fn close_session(&self, device_id: &str, session_id: u64, now_ms: i64) {
         let mut state = self.lock();
-        if let Some(entry) = state.get_mut(device_id) {
-            if entry.session.as_ref().map(|s| s.id) == Some(session_id) {
-                entry.session = None;
-                entry.session_serial = None;
-                entry.sent = None;
-                entry.last_seen_ms = Some(now_ms);
-                drop(state);
-                self.changed(device_id);
-            }
+        if let Some(entry) = state.get_mut(device_id)
+            && entry.session.as_ref().map(|s| s.id) == Some(session_id)
+        {
+            entry.session = None;
+            entry.session_serial = None;
+            entry.sent = None;
+            entry.last_seen_ms = Some(now_ms);
+            drop(state);
+            self.changed(device_id);
         }
     }
 
@@ -621,6 +631,38 @@ impl Hub {
         })
     }
 
+    /// Takes in what another replica recorded about a device: which replica holds its session
+    /// (`None`: none, or this one) and its last answers. A session this replica still holds while
+    /// a newer one is open elsewhere is stale and is closed: the newest session wins.
+    pub fn note_remote(
+        &self,
+        device_id: &str,
+        holder: Option<String>,
+        acked_version: Option<String>,
+        nacked: Option<(String, String)>,
+    ) {
+        let mut state = self.lock();
+        let Some(entry) = state.get_mut(device_id) else {
+            return;
+        };
+        if holder.is_none() && entry.session.is_some() {
+            // Our own session: our answers are the newest.
+            return;
+        }
+        if holder.is_some()
+            && let Some(stale) = entry.session.take()
+        {
+            stale.closed.notify_one();
+            entry.session_serial = None;
+            entry.sent = None;
+        }
+        entry.elsewhere = holder;
+        entry.acked_version = acked_version;
+        entry.nacked = nacked;
+        drop(state);
+        self.changed(device_id);
+    }
+
     /// Notes that a device was heard from (kept in memory only).
     pub fn touch(&self, device_id: &str, now_ms: i64) {
         if let Some(entry) = self.lock().get_mut(device_id) {
@@ -658,6 +700,9 @@ impl Hub {
                 SyncState::Offline => summary.offline += 1,
             }
             if entry.session.is_some() {
+                summary.sessions += 1;
+            }
+            if entry.session.is_some() || entry.elsewhere.is_some() {
                 summary.online += 1;
             }
             if let Some(cert) = &entry.cert {

@@ -103,13 +103,13 @@ impl Identity {
             .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
         let mut found = None;
         for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
-            if let GeneralName::URI(uri) = name {
-                if uri.starts_with(SCHEME) {
-                    if found.is_some() {
-                        return Err(IdentityError::Ambiguous);
-                    }
-                    found = Some(Identity::from_uri(uri)?);
+            if let GeneralName::URI(uri) = name
+                && uri.starts_with(SCHEME)
+            {
+                if found.is_some() {
+                    return Err(IdentityError::Ambiguous);
                 }
+                found = Some(Identity::from_uri(uri)?);
             }
         }
         found.ok_or(IdentityError::Missing)

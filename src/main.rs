@@ -7,7 +7,7 @@ use flotilla::control::{
     AdmissionSettings, ControlPlane, Policy, RateLimit, SessionSettings, TpmPolicy,
 };
 use flotilla::hub::{Debounce, Hub};
-use flotilla::store::{Backend, Store};
+use flotilla::store::{Backend, StartLock, Store};
 use flotilla::transport::{ConnectionLimits, Endpoints, TlsMaterial, serve};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,31 @@ struct StoreArgs {
     /// `postgres://…` to use PostgreSQL instead of SQLite in the data directory.
     #[arg(long, env = "FLOTILLA_DATABASE_URL")]
     database_url: Option<String>,
+    /// This replica's name in logs, metrics and session records (a random suffix keeps each
+    /// process distinct). Default: the host name.
+    #[arg(long, env = "FLOTILLA_REPLICA_NAME")]
+    replica_name: Option<String>,
+}
+
+/// The replica's name: given, or the host name, reduced to characters safe in any label.
+fn replica_name(args: &StoreArgs) -> String {
+    let raw = args
+        .replica_name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(48)
+        .collect();
+    if name.is_empty() {
+        "flotilla".into()
+    } else {
+        name
+    }
 }
 
 #[derive(clap::Args)]
@@ -180,23 +205,54 @@ fn backend(store: &StoreArgs) -> Backend {
     }
 }
 
-/// Opens the store and applies pending migrations; returns it with the number applied.
-async fn open_store(args: &StoreArgs) -> Result<(Store, usize)> {
+/// Opens the store, waits until no other replica is starting on the same database, and applies
+/// pending migrations. The returned lock is held until the caller has checked the shared identity.
+async fn open_store(args: &StoreArgs) -> Result<(Store, StartLock, usize)> {
     flotilla::bootstrap::private_dir(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let backend = backend(args);
     let location = backend.redacted();
-    let store = tokio::task::spawn_blocking(move || Store::open(backend))
+    let name = replica_name(args);
+    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, &name))
         .await?
         .with_context(|| format!("opening the database at {location}"))?;
+    let start_lock = store
+        .start_lock()
+        .await
+        .context("waiting for other replicas to finish starting")?;
     let applied = store.migrate().await.context("applying migrations")?;
     tracing::info!(
         backend = store.backend().name(),
         location,
         applied,
+        replica = store.replica(),
         "database ready"
     );
-    Ok((store, applied))
+    Ok((store, start_lock, applied))
+}
+
+/// The deployment-identity key under which the CA's public-key fingerprint is recorded.
+const CA_FINGERPRINT_KEY: &str = "ca_public_key_sha256";
+
+/// Records the CA on first start, or checks that this replica serves with the recorded one: two
+/// CAs on one database would split the fleet into devices each replica cannot verify.
+async fn check_shared_ca(store: &Store, ca_pem: &str, data_dir: &std::path::Path) -> Result<()> {
+    let ours = flotilla::pki::cert_info_pem(ca_pem)
+        .context("reading the CA certificate")?
+        .key_fingerprint;
+    let recorded = store
+        .claim_identity(CA_FINGERPRINT_KEY, &ours, flotilla::clock::now_millis())
+        .await
+        .context("recording the CA in the database")?;
+    if recorded != ours {
+        anyhow::bail!(
+            "this database was created with another CA (public key SHA-256 {recorded}); the CA in \
+             {} has {ours}. Every replica must serve with the same CA: start this one from a copy \
+             of the first replica's data directory (or the same mounted secret)",
+            data_dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn url_for(addr: SocketAddr) -> String {
@@ -238,7 +294,7 @@ async fn main() -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Migrate { store } => {
-            let (_, applied) = open_store(&store).await?;
+            let (_, _start_lock, applied) = open_store(&store).await?;
             println!("{applied} migration(s) applied");
             Ok(())
         }
@@ -292,6 +348,7 @@ async fn main() -> Result<()> {
             };
             let agent_addr = agent.local_addr()?;
             let admin_addr = admin.local_addr()?;
+            let (db, start_lock, _) = open_store(&store).await?;
             let dir = DataDir::new(&store.data_dir);
             let options = BootstrapOptions {
                 agent_url: agent_url.unwrap_or_else(|| url_for(agent_addr)),
@@ -311,7 +368,8 @@ async fn main() -> Result<()> {
                     DataDir::new(&store.data_dir).ctl_config().display()
                 );
             }
-            let (db, _) = open_store(&store).await?;
+            check_shared_ca(&db, prepared.ca.cert_pem(), &store.data_dir).await?;
+            drop(start_lock);
             let heartbeat = Duration::from_secs(heartbeat_interval.max(1));
             let policy = Policy {
                 device_cert_validity,

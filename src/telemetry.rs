@@ -140,6 +140,22 @@ fn describe() {
         "flotilla_rollout_paused",
         "1 while the fleet's rollout is paused."
     );
+    describe_gauge!(
+        "flotilla_replica_info",
+        "Always 1; the replica label is this process's name in the change feed and session records."
+    );
+    describe_gauge!(
+        "flotilla_change_feed_position",
+        "Id of the last change-feed row this replica applied."
+    );
+    describe_gauge!(
+        "flotilla_change_feed_lag_seconds",
+        "Age of the last change-feed row when this replica applied it."
+    );
+    describe_gauge!(
+        "flotilla_rollout_leader",
+        "1 while this replica drives rollouts (holds the leader lock)."
+    );
     describe_histogram!(
         "flotilla_store_operation_seconds",
         metrics::Unit::Seconds,
@@ -234,6 +250,12 @@ pub fn admin_request(method: String, code: &'static str, elapsed: Duration) {
     counter!("flotilla_admin_requests_total", "method" => method, "code" => code).increment(1);
 }
 
+/// The change feed was applied up to `position`; its last row was `lag_seconds` old.
+pub fn change_feed_applied(position: i64, lag_seconds: f64) {
+    gauge!("flotilla_change_feed_position").set(position as f64);
+    gauge!("flotilla_change_feed_lag_seconds").set(lag_seconds);
+}
+
 pub fn store_operation(operation: &'static str, elapsed: Duration) {
     histogram!("flotilla_store_operation_seconds", "operation" => operation)
         .record(elapsed.as_secs_f64());
@@ -259,6 +281,10 @@ pub struct Snapshot {
     pub renewal_due: usize,
     /// Open rollouts: (fleet, share of devices synced on the new revision, paused).
     pub rollouts: Vec<(String, f64, bool)>,
+    /// This replica's name.
+    pub replica: String,
+    /// Whether this replica drives rollouts.
+    pub leading: bool,
 }
 
 /// Sets the gauges from `snapshot`.
@@ -270,6 +296,10 @@ pub fn publish(snapshot: &Snapshot) {
         0.0
     });
     gauge!("flotilla_agent_sessions").set(snapshot.sessions as f64);
+    if !snapshot.replica.is_empty() {
+        gauge!("flotilla_replica_info", "replica" => snapshot.replica.clone()).set(1.0);
+    }
+    gauge!("flotilla_rollout_leader").set(if snapshot.leading { 1.0 } else { 0.0 });
     for (state, count) in [
         ("synced", snapshot.synced),
         ("pending", snapshot.pending),

@@ -118,24 +118,24 @@ fn sampler(
                 .arg(data.join("flotctl.toml"))
                 .args(["rollout", "status", "web", "-o", "json"])
                 .output();
-            if let Ok(out) = out {
-                if let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) {
-                    let updating = status["updating"].as_u64().unwrap_or(0);
-                    let batch = status["batch"]
-                        .as_str()
-                        .and_then(|b| b.split('/').next())
-                        .and_then(|b| b.parse().ok())
-                        .unwrap_or(0);
-                    let id = status["id"].as_str().unwrap_or_default().to_string();
-                    let mut seen = seen.lock().unwrap();
-                    seen.max_updating = seen.max_updating.max(updating);
-                    if seen.rollouts.last() != Some(&id) {
-                        seen.rollouts.push(id);
-                        seen.batches.clear();
-                    }
-                    if seen.batches.last() != Some(&batch) {
-                        seen.batches.push(batch);
-                    }
+            if let Ok(out) = out
+                && let Ok(status) = serde_json::from_slice::<Value>(&out.stdout)
+            {
+                let updating = status["updating"].as_u64().unwrap_or(0);
+                let batch = status["batch"]
+                    .as_str()
+                    .and_then(|b| b.split('/').next())
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(0);
+                let id = status["id"].as_str().unwrap_or_default().to_string();
+                let mut seen = seen.lock().unwrap();
+                seen.max_updating = seen.max_updating.max(updating);
+                if seen.rollouts.last() != Some(&id) {
+                    seen.rollouts.push(id);
+                    seen.batches.clear();
+                }
+                if seen.batches.last() != Some(&batch) {
+                    seen.batches.push(batch);
                 }
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -259,12 +259,11 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                             heartbeat = tokio::time::interval(every.max(Duration::from_millis(100)));
                             heartbeat.reset();
                         }
-                        if let Some(renew_before) = accepted.certificate_renew_before.and_then(|d| Duration::try_from(d).ok()) {
-                            if renew_before != renewer.renew_before {
+                        if let Some(renew_before) = accepted.certificate_renew_before.and_then(|d| Duration::try_from(d).ok())
+                            && renew_before != renewer.renew_before {
                                 renewer.renew_before = renew_before;
                                 agent.state.save_renew_before(renew_before)?;
                             }
-                        }
                         agent
                             .health
                             .set_certificate(cert.not_before, cert.not_after, renewer.renew_before);

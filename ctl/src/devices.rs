@@ -98,6 +98,7 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
             if status.online { "online" } else { "offline" }
         ),
     );
+    line("Replica", status.session_replica.clone());
     line("Desired", status.desired_version.clone());
     line("Sent", status.sent_version.clone());
     line("Acked", status.acked_version.clone());

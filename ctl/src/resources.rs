@@ -145,6 +145,9 @@ pub struct DeviceStatusView {
     /// The endorsement key of the TPM the device's key was attested in, if it was.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tpm_ek_fingerprint: String,
+    /// The control-plane replica that holds the device's session.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub session_replica: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -218,6 +221,7 @@ pub fn device_view(device: admin::Device) -> DeviceView {
             renew_at: status.renew_at.map(|t| t.to_string()),
             renewal_error: status.renewal_error,
             tpm_ek_fingerprint: device.tpm_ek_fingerprint,
+            session_replica: status.session_replica,
         },
     }
 }

@@ -106,10 +106,10 @@ pub fn verify_csr_der(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     for extension in csr.requested_extensions().into_iter().flatten() {
         if let ParsedExtension::SubjectAlternativeName(san) = extension {
             for name in &san.general_names {
-                if let GeneralName::URI(uri) = name {
-                    if uri.starts_with("flotilla://") {
-                        requested_identities.push(uri.to_string());
-                    }
+                if let GeneralName::URI(uri) = name
+                    && uri.starts_with("flotilla://")
+                {
+                    requested_identities.push(uri.to_string());
                 }
             }
         }

@@ -306,6 +306,7 @@ mod tests {
             fleet: None,
             fleet_revision: None,
             tpm_ek_fingerprint: None,
+            session_replica: None,
         }
     }
 

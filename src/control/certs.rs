@@ -225,11 +225,11 @@ impl ControlPlane {
             self.spares().insert(device_id.to_string());
         }
         // Measured before tracking the new certificate clears the request time.
-        if kind == "renewed" {
-            if let Some(asked) = self.hub.renewal_asked_ms(device_id) {
-                let waited = (now_millis() - asked).max(0) as u64;
-                crate::telemetry::renewal_latency(Duration::from_millis(waited));
-            }
+        if kind == "renewed"
+            && let Some(asked) = self.hub.renewal_asked_ms(device_id)
+        {
+            let waited = (now_millis() - asked).max(0) as u64;
+            crate::telemetry::renewal_latency(Duration::from_millis(waited));
         }
         self.catalog_mut()
             .note_certificate(device_id, &record.serial, record.not_after_ms);
@@ -710,19 +710,26 @@ impl ControlPlane {
 
     /// Makes revocations effective at once: refused on new connections, open streams closed.
     fn after_revocation(&self, revoked: Vec<CertificateRecord>) -> Vec<String> {
+        let serials = self.enforce_revocation(&revoked);
+        for serial in &serials {
+            crate::telemetry::certificate_event("revoked");
+            tracing::info!(serial = %serial, "certificate revoked");
+        }
+        serials
+    }
+
+    /// Refuses the revoked serials on new connections and closes the sessions using them (also
+    /// for revocations another replica recorded).
+    pub(super) fn enforce_revocation(&self, revoked: &[CertificateRecord]) -> Vec<String> {
         let serials: Vec<String> = revoked.iter().map(|c| c.serial.clone()).collect();
         self.revoked.extend(serials.iter().cloned());
-        for certificate in &revoked {
+        for certificate in revoked {
             if self
                 .hub
                 .close_session_using(&certificate.device_id, &serials)
             {
                 tracing::info!(device.id = %certificate.device_id, serial = %certificate.serial, "closed a session using a revoked certificate");
             }
-        }
-        for serial in &serials {
-            crate::telemetry::certificate_event("revoked");
-            tracing::info!(serial = %serial, "certificate revoked");
         }
         serials
     }

@@ -20,6 +20,8 @@ pub struct DeviceView {
     pub conflicts: Vec<String>,
     /// The complete rendered spec (fleet template plus overrides); only filled by `get_device`.
     pub rendered: Option<Arc<Rendered>>,
+    /// The replica that holds the device's session, if any does.
+    pub session_replica: Option<String>,
 }
 
 /// A request to set a device's overrides (and labels).
@@ -47,11 +49,17 @@ pub(super) fn parse_selector(text: &str) -> Result<Selector, ControlError> {
 impl ControlPlane {
     fn view_of(&self, record: DeviceRecord, conflicts: Vec<String>) -> DeviceView {
         let status = self.hub.status(&record.id);
+        let session_replica = status.as_ref().and_then(|s| {
+            s.elsewhere
+                .clone()
+                .or_else(|| s.online.then(|| self.store.replica().to_string()))
+        });
         DeviceView {
             record,
             status,
             conflicts,
             rendered: None,
+            session_replica,
         }
     }
 

@@ -153,10 +153,10 @@ impl ControlPlane {
             .as_ref()
             .map(|p| p.pinned.clone())
             .unwrap_or_default();
-        if let Some(p) = &previous {
-            if p.record.revision != revision {
-                pinned.insert(p.record.revision, p.template.clone());
-            }
+        if let Some(p) = &previous
+            && p.record.revision != revision
+        {
+            pinned.insert(p.record.revision, p.template.clone());
         }
         let mut entry = FleetEntry {
             record: FleetRecord {

@@ -77,7 +77,7 @@ impl ControlPlane {
         Snapshot {
             ready: self.is_loaded() && !self.is_shutting_down(),
             database_reachable: self.store.reachability().is_reachable(),
-            sessions: summary.online,
+            sessions: summary.sessions,
             synced: summary.synced,
             pending: summary.pending,
             error: summary.error,
@@ -91,6 +91,8 @@ impl ControlPlane {
             expiring_30d: summary.expiring_30d,
             renewal_due: summary.renewal_due,
             rollouts: self.rollout_gauges(),
+            replica: self.store.replica().to_string(),
+            leading: self.leading.load(Ordering::Acquire),
         }
     }
 }

@@ -12,6 +12,7 @@ mod issuance;
 mod journal;
 mod limits;
 mod metrics;
+mod replication;
 mod rollouts;
 mod session;
 mod watch;
@@ -182,6 +183,11 @@ pub struct ControlPlane {
     /// Serialises the use cases that change placement or rendering (fleet and device writes,
     /// approvals), so each computes its plan from the state the previous one left.
     writes: Arc<tokio::sync::Mutex<()>>,
+    /// The last change-feed row applied (or seen at load); the feed is read after it.
+    feed_position: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether this replica drives rollouts (always on SQLite; the lock holder on PostgreSQL).
+    leading: Arc<std::sync::atomic::AtomicBool>,
+    housekeeping: Arc<Mutex<replication::Housekeeping>>,
 }
 
 impl ControlPlane {
@@ -219,6 +225,9 @@ impl ControlPlane {
             rollout_changed: Arc::default(),
             shutting_down: Arc::default(),
             writes: Arc::default(),
+            feed_position: Arc::default(),
+            leading: Arc::default(),
+            housekeeping: Arc::default(),
         }
     }
 
@@ -305,6 +314,13 @@ impl ControlPlane {
     pub async fn load(&self) -> Result<usize, ControlError> {
         let _writes = self.writes.lock().await;
         self.start_writers();
+        // The feed position before anything is read: a change committed while loading is applied
+        // again afterwards (harmlessly), never missed.
+        if self.store.has_change_feed() {
+            let position = self.store.latest_change_id().await?;
+            self.feed_position
+                .store(position, std::sync::atomic::Ordering::Release);
+        }
         // Revocations first: nothing below may hand out a session before they are known.
         self.revoked.extend(self.store.revoked_serials().await?);
         let spares = self.store.devices_with_spare_certificates().await?;
@@ -348,8 +364,29 @@ impl ControlPlane {
             .devices()
             .filter_map(|d| Some((d.id.clone(), d.cert_serial.clone()?, d.cert_not_after_ms?)))
             .collect();
+        // Sessions other replicas hold (PostgreSQL): those devices are online there.
+        let shared = self.store.has_change_feed();
+        let elsewhere: Vec<(String, String)> = catalog
+            .devices()
+            .filter(|_| shared)
+            .filter_map(|d| {
+                let holder = d.session_replica.clone()?;
+                (holder != self.store.replica()).then(|| (d.id.clone(), holder))
+            })
+            .collect();
         *self.catalog_mut() = catalog;
         self.hub.load(seeds);
+        for (device_id, holder) in elsewhere {
+            let device = self.catalog().device(&device_id).cloned();
+            if let Some(device) = device {
+                self.hub.note_remote(
+                    &device_id,
+                    Some(holder),
+                    device.acked_version,
+                    device.nacked,
+                );
+            }
+        }
         for (device_id, serial, not_after_ms) in certificates {
             self.track_certificate(&device_id, &serial, not_after_ms);
         }

@@ -299,12 +299,34 @@ impl ControlPlane {
         }
     }
 
-    /// Drives every progressing rollout, forever.
+    /// Drives every progressing rollout, forever — while this replica leads. A replica that
+    /// becomes leader re-reads the open rollouts first and resumes from their persisted state.
     pub async fn run_rollout_engine(&self) {
         let mut interval = tokio::time::interval(ENGINE_TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.store.contend_for_leadership(self.leading.clone());
+        let mut was_leading = false;
         loop {
             interval.tick().await;
+            let leading = self.leading.load(std::sync::atomic::Ordering::Acquire);
+            if leading && !was_leading && self.store.has_change_feed() {
+                match self.store.list_open_rollouts().await {
+                    Ok(open) => {
+                        for rollout in open {
+                            self.open_rollouts.set(rollout);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "new leader could not read the open rollouts; retrying");
+                        continue;
+                    }
+                }
+            }
+            was_leading = leading;
+            if !leading {
+                continue;
+            }
+            self.leader_housekeeping().await;
             let progressing: Vec<RolloutRecord> = self
                 .open_rollouts
                 .all()

@@ -100,10 +100,10 @@ fn sandbox() -> Environment<'static> {
 
 fn describe(error: &minijinja::Error) -> String {
     let mut text = error.to_string();
-    if let Some(detail) = error.detail() {
-        if !text.contains(detail) {
-            text = format!("{text}: {detail}");
-        }
+    if let Some(detail) = error.detail()
+        && !text.contains(detail)
+    {
+        text = format!("{text}: {detail}");
     }
     text
 }

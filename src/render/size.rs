@@ -385,13 +385,13 @@ fn assign(
         ast::Expr::Var(var) => {
             let attributes = format!("{}.", var.id);
             env.retain(|name, _| !name.starts_with(&attributes));
-            if let Some(ast::Expr::Call(call)) = value {
-                if matches!(&call.expr, ast::Expr::Var(f) if f.id == "namespace") {
-                    for arg in &call.args {
-                        if let ast::CallArg::Kwarg(name, value) = arg {
-                            let attr = expr(value, env)?;
-                            env.insert(format!("{}.{name}", var.id), attr);
-                        }
+            if let Some(ast::Expr::Call(call)) = value
+                && matches!(&call.expr, ast::Expr::Var(f) if f.id == "namespace")
+            {
+                for arg in &call.args {
+                    if let ast::CallArg::Kwarg(name, value) = arg {
+                        let attr = expr(value, env)?;
+                        env.insert(format!("{}.{name}", var.id), attr);
                     }
                 }
             }
@@ -449,11 +449,11 @@ fn for_loop(l: &ast::ForLoop<'_>, env: &mut Env) -> Result<u64, SizeError> {
             break;
         }
         states.push(state);
-        if pass >= 1 {
-            if let Some(extrapolated) = linear(&states, iterations)? {
-                settled = Some(extrapolated);
-                break;
-            }
+        if pass >= 1
+            && let Some(extrapolated) = linear(&states, iterations)?
+        {
+            settled = Some(extrapolated);
+            break;
         }
     }
     let last = states.last().cloned().unwrap_or_default();
@@ -559,10 +559,10 @@ fn expr(e: &ast::Expr<'_>, env: &Env) -> Result<Bound, SizeError> {
             Bound::boolean()
         }
         Expr::GetAttr(attr) => {
-            if let Expr::Var(var) = &attr.expr {
-                if let Some(tracked) = env.get(&format!("{}.{}", var.id, attr.name)) {
-                    return Ok(tracked.clone());
-                }
+            if let Expr::Var(var) = &attr.expr
+                && let Some(tracked) = env.get(&format!("{}.{}", var.id, attr.name))
+            {
+                return Ok(tracked.clone());
             }
             expr(&attr.expr, env)?.element()
         }

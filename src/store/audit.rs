@@ -88,14 +88,22 @@ impl AuditRow {
     }
 }
 
-/// Appends `entry` after the current last record (its `seq` is assigned here). Callers serialise
-/// appends; a concurrent writer elsewhere makes the insert fail on the sequence key rather than fork
-/// the chain.
+/// The PostgreSQL advisory lock (transaction level) that serialises audit appends of every replica.
+const AUDIT_APPEND_LOCK: i64 = 0x466c_6f74_0002;
+
+/// Appends `entry` after the current last record (its `seq` is assigned here), inside the caller's
+/// transaction. On PostgreSQL the append first takes a transaction-level lock, so replicas issuing
+/// at the same moment chain one after another instead of colliding on the sequence; on SQLite the
+/// single writer already serialises them.
 pub(super) fn append(
     conn: &mut DbConnection,
     seal: &dyn AuditSeal,
     mut entry: AuditEntry,
 ) -> Result<SealedRecord, StoreError> {
+    if let DbConnection::Postgres(pg) = conn {
+        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({AUDIT_APPEND_LOCK})"))
+            .execute(pg)?;
+    }
     let last: Option<(i64, String)> = ca::table
         .order(ca::seq.desc())
         .select((ca::seq, ca::hash))

@@ -3,8 +3,9 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::{self, ManageConnection, R2D2Connection};
-use diesel::{Connection, ConnectionError, PgConnection, SqliteConnection};
+use diesel::{Connection, ConnectionError, PgConnection, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use std::sync::Arc;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -60,11 +61,13 @@ impl Backend {
 #[derive(Debug, Clone)]
 pub struct Manager {
     backend: Backend,
+    /// Recorded by the change-feed triggers as the origin of what this connection writes.
+    replica: Arc<str>,
 }
 
 impl Manager {
-    pub fn new(backend: Backend) -> Self {
-        Manager { backend }
+    pub fn new(backend: Backend, replica: Arc<str>) -> Self {
+        Manager { backend, replica }
     }
 }
 
@@ -77,7 +80,14 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> Result<DbConnection, ConnectionError> {
         match &self.backend {
-            Backend::Postgres(url) => PgConnection::establish(url).map(DbConnection::Postgres),
+            Backend::Postgres(url) => {
+                let mut conn = PgConnection::establish(url)?;
+                diesel::sql_query("SELECT set_config('flotilla.replica', $1, false)")
+                    .bind::<diesel::sql_types::Text, _>(&*self.replica)
+                    .execute(&mut conn)
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(DbConnection::Postgres(conn))
+            }
             Backend::Sqlite(path) => {
                 private_database_file(path).map_err(|e| {
                     ConnectionError::BadConnection(format!("database file {path}: {e}"))

@@ -1,6 +1,6 @@
 //! Devices: identity, labels, the spec set for them, and the last acknowledged state.
 
-use super::schema::devices;
+use super::schema::{device_sessions, devices};
 use super::{Store, StoreError, from_json, to_json};
 use crate::spec::DeviceSpec;
 use diesel::prelude::*;
@@ -29,6 +29,8 @@ pub struct DeviceRecord {
     pub fleet_revision: Option<i64>,
     /// The endorsement key of the TPM its key was proven to live in at enrollment.
     pub tpm_ek_fingerprint: Option<String>,
+    /// The replica that holds the device's session, as last recorded (PostgreSQL replicas).
+    pub session_replica: Option<String>,
 }
 
 /// A device about to be created (by approving its enrollment).
@@ -64,6 +66,7 @@ impl NewDevice {
             fleet: self.fleet,
             fleet_revision: None,
             tpm_ek_fingerprint: self.tpm_ek_fingerprint,
+            session_replica: None,
         }
     }
 }
@@ -128,6 +131,7 @@ impl DeviceRow {
             fleet: self.fleet,
             fleet_revision: self.fleet_revision,
             tpm_ek_fingerprint: self.tpm_ek_fingerprint,
+            session_replica: None,
         })
     }
 }
@@ -196,13 +200,48 @@ impl Store {
     /// Every device, by name.
     pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.run("list_devices", |conn| {
-            devices::table
+            let mut devices: Vec<DeviceRecord> = devices::table
                 .order(devices::name.asc())
                 .select(DeviceRow::as_select())
                 .load(conn)?
                 .into_iter()
                 .map(DeviceRow::into_record)
-                .collect()
+                .collect::<Result<_, _>>()?;
+            let holders: std::collections::HashMap<String, String> = device_sessions::table
+                .select((device_sessions::device_id, device_sessions::replica))
+                .load::<(String, String)>(conn)?
+                .into_iter()
+                .collect();
+            for device in &mut devices {
+                device.session_replica = holders.get(&device.id).cloned();
+            }
+            Ok(devices)
+        })
+        .await
+    }
+
+    /// The devices with these ids that exist.
+    pub async fn get_devices(&self, ids: Vec<String>) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.run("get_devices", move |conn| {
+            let mut found = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(500) {
+                let rows = devices::table
+                    .filter(devices::id.eq_any(chunk))
+                    .select(DeviceRow::as_select())
+                    .load(conn)?;
+                let holders: std::collections::HashMap<String, String> = device_sessions::table
+                    .filter(device_sessions::device_id.eq_any(chunk))
+                    .select((device_sessions::device_id, device_sessions::replica))
+                    .load::<(String, String)>(conn)?
+                    .into_iter()
+                    .collect();
+                for row in rows {
+                    let mut device = row.into_record()?;
+                    device.session_replica = holders.get(&device.id).cloned();
+                    found.push(device);
+                }
+            }
+            Ok(found)
         })
         .await
     }
@@ -318,10 +357,11 @@ impl Store {
         if facts.is_empty() {
             return Ok(());
         }
+        let replica = self.has_change_feed().then(|| self.replica.clone());
         self.run("record_device_facts", move |conn| {
             conn.transaction(|conn| {
                 for fact in &facts {
-                    write_fact(conn, fact)?;
+                    write_fact(conn, fact, replica.as_deref())?;
                 }
                 Ok(())
             })
@@ -351,9 +391,32 @@ pub enum DeviceFact {
     },
 }
 
+/// Records that `replica` holds the session of device `id` (if the device still exists).
+fn hold_session(
+    conn: &mut super::DbConnection,
+    id: &str,
+    replica: &str,
+    since_ms: i64,
+) -> Result<(), diesel::result::Error> {
+    let exists: i64 = devices::table.find(id).count().get_result(conn)?;
+    diesel::delete(device_sessions::table.find(id)).execute(conn)?;
+    if exists > 0 {
+        diesel::insert_into(device_sessions::table)
+            .values((
+                device_sessions::device_id.eq(id),
+                device_sessions::replica.eq(replica),
+                device_sessions::since_ms.eq(since_ms),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Writes one fact; `replica` is the replica recording it, when sessions are shared (PostgreSQL).
 fn write_fact(
     conn: &mut super::DbConnection,
     fact: &DeviceFact,
+    replica: Option<&str>,
 ) -> Result<(), diesel::result::Error> {
     match fact {
         DeviceFact::Session {
@@ -378,11 +441,23 @@ fn write_fact(
                     ))
                     .execute(conn)?,
             };
+            if let Some(replica) = replica {
+                hold_session(conn, id, replica, *seen_ms)?;
+            }
         }
         DeviceFact::LastSeen { id, seen_ms } => {
             diesel::update(devices::table.find(id))
                 .set(devices::last_seen_ms.eq(seen_ms))
                 .execute(conn)?;
+            if let Some(replica) = replica {
+                // The session ended here; a newer one on another replica keeps its record.
+                diesel::delete(
+                    device_sessions::table
+                        .find(id)
+                        .filter(device_sessions::replica.eq(replica)),
+                )
+                .execute(conn)?;
+            }
         }
         DeviceFact::Sync {
             id,

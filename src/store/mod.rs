@@ -6,7 +6,11 @@ mod certificates;
 mod connection;
 mod devices;
 mod enrollments;
+mod feed;
 mod fleets;
+mod identity;
+mod leader;
+mod lock;
 mod reachability;
 mod rollouts;
 mod schema;
@@ -17,7 +21,10 @@ pub use certificates::{CertificateRecord, IssuanceRules, RecordedIssuance, Revoc
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
+pub use feed::{Change, ChangeKind};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
+pub use identity::StartLock;
+pub use lock::{ProcessLock, lock_path};
 pub use reachability::{Reachability, outage_log};
 pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};
 pub use tpm::TpmChallengeRecord;
@@ -46,6 +53,9 @@ pub enum StoreError {
     Query(DieselError),
     #[error("migration failed: {0}")]
     Migration(String),
+    /// Another process holds the embedded database.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl From<DieselError> for StoreError {
@@ -69,6 +79,10 @@ pub struct Store {
     backend: Arc<Backend>,
     queries: Arc<AtomicU64>,
     reachability: Arc<Reachability>,
+    /// On SQLite, the lock that keeps other processes off the file while any clone is alive.
+    _process_lock: Option<Arc<ProcessLock>>,
+    /// This replica's name in the change feed and in session records; unique per process.
+    replica: Arc<str>,
 }
 
 impl std::fmt::Debug for Store {
@@ -83,10 +97,22 @@ impl Store {
     /// Opens a pool on `backend`. Fails at once, with the backend's own message, if no connection
     /// can be made within a few seconds.
     pub fn open(backend: Backend) -> Result<Store, StoreError> {
+        Store::open_as(backend, "replica")
+    }
+
+    /// Opens a pool on `backend` for the replica called `name` (a random suffix makes it unique
+    /// per process, so a restarted replica never mistakes its predecessor's sessions for its own).
+    pub fn open_as(backend: Backend, name: &str) -> Result<Store, StoreError> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let replica: Arc<str> = Arc::from(format!("{name}-{}", &suffix[..8]));
         // SQLite has one writer at a time anyway; with several connections, a transaction that
         // read before it wrote fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT, no
         // busy wait) whenever another connection committed in between. One connection serialises
         // everything in order instead; batching (journal, group commit) keeps the queue short.
+        let process_lock = match &backend {
+            Backend::Sqlite(path) => lock::lock_sqlite(path)?.map(Arc::new),
+            Backend::Postgres(_) => None,
+        };
         let max_size = match backend {
             Backend::Postgres(_) => 16,
             Backend::Sqlite(_) => 1,
@@ -100,7 +126,7 @@ impl Store {
             .connection_timeout(CONNECTION_TIMEOUT)
             // Failures are logged by the store, rate-limited; r2d2's own handler logs every retry.
             .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
-            .build_unchecked(Manager::new(backend.clone()));
+            .build_unchecked(Manager::new(backend.clone(), replica.clone()));
         pool.get()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Store {
@@ -108,7 +134,14 @@ impl Store {
             backend: Arc::new(backend),
             queries: Arc::new(AtomicU64::new(0)),
             reachability: Arc::default(),
+            _process_lock: process_lock,
+            replica,
         })
+    }
+
+    /// This replica's unique name.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     pub fn backend(&self) -> &Backend {

@@ -151,6 +151,20 @@ impl Store {
         .await
     }
 
+    pub async fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        let id = id.to_string();
+        self.run("get_rollout", move |conn| {
+            rollouts::table
+                .find(id)
+                .select(RolloutRow::as_select())
+                .first(conn)
+                .optional()?
+                .map(RolloutRow::into_record)
+                .transpose()
+        })
+        .await
+    }
+
     /// The fleet's most recent rollout.
     pub async fn latest_rollout(&self, fleet: &str) -> Result<Option<RolloutRecord>, StoreError> {
         let fleet = fleet.to_string();

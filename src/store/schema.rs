@@ -22,6 +22,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    device_sessions (device_id) {
+        device_id -> Text,
+        replica -> Text,
+        since_ms -> BigInt,
+    }
+}
+
+diesel::table! {
     enrollment_requests (name) {
         name -> Text,
         key_fingerprint -> Text,
@@ -134,8 +142,29 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    deployment_identity (key) {
+        key -> Text,
+        value -> Text,
+        created_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    changes (id) {
+        id -> BigInt,
+        kind -> Text,
+        subject -> Text,
+        origin -> Text,
+        created_ms -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     certificate_audit,
+    changes,
+    deployment_identity,
+    device_sessions,
     devices,
     enrollment_requests,
     certificates,

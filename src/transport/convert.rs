@@ -141,6 +141,7 @@ pub fn device(view: DeviceView) -> admin::Device {
         certificate_not_after: record.cert_not_after_ms.map(timestamp_from_millis),
         ..Default::default()
     };
+    status.session_replica = view.session_replica.unwrap_or_default();
     if let Some(live) = view.status {
         status.online = live.online;
         status.sync_state = sync_state(live.state) as i32;

@@ -235,6 +235,10 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_rollout_engine().await })
     };
+    let feed = {
+        let control = control.clone();
+        tokio::spawn(async move { control.run_change_feed().await })
+    };
     for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -254,6 +258,7 @@ pub async fn serve(
     waves.abort();
     renewals.abort();
     rollouts.abort();
+    feed.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

@@ -11,6 +11,8 @@ pub struct Cluster {
     pub db: TestDb,
     pub agent_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
+    /// flotctl's configuration: the data directory's, or one pointing at this replica.
+    pub ctl_config: std::path::PathBuf,
 }
 
 impl Cluster {
@@ -23,24 +25,93 @@ impl Cluster {
         Cluster::with_db(root, TestDb::postgres_for_tests())
     }
 
+    /// A cluster on SQLite in its data directory, whatever backend the suite runs on.
+    pub fn on_sqlite(root: &Path) -> Cluster {
+        Cluster::with_db(root, TestDb::sqlite(root))
+    }
+
+    /// Another control plane on this cluster's database, in `root` with its own ports, serving
+    /// from `data` (a copy of this cluster's data directory, the same directory, or a new one).
+    /// flotctl and agent configurations written by `point_configs_here` talk to it.
+    pub fn replica(&self, root: &Path, data: &Path) -> Cluster {
+        std::fs::create_dir_all(root).unwrap();
+        Cluster {
+            data: data.to_path_buf(),
+            db: self.db.shared(),
+            agent_addr: free_addr(),
+            admin_addr: free_addr(),
+            root: root.to_path_buf(),
+            ctl_config: root.join("flotctl.toml"),
+        }
+    }
+
+    /// Copies this cluster's data directory (CA, credentials) to `to`, as an operator starting a
+    /// second replica would.
+    pub fn copy_data_dir(&self, to: &Path) {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&self.data)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Writes flotctl.toml and agent.toml into this replica's root, pointing at its own ports.
+    pub fn point_configs_here(&self) {
+        let retarget = |from: &Path, to: &Path, url: String| {
+            let text = std::fs::read_to_string(from).unwrap();
+            let text: Vec<String> = text
+                .lines()
+                .map(|line| {
+                    if line.starts_with("server = ") {
+                        format!("server = \"{url}\"")
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(to, text.join("\n")).unwrap();
+        };
+        retarget(
+            &self.data.join("flotctl.toml"),
+            &self.ctl_config,
+            format!("https://{}", self.admin_addr),
+        );
+        retarget(
+            &self.data.join("agent.toml"),
+            &self.agent_config(),
+            format!("https://{}", self.agent_addr),
+        );
+    }
+
+    /// The agent configuration agents of this replica use.
+    pub fn agent_config(&self) -> std::path::PathBuf {
+        if self.ctl_config == self.data.join("flotctl.toml") {
+            self.data.join("agent.toml")
+        } else {
+            self.root.join("agent.toml")
+        }
+    }
+
     fn with_db(root: &Path, db: TestDb) -> Cluster {
         // Build the binaries before taking ports: another test may bind a port taken and released
         // here while this one waits for the build.
         binary("flotilla");
+        std::fs::create_dir_all(root).unwrap();
         Cluster {
             data: root.join("data"),
             db,
             agent_addr: free_addr(),
             admin_addr: free_addr(),
             root: root.to_path_buf(),
+            ctl_config: root.join("data").join("flotctl.toml"),
         }
     }
 
     pub fn wait_until_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(self.data.join("flotctl.toml").exists()
-            && self.flotctl(&["get", "devices"]).status.success())
-        {
+        while !(self.ctl_config.exists() && self.flotctl(&["get", "devices"]).status.success()) {
             if Instant::now() > deadline {
                 let logs: Vec<String> = std::fs::read_dir(&self.root)
                     .into_iter()
@@ -106,8 +177,7 @@ impl Cluster {
         log: &Path,
         env: &[(&str, &str)],
     ) -> ChildGuard {
-        let mut command =
-            self.agent_command(&self.data.join("agent.toml"), name, labels, state, log);
+        let mut command = self.agent_command(&self.agent_config(), name, labels, state, log);
         command.envs(env.iter().copied());
         ChildGuard(command.spawn().unwrap())
     }
@@ -152,7 +222,7 @@ impl Cluster {
     pub fn flotctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary("flotctl"))
             .arg("--config")
-            .arg(self.data.join("flotctl.toml"))
+            .arg(&self.ctl_config)
             .args(args)
             .output()
             .unwrap()

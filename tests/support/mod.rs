@@ -36,6 +36,8 @@ pub struct TestDb {
     pub url: String,
     admin_url: Option<String>,
     name: String,
+    /// Whether dropping this handle drops the database (false for a replica's view of it).
+    owner: bool,
 }
 
 /// The PostgreSQL server tests use when FLOTILLA_TEST_DATABASE_URL names none (CI starts it).
@@ -58,6 +60,7 @@ impl TestDb {
             url: format!("{base}/{name}"),
             admin_url: Some(admin_url.to_string()),
             name,
+            owner: true,
         }
     }
 
@@ -102,7 +105,28 @@ impl TestDb {
                 url: dir.join("flotilla.db").display().to_string(),
                 admin_url: None,
                 name: String::new(),
+                owner: true,
             },
+        }
+    }
+
+    /// SQLite in `dir`, whatever backend the suite runs on.
+    pub fn sqlite(dir: &Path) -> TestDb {
+        TestDb {
+            url: dir.join("flotilla.db").display().to_string(),
+            admin_url: None,
+            name: String::new(),
+            owner: true,
+        }
+    }
+
+    /// Another handle on the same database that leaves it in place when dropped.
+    pub fn shared(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            admin_url: self.admin_url.clone(),
+            name: self.name.clone(),
+            owner: false,
         }
     }
 
@@ -117,14 +141,14 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(admin_url) = &self.admin_url {
-            if let Ok(mut conn) = PgConnection::establish(admin_url) {
-                let _ = diesel::sql_query(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-                .execute(&mut conn);
-            }
+        if let Some(admin_url) = self.admin_url.as_ref().filter(|_| self.owner)
+            && let Ok(mut conn) = PgConnection::establish(admin_url)
+        {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn);
         }
     }
 }

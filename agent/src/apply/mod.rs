@@ -211,11 +211,11 @@ fn run(
     let mut progress = Progress::default();
     let mut retry = false;
     let mut result = change(plan, previous, next, &exec, &mut progress);
-    if let (Ok(()), Some(durable)) = (&result, &durable) {
-        if let Err(error) = (durable.record)() {
-            retry = true;
-            result = Err(format!("could not record the applied version: {error}"));
-        }
+    if let (Ok(()), Some(durable)) = (&result, &durable)
+        && let Err(error) = (durable.record)()
+    {
+        retry = true;
+        result = Err(format!("could not record the applied version: {error}"));
     }
     let outcome = match result {
         Ok(()) => Ok(()),
@@ -239,10 +239,10 @@ fn run(
     };
     // The journal goes once the outcome is settled on disk; if it cannot be removed, start-up
     // settles it again (restoring what is already restored, or keeping a recorded version).
-    if let Some(durable) = &durable {
-        if let Err(error) = durable.journal.finish() {
-            tracing::warn!(%error, "could not remove the apply journal; start-up will settle it");
-        }
+    if let Some(durable) = &durable
+        && let Err(error) = durable.journal.finish()
+    {
+        tracing::warn!(%error, "could not remove the apply journal; start-up will settle it");
     }
     outcome.map_err(interrupted)
 }

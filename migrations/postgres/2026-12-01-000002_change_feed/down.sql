@@ -1,0 +1,10 @@
+DROP TRIGGER enrollments_changed ON enrollment_requests;
+DROP TRIGGER rollouts_changed ON rollouts;
+DROP TRIGGER certificates_revoked ON certificates;
+DROP TRIGGER fleets_changed ON fleets;
+DROP TRIGGER device_sessions_changed ON device_sessions;
+DROP TRIGGER devices_changed ON devices;
+DROP TRIGGER devices_written ON devices;
+DROP FUNCTION flotilla_record_change();
+DROP TABLE device_sessions;
+DROP TABLE changes;

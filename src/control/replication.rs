@@ -1,0 +1,316 @@
+//! Following the change feed: what other replicas committed — devices, fleets, revocations,
+//! rollouts, enrollment decisions — is read back from the database and applied to this replica's
+//! catalog and hub, so every replica renders, pushes, refuses and reports the same fleet. Each
+//! change names only its subject; the subject is re-read, so applying a change twice, or a change
+//! this replica made itself, is harmless.
+
+use super::{ControlError, ControlPlane, fleet_entry};
+use crate::clock::now_millis;
+use crate::store::{Change, ChangeKind, DeviceRecord};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Most changes read at once.
+const PAGE: i64 = 2000;
+/// Wait before reading again after the database refused.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What one page of changes touched, by kind.
+#[derive(Debug, Default)]
+struct Touched {
+    devices: BTreeSet<String>,
+    fleets: BTreeSet<String>,
+    certificates: BTreeSet<String>,
+    rollouts: BTreeSet<String>,
+    enrollments: bool,
+}
+
+impl Touched {
+    fn of(changes: &[Change]) -> Touched {
+        let mut touched = Touched::default();
+        for change in changes.iter().filter(|c| !c.own) {
+            let subject = change.subject.clone();
+            match change.kind {
+                ChangeKind::Device => {
+                    touched.devices.insert(subject);
+                }
+                ChangeKind::Fleet => {
+                    touched.fleets.insert(subject);
+                }
+                ChangeKind::Certificate => {
+                    touched.certificates.insert(subject);
+                }
+                ChangeKind::Rollout => {
+                    touched.rollouts.insert(subject);
+                }
+                ChangeKind::Enrollment => touched.enrollments = true,
+            }
+        }
+        touched
+    }
+}
+
+impl ControlPlane {
+    /// Follows the change feed forever: waits for a NOTIFY (no queries while nothing changes),
+    /// then applies every change after the last one applied. Does nothing on SQLite.
+    pub async fn run_change_feed(&self) {
+        if !self.store.has_change_feed() {
+            return;
+        }
+        let wake = Arc::new(Notify::new());
+        self.store.listen_for_changes(wake.clone());
+        let mut failing = false;
+        loop {
+            wake.notified().await;
+            loop {
+                let position = self.feed_position.load(Ordering::Acquire);
+                let changes = match self.store.changes_after(position, PAGE).await {
+                    Ok(changes) => changes,
+                    Err(error) => {
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::warn!(%error, "change feed: could not read changes; retrying");
+                        }
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                };
+                let Some(last) = changes.last().map(|c| (c.id, c.created_ms)) else {
+                    break;
+                };
+                if let Err(error) = self.apply_changes(&changes).await {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(%error, "change feed: could not apply changes; retrying");
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                failing = false;
+                self.feed_position.store(last.0, Ordering::Release);
+                crate::telemetry::change_feed_applied(
+                    last.0,
+                    (now_millis() - last.1).max(0) as f64 / 1000.0,
+                );
+            }
+        }
+    }
+
+    /// Applies one page of changes made by other replicas.
+    async fn apply_changes(&self, changes: &[Change]) -> Result<(), ControlError> {
+        let touched = Touched::of(changes);
+        // Certificates first: a revocation takes effect before anything else is looked at.
+        if !touched.certificates.is_empty() {
+            let mut revoked = Vec::new();
+            for serial in &touched.certificates {
+                if let Some(record) = self.store.get_certificate(serial).await?
+                    && record.revoked_ms.is_some()
+                {
+                    revoked.push(record);
+                }
+            }
+            self.enforce_revocation(&revoked);
+        }
+        if !touched.devices.is_empty() || !touched.fleets.is_empty() {
+            self.apply_catalog_changes(&touched).await?;
+        }
+        if !touched.rollouts.is_empty() {
+            for id in &touched.rollouts {
+                if let Some(record) = self.store.get_rollout(id).await? {
+                    self.open_rollouts.set(record);
+                }
+            }
+            self.rollout_changed.notify_waiters();
+        }
+        if touched.enrollments {
+            self.count_enrollments().await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads changed fleets and devices and re-renders what they affect.
+    async fn apply_catalog_changes(&self, touched: &Touched) -> Result<(), ControlError> {
+        let _writes = self.writes.lock().await;
+        let mut fleets = HashMap::new();
+        for name in &touched.fleets {
+            fleets.insert(name.clone(), self.store.get_fleet(name).await?);
+        }
+        let devices: Vec<DeviceRecord> = self
+            .store
+            .get_devices(touched.devices.iter().cloned().collect())
+            .await?;
+        let present: BTreeSet<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        let gone: Vec<String> = touched
+            .devices
+            .iter()
+            .filter(|id| !present.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let mut entries = HashMap::new();
+        for (name, record) in fleets {
+            let entry = match record {
+                Some(record) => Some(fleet_entry(record)?),
+                None => None,
+            };
+            entries.insert(name, entry);
+        }
+        // Revisions a device is now held at that this replica has not compiled yet.
+        let pinned = {
+            let catalog = self.catalog();
+            let mut wanted: Vec<super::catalog::FleetEntry> = Vec::new();
+            for (name, entry) in &entries {
+                if let Some(entry) = entry {
+                    let mut entry = entry.clone();
+                    if let Some(previous) = catalog.fleet(name) {
+                        entry.pinned = previous.pinned.clone();
+                        if previous.record.revision != entry.record.revision {
+                            entry
+                                .pinned
+                                .insert(previous.record.revision, previous.template.clone());
+                        }
+                    }
+                    wanted.push(entry);
+                }
+            }
+            wanted
+        };
+        let all_devices: Vec<DeviceRecord> = {
+            let catalog = self.catalog();
+            let mut all: HashMap<String, DeviceRecord> = catalog
+                .devices()
+                .map(|d| (d.id.clone(), d.clone()))
+                .collect();
+            for device in &devices {
+                all.insert(device.id.clone(), device.clone());
+            }
+            all.into_values().collect()
+        };
+        let compiled = self.compile_pinned(pinned, &all_devices).await?;
+        let mut certificates = Vec::new();
+        let mut remote = Vec::new();
+        {
+            let mut catalog = self.catalog_mut();
+            let mut affected: BTreeSet<String> = touched.devices.clone();
+            for (name, entry) in &entries {
+                if entry.is_none() {
+                    affected.extend(catalog.owned_by(name));
+                    catalog.remove_fleet(name);
+                }
+            }
+            for entry in compiled {
+                let name = entry.record.name.clone();
+                catalog.put_fleet(entry);
+                affected.extend(catalog.owned_by(&name));
+            }
+            for id in &gone {
+                catalog.remove_device(id);
+                self.hub.remove(id);
+                affected.remove(id);
+            }
+            for device in devices {
+                let known = catalog
+                    .device(&device.id)
+                    .and_then(|d| d.cert_serial.clone());
+                if let (Some(serial), Some(not_after_ms)) =
+                    (device.cert_serial.clone(), device.cert_not_after_ms)
+                    && known.as_deref() != Some(serial.as_str())
+                {
+                    certificates.push((device.id.clone(), serial, not_after_ms));
+                }
+                let holder = device
+                    .session_replica
+                    .clone()
+                    .filter(|r| r.as_str() != self.store.replica());
+                remote.push((
+                    device.id.clone(),
+                    holder,
+                    device.acked_version.clone(),
+                    device.nacked.clone(),
+                ));
+                affected.insert(device.id.clone());
+                catalog.put_device(device);
+            }
+            catalog.apply_owners(&Vec::new());
+            catalog.render_into(&self.hub, affected);
+        }
+        // After rendering, so a device new to this replica has its hub entry.
+        for (device_id, holder, acked_version, nacked) in remote {
+            self.hub
+                .note_remote(&device_id, holder, acked_version, nacked);
+        }
+        for (device_id, serial, not_after_ms) in certificates {
+            self.track_certificate(&device_id, &serial, not_after_ms);
+        }
+        Ok(())
+    }
+}
+
+/// What the leader remembers between housekeeping passes.
+#[derive(Debug, Default)]
+pub(super) struct Housekeeping {
+    next_ms: i64,
+    passes: u64,
+    /// Replicas recorded as session holders that were not alive at the last pass.
+    suspects: BTreeSet<String>,
+}
+
+/// Between housekeeping passes (the leader's only periodic queries, two per pass).
+const HOUSEKEEPING_EVERY_MS: i64 = 30_000;
+/// Change-feed rows are kept this long (a replica down longer reloads everything at start).
+const FEED_RETENTION_MS: i64 = 3600 * 1000;
+
+impl ControlPlane {
+    /// The leader's periodic duties on PostgreSQL: sessions recorded for replicas that are gone
+    /// (absent at two passes in a row) are forgotten, so their devices show offline; old
+    /// change-feed rows are pruned.
+    pub(super) async fn leader_housekeeping(&self) {
+        if !self.store.has_change_feed() {
+            return;
+        }
+        let now = now_millis();
+        let (passes, suspects) = {
+            let mut state = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
+            if now < state.next_ms {
+                return;
+            }
+            state.next_ms = now + HOUSEKEEPING_EVERY_MS;
+            state.passes += 1;
+            (state.passes, state.suspects.clone())
+        };
+        let (holders, live) = match (
+            self.store.session_holders().await,
+            self.store.live_replicas().await,
+        ) {
+            (Ok(holders), Ok(live)) => (holders, live),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::debug!(%error, "housekeeping could not read the replicas");
+                return;
+            }
+        };
+        let absent: BTreeSet<String> = holders
+            .into_iter()
+            .filter(|h| !live.contains(h) && h.as_str() != self.store.replica())
+            .collect();
+        let gone: Vec<String> = absent.intersection(&suspects).cloned().collect();
+        if !gone.is_empty() {
+            match self.store.clear_sessions_of(gone.clone()).await {
+                Ok(devices) => {
+                    tracing::info!(replicas = ?gone, devices, "forgot the sessions of replicas that are gone")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not forget the sessions of gone replicas")
+                }
+            }
+        }
+        self.housekeeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .suspects = absent;
+        if passes % 10 == 1
+            && let Err(error) = self.store.prune_changes(now - FEED_RETENTION_MS).await
+        {
+            tracing::debug!(%error, "could not prune the change feed");
+        }
+    }
+}

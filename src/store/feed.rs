@@ -1,0 +1,244 @@
+//! The change feed between replicas on PostgreSQL: rows the triggers write in the transaction of
+//! every change (see the `change_feed` migration), read in id order after the last one applied,
+//! and a LISTEN connection that wakes the reader when another replica commits. Waiting costs no
+//! queries; a lost connection is re-established and followed by a catch-up read.
+
+use super::schema::changes;
+use super::{Backend, Store, StoreError};
+use diesel::prelude::*;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The channel the triggers notify.
+const CHANNEL: &str = "flotilla_changes";
+/// The application name prefix of a replica's LISTEN connection.
+const APPLICATION_PREFIX: &str = "flotilla:";
+/// Idle time before TCP keepalives probe the LISTEN connection.
+pub(super) const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Longest wait between attempts to re-establish the LISTEN connection.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What a change touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    Device,
+    Fleet,
+    Certificate,
+    Rollout,
+    Enrollment,
+}
+
+/// One committed change, as the feed recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub id: i64,
+    pub kind: ChangeKind,
+    /// The device id, fleet name, certificate serial, rollout id or enrollment name.
+    pub subject: String,
+    /// Made by this replica (already applied to its memory).
+    pub own: bool,
+    pub created_ms: i64,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = changes)]
+struct ChangeRow {
+    id: i64,
+    kind: String,
+    subject: String,
+    origin: String,
+    created_ms: i64,
+}
+
+fn kind_of(text: &str) -> Option<ChangeKind> {
+    Some(match text {
+        "device" => ChangeKind::Device,
+        "fleet" => ChangeKind::Fleet,
+        "certificate" => ChangeKind::Certificate,
+        "rollout" => ChangeKind::Rollout,
+        "enrollment" => ChangeKind::Enrollment,
+        _ => return None,
+    })
+}
+
+impl Store {
+    /// Whether this store shares its database with other replicas (PostgreSQL).
+    pub fn has_change_feed(&self) -> bool {
+        matches!(self.backend(), Backend::Postgres(_))
+    }
+
+    /// The id of the newest change (0 on an empty feed).
+    pub async fn latest_change_id(&self) -> Result<i64, StoreError> {
+        self.run("latest_change_id", |conn| {
+            Ok(changes::table
+                .select(diesel::dsl::max(changes::id))
+                .first::<Option<i64>>(conn)?
+                .unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Up to `limit` changes after `after`, oldest first. Rows of kinds this build does not know
+    /// (written by a newer replica) are skipped with their id still counted.
+    pub async fn changes_after(&self, after: i64, limit: i64) -> Result<Vec<Change>, StoreError> {
+        let replica = self.replica.clone();
+        self.run("changes_after", move |conn| {
+            let rows = changes::table
+                .filter(changes::id.gt(after))
+                .order(changes::id.asc())
+                .limit(limit)
+                .select(ChangeRow::as_select())
+                .load(conn)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|row| {
+                    Some(Change {
+                        id: row.id,
+                        kind: kind_of(&row.kind)?,
+                        own: row.origin == *replica,
+                        subject: row.subject,
+                        created_ms: row.created_ms,
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Deletes changes older than `before_ms`, keeping the newest row so ids never restart.
+    pub async fn prune_changes(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.run("prune_changes", move |conn| {
+            let newest: Option<i64> = changes::table
+                .select(diesel::dsl::max(changes::id))
+                .first(conn)?;
+            Ok(diesel::delete(
+                changes::table
+                    .filter(changes::created_ms.lt(before_ms))
+                    .filter(changes::id.lt(newest.unwrap_or(0))),
+            )
+            .execute(conn)?)
+        })
+        .await
+    }
+
+    /// Replicas that hold a LISTEN connection to the database now (alive), by name.
+    pub async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        self.run("live_replicas", |conn| {
+            let super::DbConnection::Postgres(pg) = conn else {
+                return Ok(Vec::new());
+            };
+            #[derive(QueryableByName)]
+            struct Name {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                name: String,
+            }
+            let names: Vec<Name> = diesel::sql_query(format!(
+                "SELECT DISTINCT substr(application_name, {}) AS name FROM pg_stat_activity \
+                 WHERE application_name LIKE '{APPLICATION_PREFIX}%'",
+                APPLICATION_PREFIX.len() + 1
+            ))
+            .load(pg)?;
+            Ok(names.into_iter().map(|n| n.name).collect())
+        })
+        .await
+    }
+
+    /// Replicas recorded as holding some device's session.
+    pub async fn session_holders(&self) -> Result<Vec<String>, StoreError> {
+        use super::schema::device_sessions as ds;
+        self.run("session_holders", |conn| {
+            Ok(ds::table.select(ds::replica).distinct().load(conn)?)
+        })
+        .await
+    }
+
+    /// Forgets the sessions recorded for replicas that are gone; returns how many devices.
+    pub async fn clear_sessions_of(&self, replicas: Vec<String>) -> Result<usize, StoreError> {
+        use super::schema::device_sessions as ds;
+        self.run("clear_sessions_of", move |conn| {
+            Ok(diesel::delete(ds::table.filter(ds::replica.eq_any(&replicas))).execute(conn)?)
+        })
+        .await
+    }
+
+    /// Listens for changes committed by any replica and wakes `wake` for each burst, and once
+    /// after every (re)connection so the reader catches up on what it may have missed. Runs until
+    /// the process ends; does nothing on SQLite.
+    pub fn listen_for_changes(&self, wake: Arc<Notify>) {
+        let Backend::Postgres(url) = self.backend().clone() else {
+            return;
+        };
+        let application = format!("{APPLICATION_PREFIX}{}", self.replica());
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut failures = 0u32;
+            loop {
+                match listen_once(&url, &application, &wake).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        failures = 0;
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::warn!(%error, "change feed: lost the LISTEN connection; reconnecting");
+                        }
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        });
+    }
+}
+
+/// One LISTEN connection, from connect until it breaks.
+async fn listen_once(
+    url: &str,
+    application: &str,
+    wake: &Notify,
+) -> Result<(), tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    // The application name marks this replica alive for the others (see `live_replicas`);
+    // keepalives notice a vanished server instead of waiting forever.
+    config
+        .application_name(application)
+        .keepalives_idle(KEEPALIVE_IDLE);
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
+    let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // The connection must be polled for the client to make progress; notifications arrive there.
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let error = loop {
+            match messages.next().await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    let _ = notified_tx.send(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => break Some(error),
+                None => break None,
+            }
+        };
+        let _ = lost_tx.send(error);
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // Anything committed before LISTEN took effect is found by this catch-up.
+    wake.notify_one();
+    loop {
+        tokio::select! {
+            Some(()) = notified.recv() => {
+                while notified.try_recv().is_ok() {}
+                wake.notify_one();
+            }
+            result = &mut lost => {
+                return match result {
+                    Ok(Some(error)) => Err(error),
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+}
