@@ -307,6 +307,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         write_file(&dir.enrollment_cert(), cert.pem.as_bytes(), 0o644)?;
         let agent = AgentConfig {
             server: options.agent_url.clone(),
+            servers: Vec::new(),
             server_name: "localhost".into(),
             ca_file: dir.ca_cert(),
             enrollment_cert_file: dir.enrollment_cert(),

@@ -173,6 +173,23 @@ fn read_tpm_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
 enum Command {
     /// Run the control plane (creates CA and credentials on first start).
     Serve(Box<ServeArgs>),
+    /// Create the identity replicas share (CA, server certificate, audit key, admin and
+    /// enrollment credentials, flotctl.toml, agent.toml) in a data directory, without serving.
+    Init {
+        /// Directory to create the identity in (existing files are kept).
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "flotilla-data")]
+        data_dir: PathBuf,
+        /// DNS names or IP addresses the server certificate carries besides localhost (the load
+        /// balancer's name; repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Agent endpoint URL written into agent.toml.
+        #[arg(long, default_value = "https://127.0.0.1:7443")]
+        agent_url: String,
+        /// Admin endpoint URL written into flotctl.toml.
+        #[arg(long, default_value = "https://127.0.0.1:7444")]
+        admin_url: String,
+    },
     /// Apply pending database migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -293,6 +310,32 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Init {
+            data_dir,
+            server_names,
+            agent_url,
+            admin_url,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let options = BootstrapOptions {
+                agent_url,
+                admin_url,
+                server_names,
+            };
+            let prepared = prepare(&dir, &options).context("creating the identity")?;
+            if prepared.created.is_empty() {
+                println!(
+                    "{} already holds an identity; nothing created",
+                    data_dir.display()
+                );
+            } else {
+                println!("Created in {}", data_dir.display());
+                for line in &prepared.created {
+                    println!("  {line}");
+                }
+            }
+            Ok(())
+        }
         Command::Migrate { store } => {
             let (_, _start_lock, applied) = open_store(&store).await?;
             println!("{applied} migration(s) applied");

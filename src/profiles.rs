@@ -40,6 +40,10 @@ pub struct CtlConfig {
 pub struct AgentConfig {
     /// `https://host:port` of the agent endpoint.
     pub server: String,
+    /// Further agent endpoints (other replicas of the control plane); the agent moves to the
+    /// next one when the one it uses fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
     #[serde(default = "default_server_name")]
     pub server_name: String,
     pub ca_file: PathBuf,
@@ -114,6 +118,17 @@ fn default_renewal_retry_max_secs() -> u64 {
 }
 
 impl AgentConfig {
+    /// Every agent endpoint: `server` first, then `servers`, each once.
+    pub fn endpoints(&self) -> Vec<String> {
+        let mut endpoints = vec![self.server.clone()];
+        for server in &self.servers {
+            if !endpoints.contains(server) {
+                endpoints.push(server.clone());
+            }
+        }
+        endpoints
+    }
+
     pub fn max_backoff(&self) -> Duration {
         Duration::from_secs(self.max_backoff_secs.max(1))
     }

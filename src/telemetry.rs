@@ -150,7 +150,7 @@ fn describe() {
     );
     describe_gauge!(
         "flotilla_change_feed_lag_seconds",
-        "Age of the last change-feed row when this replica applied it."
+        "Age of the last change-feed row when this replica applied it; 0 once it has caught up."
     );
     describe_gauge!(
         "flotilla_rollout_leader",
@@ -250,12 +250,6 @@ pub fn admin_request(method: String, code: &'static str, elapsed: Duration) {
     counter!("flotilla_admin_requests_total", "method" => method, "code" => code).increment(1);
 }
 
-/// The change feed was applied up to `position`; its last row was `lag_seconds` old.
-pub fn change_feed_applied(position: i64, lag_seconds: f64) {
-    gauge!("flotilla_change_feed_position").set(position as f64);
-    gauge!("flotilla_change_feed_lag_seconds").set(lag_seconds);
-}
-
 pub fn store_operation(operation: &'static str, elapsed: Duration) {
     histogram!("flotilla_store_operation_seconds", "operation" => operation)
         .record(elapsed.as_secs_f64());
@@ -285,6 +279,9 @@ pub struct Snapshot {
     pub replica: String,
     /// Whether this replica drives rollouts.
     pub leading: bool,
+    /// The last change-feed row applied, and how old it was then (0 once caught up).
+    pub feed_position: i64,
+    pub feed_lag_seconds: f64,
 }
 
 /// Sets the gauges from `snapshot`.
@@ -300,6 +297,8 @@ pub fn publish(snapshot: &Snapshot) {
         gauge!("flotilla_replica_info", "replica" => snapshot.replica.clone()).set(1.0);
     }
     gauge!("flotilla_rollout_leader").set(if snapshot.leading { 1.0 } else { 0.0 });
+    gauge!("flotilla_change_feed_position").set(snapshot.feed_position as f64);
+    gauge!("flotilla_change_feed_lag_seconds").set(snapshot.feed_lag_seconds);
     for (state, count) in [
         ("synced", snapshot.synced),
         ("pending", snapshot.pending),

@@ -292,3 +292,299 @@ fn three_replicas_serve_one_coherent_fleet() {
     );
     drop(replicas.servers);
 }
+
+impl Replicas {
+    /// Starts agent `name` (labels site=lab, role=web) whose first endpoint is replica `index`
+    /// and whose further endpoints are the other replicas.
+    fn agent_with_all_endpoints(&self, index: usize, name: &str) -> ChildGuard {
+        let node = &self.nodes[index];
+        let base = std::fs::read_to_string(node.agent_config()).unwrap();
+        let others: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, n)| format!("\"https://{}\"", n.agent_addr))
+            .collect();
+        let config = self.root.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!("servers = [{}]\n{base}", others.join(", ")),
+        )
+        .unwrap();
+        ChildGuard(
+            node.agent_command(
+                &config,
+                name,
+                &["site=lab", "role=web"],
+                &self.root.join(format!("{name}-state")),
+                &self.root.join(format!("{name}.log")),
+            )
+            .spawn()
+            .unwrap(),
+        )
+    }
+
+    /// Index of the replica whose log says it leads.
+    fn leader(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|index| {
+            count_lines(
+                &self.nodes[*index]
+                    .root
+                    .join(format!("server-{}.log", index + 1)),
+                "this replica now leads",
+            ) > 0
+                && self.servers[*index].is_some()
+        })
+    }
+
+    fn approve_all(&self, names: &[String]) {
+        wait("every enrollment request", TIMEOUT, || {
+            self.nodes[0]
+                .flotctl_json(&["get", "enrollments", "--state", "pending"])
+                .and_then(|v| v.as_array().map(Vec::len))
+                == Some(names.len())
+        });
+        for (i, name) in names.iter().enumerate() {
+            self.nodes[i % self.nodes.len()].flotctl_ok(&["approve", "enrollment", name]);
+        }
+    }
+}
+
+fn rollout_fleet(root: &Path, content: &str) -> String {
+    format!(
+        r#"kind: Fleet
+metadata:
+  name: lab
+spec:
+  selector: role=web
+  rollout:
+    batches:
+      - count: 3
+      - count: 3
+      - percent: 100
+    maxUnavailable: 2
+    successThreshold: 100
+    progressDeadlineSeconds: 300
+  template:
+    files:
+      - path: "{out}/{{{{ device.name }}}}/site.conf"
+        content: "{content}"
+"#,
+        out = root.join("out").display(),
+    )
+}
+
+#[test]
+fn a_replica_killed_mid_rollout_loses_no_agent_and_the_rollout_completes_once() {
+    let mut replicas = Replicas::start(3);
+    let root = replicas.root.clone();
+    let names: Vec<String> = (0..9).map(|i| format!("edge-{i}")).collect();
+    let _agents: Vec<ChildGuard> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| replicas.agent_with_all_endpoints(i % 3, name))
+        .collect();
+    replicas.approve_all(&names);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let path = root.join("fleet.yaml");
+    std::fs::write(&path, rollout_fleet(&root, "v1")).unwrap();
+    replicas.nodes[0].flotctl_ok(&["apply", "-f", &path.display().to_string()]);
+    wait(
+        "v1 on every agent, SYNCED through every replica",
+        TIMEOUT,
+        || {
+            refs.iter().all(|name| applied(&root, name) == "v1")
+                && replicas.synced_everywhere(&refs)
+        },
+    );
+
+    // Revision 2 rolls out in batches; the replica leading it is killed in the middle.
+    let leader = replicas.leader().expect("one replica leads");
+    let observer = (leader + 1) % 3;
+    std::fs::write(&path, rollout_fleet(&root, "v2")).unwrap();
+    replicas.nodes[observer].flotctl_ok(&["apply", "-f", &path.display().to_string()]);
+    let status = |replicas: &Replicas, index: usize| {
+        replicas.nodes[index]
+            .flotctl_json(&["rollout", "status", "lab"])
+            .unwrap_or_default()
+    };
+    let mut max_updating = 0;
+    wait("the second batch", TIMEOUT, || {
+        let status = status(&replicas, observer);
+        max_updating = max_updating.max(status["updating"].as_u64().unwrap_or(0));
+        status["batch"].as_str().is_some_and(|b| b.starts_with('2'))
+    });
+    let mut killed = replicas.servers[leader].take().unwrap();
+    kill_9(&mut killed);
+    let killed_at = Instant::now();
+    let before = refs.iter().filter(|n| applied(&root, n) == "v2").count();
+    assert!(before < names.len(), "killed mid-rollout");
+
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    wait("another replica to lead", TIMEOUT, || {
+        replicas.leader().is_some_and(|l| l != leader)
+    });
+    eprintln!("leadership moved after {:?}", killed_at.elapsed());
+    wait("the rollout to complete", TIMEOUT, || {
+        let status = status(&replicas, observer);
+        max_updating = max_updating.max(status["updating"].as_u64().unwrap_or(0));
+        status["state"] == "completed"
+    });
+    assert!(
+        max_updating <= 2,
+        "at most 2 devices updating, saw {max_updating}"
+    );
+    wait("v2 on every agent", TIMEOUT, || {
+        refs.iter().all(|name| applied(&root, name) == "v2")
+    });
+    // The killed replica's agents are on the others, and every survivor shows every agent.
+    replicas.nodes = replicas
+        .nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, n)| n)
+        .collect();
+    replicas.servers.retain(Option::is_some);
+    wait(
+        "every agent online and SYNCED on the survivors",
+        TIMEOUT,
+        || replicas.synced_everywhere(&refs),
+    );
+    eprintln!(
+        "all agents SYNCED on the surviving replicas {:?} after the kill",
+        killed_at.elapsed()
+    );
+    let v2 = replicas.device(0, "edge-0")["status"]["desired_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for name in &names {
+        let log = std::fs::read_to_string(root.join(format!("{name}.log"))).unwrap();
+        let version = replicas.device(0, name)["status"]["desired_version"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let applied = log
+            .lines()
+            .filter(|l| l.contains("spec applied") && l.contains(&version))
+            .count();
+        assert_eq!(applied, 1, "{name} applied revision 2 exactly once");
+    }
+    assert!(!v2.is_empty());
+    let _ = survivors;
+}
+
+#[test]
+fn a_replica_cut_from_its_database_catches_up_and_renewals_on_all_replicas_keep_one_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let first = Cluster::on_postgres(&root.join("r1"));
+    // Short-lived certificates: every device renews on its own replica, all around the same time.
+    let lifetimes = ["--device-cert-validity", "90s", "--renew-before", "70s"];
+    let _one = first.start_server_with(1, &lifetimes);
+    first.wait_until_serving();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime.block_on(support::proxy::Proxy::start(first.db.server_addr()));
+    let dir = root.join("r2");
+    std::fs::create_dir_all(&dir).unwrap();
+    first.copy_data_dir(&dir.join("data"));
+    let second = first.replica(&dir, &dir.join("data"));
+    second.point_configs_here();
+    let via_proxy = first.db.url_via(proxy.addr);
+    let mut args = lifetimes.to_vec();
+    args.extend(["--database-url", &via_proxy]);
+    let _two = second.start_server_with(2, &args);
+    second.wait_until_serving();
+    let nodes = [&first, &second];
+    let names: Vec<String> = (0..4).map(|i| format!("edge-{i}")).collect();
+    let _agents: Vec<ChildGuard> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            nodes[i % 2].spawn_agent(
+                name,
+                &["site=lab"],
+                &root.join(format!("{name}-state")),
+                &root.join(format!("{name}.log")),
+            )
+        })
+        .collect();
+    wait("every enrollment request", TIMEOUT, || {
+        first
+            .flotctl_json(&["get", "enrollments", "--state", "pending"])
+            .and_then(|v| v.as_array().map(Vec::len))
+            == Some(names.len())
+    });
+    for name in &names {
+        first.flotctl_ok(&["approve", "enrollment", name]);
+    }
+    apply_fleet(&first, &root, "v1");
+    wait("v1 everywhere", TIMEOUT, || {
+        names.iter().all(|n| applied(&root, n) == "v1")
+    });
+
+    // Replica 2 loses its database; changes go on through replica 1 meanwhile.
+    proxy.cut();
+    apply_fleet(&first, &root, "v2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        applied(&root, "edge-1"),
+        "v1",
+        "replica 2 cannot have learnt of v2 while cut off"
+    );
+    apply_fleet(&first, &root, "v3");
+    proxy.restore();
+    wait("v3 on the agents of both replicas", TIMEOUT, || {
+        names.iter().all(|n| applied(&root, n) == "v3")
+    });
+
+    // Each device renews (on whichever replica holds it) at least once; one chain records it all.
+    wait(
+        "a renewal of every device",
+        Duration::from_secs(120),
+        || {
+            names.iter().all(|name| {
+                first
+                    .flotctl_json(&["cert", "list", "--device", name])
+                    .and_then(|v| v.as_array().map(Vec::len))
+                    .is_some_and(|n| n >= 2)
+            })
+        },
+    );
+    for node in nodes {
+        let verified = node.flotctl_ok(&["audit", "verify"]);
+        assert!(verified.contains("intact"), "{verified}");
+    }
+    let audit = first.flotctl_json(&["audit", "list"]).unwrap();
+    for name in &names {
+        let id = first.flotctl_json(&["get", "device", name]).unwrap()["metadata"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let certificates: std::collections::BTreeSet<String> = first
+            .flotctl_json(&["cert", "list", "--device", name])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["serial"].as_str().unwrap().to_string())
+            .collect();
+        let issuances: Vec<String> = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["device_id"] == id.as_str() && r["outcome"] == "ok")
+            .filter(|r| r["kind"] == "issued" || r["kind"] == "renewed")
+            .map(|r| r["serial"].as_str().unwrap().to_string())
+            .collect();
+        let audited: std::collections::BTreeSet<String> = issuances.iter().cloned().collect();
+        assert_eq!(
+            issuances.len(),
+            audited.len(),
+            "{name}: one record per certificate"
+        );
+        assert_eq!(audited, certificates, "{name}: every certificate audited");
+    }
+}

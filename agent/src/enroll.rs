@@ -117,7 +117,7 @@ async fn answer_challenge(
         let tpm = tpm.clone();
         let challenge_id = challenge.challenge_id.clone();
         let secret = tokio::task::spawn_blocking(move || tpm.activate(&challenge)).await??;
-        let channel = match connect(&agent.config.server, creds).await {
+        let channel = match connect(agent.server(), creds).await {
             Ok(channel) => channel,
             Err(error) => return Ok(Err(tonic::Status::unavailable(error.to_string()))),
         };
@@ -215,9 +215,10 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
     let mut backoff = Backoff::new(Duration::from_secs(1), config.max_backoff());
     let mut announced = false;
     loop {
-        let wait = match connect(&config.server, &creds).await {
+        let wait = match connect(agent.server(), &creds).await {
             Err(error) => {
                 tracing::warn!(%error, "cannot reach the control plane to enroll");
+                agent.next_server();
                 backoff.next_delay()
             }
             Ok(channel) => match EnrollmentServiceClient::new(channel)

@@ -69,9 +69,27 @@ pub struct Agent {
     pub labels: BTreeMap<String, String>,
     pub boot_id: String,
     pub shutdown: watch::Receiver<bool>,
+    /// The control-plane endpoints (replicas) and which one is in use.
+    endpoints: Vec<String>,
+    endpoint: std::sync::atomic::AtomicUsize,
 }
 
 impl Agent {
+    /// The control-plane endpoint in use.
+    pub fn server(&self) -> &str {
+        let index = self.endpoint.load(std::sync::atomic::Ordering::Relaxed);
+        &self.endpoints[index % self.endpoints.len()]
+    }
+
+    /// Moves to the next endpoint after the one in use failed (with one endpoint, stays).
+    pub fn next_server(&self) {
+        if self.endpoints.len() > 1 {
+            self.endpoint
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(server = %self.server(), "trying the next control-plane endpoint");
+        }
+    }
+
     /// Sleeps for `duration`; returns true if shutdown was requested meanwhile.
     pub async fn sleep_or_shutdown(&self, duration: Duration) -> bool {
         let mut shutdown = self.shutdown.clone();
@@ -185,6 +203,7 @@ async fn main() -> Result<()> {
         tokio::spawn(health::serve(listener, health.clone(), handle));
     }
     let keys = keys::KeySource::from_config(&config.tpm)?;
+    let endpoints = config.endpoints();
     let agent = Agent {
         keys,
         config,
@@ -195,6 +214,9 @@ async fn main() -> Result<()> {
         labels,
         boot_id: boot_id(),
         shutdown: stop_rx,
+        // A random first endpoint spreads a fleet over the replicas.
+        endpoint: std::sync::atomic::AtomicUsize::new(rand::random_range(0..endpoints.len())),
+        endpoints,
     };
     // Before anything else: a crash in the middle of an apply is settled now, so the disk holds
     // one version, and the session says which.

@@ -51,9 +51,12 @@ pub async fn recover(agent: &Agent, enrolled: &Enrolled) -> Result<Recovery> {
         .read_optional(&agent.state.ca_path())?
         .context("the CA bundle is missing")?;
     let creds = enrollment_credentials(&agent.config)?;
-    let channel = match connect(&agent.config.server, &creds).await {
+    let channel = match connect(agent.server(), &creds).await {
         Ok(channel) => channel,
-        Err(error) => return Ok(Recovery::Retry(error.to_string())),
+        Err(error) => {
+            agent.next_server();
+            return Ok(Recovery::Retry(error.to_string()));
+        }
     };
     let mut client = EnrollmentServiceClient::new(channel);
     let device_id = enrolled.device_id.clone();

@@ -124,6 +124,7 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
                 Duration::from_millis(rand::rng().random_range(0..max))
             }
             End::Lost(reason) => {
+                agent.next_server();
                 let wait = backoff.next_delay();
                 tracing::warn!(%reason, retry_in_ms = wait.as_millis() as u64, "session lost");
                 wait
@@ -141,7 +142,7 @@ async fn open_channel(agent: &Agent, pair: Pair) -> Result<Channel> {
     let path = agent.state.ca_path();
     let ca_pem =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let server = &agent.config.server;
+    let server = agent.server();
     match pair.key {
         StoredKey::Pem(key_pem) => {
             let creds = ClientCredentials {

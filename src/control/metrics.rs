@@ -93,6 +93,8 @@ impl ControlPlane {
             rollouts: self.rollout_gauges(),
             replica: self.store.replica().to_string(),
             leading: self.leading.load(Ordering::Acquire),
+            feed_position: self.feed_position.load(Ordering::Acquire),
+            feed_lag_seconds: self.feed_lag_ms.load(Ordering::Acquire) as f64 / 1000.0,
         }
     }
 }

@@ -185,6 +185,8 @@ pub struct ControlPlane {
     writes: Arc<tokio::sync::Mutex<()>>,
     /// The last change-feed row applied (or seen at load); the feed is read after it.
     feed_position: Arc<std::sync::atomic::AtomicI64>,
+    /// How old the last applied feed row was when applied (0 once caught up), milliseconds.
+    feed_lag_ms: Arc<std::sync::atomic::AtomicI64>,
     /// Whether this replica drives rollouts (always on SQLite; the lock holder on PostgreSQL).
     leading: Arc<std::sync::atomic::AtomicBool>,
     housekeeping: Arc<Mutex<replication::Housekeeping>>,
@@ -226,6 +228,7 @@ impl ControlPlane {
             shutting_down: Arc::default(),
             writes: Arc::default(),
             feed_position: Arc::default(),
+            feed_lag_ms: Arc::default(),
             leading: Arc::default(),
             housekeeping: Arc::default(),
         }

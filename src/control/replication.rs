@@ -78,6 +78,7 @@ impl ControlPlane {
                     }
                 };
                 let Some(last) = changes.last().map(|c| (c.id, c.created_ms)) else {
+                    self.feed_lag_ms.store(0, Ordering::Release);
                     break;
                 };
                 if let Err(error) = self.apply_changes(&changes).await {
@@ -89,10 +90,8 @@ impl ControlPlane {
                 }
                 failing = false;
                 self.feed_position.store(last.0, Ordering::Release);
-                crate::telemetry::change_feed_applied(
-                    last.0,
-                    (now_millis() - last.1).max(0) as f64 / 1000.0,
-                );
+                self.feed_lag_ms
+                    .store((now_millis() - last.1).max(0), Ordering::Release);
             }
         }
     }
