@@ -810,6 +810,13 @@ impl Hub {
         self.changed(device_id);
     }
 
+    /// Whether another replica holds the device's session.
+    pub fn is_held_elsewhere(&self, device_id: &str) -> bool {
+        self.lock()
+            .get(device_id)
+            .is_some_and(|e| e.session.is_none() && e.elsewhere.is_some())
+    }
+
     /// Asks a connected device to renew now; false if it has no open session.
     pub fn force_renewal(&self, device_id: &str) -> bool {
         let mut state = self.lock();

@@ -263,6 +263,15 @@ fn three_replicas_serve_one_coherent_fleet() {
         assert_eq!(listed.as_array().map(Vec::len), Some(3), "replica {index}");
     }
 
+    // A renewal asked through replica 3 reaches edge-b, whose session replica 1 holds.
+    replicas.nodes[2].flotctl_ok(&["cert", "renew", "--device", "edge-b"]);
+    wait("edge-b renewed", TIMEOUT, || {
+        replicas.nodes[1]
+            .flotctl_json(&["cert", "list", "--device", "edge-b"])
+            .and_then(|v| v.as_array().map(Vec::len))
+            .is_some_and(|n| n >= 2)
+    });
+
     // Revoked through replica 2, edge-a's session on replica 3 closes.
     let revoked_at = Instant::now();
     replicas.nodes[1].flotctl_ok(&["cert", "revoke", "--device", "edge-a", "--reason", "stolen"]);

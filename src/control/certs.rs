@@ -801,7 +801,7 @@ impl ControlPlane {
     /// Asks a connected device to renew now.
     pub async fn force_renewal(&self, name: &str, actor: &Identity) -> Result<(), ControlError> {
         let id = self.device_id_by_name(name)?;
-        if !self.hub.force_renewal(&id) {
+        if self.ask_renewals(std::slice::from_ref(&id)).await? == 0 {
             return Err(ControlError::FailedPrecondition(format!(
                 "device {name:?} is not connected; it renews on its own when its certificate is due"
             )));
@@ -811,6 +811,25 @@ impl ControlPlane {
     }
 
     /// Asks every connected device whose labels match `selector` to renew now.
+    /// Asks the devices to renew now: those connected here directly, those connected to another
+    /// replica through the change feed. Returns how many were asked.
+    async fn ask_renewals(&self, ids: &[String]) -> Result<usize, ControlError> {
+        let mut asked = 0;
+        let mut elsewhere = Vec::new();
+        for id in ids {
+            if self.hub.force_renewal(id) {
+                asked += 1;
+            } else if self.hub.is_held_elsewhere(id) {
+                elsewhere.push(id.clone());
+            }
+        }
+        if !elsewhere.is_empty() && self.store.has_change_feed() {
+            asked += elsewhere.len();
+            self.store.request_renewals(elsewhere).await?;
+        }
+        Ok(asked)
+    }
+
     pub async fn force_renewal_matching(
         &self,
         selector: &str,
@@ -823,7 +842,7 @@ impl ControlPlane {
             .filter(|d| selector.matches(&d.labels))
             .map(|d| d.id.clone())
             .collect();
-        let asked = ids.iter().filter(|id| self.hub.force_renewal(id)).count();
+        let asked = self.ask_renewals(&ids).await?;
         let requested = RenewalRequested {
             asked,
             not_connected: ids.len() - asked,

@@ -25,6 +25,7 @@ struct Touched {
     fleets: BTreeSet<String>,
     certificates: BTreeSet<String>,
     rollouts: BTreeSet<String>,
+    renewals: BTreeSet<String>,
     enrollments: bool,
 }
 
@@ -47,6 +48,9 @@ impl Touched {
                     touched.rollouts.insert(subject);
                 }
                 ChangeKind::Enrollment => touched.enrollments = true,
+                ChangeKind::Renewal => {
+                    touched.renewals.insert(subject);
+                }
             }
         }
         touched
@@ -124,6 +128,12 @@ impl ControlPlane {
         }
         if touched.enrollments {
             self.count_enrollments().await?;
+        }
+        for device_id in &touched.renewals {
+            // Only the replica holding the session can ask; the others have nothing to do.
+            if self.hub.force_renewal(device_id) {
+                tracing::info!(device.id = %device_id, "certificate renewal requested through another replica");
+            }
         }
         Ok(())
     }

@@ -13,6 +13,9 @@ use tokio::sync::Notify;
 
 /// The channel the triggers notify.
 const CHANNEL: &str = "flotilla_changes";
+/// The transaction-level advisory lock every feed writer takes before its row gets an id (the
+/// same key as in the `change_feed` migration's trigger function).
+const FEED_LOCK: i64 = 5076548640735657985;
 /// The application name prefix of a replica's LISTEN connection.
 const APPLICATION_PREFIX: &str = "flotilla:";
 /// Idle time before TCP keepalives probe the LISTEN connection.
@@ -28,6 +31,9 @@ pub enum ChangeKind {
     Certificate,
     Rollout,
     Enrollment,
+    /// An operator asked for the device's certificate to be renewed now (the replica holding its
+    /// session asks it); written by `request_renewals`, not by a trigger.
+    Renewal,
 }
 
 /// One committed change, as the feed recorded it.
@@ -59,6 +65,7 @@ fn kind_of(text: &str) -> Option<ChangeKind> {
         "certificate" => ChangeKind::Certificate,
         "rollout" => ChangeKind::Rollout,
         "enrollment" => ChangeKind::Enrollment,
+        "renewal" => ChangeKind::Renewal,
         _ => return None,
     })
 }
@@ -103,6 +110,40 @@ impl Store {
                     })
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// Asks the replicas holding these devices' sessions to have them renew now.
+    pub async fn request_renewals(&self, device_ids: Vec<String>) -> Result<(), StoreError> {
+        let replica = self.replica.clone();
+        self.run("request_renewals", move |conn| {
+            let super::DbConnection::Postgres(conn) = conn else {
+                return Ok(());
+            };
+            conn.transaction(|conn| {
+                diesel::sql_query(format!("SELECT pg_advisory_xact_lock({FEED_LOCK})"))
+                    .execute(conn)?;
+                let now = crate::clock::now_millis();
+                for chunk in device_ids.chunks(1000) {
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|id| {
+                            (
+                                changes::kind.eq("renewal"),
+                                changes::subject.eq(id),
+                                changes::origin.eq(&*replica),
+                                changes::created_ms.eq(now),
+                            )
+                        })
+                        .collect();
+                    diesel::insert_into(changes::table)
+                        .values(rows)
+                        .execute(conn)?;
+                }
+                diesel::sql_query(format!("SELECT pg_notify('{CHANNEL}', '')")).execute(conn)?;
+                Ok(())
+            })
         })
         .await
     }

@@ -26,12 +26,16 @@ pub struct Ack {
 /// What the simulated fleet has seen, shared by every agent task.
 pub struct Shared {
     epoch: Instant,
-    port: u16,
+    /// Agent endpoints (one per replica); agent i starts on `ports[i % len]` and moves to the
+    /// next one when its session is lost, as the real agent does with several `servers`.
+    ports: Vec<u16>,
     pub acks: Mutex<Vec<Ack>>,
     /// Per agent: milliseconds since `epoch` of the last time it was in sync (0: never).
     synced_at: Vec<AtomicU64>,
     /// Per agent: told at least once to back off since the last reset.
     told_busy: Vec<AtomicBool>,
+    /// Per agent: the port of its open session (0: none).
+    on_port: Vec<std::sync::atomic::AtomicU16>,
     pub busy_answers: AtomicUsize,
     pub sessions_lost: AtomicUsize,
     /// When each agent received a renewed certificate.
@@ -57,6 +61,22 @@ impl Shared {
         self.synced_at
             .iter()
             .filter(|s| s.load(Ordering::Relaxed) >= since)
+            .count()
+    }
+
+    /// Agents whose open session is on `port`.
+    pub fn agents_on(&self, port: u16) -> Vec<usize> {
+        (0..self.on_port.len())
+            .filter(|i| self.on_port[*i].load(Ordering::Relaxed) == port)
+            .collect()
+    }
+
+    /// How many of `agents` were in sync at some moment after `since`.
+    pub fn synced_since_among(&self, agents: &[usize], since: Instant) -> usize {
+        let since = self.millis(since);
+        agents
+            .iter()
+            .filter(|i| self.synced_at[**i].load(Ordering::Relaxed) >= since)
             .count()
     }
 
@@ -114,15 +134,18 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts one task per device; all connect at once.
-    pub async fn connect(devices: Vec<Device>, port: u16) -> Fleet {
+    /// Starts one task per device, spread over `ports`; all connect at once.
+    pub async fn connect(devices: Vec<Device>, ports: Vec<u16>) -> Fleet {
         let n = devices.len();
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
-            port,
+            ports,
             acks: Mutex::new(Vec::with_capacity(n * 3)),
             synced_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
             told_busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            on_port: (0..n)
+                .map(|_| std::sync::atomic::AtomicU16::new(0))
+                .collect(),
             busy_answers: AtomicUsize::new(0),
             sessions_lost: AtomicUsize::new(0),
             renewals: Mutex::new(Vec::with_capacity(n)),
@@ -199,9 +222,12 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
     let mut backoff = Backoff {
         next: Backoff::FIRST,
     };
+    let mut endpoint = index;
     while !shared.stopping.load(Ordering::Relaxed) {
+        let port = shared.ports[endpoint % shared.ports.len()];
         let end = session(
             index,
+            port,
             &device.id,
             &mut creds,
             &mut version,
@@ -209,6 +235,10 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
             &mut backoff,
         )
         .await;
+        shared.on_port[index].store(0, Ordering::Relaxed);
+        if matches!(end, Ok(End::Closed) | Err(_)) {
+            endpoint += 1;
+        }
         let wait = match end {
             Ok(End::Renewed) => Duration::ZERO,
             Ok(End::Reconnect(within)) => {
@@ -239,13 +269,14 @@ fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
 
 async fn session(
     index: usize,
+    port: u16,
     device_id: &str,
     creds: &mut ClientCredentials,
     version: &mut String,
     shared: &Shared,
     backoff: &mut Backoff,
 ) -> Result<End> {
-    let channel = endpoint(&format!("https://127.0.0.1:{}", shared.port), creds)?
+    let channel = endpoint(&format!("https://127.0.0.1:{port}"), creds)?
         .local_address(Some(source_address(index)))
         .connect()
         .await?;
@@ -288,6 +319,7 @@ async fn session(
                 match received.kind {
                     Some(Kind::Accepted(accepted)) => {
                         backoff.next = Backoff::FIRST;
+                        shared.on_port[index].store(port, Ordering::Relaxed);
                         if !version.is_empty() && accepted.current_version == *version {
                             shared.mark_synced(index);
                         }

@@ -61,6 +61,62 @@ struct Cli {
     /// renewal audited, no store work while idle): the CI smoke test.
     #[arg(long)]
     check: bool,
+    /// Control-plane replicas on one PostgreSQL database (agents spread over them; fan-out is
+    /// applied through another replica than most agents use; the storm kills one replica).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// PostgreSQL server for the run (a database is created on it and dropped afterwards);
+    /// default with --replicas above 1: postgres://postgres@127.0.0.1:5432/test.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A PostgreSQL database created for the run and dropped when it ends.
+struct RunDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl RunDatabase {
+    async fn create(admin_url: &str) -> Result<RunDatabase> {
+        let name = format!("flotilla_load_{}", std::process::id());
+        let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {admin_url}"))?;
+        tokio::spawn(connection);
+        // One statement each: CREATE DATABASE cannot run inside the implicit transaction of a
+        // multi-statement query.
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+        Ok(RunDatabase {
+            url: format!("{base}/{name}"),
+            admin_url: admin_url.to_string(),
+            name,
+        })
+    }
+
+    async fn drop_database(&self) {
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
+    }
 }
 
 impl Cli {
@@ -72,6 +128,7 @@ impl Cli {
 #[derive(Serialize, Default)]
 struct Figures {
     agents: usize,
+    replicas: usize,
     cpus: usize,
     open_file_limit: u64,
     mosquitto: Option<mosquitto::MosquittoFigures>,
@@ -120,6 +177,8 @@ struct Renewal {
 
 #[derive(Serialize)]
 struct Storm {
+    /// With replicas, one replica is killed and not restarted: its agents move to the others.
+    replica_killed: bool,
     restart_to_ready_seconds: f64,
     ready_to_all_synced_seconds: f64,
     restart_to_all_synced_seconds: f64,
@@ -150,8 +209,16 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let open_file_limit = measure::raise_file_limit();
     let work = std::env::temp_dir().join(format!("flotilla-load-{}", std::process::id()));
-    let result = run(&cli, &work, open_file_limit).await;
+    let database = match (&cli.database_url, cli.replicas > 1) {
+        (Some(url), _) => Some(RunDatabase::create(url).await?),
+        (None, true) => Some(RunDatabase::create(DEFAULT_POSTGRES).await?),
+        (None, false) => None,
+    };
+    let result = run(&cli, &work, database.as_ref(), open_file_limit).await;
     let _ = std::fs::remove_dir_all(&work);
+    if let Some(database) = &database {
+        database.drop_database().await;
+    }
     let figures = result?;
     let json = serde_json::to_string_pretty(&figures)?;
     println!("{json}");
@@ -161,15 +228,26 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<Figures> {
+async fn run(
+    cli: &Cli,
+    work: &std::path::Path,
+    database: Option<&RunDatabase>,
+    open_file_limit: u64,
+) -> Result<Figures> {
     let n = cli.agents;
+    let replicas = cli.replicas.max(1);
     let dir = DataDir::new(work.join("data"));
+    let backend = match database {
+        Some(db) => Backend::Postgres(db.url.clone()),
+        None => Backend::Sqlite(dir.sqlite_path().display().to_string()),
+    };
     let binary = match cli.flotilla.clone() {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("flotilla"),
     };
     let mut figures = Figures {
         agents: n,
+        replicas,
         cpus: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -177,7 +255,7 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
         ..Default::default()
     };
     eprintln!("minting {n} devices…");
-    let devices = server::mint(&dir, n).await?;
+    let devices = server::mint(&dir, &backend, n).await?;
 
     if cli.runs(Scenario::Mosquitto) {
         let publisher = ClientCredentials {
@@ -216,11 +294,24 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
         }
     }
 
-    let mut server = ControlPlane::start(&binary, &dir, cli.server_args.clone()).await?;
-    let pid = server.pid();
-    let (rss_before, _) = usage(pid)?;
+    let mut servers = Vec::with_capacity(replicas);
+    for index in 0..replicas {
+        servers.push(
+            ControlPlane::start(
+                &binary,
+                &dir,
+                database.map(|db| db.url.as_str()),
+                &format!("replica-{index}"),
+                cli.server_args.clone(),
+            )
+            .await?,
+        );
+    }
+    let pids: Vec<u32> = servers.iter().map(ControlPlane::pid).collect();
+    let (rss_before, _) = usage_of(&pids)?;
     let started = Instant::now();
-    let fleet = Fleet::connect(devices, server.agent_port).await;
+    let ports: Vec<u16> = servers.iter().map(|s| s.agent_port).collect();
+    let fleet = Fleet::connect(devices, ports).await;
     let shared = fleet.shared.clone();
     let connected = wait_until(
         Duration::from_secs(900),
@@ -246,24 +337,19 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
 
     if cli.runs(Scenario::Idle) {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let ops_before = metric_sum(
-            &server.metrics().await?,
-            "flotilla_store_operation_seconds_count",
-            "",
-        );
-        let (rss_after, cpu_before) = usage(pid)?;
+        let ops_before = store_operations(&servers).await?;
+        let (rss_after, cpu_before) = usage_of(&pids)?;
         tokio::time::sleep(Duration::from_secs(cli.idle_seconds)).await;
-        let (_, cpu_after) = usage(pid)?;
-        let ops_after = metric_sum(
-            &server.metrics().await?,
-            "flotilla_store_operation_seconds_count",
-            "",
-        );
+        let (_, cpu_after) = usage_of(&pids)?;
+        let ops_after = store_operations(&servers).await?;
         let idle = Idle {
             rss_before_mib: rss_before / 1024.0,
             rss_after_mib: rss_after / 1024.0,
             rss_per_stream_kib: (rss_after - rss_before) / n as f64,
-            socket_memory_kib: socket_memory(server.agent_port),
+            socket_memory_kib: servers
+                .iter()
+                .map(|s| socket_memory(s.agent_port))
+                .sum::<Option<f64>>(),
             cpu_seconds: cpu_after - cpu_before,
             idle_seconds: cli.idle_seconds,
             store_operations: ops_after - ops_before,
@@ -289,7 +375,8 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
 
     if cli.runs(Scenario::Fanout) {
         let acked_before = shared.ack_count();
-        FleetServiceClient::new(server.admin().await?)
+        // Through the second replica when there are several: most agents are held elsewhere.
+        FleetServiceClient::new(servers[1 % replicas].admin().await?)
             .apply_fleet(admin_template("fan-out"))
             .await?;
         let returned = Instant::now();
@@ -334,8 +421,8 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
     let mut renewal = None;
     if cli.runs(Scenario::Renewal) {
         let before = shared.renewal_count();
-        let (_, cpu_before) = usage(pid)?;
-        let asked = CertificateServiceClient::new(server.admin().await?)
+        let (_, cpu_before) = usage_of(&pids)?;
+        let asked = CertificateServiceClient::new(servers[0].admin().await?)
             .renew_certificate(admin::RenewCertificateRequest {
                 selector: LOAD_SELECTOR.into(),
                 ..Default::default()
@@ -368,7 +455,7 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
         )
         .await?;
         let back = shared.last_synced_after(called);
-        let (_, cpu_after) = usage(pid)?;
+        let (_, cpu_after) = usage_of(&pids)?;
         let latency = Latencies::of(
             shared
                 .renewals
@@ -403,42 +490,70 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
 
     if cli.runs(Scenario::Storm) {
         shared.take_told_busy();
+        // With replicas, one replica dies for good and its agents must find the others; alone,
+        // the control plane is restarted under the whole fleet.
+        let affected: Vec<usize> = if replicas > 1 {
+            let port = servers[replicas - 1].agent_port;
+            shared.agents_on(port)
+        } else {
+            (0..n).collect()
+        };
         let killed = Instant::now();
-        server.crash_and_restart()?;
-        server.wait_ready(Duration::from_secs(120)).await?;
+        if replicas > 1 {
+            if let Some(mut last) = servers.pop() {
+                last.crash();
+            }
+        } else {
+            servers[0].crash_and_restart()?;
+            servers[0].wait_ready(Duration::from_secs(120)).await?;
+        }
         let ready = killed.elapsed();
         wait_until(Duration::from_secs(600), "storm", || {
-            shared.synced_since(killed) >= n
+            shared.synced_since_among(&affected, killed) >= affected.len()
         })
         .await
         .with_context(|| {
             format!(
-                "{} of {n} synced again; errors: {:?}",
-                shared.synced_since(killed),
+                "{} of {} synced again; errors: {:?}",
+                shared.synced_since_among(&affected, killed),
+                affected.len(),
                 shared.errors()
             )
         })?;
+        eprintln!("storm: {} agents had to reconnect", affected.len());
         let all_synced = shared.last_synced_after(killed);
-        // The control plane's own view must agree: every device connected and in sync.
+        // The control planes' own view must agree: every device connected (to one of them) and
+        // in sync (as each of them sees it).
         let mut server_view = (0.0, 0.0);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let metrics = server.metrics().await?;
-            server_view = (
-                metric_sum(&metrics, "flotilla_agent_sessions", ""),
-                metric_sum(&metrics, "flotilla_devices", "sync_state=\"synced\""),
-            );
+            let mut sessions = 0.0;
+            let mut synced = f64::MAX;
+            for server in &servers {
+                let metrics = server.metrics().await?;
+                sessions += metric_sum(&metrics, "flotilla_agent_sessions", "");
+                synced = synced.min(metric_sum(
+                    &metrics,
+                    "flotilla_devices",
+                    "sync_state=\"synced\"",
+                ));
+            }
+            server_view = (sessions, synced);
             if server_view == (n as f64, n as f64) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let refused = metric_sum(
-            &server.metrics().await?,
-            "flotilla_sessions_refused_total",
-            "",
-        );
+        let mut refused = 0.0;
+        for server in &servers {
+            refused += metric_sum(
+                &server.metrics().await?,
+                "flotilla_sessions_refused_total",
+                "",
+            );
+        }
         let storm = Storm {
+            replica_killed: replicas > 1,
             restart_to_ready_seconds: ready.as_secs_f64(),
             ready_to_all_synced_seconds: (all_synced.saturating_sub(ready)).as_secs_f64(),
             restart_to_all_synced_seconds: all_synced.as_secs_f64(),
@@ -468,9 +583,11 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
     }
 
     fleet.stop();
-    server.stop();
+    for server in &mut servers {
+        server.stop();
+    }
     if let Some(mut renewal) = renewal {
-        let (audited, verified) = audit(&dir).await?;
+        let (audited, verified) = audit(&dir, &backend).await?;
         renewal.audited = audited;
         renewal.audit_chain_verified = verified;
         eprintln!("audit: {audited} renewals recorded; chain of {verified} records verifies");
@@ -485,9 +602,42 @@ async fn run(cli: &Cli, work: &std::path::Path, open_file_limit: u64) -> Result<
     Ok(figures)
 }
 
+/// Resident memory (KiB) and CPU seconds of the control-plane processes together.
+fn usage_of(pids: &[u32]) -> Result<(f64, f64)> {
+    let mut total = (0.0, 0.0);
+    for pid in pids {
+        let (rss, cpu) = usage(*pid)?;
+        total.0 += rss;
+        total.1 += cpu;
+    }
+    Ok(total)
+}
+
+/// The leader's periodic housekeeping (a constant cost per deployment, not per device).
+const HOUSEKEEPING: &[&str] = &[
+    "session_holders",
+    "live_replicas",
+    "clear_sessions_of",
+    "prune_changes",
+];
+
+/// Store operations the fleet caused on every replica so far (housekeeping excluded).
+async fn store_operations(servers: &[ControlPlane]) -> Result<f64> {
+    const SERIES: &str = "flotilla_store_operation_seconds_count";
+    let mut total = 0.0;
+    for server in servers {
+        let metrics = server.metrics().await?;
+        total += metric_sum(&metrics, SERIES, "");
+        for operation in HOUSEKEEPING {
+            total -= metric_sum(&metrics, SERIES, &format!("operation=\"{operation}\""));
+        }
+    }
+    Ok(total)
+}
+
 /// Counts `renewed` audit records and verifies the whole chain.
-async fn audit(dir: &DataDir) -> Result<(usize, usize)> {
-    let store = Store::open(Backend::Sqlite(dir.sqlite_path().display().to_string()))?;
+async fn audit(dir: &DataDir, backend: &Backend) -> Result<(usize, usize)> {
+    let store = Store::open(backend.clone())?;
     let mut records = Vec::new();
     loop {
         let page = store

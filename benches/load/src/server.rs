@@ -1,5 +1,6 @@
-//! The control plane under test: a real `flotilla serve` process on SQLite, with devices and
-//! certificates minted straight into its store for the run.
+//! The control plane under test: real `flotilla serve` processes — one on SQLite, or several
+//! replicas on one PostgreSQL database — with devices and certificates minted straight into the
+//! store for the run.
 
 use anyhow::{Context, Result, bail};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, Prepared, prepare};
@@ -39,9 +40,9 @@ fn prepare_dir(dir: &DataDir) -> Result<Prepared> {
 
 /// Mints `n` devices with certificates straight into the store of `dir` (audited like any
 /// issuance), plus a server certificate for a broker to use.
-pub async fn mint(dir: &DataDir, n: usize) -> Result<Vec<Device>> {
+pub async fn mint(dir: &DataDir, backend: &Backend, n: usize) -> Result<Vec<Device>> {
     let prepared = prepare_dir(dir)?;
-    let store = Store::open(Backend::Sqlite(dir.sqlite_path().display().to_string()))?;
+    let store = Store::open(backend.clone())?;
     store.migrate().await?;
     let ca_pem = prepared.ca.cert_pem().to_string();
     let mut rows = Vec::with_capacity(n);
@@ -126,6 +127,9 @@ pub struct ControlPlane {
     binary: PathBuf,
     dir: DataDir,
     extra_args: Vec<String>,
+    /// PostgreSQL (replicas) instead of the data directory's SQLite.
+    database_url: Option<String>,
+    name: String,
     child: Option<Child>,
     pub agent_port: u16,
     pub admin_port: u16,
@@ -133,12 +137,20 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts the control plane on fresh ports and waits until it is ready.
-    pub async fn start(binary: &Path, dir: &DataDir, extra_args: Vec<String>) -> Result<Self> {
+    /// Starts a control plane (replica `name`) on fresh ports and waits until it is ready.
+    pub async fn start(
+        binary: &Path,
+        dir: &DataDir,
+        database_url: Option<&str>,
+        name: &str,
+        extra_args: Vec<String>,
+    ) -> Result<Self> {
         let mut server = ControlPlane {
             binary: binary.to_path_buf(),
             dir: DataDir::new(dir.root()),
             extra_args,
+            database_url: database_url.map(str::to_string),
+            name: name.to_string(),
             child: None,
             agent_port: free_port()?,
             admin_port: free_port()?,
@@ -150,9 +162,15 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(["serve", "--data-dir"])
             .arg(self.dir.root())
+            .args(["--replica-name", &self.name]);
+        if let Some(url) = &self.database_url {
+            command.args(["--database-url", url]);
+        }
+        let child = command
             .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args([
@@ -192,13 +210,18 @@ impl ControlPlane {
         }
     }
 
-    /// Kills the process without warning (SIGKILL), as a crash would, and starts it again on the
-    /// same ports. Returns when the new process is started (not yet ready).
-    pub fn crash_and_restart(&mut self) -> Result<()> {
+    /// Kills the process without warning (SIGKILL), as a crash would.
+    pub fn crash(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Crashes the process and starts it again on the same ports. Returns when the new process
+    /// is started (not yet ready).
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.crash();
         self.spawn()
     }
 
