@@ -66,6 +66,9 @@ impl IssuanceWriter {
     pub async fn run(mut self, store: Store, seal: Arc<dyn AuditSeal>, order: Arc<Mutex<()>>) {
         let mut batch = Vec::new();
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            // Device rows in id order, as the journal writes them: two batches touching the same
+            // devices then wait for each other instead of deadlocking (PostgreSQL).
+            batch.sort_by(|a, b| a.certificate.device_id.cmp(&b.certificate.device_id));
             let (records, waiting): (Vec<_>, Vec<_>) = batch
                 .drain(..)
                 .map(|p| ((p.certificate, p.entry, p.rules), p.done))

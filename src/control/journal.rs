@@ -61,6 +61,9 @@ impl JournalWriter {
             let mut wait = RETRY;
             let mut logged = false;
             while !batch.is_empty() {
+                // Device rows in id order (a stable sort keeps each device's facts in order), as
+                // issuances write them: concurrent transactions then never deadlock on them.
+                batch.sort_by(|a, b| kind(a).0.cmp(kind(b).0));
                 match store.record_device_facts(batch.clone()).await {
                     Ok(()) => batch.clear(),
                     Err(error) => {
