@@ -430,7 +430,6 @@ fn a_replica_killed_mid_rollout_loses_no_agent_and_the_rollout_completes_once() 
     let before = refs.iter().filter(|n| applied(&root, n) == "v2").count();
     assert!(before < names.len(), "killed mid-rollout");
 
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     wait("another replica to lead", TIMEOUT, || {
         replicas.leader().is_some_and(|l| l != leader)
     });
@@ -482,7 +481,6 @@ fn a_replica_killed_mid_rollout_loses_no_agent_and_the_rollout_completes_once() 
         assert_eq!(applied, 1, "{name} applied revision 2 exactly once");
     }
     assert!(!v2.is_empty());
-    let _ = survivors;
 }
 
 #[test]

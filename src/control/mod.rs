@@ -369,26 +369,26 @@ impl ControlPlane {
             .collect();
         // Sessions other replicas hold (PostgreSQL): those devices are online there.
         let shared = self.store.has_change_feed();
-        let elsewhere: Vec<(String, String)> = catalog
+        let elsewhere: Vec<_> = catalog
             .devices()
             .filter(|_| shared)
             .filter_map(|d| {
                 let holder = d.session_replica.clone()?;
-                (holder != self.store.replica()).then(|| (d.id.clone(), holder))
+                (holder != self.store.replica()).then(|| {
+                    (
+                        d.id.clone(),
+                        holder,
+                        d.acked_version.clone(),
+                        d.nacked.clone(),
+                    )
+                })
             })
             .collect();
         *self.catalog_mut() = catalog;
         self.hub.load(seeds);
-        for (device_id, holder) in elsewhere {
-            let device = self.catalog().device(&device_id).cloned();
-            if let Some(device) = device {
-                self.hub.note_remote(
-                    &device_id,
-                    Some(holder),
-                    device.acked_version,
-                    device.nacked,
-                );
-            }
+        for (device_id, holder, acked_version, nacked) in elsewhere {
+            self.hub
+                .note_remote(&device_id, Some(holder), acked_version, nacked);
         }
         for (device_id, serial, not_after_ms) in certificates {
             self.track_certificate(&device_id, &serial, not_after_ms);

@@ -4,6 +4,7 @@
 //! change names only its subject; the subject is re-read, so applying a change twice, or a change
 //! this replica made itself, is harmless.
 
+use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry};
 use crate::clock::now_millis;
 use crate::store::{Change, ChangeKind, DeviceRecord};
@@ -138,12 +139,55 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The changed fleets, each with the older revisions its devices are held at compiled (kept
+    /// from this replica's catalog where it has them). Most pages change no fleet and cost nothing.
+    async fn recompile_fleets(
+        &self,
+        entries: &HashMap<String, Option<FleetEntry>>,
+        changed_devices: &[DeviceRecord],
+    ) -> Result<Vec<FleetEntry>, ControlError> {
+        let (fleets, devices) = {
+            let catalog = self.catalog();
+            let mut fleets = Vec::new();
+            for (name, entry) in entries {
+                let Some(entry) = entry else { continue };
+                let mut entry = entry.clone();
+                if let Some(previous) = catalog.fleet(name) {
+                    entry.pinned = previous.pinned.clone();
+                    if previous.record.revision != entry.record.revision {
+                        entry
+                            .pinned
+                            .insert(previous.record.revision, previous.template.clone());
+                    }
+                }
+                fleets.push(entry);
+            }
+            if fleets.is_empty() {
+                return Ok(fleets);
+            }
+            // The devices of these fleets as they are after this page.
+            let mut devices: HashMap<&str, &DeviceRecord> = catalog
+                .devices()
+                .filter(|d| d.fleet.as_ref().is_some_and(|f| entries.contains_key(f)))
+                .map(|d| (d.id.as_str(), d))
+                .collect();
+            devices.extend(changed_devices.iter().map(|d| (d.id.as_str(), d)));
+            let devices: Vec<DeviceRecord> = devices.into_values().cloned().collect();
+            (fleets, devices)
+        };
+        self.compile_pinned(fleets, &devices).await
+    }
+
     /// Re-reads changed fleets and devices and re-renders what they affect.
     async fn apply_catalog_changes(&self, touched: &Touched) -> Result<(), ControlError> {
         let _writes = self.writes.lock().await;
-        let mut fleets = HashMap::new();
+        let mut entries = HashMap::new();
         for name in &touched.fleets {
-            fleets.insert(name.clone(), self.store.get_fleet(name).await?);
+            let entry = match self.store.get_fleet(name).await? {
+                Some(record) => Some(fleet_entry(record)?),
+                None => None,
+            };
+            entries.insert(name.clone(), entry);
         }
         let devices: Vec<DeviceRecord> = self
             .store
@@ -156,46 +200,7 @@ impl ControlPlane {
             .filter(|id| !present.contains(id.as_str()))
             .cloned()
             .collect();
-        let mut entries = HashMap::new();
-        for (name, record) in fleets {
-            let entry = match record {
-                Some(record) => Some(fleet_entry(record)?),
-                None => None,
-            };
-            entries.insert(name, entry);
-        }
-        // Revisions a device is now held at that this replica has not compiled yet.
-        let pinned = {
-            let catalog = self.catalog();
-            let mut wanted: Vec<super::catalog::FleetEntry> = Vec::new();
-            for (name, entry) in &entries {
-                if let Some(entry) = entry {
-                    let mut entry = entry.clone();
-                    if let Some(previous) = catalog.fleet(name) {
-                        entry.pinned = previous.pinned.clone();
-                        if previous.record.revision != entry.record.revision {
-                            entry
-                                .pinned
-                                .insert(previous.record.revision, previous.template.clone());
-                        }
-                    }
-                    wanted.push(entry);
-                }
-            }
-            wanted
-        };
-        let all_devices: Vec<DeviceRecord> = {
-            let catalog = self.catalog();
-            let mut all: HashMap<String, DeviceRecord> = catalog
-                .devices()
-                .map(|d| (d.id.clone(), d.clone()))
-                .collect();
-            for device in &devices {
-                all.insert(device.id.clone(), device.clone());
-            }
-            all.into_values().collect()
-        };
-        let compiled = self.compile_pinned(pinned, &all_devices).await?;
+        let compiled = self.recompile_fleets(&entries, &devices).await?;
         let mut certificates = Vec::new();
         let mut remote = Vec::new();
         {

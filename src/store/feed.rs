@@ -8,7 +8,6 @@ use super::{Backend, Store, StoreError};
 use diesel::prelude::*;
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The channel the triggers notify.
@@ -18,10 +17,6 @@ const CHANNEL: &str = "flotilla_changes";
 const FEED_LOCK: i64 = 5076548640735657985;
 /// The application name prefix of a replica's LISTEN connection.
 const APPLICATION_PREFIX: &str = "flotilla:";
-/// Idle time before TCP keepalives probe the LISTEN connection.
-pub(super) const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-/// Longest wait between attempts to re-establish the LISTEN connection.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What a change touched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,25 +207,9 @@ impl Store {
             return;
         };
         let application = format!("{APPLICATION_PREFIX}{}", self.replica());
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            let mut failures = 0u32;
-            loop {
-                match listen_once(&url, &application, &wake).await {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(100);
-                        failures = 0;
-                    }
-                    Err(error) => {
-                        failures += 1;
-                        if failures == 1 {
-                            tracing::warn!(%error, "change feed: lost the LISTEN connection; reconnecting");
-                        }
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+        super::dedicated::keep_connected("change feed LISTEN", move || {
+            let (url, application, wake) = (url.clone(), application.clone(), wake.clone());
+            async move { listen_once(&url, &application, &wake).await }
         });
     }
 }
@@ -241,13 +220,10 @@ async fn listen_once(
     application: &str,
     wake: &Notify,
 ) -> Result<(), tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    // The application name marks this replica alive for the others (see `live_replicas`);
-    // keepalives notice a vanished server instead of waiting forever.
-    config
-        .application_name(application)
-        .keepalives_idle(KEEPALIVE_IDLE);
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    // The application name marks this replica alive for the others (see `live_replicas`).
+    let (client, mut connection) = super::dedicated::config(url, Some(application))?
+        .connect(tokio_postgres::NoTls)
+        .await?;
     let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
     let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<()>();
     // The connection must be polled for the client to make progress; notifications arrive there.

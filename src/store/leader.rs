@@ -6,11 +6,9 @@
 use super::{Backend, Store};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// The advisory lock the leader holds.
 const LEADER_LOCK: i64 = 0x466c_6f74_0003;
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Store {
     /// Keeps `leading` true exactly while this replica holds the leader lock, competing for it
@@ -21,21 +19,9 @@ impl Store {
             return;
         };
         let replica = self.replica().to_string();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match lead_once(&url, &leading, &replica).await {
-                    Ok(()) => backoff = Duration::from_millis(200),
-                    Err(error) => {
-                        tracing::debug!(%error, "leader lock connection failed; retrying");
-                    }
-                }
-                if leading.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(replica = %replica, "lost the leader lock");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+        super::dedicated::keep_connected("leader lock", move || {
+            let (url, leading, replica) = (url.clone(), leading.clone(), replica.clone());
+            async move { lead_once(&url, &leading, &replica).await }
         });
     }
 }
@@ -46,9 +32,9 @@ async fn lead_once(
     leading: &AtomicBool,
     replica: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    config.keepalives_idle(super::feed::KEEPALIVE_IDLE);
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, connection) = super::dedicated::config(url, None)?
+        .connect(tokio_postgres::NoTls)
+        .await?;
     let mut connection = tokio::spawn(connection);
     let lock = format!("SELECT pg_advisory_lock({LEADER_LOCK})");
     tokio::select! {
@@ -59,5 +45,7 @@ async fn lead_once(
     tracing::info!(replica = %replica, "this replica now leads (rollouts, feed pruning)");
     let _ = connection.await;
     drop(client);
+    leading.store(false, Ordering::Release);
+    tracing::warn!(replica = %replica, "lost the leader lock");
     Ok(())
 }

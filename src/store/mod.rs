@@ -4,6 +4,7 @@
 mod audit;
 mod certificates;
 mod connection;
+mod dedicated;
 mod devices;
 mod enrollments;
 mod feed;
