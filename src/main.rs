@@ -47,6 +47,10 @@ struct StoreArgs {
     /// process distinct). Default: the host name.
     #[arg(long, env = "FLOTILLA_REPLICA_NAME")]
     replica_name: Option<String>,
+    /// Pooled PostgreSQL connections of this replica (each replica also holds two dedicated
+    /// ones: change feed and leadership); keep replicas × (pool + 2) under `max_connections`.
+    #[arg(long, env = "FLOTILLA_DATABASE_POOL_SIZE", default_value_t = flotilla::store::DEFAULT_POSTGRES_POOL)]
+    database_pool_size: u32,
 }
 
 /// The replica's name: given, or the host name, reduced to characters safe in any label.
@@ -230,7 +234,8 @@ async fn open_store(args: &StoreArgs) -> Result<(Store, StartLock, usize)> {
     let backend = backend(args);
     let location = backend.redacted();
     let name = replica_name(args);
-    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, &name))
+    let pool = args.database_pool_size;
+    let store = tokio::task::spawn_blocking(move || Store::open_pooled(backend, &name, pool))
         .await?
         .with_context(|| format!("opening the database at {location}"))?;
     let start_lock = store

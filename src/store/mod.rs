@@ -94,6 +94,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Pooled PostgreSQL connections per replica unless configured.
+pub const DEFAULT_POSTGRES_POOL: u32 = 16;
+
 impl Store {
     /// Opens a pool on `backend`. Fails at once, with the backend's own message, if no connection
     /// can be made within a few seconds.
@@ -104,6 +107,17 @@ impl Store {
     /// Opens a pool on `backend` for the replica called `name` (a random suffix makes it unique
     /// per process, so a restarted replica never mistakes its predecessor's sessions for its own).
     pub fn open_as(backend: Backend, name: &str) -> Result<Store, StoreError> {
+        Store::open_pooled(backend, name, DEFAULT_POSTGRES_POOL)
+    }
+
+    /// As [`Store::open_as`], with at most `postgres_pool` pooled connections on PostgreSQL
+    /// (replicas × pool, plus two dedicated connections each, must fit the server's
+    /// `max_connections`). SQLite always uses one.
+    pub fn open_pooled(
+        backend: Backend,
+        name: &str,
+        postgres_pool: u32,
+    ) -> Result<Store, StoreError> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let replica: Arc<str> = Arc::from(format!("{name}-{}", &suffix[..8]));
         // SQLite has one writer at a time anyway; with several connections, a transaction that
@@ -115,7 +129,7 @@ impl Store {
             Backend::Postgres(_) => None,
         };
         let max_size = match backend {
-            Backend::Postgres(_) => 16,
+            Backend::Postgres(_) => postgres_pool.max(1),
             Backend::Sqlite(_) => 1,
         };
         // No idle minimum: the pool never opens connections in the background, so nothing is

@@ -2,6 +2,10 @@
 //! protocol — Hello with the version it runs, ACK for every push, heartbeats, renewal with a fresh
 //! key when asked (then back at once with the new certificate), Reconnect, and back-off when the
 //! control plane is busy or gone — like `flotilla-agent`, but applying specs in memory.
+//!
+//! One process holds at most a few ten thousand connections (its open-file limit), so a large
+//! fleet is split over worker processes (`crate::worker`); each relays what its agents see as
+//! [`Event`]s, and the parent folds them into one [`Shared`] view.
 
 use crate::server::Device;
 use anyhow::{Result, bail};
@@ -26,6 +30,11 @@ pub struct Ack {
 /// What the simulated fleet has seen, shared by every agent task.
 pub struct Shared {
     epoch: Instant,
+    /// Fleet-wide index of this process's agent 0 (source addresses and first endpoints follow
+    /// the fleet-wide index, so worker processes never collide).
+    base: usize,
+    /// Where a worker process sends every event, for its parent.
+    relay: Option<std::sync::mpsc::Sender<(usize, Event)>>,
     /// Agent endpoints (one per replica); agent i starts on `ports[i % len]` and moves to the
     /// next one when its session is lost, as the real agent does with several `servers`.
     ports: Vec<u16>,
@@ -46,13 +55,88 @@ pub struct Shared {
     errors: Mutex<Vec<String>>,
 }
 
+/// Something one agent saw, as relayed from a worker process to its parent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Synced(Instant),
+    Acked(Instant),
+    Renewed(Instant),
+    /// The port of its open session (0: none).
+    OnPort(u16),
+    ToldBusy,
+    SessionLost,
+    Refused,
+    Error(String),
+}
+
 impl Shared {
+    /// The view of `n` agents whose first has fleet-wide index `base`.
+    pub fn new(n: usize, base: usize, ports: Vec<u16>) -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            base,
+            relay: None,
+            ports,
+            acks: Mutex::new(Vec::with_capacity(n * 3)),
+            synced_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            told_busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            on_port: (0..n)
+                .map(|_| std::sync::atomic::AtomicU16::new(0))
+                .collect(),
+            busy_answers: AtomicUsize::new(0),
+            sessions_lost: AtomicUsize::new(0),
+            renewals: Mutex::new(Vec::with_capacity(n)),
+            refusals: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            errors: Mutex::default(),
+        }
+    }
+
+    /// Relays every event to `sink` (fleet-wide index, event) besides recording it.
+    pub fn relaying(mut self, sink: std::sync::mpsc::Sender<(usize, Event)>) -> Shared {
+        self.relay = Some(sink);
+        self
+    }
+
     fn millis(&self, at: Instant) -> u64 {
-        at.duration_since(self.epoch).as_millis() as u64 + 1
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// Records what agent `agent` (index in this process) saw.
+    pub fn record(&self, agent: usize, event: Event) {
+        if let Some(relay) = &self.relay {
+            let _ = relay.send((self.base + agent, event.clone()));
+        }
+        match event {
+            Event::Synced(at) => self.synced_at[agent].store(self.millis(at), Ordering::Relaxed),
+            Event::Acked(at) => {
+                self.synced_at[agent].store(self.millis(at), Ordering::Relaxed);
+                if let Ok(mut acks) = self.acks.lock() {
+                    acks.push(Ack { agent, at });
+                }
+            }
+            Event::Renewed(at) => {
+                if let Ok(mut renewals) = self.renewals.lock() {
+                    renewals.push((agent, at));
+                }
+            }
+            Event::OnPort(port) => self.on_port[agent].store(port, Ordering::Relaxed),
+            Event::ToldBusy => {
+                self.busy_answers.fetch_add(1, Ordering::Relaxed);
+                self.told_busy[agent].store(true, Ordering::Relaxed);
+            }
+            Event::SessionLost => {
+                self.sessions_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Refused => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Error(error) => self.note_error(error),
+        }
     }
 
     fn mark_synced(&self, agent: usize) {
-        self.synced_at[agent].store(self.millis(Instant::now()), Ordering::Relaxed);
+        self.record(agent, Event::Synced(Instant::now()));
     }
 
     /// Agents in sync at some moment after `since`.
@@ -127,40 +211,56 @@ impl Shared {
     }
 }
 
-/// The simulated agents of one run.
+/// The simulated agents of one run: tasks in this process, or worker processes.
 pub struct Fleet {
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<crate::worker::Worker>,
 }
 
 impl Fleet {
-    /// Starts one task per device, spread over `ports`; all connect at once.
+    /// Starts one task per device in this process, spread over `ports`; all connect at once.
     pub async fn connect(devices: Vec<Device>, ports: Vec<u16>) -> Fleet {
-        let n = devices.len();
-        let shared = Arc::new(Shared {
-            epoch: Instant::now(),
-            ports,
-            acks: Mutex::new(Vec::with_capacity(n * 3)),
-            synced_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            told_busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            on_port: (0..n)
-                .map(|_| std::sync::atomic::AtomicU16::new(0))
-                .collect(),
-            busy_answers: AtomicUsize::new(0),
-            sessions_lost: AtomicUsize::new(0),
-            renewals: Mutex::new(Vec::with_capacity(n)),
-            refusals: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
-            errors: Mutex::default(),
-        });
-        let mut tasks = Vec::with_capacity(n);
-        for (index, device) in devices.into_iter().enumerate() {
-            tasks.push(tokio::spawn(run_agent(index, device, shared.clone())));
-            if index % 200 == 199 {
-                tokio::task::yield_now().await;
-            }
+        let shared = Arc::new(Shared::new(devices.len(), 0, ports));
+        let tasks = spawn_agents(devices, &shared).await;
+        Fleet {
+            shared,
+            tasks,
+            workers: Vec::new(),
         }
-        Fleet { shared, tasks }
+    }
+
+    /// Splits the devices over `processes` worker processes (each holding its share of the
+    /// connections) and folds what they relay into one view.
+    pub fn connect_in_processes(
+        devices: Vec<Device>,
+        ports: Vec<u16>,
+        processes: usize,
+        work: &std::path::Path,
+    ) -> Result<Fleet> {
+        let n = devices.len();
+        let shared = Arc::new(Shared::new(n, 0, ports.clone()));
+        let per_process = n.div_ceil(processes.max(1));
+        let mut workers = Vec::with_capacity(processes);
+        let mut devices = devices.into_iter();
+        let mut base = 0;
+        while base < n {
+            let slice: Vec<Device> = devices.by_ref().take(per_process).collect();
+            let count = slice.len();
+            workers.push(crate::worker::Worker::start(
+                slice,
+                base,
+                &ports,
+                work,
+                shared.clone(),
+            )?);
+            base += count;
+        }
+        Ok(Fleet {
+            shared,
+            tasks: Vec::new(),
+            workers,
+        })
     }
 
     pub fn stop(self) {
@@ -168,7 +268,25 @@ impl Fleet {
         for task in self.tasks {
             task.abort();
         }
+        for worker in self.workers {
+            worker.stop();
+        }
     }
+}
+
+/// Starts one agent task per device on `shared`.
+pub async fn spawn_agents(
+    devices: Vec<Device>,
+    shared: &Arc<Shared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        tasks.push(tokio::spawn(run_agent(index, device, shared.clone())));
+        if index % 200 == 199 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tasks
 }
 
 /// Waits until `done` holds, checking every 20 ms; how long it took.
@@ -222,7 +340,7 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
     let mut backoff = Backoff {
         next: Backoff::FIRST,
     };
-    let mut endpoint = index;
+    let mut endpoint = shared.base + index;
     while !shared.stopping.load(Ordering::Relaxed) {
         let port = shared.ports[endpoint % shared.ports.len()];
         let end = session(
@@ -235,7 +353,7 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
             &mut backoff,
         )
         .await;
-        shared.on_port[index].store(0, Ordering::Relaxed);
+        shared.record(index, Event::OnPort(0));
         if matches!(end, Ok(End::Closed) | Err(_)) {
             endpoint += 1;
         }
@@ -245,17 +363,16 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
                 Duration::from_millis(rand::rng().random_range(0..=within.as_millis() as u64))
             }
             Ok(End::Busy(wait)) => {
-                shared.busy_answers.fetch_add(1, Ordering::Relaxed);
-                shared.told_busy[index].store(true, Ordering::Relaxed);
+                shared.record(index, Event::ToldBusy);
                 wait
             }
             Ok(End::Closed) => {
-                shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                shared.record(index, Event::SessionLost);
                 backoff.delay()
             }
             Err(error) => {
-                shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
-                shared.note_error(format!("{error:#}"));
+                shared.record(index, Event::SessionLost);
+                shared.record(index, Event::Error(format!("{error:#}")));
                 backoff.delay()
             }
         };
@@ -277,7 +394,7 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<End> {
     let channel = endpoint(&format!("https://127.0.0.1:{port}"), creds)?
-        .local_address(Some(source_address(index)))
+        .local_address(Some(source_address(shared.base + index)))
         .connect()
         .await?;
     let (tx, rx) = mpsc::channel(4);
@@ -319,7 +436,7 @@ async fn session(
                 match received.kind {
                     Some(Kind::Accepted(accepted)) => {
                         backoff.next = Backoff::FIRST;
-                        shared.on_port[index].store(port, Ordering::Relaxed);
+                        shared.record(index, Event::OnPort(port));
                         if !version.is_empty() && accepted.current_version == *version {
                             shared.mark_synced(index);
                         }
@@ -330,10 +447,7 @@ async fn session(
                             return Ok(End::Closed);
                         }
                         *version = push.version;
-                        shared.mark_synced(index);
-                        if let Ok(mut acks) = shared.acks.lock() {
-                            acks.push(Ack { agent: index, at: Instant::now() });
-                        }
+                        shared.record(index, Event::Acked(Instant::now()));
                     }
                     Some(Kind::RenewCertificate(_)) => {
                         let key = rcgen::KeyPair::generate()?;
@@ -352,14 +466,12 @@ async fn session(
                         };
                         creds.cert_pem = issued.certificate_pem;
                         creds.key_pem = key.serialize_pem();
-                        if let Ok(mut renewals) = shared.renewals.lock() {
-                            renewals.push((index, Instant::now()));
-                        }
+                        shared.record(index, Event::Renewed(Instant::now()));
                         return Ok(End::Renewed);
                     }
                     Some(Kind::CertificateRefused(refused)) => {
-                        shared.refusals.fetch_add(1, Ordering::Relaxed);
-                        shared.note_error(format!("renewal refused: {}", refused.reason));
+                        shared.record(index, Event::Refused);
+                        shared.record(index, Event::Error(format!("renewal refused: {}", refused.reason)));
                     }
                     Some(Kind::Reconnect(reconnect)) => {
                         let within = reconnect

@@ -9,6 +9,7 @@ mod fleet;
 mod measure;
 mod mosquitto;
 mod server;
+mod worker;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -69,7 +70,17 @@ struct Cli {
     /// default with --replicas above 1: postgres://postgres@127.0.0.1:5432/test.
     #[arg(long)]
     database_url: Option<String>,
+    /// Harness processes the simulated fleet is split over (0: one per 15,000 agents, so each
+    /// stays below the per-process open-file limit).
+    #[arg(long, default_value_t = 0)]
+    harness_processes: usize,
+    /// Internal: run as a harness worker on the slice of the fleet in this file.
+    #[arg(long, hide = true)]
+    worker: Option<PathBuf>,
 }
+
+/// Agents one harness process holds when the fleet is split automatically.
+const AGENTS_PER_PROCESS: usize = 15_000;
 
 const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -129,6 +140,7 @@ impl Cli {
 struct Figures {
     agents: usize,
     replicas: usize,
+    harness_processes: usize,
     cpus: usize,
     open_file_limit: u64,
     mosquitto: Option<mosquitto::MosquittoFigures>,
@@ -154,12 +166,28 @@ struct Idle {
     cpu_seconds: f64,
     idle_seconds: u64,
     store_operations: f64,
+    per_replica: Vec<ReplicaMemory>,
+}
+
+#[derive(Serialize)]
+struct ReplicaMemory {
+    sessions: f64,
+    rss_mib: f64,
+    rss_per_stream_kib: f64,
+}
+
+/// How far the replicas' change feeds fell behind while something ran (sampled every 250 ms).
+#[derive(Serialize, Default, Clone, Copy)]
+struct FeedLag {
+    max_lag_seconds: f64,
+    max_ids_behind: f64,
 }
 
 #[derive(Serialize)]
 struct Fanout {
     acked: usize,
     latency: Latencies,
+    feed: FeedLag,
 }
 
 #[derive(Serialize)]
@@ -207,6 +235,9 @@ fn admin_template(content: &str) -> admin::ApplyFleetRequest {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(input) = &cli.worker {
+        return worker::run(input).await;
+    }
     let open_file_limit = measure::raise_file_limit();
     let work = std::env::temp_dir().join(format!("flotilla-load-{}", std::process::id()));
     let database = match (&cli.database_url, cli.replicas > 1) {
@@ -309,9 +340,23 @@ async fn run(
     }
     let pids: Vec<u32> = servers.iter().map(ControlPlane::pid).collect();
     let (rss_before, _) = usage_of(&pids)?;
+    let rss_before_each: Vec<f64> = pids
+        .iter()
+        .map(|pid| usage(*pid).map(|u| u.0))
+        .collect::<Result<_>>()?;
     let started = Instant::now();
     let ports: Vec<u16> = servers.iter().map(|s| s.agent_port).collect();
-    let fleet = Fleet::connect(devices, ports).await;
+    let processes = match cli.harness_processes {
+        0 => n.div_ceil(AGENTS_PER_PROCESS),
+        chosen => chosen,
+    };
+    figures.harness_processes = processes.max(1);
+    let fleet = if processes > 1 {
+        eprintln!("agents split over {processes} harness processes");
+        Fleet::connect_in_processes(devices, ports, processes, work)?
+    } else {
+        Fleet::connect(devices, ports).await
+    };
     let shared = fleet.shared.clone();
     let connected = wait_until(
         Duration::from_secs(900),
@@ -353,6 +398,7 @@ async fn run(
             cpu_seconds: cpu_after - cpu_before,
             idle_seconds: cli.idle_seconds,
             store_operations: ops_after - ops_before,
+            per_replica: replica_memory(&servers, &rss_before_each).await?,
         };
         eprintln!(
             "idle: RSS {:.1} → {:.1} MiB ({:.1} KiB per stream), socket memory {:.0} KiB, CPU {:.2} s over {} s, {} store operations",
@@ -364,6 +410,12 @@ async fn run(
             idle.idle_seconds,
             idle.store_operations
         );
+        for (index, replica) in idle.per_replica.iter().enumerate() {
+            eprintln!(
+                "  replica-{index}: {} sessions, RSS {:.1} MiB ({:.1} KiB per stream)",
+                replica.sessions, replica.rss_mib, replica.rss_per_stream_kib
+            );
+        }
         if cli.check && idle.store_operations > 0.0 {
             bail!(
                 "the idle fleet made {} store operations",
@@ -375,6 +427,7 @@ async fn run(
 
     if cli.runs(Scenario::Fanout) {
         let acked_before = shared.ack_count();
+        let sampler = FeedSampler::start(servers.iter().map(|s| s.metrics_port).collect());
         // Through the second replica when there are several: most agents are held elsewhere.
         FleetServiceClient::new(servers[1 % replicas].admin().await?)
             .apply_fleet(admin_template("fan-out"))
@@ -408,13 +461,18 @@ async fn run(
                     .len()
             })
             .unwrap_or(0);
-        eprintln!("fan-out to {distinct_agents} agents: {latency}");
+        let feed = sampler.finish().await;
+        eprintln!(
+            "fan-out to {distinct_agents} agents: {latency}; change feed at most {:.2} s / {} changes behind",
+            feed.max_lag_seconds, feed.max_ids_behind
+        );
         if cli.check && distinct_agents < n {
             bail!("fan-out reached {distinct_agents} of {n} agents");
         }
         figures.fanout = Some(Fanout {
             acked: distinct_agents,
             latency,
+            feed,
         });
     }
 
@@ -611,6 +669,66 @@ fn usage_of(pids: &[u32]) -> Result<(f64, f64)> {
         total.1 += cpu;
     }
     Ok(total)
+}
+
+/// Each replica's sessions and memory now, against its RSS before the fleet connected.
+async fn replica_memory(servers: &[ControlPlane], before: &[f64]) -> Result<Vec<ReplicaMemory>> {
+    let mut each = Vec::with_capacity(servers.len());
+    for (server, before) in servers.iter().zip(before) {
+        let sessions = metric_sum(&server.metrics().await?, "flotilla_agent_sessions", "");
+        let (rss, _) = usage(server.pid())?;
+        each.push(ReplicaMemory {
+            sessions,
+            rss_mib: rss / 1024.0,
+            rss_per_stream_kib: if sessions > 0.0 {
+                (rss - before) / sessions
+            } else {
+                0.0
+            },
+        });
+    }
+    Ok(each)
+}
+
+/// Samples every replica's change-feed gauges until finished; the worst seen.
+struct FeedSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<FeedLag>,
+}
+
+impl FeedSampler {
+    fn start(metrics_ports: Vec<u16>) -> FeedSampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut worst = FeedLag::default();
+            loop {
+                let mut positions = Vec::new();
+                for port in &metrics_ports {
+                    if let Ok(text) = server::http_get(*port, "/metrics").await {
+                        worst.max_lag_seconds = worst.max_lag_seconds.max(metric_sum(
+                            &text,
+                            "flotilla_change_feed_lag_seconds",
+                            "",
+                        ));
+                        positions.push(metric_sum(&text, "flotilla_change_feed_position", ""));
+                    }
+                }
+                let newest = positions.iter().copied().fold(0.0, f64::max);
+                let oldest = positions.iter().copied().fold(newest, f64::min);
+                worst.max_ids_behind = worst.max_ids_behind.max(newest - oldest);
+                tokio::select! {
+                    _ = &mut stopped => return worst,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        });
+        FeedSampler { stop, task }
+    }
+
+    async fn finish(self) -> FeedLag {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
 }
 
 /// The leader's periodic housekeeping (a constant cost per deployment, not per device).
