@@ -139,7 +139,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     max_pending_enrollments: usize,
     /// Connections per gRPC endpoint that may be open without having authenticated a request
-    /// (in the TLS handshake, or not yet past the first request); more are closed at once.
+    /// (in the TLS handshake, or not yet past the first request); while this many are pending,
+    /// new connections wait in the listen backlog.
     #[arg(long, default_value_t = 256)]
     max_pending_connections: usize,
     /// Open connections per source address and gRPC endpoint (0: no limit). Devices behind one

@@ -775,6 +775,41 @@ async fn connections_that_never_make_a_request_are_bounded_and_closed() {
 }
 
 #[tokio::test]
+async fn a_storm_beyond_the_pending_limit_waits_its_turn_instead_of_being_turned_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = support::TestDb::new(tmp.path());
+    let url = db.url.clone();
+    let limits = flotilla::transport::ConnectionLimits {
+        first_request_timeout: Duration::from_secs(10),
+        max_pending: 4,
+        max_per_address: 0,
+    };
+    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    // Sixty-four clients at once against room for four pending: each is served on its first
+    // attempt (a refused one would fail its handshake or first request).
+    let calls = (0..64u8).map(|i| {
+        let endpoint = flotilla::client::endpoint(&server.admin_url, &server.admin_creds())
+            .unwrap()
+            .local_address(Some([127, 0, 1, i + 1].into()));
+        async move {
+            let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+            DeviceServiceClient::new(channel)
+                .list_devices(admin::ListDevicesRequest::default())
+                .await
+                .map_err(|s| s.to_string())
+        }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    let failed: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 64 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+#[tokio::test]
 async fn a_client_without_a_certificate_fails_the_handshake() {
     let server = TestServer::start().await;
     let tls = tonic::transport::ClientTlsConfig::new()

@@ -1,8 +1,10 @@
 //! Limits on connections that have not proven anything yet. A TLS handshake is not enough: a
 //! client that finishes it and then sends nothing (or never a request that authenticates) would
 //! hold a descriptor for ever. Every accepted connection is *pending* until its first request
-//! passes the authentication layer; pending connections are capped overall and closed when they
-//! stay pending too long, and connections per source address are capped too.
+//! passes the authentication layer; pending connections are capped overall (the listener stops
+//! accepting until one proves itself or goes, so a legitimate storm queues in the kernel's backlog
+//! instead of being turned away) and closed when they stay pending too long, and connections per
+//! source address are capped too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,7 +23,8 @@ pub struct ConnectionLimits {
     /// A connection whose first request has not authenticated by then is closed (this includes
     /// the TLS handshake).
     pub first_request_timeout: Duration,
-    /// Connections accepted but not yet authenticated, at most; more are closed at once.
+    /// Connections accepted but not yet authenticated, at most; while this many are pending the
+    /// listener accepts nothing more.
     pub max_pending: usize,
     /// Open connections from one source address, at most (0: no limit).
     pub max_per_address: usize,
@@ -41,8 +44,22 @@ impl Default for ConnectionLimits {
 #[derive(Debug)]
 pub struct Gate {
     limits: ConnectionLimits,
-    pending: Arc<AtomicUsize>,
+    pending: Arc<Pending>,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// The count of pending connections, and a wake-up for the listener when one place frees.
+#[derive(Debug, Default)]
+struct Pending {
+    count: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn release(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
 }
 
 /// Why a connection was turned away at accept.
@@ -82,8 +99,8 @@ impl Gate {
             if self.limits.max_per_address > 0 && *open >= self.limits.max_per_address {
                 return Err(Refusal::TooManyFromAddress);
             }
-            if self.pending.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
+            if self.pending.count.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
+                self.pending.count.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::TooManyPending);
             }
             *open += 1;
@@ -101,7 +118,15 @@ impl Gate {
 
     /// Connections accepted and not yet authenticated.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.pending.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until fewer than the maximum of connections are pending: the listener calls this
+    /// before each accept, so connections beyond the limit wait in the backlog.
+    pub async fn room(&self) {
+        while self.pending() >= self.limits.max_pending {
+            self.pending.freed.notified().await;
+        }
     }
 }
 
@@ -110,14 +135,14 @@ impl Gate {
 pub struct Proof {
     authenticated: AtomicBool,
     timed_out: AtomicBool,
-    pending: Arc<AtomicUsize>,
+    pending: Arc<Pending>,
 }
 
 impl Proof {
     /// The authentication layer accepted a request on this connection.
     pub fn authenticated(&self) {
         if !self.authenticated.swap(true, Ordering::AcqRel) {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending.release();
         }
     }
 
@@ -296,5 +321,24 @@ mod tests {
         assert!(gate.admit(b).is_ok(), "other addresses are unaffected");
         drop(first);
         assert!(gate.admit(a).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_listener_waits_for_room_instead_of_refusing() {
+        let gate = Arc::new(gate(1, 0));
+        let a: IpAddr = [127, 0, 0, 1].into();
+        gate.room().await;
+        let first = gate.admit(a).unwrap();
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "room while one of one is pending");
+        first.proof.authenticated();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("room once the pending connection authenticated")
+            .unwrap();
     }
 }

@@ -155,6 +155,12 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
+            // Beyond the pending limit, connections wait in the kernel's backlog (a storm of
+            // devices is served in turn rather than turned away to retry later).
+            tokio::select! {
+                _ = gate.room() => {}
+                _ = tx.closed() => return,
+            }
             let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,

@@ -155,6 +155,9 @@ struct Figures {
 struct Connect {
     seconds: f64,
     told_to_back_off: usize,
+    /// Connection attempts that failed (the agent backed off and retried), and the first errors.
+    attempts_failed: usize,
+    errors: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -374,10 +377,18 @@ async fn run(
     figures.connect = Some(Connect {
         seconds: connected.as_secs_f64(),
         told_to_back_off: shared.take_told_busy(),
+        attempts_failed: shared
+            .sessions_lost
+            .load(std::sync::atomic::Ordering::Relaxed),
+        errors: shared.errors(),
     });
     eprintln!(
-        "{n} agents connected and synced in {:.1} s",
-        connected.as_secs_f64()
+        "{n} agents connected and synced in {:.1} s ({} attempts failed: {:?})",
+        connected.as_secs_f64(),
+        shared
+            .sessions_lost
+            .load(std::sync::atomic::Ordering::Relaxed),
+        shared.errors()
     );
 
     if cli.runs(Scenario::Idle) {
