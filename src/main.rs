@@ -381,11 +381,9 @@ async fn main() -> Result<()> {
             if auto_approve_tpm && tpm.trusted_cas.is_empty() {
                 anyhow::bail!("--auto-approve-tpm needs at least one --tpm-ca");
             }
-            let agent = TcpListener::bind(agent_listen)
-                .await
+            let agent = flotilla::transport::listen::bind(agent_listen)
                 .with_context(|| format!("binding the agent endpoint {agent_listen}"))?;
-            let admin = TcpListener::bind(admin_listen)
-                .await
+            let admin = flotilla::transport::listen::bind(admin_listen)
                 .with_context(|| format!("binding the admin endpoint {admin_listen}"))?;
             let metrics = match metrics_listen {
                 Some(addr) => Some(

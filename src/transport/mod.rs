@@ -7,6 +7,7 @@ pub mod auth;
 pub mod convert;
 pub mod guard;
 pub mod http;
+pub mod listen;
 pub mod rpc_metrics;
 pub mod server;
 pub mod status;
