@@ -176,6 +176,10 @@ pub(super) fn write_revisions(
     ids: &[String],
     revision: Option<i64>,
 ) -> Result<(), StoreError> {
+    // Device rows are locked in id order by every writer (journal, issuance, fleets), so
+    // concurrent transactions on PostgreSQL wait for each other instead of deadlocking.
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
     for chunk in ids.chunks(500) {
         diesel::update(devices::table.filter(devices::id.eq_any(chunk)))
             .set(devices::fleet_revision.eq(revision))
@@ -188,6 +192,9 @@ pub(super) fn write_owners(
     conn: &mut super::DbConnection,
     owners: &[(String, Option<String>)],
 ) -> Result<(), StoreError> {
+    // In id order, as every writer of device rows (see `write_revisions`).
+    let mut owners: Vec<&(String, Option<String>)> = owners.iter().collect();
+    owners.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     for (id, fleet) in owners {
         diesel::update(devices::table.find(id))
             .set(devices::fleet.eq(fleet))
