@@ -35,8 +35,8 @@ pub struct Shared {
     base: usize,
     /// Where a worker process sends every event, for its parent.
     relay: Option<std::sync::mpsc::Sender<(usize, Event)>>,
-    /// Agent endpoints (one per replica); agent i starts on `ports[i % len]` and moves to the
-    /// next one when its session is lost, as the real agent does with several `servers`.
+    /// Agent endpoints (one per replica); agent i starts on `ports[i % len]` and moves to another
+    /// one when its session is lost.
     ports: Vec<u16>,
     pub acks: Mutex<Vec<Ack>>,
     /// Per agent: milliseconds since `epoch` of the last time it was in sync (0: never).
@@ -355,7 +355,9 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
         .await;
         shared.record(index, Event::OnPort(0));
         if matches!(end, Ok(End::Closed) | Err(_)) {
-            endpoint += 1;
+            // Another endpoint, chosen at random as a load balancer would: the agents of a lost
+            // replica spread over the others instead of all landing on the next one.
+            endpoint += rand::rng().random_range(1..shared.ports.len().max(2));
         }
         let wait = match end {
             Ok(End::Renewed) => Duration::ZERO,
