@@ -713,3 +713,66 @@ async fn tampering_with_any_audit_record_is_detected_and_named() {
         assert!(text.contains(named), "{tamper}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_slower_than_the_silence_timeout_does_not_cost_the_session() {
+    // PostgreSQL behind a proxy whatever the suite runs on: the proxy makes the database slow.
+    let tmp = tempfile::tempdir().unwrap();
+    let db = support::TestDb::postgres_for_tests();
+    let proxy = support::proxy::Proxy::start(db.server_addr()).await;
+    let url = db.url_via(proxy.addr);
+    let silence = Duration::from_secs(3);
+    let policy = Policy {
+        session: flotilla::control::SessionSettings {
+            silence_timeout: silence,
+            ..Default::default()
+        },
+        ..Policy::default()
+    };
+    let server = TestServer::start_on(
+        policy,
+        flotilla::transport::ConnectionLimits::default(),
+        tmp,
+        db,
+        &url,
+    )
+    .await;
+    let (creds, id) = device(&server, "patient").await;
+    let mut session = RawSession::open(&server.agent_url, &creds, &id)
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::from_millis(700));
+    let fresh = KeyPair::generate().unwrap();
+    let csr = csr_for(&fresh, Some(&Identity::new(Role::Device, &id).uri()));
+    let asked = std::time::Instant::now();
+    session.send(request("slow", &csr)).await;
+    let answered = session
+        .next_matching_within(Duration::from_secs(60), |kind| match kind {
+            agent::server_message::Kind::CertificateIssued(i) => Some(i),
+            _ => None,
+        })
+        .await
+        .expect("an answer within a minute")
+        .expect("the certificate, on the open session");
+    assert_eq!(answered.request_id, "slow");
+    assert!(
+        asked.elapsed() > silence,
+        "the renewal took {:?}, not longer than the silence timeout",
+        asked.elapsed()
+    );
+    proxy.set_latency(Duration::ZERO);
+    // The agent speaks at once after the answer: its session must not be ended as silent.
+    session
+        .send(agent::agent_message::Kind::Heartbeat(agent::Heartbeat {
+            sent_at: None,
+        }))
+        .await;
+    let ended = session
+        .next_matching_within(Duration::from_millis(1500), |_| None::<()>)
+        .await;
+    assert!(
+        ended.is_none(),
+        "the session ended right after a slow renewal"
+    );
+    assert!(server.control.hub().status(&id).unwrap().online);
+}

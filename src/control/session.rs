@@ -264,6 +264,9 @@ impl ControlPlane {
                         if outbound.send(Box::new(pb::ServerMessage { kind: Some(answer) })).await.is_err() {
                             return EndReason::AgentClosed;
                         }
+                        // The agent waited on us meanwhile (issuance under load can take longer
+                        // than the silence timeout): its silence starts now, not at its request.
+                        deadline = Instant::now() + silence;
                     }
                     Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRejected(rejected)) })) => {
                         deadline = Instant::now() + silence;
