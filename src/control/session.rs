@@ -258,7 +258,6 @@ impl ControlPlane {
                         return EndReason::StreamError;
                     }
                     Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRequest(request)) })) => {
-                        deadline = Instant::now() + silence;
                         self.hub.touch(device_id, now_millis());
                         let answer = self.renew_certificate(device_id, serial, request).await;
                         if outbound.send(Box::new(pb::ServerMessage { kind: Some(answer) })).await.is_err() {
