@@ -1,6 +1,7 @@
 //! Simulated agents: each holds its own mTLS connection and management stream and speaks the real
 //! protocol — Hello with the version it runs, ACK for every push, heartbeats, renewal with a fresh
-//! key when asked (then back at once with the new certificate), Reconnect, and back-off when the
+//! key when asked (the request kept and sent again on the next session or after a retryable
+//! refusal; then back at once with the new certificate), Reconnect, and back-off when the
 //! control plane is busy or gone — like `flotilla-agent`, but applying specs in memory.
 //!
 //! One process holds at most a few ten thousand connections (its open-file limit), so a large
@@ -335,24 +336,18 @@ impl Backoff {
 }
 
 async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
-    let mut creds = device.creds;
-    let mut version = String::new();
-    let mut backoff = Backoff {
-        next: Backoff::FIRST,
+    let mut state = AgentState {
+        creds: device.creds,
+        version: String::new(),
+        backoff: Backoff {
+            next: Backoff::FIRST,
+        },
+        pending: None,
     };
     let mut endpoint = shared.base + index;
     while !shared.stopping.load(Ordering::Relaxed) {
         let port = shared.ports[endpoint % shared.ports.len()];
-        let end = session(
-            index,
-            port,
-            &device.id,
-            &mut creds,
-            &mut version,
-            &shared,
-            &mut backoff,
-        )
-        .await;
+        let end = session(index, port, &device.id, &mut state, &shared).await;
         shared.record(index, Event::OnPort(0));
         if matches!(end, Ok(End::Closed) | Err(_)) {
             // Another endpoint, chosen at random as a load balancer would: the agents of a lost
@@ -370,16 +365,34 @@ async fn run_agent(index: usize, device: Device, shared: Arc<Shared>) {
             }
             Ok(End::Closed) => {
                 shared.record(index, Event::SessionLost);
-                backoff.delay()
+                state.backoff.delay()
             }
             Err(error) => {
                 shared.record(index, Event::SessionLost);
                 shared.record(index, Event::Error(format!("{error:#}")));
-                backoff.delay()
+                state.backoff.delay()
             }
         };
         tokio::time::sleep(wait).await;
     }
+}
+
+/// What one simulated agent keeps between sessions.
+struct AgentState {
+    creds: ClientCredentials,
+    /// The version it runs.
+    version: String,
+    backoff: Backoff,
+    /// Like the real agent's pending request: kept across sessions and sent again, so a
+    /// certificate lost with its session is fetched again (the control plane answers the same
+    /// CSR with the same certificate).
+    pending: Option<Pending>,
+}
+
+/// A renewal asked for and not yet answered with a certificate.
+struct Pending {
+    key: rcgen::KeyPair,
+    request: pb::CertificateRequest,
 }
 
 fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
@@ -390,11 +403,15 @@ async fn session(
     index: usize,
     port: u16,
     device_id: &str,
-    creds: &mut ClientCredentials,
-    version: &mut String,
+    state: &mut AgentState,
     shared: &Shared,
-    backoff: &mut Backoff,
 ) -> Result<End> {
+    let AgentState {
+        creds,
+        version,
+        backoff,
+        pending,
+    } = state;
     let channel = endpoint(&format!("https://127.0.0.1:{port}"), creds)?
         .local_address(Some(source_address(shared.base + index)))
         .connect()
@@ -423,9 +440,21 @@ async fn session(
     };
     let mut beat = tokio::time::interval(Duration::from_secs(30));
     beat.reset();
-    let mut pending_key: Option<rcgen::KeyPair> = None;
+    // When to send the pending request again after a retryable refusal.
+    let retry = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(retry);
+    let mut retrying = false;
     loop {
         tokio::select! {
+            _ = &mut retry, if retrying => {
+                retrying = false;
+                if let Some(p) = pending.as_ref() {
+                    let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
+                    if tx.send(message(request)).await.is_err() {
+                        return Ok(End::Closed);
+                    }
+                }
+            }
             _ = beat.tick() => {
                 let heartbeat = pb::agent_message::Kind::Heartbeat(pb::Heartbeat { sent_at: None });
                 if tx.send(message(heartbeat)).await.is_err() {
@@ -442,6 +471,12 @@ async fn session(
                         if !version.is_empty() && accepted.current_version == *version {
                             shared.mark_synced(index);
                         }
+                        if let Some(p) = pending.as_ref() {
+                            let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
+                            if tx.send(message(request)).await.is_err() {
+                                return Ok(End::Closed);
+                            }
+                        }
                     }
                     Some(Kind::Spec(push)) => {
                         let ack = pb::agent_message::Kind::Ack(pb::Ack { nonce: push.nonce, version: push.version.clone() });
@@ -452,28 +487,43 @@ async fn session(
                         shared.record(index, Event::Acked(Instant::now()));
                     }
                     Some(Kind::RenewCertificate(_)) => {
-                        let key = rcgen::KeyPair::generate()?;
-                        let request = pb::agent_message::Kind::CertificateRequest(pb::CertificateRequest {
-                            request_id: format!("{device_id}-{}", creds.cert_pem.len()),
-                            csr_pem: device_csr(&key, device_id)?,
-                        });
-                        pending_key = Some(key);
-                        if tx.send(message(request)).await.is_err() {
-                            return Ok(End::Closed);
+                        if pending.is_none() {
+                            let key = rcgen::KeyPair::generate()?;
+                            let request = pb::CertificateRequest {
+                                request_id: format!("{device_id}-{}", creds.cert_pem.len()),
+                                csr_pem: device_csr(&key, device_id)?,
+                            };
+                            *pending = Some(Pending { key, request });
+                        }
+                        if let Some(p) = pending.as_ref() {
+                            let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
+                            if tx.send(message(request)).await.is_err() {
+                                return Ok(End::Closed);
+                            }
                         }
                     }
                     Some(Kind::CertificateIssued(issued)) => {
-                        let Some(key) = pending_key.take() else {
+                        let Some(p) = pending.take() else {
                             bail!("a certificate arrived that was not asked for");
                         };
                         creds.cert_pem = issued.certificate_pem;
-                        creds.key_pem = key.serialize_pem();
+                        creds.key_pem = p.key.serialize_pem();
                         shared.record(index, Event::Renewed(Instant::now()));
                         return Ok(End::Renewed);
                     }
                     Some(Kind::CertificateRefused(refused)) => {
                         shared.record(index, Event::Refused);
                         shared.record(index, Event::Error(format!("renewal refused: {}", refused.reason)));
+                        if refused.retryable {
+                            let wait = refused
+                                .retry_after
+                                .and_then(|d| Duration::try_from(d).ok())
+                                .unwrap_or(Duration::from_secs(5));
+                            retry.as_mut().reset(tokio::time::Instant::now() + wait);
+                            retrying = true;
+                        } else {
+                            *pending = None;
+                        }
                     }
                     Some(Kind::Reconnect(reconnect)) => {
                         let within = reconnect
