@@ -489,6 +489,18 @@ async fn run(
 
     let mut renewal = None;
     if cli.runs(Scenario::Renewal) {
+        // The renewal is asked through the first replica: wait until it knows every device's
+        // session (those held elsewhere reach it through the change feed).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline
+            && metric_sum(
+                &servers[0].metrics().await?,
+                "flotilla_devices",
+                "sync_state=\"offline\"",
+            ) > 0.0
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let before = shared.renewal_count();
         let (_, cpu_before) = usage_of(&pids)?;
         let asked = CertificateServiceClient::new(servers[0].admin().await?)
