@@ -228,6 +228,19 @@ impl Catalog {
         rendered
     }
 
+    /// Whether `device` (a newer version of a known device) could render differently from the
+    /// version held: something `render` reads changed, or the device is new here. Session facts
+    /// (holder, acknowledged version, last seen) do not count.
+    pub fn would_render_differently(&self, device: &DeviceRecord) -> bool {
+        self.devices.get(&device.id).is_none_or(|known| {
+            known.name != device.name
+                || known.labels != device.labels
+                || known.spec != device.spec
+                || known.fleet != device.fleet
+                || known.fleet_revision != device.fleet_revision
+        })
+    }
+
     /// Renders one device from its fleet's template and its own overrides.
     pub fn render(&mut self, device_id: &str) -> Option<RenderOutcome> {
         let device = self.devices.get(device_id)?;
@@ -363,5 +376,24 @@ mod tests {
         assert!(catalog.fleet("web").is_none());
         assert_eq!(catalog.device("1").unwrap().fleet, None);
         assert!(catalog.plan_with("web", None).is_empty());
+    }
+
+    #[test]
+    fn session_facts_do_not_call_for_a_new_rendering() {
+        let mut catalog = Catalog::default();
+        let before = device("1", "berlin");
+        assert!(catalog.would_render_differently(&before), "new here");
+        catalog.put_device(before.clone());
+        let mut acked = before.clone();
+        acked.acked_version = Some("v2".into());
+        acked.session_replica = Some("replica-b".into());
+        acked.last_seen_ms = Some(5);
+        assert!(!catalog.would_render_differently(&acked));
+        let mut relabelled = before.clone();
+        relabelled.labels.insert("tier".into(), "edge".into());
+        assert!(catalog.would_render_differently(&relabelled));
+        let mut pinned = before;
+        pinned.fleet_revision = Some(3);
+        assert!(catalog.would_render_differently(&pinned));
     }
 }

@@ -244,10 +244,7 @@ impl ControlPlane {
                     device.acked_version.clone(),
                     device.nacked.clone(),
                 ));
-                if catalog
-                    .device(&device.id)
-                    .is_none_or(|known| !renders_alike(known, &device))
-                {
+                if catalog.would_render_differently(&device) {
                     affected.insert(device.id.clone());
                 }
                 catalog.put_device(device);
@@ -265,16 +262,6 @@ impl ControlPlane {
         }
         Ok(())
     }
-}
-
-/// Whether two versions of a device render to the same spec (given the same fleet revision):
-/// everything rendering reads is equal.
-fn renders_alike(a: &DeviceRecord, b: &DeviceRecord) -> bool {
-    a.name == b.name
-        && a.labels == b.labels
-        && a.spec == b.spec
-        && a.fleet == b.fleet
-        && a.fleet_revision == b.fleet_revision
 }
 
 /// What the leader remembers between housekeeping passes.
@@ -343,47 +330,5 @@ impl ControlPlane {
         {
             tracing::debug!(%error, "could not prune the change feed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn device() -> DeviceRecord {
-        DeviceRecord {
-            id: "d1".into(),
-            name: "edge-1".into(),
-            labels: [("site".to_string(), "berlin".to_string())].into(),
-            spec: Default::default(),
-            acked_version: None,
-            nacked: None,
-            agent_version: None,
-            last_seen_ms: None,
-            cert_serial: None,
-            cert_not_after_ms: None,
-            created_ms: 0,
-            updated_ms: 0,
-            fleet: Some("web".into()),
-            fleet_revision: None,
-            tpm_ek_fingerprint: None,
-            session_replica: None,
-        }
-    }
-
-    #[test]
-    fn session_facts_do_not_call_for_a_new_rendering() {
-        let before = device();
-        let mut acked = before.clone();
-        acked.acked_version = Some("v2".into());
-        acked.session_replica = Some("replica-b".into());
-        acked.last_seen_ms = Some(5);
-        assert!(renders_alike(&before, &acked));
-        let mut relabelled = before.clone();
-        relabelled.labels.insert("tier".into(), "edge".into());
-        assert!(!renders_alike(&before, &relabelled));
-        let mut pinned = before.clone();
-        pinned.fleet_revision = Some(3);
-        assert!(!renders_alike(&before, &pinned));
     }
 }

@@ -395,6 +395,17 @@ struct Pending {
     request: pb::CertificateRequest,
 }
 
+/// Sends the pending renewal request, if there is one; false when the session is gone.
+async fn send_pending(tx: &mpsc::Sender<pb::AgentMessage>, pending: &Option<Pending>) -> bool {
+    match pending {
+        Some(p) => {
+            let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
+            tx.send(message(request)).await.is_ok()
+        }
+        None => true,
+    }
+}
+
 fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
     pb::AgentMessage { kind: Some(kind) }
 }
@@ -448,11 +459,8 @@ async fn session(
         tokio::select! {
             _ = &mut retry, if retrying => {
                 retrying = false;
-                if let Some(p) = pending.as_ref() {
-                    let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
-                    if tx.send(message(request)).await.is_err() {
-                        return Ok(End::Closed);
-                    }
+                if !send_pending(&tx, pending).await {
+                    return Ok(End::Closed);
                 }
             }
             _ = beat.tick() => {
@@ -471,11 +479,8 @@ async fn session(
                         if !version.is_empty() && accepted.current_version == *version {
                             shared.mark_synced(index);
                         }
-                        if let Some(p) = pending.as_ref() {
-                            let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
-                            if tx.send(message(request)).await.is_err() {
-                                return Ok(End::Closed);
-                            }
+                        if !send_pending(&tx, pending).await {
+                            return Ok(End::Closed);
                         }
                     }
                     Some(Kind::Spec(push)) => {
@@ -495,11 +500,8 @@ async fn session(
                             };
                             *pending = Some(Pending { key, request });
                         }
-                        if let Some(p) = pending.as_ref() {
-                            let request = pb::agent_message::Kind::CertificateRequest(p.request.clone());
-                            if tx.send(message(request)).await.is_err() {
-                                return Ok(End::Closed);
-                            }
+                        if !send_pending(&tx, pending).await {
+                            return Ok(End::Closed);
                         }
                     }
                     Some(Kind::CertificateIssued(issued)) => {

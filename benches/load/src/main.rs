@@ -342,11 +342,11 @@ async fn run(
         );
     }
     let pids: Vec<u32> = servers.iter().map(ControlPlane::pid).collect();
-    let (rss_before, _) = usage_of(&pids)?;
     let rss_before_each: Vec<f64> = pids
         .iter()
         .map(|pid| usage(*pid).map(|u| u.0))
         .collect::<Result<_>>()?;
+    let rss_before: f64 = rss_before_each.iter().sum();
     let started = Instant::now();
     let ports: Vec<u16> = servers.iter().map(|s| s.agent_port).collect();
     let processes = match cli.harness_processes {
@@ -374,22 +374,19 @@ async fn run(
             shared.errors()
         )
     })?;
-    figures.connect = Some(Connect {
+    let connect = Connect {
         seconds: connected.as_secs_f64(),
         told_to_back_off: shared.take_told_busy(),
         attempts_failed: shared
             .sessions_lost
             .load(std::sync::atomic::Ordering::Relaxed),
         errors: shared.errors(),
-    });
+    };
     eprintln!(
         "{n} agents connected and synced in {:.1} s ({} attempts failed: {:?})",
-        connected.as_secs_f64(),
-        shared
-            .sessions_lost
-            .load(std::sync::atomic::Ordering::Relaxed),
-        shared.errors()
+        connect.seconds, connect.attempts_failed, connect.errors
     );
+    figures.connect = Some(connect);
 
     if cli.runs(Scenario::Idle) {
         tokio::time::sleep(Duration::from_secs(2)).await;
