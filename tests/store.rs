@@ -503,3 +503,98 @@ fn an_unreachable_postgres_is_a_clear_error_not_a_sqlite_file() {
     );
     assert!(!std::path::Path::new(url).exists());
 }
+
+/// On PostgreSQL (the only backend with a change feed): what a device answered and where its
+/// session is travel as `session` changes, re-read narrowly; what renders it as `device` changes.
+#[tokio::test]
+async fn the_feed_tells_session_facts_from_device_changes() {
+    use flotilla::store::{ChangeKind, DeviceFact};
+    let db = support::TestDb::postgres_for_tests();
+    let backend = db.backend();
+    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
+        .await
+        .unwrap()
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+        .insert_devices(
+            vec![(device("d1", "dev"), certificate("d1"))],
+            seal(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let kinds_after = |after: i64| {
+        let store = store.clone();
+        async move {
+            let changes = store.changes_after(after, 100).await.unwrap();
+            let last = changes.last().map_or(after, |c| c.id);
+            let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+            assert!(changes.iter().all(|c| c.subject == "d1"));
+            (kinds, last)
+        }
+    };
+    let (kinds, mut at) = kinds_after(0).await;
+    assert_eq!(kinds, [ChangeKind::Device], "created");
+
+    store
+        .record_device_facts(vec![DeviceFact::Session {
+            id: "d1".into(),
+            agent_version: "1.0".into(),
+            running_version: None,
+            seen_ms: 5,
+        }])
+        .await
+        .unwrap();
+    let (kinds, next) = kinds_after(at).await;
+    assert!(!kinds.is_empty(), "a session start is a change");
+    assert!(kinds.iter().all(|k| *k == ChangeKind::Session), "{kinds:?}");
+    at = next;
+
+    store
+        .record_device_facts(vec![DeviceFact::Sync {
+            id: "d1".into(),
+            acked_version: Some("v1".into()),
+            nacked: None,
+        }])
+        .await
+        .unwrap();
+    let (kinds, next) = kinds_after(at).await;
+    assert_eq!(kinds, [ChangeKind::Session], "an ACK is a session fact");
+    at = next;
+
+    store
+        .record_device_facts(vec![DeviceFact::LastSeen {
+            id: "d1".into(),
+            seen_ms: 9,
+        }])
+        .await
+        .unwrap();
+    let facts = store
+        .session_facts(vec!["d1".into(), "gone".into()])
+        .await
+        .unwrap();
+    assert_eq!(facts.len(), 1, "unknown devices are left out");
+    assert_eq!(facts[0].acked_version.as_deref(), Some("v1"));
+    assert_eq!(facts[0].agent_version.as_deref(), Some("1.0"));
+    assert_eq!(facts[0].session_replica, None, "the session ended");
+    let (kinds, next) = kinds_after(at).await;
+    assert_eq!(
+        kinds,
+        [ChangeKind::Session],
+        "the session's end, not the heartbeat"
+    );
+    at = next;
+
+    let change = DeviceChange {
+        labels: Some(BTreeMap::from([("tier".to_string(), "edge".to_string())])),
+        ..Default::default()
+    };
+    store
+        .update_device("dev", change, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let (kinds, _) = kinds_after(at).await;
+    assert_eq!(kinds, [ChangeKind::Device], "labels render the device");
+}

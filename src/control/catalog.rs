@@ -8,7 +8,7 @@ use crate::hub::{Hub, Rendered};
 use crate::render::{CompiledTemplate, DeviceContext, render_device};
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
-use crate::store::{DeviceRecord, FleetRecord};
+use crate::store::{DeviceRecord, FleetRecord, SessionFacts};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 
@@ -50,7 +50,14 @@ pub struct Catalog {
     /// Devices matched by more than one fleet: device id → the matching fleets.
     conflicts: HashMap<String, Vec<String>>,
     interned: HashMap<String, Weak<Rendered>>,
+    /// Renders by what they were rendered from: the compilation, what its templates read of the
+    /// device (`CompiledTemplate::device_key`) and the device's overrides. A fleet change then
+    /// renders once per distinct input, not once per device.
+    shared: HashMap<RenderInputs, Weak<Rendered>>,
 }
+
+/// What a render is a function of: (compilation id or 0 without a fleet, device key, overrides).
+type RenderInputs = (u64, String, String);
 
 /// Decides owners for `devices` against `fleets`; returns the changes and the conflicts.
 fn plan<'a>(
@@ -162,6 +169,16 @@ impl Catalog {
         self.conflicts.remove(device_id);
     }
 
+    /// Records what a device answered and where its session is, as another replica wrote it.
+    pub fn note_session(&mut self, facts: SessionFacts) {
+        if let Some(device) = self.devices.get_mut(&facts.id) {
+            device.acked_version = facts.acked_version;
+            device.nacked = facts.nacked;
+            device.agent_version = facts.agent_version;
+            device.session_replica = facts.session_replica;
+        }
+    }
+
     /// Updates the agent version of a device after its Hello.
     pub fn note_agent_version(&mut self, device_id: &str, agent_version: &str) {
         if let Some(device) = self.devices.get_mut(device_id) {
@@ -254,9 +271,34 @@ impl Catalog {
             name: &device.name,
             labels: &device.labels,
         };
+        let inputs = match serde_json::to_string(&device.spec) {
+            Ok(overrides) => Some((
+                template.as_ref().map_or(0, |t| t.id()),
+                template
+                    .as_ref()
+                    .map(|t| t.device_key(&context))
+                    .unwrap_or_default(),
+                overrides,
+            )),
+            // Not expected for a spec; such a device simply renders on its own.
+            Err(_) => None,
+        };
+        if let Some(known) = inputs
+            .as_ref()
+            .and_then(|inputs| self.shared.get(inputs))
+            .and_then(Weak::upgrade)
+        {
+            return Some(Ok(known));
+        }
         let rendered = render_device(template.as_deref(), &context, &device.spec);
         Some(match rendered {
-            Ok(spec) => Ok(self.intern(spec)),
+            Ok(spec) => {
+                let rendered = self.intern(spec);
+                if let Some(inputs) = inputs {
+                    self.shared.insert(inputs, Arc::downgrade(&rendered));
+                }
+                Ok(rendered)
+            }
             Err(error) => Err(format!("render failed: {error}")),
         })
     }
@@ -281,6 +323,7 @@ impl Catalog {
             }
         }
         self.interned.retain(|_, weak| weak.strong_count() > 0);
+        self.shared.retain(|_, weak| weak.strong_count() > 0);
         failed
     }
 

@@ -7,7 +7,7 @@
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry};
 use crate::clock::now_millis;
-use crate::store::{Change, ChangeKind, DeviceRecord};
+use crate::store::{Change, ChangeKind, DeviceRecord, SessionFacts};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,6 +23,8 @@ const RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 struct Touched {
     devices: BTreeSet<String>,
+    /// Devices of which only session facts changed (unless also in `devices`).
+    sessions: BTreeSet<String>,
     fleets: BTreeSet<String>,
     certificates: BTreeSet<String>,
     rollouts: BTreeSet<String>,
@@ -39,6 +41,9 @@ impl Touched {
                 ChangeKind::Device => {
                     touched.devices.insert(subject);
                 }
+                ChangeKind::Session => {
+                    touched.sessions.insert(subject);
+                }
                 ChangeKind::Fleet => {
                     touched.fleets.insert(subject);
                 }
@@ -54,6 +59,11 @@ impl Touched {
                 }
             }
         }
+        // A device re-read whole brings its session facts along.
+        let Touched {
+            devices, sessions, ..
+        } = &mut touched;
+        sessions.retain(|id| !devices.contains(id));
         touched
     }
 }
@@ -119,6 +129,9 @@ impl ControlPlane {
         if !touched.devices.is_empty() || !touched.fleets.is_empty() {
             self.apply_catalog_changes(&touched).await?;
         }
+        if !touched.sessions.is_empty() {
+            self.apply_session_facts(&touched.sessions).await?;
+        }
         if !touched.rollouts.is_empty() {
             for id in &touched.rollouts {
                 if let Some(record) = self.store.get_rollout(id).await? {
@@ -137,6 +150,34 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// Takes in what other replicas' devices answered and where their sessions are. Nothing that
+    /// renders a device changed, so nothing is re-rendered and the write lock is not needed.
+    async fn apply_session_facts(&self, ids: &BTreeSet<String>) -> Result<(), ControlError> {
+        let facts = self
+            .store
+            .session_facts(ids.iter().cloned().collect())
+            .await?;
+        {
+            let mut catalog = self.catalog_mut();
+            for facts in &facts {
+                catalog.note_session(facts.clone());
+            }
+        }
+        for facts in facts {
+            self.note_remote_facts(facts);
+        }
+        Ok(())
+    }
+
+    /// Hands the hub what another replica recorded of a device's session.
+    fn note_remote_facts(&self, facts: SessionFacts) {
+        let holder = facts
+            .session_replica
+            .filter(|r| r.as_str() != self.store.replica());
+        self.hub
+            .note_remote(&facts.id, holder, facts.acked_version, facts.nacked);
     }
 
     /// The changed fleets, each with the older revisions its devices are held at compiled (kept
@@ -234,16 +275,7 @@ impl ControlPlane {
                 {
                     certificates.push((device.id.clone(), serial, not_after_ms));
                 }
-                let holder = device
-                    .session_replica
-                    .clone()
-                    .filter(|r| r.as_str() != self.store.replica());
-                remote.push((
-                    device.id.clone(),
-                    holder,
-                    device.acked_version.clone(),
-                    device.nacked.clone(),
-                ));
+                remote.push(SessionFacts::of(&device));
                 if catalog.would_render_differently(&device) {
                     affected.insert(device.id.clone());
                 }
@@ -253,9 +285,8 @@ impl ControlPlane {
             catalog.render_into(&self.hub, affected);
         }
         // After rendering, so a device new to this replica has its hub entry.
-        for (device_id, holder, acked_version, nacked) in remote {
-            self.hub
-                .note_remote(&device_id, holder, acked_version, nacked);
+        for facts in remote {
+            self.note_remote_facts(facts);
         }
         for (device_id, serial, not_after_ms) in certificates {
             self.track_certificate(&device_id, &serial, not_after_ms);

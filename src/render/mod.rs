@@ -5,8 +5,10 @@
 //! the device lacks is an error unless the fleet gives a default (`defaults.labels`) or the
 //! template does (`{{ device.labels.site | default("lab") }}`).
 
+mod reads;
 mod size;
 
+pub use reads::DeviceReads;
 pub use size::MAX_TEMPLATE_BYTES;
 
 use crate::spec::{DeviceSpec, SpecError};
@@ -43,7 +45,14 @@ pub struct CompiledTemplate {
     skeleton: Value,
     label_defaults: BTreeMap<String, String>,
     fleet: String,
+    /// What the templated strings read of a device.
+    reads: DeviceReads,
+    /// Tells compilations apart for as long as the process runs (never reused).
+    id: u64,
 }
+
+/// Source of `CompiledTemplate::id`.
+static COMPILATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for CompiledTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,6 +129,7 @@ impl CompiledTemplate {
             reason: e.to_string(),
         })?;
         let mut env = sandbox();
+        let mut reads = DeviceReads::default();
         let mut path = "template".to_string();
         walk_strings(&mut skeleton, &mut path, &mut |path, s| {
             if is_template(s) {
@@ -128,6 +138,11 @@ impl CompiledTemplate {
                         field: path.to_string(),
                         reason: describe(&e),
                     })?;
+                // Just compiled, so it is there; its analysis re-parses the same source.
+                if let Ok(template) = env.get_template(path) {
+                    let paths = template.undeclared_variables(true);
+                    reads.add_paths(paths.iter().map(String::as_str));
+                }
                 size::check(s).map_err(|e| RenderError {
                     field: path.to_string(),
                     reason: e.to_string(),
@@ -140,7 +155,21 @@ impl CompiledTemplate {
             skeleton,
             label_defaults,
             fleet: fleet.to_string(),
+            reads,
+            id: COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Identifies this compilation: renders by two compilations are never taken for each other.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The inputs of `device` this template's output depends on, as one string: devices with equal
+    /// keys get equal renders (the fleet's label defaults applied, as rendering does).
+    pub fn device_key(&self, device: &DeviceContext<'_>) -> String {
+        self.reads
+            .key(device.id, device.name, device.labels, &self.label_defaults)
     }
 
     /// The template spec for `device`, before overrides.
@@ -335,6 +364,49 @@ mod tests {
             let again = label_listing();
             let c = render_device(Some(&again), &context, &DeviceSpec::default()).unwrap();
             prop_assert_eq!(a, c);
+        }
+
+        /// Devices that agree on what a template reads render alike, whatever the template: the
+        /// key the catalog shares renders by is never too small.
+        #[test]
+        fn devices_with_equal_keys_render_alike(
+            parts in prop::collection::vec(
+                prop_oneof![
+                    Just("{{ device.labels.site }}"), Just("{{ device.labels.tier | default('t') }}"),
+                    Just("{{ device.name }}"), Just("{{ device.id }}"), Just("{{ fleet.name }}"),
+                    Just("{{ device['labels']['site'] | default('-') }}"),
+                    Just("{{ device.labels['tier'] | default('-') }}"),
+                    Just("{% set d = device %}{{ d.labels.site | default('') }}"),
+                    Just("{% set l = device.labels %}{{ l.tier | default('') }}"),
+                    Just("{% for k, v in device.labels|items %}{{ k }}={{ v }};{% endfor %}"),
+                    Just("{{ device.labels | length }}"), Just("{{ device | length }}"),
+                    Just("{% if device.labels.site == 'a' %}A{% else %}B{% endif %}"),
+                    Just("{{ device.colour | default('none') }}"), Just("plain "),
+                ],
+                0..5,
+            ),
+            one in prop::collection::btree_map(prop_oneof![Just("site"), Just("tier"), Just("x")], "[ab]{0,1}", 0..3),
+            two in prop::collection::btree_map(prop_oneof![Just("site"), Just("tier"), Just("x")], "[ab]{0,1}", 0..3),
+            names in (prop_oneof![Just("n1"), Just("n2")], prop_oneof![Just("n1"), Just("n2")]),
+            ids in (prop_oneof![Just("i1"), Just("i2")], prop_oneof![Just("i1"), Just("i2")]),
+            with_default in any::<bool>(),
+        ) {
+            let body = parts.concat();
+            let defaults = if with_default { labels(&[("site", "dflt")]) } else { BTreeMap::new() };
+            let template = DeviceSpec {
+                files: vec![FileSpec::new("/etc/keyed", &body)],
+                ..Default::default()
+            };
+            let compiled = CompiledTemplate::compile("web", &template, defaults).unwrap();
+            let first: BTreeMap<String, String> = one.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let second: BTreeMap<String, String> = two.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let a = DeviceContext { id: ids.0, name: names.0, labels: &first };
+            let b = DeviceContext { id: ids.1, name: names.1, labels: &second };
+            if compiled.device_key(&a) == compiled.device_key(&b) {
+                let render_a = compiled.render(&a).map(|s| s.content_hash());
+                let render_b = compiled.render(&b).map(|s| s.content_hash());
+                prop_assert_eq!(render_a, render_b, "{} for {:?} and {:?}", body, a, b);
+            }
         }
 
         /// Whatever a template says, compiling it and rendering it answer, with a field on error.

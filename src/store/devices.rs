@@ -33,6 +33,39 @@ pub struct DeviceRecord {
     pub session_replica: Option<String>,
 }
 
+/// What a device answered last and where its session is: the part of a device that changes with
+/// every session and push, apart from what renders it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionFacts {
+    pub id: String,
+    pub acked_version: Option<String>,
+    pub nacked: Option<(String, String)>,
+    pub agent_version: Option<String>,
+    pub session_replica: Option<String>,
+}
+
+impl SessionFacts {
+    /// The session facts of a whole device record.
+    pub fn of(device: &DeviceRecord) -> SessionFacts {
+        SessionFacts {
+            id: device.id.clone(),
+            acked_version: device.acked_version.clone(),
+            nacked: device.nacked.clone(),
+            agent_version: device.agent_version.clone(),
+            session_replica: device.session_replica.clone(),
+        }
+    }
+}
+
+type FactsRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
 /// A device about to be created (by approving its enrollment).
 #[derive(Debug, Clone)]
 pub struct NewDevice {
@@ -247,6 +280,42 @@ impl Store {
                     device.session_replica = holders.get(&device.id).cloned();
                     found.push(device);
                 }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// What each of `ids` answered last and which replica holds its session: the columns a
+    /// `session` change touches, without the rest of the device. Devices that are gone are left
+    /// out.
+    pub async fn session_facts(&self, ids: Vec<String>) -> Result<Vec<SessionFacts>, StoreError> {
+        self.run("session_facts", move |conn| {
+            let mut found = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(500) {
+                let rows: Vec<FactsRow> = devices::table
+                    .left_join(device_sessions::table)
+                    .filter(devices::id.eq_any(chunk))
+                    .select((
+                        devices::id,
+                        devices::acked_version,
+                        devices::nacked_version,
+                        devices::last_error,
+                        devices::agent_version,
+                        device_sessions::replica.nullable(),
+                    ))
+                    .load(conn)?;
+                found.extend(rows.into_iter().map(
+                    |(id, acked_version, nacked_version, last_error, agent_version, replica)| {
+                        SessionFacts {
+                            id,
+                            acked_version,
+                            nacked: nacked_version.zip(last_error),
+                            agent_version,
+                            session_replica: replica,
+                        }
+                    },
+                ));
             }
             Ok(found)
         })

@@ -21,7 +21,10 @@ const APPLICATION_PREFIX: &str = "flotilla:";
 /// What a change touched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChangeKind {
+    /// The device itself: created, deleted, or changed in what renders or identifies it.
     Device,
+    /// Only what the device answered or which replica holds its session (`session_facts`).
+    Session,
     Fleet,
     Certificate,
     Rollout,
@@ -56,6 +59,7 @@ struct ChangeRow {
 fn kind_of(text: &str) -> Option<ChangeKind> {
     Some(match text {
         "device" => ChangeKind::Device,
+        "session" => ChangeKind::Session,
         "fleet" => ChangeKind::Fleet,
         "certificate" => ChangeKind::Certificate,
         "rollout" => ChangeKind::Rollout,

@@ -20,7 +20,7 @@ mod tpm;
 pub use audit::{AuditQuery, AuditSeal};
 pub use certificates::{CertificateRecord, IssuanceRules, RecordedIssuance, Revocation};
 pub use connection::{Backend, DbConnection};
-pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice};
+pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use feed::{Change, ChangeKind};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};

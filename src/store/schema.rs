@@ -160,6 +160,8 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(device_sessions -> devices (device_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     certificate_audit,
     changes,
