@@ -598,3 +598,87 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     let (kinds, _) = kinds_after(at).await;
     assert_eq!(kinds, [ChangeKind::Device], "labels render the device");
 }
+
+/// A batch of device facts leaves every column as writing them one by one would, whether a device
+/// has one fact in the batch (written with the others of its kind, on PostgreSQL) or several.
+#[tokio::test]
+async fn a_batch_of_device_facts_ends_as_its_sequence_would() {
+    use flotilla::store::DeviceFact;
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    let ids = ["a", "b", "c", "d", "e"];
+    let devices = ids
+        .iter()
+        .map(|id| (device(id, &format!("dev-{id}")), certificate(id)))
+        .collect();
+    store
+        .insert_devices(devices, seal(), "t".into())
+        .await
+        .unwrap();
+    let session = |id: &str, running: Option<&str>, seen_ms: i64| DeviceFact::Session {
+        id: id.into(),
+        agent_version: format!("agent-{seen_ms}"),
+        running_version: running.map(str::to_string),
+        seen_ms,
+    };
+    let sync = |id: &str, acked: Option<&str>, nacked: Option<(&str, &str)>| DeviceFact::Sync {
+        id: id.into(),
+        acked_version: acked.map(str::to_string),
+        nacked: nacked.map(|(v, e)| (v.to_string(), e.to_string())),
+    };
+    store
+        .record_device_facts(vec![sync("b", Some("v7"), None)])
+        .await
+        .unwrap();
+    store
+        .record_device_facts(vec![
+            // a: one session start with the version it runs; b: one without.
+            session("a", Some("v1"), 10),
+            session("b", None, 11),
+            // c: one answer, a rejection; d: an ACK after its session start.
+            sync("c", Some("v0"), Some(("v2", "disk full"))),
+            session("d", Some("v1"), 12),
+            sync("d", Some("v3"), None),
+            // e: session start, end, and a later start.
+            session("e", Some("v5"), 13),
+            DeviceFact::LastSeen {
+                id: "e".into(),
+                seen_ms: 14,
+            },
+            session("e", None, 15),
+        ])
+        .await
+        .unwrap();
+    let found = store
+        .get_devices(ids.iter().map(|id| id.to_string()).collect())
+        .await
+        .unwrap();
+    let by_id: BTreeMap<&str, _> = found.iter().map(|d| (d.id.as_str(), d)).collect();
+    let acked = |id: &str| by_id[id].acked_version.as_deref();
+    assert_eq!(acked("a"), Some("v1"));
+    assert_eq!(
+        acked("b"),
+        Some("v7"),
+        "a start without a version keeps the last ACK"
+    );
+    assert_eq!(acked("c"), Some("v0"));
+    assert_eq!(
+        by_id["c"].nacked,
+        Some(("v2".to_string(), "disk full".to_string()))
+    );
+    assert_eq!(acked("d"), Some("v3"), "the later answer wins");
+    assert_eq!(acked("e"), Some("v5"), "a start without a version keeps it");
+    assert_eq!(by_id["e"].agent_version.as_deref(), Some("agent-15"));
+    assert_eq!(by_id["e"].last_seen_ms, Some(15));
+    assert_eq!(by_id["b"].last_seen_ms, Some(11));
+    if store.has_change_feed() {
+        for id in ["a", "b", "d", "e"] {
+            assert_eq!(
+                by_id[id].session_replica.as_deref(),
+                Some(store.replica()),
+                "{id} holds its session here"
+            );
+        }
+        assert_eq!(by_id["c"].session_replica, None);
+    }
+}

@@ -4,7 +4,7 @@ use super::schema::{device_sessions, devices};
 use super::{Store, StoreError, from_json, to_json};
 use crate::spec::DeviceSpec;
 use diesel::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A device as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -435,12 +435,7 @@ impl Store {
         }
         let replica = self.has_change_feed().then(|| self.replica.clone());
         self.run("record_device_facts", move |conn| {
-            conn.transaction(|conn| {
-                for fact in &facts {
-                    write_fact(conn, fact, replica.as_deref())?;
-                }
-                Ok(())
-            })
+            conn.transaction(|conn| Ok(write_facts(conn, &facts, replica.as_deref())?))
         })
         .await
     }
@@ -465,6 +460,130 @@ pub enum DeviceFact {
         acked_version: Option<String>,
         nacked: Option<(String, String)>,
     },
+}
+
+impl DeviceFact {
+    fn device_id(&self) -> &str {
+        match self {
+            DeviceFact::Session { id, .. }
+            | DeviceFact::LastSeen { id, .. }
+            | DeviceFact::Sync { id, .. } => id,
+        }
+    }
+}
+
+/// Writes a batch of facts in their order. On PostgreSQL, a device with a single session-start or
+/// answer fact in the batch — every device of a connect storm or a fan-out — is written by one
+/// statement for all of them; the rest one by one. Every device row the batch touches is locked
+/// first, in id order, so this never deadlocks with the other writers of device rows (issuance,
+/// fleet ownership), which lock in the same order.
+fn write_facts(
+    conn: &mut super::DbConnection,
+    facts: &[DeviceFact],
+    replica: Option<&str>,
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::{Array, Text};
+    let super::DbConnection::Postgres(pg) = conn else {
+        for fact in facts {
+            write_fact(conn, fact, replica)?;
+        }
+        return Ok(());
+    };
+    let mut per_device: HashMap<&str, usize> = HashMap::new();
+    for fact in facts {
+        *per_device.entry(fact.device_id()).or_default() += 1;
+    }
+    let mut ids: Vec<&str> = per_device.keys().copied().collect();
+    ids.sort_unstable();
+    diesel::sql_query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind::<Array<Text>, _>(&ids)
+        .execute(pg)?;
+    let (bulk, single): (Vec<&DeviceFact>, Vec<&DeviceFact>) = facts.iter().partition(|fact| {
+        per_device[fact.device_id()] == 1 && !matches!(fact, DeviceFact::LastSeen { .. })
+    });
+    for fact in single {
+        write_fact(conn, fact, replica)?;
+    }
+    if let super::DbConnection::Postgres(pg) = conn {
+        write_in_bulk(pg, &bulk, replica)?;
+    }
+    Ok(())
+}
+
+/// Session starts and answers of distinct devices, a statement per kind (PostgreSQL).
+fn write_in_bulk(
+    pg: &mut diesel::PgConnection,
+    facts: &[&DeviceFact],
+    replica: Option<&str>,
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+    let mut sessions = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut answers = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for fact in facts {
+        match fact {
+            DeviceFact::Session {
+                id,
+                agent_version,
+                running_version,
+                seen_ms,
+            } => {
+                sessions.0.push(id.as_str());
+                sessions.1.push(agent_version.as_str());
+                sessions.2.push(running_version.as_deref());
+                sessions.3.push(*seen_ms);
+            }
+            DeviceFact::Sync {
+                id,
+                acked_version,
+                nacked,
+            } => {
+                answers.0.push(id.as_str());
+                answers.1.push(acked_version.as_deref());
+                answers.2.push(nacked.as_ref().map(|n| n.0.as_str()));
+                answers.3.push(nacked.as_ref().map(|n| n.1.as_str()));
+            }
+            DeviceFact::LastSeen { .. } => {}
+        }
+    }
+    if !sessions.0.is_empty() {
+        diesel::sql_query(
+            "UPDATE devices AS d SET agent_version = v.agent, last_seen_ms = v.seen, \
+             acked_version = COALESCE(v.running, d.acked_version) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS v(id, agent, running, seen) \
+             WHERE d.id = v.id",
+        )
+        .bind::<Array<Text>, _>(&sessions.0)
+        .bind::<Array<Text>, _>(&sessions.1)
+        .bind::<Array<Nullable<Text>>, _>(&sessions.2)
+        .bind::<Array<BigInt>, _>(&sessions.3)
+        .execute(pg)?;
+        if let Some(replica) = replica {
+            diesel::sql_query(
+                "INSERT INTO device_sessions (device_id, replica, since_ms) \
+                 SELECT v.id, $1, v.since FROM unnest($2::text[], $3::bigint[]) AS v(id, since) \
+                 JOIN devices d ON d.id = v.id \
+                 ON CONFLICT (device_id) DO UPDATE SET replica = EXCLUDED.replica, since_ms = EXCLUDED.since_ms",
+            )
+            .bind::<Text, _>(replica)
+            .bind::<Array<Text>, _>(&sessions.0)
+            .bind::<Array<BigInt>, _>(&sessions.3)
+            .execute(pg)?;
+        }
+    }
+    if !answers.0.is_empty() {
+        diesel::sql_query(
+            "UPDATE devices AS d SET acked_version = v.acked, nacked_version = v.nacked, \
+             last_error = v.error \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(id, acked, nacked, error) \
+             WHERE d.id = v.id",
+        )
+        .bind::<Array<Text>, _>(&answers.0)
+        .bind::<Array<Nullable<Text>>, _>(&answers.1)
+        .bind::<Array<Nullable<Text>>, _>(&answers.2)
+        .bind::<Array<Nullable<Text>>, _>(&answers.3)
+        .execute(pg)?;
+    }
+    Ok(())
 }
 
 /// Records that `replica` holds the session of device `id` (if the device still exists).
