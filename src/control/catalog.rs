@@ -169,13 +169,16 @@ impl Catalog {
         self.conflicts.remove(device_id);
     }
 
-    /// Records what a device answered and where its session is, as another replica wrote it.
+    /// Records what a device answered, where its session is and which certificate it holds, as
+    /// another replica wrote it.
     pub fn note_session(&mut self, facts: SessionFacts) {
         if let Some(device) = self.devices.get_mut(&facts.id) {
             device.acked_version = facts.acked_version;
             device.nacked = facts.nacked;
             device.agent_version = facts.agent_version;
             device.session_replica = facts.session_replica;
+            device.cert_serial = facts.cert_serial;
+            device.cert_not_after_ms = facts.cert_not_after_ms;
         }
     }
 

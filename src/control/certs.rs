@@ -688,11 +688,11 @@ impl ControlPlane {
     /// longer needed and is superseded (audited), so it cannot open sessions for the rest of its
     /// lifetime. A failure leaves the spare for the next session to retire.
     pub(super) async fn supersede_spares(&self, device_id: &str, serial: &str) {
-        let _order = self.audit_lock.lock().await;
         let actor = Identity::new(Role::Device, device_id).to_string();
+        // With whatever other certificate writes are waiting (group commit), in audit order.
         match self
-            .store
-            .supersede_spares(device_id, serial, actor, self.seal(), now_millis())
+            .issuances
+            .supersede(device_id, serial, actor, now_millis())
             .await
         {
             Ok(superseded) => {
@@ -724,10 +724,11 @@ impl ControlPlane {
         let serials: Vec<String> = revoked.iter().map(|c| c.serial.clone()).collect();
         self.revoked.extend(serials.iter().cloned());
         for certificate in revoked {
-            if self
-                .hub
-                .close_session_using(&certificate.device_id, &serials)
-            {
+            // A serial belongs to one device: only its own can be the one its session uses.
+            if self.hub.close_session_using(
+                &certificate.device_id,
+                std::slice::from_ref(&certificate.serial),
+            ) {
                 tracing::info!(device.id = %certificate.device_id, serial = %certificate.serial, "closed a session using a revoked certificate");
             }
         }

@@ -116,14 +116,11 @@ impl ControlPlane {
         let touched = Touched::of(changes);
         // Certificates first: a revocation takes effect before anything else is looked at.
         if !touched.certificates.is_empty() {
-            let mut revoked = Vec::new();
-            for serial in &touched.certificates {
-                if let Some(record) = self.store.get_certificate(serial).await?
-                    && record.revoked_ms.is_some()
-                {
-                    revoked.push(record);
-                }
-            }
+            let mut revoked = self
+                .store
+                .get_certificates(touched.certificates.iter().cloned().collect())
+                .await?;
+            revoked.retain(|record| record.revoked_ms.is_some());
             self.enforce_revocation(&revoked);
         }
         if !touched.devices.is_empty() || !touched.fleets.is_empty() {
@@ -159,16 +156,36 @@ impl ControlPlane {
             .store
             .session_facts(ids.iter().cloned().collect())
             .await?;
+        let mut certificates = Vec::new();
         {
             let mut catalog = self.catalog_mut();
             for facts in &facts {
+                if let Some(certificate) = new_certificate(catalog.device(&facts.id), facts) {
+                    certificates.push(certificate);
+                }
                 catalog.note_session(facts.clone());
             }
         }
         for facts in facts {
             self.note_remote_facts(facts);
         }
+        self.track_new_certificates(certificates);
         Ok(())
+    }
+
+    /// Schedules the renewal of certificates other replicas issued; a device that renewed keeps its
+    /// old certificate as a spare until it opens a session with the new one, wherever it does.
+    fn track_new_certificates(&self, certificates: Vec<NewCertificate>) {
+        for certificate in certificates {
+            if certificate.renews {
+                self.spares().insert(certificate.device_id.clone());
+            }
+            self.track_certificate(
+                &certificate.device_id,
+                &certificate.serial,
+                certificate.not_after_ms,
+            );
+        }
     }
 
     /// Hands the hub what another replica recorded of a device's session.
@@ -266,16 +283,11 @@ impl ControlPlane {
                 affected.remove(id);
             }
             for device in devices {
-                let known = catalog
-                    .device(&device.id)
-                    .and_then(|d| d.cert_serial.clone());
-                if let (Some(serial), Some(not_after_ms)) =
-                    (device.cert_serial.clone(), device.cert_not_after_ms)
-                    && known.as_deref() != Some(serial.as_str())
-                {
-                    certificates.push((device.id.clone(), serial, not_after_ms));
+                let facts = SessionFacts::of(&device);
+                if let Some(certificate) = new_certificate(catalog.device(&device.id), &facts) {
+                    certificates.push(certificate);
                 }
-                remote.push(SessionFacts::of(&device));
+                remote.push(facts);
                 if catalog.would_render_differently(&device) {
                     affected.insert(device.id.clone());
                 }
@@ -288,11 +300,31 @@ impl ControlPlane {
         for facts in remote {
             self.note_remote_facts(facts);
         }
-        for (device_id, serial, not_after_ms) in certificates {
-            self.track_certificate(&device_id, &serial, not_after_ms);
-        }
+        self.track_new_certificates(certificates);
         Ok(())
     }
+}
+
+/// A device's certificate that another replica issued.
+struct NewCertificate {
+    device_id: String,
+    serial: String,
+    not_after_ms: i64,
+    /// It renews one this replica knew, which stays valid until the device uses the new one.
+    renews: bool,
+}
+
+/// The device's certificate, if `facts` name another one than the catalog knows it by (`known`).
+fn new_certificate(known: Option<&DeviceRecord>, facts: &SessionFacts) -> Option<NewCertificate> {
+    let serial = facts.cert_serial.clone()?;
+    let not_after_ms = facts.cert_not_after_ms?;
+    let known = known.and_then(|d| d.cert_serial.as_deref());
+    (known != Some(serial.as_str())).then(|| NewCertificate {
+        device_id: facts.id.clone(),
+        serial,
+        not_after_ms,
+        renews: known.is_some(),
+    })
 }
 
 /// What the leader remembers between housekeeping passes.

@@ -101,6 +101,68 @@ fn record_one_issuance(
     Ok(RecordedIssuance { record, superseded })
 }
 
+/// One write of the certificate group commit.
+// Each is moved once through the writer's queue; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum CertificateWrite {
+    /// A new certificate, with its audit record, if `rules` hold.
+    Issue {
+        certificate: CertificateRecord,
+        entry: AuditEntry,
+        rules: IssuanceRules,
+    },
+    /// The device uses `keep`: its other valid certificates are superseded (audited).
+    Supersede {
+        device_id: String,
+        keep: String,
+        actor: String,
+        now_ms: i64,
+    },
+}
+
+/// What a [`CertificateWrite`] recorded.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum CertificateWritten {
+    Issued(RecordedIssuance),
+    Superseded(Vec<CertificateRecord>),
+}
+
+impl CertificateWrite {
+    /// The device whose rows the write touches (writes are ordered by it).
+    pub fn device_id(&self) -> &str {
+        match self {
+            CertificateWrite::Issue { certificate, .. } => &certificate.device_id,
+            CertificateWrite::Supersede { device_id, .. } => device_id,
+        }
+    }
+}
+
+/// Supersedes the device's valid certificates other than `keep`; returns them.
+fn supersede(
+    conn: &mut DbConnection,
+    seal: &dyn AuditSeal,
+    device_id: &str,
+    keep: &str,
+    actor: String,
+    now_ms: i64,
+) -> Result<Vec<CertificateRecord>, StoreError> {
+    let spares = spare_certificates(conn, device_id, &[keep])?;
+    revoke(
+        conn,
+        seal,
+        &Revocation {
+            serials: spares,
+            reason: format!("superseded: the device uses {keep}"),
+            actor,
+            now_ms,
+            superseded: true,
+            ..Default::default()
+        },
+    )
+}
+
 /// The device's valid certificates other than `keep`.
 fn spare_certificates(
     conn: &mut DbConnection,
@@ -126,6 +188,26 @@ pub(super) fn insert_certificate(
 }
 
 impl Store {
+    /// The certificates with these serials (those that exist), in no particular order.
+    pub async fn get_certificates(
+        &self,
+        serials: Vec<String>,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.run("get_certificates", move |conn| {
+            let mut found = Vec::with_capacity(serials.len());
+            for chunk in serials.chunks(500) {
+                found.extend(
+                    certificates::table
+                        .filter(certificates::serial.eq_any(chunk))
+                        .select(CertificateRecord::as_select())
+                        .load(conn)?,
+                );
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     pub async fn get_certificate(
         &self,
         serial: &str,
@@ -283,21 +365,41 @@ impl Store {
         .await
     }
 
-    /// Records several issuances in one transaction, in order, each with its audit record (the
-    /// group commit of concurrent renewals). Each stands alone: one that fails (say, a duplicate)
-    /// is rolled back to its savepoint and reported, the others are kept. An error for the whole
-    /// batch means nothing was recorded.
-    pub async fn record_issuances(
+    /// Records several certificate writes in one transaction, in order, each with its audit
+    /// records (the group commit of concurrent renewals and of the supersessions that follow them).
+    /// Each stands alone: one that fails (say, a duplicate) is rolled back to its savepoint and
+    /// reported, the others are kept. An error for the whole batch means nothing was recorded.
+    pub async fn record_certificate_writes(
         &self,
-        issuances: Vec<(CertificateRecord, AuditEntry, IssuanceRules)>,
+        writes: Vec<CertificateWrite>,
         seal: Arc<dyn AuditSeal>,
-    ) -> Result<Vec<Result<RecordedIssuance, StoreError>>, StoreError> {
-        self.run("record_issuances", move |conn| {
+    ) -> Result<Vec<Result<CertificateWritten, StoreError>>, StoreError> {
+        self.run("record_certificate_writes", move |conn| {
             conn.transaction(|conn| {
-                let mut outcomes = Vec::with_capacity(issuances.len());
-                for (certificate, entry, rules) in issuances {
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for write in writes {
                     outcomes.push(conn.transaction(|conn| {
-                        record_one_issuance(conn, &certificate, seal.as_ref(), entry, &rules)
+                        match write {
+                            CertificateWrite::Issue {
+                                certificate,
+                                entry,
+                                rules,
+                            } => record_one_issuance(
+                                conn,
+                                &certificate,
+                                seal.as_ref(),
+                                entry,
+                                &rules,
+                            )
+                            .map(CertificateWritten::Issued),
+                            CertificateWrite::Supersede {
+                                device_id,
+                                keep,
+                                actor,
+                                now_ms,
+                            } => supersede(conn, seal.as_ref(), &device_id, &keep, actor, now_ms)
+                                .map(CertificateWritten::Superseded),
+                        }
                     }));
                 }
                 Ok(outcomes)
@@ -383,38 +485,6 @@ impl Store {
         .await
     }
 
-    /// Serials of every revoked certificate (loaded at start for the connection check).
-    /// Supersedes (revokes, audited as `superseded`) every valid certificate of `device_id` but
-    /// `keep`, the one it now uses. Returns those superseded.
-    pub async fn supersede_spares(
-        &self,
-        device_id: &str,
-        keep: &str,
-        actor: String,
-        seal: Arc<dyn AuditSeal>,
-        now_ms: i64,
-    ) -> Result<Vec<CertificateRecord>, StoreError> {
-        let (device_id, keep) = (device_id.to_string(), keep.to_string());
-        self.run("supersede_spares", move |conn| {
-            conn.transaction(|conn| {
-                let spares = spare_certificates(conn, &device_id, &[keep.as_str()])?;
-                revoke(
-                    conn,
-                    seal.as_ref(),
-                    &Revocation {
-                        serials: spares,
-                        reason: format!("superseded: the device uses {keep}"),
-                        actor,
-                        now_ms,
-                        superseded: true,
-                        ..Default::default()
-                    },
-                )
-            })
-        })
-        .await
-    }
-
     /// Devices holding more than one valid certificate (a renewal not yet confirmed by use).
     pub async fn devices_with_spare_certificates(&self) -> Result<Vec<String>, StoreError> {
         self.run("devices_with_spare_certificates", |conn| {
@@ -433,6 +503,7 @@ impl Store {
         .await
     }
 
+    /// Serials of every revoked certificate (loaded at start for the connection check).
     pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
         self.run("revoked_serials", |conn| {
             Ok(certificates::table

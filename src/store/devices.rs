@@ -33,8 +33,8 @@ pub struct DeviceRecord {
     pub session_replica: Option<String>,
 }
 
-/// What a device answered last and where its session is: the part of a device that changes with
-/// every session and push, apart from what renders it.
+/// What a device answered last, where its session is and which certificate it holds: the part of
+/// a device that changes with sessions, pushes and renewals, apart from what renders it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionFacts {
     pub id: String,
@@ -42,6 +42,8 @@ pub struct SessionFacts {
     pub nacked: Option<(String, String)>,
     pub agent_version: Option<String>,
     pub session_replica: Option<String>,
+    pub cert_serial: Option<String>,
+    pub cert_not_after_ms: Option<i64>,
 }
 
 impl SessionFacts {
@@ -53,6 +55,8 @@ impl SessionFacts {
             nacked: device.nacked.clone(),
             agent_version: device.agent_version.clone(),
             session_replica: device.session_replica.clone(),
+            cert_serial: device.cert_serial.clone(),
+            cert_not_after_ms: device.cert_not_after_ms,
         }
     }
 }
@@ -64,6 +68,8 @@ type FactsRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Option<String>,
+    Option<i64>,
 );
 
 /// A device about to be created (by approving its enrollment).
@@ -303,16 +309,20 @@ impl Store {
                         devices::last_error,
                         devices::agent_version,
                         device_sessions::replica.nullable(),
+                        devices::cert_serial,
+                        devices::cert_not_after_ms,
                     ))
                     .load(conn)?;
                 found.extend(rows.into_iter().map(
-                    |(id, acked_version, nacked_version, last_error, agent_version, replica)| {
+                    |(id, acked, nacked, error, agent, replica, serial, not_after_ms)| {
                         SessionFacts {
                             id,
-                            acked_version,
-                            nacked: nacked_version.zip(last_error),
-                            agent_version,
+                            acked_version: acked,
+                            nacked: nacked.zip(error),
+                            agent_version: agent,
                             session_replica: replica,
+                            cert_serial: serial,
+                            cert_not_after_ms: not_after_ms,
                         }
                     },
                 ));

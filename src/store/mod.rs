@@ -18,7 +18,10 @@ mod schema;
 mod tpm;
 
 pub use audit::{AuditQuery, AuditSeal};
-pub use certificates::{CertificateRecord, IssuanceRules, RecordedIssuance, Revocation};
+pub use certificates::{
+    CertificateRecord, CertificateWrite, CertificateWritten, IssuanceRules, RecordedIssuance,
+    Revocation,
+};
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
