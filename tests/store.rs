@@ -682,3 +682,188 @@ async fn a_batch_of_device_facts_ends_as_its_sequence_would() {
         assert_eq!(by_id["c"].session_replica, None);
     }
 }
+
+/// The certificate group commit: a batch of issuances and supersessions for distinct devices (the
+/// bulk path) and the same batch with a device twice (written one by one) end alike — refusals,
+/// superseded spares, certificate rows and one intact audit chain.
+#[tokio::test]
+async fn a_batch_of_certificate_writes_ends_as_one_by_one_would() {
+    use flotilla::store::{CertificateWrite, CertificateWritten};
+    async fn run(with_a_device_twice: bool) -> (Vec<String>, Vec<(String, bool)>, Vec<String>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _db) = test_store(tmp.path()).await;
+        let (key, _) = AuditKey::generate().unwrap();
+        let key = Arc::new(key);
+        let seal: Arc<dyn AuditSeal> = key.clone();
+        let cert = |id: &str, serial: &str| CertificateRecord {
+            serial: serial.into(),
+            key_fingerprint: format!("key-{serial}"),
+            ..certificate(id)
+        };
+        let ids = ["a", "b", "c", "d"];
+        store
+            .insert_devices(
+                ids.iter()
+                    .map(|id| (device(id, &format!("dev-{id}")), certificate(id)))
+                    .collect(),
+                seal.clone(),
+                "t".into(),
+            )
+            .await
+            .unwrap();
+        // c holds a spare (renewed, not yet used); b's current certificate is revoked.
+        let spare = store
+            .record_certificate_writes(
+                vec![CertificateWrite::Issue {
+                    certificate: cert("c", "c-2"),
+                    entry: AuditEntry {
+                        kind: "renewed".into(),
+                        device_id: "c".into(),
+                        serial: "c-2".into(),
+                        outcome: "ok".into(),
+                        ..Default::default()
+                    },
+                    rules: IssuanceRules {
+                        renews: Some("serial-c".into()),
+                    },
+                }],
+                seal.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(spare[0].is_ok());
+        store
+            .revoke_certificates(
+                Revocation {
+                    serials: vec!["serial-b".into()],
+                    reason: "lost".into(),
+                    actor: "admin/admin".into(),
+                    now_ms: 3,
+                    ..Default::default()
+                },
+                seal.clone(),
+            )
+            .await
+            .unwrap();
+        let renew = |id: &str, serial: &str, renews: &str| CertificateWrite::Issue {
+            certificate: cert(id, serial),
+            entry: AuditEntry {
+                kind: "renewed".into(),
+                device_id: id.into(),
+                serial: serial.into(),
+                actor: format!("device/{id}"),
+                outcome: "ok".into(),
+                ..Default::default()
+            },
+            rules: IssuanceRules {
+                renews: Some(renews.into()),
+            },
+        };
+        let mut writes = vec![
+            renew("a", "a-2", "serial-a"),
+            renew("b", "b-2", "serial-b"),
+            // c now uses c-2: its old certificate goes.
+            CertificateWrite::Supersede {
+                device_id: "c".into(),
+                keep: "c-2".into(),
+                actor: "device/c".into(),
+                now_ms: 5,
+            },
+        ];
+        if with_a_device_twice {
+            writes.push(renew("a", "a-3", "serial-a"));
+        } else {
+            writes.push(renew("d", "d-2", "serial-d"));
+        }
+        let outcomes = store
+            .record_certificate_writes(writes, seal.clone())
+            .await
+            .unwrap();
+        let described: Vec<String> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(CertificateWritten::Issued(r)) => format!(
+                    "issued {} superseding {:?}",
+                    r.record.entry.serial,
+                    r.superseded
+                        .iter()
+                        .map(|c| c.serial.clone())
+                        .collect::<Vec<_>>()
+                ),
+                Ok(CertificateWritten::Superseded(s)) => format!(
+                    "superseded {:?}",
+                    s.iter()
+                        .map(|c| (c.serial.clone(), c.revoked_ms))
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => format!("refused: {e}"),
+            })
+            .collect();
+        let certificates: Vec<(String, bool)> = store
+            .list_certificates(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.serial, c.revoked_ms.is_some()))
+            .collect();
+        let all = store
+            .list_audit(AuditQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(verify_chain(&all, &key.public_key_der()), Ok(all.len()));
+        let kinds: Vec<String> = all
+            .iter()
+            .map(|r| format!("{} {}", r.entry.kind, r.entry.serial))
+            .collect();
+        let current: Vec<Option<String>> = store
+            .get_devices(ids.iter().map(|s| s.to_string()).collect())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.id == "a" || d.id == "c")
+            .map(|d| d.cert_serial)
+            .collect();
+        assert!(current.contains(&Some("c-2".to_string())));
+        (described, certificates, kinds)
+    }
+    let (bulk, bulk_certificates, bulk_audit) = run(false).await;
+    assert_eq!(bulk[0], "issued a-2 superseding []");
+    assert!(
+        bulk[1].starts_with("refused: ") && bulk[1].contains("serial-b"),
+        "{}",
+        bulk[1]
+    );
+    assert_eq!(bulk[2], "superseded [(\"serial-c\", Some(5))]");
+    assert_eq!(bulk[3], "issued d-2 superseding []");
+    let (single, single_certificates, single_audit) = run(true).await;
+    assert_eq!(bulk[..3], single[..3], "the same writes, the same outcomes");
+    // a-3 renews serial-a too, so it supersedes a-2 (the spare a-2 made of nothing else).
+    assert_eq!(single[3], "issued a-3 superseding [\"a-2\"]");
+    for (serial, revoked) in [
+        ("serial-c", true),
+        ("c-2", false),
+        ("serial-a", false),
+        ("a-2", false),
+    ] {
+        assert!(
+            bulk_certificates.contains(&(serial.to_string(), revoked)),
+            "{serial}: {bulk_certificates:?}"
+        );
+    }
+    assert!(
+        !bulk_certificates.iter().any(|(s, _)| s == "b-2"),
+        "nothing issued for a revoked renewal"
+    );
+    assert!(!single_certificates.iter().any(|(s, _)| s == "b-2"));
+    for audit in [&bulk_audit, &single_audit] {
+        assert!(
+            audit.contains(&"superseded serial-c".to_string()),
+            "{audit:?}"
+        );
+        assert!(audit.contains(&"renewed a-2".to_string()));
+        assert!(!audit.iter().any(|r| r.ends_with(" b-2")));
+    }
+}

@@ -228,6 +228,30 @@ impl Catalog {
         self.fleets.remove(name);
     }
 
+    /// Recomputes the conflicts of `device_ids` only: enough when nothing but these devices changed
+    /// (a fleet change calls for `apply_owners`, which recomputes every device's).
+    pub fn replan<'a>(&mut self, device_ids: impl IntoIterator<Item = &'a str>) {
+        for id in device_ids {
+            let Some(device) = self.devices.get(id) else {
+                self.conflicts.remove(id);
+                continue;
+            };
+            let matching = place(
+                self.fleets
+                    .iter()
+                    .map(|(name, f)| (name.as_str(), &f.selector)),
+                &device.labels,
+                device.fleet.as_deref(),
+            )
+            .conflicts;
+            if matching.is_empty() {
+                self.conflicts.remove(id);
+            } else {
+                self.conflicts.insert(id.to_string(), matching);
+            }
+        }
+    }
+
     /// Applies persisted owner changes and recomputes every conflict.
     pub fn apply_owners(&mut self, changes: &OwnerChanges) {
         for (id, owner) in changes {
@@ -422,6 +446,42 @@ mod tests {
         assert!(catalog.fleet("web").is_none());
         assert_eq!(catalog.device("1").unwrap().fleet, None);
         assert!(catalog.plan_with("web", None).is_empty());
+    }
+
+    #[test]
+    fn replanning_some_devices_leaves_the_conflicts_a_full_plan_would() {
+        let mut catalog = Catalog::new(
+            vec![
+                fleet("web", "role=web", "w"),
+                fleet("berlin", "site=berlin", "b"),
+            ],
+            vec![device("1", "berlin"), device("2", "paris")],
+        );
+        catalog.apply_owners(&Vec::new());
+        assert_eq!(catalog.conflicts("1"), ["berlin", "web"]);
+        assert!(catalog.conflicts("2").is_empty());
+        // Device 2 moves to Berlin, device 1 to Paris; device 3 arrives in Berlin.
+        let mut two = device("2", "berlin");
+        two.fleet = Some("web".into());
+        catalog.put_device(two);
+        catalog.put_device(device("1", "paris"));
+        catalog.put_device(device("3", "berlin"));
+        catalog.replan(["1", "2", "3"]);
+        let replanned: Vec<Vec<String>> = ["1", "2", "3"]
+            .iter()
+            .map(|id| catalog.conflicts(id).to_vec())
+            .collect();
+        catalog.apply_owners(&Vec::new());
+        let full: Vec<Vec<String>> = ["1", "2", "3"]
+            .iter()
+            .map(|id| catalog.conflicts(id).to_vec())
+            .collect();
+        assert_eq!(replanned, full);
+        assert!(replanned[0].is_empty());
+        assert_eq!(replanned[1], ["berlin", "web"]);
+        catalog.remove_device("3");
+        catalog.replan(["3"]);
+        assert!(catalog.conflicts("3").is_empty());
     }
 
     #[test]

@@ -771,7 +771,6 @@ impl ControlPlane {
         {
             let mut catalog = self.catalog_mut();
             catalog.remove_device(&id);
-            catalog.apply_owners(&Vec::new());
         }
         tracing::info!(device.id = %id, device.name = %name, by = %actor, "device deleted");
         Ok(serials)

@@ -182,7 +182,7 @@ impl ControlPlane {
         {
             let mut catalog = self.catalog_mut();
             catalog.put_device(record);
-            catalog.apply_owners(&Vec::new());
+            catalog.replan([id.as_str()]);
             catalog.render_into(&self.hub, [id.clone()]);
         }
         self.view_by_id(&id).ok_or_else(|| not_found(name))

@@ -379,7 +379,7 @@ impl ControlPlane {
         {
             let mut catalog = self.catalog_mut();
             catalog.put_device(device.into_record());
-            catalog.apply_owners(&Vec::new());
+            catalog.replan([device_id.as_str()]);
             catalog.render_into(&self.hub, [device_id.clone()]);
         }
         self.track_certificate(&device_id, &serial, not_after_ms);

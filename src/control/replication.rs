@@ -293,7 +293,12 @@ impl ControlPlane {
                 }
                 catalog.put_device(device);
             }
-            catalog.apply_owners(&Vec::new());
+            if entries.is_empty() {
+                // No fleet changed: only the devices of this page can have changed conflicts.
+                catalog.replan(touched.devices.iter().map(String::as_str));
+            } else {
+                catalog.apply_owners(&Vec::new());
+            }
             catalog.render_into(&self.hub, affected);
         }
         // After rendering, so a device new to this replica has its hub entry.

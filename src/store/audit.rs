@@ -91,15 +91,9 @@ impl AuditRow {
 /// The PostgreSQL advisory lock (transaction level) that serialises audit appends of every replica.
 const AUDIT_APPEND_LOCK: i64 = 0x466c_6f74_0002;
 
-/// Appends `entry` after the current last record (its `seq` is assigned here), inside the caller's
-/// transaction. On PostgreSQL the append first takes a transaction-level lock, so replicas issuing
-/// at the same moment chain one after another instead of colliding on the sequence; on SQLite the
-/// single writer already serialises them.
-pub(super) fn append(
-    conn: &mut DbConnection,
-    seal: &dyn AuditSeal,
-    mut entry: AuditEntry,
-) -> Result<SealedRecord, StoreError> {
+/// The last record's sequence number and hash (0 and the genesis hash on an empty trail), with
+/// the append lock taken on PostgreSQL for the rest of the transaction.
+fn chain_head(conn: &mut DbConnection) -> Result<(i64, String), StoreError> {
     if let DbConnection::Postgres(pg) = conn {
         diesel::sql_query(format!("SELECT pg_advisory_xact_lock({AUDIT_APPEND_LOCK})"))
             .execute(pg)?;
@@ -109,13 +103,57 @@ pub(super) fn append(
         .select((ca::seq, ca::hash))
         .first(conn)
         .optional()?;
-    let (last_seq, previous_hash) = last.unwrap_or((0, GENESIS_HASH.to_string()));
+    Ok(last.unwrap_or((0, GENESIS_HASH.to_string())))
+}
+
+/// Appends `entry` after the current last record (its `seq` is assigned here), inside the caller's
+/// transaction. On PostgreSQL the append first takes a transaction-level lock, so replicas issuing
+/// at the same moment chain one after another instead of colliding on the sequence; on SQLite the
+/// single writer already serialises them.
+pub(super) fn append(
+    conn: &mut DbConnection,
+    seal: &dyn AuditSeal,
+    mut entry: AuditEntry,
+) -> Result<SealedRecord, StoreError> {
+    let (last_seq, previous_hash) = chain_head(conn)?;
     entry.seq = last_seq + 1;
     let record = seal.seal(entry, &previous_hash);
     diesel::insert_into(ca::table)
         .values(AuditRow::from_sealed(&record))
         .execute(conn)?;
     Ok(record)
+}
+
+/// Appends `entries` in order after the current last record, as `append` does one by one: the
+/// chain's head is read once (under the same lock) and the rows are written together.
+pub(super) fn append_all(
+    conn: &mut DbConnection,
+    seal: &dyn AuditSeal,
+    entries: Vec<AuditEntry>,
+) -> Result<Vec<SealedRecord>, StoreError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut seq, mut previous_hash) = chain_head(conn)?;
+    let mut records = Vec::with_capacity(entries.len());
+    for mut entry in entries {
+        seq += 1;
+        entry.seq = seq;
+        let record = seal.seal(entry, &previous_hash);
+        previous_hash = record.hash.clone();
+        records.push(record);
+    }
+    // Well under every backend's limit on bound parameters per statement.
+    for chunk in records.chunks(500) {
+        let rows: Vec<AuditRow> = chunk.iter().map(AuditRow::from_sealed).collect();
+        // Multi-row inserts are backend-specific in Diesel: the MultiConnection has none.
+        let insert = diesel::insert_into(ca::table).values(rows);
+        match conn {
+            DbConnection::Postgres(pg) => insert.execute(pg)?,
+            DbConnection::Sqlite(sqlite) => insert.execute(sqlite)?,
+        };
+    }
+    Ok(records)
 }
 
 impl Store {

@@ -51,6 +51,23 @@ pub struct RecordedIssuance {
     pub superseded: Vec<CertificateRecord>,
 }
 
+/// The refusal of an issuance that renews a revoked certificate.
+pub(super) fn renewed_is_revoked(renews: &str) -> StoreError {
+    StoreError::Precondition(format!(
+        "certificate {renews} has been revoked; nothing is issued on its behalf"
+    ))
+}
+
+/// The reason recorded when an issuance supersedes a spare.
+pub(super) fn superseded_by(serial: &str) -> String {
+    format!("superseded by {serial}")
+}
+
+/// The reason recorded when a device's use of `keep` supersedes its spares.
+pub(super) fn superseded_in_use(keep: &str) -> String {
+    format!("superseded: the device uses {keep}")
+}
+
 /// A new certificate, the device now using it, and its audit record. Every other valid
 /// certificate of the device except the one it renews is superseded (audited) at once: a device
 /// holds at most the certificate it uses and the one replacing it.
@@ -68,9 +85,7 @@ fn record_one_issuance(
             .first(conn)
             .optional()?;
         if matches!(revoked, Some(Some(_))) {
-            return Err(StoreError::Precondition(format!(
-                "certificate {renews} has been revoked; nothing is issued on its behalf"
-            )));
+            return Err(renewed_is_revoked(renews));
         }
     }
     insert_certificate(conn, certificate)?;
@@ -91,7 +106,7 @@ fn record_one_issuance(
         seal,
         &Revocation {
             serials: spares,
-            reason: format!("superseded by {}", certificate.serial),
+            reason: superseded_by(&certificate.serial),
             actor: record.entry.actor.clone(),
             now_ms: certificate.issued_ms,
             superseded: true,
@@ -154,7 +169,7 @@ fn supersede(
         seal,
         &Revocation {
             serials: spares,
-            reason: format!("superseded: the device uses {keep}"),
+            reason: superseded_in_use(keep),
             actor,
             now_ms,
             superseded: true,
@@ -238,6 +253,32 @@ pub struct Revocation {
     pub superseded: bool,
 }
 
+/// The audit record of `certificate`'s revocation (`kind` revoked or superseded).
+pub(super) fn revocation_entry(
+    certificate: &CertificateRecord,
+    revocation: &Revocation,
+    kind: &str,
+    proof: &str,
+) -> AuditEntry {
+    AuditEntry {
+        at_ms: revocation.now_ms,
+        kind: kind.into(),
+        device_id: certificate.device_id.clone(),
+        serial: certificate.serial.clone(),
+        key_fingerprint: certificate.key_fingerprint.clone(),
+        not_before_ms: certificate.not_before_ms,
+        not_after_ms: certificate.not_after_ms,
+        actor: revocation.actor.clone(),
+        reason: revocation.reason.clone(),
+        proof: proof.into(),
+        outcome: "ok".into(),
+        ..Default::default()
+    }
+}
+
+/// Audit kind and proof of a supersession.
+pub(super) const SUPERSEDED: (&str, &str) = ("superseded", "newer-certificate");
+
 /// Marks `serials` revoked (those not revoked already) and audits each; returns the ones revoked.
 fn revoke(
     conn: &mut DbConnection,
@@ -249,7 +290,7 @@ fn revoke(
         serials.extend(spare_certificates(conn, device_id, &[])?);
     }
     let (kind, proof) = if revocation.superseded {
-        ("superseded", "newer-certificate")
+        SUPERSEDED
     } else {
         ("revoked", "admin")
     };
@@ -275,20 +316,7 @@ fn revoke(
         append(
             conn,
             seal,
-            AuditEntry {
-                at_ms: revocation.now_ms,
-                kind: kind.into(),
-                device_id: certificate.device_id.clone(),
-                serial: certificate.serial.clone(),
-                key_fingerprint: certificate.key_fingerprint.clone(),
-                not_before_ms: certificate.not_before_ms,
-                not_after_ms: certificate.not_after_ms,
-                actor: revocation.actor.clone(),
-                reason: revocation.reason.clone(),
-                proof: proof.into(),
-                outcome: "ok".into(),
-                ..Default::default()
-            },
+            revocation_entry(&certificate, revocation, kind, proof),
         )?;
         revoked.push(certificate);
     }
@@ -376,6 +404,15 @@ impl Store {
     ) -> Result<Vec<Result<CertificateWritten, StoreError>>, StoreError> {
         self.run("record_certificate_writes", move |conn| {
             conn.transaction(|conn| {
+                if super::certificate_batch::distinct_devices(&writes) {
+                    // In a savepoint: if anything in it fails, the batch is written one by one.
+                    let bulk = conn.transaction(|conn| {
+                        super::certificate_batch::record_in_bulk(conn, &writes, seal.as_ref())
+                    });
+                    if let Ok(outcomes) = bulk {
+                        return Ok(outcomes);
+                    }
+                }
                 let mut outcomes = Vec::with_capacity(writes.len());
                 for write in writes {
                     outcomes.push(conn.transaction(|conn| {

@@ -2,6 +2,7 @@
 //! and PostgreSQL, synchronous Diesel on a pooled connection inside `spawn_blocking`.
 
 mod audit;
+mod certificate_batch;
 mod certificates;
 mod connection;
 mod dedicated;
