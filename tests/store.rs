@@ -508,7 +508,7 @@ fn an_unreachable_postgres_is_a_clear_error_not_a_sqlite_file() {
 /// session is travel as `session` changes, re-read narrowly; what renders it as `device` changes.
 #[tokio::test]
 async fn the_feed_tells_session_facts_from_device_changes() {
-    use flotilla::store::{ChangeKind, DeviceFact};
+    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
     let db = support::TestDb::postgres_for_tests();
     let backend = db.backend();
     let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
@@ -597,6 +597,24 @@ async fn the_feed_tells_session_facts_from_device_changes() {
         .unwrap();
     let (kinds, _) = kinds_after(at).await;
     assert_eq!(kinds, [ChangeKind::Device], "labels render the device");
+
+    // Each lane holds its kinds only, in id order, and together they hold the whole feed.
+    let all = store.changes_after(0, 100).await.unwrap();
+    let sessions = store
+        .lane_changes_after(0, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    let others = store
+        .lane_changes_after(0, 100, Some(FeedLane::Others))
+        .await
+        .unwrap();
+    assert!(sessions.iter().all(|c| c.kind == ChangeKind::Session));
+    assert!(others.iter().all(|c| c.kind != ChangeKind::Session));
+    assert!(!sessions.is_empty() && !others.is_empty());
+    let mut merged: Vec<i64> = sessions.iter().chain(&others).map(|c| c.id).collect();
+    merged.sort_unstable();
+    assert_eq!(merged, all.iter().map(|c| c.id).collect::<Vec<_>>());
+    assert!(sessions.windows(2).all(|w| w[0].id < w[1].id));
 }
 
 /// A batch of device facts leaves every column as writing them one by one would, whether a device
@@ -866,4 +884,38 @@ async fn a_batch_of_certificate_writes_ends_as_one_by_one_would() {
         assert!(audit.contains(&"renewed a-2".to_string()));
         assert!(!audit.iter().any(|r| r.ends_with(" b-2")));
     }
+}
+
+/// A burst of operations far beyond the pool (here 2 connections, each answer delayed 100 ms by a
+/// proxy) queues for its turn: every operation succeeds and the database is not taken for
+/// unreachable, though the burst outlasts the pool's 5-second checkout timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_pool_waits_its_turn_and_is_no_outage() {
+    let db = support::TestDb::postgres_for_tests();
+    let proxy = support::proxy::Proxy::start(db.server_addr()).await;
+    let url = db.url_via(proxy.addr);
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_pooled(Backend::from_url(&url), "burst", 2)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    store.migrate().await.unwrap();
+    proxy.set_latency(std::time::Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let operations: Vec<_> = (0..60)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get_devices(vec!["none".into()]).await })
+        })
+        .collect();
+    for operation in operations {
+        operation.await.unwrap().expect("queued, not refused");
+    }
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(5),
+        "the burst outlasted the checkout timeout ({:?})",
+        started.elapsed()
+    );
+    assert!(store.reachability().is_reachable());
 }

@@ -7,10 +7,10 @@
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry};
 use crate::clock::now_millis;
-use crate::store::{Change, ChangeKind, DeviceRecord, SessionFacts};
+use crate::store::{Change, ChangeKind, DeviceRecord, FeedLane, SessionFacts};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -18,6 +18,53 @@ use tokio::sync::Notify;
 const PAGE: i64 = 2000;
 /// Wait before reading again after the database refused.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// Where each lane of the feed stands: the last id applied and how far behind its newest change
+/// was when applied (0 once caught up).
+#[derive(Debug)]
+struct LaneProgress {
+    position: [AtomicI64; 2],
+    lag_ms: [AtomicI64; 2],
+}
+
+impl LaneProgress {
+    fn starting_at(position: i64) -> LaneProgress {
+        LaneProgress {
+            position: [AtomicI64::new(position), AtomicI64::new(position)],
+            lag_ms: [AtomicI64::new(0), AtomicI64::new(0)],
+        }
+    }
+
+    fn index(lane: FeedLane) -> usize {
+        match lane {
+            FeedLane::Sessions => 0,
+            FeedLane::Others => 1,
+        }
+    }
+
+    fn position(&self, lane: FeedLane) -> i64 {
+        self.position[Self::index(lane)].load(Ordering::Acquire)
+    }
+
+    fn applied(&self, lane: FeedLane, id: i64, lag_ms: i64) {
+        self.position[Self::index(lane)].store(id, Ordering::Release);
+        self.lag_ms[Self::index(lane)].store(lag_ms, Ordering::Release);
+    }
+
+    fn caught_up(&self, lane: FeedLane) {
+        self.lag_ms[Self::index(lane)].store(0, Ordering::Release);
+    }
+
+    /// Every change at or below the lower position is applied; the lag is the larger one.
+    fn combined(&self) -> (i64, i64) {
+        let [a, b] = &self.position;
+        let [x, y] = &self.lag_ms;
+        (
+            a.load(Ordering::Acquire).min(b.load(Ordering::Acquire)),
+            x.load(Ordering::Acquire).max(y.load(Ordering::Acquire)),
+        )
+    }
+}
 
 /// What one page of changes touched, by kind.
 #[derive(Debug, Default)]
@@ -69,46 +116,70 @@ impl Touched {
 }
 
 impl ControlPlane {
-    /// Follows the change feed forever: waits for a NOTIFY (no queries while nothing changes),
-    /// then applies every change after the last one applied. Does nothing on SQLite.
+    /// Follows the change feed forever, in its two lanes at once (`FeedLane`): each waits for a
+    /// NOTIFY (no queries while nothing changes), then applies every change of its lane after the
+    /// last one it applied. Does nothing on SQLite.
     pub async fn run_change_feed(&self) {
         if !self.store.has_change_feed() {
             return;
         }
-        let wake = Arc::new(Notify::new());
-        self.store.listen_for_changes(wake.clone());
+        let sessions = Arc::new(Notify::new());
+        let others = Arc::new(Notify::new());
+        self.store
+            .listen_for_changes(vec![sessions.clone(), others.clone()]);
+        let start = self.feed_position.load(Ordering::Acquire);
+        let progress = LaneProgress::starting_at(start);
+        tokio::join!(
+            self.follow_lane(FeedLane::Sessions, &sessions, &progress),
+            self.follow_lane(FeedLane::Others, &others, &progress),
+        );
+    }
+
+    async fn follow_lane(&self, lane: FeedLane, wake: &Notify, progress: &LaneProgress) {
         let mut failing = false;
         loop {
             wake.notified().await;
             loop {
-                let position = self.feed_position.load(Ordering::Acquire);
-                let changes = match self.store.changes_after(position, PAGE).await {
+                let position = progress.position(lane);
+                let changes = match self
+                    .store
+                    .lane_changes_after(position, PAGE, Some(lane))
+                    .await
+                {
                     Ok(changes) => changes,
                     Err(error) => {
                         if !std::mem::replace(&mut failing, true) {
-                            tracing::warn!(%error, "change feed: could not read changes; retrying");
+                            tracing::warn!(%error, ?lane, "change feed: could not read changes; retrying");
                         }
                         tokio::time::sleep(RETRY).await;
                         continue;
                     }
                 };
                 let Some(last) = changes.last().map(|c| (c.id, c.created_ms)) else {
-                    self.feed_lag_ms.store(0, Ordering::Release);
+                    progress.caught_up(lane);
+                    self.publish_feed_progress(progress);
                     break;
                 };
                 if let Err(error) = self.apply_changes(&changes).await {
                     if !std::mem::replace(&mut failing, true) {
-                        tracing::warn!(%error, "change feed: could not apply changes; retrying");
+                        tracing::warn!(%error, ?lane, "change feed: could not apply changes; retrying");
                     }
                     tokio::time::sleep(RETRY).await;
                     continue;
                 }
                 failing = false;
-                self.feed_position.store(last.0, Ordering::Release);
-                self.feed_lag_ms
-                    .store((now_millis() - last.1).max(0), Ordering::Release);
+                progress.applied(lane, last.0, (now_millis() - last.1).max(0));
+                self.publish_feed_progress(progress);
             }
         }
+    }
+
+    /// The position every change at or below which is applied (the lower lane's), and the lag of
+    /// the lane further behind.
+    fn publish_feed_progress(&self, progress: &LaneProgress) {
+        let (position, lag_ms) = progress.combined();
+        self.feed_position.store(position, Ordering::Release);
+        self.feed_lag_ms.store(lag_ms, Ordering::Release);
     }
 
     /// Applies one page of changes made by other replicas.

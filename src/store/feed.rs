@@ -5,7 +5,9 @@
 
 use super::schema::changes;
 use super::{Backend, Store, StoreError};
+use diesel::dsl::sql;
 use diesel::prelude::*;
+use diesel::sql_types::Bool;
 use futures::StreamExt;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -34,6 +36,20 @@ pub enum ChangeKind {
     Renewal,
 }
 
+/// The kind of session facts, as the triggers write it.
+const SESSION: &str = "session";
+
+/// The feed's two lanes, each followed in id order on its own. Every change names a subject whose
+/// current state is re-read, so the lanes need no order between them: session facts (the bulk of
+/// the feed, one per device per session and push) never hold up a fleet or device change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedLane {
+    /// `session` changes.
+    Sessions,
+    /// Every other kind.
+    Others,
+}
+
 /// One committed change, as the feed recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -59,7 +75,7 @@ struct ChangeRow {
 fn kind_of(text: &str) -> Option<ChangeKind> {
     Some(match text {
         "device" => ChangeKind::Device,
-        "session" => ChangeKind::Session,
+        SESSION => ChangeKind::Session,
         "fleet" => ChangeKind::Fleet,
         "certificate" => ChangeKind::Certificate,
         "rollout" => ChangeKind::Rollout,
@@ -89,14 +105,32 @@ impl Store {
     /// Up to `limit` changes after `after`, oldest first. Rows of kinds this build does not know
     /// (written by a newer replica) are skipped with their id still counted.
     pub async fn changes_after(&self, after: i64, limit: i64) -> Result<Vec<Change>, StoreError> {
+        self.lane_changes_after(after, limit, None).await
+    }
+
+    /// As [`Store::changes_after`], for one lane of the feed only (`None`: both).
+    pub async fn lane_changes_after(
+        &self,
+        after: i64,
+        limit: i64,
+        lane: Option<FeedLane>,
+    ) -> Result<Vec<Change>, StoreError> {
         let replica = self.replica.clone();
         self.run("changes_after", move |conn| {
-            let rows = changes::table
+            let mut query = changes::table
                 .filter(changes::id.gt(after))
                 .order(changes::id.asc())
                 .limit(limit)
                 .select(ChangeRow::as_select())
-                .load(conn)?;
+                .into_boxed();
+            // Written out rather than bound, so PostgreSQL matches them to the lanes' partial
+            // indexes (a bound value cannot be proven to satisfy an index's predicate).
+            query = match lane {
+                Some(FeedLane::Sessions) => query.filter(sql::<Bool>("kind = 'session'")),
+                Some(FeedLane::Others) => query.filter(sql::<Bool>("kind <> 'session'")),
+                None => query,
+            };
+            let rows = query.load(conn)?;
             Ok(rows
                 .into_iter()
                 .filter_map(|row| {
@@ -206,7 +240,7 @@ impl Store {
     /// Listens for changes committed by any replica and wakes `wake` for each burst, and once
     /// after every (re)connection so the reader catches up on what it may have missed. Runs until
     /// the process ends; does nothing on SQLite.
-    pub fn listen_for_changes(&self, wake: Arc<Notify>) {
+    pub fn listen_for_changes(&self, wake: Vec<Arc<Notify>>) {
         let Backend::Postgres(url) = self.backend().clone() else {
             return;
         };
@@ -222,8 +256,9 @@ impl Store {
 async fn listen_once(
     url: &str,
     application: &str,
-    wake: &Notify,
+    wakes: &[Arc<Notify>],
 ) -> Result<(), tokio_postgres::Error> {
+    let wake = || wakes.iter().for_each(|w| w.notify_one());
     // The application name marks this replica alive for the others (see `live_replicas`).
     let (client, mut connection) = super::dedicated::config(url, Some(application))?
         .connect(tokio_postgres::NoTls)
@@ -247,12 +282,12 @@ async fn listen_once(
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     // Anything committed before LISTEN took effect is found by this catch-up.
-    wake.notify_one();
+    wake();
     loop {
         tokio::select! {
             Some(()) = notified.recv() => {
                 while notified.try_recv().is_ok() {}
-                wake.notify_one();
+                wake();
             }
             result = &mut lost => {
                 return match result {

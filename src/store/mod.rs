@@ -26,7 +26,7 @@ pub use certificates::{
 pub use connection::{Backend, DbConnection};
 pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
-pub use feed::{Change, ChangeKind};
+pub use feed::{Change, ChangeKind, FeedLane};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
 pub use identity::StartLock;
 pub use lock::{ProcessLock, lock_path};
@@ -84,6 +84,11 @@ pub struct Store {
     backend: Arc<Backend>,
     queries: Arc<AtomicU64>,
     reachability: Arc<Reachability>,
+    /// One per pooled connection: operations wait for one here, in async code, rather than on a
+    /// blocking thread for the pool. A burst (ten thousand renewals at once) then queues cheaply,
+    /// and a pool checkout that times out means the database cannot be reached, not that it is
+    /// busy.
+    permits: Arc<tokio::sync::Semaphore>,
     /// On SQLite, the lock that keeps other processes off the file while any clone is alive.
     _process_lock: Option<Arc<ProcessLock>>,
     /// This replica's name in the change feed and in session records; unique per process.
@@ -153,6 +158,7 @@ impl Store {
             backend: Arc::new(backend),
             queries: Arc::new(AtomicU64::new(0)),
             reachability: Arc::default(),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_size as usize)),
             _process_lock: process_lock,
             replica,
         })
@@ -188,15 +194,20 @@ impl Store {
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
         self.queries.fetch_add(1, Ordering::Relaxed);
-        if !self.reachability.is_reachable() {
-            return Err(StoreError::Unavailable(format!(
-                "the database is unreachable ({})",
-                self.reachability.reason()
-            )));
-        }
+        self.refuse_while_unreachable()?;
         let pool = self.pool.clone();
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        // It may have gone down while this operation waited for its turn.
+        self.refuse_while_unreachable()?;
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
+            // Held until the operation is over, even if the caller stops waiting for it.
+            let _permit = permit;
             let mut conn = pool
                 .get()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -215,6 +226,17 @@ impl Store {
             self.unreachable(reason);
         }
         result
+    }
+
+    /// Fails fast while the database is known to be down.
+    fn refuse_while_unreachable(&self) -> Result<(), StoreError> {
+        if self.reachability.is_reachable() {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(format!(
+            "the database is unreachable ({})",
+            self.reachability.reason()
+        )))
     }
 
     /// Whether the database answered the last time it was needed.

@@ -146,7 +146,10 @@ struct Figures {
     mosquitto: Option<mosquitto::MosquittoFigures>,
     connect: Option<Connect>,
     idle: Option<Idle>,
+    /// The fan-out of the fleet's creation (every device joins it).
     fanout: Option<Fanout>,
+    /// The fan-out of a change to the existing fleet's template.
+    template_change: Option<Fanout>,
     renewal: Option<Renewal>,
     storm: Option<Storm>,
 }
@@ -434,54 +437,21 @@ async fn run(
     }
 
     if cli.runs(Scenario::Fanout) {
-        let acked_before = shared.ack_count();
-        let sampler = FeedSampler::start(servers.iter().map(|s| s.metrics_port).collect());
-        // Through the second replica when there are several: most agents are held elsewhere.
-        FleetServiceClient::new(servers[1 % replicas].admin().await?)
-            .apply_fleet(admin_template("fan-out"))
-            .await?;
-        let returned = Instant::now();
-        wait_until(Duration::from_secs(300), "fan-out", || {
-            shared.ack_count() >= acked_before + n
-        })
-        .await
-        .with_context(|| format!("{} of {n} ACKed", shared.ack_count() - acked_before))?;
-        let latency = Latencies::of(
-            shared
-                .acks
-                .lock()
-                .map(|acks| {
-                    acks[acked_before..]
-                        .iter()
-                        .map(|a| a.at.duration_since(returned).as_secs_f64() * 1000.0)
-                        .collect()
-                })
-                .unwrap_or_default(),
+        // First the fleet is created: every device joins it (its ownership is written and fed to
+        // the other replicas). Then a change of its template alone.
+        figures.fanout =
+            Some(fan_out(&servers, &shared, n, "fan-out", "fleet created", cli.check).await?);
+        figures.template_change = Some(
+            fan_out(
+                &servers,
+                &shared,
+                n,
+                "fan-out, changed",
+                "template changed",
+                cli.check,
+            )
+            .await?,
         );
-        let distinct_agents = shared
-            .acks
-            .lock()
-            .map(|acks| {
-                acks[acked_before..]
-                    .iter()
-                    .map(|a| a.agent)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            })
-            .unwrap_or(0);
-        let feed = sampler.finish().await;
-        eprintln!(
-            "fan-out to {distinct_agents} agents: {latency}; change feed at most {:.2} s / {} changes behind",
-            feed.max_lag_seconds, feed.max_ids_behind
-        );
-        if cli.check && distinct_agents < n {
-            bail!("fan-out reached {distinct_agents} of {n} agents");
-        }
-        figures.fanout = Some(Fanout {
-            acked: distinct_agents,
-            latency,
-            feed,
-        });
     }
 
     let mut renewal = None;
@@ -692,6 +662,61 @@ fn usage_of(pids: &[u32]) -> Result<(f64, f64)> {
 }
 
 /// Each replica's sessions and memory now, against its RSS before the fleet connected.
+/// Applies the load fleet with `content` through the second replica (when there are several, most
+/// agents are held elsewhere) and measures until every agent ACKed it.
+async fn fan_out(
+    servers: &[ControlPlane],
+    shared: &fleet::Shared,
+    n: usize,
+    content: &str,
+    what: &str,
+    check: bool,
+) -> Result<Fanout> {
+    let acked_before = shared.ack_count();
+    let sampler = FeedSampler::start(servers.iter().map(|s| s.metrics_port).collect());
+    FleetServiceClient::new(servers[1 % servers.len()].admin().await?)
+        .apply_fleet(admin_template(content))
+        .await?;
+    let returned = Instant::now();
+    wait_until(Duration::from_secs(300), "fan-out", || {
+        shared.ack_count() >= acked_before + n
+    })
+    .await
+    .with_context(|| format!("{} of {n} ACKed", shared.ack_count() - acked_before))?;
+    let (latency, distinct_agents) = shared
+        .acks
+        .lock()
+        .map(|acks| {
+            let since = &acks[acked_before..];
+            let latency = Latencies::of(
+                since
+                    .iter()
+                    .map(|a| a.at.duration_since(returned).as_secs_f64() * 1000.0)
+                    .collect(),
+            );
+            let agents = since
+                .iter()
+                .map(|a| a.agent)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            (latency, agents)
+        })
+        .map_err(|_| anyhow::anyhow!("the ACK record was poisoned"))?;
+    let feed = sampler.finish().await;
+    eprintln!(
+        "fan-out ({what}) to {distinct_agents} agents: {latency}; change feed at most {:.2} s / {} changes behind",
+        feed.max_lag_seconds, feed.max_ids_behind
+    );
+    if check && distinct_agents < n {
+        bail!("fan-out ({what}) reached {distinct_agents} of {n} agents");
+    }
+    Ok(Fanout {
+        acked: distinct_agents,
+        latency,
+        feed,
+    })
+}
+
 async fn replica_memory(servers: &[ControlPlane], before: &[f64]) -> Result<Vec<ReplicaMemory>> {
     let mut each = Vec::with_capacity(servers.len());
     for (server, before) in servers.iter().zip(before) {

@@ -1,3 +1,5 @@
+DROP INDEX changes_others;
+DROP INDEX changes_sessions;
 DROP TRIGGER device_sessions_changed ON device_sessions;
 DROP TRIGGER devices_answered ON devices;
 DROP TRIGGER devices_changed ON devices;

@@ -28,3 +28,8 @@ CREATE CONSTRAINT TRIGGER devices_answered AFTER UPDATE ON devices
 CREATE CONSTRAINT TRIGGER device_sessions_changed AFTER INSERT OR UPDATE OR DELETE ON device_sessions
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
     EXECUTE FUNCTION flotilla_record_change('session', 'device_id');
+
+-- The feed is followed in two lanes (session facts, everything else), each in id order; these let
+-- either lane skip the other's rows.
+CREATE INDEX changes_sessions ON changes (id) WHERE kind = 'session';
+CREATE INDEX changes_others ON changes (id) WHERE kind <> 'session';
