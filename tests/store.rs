@@ -527,7 +527,7 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     let kinds_after = |after: i64| {
         let store = store.clone();
         async move {
-            let changes = store.changes_after(after, 100).await.unwrap();
+            let changes = store.changes_after(after, 100, None).await.unwrap();
             let last = changes.last().map_or(after, |c| c.id);
             let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
             assert!(changes.iter().all(|c| c.subject == "d1"));
@@ -599,13 +599,13 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     assert_eq!(kinds, [ChangeKind::Device], "labels render the device");
 
     // Each lane holds its kinds only, in id order, and together they hold the whole feed.
-    let all = store.changes_after(0, 100).await.unwrap();
+    let all = store.changes_after(0, 100, None).await.unwrap();
     let sessions = store
-        .lane_changes_after(0, 100, Some(FeedLane::Sessions))
+        .changes_after(0, 100, Some(FeedLane::Sessions))
         .await
         .unwrap();
     let others = store
-        .lane_changes_after(0, 100, Some(FeedLane::Others))
+        .changes_after(0, 100, Some(FeedLane::Others))
         .await
         .unwrap();
     assert!(sessions.iter().all(|c| c.kind == ChangeKind::Session));

@@ -59,6 +59,19 @@ pub struct Catalog {
 /// What a render is a function of: (compilation id or 0 without a fleet, device key, overrides).
 type RenderInputs = (u64, String, String);
 
+/// Where a device with `labels`, now owned by `current`, belongs among `fleets`.
+fn place_among(
+    fleets: &BTreeMap<String, FleetEntry>,
+    labels: &BTreeMap<String, String>,
+    current: Option<&str>,
+) -> Placement {
+    place(
+        fleets.iter().map(|(name, f)| (name.as_str(), &f.selector)),
+        labels,
+        current,
+    )
+}
+
 /// Decides owners for `devices` against `fleets`; returns the changes and the conflicts.
 fn plan<'a>(
     fleets: &BTreeMap<String, FleetEntry>,
@@ -70,11 +83,7 @@ fn plan<'a>(
         let Placement {
             owner,
             conflicts: matching,
-        } = place(
-            fleets.iter().map(|(name, f)| (name.as_str(), &f.selector)),
-            &device.labels,
-            device.fleet.as_deref(),
-        );
+        } = place_among(fleets, &device.labels, device.fleet.as_deref());
         if owner != device.fleet {
             changes.push((device.id.clone(), owner));
         }
@@ -206,13 +215,7 @@ impl Catalog {
         labels: &BTreeMap<String, String>,
         current: Option<&str>,
     ) -> Placement {
-        place(
-            self.fleets
-                .iter()
-                .map(|(name, f)| (name.as_str(), &f.selector)),
-            labels,
-            current,
-        )
+        place_among(&self.fleets, labels, current)
     }
 
     /// Every owner change the current fleets call for (used at start-up).
@@ -236,14 +239,8 @@ impl Catalog {
                 self.conflicts.remove(id);
                 continue;
             };
-            let matching = place(
-                self.fleets
-                    .iter()
-                    .map(|(name, f)| (name.as_str(), &f.selector)),
-                &device.labels,
-                device.fleet.as_deref(),
-            )
-            .conflicts;
+            let matching =
+                place_among(&self.fleets, &device.labels, device.fleet.as_deref()).conflicts;
             if matching.is_empty() {
                 self.conflicts.remove(id);
             } else {

@@ -141,11 +141,7 @@ impl ControlPlane {
             wake.notified().await;
             loop {
                 let position = progress.position(lane);
-                let changes = match self
-                    .store
-                    .lane_changes_after(position, PAGE, Some(lane))
-                    .await
-                {
+                let changes = match self.store.changes_after(position, PAGE, Some(lane)).await {
                     Ok(changes) => changes,
                     Err(error) => {
                         if !std::mem::replace(&mut failing, true) {

@@ -9,7 +9,7 @@
 use super::audit::{AuditSeal, append_all};
 use super::certificates::{
     CertificateRecord, CertificateWrite, CertificateWritten, RecordedIssuance, Revocation,
-    SUPERSEDED, renewed_is_revoked, revocation_entry, superseded_by, superseded_in_use,
+    renewed_is_revoked, revocation_entry, superseded_by, superseded_in_use,
 };
 use super::schema::{certificates, devices};
 use super::{DbConnection, StoreError};
@@ -168,9 +168,8 @@ pub(super) fn record_in_bulk(
                 ..c.clone()
             })
             .collect();
-        let (kind, proof) = SUPERSEDED;
         for spare in &spares {
-            entries.push(revocation_entry(spare, &write.revocation, kind, proof));
+            entries.push(revocation_entry(spare, &write.revocation));
             revoked_rows.push((
                 spare.serial.clone(),
                 write.revocation.now_ms,

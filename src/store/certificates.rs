@@ -154,6 +154,29 @@ impl CertificateWrite {
     }
 }
 
+/// Records one write of the group commit on its own (inside the caller's savepoint).
+fn record_one(
+    conn: &mut DbConnection,
+    write: CertificateWrite,
+    seal: &dyn AuditSeal,
+) -> Result<CertificateWritten, StoreError> {
+    match write {
+        CertificateWrite::Issue {
+            certificate,
+            entry,
+            rules,
+        } => record_one_issuance(conn, &certificate, seal, entry, &rules)
+            .map(CertificateWritten::Issued),
+        CertificateWrite::Supersede {
+            device_id,
+            keep,
+            actor,
+            now_ms,
+        } => supersede(conn, seal, &device_id, &keep, actor, now_ms)
+            .map(CertificateWritten::Superseded),
+    }
+}
+
 /// Supersedes the device's valid certificates other than `keep`; returns them.
 fn supersede(
     conn: &mut DbConnection,
@@ -253,13 +276,17 @@ pub struct Revocation {
     pub superseded: bool,
 }
 
-/// The audit record of `certificate`'s revocation (`kind` revoked or superseded).
+/// The audit record of `certificate`'s revocation: `superseded` (a newer certificate replaced
+/// it) or `revoked` (an operator's decision), as `revocation` says.
 pub(super) fn revocation_entry(
     certificate: &CertificateRecord,
     revocation: &Revocation,
-    kind: &str,
-    proof: &str,
 ) -> AuditEntry {
+    let (kind, proof) = if revocation.superseded {
+        ("superseded", "newer-certificate")
+    } else {
+        ("revoked", "admin")
+    };
     AuditEntry {
         at_ms: revocation.now_ms,
         kind: kind.into(),
@@ -276,9 +303,6 @@ pub(super) fn revocation_entry(
     }
 }
 
-/// Audit kind and proof of a supersession.
-pub(super) const SUPERSEDED: (&str, &str) = ("superseded", "newer-certificate");
-
 /// Marks `serials` revoked (those not revoked already) and audits each; returns the ones revoked.
 fn revoke(
     conn: &mut DbConnection,
@@ -289,11 +313,6 @@ fn revoke(
     if let Some(device_id) = &revocation.device {
         serials.extend(spare_certificates(conn, device_id, &[])?);
     }
-    let (kind, proof) = if revocation.superseded {
-        SUPERSEDED
-    } else {
-        ("revoked", "admin")
-    };
     let mut revoked = Vec::new();
     for serial in &serials {
         let changed = diesel::update(
@@ -313,11 +332,7 @@ fn revoke(
             .find(serial)
             .select(CertificateRecord::as_select())
             .first(conn)?;
-        append(
-            conn,
-            seal,
-            revocation_entry(&certificate, revocation, kind, proof),
-        )?;
+        append(conn, seal, revocation_entry(&certificate, revocation))?;
         revoked.push(certificate);
     }
     Ok(revoked)
@@ -409,37 +424,17 @@ impl Store {
                     let bulk = conn.transaction(|conn| {
                         super::certificate_batch::record_in_bulk(conn, &writes, seal.as_ref())
                     });
-                    if let Ok(outcomes) = bulk {
-                        return Ok(outcomes);
+                    match bulk {
+                        Ok(outcomes) => return Ok(outcomes),
+                        Err(error) => {
+                            tracing::debug!(%error, writes = writes.len(), "certificate batch written one by one")
+                        }
                     }
                 }
-                let mut outcomes = Vec::with_capacity(writes.len());
-                for write in writes {
-                    outcomes.push(conn.transaction(|conn| {
-                        match write {
-                            CertificateWrite::Issue {
-                                certificate,
-                                entry,
-                                rules,
-                            } => record_one_issuance(
-                                conn,
-                                &certificate,
-                                seal.as_ref(),
-                                entry,
-                                &rules,
-                            )
-                            .map(CertificateWritten::Issued),
-                            CertificateWrite::Supersede {
-                                device_id,
-                                keep,
-                                actor,
-                                now_ms,
-                            } => supersede(conn, seal.as_ref(), &device_id, &keep, actor, now_ms)
-                                .map(CertificateWritten::Superseded),
-                        }
-                    }));
-                }
-                Ok(outcomes)
+                Ok(writes
+                    .into_iter()
+                    .map(|write| conn.transaction(|conn| record_one(conn, write, seal.as_ref())))
+                    .collect())
             })
         })
         .await

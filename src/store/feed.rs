@@ -102,14 +102,10 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` changes after `after`, oldest first. Rows of kinds this build does not know
-    /// (written by a newer replica) are skipped with their id still counted.
-    pub async fn changes_after(&self, after: i64, limit: i64) -> Result<Vec<Change>, StoreError> {
-        self.lane_changes_after(after, limit, None).await
-    }
-
-    /// As [`Store::changes_after`], for one lane of the feed only (`None`: both).
-    pub async fn lane_changes_after(
+    /// Up to `limit` changes after `after` in one lane of the feed (`None`: both), oldest first.
+    /// Rows of kinds this build does not know (written by a newer replica) are skipped with their
+    /// id still counted.
+    pub async fn changes_after(
         &self,
         after: i64,
         limit: i64,
