@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "flotilla/agent/v1/spec.proto",
     "flotilla/agent/v1/enrollment.proto",
+    "flotilla/agent/v1/status.proto",
     "flotilla/agent/v1/agent.proto",
     "flotilla/admin/v1/admin.proto",
 ];

@@ -320,6 +320,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             renewal_retry_max_secs: 24 * 3600,
             health_listen: None,
             tpm: Default::default(),
+            status: Default::default(),
         };
         write_file(
             &dir.agent_config(),

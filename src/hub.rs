@@ -6,8 +6,14 @@
 //! changes stop arriving for a short quiet period (bounded by a maximum delay), so a burst of edits
 //! becomes one push per device. No I/O happens under the hub's lock.
 
+mod device_status;
+
+pub use device_status::StatusCounts;
+
 use crate::proto::agent::v1 as pb;
 use crate::spec::{DeviceSpec, version_of};
+use crate::status::DeviceReport;
+use crate::status::conditions::{Condition, Ledger, Summary};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +70,10 @@ pub struct SyncStatus {
     pub certificate: Option<CertStatus>,
     /// The other replica that holds the device's session, when not this one.
     pub elsewhere: Option<String>,
+    /// What the device last reported about itself.
+    pub report: Option<Arc<DeviceReport>>,
+    pub conditions: Vec<Condition>,
+    pub summary: Summary,
 }
 
 /// Where a device's management certificate stands in its renewal cycle.
@@ -142,6 +152,7 @@ pub struct HubSummary {
     pub expiring_7d: usize,
     pub expiring_30d: usize,
     pub renewal_due: usize,
+    pub status: StatusCounts,
 }
 
 /// A renewal directive for a session to send.
@@ -227,6 +238,9 @@ struct DeviceEntry {
     cert: Option<CertTrack>,
     /// Another replica holds the device's session (learnt from the change feed).
     elsewhere: Option<String>,
+    report: Option<Arc<DeviceReport>>,
+    /// Conditions with their transition times, settled on every change of the device.
+    ledger: Ledger,
 }
 
 impl DeviceEntry {
@@ -264,6 +278,9 @@ impl DeviceEntry {
                 .as_ref()
                 .map(|c| c.status(crate::clock::now_millis())),
             elsewhere: self.elsewhere.clone(),
+            report: self.report.clone(),
+            conditions: self.ledger.conditions().to_vec(),
+            summary: self.ledger.summary(),
         }
     }
 
@@ -290,6 +307,8 @@ impl DeviceEntry {
             last_seen_ms: None,
             cert: None,
             elsewhere: None,
+            report: None,
+            ledger: Ledger::default(),
         }
     }
 
@@ -308,6 +327,7 @@ pub struct Seed {
     pub acked_version: Option<String>,
     pub nacked: Option<(String, String)>,
     pub last_seen_ms: Option<i64>,
+    pub report: Option<DeviceReport>,
 }
 
 #[derive(Debug, Default)]
@@ -379,6 +399,9 @@ impl Hub {
 
     /// Announces that something about a device changed (for watchers; nobody listening is fine).
     pub fn changed(&self, device_id: &str) {
+        if let Some(entry) = self.lock().get_mut(device_id) {
+            entry.settle(crate::clock::now_millis());
+        }
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(device_id.to_string());
         }
@@ -407,6 +430,8 @@ impl Hub {
             entry.acked_version = seed.acked_version;
             entry.nacked = seed.nacked;
             entry.last_seen_ms = seed.last_seen_ms;
+            entry.report = seed.report.map(Arc::new);
+            entry.settle(crate::clock::now_millis());
             devices.insert(seed.device_id, entry);
         }
         self.ready.store(true, Ordering::Release);
@@ -676,7 +701,11 @@ impl Hub {
     }
 
     pub fn status(&self, device_id: &str) -> Option<SyncStatus> {
-        self.lock().get(device_id).map(DeviceEntry::status)
+        self.lock().get_mut(device_id).map(|entry| {
+            // Time alone can move a condition (a certificate entering its renewal window).
+            entry.settle(crate::clock::now_millis());
+            entry.status()
+        })
     }
 
     /// Number of open sessions.
@@ -692,7 +721,10 @@ impl Hub {
     pub fn summary(&self, now_ms: i64) -> HubSummary {
         const DAY_MS: i64 = 24 * 3600 * 1000;
         let mut summary = HubSummary::default();
-        for entry in self.lock().devices.values() {
+        for entry in self.lock().devices.values_mut() {
+            // Time alone can move a condition (a certificate entering its renewal window).
+            entry.settle(now_ms);
+            summary.status.count(entry);
             match entry.status().state {
                 SyncState::Synced => summary.synced += 1,
                 SyncState::Pending => summary.pending += 1,
@@ -884,6 +916,7 @@ mod tests {
             acked_version: None,
             nacked: None,
             last_seen_ms: None,
+            report: None,
         }]);
         hub
     }

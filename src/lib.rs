@@ -17,6 +17,7 @@ pub mod rollout;
 pub mod selector;
 pub mod signature;
 pub mod spec;
+pub mod status;
 
 #[cfg(feature = "server")]
 pub mod authz;

@@ -73,6 +73,61 @@ pub struct AgentConfig {
     /// Keep the device key in a TPM 2.0 and attest it at enrollment (agent built with `tpm`).
     #[serde(default, skip_serializing_if = "TpmConfig::is_off")]
     pub tpm: TpmConfig,
+    /// How the agent reports its status: sampling and reporting steps.
+    #[serde(default, skip_serializing_if = "StatusConfig::is_default")]
+    pub status: StatusConfig,
+}
+
+/// The `[status]` table of the agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Seconds between resource samples (and monitor evaluations).
+    #[serde(default = "default_sample_secs")]
+    pub sample_interval_secs: u64,
+    /// Percentage points a value must move by before it is reported again.
+    #[serde(default = "default_report_step")]
+    pub report_step_percent: u32,
+    /// Least seconds between two reports of moved values (a threshold crossing goes at once).
+    #[serde(default = "default_report_interval_secs")]
+    pub min_report_interval_secs: u64,
+    /// Seconds between verifications of what the agent manages (less up to a tenth at random);
+    /// also verified at the start of every session.
+    #[serde(default = "default_drift_check_secs")]
+    pub drift_check_interval_secs: u64,
+}
+
+fn default_drift_check_secs() -> u64 {
+    300
+}
+
+fn default_sample_secs() -> u64 {
+    10
+}
+
+fn default_report_step() -> u32 {
+    5
+}
+
+fn default_report_interval_secs() -> u64 {
+    30
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            sample_interval_secs: default_sample_secs(),
+            report_step_percent: default_report_step(),
+            min_report_interval_secs: default_report_interval_secs(),
+            drift_check_interval_secs: default_drift_check_secs(),
+        }
+    }
+}
+
+impl StatusConfig {
+    fn is_default(&self) -> bool {
+        *self == StatusConfig::default()
+    }
 }
 
 /// The `[tpm]` table of the agent configuration.

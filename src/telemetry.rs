@@ -101,6 +101,30 @@ fn describe() {
     );
     describe_gauge!("flotilla_fleet_devices", "Devices each fleet owns.");
     describe_gauge!(
+        "flotilla_devices_summary",
+        "Devices by status summary (Healthy, Degraded, Error, Offline, Unknown)."
+    );
+    describe_gauge!(
+        "flotilla_devices_condition",
+        "Devices whose condition is true, by condition."
+    );
+    describe_gauge!(
+        "flotilla_devices_os",
+        "Devices by reported os-release ID (the largest 15, the rest as other)."
+    );
+    describe_gauge!(
+        "flotilla_devices_agent_version",
+        "Devices by reported agent version (the largest 15, the rest as other)."
+    );
+    describe_counter!(
+        "flotilla_drift_corrections_total",
+        "Managed items (files) devices found changed behind their back and put back as their spec says."
+    );
+    describe_counter!(
+        "flotilla_status_reports_total",
+        "Device status reports taken in or refused (out of bounds, malformed)."
+    );
+    describe_gauge!(
         "flotilla_enrollment_requests",
         "Enrollment requests by state."
     );
@@ -182,6 +206,10 @@ fn init_series() {
     }
     counter!("flotilla_specs_pushed_total").absolute(0);
     counter!("flotilla_nacks_total").absolute(0);
+    counter!("flotilla_drift_corrections_total").absolute(0);
+    for result in ["accepted", "refused"] {
+        counter!("flotilla_status_reports_total", "result" => result).absolute(0);
+    }
     for event in CERTIFICATE_EVENTS {
         counter!("flotilla_certificates_total", "event" => *event).absolute(0);
     }
@@ -282,6 +310,38 @@ pub struct Snapshot {
     /// The last change-feed row applied, and how old it was then (0 once caught up).
     pub feed_position: i64,
     pub feed_lag_seconds: f64,
+    /// Devices by status summary and by true condition (names as in `status::conditions`).
+    pub summaries: Vec<(&'static str, usize)>,
+    pub conditions: Vec<(&'static str, usize)>,
+    /// Devices by os-release ID and by agent version, at most `MAX_VERSION_SERIES` each.
+    pub os: Vec<(String, usize)>,
+    pub agent_versions: Vec<(String, usize)>,
+}
+
+/// Most distinct values of a device-reported label; the rest are summed as `other`.
+pub const MAX_VERSION_SERIES: usize = 16;
+
+/// The largest `MAX_VERSION_SERIES - 1` groups by count, the rest as `other`.
+pub fn bounded_groups(groups: impl IntoIterator<Item = (String, usize)>) -> Vec<(String, usize)> {
+    let mut groups: Vec<(String, usize)> = groups.into_iter().collect();
+    if groups.len() <= MAX_VERSION_SERIES {
+        return groups;
+    }
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let rest: usize = groups.drain(MAX_VERSION_SERIES - 1..).map(|(_, n)| n).sum();
+    groups.push(("other".to_string(), rest));
+    groups
+}
+
+/// Managed items a device reported it put back as its spec says.
+pub fn drift_corrected(items: usize) {
+    counter!("flotilla_drift_corrections_total").increment(items as u64);
+}
+
+/// A status report taken in, or refused.
+pub fn status_report(accepted: bool) {
+    let result = if accepted { "accepted" } else { "refused" };
+    counter!("flotilla_status_reports_total", "result" => result).increment(1);
 }
 
 /// Sets the gauges from `snapshot`.
@@ -314,6 +374,18 @@ pub fn publish(snapshot: &Snapshot) {
     );
     for (fleet, count) in &snapshot.fleets {
         gauge!("flotilla_fleet_devices", "fleet" => fleet.clone()).set(*count as f64);
+    }
+    for (summary, count) in &snapshot.summaries {
+        gauge!("flotilla_devices_summary", "summary" => *summary).set(*count as f64);
+    }
+    for (condition, count) in &snapshot.conditions {
+        gauge!("flotilla_devices_condition", "condition" => *condition).set(*count as f64);
+    }
+    for (os, count) in &snapshot.os {
+        gauge!("flotilla_devices_os", "os" => os.clone()).set(*count as f64);
+    }
+    for (version, count) in &snapshot.agent_versions {
+        gauge!("flotilla_devices_agent_version", "version" => version.clone()).set(*count as f64);
     }
     for (state, count) in [
         ("pending", snapshot.enrollments_pending),

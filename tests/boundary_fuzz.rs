@@ -63,8 +63,62 @@ fn kind() -> impl Strategy<Value = Option<agent::agent_message::Kind>> {
             Some(Kind::Status(agent::Status {
                 applied_version,
                 message,
+                ..Default::default()
             }))
         }),
+        (
+            text(),
+            prop::collection::vec((text(), prop::collection::vec(text(), 0..10)), 0..20),
+            prop::collection::vec((text(), text(), any::<i32>(), any::<u32>()), 0..40),
+            prop::collection::vec((text(), any::<u64>(), any::<u64>()), 0..20),
+            (any::<u32>(), any::<u64>(), any::<u64>()),
+        )
+            .prop_map(
+                |(hostname, interfaces, alerts, filesystems, (cpu, total, used))| {
+                    Some(Kind::Status(agent::Status {
+                        system_info: Some(agent::DeviceSystemInfo {
+                            hostname,
+                            interfaces: interfaces
+                                .into_iter()
+                                .map(|(name, addresses)| agent::NetworkInterface {
+                                    name,
+                                    addresses,
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        resources: Some(agent::ResourceReport {
+                            usage: Some(agent::ResourceUsage {
+                                cpu_percent: cpu,
+                                memory_total_bytes: total,
+                                memory_used_bytes: used,
+                                filesystems: filesystems
+                                    .into_iter()
+                                    .map(|(mount_point, total_bytes, used_bytes)| {
+                                        agent::FilesystemUsage {
+                                            mount_point,
+                                            total_bytes,
+                                            used_bytes,
+                                        }
+                                    })
+                                    .collect(),
+                                ..Default::default()
+                            }),
+                            alerts: alerts
+                                .into_iter()
+                                .map(|(monitor, path, severity, percent)| agent::ResourceAlert {
+                                    monitor,
+                                    path,
+                                    severity,
+                                    percent,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        }),
+                        ..Default::default()
+                    }))
+                }
+            ),
         (any::<i64>(), any::<i32>()).prop_map(|(seconds, nanos)| {
             Some(Kind::Heartbeat(agent::Heartbeat {
                 sent_at: Some(prost_types::Timestamp { seconds, nanos }),

@@ -244,6 +244,7 @@ async fn device_overrides_beat_the_template_and_labels_move_devices() {
     let listed = devices
         .list_devices(admin::ListDevicesRequest {
             selector: "role=db,!site".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -339,12 +340,14 @@ async fn bad_fleets_selectors_and_labels_are_refused_and_store_nothing() {
     let bad_selector = devices
         .list_devices(admin::ListDevicesRequest {
             selector: "site=".into(),
+            ..Default::default()
         })
         .await;
     assert!(bad_selector.is_ok(), "an empty value is a valid selector");
     let bad_selector = devices
         .list_devices(admin::ListDevicesRequest {
             selector: "site==>x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

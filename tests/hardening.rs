@@ -22,7 +22,7 @@ use flotilla::signature::recovery_message;
 use rcgen::{KeyPair, SigningKey};
 use std::time::Duration;
 use support::sim::RawSession;
-use support::{TestServer, channel, wait_for};
+use support::{TestServer, channel, http_body, wait_for};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -539,21 +539,6 @@ async fn http_status(url: &str) -> Option<u16> {
 }
 
 /// The body of a plain HTTP GET (status line and headers stripped).
-async fn http_body(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_cut_database_fails_concurrent_writers_fast_and_clearly_then_recovers() {
     let admin_url = std::env::var("FLOTILLA_TEST_DATABASE_URL")

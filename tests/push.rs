@@ -153,6 +153,7 @@ async fn an_idle_fleet_makes_no_database_queries() {
     let listed = devices
         .list_devices(admin::ListDevicesRequest {
             selector: "role=web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -250,6 +251,7 @@ async fn watch_streams_the_set_then_its_changes() {
     let mut stream = devices
         .watch_devices(admin::WatchDevicesRequest {
             selector: "role=web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -293,6 +295,7 @@ async fn watch_streams_the_set_then_its_changes() {
     let invalid = devices
         .watch_devices(admin::WatchDevicesRequest {
             selector: "role in (".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

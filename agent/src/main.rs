@@ -11,6 +11,7 @@ mod recover;
 mod renewal;
 mod session;
 mod state;
+mod status;
 mod tls;
 #[cfg(feature = "tpm")]
 mod tpm;

@@ -13,6 +13,7 @@ use crate::keys::{DeviceKey, StoredKey};
 use crate::recover::{self, Recovery};
 use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
 use crate::state::{Applied, Enrolled};
+use crate::status::Reporter;
 use crate::tls::connect_with_tpm_key;
 use anyhow::{Context, Result};
 use flotilla::client::{ClientCredentials, connect, retry_after};
@@ -64,6 +65,12 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         agent.state.renew_before().unwrap_or(DEFAULT_RENEW_BEFORE),
         agent.config.renewal_retry(),
     );
+    let mut reporter = Reporter::new(
+        agent.config.status.clone(),
+        agent.boot_id.clone(),
+        agent.keys.is_tpm(),
+        agent.state.root().to_path_buf(),
+    );
     let mut failures_with_new_pair = 0;
     loop {
         if recover::expired(agent) {
@@ -90,7 +97,7 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
             }
         }
         let started = Instant::now();
-        let end = match session(agent, enrolled, &mut renewer).await {
+        let end = match session(agent, enrolled, &mut renewer, &mut reporter).await {
             Ok(end) => end,
             Err(error) => End::Lost(format!("{error:#}")),
         };
@@ -204,7 +211,12 @@ async fn renewal_step(
     }
 }
 
-async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> Result<End> {
+async fn session(
+    agent: &Agent,
+    enrolled: &Enrolled,
+    renewer: &mut Renewer,
+    reporter: &mut Reporter,
+) -> Result<End> {
     let pair = agent.certs.current()?;
     let cert = cert_info_pem(&pair.cert_pem)?;
     let channel = open_channel(agent, pair).await?;
@@ -235,10 +247,29 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
     };
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.reset();
+    let mut sampling = tokio::time::interval(reporter.interval());
+    sampling.reset();
+    let drift_check = tokio::time::sleep(reporter.next_drift_check());
+    tokio::pin!(drift_check);
     let mut shutdown = agent.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
+            _ = &mut drift_check => {
+                drift_check.as_mut().reset(tokio::time::Instant::now() + reporter.next_drift_check());
+                if let Some(status) = reporter.drift_check(&applied.spec, &applied.version)
+                    && tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err()
+                {
+                    return Ok(End::Lost("outbound stream closed".into()));
+                }
+            }
+            _ = sampling.tick() => {
+                if let Some(status) = reporter.next(&applied.spec, &applied.version)
+                    && tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err()
+                {
+                    return Ok(End::Lost("outbound stream closed".into()));
+                }
+            }
             _ = heartbeat.tick() => {
                 if let Some(end) = renewal_step(renewer.on_tick(), &tx).await? {
                     return Ok(end);
@@ -272,9 +303,19 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                             agent.certs.confirm()?;
                             tracing::info!(serial = %cert.serial, "renewed certificate confirmed by a new session; previous pair removed");
                         }
+                        let status = reporter.opening(&applied.spec, &applied.version);
+                        if tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err() {
+                            return Ok(End::Lost("outbound stream closed".into()));
+                        }
                         if let Some(end) = renewal_step(renewer.on_tick(), &tx).await? {
                             return Ok(end);
                         }
+                    }
+                    Some(pb::server_message::Kind::StatusRefused(refused)) => {
+                        // Nothing to retry: the same report would be refused again. The next
+                        // change is sent as usual.
+                        tracing::warn!(reason = %refused.reason, "the control plane refused a status report");
+                        metrics::counter!("flotilla_agent_status_refused_total").increment(1);
                     }
                     Some(pb::server_message::Kind::RenewCertificate(directive)) => {
                         if let Some(end) = renewal_step(renewer.on_directive(&directive), &tx).await? {
@@ -295,7 +336,7 @@ async fn session(agent: &Agent, enrolled: &Enrolled, renewer: &mut Renewer) -> R
                     Some(pb::server_message::Kind::Spec(push)) => {
                         match handle_push(agent, &mut applied, push).await {
                             Pushed::Answer(answer) => {
-                                if tx.send(message(answer)).await.is_err() {
+                                if tx.send(message(*answer)).await.is_err() {
                                     return Ok(End::Lost("outbound stream closed".into()));
                                 }
                             }
@@ -355,7 +396,7 @@ pub fn settle_interrupted_apply(agent: &Agent, applied_version: &str) -> Result<
 /// What became of a push.
 enum Pushed {
     /// ACK or NACK it.
-    Answer(pb::agent_message::Kind),
+    Answer(Box<pb::agent_message::Kind>),
     /// Not applied for a reason of the device's own (interrupted, state directory unwritable):
     /// neither ACK nor NACK; the session ends so the version comes again.
     Deferred(String),
@@ -364,12 +405,12 @@ enum Pushed {
 /// Applies one push and returns the ACK or NACK for it, or defers it.
 async fn handle_push(agent: &Agent, applied: &mut Applied, push: pb::RenderedSpec) -> Pushed {
     let nack = |error: String, rolled_back: bool| {
-        Pushed::Answer(pb::agent_message::Kind::Nack(pb::Nack {
+        Pushed::Answer(Box::new(pb::agent_message::Kind::Nack(pb::Nack {
             nonce: push.nonce.clone(),
             version: push.version.clone(),
             error,
             rolled_back,
-        }))
+        })))
     };
     let spec: DeviceSpec = push.spec.clone().unwrap_or_default().into();
     if spec.content_hash() != push.content_hash {
@@ -407,10 +448,10 @@ async fn handle_push(agent: &Agent, applied: &mut Applied, push: pb::RenderedSpe
             agent.health.set_state(None);
             metrics::counter!("flotilla_agent_applies_total", "result" => "ok").increment(1);
             tracing::info!(version = %push.version, files = applied.spec.files.len(), "spec applied");
-            Pushed::Answer(pb::agent_message::Kind::Ack(pb::Ack {
+            Pushed::Answer(Box::new(pb::agent_message::Kind::Ack(pb::Ack {
                 nonce: push.nonce.clone(),
                 version: push.version.clone(),
-            }))
+            })))
         }
         Ok(Err(error)) if error.retry || *agent.shutdown.borrow() => {
             metrics::counter!("flotilla_agent_applies_total", "result" => "deferred").increment(1);

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 const HEADER: &[&str] = &[
     "NAME",
     "FLEET",
+    "STATUS",
     "ONLINE",
     "SYNC",
     "VERSION",
@@ -20,14 +21,52 @@ const HEADER: &[&str] = &[
     "LABELS",
 ];
 
-fn row(d: &DeviceView) -> Vec<String> {
+const WIDE_HEADER: &[&str] = &[
+    "NAME", "FLEET", "STATUS", "SYNC", "VERSION", "OS", "KERNEL", "ARCH", "AGENT", "MEMORY",
+    "DISK", "LABELS",
+];
+
+/// Which table columns to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    Normal,
+    /// `-o wide`: what the device runs on and how full it is.
+    Wide,
+}
+
+impl Columns {
+    pub fn new(wide: bool) -> Columns {
+        if wide { Columns::Wide } else { Columns::Normal }
+    }
+
+    fn header(self) -> &'static [&'static str] {
+        match self {
+            Columns::Normal => HEADER,
+            Columns::Wide => WIDE_HEADER,
+        }
+    }
+
+    fn row(self, d: &DeviceView) -> Vec<String> {
+        match self {
+            Columns::Normal => row(d),
+            Columns::Wide => wide_row(d),
+        }
+    }
+}
+
+fn fleet_cell(d: &DeviceView) -> String {
     let mut fleet = d.fleet.fleet.clone();
     if !d.fleet.conflicting_fleets.is_empty() {
         fleet = format!("{fleet}(conflict)");
     }
+    fleet
+}
+
+fn row(d: &DeviceView) -> Vec<String> {
     vec![
         d.metadata.name.clone(),
-        fleet,
+        fleet_cell(d),
+        d.status.summary.clone(),
         d.status.online.to_string(),
         d.status.sync_state.clone(),
         d.status.desired_version.clone(),
@@ -37,19 +76,77 @@ fn row(d: &DeviceView) -> Vec<String> {
     ]
 }
 
-pub fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
-    let views: Vec<_> = devices.into_iter().map(resources::device_view).collect();
-    print(format, &views, single, HEADER, row)
+fn wide_row(d: &DeviceView) -> Vec<String> {
+    let info = d.status.report.system_info.as_ref();
+    let text = |f: fn(&flotilla::status::SystemInfo) -> &String| {
+        info.map(|i| f(i).clone()).unwrap_or_default()
+    };
+    let resources = d.status.report.resources.as_ref();
+    let memory = resources
+        .map(|r| format!("{}%", r.memory_percent))
+        .unwrap_or_default();
+    let disk = resources
+        .and_then(|r| r.filesystems.iter().find(|f| f.mount_point == "/"))
+        .map(|f| format!("{}%", f.used_percent))
+        .unwrap_or_default();
+    let os = info
+        .map(|i| {
+            format!("{} {}", i.os_id, i.os_version_id)
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default();
+    let agent = info
+        .map(|i| i.agent_version.clone())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| d.status.agent_version.clone());
+    vec![
+        d.metadata.name.clone(),
+        fleet_cell(d),
+        d.status.summary.clone(),
+        d.status.sync_state.clone(),
+        d.status.desired_version.clone(),
+        os,
+        text(|i| &i.kernel_release),
+        text(|i| &i.architecture),
+        agent,
+        memory,
+        disk,
+        labels_text(d.metadata.labels.iter().flatten()),
+    ]
 }
 
-pub async fn list(channel: Channel, format: Format, selector: String) -> Result<()> {
+pub fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
+    print_columns(format, Columns::Normal, devices, single)
+}
+
+fn print_columns(
+    format: Format,
+    columns: Columns,
+    devices: Vec<pb::Device>,
+    single: bool,
+) -> Result<()> {
+    let views: Vec<_> = devices.into_iter().map(resources::device_view).collect();
+    print(format, &views, single, columns.header(), |d| columns.row(d))
+}
+
+pub async fn list(
+    channel: Channel,
+    format: Format,
+    columns: Columns,
+    selector: String,
+    field_selector: String,
+) -> Result<()> {
     let devices = DeviceServiceClient::new(channel)
-        .list_devices(pb::ListDevicesRequest { selector })
+        .list_devices(pb::ListDevicesRequest {
+            selector,
+            field_selector,
+        })
         .await
         .map_err(rpc)?
         .into_inner()
         .devices;
-    print_devices(format, devices, false)
+    print_columns(format, columns, devices, false)
 }
 
 async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
@@ -60,8 +157,8 @@ async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
         .into_inner())
 }
 
-pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
-    print_devices(format, vec![fetch(channel, name).await?], true)
+pub async fn get(channel: Channel, format: Format, columns: Columns, name: String) -> Result<()> {
+    print_columns(format, columns, vec![fetch(channel, name).await?], true)
 }
 
 fn indent(text: &str) -> String {
@@ -79,6 +176,7 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
     };
     line("Name", view.metadata.name.clone());
     line("ID", view.metadata.id.clone().unwrap_or_default());
+    line("Status", status.summary.clone());
     line("Labels", labels_text(view.metadata.labels.iter().flatten()));
     line("Fleet", view.fleet.fleet.clone());
     if !view.fleet.conflicting_fleets.is_empty() {
@@ -125,6 +223,13 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
             ),
         );
     }
+    if status.report.system_info.is_some() || status.report.resources.is_some() {
+        out.push_str(&format!(
+            "Reported:     {}\n",
+            status.report.reported_at.clone().unwrap_or_default()
+        ));
+    }
+    crate::status::describe(&mut out, &status.report, &status.conditions);
     if !view.spec.is_empty() {
         out.push_str("Overrides:\n");
         out.push_str(&indent(&yaml_serde::to_string(&view.spec)?));
@@ -177,25 +282,34 @@ fn event_name(kind: i32) -> &'static str {
 }
 
 /// Prints one line per event until the server ends the stream (or the user interrupts).
-pub async fn watch(channel: Channel, format: Format, selector: String) -> Result<()> {
+pub async fn watch(
+    channel: Channel,
+    format: Format,
+    columns: Columns,
+    selector: String,
+    field_selector: String,
+) -> Result<()> {
     let mut stream = DeviceServiceClient::new(channel)
-        .watch_devices(pb::WatchDevicesRequest { selector })
+        .watch_devices(pb::WatchDevicesRequest {
+            selector,
+            field_selector,
+        })
         .await
         .map_err(rpc)?
         .into_inner();
     if format == Format::Table {
-        println!("{:<9}{}", "EVENT", HEADER.join("   "));
+        println!("{:<9}{}", "EVENT", columns.header().join("   "));
     }
     while let Some(event) = stream.message().await.map_err(rpc)? {
         let kind = event_name(event.r#type);
         let view = event.device.map(resources::device_view);
         match format {
             Format::Table => {
-                let cells = view.as_ref().map(row).unwrap_or_default();
+                let cells = view.as_ref().map(|v| columns.row(v)).unwrap_or_default();
                 let line = format!("{kind:<9}{}", cells.join("   "));
                 println!("{}", crate::output::terminal_safe(&line, false));
             }
-            Format::Json | Format::Yaml => {
+            Format::Wide | Format::Json | Format::Yaml => {
                 let line = serde_json::json!({ "type": kind, "device": view });
                 println!("{}", serde_json::to_string(&line)?);
             }

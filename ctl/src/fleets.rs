@@ -79,6 +79,14 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
         status.error,
         status.offline
     );
+    if !status.summaries.is_empty() {
+        let counts: Vec<String> = status
+            .summaries
+            .iter()
+            .map(|(summary, n)| format!("{summary} {n}"))
+            .collect();
+        out.push_str(&format!("Health:       {}\n", counts.join(", ")));
+    }
     if !status.devices.is_empty() {
         out.push_str(&format!("Members:      {}\n", status.devices.join(", ")));
     }

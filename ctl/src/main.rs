@@ -9,6 +9,7 @@ mod fleets;
 mod output;
 mod resources;
 mod rollouts;
+mod status;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
@@ -103,6 +104,11 @@ enum GetWhat {
         /// Label selector, e.g. `site=berlin,tier!=canary,region in (eu,us),!legacy`.
         #[arg(short = 'l', long = "selector", default_value = "")]
         selector: String,
+        /// Field selector on the status, e.g. `status.summary=Degraded,status.arch!=aarch64`
+        /// (fields: status.summary, status.os, status.arch, status.agentVersion, status.online,
+        /// status.syncState).
+        #[arg(long = "field-selector", default_value = "")]
+        field_selector: String,
     },
     /// One device.
     Device { name: String },
@@ -226,6 +232,9 @@ enum WatchWhat {
     Devices {
         #[arg(short = 'l', long = "selector", default_value = "")]
         selector: String,
+        /// Field selector on the status, as for `get devices`.
+        #[arg(long = "field-selector", default_value = "")]
+        field_selector: String,
     },
 }
 
@@ -317,14 +326,24 @@ fn label_changes(changes: &[String]) -> Result<(BTreeMap<String, String>, Vec<St
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let format = cli.output;
+    // `-o wide` is a table with more columns where a resource has them (devices).
+    let wide = cli.output == Format::Wide;
+    let format = if wide { Format::Table } else { cli.output };
     let config = &cli.config;
     match cli.command {
         Command::Get { what } => match what {
-            GetWhat::Devices { selector } => {
-                devices::list(channel(config).await?, format, selector).await
+            GetWhat::Devices {
+                selector,
+                field_selector,
+            } => {
+                let columns = devices::Columns::new(wide);
+                let channel = channel(config).await?;
+                devices::list(channel, format, columns, selector, field_selector).await
             }
-            GetWhat::Device { name } => devices::get(channel(config).await?, format, name).await,
+            GetWhat::Device { name } => {
+                let columns = devices::Columns::new(wide);
+                devices::get(channel(config).await?, format, columns, name).await
+            }
             GetWhat::Fleets => fleets::list(channel(config).await?, format).await,
             GetWhat::Fleet { name } => fleets::get(channel(config).await?, format, name).await,
             GetWhat::Revisions { fleet } => {
@@ -398,8 +417,16 @@ async fn run(cli: Cli) -> Result<()> {
             devices::label(channel(config).await?, format, name, set, remove).await
         }
         Command::Watch {
-            what: WatchWhat::Devices { selector },
-        } => devices::watch(channel(config).await?, format, selector).await,
+            what:
+                WatchWhat::Devices {
+                    selector,
+                    field_selector,
+                },
+        } => {
+            let columns = devices::Columns::new(wide);
+            let channel = channel(config).await?;
+            devices::watch(channel, format, columns, selector, field_selector).await
+        }
         Command::Approve {
             what: ApproveWhat::Enrollment { name, labels },
         } => enrollments::approve(channel(config).await?, format, name, labels).await,

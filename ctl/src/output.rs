@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Table,
+    /// A table with more columns, where the resource has them (devices).
+    Wide,
     Json,
     Yaml,
 }
@@ -30,7 +32,9 @@ pub fn print<T: Serialize>(
             print!("{}", yaml_serde::to_string(&items[0])?)
         }
         Format::Yaml => print!("{}", yaml_serde::to_string(items)?),
-        Format::Table => print!("{}", table(header, items.iter().map(row).collect())),
+        Format::Table | Format::Wide => {
+            print!("{}", table(header, items.iter().map(row).collect()))
+        }
     }
     Ok(())
 }

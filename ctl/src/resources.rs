@@ -148,6 +148,12 @@ pub struct DeviceStatusView {
     /// The control-plane replica that holds the device's session.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub session_replica: String,
+    /// Healthy, Degraded, Error, Offline or Unknown (from the conditions).
+    pub summary: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<crate::status::ConditionView>,
+    #[serde(flatten)]
+    pub report: crate::status::ReportView,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,6 +195,8 @@ pub fn device_view(device: admin::Device) -> DeviceView {
         rendered_spec: device.rendered_spec.map(DeviceSpec::from),
     };
     let status = device.status.unwrap_or_default();
+    let report = crate::status::report(&status);
+    let conditions = crate::status::conditions(&status);
     DeviceView {
         fleet,
         kind: "Device",
@@ -222,6 +230,9 @@ pub fn device_view(device: admin::Device) -> DeviceView {
             renewal_error: status.renewal_error,
             tpm_ek_fingerprint: device.tpm_ek_fingerprint,
             session_replica: status.session_replica,
+            summary: crate::status::summary_name(status.summary),
+            conditions,
+            report,
         },
     }
 }
@@ -239,6 +250,9 @@ pub struct FleetStatusView {
     pub conflicts: BTreeMap<String, Vec<String>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub render_failures: BTreeMap<String, String>,
+    /// Members by status summary.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub summaries: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,6 +298,7 @@ pub fn fleet_view(fleet: admin::Fleet) -> FleetView {
                 .into_iter()
                 .map(|f| (f.device, f.reason))
                 .collect(),
+            summaries: status.summaries.into_iter().collect(),
         },
     }
 }

@@ -146,7 +146,7 @@ pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()
     while let Some(rollout) = stream.message().await.map_err(rpc)? {
         let rollout = view(rollout);
         match format {
-            Format::Table => crate::output::print_text(&format!(
+            Format::Table | Format::Wide => crate::output::print_text(&format!(
                 "{:<13} {:<7} {:<7} {:<8} {:<10} {:<10} {}/{}\n",
                 rollout.state,
                 rollout.batch,

@@ -3,10 +3,12 @@
 
 use super::{ControlError, ControlPlane};
 use crate::clock::now_millis;
-use crate::hub::{Rendered, SyncStatus};
+use crate::hub::{Rendered, SyncState, SyncStatus};
 use crate::names::{validate_label_key, validate_labels, validate_name};
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
+use crate::status::conditions::Summary;
+use crate::status::field_selector::{Field, FieldSelector};
 use crate::store::{DeviceChange, DeviceRecord};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,6 +48,60 @@ pub(super) fn parse_selector(text: &str) -> Result<Selector, ControlError> {
     Selector::parse(text).map_err(|e| ControlError::invalid("selector", e))
 }
 
+/// Which devices a list or watch wants: a label selector and a field selector on the status.
+#[derive(Debug, Clone, Default)]
+pub(super) struct DeviceFilter {
+    pub labels: Selector,
+    fields: FieldSelector,
+}
+
+impl DeviceFilter {
+    pub fn parse(labels: &str, fields: &str) -> Result<DeviceFilter, ControlError> {
+        Ok(DeviceFilter {
+            labels: parse_selector(labels)?,
+            fields: fields
+                .parse()
+                .map_err(|e| ControlError::invalid("field_selector", e))?,
+        })
+    }
+
+    pub fn matches(&self, view: &DeviceView) -> bool {
+        self.labels.matches(&view.record.labels)
+            && (self.fields.is_empty() || self.fields.matches(|field| field_value(view, field)))
+    }
+}
+
+/// A device's value of a status field, as field selectors compare it.
+fn field_value(view: &DeviceView, field: Field) -> String {
+    let status = view.status.as_ref();
+    let info = status
+        .and_then(|s| s.report.as_ref())
+        .and_then(|r| r.system_info.as_ref());
+    match field {
+        Field::Summary => status
+            .map_or(Summary::Unknown, |s| s.summary)
+            .as_str()
+            .to_string(),
+        Field::Os => info.map(|i| i.os_id.clone()).unwrap_or_default(),
+        Field::Arch => info.map(|i| i.architecture.clone()).unwrap_or_default(),
+        Field::AgentVersion => view
+            .record
+            .agent_version
+            .clone()
+            .filter(|v| !v.is_empty())
+            .or_else(|| info.map(|i| i.agent_version.clone()))
+            .unwrap_or_default(),
+        Field::Online => status.is_some_and(|s| s.online).to_string(),
+        Field::SyncState => match status.map(|s| s.state) {
+            Some(SyncState::Synced) => "Synced",
+            Some(SyncState::Pending) => "Pending",
+            Some(SyncState::Error) => "Error",
+            Some(SyncState::Offline) | None => "Offline",
+        }
+        .to_string(),
+    }
+}
+
 impl ControlPlane {
     fn view_of(&self, record: DeviceRecord, conflicts: Vec<String>) -> DeviceView {
         let status = self.hub.status(&record.id);
@@ -73,14 +129,19 @@ impl ControlPlane {
         Some(self.view_of(record, conflicts))
     }
 
-    /// Devices whose labels match `selector` (empty: all), by name.
-    pub async fn list_devices(&self, selector: &str) -> Result<Vec<DeviceView>, ControlError> {
-        let selector = parse_selector(selector)?;
+    /// Devices whose labels match `selector` and whose status matches `field_selector` (empty:
+    /// all), by name.
+    pub async fn list_devices(
+        &self,
+        selector: &str,
+        field_selector: &str,
+    ) -> Result<Vec<DeviceView>, ControlError> {
+        let filter = DeviceFilter::parse(selector, field_selector)?;
         let mut found: Vec<(DeviceRecord, Vec<String>)> = {
             let catalog = self.catalog();
             catalog
                 .devices()
-                .filter(|d| selector.matches(&d.labels))
+                .filter(|d| filter.labels.matches(&d.labels))
                 .map(|d| (d.clone(), catalog.conflicts(&d.id).to_vec()))
                 .collect()
         };
@@ -88,6 +149,7 @@ impl ControlPlane {
         Ok(found
             .into_iter()
             .map(|(record, conflicts)| self.view_of(record, conflicts))
+            .filter(|view| filter.matches(view))
             .collect())
     }
 

@@ -43,6 +43,8 @@ pub struct FleetView {
     pub conflicts: Vec<(String, Vec<String>)>,
     /// Owned devices whose render failed: (device, reason).
     pub render_failures: Vec<(String, String)>,
+    /// Owned devices by status summary (`Healthy`, `Degraded`, ...).
+    pub summaries: std::collections::BTreeMap<&'static str, usize>,
 }
 
 fn has_template_syntax(template: &DeviceSpec) -> bool {
@@ -67,6 +69,7 @@ impl ControlPlane {
                 .map(|d| (d.name.clone(), catalog.conflicts(&d.id).to_vec()))
                 .collect(),
             render_failures: Vec::new(),
+            summaries: Default::default(),
         };
         for id in catalog.owned_by(name) {
             let Some(device) = catalog.device(&id) else {
@@ -82,6 +85,7 @@ impl ControlPlane {
                 SyncState::Error => view.error += 1,
                 SyncState::Offline => view.offline += 1,
             }
+            *view.summaries.entry(status.summary.as_str()).or_default() += 1;
             if let Some(reason) = status.render_error {
                 view.render_failures.push((device.name.clone(), reason));
             }

@@ -124,6 +124,7 @@ fn kind(fact: &DeviceFact) -> (&str, u8) {
         DeviceFact::Session { id, .. } => (id, 1),
         DeviceFact::LastSeen { id, .. } => (id, 2),
         DeviceFact::Sync { id, .. } => (id, 3),
+        DeviceFact::Report { id, .. } => (id, 4),
     }
 }
 
@@ -176,6 +177,9 @@ mod tests {
                 } => {
                     row.insert((id.clone(), "acked"), acked_version.clone());
                     row.insert((id.clone(), "nacked"), nacked.as_ref().map(|n| n.0.clone()));
+                }
+                DeviceFact::Report { id, report } => {
+                    row.insert((id.clone(), "report"), Some(report.reported_ms.to_string()));
                 }
             }
         }

@@ -3,8 +3,9 @@
 
 use super::ControlPlane;
 use crate::clock::now_millis;
+use crate::status::conditions::{ConditionType, Summary};
 use crate::store::EnrollmentState;
-use crate::telemetry::Snapshot;
+use crate::telemetry::{Snapshot, bounded_groups};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 /// Enrollment requests by state, counted once at start and moved on every decision.
@@ -95,6 +96,18 @@ impl ControlPlane {
             leading: self.leading.load(Ordering::Acquire),
             feed_position: self.feed_position.load(Ordering::Acquire),
             feed_lag_seconds: self.feed_lag_ms.load(Ordering::Acquire) as f64 / 1000.0,
+            summaries: Summary::ALL
+                .iter()
+                .zip(summary.status.summaries)
+                .map(|(s, n)| (s.as_str(), n))
+                .collect(),
+            conditions: ConditionType::ALL
+                .iter()
+                .zip(summary.status.conditions_true)
+                .map(|(c, n)| (c.as_str(), n))
+                .collect(),
+            os: bounded_groups(summary.status.os),
+            agent_versions: bounded_groups(summary.status.agent_versions),
         }
     }
 }

@@ -349,12 +349,14 @@ impl ControlPlane {
         }
         catalog.apply_owners(&changes);
         let ids: Vec<String> = catalog.devices().map(|d| d.id.clone()).collect();
+        let mut reports = self.store.device_reports().await?;
         let seeds = ids
             .into_iter()
             .filter_map(|id| {
                 let desired = catalog.render(&id)?;
                 let device = catalog.device(&id)?;
                 Some(Seed {
+                    report: reports.remove(&id),
                     device_id: id,
                     desired,
                     acked_version: device.acked_version.clone(),

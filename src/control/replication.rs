@@ -262,6 +262,7 @@ impl ControlPlane {
             .filter(|r| r.as_str() != self.store.replica());
         self.hub
             .note_remote(&facts.id, holder, facts.acked_version, facts.nacked);
+        self.hub.note_remote_report(&facts.id, facts.report);
     }
 
     /// The changed fleets, each with the older revisions its devices are held at compiled (kept

@@ -7,6 +7,8 @@ use crate::clock::now_millis;
 use crate::hub::{Answer, HubError, SessionHandle};
 use crate::identity::{Identity, Role};
 use crate::proto::agent::v1 as pb;
+use crate::status::convert::alerts_from;
+use crate::status::{DriftCheck, ReportUpdate, ResourceUsage, SystemInfo, check_bounds};
 use crate::store::DeviceFact;
 use futures::{Stream, StreamExt};
 use rand::Rng;
@@ -74,6 +76,9 @@ impl EndReason {
 /// Messages on their way to an agent. Boxed: a bounded channel allocates room for 32 messages up
 /// front, and a `ServerMessage` inline is a few hundred bytes — per held stream, that was 6 KiB.
 pub type Outbound = mpsc::Sender<Box<pb::ServerMessage>>;
+
+/// Largest status report taken in (a full one is a few KiB).
+const MAX_STATUS_BYTES: usize = 32 * 1024;
 
 /// Agents asked to reconnect because of age spread their return over this long.
 const RECONNECT_WITHIN: Duration = Duration::from_secs(30);
@@ -267,6 +272,14 @@ impl ControlPlane {
                         // than the silence timeout): its silence starts now, not at its request.
                         deadline = Instant::now() + silence;
                     }
+                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Status(status)) })) => {
+                        deadline = Instant::now() + silence;
+                        if let Some(refusal) = self.record_status(device_id, handle.id, status)
+                            && outbound.send(Box::new(refusal)).await.is_err()
+                        {
+                            return EndReason::AgentClosed;
+                        }
+                    }
                     Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRejected(rejected)) })) => {
                         deadline = Instant::now() + silence;
                         self.certificate_rejected_by_device(device_id, rejected).await;
@@ -280,6 +293,73 @@ impl ControlPlane {
                 },
             }
         }
+    }
+
+    /// Takes in a device's status report: kept in the hub, written behind when its content
+    /// changed. A report out of bounds is refused (the answer to send) and changes nothing; the
+    /// session goes on.
+    fn record_status(
+        &self,
+        device_id: &str,
+        session_id: u64,
+        status: pb::Status,
+    ) -> Option<pb::ServerMessage> {
+        let now = now_millis();
+        self.hub.touch(device_id, now);
+        let refuse = |reason: String| {
+            tracing::warn!(device.id = %device_id, %reason, "status report refused");
+            crate::telemetry::status_report(false);
+            Some(pb::ServerMessage {
+                kind: Some(pb::server_message::Kind::StatusRefused(pb::StatusRefused {
+                    reason,
+                })),
+            })
+        };
+        let size = prost::Message::encoded_len(&status);
+        if size > MAX_STATUS_BYTES {
+            return refuse(format!(
+                "status is {size} bytes; at most {MAX_STATUS_BYTES}"
+            ));
+        }
+        let resources = match status.resources {
+            None => None,
+            Some(report) => match alerts_from(report.alerts) {
+                Ok(alerts) => Some((
+                    report.usage.map(ResourceUsage::from).unwrap_or_default(),
+                    alerts,
+                )),
+                Err(error) => return refuse(error.to_string()),
+            },
+        };
+        let update = ReportUpdate {
+            system_info: status.system_info.map(SystemInfo::from),
+            resources,
+            drift: status.drift.map(DriftCheck::from),
+        };
+        if let Err(error) = check_bounds(&update) {
+            return refuse(error.0);
+        }
+        crate::telemetry::status_report(true);
+        if update.is_empty() {
+            return None;
+        }
+        let corrections = update
+            .drift
+            .as_ref()
+            .map_or(0, |d| d.items.iter().filter(|i| i.corrected).count());
+        let changed = self.hub.record_report(device_id, session_id, |current| {
+            current.updated(update, now)
+        });
+        if changed.is_some() && corrections > 0 {
+            crate::telemetry::drift_corrected(corrections);
+        }
+        if let Some(report) = changed {
+            self.journal.record(DeviceFact::Report {
+                id: device_id.to_string(),
+                report,
+            });
+        }
+        None
     }
 
     /// Records one agent message. Returns false on a protocol violation.
@@ -298,6 +378,7 @@ impl ControlPlane {
                     .nack(device_id, session_id, &nack.nonce, &nack.error)
             }
             Some(Kind::Heartbeat(_)) | Some(Kind::Status(_)) => {
+                // Status is taken in by the session loop; this only counts as a sign of life.
                 self.hub.touch(device_id, now_millis());
                 return true;
             }

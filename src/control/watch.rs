@@ -1,9 +1,8 @@
 //! Watching devices: the current matching devices, a marker, then every change as it happens.
 //! Fed by the hub's change feed; views come from memory, so a watch costs no database query.
 
-use super::devices::parse_selector;
+use super::devices::DeviceFilter;
 use super::{ControlError, ControlPlane, DeviceView};
-use crate::selector::Selector;
 use std::collections::{HashMap, VecDeque};
 use tokio::sync::broadcast::{Receiver, error::RecvError};
 
@@ -14,7 +13,7 @@ pub enum DeviceEvent {
     Added(DeviceView),
     /// A device in the set changed.
     Modified(DeviceView),
-    /// A device left the set (deleted, or its labels no longer match): (id, name).
+    /// A device left the set (deleted, or it no longer matches): (id, name).
     Deleted { id: String, name: String },
     /// Every device that matched when the watch started (or resynchronised) has been sent.
     Synced,
@@ -23,7 +22,7 @@ pub enum DeviceEvent {
 /// An open watch; `next` yields events until the control plane shuts down.
 pub struct DeviceWatch {
     control: ControlPlane,
-    selector: Selector,
+    filter: DeviceFilter,
     feed: Receiver<String>,
     /// Devices currently in the set: id → name.
     members: HashMap<String, String>,
@@ -37,11 +36,12 @@ impl DeviceWatch {
             .control
             .catalog()
             .devices()
-            .filter(|d| self.selector.matches(&d.labels))
+            .filter(|d| self.filter.labels.matches(&d.labels))
             .map(|d| d.id.clone())
             .collect::<Vec<_>>()
             .into_iter()
             .filter_map(|id| self.control.view_by_id(&id))
+            .filter(|view| self.filter.matches(view))
             .collect();
         views.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         let mut members = HashMap::new();
@@ -59,7 +59,7 @@ impl DeviceWatch {
 
     fn on_change(&mut self, id: String) -> Option<DeviceEvent> {
         match self.control.view_by_id(&id) {
-            Some(view) if self.selector.matches(&view.record.labels) => {
+            Some(view) if self.filter.matches(&view) => {
                 let known = self.members.insert(id, view.record.name.clone()).is_some();
                 Some(if known {
                     DeviceEvent::Modified(view)
@@ -97,14 +97,18 @@ impl DeviceWatch {
 }
 
 impl ControlPlane {
-    /// Starts a watch of the devices matching `selector` (empty: all).
-    pub fn watch_devices(&self, selector: &str) -> Result<DeviceWatch, ControlError> {
-        let selector = parse_selector(selector)?;
+    /// Starts a watch of the devices matching `selector` and `field_selector` (empty: all).
+    pub fn watch_devices(
+        &self,
+        selector: &str,
+        field_selector: &str,
+    ) -> Result<DeviceWatch, ControlError> {
+        let filter = DeviceFilter::parse(selector, field_selector)?;
         // Subscribe before taking the snapshot, so no change between the two is lost.
         let feed = self.hub.subscribe();
         let mut watch = DeviceWatch {
             control: self.clone(),
-            selector,
+            filter,
             feed,
             members: HashMap::new(),
             queued: VecDeque::new(),

@@ -2,7 +2,7 @@
 
 use super::{
     CommandSpec, ContainerSpec, DEFAULT_COMMAND_TIMEOUT_SECS, DEFAULT_FILE_MODE, DeviceSpec,
-    FileSpec, UnitSpec, UnitState,
+    DriftPolicy, FileSpec, MonitorKind, ResourceMonitor, UnitSpec, UnitState,
 };
 use crate::proto::agent::v1 as pb;
 
@@ -18,6 +18,11 @@ impl From<FileSpec> for pb::FileSpec {
             mode: f.mode,
             owner: f.owner.unwrap_or_default(),
             group: f.group.unwrap_or_default(),
+            drift: match f.drift {
+                None => String::new(),
+                Some(DriftPolicy::Correct) => "correct".into(),
+                Some(DriftPolicy::Report) => "report".into(),
+            },
         }
     }
 }
@@ -34,6 +39,12 @@ impl From<pb::FileSpec> for FileSpec {
             },
             owner: non_empty(f.owner),
             group: non_empty(f.group),
+            // Anything else (from a newer peer) is corrected, the default.
+            drift: match f.drift.as_str() {
+                "report" => Some(DriftPolicy::Report),
+                "correct" => Some(DriftPolicy::Correct),
+                _ => None,
+            },
         }
     }
 }
@@ -131,6 +142,7 @@ impl From<DeviceSpec> for pb::DeviceSpec {
             containers: convert(spec.containers),
             before_update: convert(spec.before_update),
             after_update: convert(spec.after_update),
+            resources: convert(spec.resources),
         }
     }
 }
@@ -143,7 +155,43 @@ impl From<pb::DeviceSpec> for DeviceSpec {
             containers: convert(spec.containers),
             before_update: convert(spec.before_update),
             after_update: convert(spec.after_update),
+            resources: spec
+                .resources
+                .into_iter()
+                .filter_map(|m| ResourceMonitor::try_from(m).ok())
+                .collect(),
         }
+    }
+}
+
+impl From<ResourceMonitor> for pb::ResourceMonitor {
+    fn from(m: ResourceMonitor) -> Self {
+        pb::ResourceMonitor {
+            monitor: m.monitor.as_str().to_string(),
+            path: m.path.unwrap_or_default(),
+            warning: m.warning.unwrap_or(0),
+            critical: m.critical.unwrap_or(0),
+            for_seconds: m.for_seconds,
+        }
+    }
+}
+
+/// A monitor of an unknown kind (from a newer peer) is not one this side can evaluate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownMonitor(pub String);
+
+impl TryFrom<pb::ResourceMonitor> for ResourceMonitor {
+    type Error = UnknownMonitor;
+
+    fn try_from(m: pb::ResourceMonitor) -> Result<Self, Self::Error> {
+        let monitor = MonitorKind::parse(&m.monitor).ok_or(UnknownMonitor(m.monitor))?;
+        Ok(ResourceMonitor {
+            monitor,
+            path: non_empty(m.path),
+            warning: Some(m.warning).filter(|&t| t != 0),
+            critical: Some(m.critical).filter(|&t| t != 0),
+            for_seconds: m.for_seconds,
+        })
     }
 }
 

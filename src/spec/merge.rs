@@ -1,4 +1,5 @@
-//! Layering of specs: a higher layer replaces files by path and units and containers by name; its
+//! Layering of specs: a higher layer replaces files by path, units and containers by name and
+//! resource monitors by what they watch; its
 //! update commands run after the lower layer's. Used for fleet template < device overrides.
 
 use super::DeviceSpec;
@@ -22,6 +23,10 @@ impl DeviceSpec {
         overlay(&mut self.files, upper.files, |f| f.path.clone());
         overlay(&mut self.units, upper.units, |u| u.name.clone());
         overlay(&mut self.containers, upper.containers, |c| c.name.clone());
+        overlay(&mut self.resources, upper.resources, |r| {
+            let (kind, path) = r.key();
+            (kind, path.to_string())
+        });
         self.before_update.extend(upper.before_update);
         self.after_update.extend(upper.after_update);
         self

@@ -36,6 +36,66 @@ pub struct DeviceSpec {
     pub before_update: Vec<CommandSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_update: Vec<CommandSpec>,
+    /// Thresholds the agent evaluates on the device (`status::monitor`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceMonitor>,
+}
+
+/// What a resource monitor watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitorKind {
+    Cpu,
+    Memory,
+    Disk,
+}
+
+impl MonitorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MonitorKind::Cpu => "cpu",
+            MonitorKind::Memory => "memory",
+            MonitorKind::Disk => "disk",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MonitorKind> {
+        match text {
+            "cpu" => Some(MonitorKind::Cpu),
+            "memory" => Some(MonitorKind::Memory),
+            "disk" => Some(MonitorKind::Disk),
+            _ => None,
+        }
+    }
+}
+
+/// A threshold on a resource: `{monitor: memory, warning: 80, critical: 95, forSeconds: 300}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResourceMonitor {
+    pub monitor: MonitorKind,
+    /// The mount point of a disk monitor (`/` when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Percent of use (1-100) from which the monitor fires as a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical: Option<u32>,
+    /// How long use must stay at or above a threshold before the alert fires.
+    #[serde(default)]
+    pub for_seconds: u32,
+}
+
+impl ResourceMonitor {
+    /// What the monitor watches: its kind and, for a disk, the mount point.
+    pub fn key(&self) -> (MonitorKind, &str) {
+        let path = match self.monitor {
+            MonitorKind::Disk => self.path.as_deref().unwrap_or("/"),
+            MonitorKind::Cpu | MonitorKind::Memory => "",
+        };
+        (self.monitor, path)
+    }
 }
 
 /// One managed file.
@@ -53,6 +113,19 @@ pub struct FileSpec {
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// What the agent does when the file on disk no longer matches (default: correct it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftPolicy>,
+}
+
+/// What the agent does with a managed item that changed on the device behind its back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Put it back as the spec says (the default), and report that it did.
+    Correct,
+    /// Report it and leave it alone.
+    Report,
 }
 
 impl FileSpec {
@@ -64,6 +137,7 @@ impl FileSpec {
             mode: DEFAULT_FILE_MODE,
             owner: None,
             group: None,
+            drift: None,
         }
     }
 }
@@ -143,6 +217,8 @@ impl DeviceSpec {
         self.files.sort_by(|a, b| a.path.cmp(&b.path));
         self.units.sort_by(|a, b| a.name.cmp(&b.name));
         self.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        self.resources
+            .sort_by(|a, b| a.key().cmp(&b.key()).then(a.path.cmp(&b.path)));
         self
     }
 

@@ -1,7 +1,10 @@
 //! Validation of a device spec: everything an agent would trip over is refused before it is stored
 //! or pushed, with the offending field named.
 
-use super::{CommandSpec, ContainerSpec, DeviceSpec, FileSpec, MAX_SPEC_BYTES, UnitSpec};
+use super::{
+    CommandSpec, ContainerSpec, DeviceSpec, FileSpec, MAX_SPEC_BYTES, MonitorKind, ResourceMonitor,
+    UnitSpec,
+};
 use std::collections::BTreeSet;
 use std::path::{Component, Path};
 
@@ -229,6 +232,54 @@ fn check_command(list: &str, index: usize, command: &CommandSpec) -> Result<(), 
     Ok(())
 }
 
+/// Most resource monitors in one spec (the agent reports at most 16 filesystems).
+const MAX_MONITORS: usize = 16;
+
+fn check_monitor(index: usize, monitor: &ResourceMonitor) -> Result<(), SpecError> {
+    let at = |field: &str| format!("resources[{index}].{field}");
+    if monitor.warning.is_none() && monitor.critical.is_none() {
+        return Err(SpecError::new(
+            at("warning"),
+            "a monitor needs a warning or a critical threshold",
+        ));
+    }
+    for (field, value) in [("warning", monitor.warning), ("critical", monitor.critical)] {
+        if let Some(value) = value
+            && !(1..=100).contains(&value)
+        {
+            return Err(SpecError::new(
+                at(field),
+                format!("{value} is not a percentage between 1 and 100"),
+            ));
+        }
+    }
+    if let (Some(warning), Some(critical)) = (monitor.warning, monitor.critical)
+        && warning > critical
+    {
+        return Err(SpecError::new(
+            at("warning"),
+            format!("warning {warning} is above critical {critical}"),
+        ));
+    }
+    if monitor.for_seconds > MAX_MONITOR_FOR_SECONDS {
+        return Err(SpecError::new(
+            at("forSeconds"),
+            format!("at most {MAX_MONITOR_FOR_SECONDS} (one day)"),
+        ));
+    }
+    match (monitor.monitor, &monitor.path) {
+        (MonitorKind::Disk, Some(path)) if path == "/" => Ok(()),
+        (MonitorKind::Disk, Some(path)) => {
+            check_path(path).map_err(|reason| SpecError::new(at("path"), reason))
+        }
+        (MonitorKind::Disk, None) => Ok(()),
+        (_, Some(_)) => Err(SpecError::new(at("path"), "only a disk monitor has a path")),
+        (_, None) => Ok(()),
+    }
+}
+
+const MAX_MONITOR_FOR_SECONDS: u32 = 86_400;
+
 impl DeviceSpec {
     /// Validates the whole spec; the first problem found is reported.
     pub fn validate(&self) -> Result<(), SpecError> {
@@ -267,6 +318,22 @@ impl DeviceSpec {
         }
         for (index, command) in self.after_update.iter().enumerate() {
             check_command("afterUpdate", index, command)?;
+        }
+        let mut monitors = BTreeSet::new();
+        for (index, monitor) in self.resources.iter().enumerate() {
+            check_monitor(index, monitor)?;
+            if !monitors.insert(monitor.key()) {
+                return Err(SpecError::new(
+                    format!("resources[{index}]"),
+                    "a monitor of this resource appears more than once",
+                ));
+            }
+        }
+        if self.resources.len() > MAX_MONITORS {
+            return Err(SpecError::new(
+                "resources",
+                format!("at most {MAX_MONITORS} monitors"),
+            ));
         }
         let size = self.approximate_size();
         if size > MAX_SPEC_BYTES {

@@ -1,10 +1,12 @@
 //! Devices: identity, labels, the spec set for them, and the last acknowledged state.
 
-use super::schema::{device_sessions, devices};
+use super::schema::{device_reports, device_sessions, devices};
 use super::{Store, StoreError, from_json, to_json};
 use crate::spec::DeviceSpec;
+use crate::status::DeviceReport;
 use diesel::prelude::*;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// A device as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,8 @@ pub struct SessionFacts {
     pub session_replica: Option<String>,
     pub cert_serial: Option<String>,
     pub cert_not_after_ms: Option<i64>,
+    /// What the device last reported about itself.
+    pub report: Option<DeviceReport>,
 }
 
 impl SessionFacts {
@@ -57,6 +61,7 @@ impl SessionFacts {
             session_replica: device.session_replica.clone(),
             cert_serial: device.cert_serial.clone(),
             cert_not_after_ms: device.cert_not_after_ms,
+            report: None,
         }
     }
 }
@@ -70,7 +75,20 @@ type FactsRow = (
     Option<String>,
     Option<String>,
     Option<i64>,
+    Option<String>,
 );
+
+/// A stored report; one that cannot be read (written by a newer version, or damaged) is treated
+/// as none — reports are informational and the device sends a fresh one on its next session.
+fn read_report(device_id: &str, text: &str) -> Option<DeviceReport> {
+    match serde_json::from_str(text) {
+        Ok(report) => Some(report),
+        Err(error) => {
+            tracing::warn!(device.id = %device_id, %error, "ignoring an unreadable device report");
+            None
+        }
+    }
+}
 
 /// A device about to be created (by approving its enrollment).
 #[derive(Debug, Clone)]
@@ -301,6 +319,7 @@ impl Store {
             for chunk in ids.chunks(500) {
                 let rows: Vec<FactsRow> = devices::table
                     .left_join(device_sessions::table)
+                    .left_join(device_reports::table)
                     .filter(devices::id.eq_any(chunk))
                     .select((
                         devices::id,
@@ -311,11 +330,13 @@ impl Store {
                         device_sessions::replica.nullable(),
                         devices::cert_serial,
                         devices::cert_not_after_ms,
+                        device_reports::report.nullable(),
                     ))
                     .load(conn)?;
                 found.extend(rows.into_iter().map(
-                    |(id, acked, nacked, error, agent, replica, serial, not_after_ms)| {
+                    |(id, acked, nacked, error, agent, replica, serial, not_after_ms, report)| {
                         SessionFacts {
+                            report: report.and_then(|text| read_report(&id, &text)),
                             id,
                             acked_version: acked,
                             nacked: nacked.zip(error),
@@ -328,6 +349,20 @@ impl Store {
                 ));
             }
             Ok(found)
+        })
+        .await
+    }
+
+    /// Every device's last report, by device id (at start-up).
+    pub async fn device_reports(&self) -> Result<HashMap<String, DeviceReport>, StoreError> {
+        self.run("device_reports", move |conn| {
+            let rows: Vec<(String, String)> = device_reports::table
+                .select((device_reports::device_id, device_reports::report))
+                .load(conn)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(id, text)| Some((id.clone(), read_report(&id, &text)?)))
+                .collect())
         })
         .await
     }
@@ -470,6 +505,11 @@ pub enum DeviceFact {
         acked_version: Option<String>,
         nacked: Option<(String, String)>,
     },
+    /// What the device reported about itself, when its content changed.
+    Report {
+        id: String,
+        report: Arc<DeviceReport>,
+    },
 }
 
 impl DeviceFact {
@@ -477,7 +517,8 @@ impl DeviceFact {
         match self {
             DeviceFact::Session { id, .. }
             | DeviceFact::LastSeen { id, .. }
-            | DeviceFact::Sync { id, .. } => id,
+            | DeviceFact::Sync { id, .. }
+            | DeviceFact::Report { id, .. } => id,
         }
     }
 }
@@ -529,6 +570,7 @@ fn write_in_bulk(
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     let mut sessions = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut answers = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut reports = (Vec::new(), Vec::new(), Vec::new());
     for fact in facts {
         match fact {
             DeviceFact::Session {
@@ -552,8 +594,25 @@ fn write_in_bulk(
                 answers.2.push(nacked.as_ref().map(|n| n.0.as_str()));
                 answers.3.push(nacked.as_ref().map(|n| n.1.as_str()));
             }
+            DeviceFact::Report { id, report } => {
+                reports.0.push(id.as_str());
+                reports.1.push(to_json(report.as_ref()));
+                reports.2.push(report.reported_ms);
+            }
             DeviceFact::LastSeen { .. } => {}
         }
+    }
+    if !reports.0.is_empty() {
+        diesel::sql_query(
+            "INSERT INTO device_reports (device_id, report, reported_ms) \
+             SELECT v.id, v.report, v.at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(id, report, at) \
+             JOIN devices d ON d.id = v.id \
+             ON CONFLICT (device_id) DO UPDATE SET report = EXCLUDED.report, reported_ms = EXCLUDED.reported_ms",
+        )
+        .bind::<Array<Text>, _>(&reports.0)
+        .bind::<Array<Text>, _>(&reports.1)
+        .bind::<Array<BigInt>, _>(&reports.2)
+        .execute(pg)?;
     }
     if !sessions.0.is_empty() {
         diesel::sql_query(
@@ -662,6 +721,19 @@ fn write_fact(
                         .filter(device_sessions::replica.eq(replica)),
                 )
                 .execute(conn)?;
+            }
+        }
+        DeviceFact::Report { id, report } => {
+            let exists: i64 = devices::table.find(id).count().get_result(conn)?;
+            diesel::delete(device_reports::table.find(id)).execute(conn)?;
+            if exists > 0 {
+                diesel::insert_into(device_reports::table)
+                    .values((
+                        device_reports::device_id.eq(id),
+                        device_reports::report.eq(to_json(report.as_ref())),
+                        device_reports::reported_ms.eq(report.reported_ms),
+                    ))
+                    .execute(conn)?;
             }
         }
         DeviceFact::Sync {

@@ -30,6 +30,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    device_reports (device_id) {
+        device_id -> Text,
+        report -> Text,
+        reported_ms -> BigInt,
+    }
+}
+
+diesel::table! {
     enrollment_requests (name) {
         name -> Text,
         key_fingerprint -> Text,
@@ -161,11 +169,13 @@ diesel::table! {
 }
 
 diesel::joinable!(device_sessions -> devices (device_id));
+diesel::joinable!(device_reports -> devices (device_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     certificate_audit,
     changes,
     deployment_identity,
+    device_reports,
     device_sessions,
     devices,
     enrollment_requests,

@@ -42,9 +42,10 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let request = request.into_inner();
         let devices = self
             .control
-            .list_devices(&request.into_inner().selector)
+            .list_devices(&request.selector, &request.field_selector)
             .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices.into_iter().map(convert::device).collect(),
@@ -95,7 +96,10 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::WatchDevicesRequest>,
     ) -> Result<Response<Self::WatchDevicesStream>, Status> {
-        let mut watch = self.control.watch_devices(&request.into_inner().selector)?;
+        let request = request.into_inner();
+        let mut watch = self
+            .control
+            .watch_devices(&request.selector, &request.field_selector)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(async move {
             // Ends when the watcher goes away (send fails) or the feed closes.

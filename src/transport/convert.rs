@@ -9,6 +9,7 @@ use crate::hub::RenewalState;
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
+use crate::status::conditions::{Condition, ConditionStatus, Summary};
 use crate::store::{EnrollmentRecord, EnrollmentState, FleetRevision, SystemInfo};
 use crate::tpm::Evidence;
 
@@ -161,6 +162,15 @@ pub fn device(view: DeviceView) -> admin::Device {
             .last_seen_ms
             .map(timestamp_from_millis)
             .or(status.last_seen);
+        if let Some(report) = live.report.as_deref() {
+            status.system_info = report.system_info.clone().map(Into::into);
+            status.resources = report.resources.clone().map(Into::into);
+            status.alerts = report.alerts.iter().cloned().map(Into::into).collect();
+            status.reported_at = Some(timestamp_from_millis(report.reported_ms));
+            status.drift = report.drift.clone().map(Into::into);
+        }
+        status.conditions = live.conditions.into_iter().map(condition).collect();
+        status.summary = summary(live.summary) as i32;
     }
     admin::Device {
         id: record.id,
@@ -197,6 +207,31 @@ pub fn device_event(event: DeviceEvent) -> admin::DeviceEvent {
     }
 }
 
+fn condition(c: Condition) -> admin::Condition {
+    let status = match c.status {
+        ConditionStatus::True => admin::ConditionStatus::True,
+        ConditionStatus::False => admin::ConditionStatus::False,
+        ConditionStatus::Unknown => admin::ConditionStatus::Unknown,
+    };
+    admin::Condition {
+        r#type: c.kind.as_str().to_string(),
+        status: status as i32,
+        reason: c.reason.to_string(),
+        message: c.message,
+        last_transition_time: Some(timestamp_from_millis(c.last_transition_ms)),
+    }
+}
+
+fn summary(s: Summary) -> admin::DeviceSummary {
+    match s {
+        Summary::Healthy => admin::DeviceSummary::Healthy,
+        Summary::Degraded => admin::DeviceSummary::Degraded,
+        Summary::Error => admin::DeviceSummary::Error,
+        Summary::Offline => admin::DeviceSummary::Offline,
+        Summary::Unknown => admin::DeviceSummary::Unknown,
+    }
+}
+
 pub fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -224,6 +259,11 @@ pub fn fleet(view: FleetView) -> admin::Fleet {
                 .render_failures
                 .into_iter()
                 .map(|(device, reason)| admin::RenderFailure { device, reason })
+                .collect(),
+            summaries: view
+                .summaries
+                .into_iter()
+                .map(|(summary, n)| (summary.to_string(), count(n)))
                 .collect(),
         }),
         created_at: Some(timestamp_from_millis(record.created_ms)),

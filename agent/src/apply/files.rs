@@ -88,7 +88,11 @@ impl FilePlan {
     }
 }
 
-fn write_file(file: &FileSpec, uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
+pub(super) fn write_file(
+    file: &FileSpec,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), String> {
     let at = |e: &dyn std::fmt::Display| format!("file {}: {e}", file.path);
     let path = Path::new(&file.path);
     if let Some(dir) = path.parent() {
@@ -97,7 +101,7 @@ fn write_file(file: &FileSpec, uid: Option<u32>, gid: Option<u32>) -> Result<(),
     write_atomic_owned(path, file.content.as_bytes(), file.mode, uid, gid).map_err(|e| at(&e))
 }
 
-fn read_existing(path: &Path) -> std::io::Result<Option<Existing>> {
+pub(super) fn read_existing(path: &Path) -> std::io::Result<Option<Existing>> {
     match std::fs::read(path) {
         Ok(content) => {
             let meta = std::fs::metadata(path)?;

@@ -7,6 +7,7 @@
 
 mod accounts;
 mod containers;
+pub mod drift;
 pub mod executor;
 mod files;
 pub mod journal;
@@ -285,6 +286,7 @@ mod tests {
                 run: vec!["/usr/bin/smoke-test".into(), "--quick".into()],
                 timeout_seconds: 5,
             }],
+            resources: Vec::new(),
         }
     }
 

@@ -54,6 +54,9 @@ pub struct Shared {
     stopping: AtomicBool,
     /// The first few distinct errors, for the report.
     errors: Mutex<Vec<String>>,
+    /// Agents send a status report at session start and again with every heartbeat (unchanged,
+    /// as a chatty agent would: the control plane must not write it again).
+    pub status: bool,
 }
 
 /// Something one agent saw, as relayed from a worker process to its parent.
@@ -90,12 +93,19 @@ impl Shared {
             refusals: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             errors: Mutex::default(),
+            status: false,
         }
     }
 
     /// Relays every event to `sink` (fleet-wide index, event) besides recording it.
     pub fn relaying(mut self, sink: std::sync::mpsc::Sender<(usize, Event)>) -> Shared {
         self.relay = Some(sink);
+        self
+    }
+
+    /// Agents send status reports (see `status`).
+    pub fn reporting_status(mut self, on: bool) -> Shared {
+        self.status = on;
         self
     }
 
@@ -221,8 +231,8 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts one task per device in this process, spread over `ports`; all connect at once.
-    pub async fn connect(devices: Vec<Device>, ports: Vec<u16>) -> Fleet {
-        let shared = Arc::new(Shared::new(devices.len(), 0, ports));
+    pub async fn connect(devices: Vec<Device>, ports: Vec<u16>, status: bool) -> Fleet {
+        let shared = Arc::new(Shared::new(devices.len(), 0, ports).reporting_status(status));
         let tasks = spawn_agents(devices, &shared).await;
         Fleet {
             shared,
@@ -238,9 +248,10 @@ impl Fleet {
         ports: Vec<u16>,
         processes: usize,
         work: &std::path::Path,
+        status: bool,
     ) -> Result<Fleet> {
         let n = devices.len();
-        let shared = Arc::new(Shared::new(n, 0, ports.clone()));
+        let shared = Arc::new(Shared::new(n, 0, ports.clone()).reporting_status(status));
         let per_process = n.div_ceil(processes.max(1));
         let mut workers = Vec::with_capacity(processes);
         let mut devices = devices.into_iter();
@@ -468,6 +479,9 @@ async fn session(
                 if tx.send(message(heartbeat)).await.is_err() {
                     return Ok(End::Closed);
                 }
+                if shared.status && tx.send(status_report(shared.base + index)).await.is_err() {
+                    return Ok(End::Closed);
+                }
             }
             received = inbound.message() => {
                 let Some(received) = received? else { return Ok(End::Closed) };
@@ -480,6 +494,9 @@ async fn session(
                             shared.mark_synced(index);
                         }
                         if !send_pending(&tx, pending).await {
+                            return Ok(End::Closed);
+                        }
+                        if shared.status && tx.send(status_report(shared.base + index)).await.is_err() {
                             return Ok(End::Closed);
                         }
                     }
@@ -513,6 +530,9 @@ async fn session(
                         shared.record(index, Event::Renewed(Instant::now()));
                         return Ok(End::Renewed);
                     }
+                    Some(Kind::StatusRefused(refused)) => {
+                        shared.record(index, Event::Error(format!("status refused: {}", refused.reason)));
+                    }
                     Some(Kind::CertificateRefused(refused)) => {
                         shared.record(index, Event::Refused);
                         shared.record(index, Event::Error(format!("renewal refused: {}", refused.reason)));
@@ -542,6 +562,72 @@ async fn session(
 }
 
 /// A CSR for `key` asking for the device's own identity.
+/// What a typical device reports: its system info (two interfaces) and a resource sample of two
+/// filesystems, no alert firing. The same every time for one agent.
+pub fn status_report(agent: usize) -> pb::AgentMessage {
+    let interface = |name: &str, v4: String| pb::NetworkInterface {
+        name: name.into(),
+        addresses: vec![v4, format!("fe80::{:x}/64", agent + 1)],
+    };
+    let filesystem = |mount: &str, total: u64| pb::FilesystemUsage {
+        mount_point: mount.into(),
+        total_bytes: total,
+        used_bytes: total / 3,
+    };
+    message(pb::agent_message::Kind::Status(pb::Status {
+        applied_version: String::new(),
+        message: String::new(),
+        system_info: Some(pb::DeviceSystemInfo {
+            hostname: format!("sim-{agent}"),
+            os_id: "debian".into(),
+            os_version_id: "12".into(),
+            os_pretty_name: "Debian GNU/Linux 12 (bookworm)".into(),
+            kernel_release: "6.1.0-28-amd64".into(),
+            architecture: "x86_64".into(),
+            boot_id: format!("{agent:08x}-0000-4000-8000-000000000000"),
+            machine_id: format!("{agent:032x}"),
+            cpu_count: 4,
+            memory_total_bytes: 4 << 30,
+            agent_version: flotilla::VERSION.into(),
+            agent_build: "x86_64-linux release".into(),
+            tpm_present: false,
+            tpm_used: false,
+            interfaces: vec![
+                interface(
+                    "eth0",
+                    format!(
+                        "10.{}.{}.{}/16",
+                        agent >> 16 & 255,
+                        agent >> 8 & 255,
+                        agent & 255
+                    ),
+                ),
+                interface("wlan0", "192.168.1.20/24".into()),
+            ],
+        }),
+        resources: Some(pb::ResourceReport {
+            usage: Some(pb::ResourceUsage {
+                sampled_at: None,
+                load1_centi: 12,
+                load5_centi: 9,
+                load15_centi: 7,
+                cpu_percent: 3,
+                memory_total_bytes: 4 << 30,
+                memory_used_bytes: 1 << 30,
+                filesystems: vec![
+                    filesystem("/", 32 << 30),
+                    filesystem("/var/lib/flotilla", 8 << 30),
+                ],
+            }),
+            alerts: Vec::new(),
+        }),
+        drift: Some(pb::DriftReport {
+            checked_at: None,
+            items: Vec::new(),
+        }),
+    }))
+}
+
 fn device_csr(key: &rcgen::KeyPair, device_id: &str) -> Result<String> {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![rcgen::SanType::URI(

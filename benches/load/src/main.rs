@@ -74,6 +74,11 @@ struct Cli {
     /// stays below the per-process open-file limit).
     #[arg(long, default_value_t = 0)]
     harness_processes: usize,
+    /// Agents send a status report (system info and resources, about what a real agent sends) at
+    /// session start and again, unchanged, with every heartbeat; with --check the idle fleet must
+    /// still cause no store operation.
+    #[arg(long)]
+    status: bool,
     /// Internal: run as a harness worker on the slice of the fleet in this file.
     #[arg(long, hide = true)]
     worker: Option<PathBuf>,
@@ -359,10 +364,17 @@ async fn run(
     figures.harness_processes = processes.max(1);
     let fleet = if processes > 1 {
         eprintln!("agents split over {processes} harness processes");
-        Fleet::connect_in_processes(devices, ports, processes, work)?
+        Fleet::connect_in_processes(devices, ports, processes, work, cli.status)?
     } else {
-        Fleet::connect(devices, ports).await
+        Fleet::connect(devices, ports, cli.status).await
     };
+    if cli.status {
+        let report = fleet::status_report(n.saturating_sub(1));
+        eprintln!(
+            "status reports on: {} bytes each (protobuf, the largest agent index)",
+            prost::Message::encoded_len(&report)
+        );
+    }
     let shared = fleet.shared.clone();
     let connected = wait_until(
         Duration::from_secs(900),

@@ -18,6 +18,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 struct Input {
     base: usize,
     ports: Vec<u16>,
+    /// The agents send status reports.
+    #[serde(default)]
+    status: bool,
     ca_pem: String,
     devices: Vec<InputDevice>,
 }
@@ -114,6 +117,7 @@ impl Worker {
         let input = Input {
             base,
             ports: ports.to_vec(),
+            status: shared.status,
             ca_pem: devices
                 .first()
                 .map(|d| d.creds.ca_pem.clone())
@@ -206,7 +210,11 @@ pub async fn run(input_path: &Path) -> Result<()> {
             },
         })
         .collect();
-    let shared = Arc::new(Shared::new(devices.len(), input.base, input.ports).relaying(sink));
+    let shared = Arc::new(
+        Shared::new(devices.len(), input.base, input.ports)
+            .relaying(sink)
+            .reporting_status(input.status),
+    );
     let _tasks = spawn_agents(devices, &shared).await;
     std::future::pending::<()>().await;
     Ok(())

@@ -1,0 +1,255 @@
+//! The hub's part of device status: each device's last report and its conditions, settled whenever
+//! something about the device changes (so transition times are when the change happened, not when
+//! somebody looked), and counted by summary and condition for metrics.
+
+use super::{DeviceEntry, Hub, RenewalState};
+use crate::status::DeviceReport;
+use crate::status::conditions::{
+    CertificateStanding, ConditionStatus, ConditionType, Inputs, Summary, evaluate,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Devices by summary and by condition, for metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Indexed like `Summary::ALL`.
+    pub summaries: [usize; 5],
+    /// Devices whose condition is true, indexed like `ConditionType::ALL`.
+    pub conditions_true: [usize; 6],
+    /// Devices by reported os-release ID and by agent version (`unknown` before a report).
+    pub os: BTreeMap<String, usize>,
+    pub agent_versions: BTreeMap<String, usize>,
+}
+
+impl StatusCounts {
+    pub(super) fn count(&mut self, entry: &DeviceEntry) {
+        let info = entry.report.as_ref().and_then(|r| r.system_info.as_ref());
+        let known = |value: Option<&String>| {
+            value
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_string())
+        };
+        *self.os.entry(known(info.map(|i| &i.os_id))).or_default() += 1;
+        *self
+            .agent_versions
+            .entry(known(info.map(|i| &i.agent_version)))
+            .or_default() += 1;
+        let summary = entry.ledger.summary();
+        if let Some(i) = Summary::ALL.iter().position(|s| *s == summary) {
+            self.summaries[i] += 1;
+        }
+        for condition in entry.ledger.conditions() {
+            if condition.status == ConditionStatus::True
+                && let Some(i) = ConditionType::ALL.iter().position(|c| *c == condition.kind)
+            {
+                self.conditions_true[i] += 1;
+            }
+        }
+    }
+}
+
+impl DeviceEntry {
+    /// Re-derives the conditions from the entry as it is now.
+    pub(super) fn settle(&mut self, now_ms: i64) -> bool {
+        let desired = self.desired_version().map(str::to_string);
+        let certificate = self.cert.as_ref().map(|cert| {
+            let status = cert.status(now_ms);
+            let standing = match status.state {
+                RenewalState::Valid => CertificateStanding::Valid,
+                RenewalState::Due => CertificateStanding::RenewalDue,
+                RenewalState::Failed => CertificateStanding::RenewalFailed,
+                RenewalState::Expired => CertificateStanding::Expired,
+            };
+            (standing, status.last_error)
+        });
+        let online = self.session.is_some() || self.elsewhere.is_some();
+        let inputs = Inputs {
+            online,
+            ever_seen: online || self.last_seen_ms.is_some(),
+            desired_version: desired.as_deref(),
+            acked_version: self.acked_version.as_deref(),
+            nacked: self
+                .nacked
+                .as_ref()
+                .map(|(version, error)| (version.as_str(), error.as_str())),
+            render_error: self.render_error.as_deref(),
+            sent_version: self.sent.as_ref().map(|s| s.version.as_str()),
+            certificate: certificate
+                .as_ref()
+                .map(|(standing, error)| (*standing, error.as_deref())),
+            alerts: self
+                .report
+                .as_ref()
+                .filter(|r| r.resources.is_some())
+                .map(|r| r.alerts.as_slice()),
+            drift: self
+                .report
+                .as_ref()
+                .and_then(|r| r.drift.as_ref())
+                .map(|d| d.items.as_slice()),
+        };
+        let observed = evaluate(&inputs);
+        self.ledger.settle(observed, now_ms)
+    }
+}
+
+impl Hub {
+    /// Takes in what a device reported on its session. Returns the new report when its content
+    /// changed (for the journal and the watchers), `None` when it repeats what is known — or the
+    /// session is not the device's current one.
+    pub fn record_report(
+        &self,
+        device_id: &str,
+        session_id: u64,
+        update: impl FnOnce(&DeviceReport) -> DeviceReport,
+    ) -> Option<Arc<DeviceReport>> {
+        let mut state = self.lock();
+        let entry = state.get_mut(device_id)?;
+        if entry.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return None;
+        }
+        let empty = DeviceReport::default();
+        let current = entry.report.as_deref().unwrap_or(&empty);
+        let next = update(current);
+        if entry.report.is_some() && current.same_content(&next) {
+            return None;
+        }
+        let next = Arc::new(next);
+        entry.report = Some(next.clone());
+        drop(state);
+        self.changed(device_id);
+        Some(next)
+    }
+
+    /// Takes in a report another replica recorded.
+    pub fn note_remote_report(&self, device_id: &str, report: Option<DeviceReport>) {
+        let mut state = self.lock();
+        let Some(entry) = state.get_mut(device_id) else {
+            return;
+        };
+        if entry.session.is_some() {
+            // Our own session: the device tells us directly.
+            return;
+        }
+        if entry.report.as_deref() == report.as_ref() {
+            return;
+        }
+        entry.report = report.map(Arc::new);
+        drop(state);
+        self.changed(device_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Rendered, Seed};
+    use crate::spec::DeviceSpec;
+    use crate::status::conditions::ConditionStatus;
+    use crate::status::{ReportUpdate, SystemInfo, check_bounds};
+
+    fn hub() -> Hub {
+        let hub = Hub::new();
+        hub.load(vec![Seed {
+            device_id: "d".into(),
+            desired: Ok(Rendered::new(DeviceSpec::default())),
+            acked_version: None,
+            nacked: None,
+            last_seen_ms: None,
+            report: None,
+        }]);
+        hub
+    }
+
+    fn hostname(hub: &Hub) -> String {
+        let report = hub.status("d").unwrap().report.unwrap();
+        report.system_info.as_ref().unwrap().hostname.clone()
+    }
+
+    fn info(hostname: &str) -> SystemInfo {
+        SystemInfo {
+            hostname: hostname.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_report_counts_once_per_change_and_only_from_the_current_session() {
+        let hub = hub();
+        let status = hub.status("d").unwrap();
+        assert_eq!(status.summary, Summary::Unknown, "never connected");
+        let (old, _) = hub.open_session("d", "", "s1", 1).unwrap();
+        let (session, _) = hub.open_session("d", "", "s2", 2).unwrap();
+        let update = |name: &'static str| {
+            move |r: &DeviceReport| {
+                r.updated(
+                    ReportUpdate {
+                        system_info: Some(info(name)),
+                        ..Default::default()
+                    },
+                    5,
+                )
+            }
+        };
+        assert!(
+            hub.record_report("d", old.id, update("a")).is_none(),
+            "stale session"
+        );
+        assert!(hub.record_report("d", session.id, update("a")).is_some());
+        assert!(
+            hub.record_report("d", session.id, update("a")).is_none(),
+            "unchanged content is not written again"
+        );
+        let changed = hub.record_report("d", session.id, update("b")).unwrap();
+        assert_eq!(changed.system_info.as_ref().unwrap().hostname, "b");
+        let status = hub.status("d").unwrap();
+        assert_eq!(
+            status
+                .report
+                .unwrap()
+                .system_info
+                .as_ref()
+                .unwrap()
+                .hostname,
+            "b"
+        );
+        // No resources reported yet: pressure unknown, the device healthy.
+        let pressure = status
+            .conditions
+            .iter()
+            .find(|c| c.kind == ConditionType::ResourcePressure)
+            .unwrap();
+        assert_eq!(pressure.status, ConditionStatus::Unknown);
+        assert_eq!(status.summary, Summary::Healthy);
+        assert!(
+            check_bounds(&ReportUpdate {
+                system_info: changed.system_info.clone(),
+                ..Default::default()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_remote_report_does_not_override_the_own_session() {
+        let hub = hub();
+        let with_info = |name: &str| ReportUpdate {
+            system_info: Some(info(name)),
+            ..Default::default()
+        };
+        hub.note_remote_report(
+            "d",
+            Some(DeviceReport::default().updated(with_info("r"), 1)),
+        );
+        assert_eq!(hostname(&hub), "r");
+        let (session, _) = hub.open_session("d", "", "s", 2).unwrap();
+        hub.record_report("d", session.id, |r| r.updated(with_info("own"), 3));
+        hub.note_remote_report("d", None);
+        assert_eq!(hostname(&hub), "own");
+        let counts = hub.summary(4).status;
+        assert_eq!(counts.summaries.iter().sum::<usize>(), 1);
+        assert_eq!(counts.agent_versions.get("unknown"), Some(&1));
+    }
+}

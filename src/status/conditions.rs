@@ -1,0 +1,604 @@
+//! Conditions and the summary: what the control plane concludes about a device from its session,
+//! its sync progress, its certificate and its own report, Kubernetes-style (type, status, reason,
+//! message, last transition), and the one word derived from them by the rules below.
+//!
+//! Summary rules, first match wins:
+//! 1. `Online` is false: `Offline` if the device was ever seen, else `Unknown`.
+//! 2. `Error`: `SpecApplied` false because the device rejected the spec or it could not be
+//!    rendered; `CertificateExpiring` because the certificate expired; `ResourcePressure` critical.
+//! 3. `Degraded`: `ResourcePressure` true (warning); `CertificateExpiring` because renewal failed;
+//!    `Drifted` with an item the device left as it is (`drift: report`, or the correction failed).
+//! 4. `Healthy` otherwise (an update in progress is healthy).
+
+use super::{Alert, DriftItem, Severity};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ConditionType {
+    Online,
+    Updating,
+    SpecApplied,
+    Drifted,
+    ResourcePressure,
+    CertificateExpiring,
+}
+
+impl ConditionType {
+    pub const ALL: [ConditionType; 6] = [
+        ConditionType::Online,
+        ConditionType::Updating,
+        ConditionType::SpecApplied,
+        ConditionType::Drifted,
+        ConditionType::ResourcePressure,
+        ConditionType::CertificateExpiring,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Online => "Online",
+            ConditionType::Updating => "Updating",
+            ConditionType::SpecApplied => "SpecApplied",
+            ConditionType::Drifted => "Drifted",
+            ConditionType::ResourcePressure => "ResourcePressure",
+            ConditionType::CertificateExpiring => "CertificateExpiring",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+/// A condition as it stands, with when its status last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub kind: ConditionType,
+    pub status: ConditionStatus,
+    /// CamelCase, from a fixed set per type.
+    pub reason: &'static str,
+    pub message: String,
+    pub last_transition_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Summary {
+    Healthy,
+    Degraded,
+    Error,
+    Offline,
+    Unknown,
+}
+
+impl Summary {
+    pub const ALL: [Summary; 5] = [
+        Summary::Healthy,
+        Summary::Degraded,
+        Summary::Error,
+        Summary::Offline,
+        Summary::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Summary::Healthy => "Healthy",
+            Summary::Degraded => "Degraded",
+            Summary::Error => "Error",
+            Summary::Offline => "Offline",
+            Summary::Unknown => "Unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Summary> {
+        Summary::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the certificate stands, as far as conditions care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateStanding {
+    Valid,
+    RenewalDue,
+    RenewalFailed,
+    Expired,
+}
+
+/// Everything conditions are derived from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs<'a> {
+    pub online: bool,
+    pub ever_seen: bool,
+    pub desired_version: Option<&'a str>,
+    pub acked_version: Option<&'a str>,
+    /// The version the device rejected and why.
+    pub nacked: Option<(&'a str, &'a str)>,
+    pub render_error: Option<&'a str>,
+    pub sent_version: Option<&'a str>,
+    pub certificate: Option<(CertificateStanding, Option<&'a str>)>,
+    /// `None` while the device never reported resources (an older agent, or none yet).
+    pub alerts: Option<&'a [Alert]>,
+    /// What the last drift check found; `None` while the device reported none.
+    pub drift: Option<&'a [DriftItem]>,
+}
+
+/// A condition as derived now, before its transition time is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub kind: ConditionType,
+    pub status: ConditionStatus,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn observed(
+    kind: ConditionType,
+    status: ConditionStatus,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> Observed {
+    Observed {
+        kind,
+        status,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The conditions for these inputs, one per type, in `ConditionType::ALL` order.
+pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
+    use ConditionStatus::{False, True, Unknown};
+    use ConditionType as T;
+    let online = if inputs.online {
+        observed(T::Online, True, "SessionOpen", "the device holds a session")
+    } else if inputs.ever_seen {
+        observed(T::Online, False, "Disconnected", "no open session")
+    } else {
+        observed(
+            T::Online,
+            False,
+            "NeverConnected",
+            "the device never opened a session",
+        )
+    };
+    let rejected = inputs
+        .nacked
+        .filter(|(version, _)| Some(*version) == inputs.desired_version);
+    let applied = match (inputs.desired_version, inputs.render_error, rejected) {
+        (_, Some(error), _) => observed(T::SpecApplied, False, "RenderFailed", error),
+        (_, None, Some((version, error))) => observed(
+            T::SpecApplied,
+            False,
+            "Rejected",
+            format!("version {version}: {error}"),
+        ),
+        (None, None, None) => observed(T::SpecApplied, Unknown, "NoSpec", "nothing rendered yet"),
+        (Some(desired), None, None) if inputs.acked_version == Some(desired) => observed(
+            T::SpecApplied,
+            True,
+            "Applied",
+            format!("running version {desired}"),
+        ),
+        (Some(desired), None, None) => observed(
+            T::SpecApplied,
+            False,
+            "NotYetApplied",
+            format!("version {desired} not acknowledged yet"),
+        ),
+    };
+    let updating = match (inputs.online, applied.reason, inputs.sent_version) {
+        (true, "NotYetApplied", Some(sent)) => observed(
+            T::Updating,
+            True,
+            "Applying",
+            format!("version {sent} sent"),
+        ),
+        (true, "NotYetApplied", None) => observed(
+            T::Updating,
+            True,
+            "Waiting",
+            "the new version waits for its wave or rollout batch",
+        ),
+        (false, "NotYetApplied", _) => observed(
+            T::Updating,
+            Unknown,
+            "Disconnected",
+            "the new version is sent when the device connects",
+        ),
+        _ => observed(T::Updating, False, "UpToDate", "no update in progress"),
+    };
+    let pressure = match inputs.alerts {
+        None => observed(
+            T::ResourcePressure,
+            Unknown,
+            "NotReported",
+            "the device has not reported resources",
+        ),
+        Some([]) => observed(
+            T::ResourcePressure,
+            False,
+            "WithinThresholds",
+            "no monitor fires",
+        ),
+        Some(alerts) => {
+            let critical = alerts.iter().any(|a| a.severity == Severity::Critical);
+            let message = alerts
+                .iter()
+                .map(Alert::describe)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let reason = if critical { "Critical" } else { "Warning" };
+            observed(T::ResourcePressure, True, reason, message)
+        }
+    };
+    let certificate = match inputs.certificate {
+        None => observed(
+            T::CertificateExpiring,
+            Unknown,
+            "NotTracked",
+            "no certificate known",
+        ),
+        Some((CertificateStanding::Valid, _)) => observed(
+            T::CertificateExpiring,
+            False,
+            "Valid",
+            "not yet in its renewal window",
+        ),
+        Some((CertificateStanding::RenewalDue, _)) => observed(
+            T::CertificateExpiring,
+            True,
+            "RenewalDue",
+            "in its renewal window; the device is asked to renew",
+        ),
+        Some((CertificateStanding::RenewalFailed, error)) => observed(
+            T::CertificateExpiring,
+            True,
+            "RenewalFailed",
+            error.unwrap_or("the last renewal was refused"),
+        ),
+        Some((CertificateStanding::Expired, _)) => observed(
+            T::CertificateExpiring,
+            True,
+            "Expired",
+            "expired; only recovery can bring the device back",
+        ),
+    };
+    let drifted = match inputs.drift {
+        None => observed(
+            T::Drifted,
+            Unknown,
+            "NotChecked",
+            "the device has not reported a drift check",
+        ),
+        Some([]) => observed(
+            T::Drifted,
+            False,
+            "InSync",
+            "everything managed matches the spec",
+        ),
+        Some(items) => {
+            let message = items
+                .iter()
+                .map(DriftItem::describe)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let reason = if items.iter().all(|i| i.corrected) {
+                "Corrected"
+            } else {
+                "Reported"
+            };
+            observed(T::Drifted, True, reason, message)
+        }
+    };
+    vec![online, updating, applied, drifted, pressure, certificate]
+}
+
+/// The summary of a set of conditions (rules in the module documentation).
+pub fn summarize<'a>(
+    conditions: impl IntoIterator<Item = (ConditionType, ConditionStatus, &'a str)>,
+) -> Summary {
+    let mut degraded = false;
+    let mut error = false;
+    for (kind, status, reason) in conditions {
+        match (kind, status, reason) {
+            (ConditionType::Online, ConditionStatus::False, "NeverConnected") => {
+                return Summary::Unknown;
+            }
+            (ConditionType::Online, ConditionStatus::False, _) => return Summary::Offline,
+            (ConditionType::SpecApplied, ConditionStatus::False, "Rejected" | "RenderFailed")
+            | (ConditionType::CertificateExpiring, ConditionStatus::True, "Expired")
+            | (ConditionType::ResourcePressure, ConditionStatus::True, "Critical") => error = true,
+            (ConditionType::ResourcePressure, ConditionStatus::True, _)
+            | (ConditionType::CertificateExpiring, ConditionStatus::True, "RenewalFailed")
+            | (ConditionType::Drifted, ConditionStatus::True, "Reported") => degraded = true,
+            _ => {}
+        }
+    }
+    if error {
+        Summary::Error
+    } else if degraded {
+        Summary::Degraded
+    } else {
+        Summary::Healthy
+    }
+}
+
+/// A device's conditions with their transition times: a condition's time moves only when its
+/// status changes (as in Kubernetes), not when its reason or message does.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    conditions: Vec<Condition>,
+}
+
+impl Ledger {
+    /// Takes in the conditions derived now. Returns whether any status changed.
+    pub fn settle(&mut self, observed: Vec<Observed>, now_ms: i64) -> bool {
+        let mut changed = false;
+        let next = observed
+            .into_iter()
+            .map(|o| {
+                let since = match self.conditions.iter().find(|c| c.kind == o.kind) {
+                    Some(old) if old.status == o.status => old.last_transition_ms,
+                    _ => {
+                        changed = true;
+                        now_ms
+                    }
+                };
+                Condition {
+                    kind: o.kind,
+                    status: o.status,
+                    reason: o.reason,
+                    message: o.message,
+                    last_transition_ms: since,
+                }
+            })
+            .collect();
+        self.conditions = next;
+        changed
+    }
+
+    pub fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+
+    pub fn summary(&self) -> Summary {
+        if self.conditions.is_empty() {
+            return Summary::Unknown;
+        }
+        summarize(self.conditions.iter().map(|c| (c.kind, c.status, c.reason)))
+    }
+
+    pub fn status_of(&self, kind: ConditionType) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.kind == kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::MonitorKind;
+
+    fn synced<'a>() -> Inputs<'a> {
+        Inputs {
+            online: true,
+            ever_seen: true,
+            desired_version: Some("v2"),
+            acked_version: Some("v2"),
+            sent_version: Some("v2"),
+            certificate: Some((CertificateStanding::Valid, None)),
+            alerts: Some(&[]),
+            ..Default::default()
+        }
+    }
+
+    fn summary_of(inputs: &Inputs<'_>) -> Summary {
+        let mut ledger = Ledger::default();
+        ledger.settle(evaluate(inputs), 0);
+        ledger.summary()
+    }
+
+    fn reason(inputs: &Inputs<'_>, kind: ConditionType) -> (&'static str, ConditionStatus) {
+        let found = evaluate(inputs)
+            .into_iter()
+            .find(|o| o.kind == kind)
+            .unwrap();
+        (found.reason, found.status)
+    }
+
+    #[test]
+    fn summary_follows_the_documented_rules() {
+        assert_eq!(summary_of(&synced()), Summary::Healthy);
+        let offline = Inputs {
+            online: false,
+            ..synced()
+        };
+        assert_eq!(summary_of(&offline), Summary::Offline);
+        let never = Inputs {
+            online: false,
+            ever_seen: false,
+            ..synced()
+        };
+        assert_eq!(summary_of(&never), Summary::Unknown);
+        let updating = Inputs {
+            acked_version: Some("v1"),
+            ..synced()
+        };
+        assert_eq!(summary_of(&updating), Summary::Healthy);
+        assert_eq!(
+            reason(&updating, ConditionType::Updating),
+            ("Applying", ConditionStatus::True)
+        );
+        let rejected = Inputs {
+            acked_version: Some("v1"),
+            nacked: Some(("v2", "disk full")),
+            ..synced()
+        };
+        assert_eq!(summary_of(&rejected), Summary::Error);
+        assert_eq!(reason(&rejected, ConditionType::Updating).0, "UpToDate");
+        // An old rejection of another version is no longer an error.
+        let old_nack = Inputs {
+            nacked: Some(("v1", "disk full")),
+            ..synced()
+        };
+        assert_eq!(summary_of(&old_nack), Summary::Healthy);
+        let render = Inputs {
+            render_error: Some("undefined value"),
+            ..synced()
+        };
+        assert_eq!(summary_of(&render), Summary::Error);
+        let failed = Inputs {
+            certificate: Some((CertificateStanding::RenewalFailed, Some("rate limited"))),
+            ..synced()
+        };
+        assert_eq!(summary_of(&failed), Summary::Degraded);
+        let due = Inputs {
+            certificate: Some((CertificateStanding::RenewalDue, None)),
+            ..synced()
+        };
+        assert_eq!(summary_of(&due), Summary::Healthy);
+        let expired = Inputs {
+            certificate: Some((CertificateStanding::Expired, None)),
+            ..synced()
+        };
+        assert_eq!(summary_of(&expired), Summary::Error);
+        let unreported = Inputs {
+            alerts: None,
+            ..synced()
+        };
+        assert_eq!(summary_of(&unreported), Summary::Healthy);
+        assert_eq!(
+            reason(&unreported, ConditionType::ResourcePressure).1,
+            ConditionStatus::Unknown
+        );
+    }
+
+    #[test]
+    fn pressure_by_severity() {
+        let mut alert = Alert {
+            monitor: MonitorKind::Memory,
+            path: String::new(),
+            severity: Severity::Warning,
+            percent: 85,
+            threshold: 80,
+            since_ms: 0,
+        };
+        let warning = [alert.clone()];
+        let inputs = Inputs {
+            alerts: Some(&warning),
+            ..synced()
+        };
+        assert_eq!(summary_of(&inputs), Summary::Degraded);
+        let pressure = evaluate(&inputs).remove(4);
+        assert_eq!(pressure.message, "memory 85% >= 80% (warning)");
+        alert.severity = Severity::Critical;
+        let critical = [alert];
+        assert_eq!(
+            summary_of(&Inputs {
+                alerts: Some(&critical),
+                ..synced()
+            }),
+            Summary::Error
+        );
+    }
+
+    #[test]
+    fn drift_left_alone_degrades_drift_corrected_does_not() {
+        let item = |corrected: bool| DriftItem {
+            kind: "file".into(),
+            name: "/etc/a".into(),
+            difference: "content".into(),
+            corrected,
+            error: String::new(),
+        };
+        let corrected = [item(true)];
+        let inputs = Inputs {
+            drift: Some(&corrected),
+            ..synced()
+        };
+        assert_eq!(
+            reason(&inputs, ConditionType::Drifted),
+            ("Corrected", ConditionStatus::True)
+        );
+        assert_eq!(summary_of(&inputs), Summary::Healthy);
+        let left = [item(true), item(false)];
+        let inputs = Inputs {
+            drift: Some(&left),
+            ..synced()
+        };
+        assert_eq!(
+            reason(&inputs, ConditionType::Drifted),
+            ("Reported", ConditionStatus::True)
+        );
+        assert_eq!(summary_of(&inputs), Summary::Degraded);
+        let clean = Inputs {
+            drift: Some(&[]),
+            ..synced()
+        };
+        assert_eq!(
+            reason(&clean, ConditionType::Drifted),
+            ("InSync", ConditionStatus::False)
+        );
+        assert_eq!(
+            reason(&synced(), ConditionType::Drifted).1,
+            ConditionStatus::Unknown
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_with_the_status() {
+        let mut ledger = Ledger::default();
+        assert!(ledger.settle(evaluate(&synced()), 10));
+        let first = ledger
+            .status_of(ConditionType::SpecApplied)
+            .unwrap()
+            .clone();
+        assert_eq!(first.last_transition_ms, 10);
+        // Another message, same status: the time stays.
+        let v3 = Inputs {
+            desired_version: Some("v3"),
+            acked_version: Some("v3"),
+            ..synced()
+        };
+        assert!(!ledger.settle(evaluate(&v3), 20));
+        let applied = ledger.status_of(ConditionType::SpecApplied).unwrap();
+        assert_eq!(applied.last_transition_ms, 10);
+        assert_eq!(applied.message, "running version v3");
+        let pending = Inputs {
+            desired_version: Some("v4"),
+            acked_version: Some("v3"),
+            ..synced()
+        };
+        assert!(ledger.settle(evaluate(&pending), 30));
+        assert_eq!(
+            ledger
+                .status_of(ConditionType::SpecApplied)
+                .unwrap()
+                .last_transition_ms,
+            30
+        );
+        assert_eq!(
+            ledger
+                .status_of(ConditionType::Online)
+                .unwrap()
+                .last_transition_ms,
+            10
+        );
+    }
+}

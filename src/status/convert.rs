@@ -1,0 +1,304 @@
+//! Conversions between the status domain types and their protobuf form (both directions: the
+//! agent sends them, the control plane reads them and shows them through the admin API).
+
+use super::{
+    Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
+    SystemInfo,
+};
+use crate::clock::timestamp_from_millis;
+use crate::proto::agent::v1 as pb;
+use crate::spec::MonitorKind;
+
+fn millis(timestamp: Option<prost_types::Timestamp>) -> i64 {
+    timestamp.map_or(0, |t| {
+        t.seconds.saturating_mul(1000) + i64::from(t.nanos.clamp(0, 999_999_999)) / 1_000_000
+    })
+}
+
+impl From<SystemInfo> for pb::DeviceSystemInfo {
+    fn from(i: SystemInfo) -> Self {
+        pb::DeviceSystemInfo {
+            hostname: i.hostname,
+            os_id: i.os_id,
+            os_version_id: i.os_version_id,
+            os_pretty_name: i.os_pretty_name,
+            kernel_release: i.kernel_release,
+            architecture: i.architecture,
+            boot_id: i.boot_id,
+            machine_id: i.machine_id,
+            cpu_count: i.cpu_count,
+            memory_total_bytes: i.memory_total_bytes,
+            agent_version: i.agent_version,
+            agent_build: i.agent_build,
+            tpm_present: i.tpm_present,
+            tpm_used: i.tpm_used,
+            interfaces: i
+                .interfaces
+                .into_iter()
+                .map(|n| pb::NetworkInterface {
+                    name: n.name,
+                    addresses: n.addresses,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::DeviceSystemInfo> for SystemInfo {
+    fn from(i: pb::DeviceSystemInfo) -> Self {
+        SystemInfo {
+            hostname: i.hostname,
+            os_id: i.os_id,
+            os_version_id: i.os_version_id,
+            os_pretty_name: i.os_pretty_name,
+            kernel_release: i.kernel_release,
+            architecture: i.architecture,
+            boot_id: i.boot_id,
+            machine_id: i.machine_id,
+            cpu_count: i.cpu_count,
+            memory_total_bytes: i.memory_total_bytes,
+            agent_version: i.agent_version,
+            agent_build: i.agent_build,
+            tpm_present: i.tpm_present,
+            tpm_used: i.tpm_used,
+            interfaces: i
+                .interfaces
+                .into_iter()
+                .map(|n| NetworkInterface {
+                    name: n.name,
+                    addresses: n.addresses,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<ResourceUsage> for pb::ResourceUsage {
+    fn from(u: ResourceUsage) -> Self {
+        pb::ResourceUsage {
+            sampled_at: Some(timestamp_from_millis(u.sampled_ms)),
+            load1_centi: u.load_centi[0],
+            load5_centi: u.load_centi[1],
+            load15_centi: u.load_centi[2],
+            cpu_percent: u.cpu_percent,
+            memory_total_bytes: u.memory_total_bytes,
+            memory_used_bytes: u.memory_used_bytes,
+            filesystems: u
+                .filesystems
+                .into_iter()
+                .map(|f| pb::FilesystemUsage {
+                    mount_point: f.mount_point,
+                    total_bytes: f.total_bytes,
+                    used_bytes: f.used_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::ResourceUsage> for ResourceUsage {
+    fn from(u: pb::ResourceUsage) -> Self {
+        ResourceUsage {
+            sampled_ms: millis(u.sampled_at),
+            load_centi: [u.load1_centi, u.load5_centi, u.load15_centi],
+            cpu_percent: u.cpu_percent.min(100),
+            memory_total_bytes: u.memory_total_bytes,
+            memory_used_bytes: u.memory_used_bytes,
+            filesystems: u
+                .filesystems
+                .into_iter()
+                .map(|f| FilesystemUsage {
+                    mount_point: f.mount_point,
+                    total_bytes: f.total_bytes,
+                    used_bytes: f.used_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Alert> for pb::ResourceAlert {
+    fn from(a: Alert) -> Self {
+        let severity = match a.severity {
+            Severity::Warning => pb::AlertSeverity::Warning,
+            Severity::Critical => pb::AlertSeverity::Critical,
+        };
+        pb::ResourceAlert {
+            monitor: a.monitor.as_str().to_string(),
+            path: a.path,
+            severity: severity as i32,
+            percent: a.percent,
+            threshold: a.threshold,
+            since: Some(timestamp_from_millis(a.since_ms)),
+        }
+    }
+}
+
+impl From<DriftCheck> for pb::DriftReport {
+    fn from(d: DriftCheck) -> Self {
+        pb::DriftReport {
+            checked_at: Some(timestamp_from_millis(d.checked_ms)),
+            items: d
+                .items
+                .into_iter()
+                .map(|i| pb::DriftItem {
+                    kind: i.kind,
+                    name: i.name,
+                    difference: i.difference,
+                    corrected: i.corrected,
+                    error: i.error,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::DriftReport> for DriftCheck {
+    fn from(d: pb::DriftReport) -> Self {
+        DriftCheck {
+            checked_ms: millis(d.checked_at),
+            items: d
+                .items
+                .into_iter()
+                .map(|i| DriftItem {
+                    kind: i.kind,
+                    name: i.name,
+                    difference: i.difference,
+                    corrected: i.corrected,
+                    error: i.error,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why a reported alert cannot be taken in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("alert {index}: {reason}")]
+pub struct AlertError {
+    pub index: usize,
+    pub reason: String,
+}
+
+/// The alerts of a report, each checked: a known monitor and a severity.
+pub fn alerts_from(alerts: Vec<pb::ResourceAlert>) -> Result<Vec<Alert>, AlertError> {
+    alerts
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| {
+            let error = |reason: String| AlertError { index, reason };
+            let monitor = MonitorKind::parse(&a.monitor)
+                .ok_or_else(|| error(format!("unknown monitor {:?}", a.monitor)))?;
+            let severity = match pb::AlertSeverity::try_from(a.severity) {
+                Ok(pb::AlertSeverity::Warning) => Severity::Warning,
+                Ok(pb::AlertSeverity::Critical) => Severity::Critical,
+                _ => return Err(error("severity must be WARNING or CRITICAL".into())),
+            };
+            Ok(Alert {
+                monitor,
+                path: a.path,
+                severity,
+                percent: a.percent,
+                threshold: a.threshold,
+                since_ms: millis(a.since),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// `Status` as the first release defined it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct FirstStatus {
+        #[prost(string, tag = "1")]
+        applied_version: String,
+        #[prost(string, tag = "2")]
+        message: String,
+    }
+
+    /// `ServerMessage` as the first release defined it (kinds 1-6), with only `Reconnect` spelled out.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct FirstServerMessage {
+        #[prost(message, optional, tag = "3")]
+        reconnect: Option<pb::Reconnect>,
+    }
+
+    #[test]
+    fn the_new_fields_are_additive_for_older_peers() {
+        // An older control plane reads a new agent's Status as the one it knows.
+        let status = pb::Status {
+            applied_version: "v1".into(),
+            message: "ok".into(),
+            system_info: Some(SystemInfo::default().into()),
+            resources: Some(pb::ResourceReport::default()),
+            drift: Some(pb::DriftReport::default()),
+        };
+        let old = FirstStatus::decode(status.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            (old.applied_version.as_str(), old.message.as_str()),
+            ("v1", "ok")
+        );
+        // A new agent reads an older Status (nothing reported) as no report.
+        let new = pb::Status::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert!(new.system_info.is_none() && new.resources.is_none() && new.drift.is_none());
+        // An older agent decodes a StatusRefused as a message of no kind it knows, and goes on.
+        let refused = pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::StatusRefused(pb::StatusRefused {
+                reason: "too big".into(),
+            })),
+        };
+        let old = FirstServerMessage::decode(refused.encode_to_vec().as_slice()).unwrap();
+        assert!(old.reconnect.is_none());
+    }
+
+    #[test]
+    fn round_trips_and_refuses_unknown_alerts() {
+        let usage = ResourceUsage {
+            sampled_ms: 1_234,
+            load_centi: [1, 2, 3],
+            cpu_percent: 9,
+            memory_total_bytes: 10,
+            memory_used_bytes: 5,
+            filesystems: vec![FilesystemUsage {
+                mount_point: "/".into(),
+                total_bytes: 4,
+                used_bytes: 1,
+            }],
+        };
+        assert_eq!(
+            ResourceUsage::from(pb::ResourceUsage::from(usage.clone())),
+            usage
+        );
+        let alert = Alert {
+            monitor: MonitorKind::Disk,
+            path: "/".into(),
+            severity: Severity::Critical,
+            percent: 99,
+            threshold: 95,
+            since_ms: 77_000,
+        };
+        assert_eq!(
+            alerts_from(vec![alert.clone().into()]).unwrap(),
+            vec![alert]
+        );
+        let bad = pb::ResourceAlert {
+            monitor: "gpu".into(),
+            ..Default::default()
+        };
+        assert!(
+            alerts_from(vec![bad])
+                .unwrap_err()
+                .to_string()
+                .contains("unknown monitor \"gpu\"")
+        );
+        let unset = pb::ResourceAlert {
+            monitor: "cpu".into(),
+            ..Default::default()
+        };
+        assert!(alerts_from(vec![unset]).is_err());
+    }
+}

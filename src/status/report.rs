@@ -1,0 +1,466 @@
+//! A device's own report: system info, the latest resource sample and the firing alerts; how a new
+//! partial report updates the last one, and the bounds the control plane accepts.
+
+use crate::spec::MonitorKind;
+use serde::{Deserialize, Serialize};
+
+/// What the device runs on. Sent at session start and when it changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemInfo {
+    pub hostname: String,
+    pub os_id: String,
+    pub os_version_id: String,
+    pub os_pretty_name: String,
+    pub kernel_release: String,
+    pub architecture: String,
+    pub boot_id: String,
+    pub machine_id: String,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+    pub agent_version: String,
+    pub agent_build: String,
+    pub tpm_present: bool,
+    pub tpm_used: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<NetworkInterface>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub name: String,
+    pub addresses: Vec<String>,
+}
+
+/// One resource sample.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    pub sampled_ms: i64,
+    /// Load averages times 100.
+    pub load_centi: [u32; 3],
+    pub cpu_percent: u32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filesystems: Vec<FilesystemUsage>,
+}
+
+impl ResourceUsage {
+    pub fn memory_percent(&self) -> u32 {
+        percent(self.memory_used_bytes, self.memory_total_bytes)
+    }
+
+    /// Use of a resource in percent; `None` for a filesystem that was not sampled.
+    pub fn percent_of(&self, kind: MonitorKind, path: &str) -> Option<u32> {
+        match kind {
+            MonitorKind::Cpu => Some(self.cpu_percent),
+            MonitorKind::Memory => Some(self.memory_percent()),
+            MonitorKind::Disk => self
+                .filesystems
+                .iter()
+                .find(|fs| fs.mount_point == path)
+                .map(FilesystemUsage::percent),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FilesystemUsage {
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+impl FilesystemUsage {
+    pub fn percent(&self) -> u32 {
+        percent(self.used_bytes, self.total_bytes)
+    }
+}
+
+/// `part` of `whole` in whole percent, rounded up (99.2 % full is not 99 % full), 0 for nothing.
+fn percent(part: u64, whole: u64) -> u32 {
+    if whole == 0 {
+        return 0;
+    }
+    let scaled = u128::from(part.min(whole)) * 100;
+    scaled.div_ceil(u128::from(whole)) as u32
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// A monitor whose threshold has been exceeded for its `forSeconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub monitor: MonitorKind,
+    /// The mount point of a disk monitor, empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    pub severity: Severity,
+    pub percent: u32,
+    pub threshold: u32,
+    pub since_ms: i64,
+}
+
+impl Alert {
+    /// `memory 87% >= 80% (warning)`.
+    pub fn describe(&self) -> String {
+        let what = match self.monitor {
+            MonitorKind::Disk => format!("disk {}", self.path),
+            other => other.as_str().to_string(),
+        };
+        format!(
+            "{what} {}% >= {}% ({})",
+            self.percent,
+            self.threshold,
+            self.severity.as_str()
+        )
+    }
+}
+
+/// A managed item that did not match its spec when the device last checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftItem {
+    /// `file`.
+    pub kind: String,
+    pub name: String,
+    /// What differed: `missing`, `content`, `mode`, `owner`, `group` (comma-separated).
+    pub difference: String,
+    /// Put back as the spec says.
+    pub corrected: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl DriftItem {
+    /// `/etc/app.conf (content, corrected)`.
+    pub fn describe(&self) -> String {
+        let outcome = if self.corrected {
+            "corrected".to_string()
+        } else if self.error.is_empty() {
+            "left as it is".to_string()
+        } else {
+            format!("not corrected: {}", self.error)
+        };
+        format!("{} ({}; {outcome})", self.name, self.difference)
+    }
+}
+
+/// The last drift check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftCheck {
+    pub checked_ms: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<DriftItem>,
+}
+
+/// Everything the control plane keeps of a device's reports: the last of each part.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_info: Option<SystemInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceUsage>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<Alert>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftCheck>,
+    pub reported_ms: i64,
+}
+
+/// The parts one status message carries (a part not carried is unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportUpdate {
+    pub system_info: Option<SystemInfo>,
+    pub resources: Option<(ResourceUsage, Vec<Alert>)>,
+    pub drift: Option<DriftCheck>,
+}
+
+impl ReportUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.system_info.is_none() && self.resources.is_none() && self.drift.is_none()
+    }
+}
+
+impl DeviceReport {
+    /// This report with the parts a new one carries (a part it does not carry is unchanged).
+    pub fn updated(&self, update: ReportUpdate, now_ms: i64) -> DeviceReport {
+        let mut next = self.clone();
+        if let Some(info) = update.system_info {
+            next.system_info = Some(info);
+        }
+        if let Some((usage, alerts)) = update.resources {
+            next.resources = Some(usage);
+            next.alerts = alerts;
+        }
+        if let Some(drift) = update.drift {
+            next.drift = Some(drift);
+        }
+        next.reported_ms = now_ms;
+        next
+    }
+
+    /// Same content, whatever the time of the report.
+    pub fn same_content(&self, other: &DeviceReport) -> bool {
+        self.system_info == other.system_info
+            && self.resources == other.resources
+            && self.alerts == other.alerts
+            && self.drift.as_ref().map(|d| &d.items) == other.drift.as_ref().map(|d| &d.items)
+    }
+}
+
+/// What the control plane accepts in one report; the rest is refused with the reason.
+pub const MAX_INTERFACES: usize = 16;
+pub const MAX_ADDRESSES: usize = 8;
+pub const MAX_FILESYSTEMS: usize = 16;
+pub const MAX_ALERTS: usize = 32;
+pub const MAX_TEXT: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("status refused: {0}")]
+pub struct ReportError(pub String);
+
+pub const MAX_DRIFT_ITEMS: usize = 64;
+
+/// Checks a report's parts against the bounds: counts of interfaces, addresses, filesystems,
+/// alerts and drift items, and the length of every text.
+pub fn check_bounds(update: &ReportUpdate) -> Result<(), ReportError> {
+    let system_info = update.system_info.as_ref();
+    let resources = update.resources.as_ref();
+    let too_long = |field: &str, value: &str| {
+        (value.len() > MAX_TEXT).then(|| {
+            ReportError(format!(
+                "{field} is {} bytes; at most {MAX_TEXT}",
+                value.len()
+            ))
+        })
+    };
+    let mut texts: Vec<(String, &str)> = Vec::new();
+    if let Some(info) = system_info {
+        if info.interfaces.len() > MAX_INTERFACES {
+            return Err(ReportError(format!(
+                "{} network interfaces; at most {MAX_INTERFACES}",
+                info.interfaces.len()
+            )));
+        }
+        for field in [
+            ("hostname", &info.hostname),
+            ("osId", &info.os_id),
+            ("osVersionId", &info.os_version_id),
+            ("osPrettyName", &info.os_pretty_name),
+            ("kernelRelease", &info.kernel_release),
+            ("architecture", &info.architecture),
+            ("bootId", &info.boot_id),
+            ("machineId", &info.machine_id),
+            ("agentVersion", &info.agent_version),
+            ("agentBuild", &info.agent_build),
+        ] {
+            texts.push((field.0.to_string(), field.1));
+        }
+        for (i, interface) in info.interfaces.iter().enumerate() {
+            if interface.addresses.len() > MAX_ADDRESSES {
+                return Err(ReportError(format!(
+                    "interface {:?} has {} addresses; at most {MAX_ADDRESSES}",
+                    truncated(&interface.name),
+                    interface.addresses.len()
+                )));
+            }
+            texts.push((format!("interfaces[{i}].name"), &interface.name));
+            for (j, address) in interface.addresses.iter().enumerate() {
+                texts.push((format!("interfaces[{i}].addresses[{j}]"), address));
+            }
+        }
+    }
+    if let Some((usage, alerts)) = resources {
+        if usage.filesystems.len() > MAX_FILESYSTEMS {
+            return Err(ReportError(format!(
+                "{} filesystems; at most {MAX_FILESYSTEMS}",
+                usage.filesystems.len()
+            )));
+        }
+        if alerts.len() > MAX_ALERTS {
+            return Err(ReportError(format!(
+                "{} alerts; at most {MAX_ALERTS}",
+                alerts.len()
+            )));
+        }
+        for (i, fs) in usage.filesystems.iter().enumerate() {
+            texts.push((format!("filesystems[{i}].mountPoint"), &fs.mount_point));
+        }
+        for (i, alert) in alerts.iter().enumerate() {
+            texts.push((format!("alerts[{i}].path"), &alert.path));
+        }
+    }
+    if let Some(drift) = &update.drift {
+        if drift.items.len() > MAX_DRIFT_ITEMS {
+            return Err(ReportError(format!(
+                "{} drift items; at most {MAX_DRIFT_ITEMS}",
+                drift.items.len()
+            )));
+        }
+        for (i, item) in drift.items.iter().enumerate() {
+            texts.push((format!("drift[{i}].kind"), &item.kind));
+            texts.push((format!("drift[{i}].difference"), &item.difference));
+            texts.push((format!("drift[{i}].error"), &item.error));
+        }
+    }
+    if let Some((i, item)) = update
+        .drift
+        .iter()
+        .flat_map(|d| d.items.iter().enumerate())
+        .find(|(_, item)| item.name.len() > MAX_PATH)
+    {
+        return Err(ReportError(format!(
+            "drift[{i}].name is {} bytes; at most {MAX_PATH}",
+            item.name.len()
+        )));
+    }
+    texts
+        .iter()
+        .find_map(|(field, value)| too_long(field, value))
+        .map_or(Ok(()), Err)
+}
+
+/// Longest path of a drift item (Linux's PATH_MAX).
+const MAX_PATH: usize = 4096;
+
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(32);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_rounds_up_and_survives_zero() {
+        assert_eq!(percent(0, 0), 0);
+        assert_eq!(percent(1, 1000), 1);
+        assert_eq!(percent(992, 1000), 100);
+        assert_eq!(percent(500, 1000), 50);
+        assert_eq!(percent(u64::MAX, u64::MAX), 100);
+    }
+
+    #[test]
+    fn an_update_keeps_the_parts_it_does_not_carry() {
+        let info = SystemInfo {
+            hostname: "edge-1".into(),
+            ..Default::default()
+        };
+        let first = DeviceReport::default().updated(
+            ReportUpdate {
+                system_info: Some(info.clone()),
+                ..Default::default()
+            },
+            1,
+        );
+        let usage = ResourceUsage {
+            cpu_percent: 7,
+            ..Default::default()
+        };
+        let second = first.updated(
+            ReportUpdate {
+                resources: Some((usage.clone(), vec![])),
+                ..Default::default()
+            },
+            2,
+        );
+        assert_eq!(second.system_info, Some(info));
+        assert_eq!(second.resources, Some(usage));
+        assert_eq!(second.reported_ms, 2);
+        assert!(second.same_content(&second.updated(ReportUpdate::default(), 3)));
+        assert!(!second.same_content(&first));
+        // A drift check with the same findings at another time is the same content.
+        let checked = |at: i64| ReportUpdate {
+            drift: Some(DriftCheck {
+                checked_ms: at,
+                items: vec![],
+            }),
+            ..Default::default()
+        };
+        let third = second.updated(checked(4), 4);
+        assert!(!third.same_content(&second));
+        assert!(third.same_content(&third.updated(checked(5), 5)));
+    }
+
+    #[test]
+    fn bounds_name_what_is_too_much() {
+        let of_info = |info: &SystemInfo| ReportUpdate {
+            system_info: Some(info.clone()),
+            ..Default::default()
+        };
+        let mut info = SystemInfo::default();
+        assert!(check_bounds(&of_info(&info)).is_ok());
+        info.hostname = "h".repeat(MAX_TEXT + 1);
+        let error = check_bounds(&of_info(&info)).unwrap_err();
+        assert!(
+            error.to_string().contains("hostname is 257 bytes"),
+            "{error}"
+        );
+        info.hostname.clear();
+        info.interfaces = vec![NetworkInterface::default(); MAX_INTERFACES + 1];
+        let error = check_bounds(&of_info(&info)).unwrap_err();
+        assert!(
+            error.to_string().contains("17 network interfaces"),
+            "{error}"
+        );
+        info.interfaces = vec![NetworkInterface {
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.1/8".into(); MAX_ADDRESSES + 1],
+        }];
+        assert!(check_bounds(&of_info(&info)).is_err());
+        let usage = ResourceUsage {
+            filesystems: vec![FilesystemUsage::default(); MAX_FILESYSTEMS + 1],
+            ..Default::default()
+        };
+        let resources = ReportUpdate {
+            resources: Some((usage, vec![])),
+            ..Default::default()
+        };
+        assert!(check_bounds(&resources).is_err());
+        let item = DriftItem {
+            kind: "file".into(),
+            name: "/etc/a".into(),
+            difference: "content".into(),
+            corrected: true,
+            error: String::new(),
+        };
+        let drift = |items: Vec<DriftItem>| ReportUpdate {
+            drift: Some(DriftCheck {
+                checked_ms: 0,
+                items,
+            }),
+            ..Default::default()
+        };
+        assert!(check_bounds(&drift(vec![item.clone(); MAX_DRIFT_ITEMS])).is_ok());
+        let error = check_bounds(&drift(vec![item.clone(); MAX_DRIFT_ITEMS + 1])).unwrap_err();
+        assert!(error.to_string().contains("65 drift items"), "{error}");
+        let mut long = item.clone();
+        long.name = "/a".repeat(3000);
+        assert!(check_bounds(&drift(vec![long])).is_err());
+        assert_eq!(item.describe(), "/etc/a (content; corrected)");
+    }
+}
