@@ -270,7 +270,13 @@ impl DeviceEntry {
             desired_version: desired.unwrap_or_default().to_string(),
             sent_version: self.sent.as_ref().map(|s| s.version.clone()),
             acked_version: self.acked_version.clone(),
-            last_error: self.nacked.as_ref().map(|(_, e)| e.clone()),
+            // A rejection of a version the device is no longer meant to run is history, not
+            // its state (the version is still never resent).
+            last_error: self
+                .nacked
+                .as_ref()
+                .filter(|_| nacked_desired)
+                .map(|(_, e)| e.clone()),
             render_error: self.render_error.clone(),
             last_seen_ms: self.last_seen_ms,
             certificate: self

@@ -268,6 +268,51 @@ async fn reports_become_conditions_are_bounded_filtered_persisted_and_counted() 
         Vec::<String>::new()
     );
 
+    // A failed unit is an error naming it; once it runs again the device is healthy.
+    let unit = |state: &str| agent::WorkloadReport {
+        items: vec![agent::WorkloadStatus {
+            kind: "unit".into(),
+            name: "app.service".into(),
+            state: state.into(),
+            sub_state: state.into(),
+            restarts: 4,
+            ..Default::default()
+        }],
+    };
+    session
+        .send(agent::agent_message::Kind::Status(agent::Status {
+            workloads: Some(unit("failed")),
+            ..Default::default()
+        }))
+        .await;
+    let device = wait_for("WorkloadFailed", Duration::from_secs(10), || {
+        let fetch = get(&mut devices);
+        async move {
+            let device = fetch.await;
+            (device.status.as_ref()?.summary == admin::DeviceSummary::Error as i32)
+                .then_some(device)
+        }
+    })
+    .await;
+    let failed = condition(&device, "WorkloadFailed");
+    assert_eq!(failed.status, admin::ConditionStatus::True as i32);
+    assert_eq!(failed.message, "unit app.service failed");
+    assert_eq!(device.status.as_ref().unwrap().workloads[0].restarts, 4);
+    session
+        .send(agent::agent_message::Kind::Status(agent::Status {
+            workloads: Some(unit("active")),
+            ..Default::default()
+        }))
+        .await;
+    wait_for("the unit running again", Duration::from_secs(10), || {
+        let fetch = get(&mut devices);
+        async move {
+            let device = fetch.await;
+            (device.status.as_ref()?.summary == admin::DeviceSummary::Healthy as i32).then_some(())
+        }
+    })
+    .await;
+
     // Written behind: the store holds the last report.
     server.control.flush_journal().await;
     let stored = server.control.store().device_reports().await.unwrap();

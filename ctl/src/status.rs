@@ -3,7 +3,7 @@
 
 use flotilla::proto::admin::v1 as admin;
 use flotilla::status::convert::alerts_from;
-use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo};
+use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, WorkloadStatus};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +55,8 @@ pub struct ReportView {
     pub alerts: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reported_at: Option<String>,
 }
@@ -133,8 +135,36 @@ pub fn report(status: &admin::DeviceStatus) -> ReportView {
             checked_at: d.checked_at.map(|t| t.to_string()),
             items: DriftCheck::from(d).items,
         }),
+        workloads: status
+            .workloads
+            .iter()
+            .cloned()
+            .map(WorkloadStatus::from)
+            .collect(),
         reported_at: status.reported_at.map(|t| t.to_string()),
     }
+}
+
+/// `active/running, 3 restarts, sha256:...` for `describe`.
+fn workload_line(w: &WorkloadStatus) -> String {
+    let mut parts = vec![if w.sub_state.is_empty() {
+        w.state.clone()
+    } else {
+        format!("{}/{}", w.state, w.sub_state)
+    }];
+    if !w.health.is_empty() {
+        parts.push(w.health.clone());
+    }
+    if w.restarts > 0 {
+        parts.push(format!("{} restarts", w.restarts));
+    }
+    if !w.image_digest.is_empty() {
+        parts.push(w.image_digest.clone());
+    }
+    if !w.error.is_empty() {
+        parts.push(w.error.clone());
+    }
+    parts.join(", ")
 }
 
 /// `1.5 GiB`-style sizes.
@@ -229,6 +259,9 @@ pub fn describe(out: &mut String, report: &ReportView, conditions: &[ConditionVi
     for alert in &report.alerts {
         line("Alert", alert.clone());
     }
+    for w in &report.workloads {
+        line(&format!("{} {}", w.kind, w.name), workload_line(w));
+    }
     if let Some(drift) = &report.drift {
         let checked = drift.checked_at.clone().unwrap_or_default();
         if drift.items.is_empty() {
@@ -271,5 +304,14 @@ mod tests {
         assert_eq!(summary_name(99), "Unknown");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 * 1024 * 1024 * 1024 / 2), "1.5 GiB");
+        let unit = WorkloadStatus {
+            kind: "unit".into(),
+            name: "app.service".into(),
+            state: "failed".into(),
+            sub_state: "failed".into(),
+            restarts: 3,
+            ..Default::default()
+        };
+        assert_eq!(workload_line(&unit), "failed/failed, 3 restarts");
     }
 }

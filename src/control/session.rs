@@ -335,6 +335,9 @@ impl ControlPlane {
             system_info: status.system_info.map(SystemInfo::from),
             resources,
             drift: status.drift.map(DriftCheck::from),
+            workloads: status
+                .workloads
+                .map(|w| w.items.into_iter().map(Into::into).collect()),
         };
         if let Err(error) = check_bounds(&update) {
             return refuse(error.0);

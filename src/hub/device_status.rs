@@ -16,7 +16,7 @@ pub struct StatusCounts {
     /// Indexed like `Summary::ALL`.
     pub summaries: [usize; 5],
     /// Devices whose condition is true, indexed like `ConditionType::ALL`.
-    pub conditions_true: [usize; 6],
+    pub conditions_true: [usize; 7],
     /// Devices by reported os-release ID and by agent version (`unknown` before a report).
     pub os: BTreeMap<String, usize>,
     pub agent_versions: BTreeMap<String, usize>,
@@ -89,6 +89,7 @@ impl DeviceEntry {
                 .as_ref()
                 .and_then(|r| r.drift.as_ref())
                 .map(|d| d.items.as_slice()),
+            workloads: self.report.as_ref().and_then(|r| r.workloads.as_deref()),
         };
         let observed = evaluate(&inputs);
         self.ledger.settle(observed, now_ms)

@@ -5,12 +5,13 @@
 //! Summary rules, first match wins:
 //! 1. `Online` is false: `Offline` if the device was ever seen, else `Unknown`.
 //! 2. `Error`: `SpecApplied` false because the device rejected the spec or it could not be
-//!    rendered; `CertificateExpiring` because the certificate expired; `ResourcePressure` critical.
+//!    rendered; `CertificateExpiring` because the certificate expired; `ResourcePressure` critical;
+//!    `WorkloadFailed` (a managed unit failed, a container stopped or is unhealthy).
 //! 3. `Degraded`: `ResourcePressure` true (warning); `CertificateExpiring` because renewal failed;
 //!    `Drifted` with an item the device left as it is (`drift: report`, or the correction failed).
 //! 4. `Healthy` otherwise (an update in progress is healthy).
 
-use super::{Alert, DriftItem, Severity};
+use super::{Alert, DriftItem, Severity, WorkloadStatus};
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -19,16 +20,18 @@ pub enum ConditionType {
     Updating,
     SpecApplied,
     Drifted,
+    WorkloadFailed,
     ResourcePressure,
     CertificateExpiring,
 }
 
 impl ConditionType {
-    pub const ALL: [ConditionType; 6] = [
+    pub const ALL: [ConditionType; 7] = [
         ConditionType::Online,
         ConditionType::Updating,
         ConditionType::SpecApplied,
         ConditionType::Drifted,
+        ConditionType::WorkloadFailed,
         ConditionType::ResourcePressure,
         ConditionType::CertificateExpiring,
     ];
@@ -39,6 +42,7 @@ impl ConditionType {
             ConditionType::Updating => "Updating",
             ConditionType::SpecApplied => "SpecApplied",
             ConditionType::Drifted => "Drifted",
+            ConditionType::WorkloadFailed => "WorkloadFailed",
             ConditionType::ResourcePressure => "ResourcePressure",
             ConditionType::CertificateExpiring => "CertificateExpiring",
         }
@@ -137,6 +141,8 @@ pub struct Inputs<'a> {
     pub alerts: Option<&'a [Alert]>,
     /// What the last drift check found; `None` while the device reported none.
     pub drift: Option<&'a [DriftItem]>,
+    /// The managed units and containers; `None` while the device reported none.
+    pub workloads: Option<&'a [WorkloadStatus]>,
 }
 
 /// A condition as derived now, before its transition time is known.
@@ -307,7 +313,36 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             observed(T::Drifted, True, reason, message)
         }
     };
-    vec![online, updating, applied, drifted, pressure, certificate]
+    let workloads = match inputs.workloads {
+        None => observed(
+            T::WorkloadFailed,
+            Unknown,
+            "NotReported",
+            "the device has not reported its workloads",
+        ),
+        Some(items) => {
+            let failures: Vec<String> = items.iter().filter_map(WorkloadStatus::failure).collect();
+            if failures.is_empty() {
+                observed(
+                    T::WorkloadFailed,
+                    False,
+                    "AllRunning",
+                    "no managed workload failed",
+                )
+            } else {
+                observed(T::WorkloadFailed, True, "Failed", failures.join(", "))
+            }
+        }
+    };
+    vec![
+        online,
+        updating,
+        applied,
+        drifted,
+        workloads,
+        pressure,
+        certificate,
+    ]
 }
 
 /// The summary of a set of conditions (rules in the module documentation).
@@ -324,7 +359,8 @@ pub fn summarize<'a>(
             (ConditionType::Online, ConditionStatus::False, _) => return Summary::Offline,
             (ConditionType::SpecApplied, ConditionStatus::False, "Rejected" | "RenderFailed")
             | (ConditionType::CertificateExpiring, ConditionStatus::True, "Expired")
-            | (ConditionType::ResourcePressure, ConditionStatus::True, "Critical") => error = true,
+            | (ConditionType::ResourcePressure, ConditionStatus::True, "Critical")
+            | (ConditionType::WorkloadFailed, ConditionStatus::True, _) => error = true,
             (ConditionType::ResourcePressure, ConditionStatus::True, _)
             | (ConditionType::CertificateExpiring, ConditionStatus::True, "RenewalFailed")
             | (ConditionType::Drifted, ConditionStatus::True, "Reported") => degraded = true,
@@ -505,7 +541,7 @@ mod tests {
             ..synced()
         };
         assert_eq!(summary_of(&inputs), Summary::Degraded);
-        let pressure = evaluate(&inputs).remove(4);
+        let pressure = evaluate(&inputs).remove(5);
         assert_eq!(pressure.message, "memory 85% >= 80% (warning)");
         alert.severity = Severity::Critical;
         let critical = [alert];
@@ -515,6 +551,60 @@ mod tests {
                 ..synced()
             }),
             Summary::Error
+        );
+    }
+
+    #[test]
+    fn a_failed_unit_or_stopped_container_is_an_error() {
+        let unit = |state: &str| WorkloadStatus {
+            kind: "unit".into(),
+            name: "app.service".into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let running = [unit("active")];
+        let inputs = Inputs {
+            workloads: Some(&running),
+            ..synced()
+        };
+        assert_eq!(
+            reason(&inputs, ConditionType::WorkloadFailed),
+            ("AllRunning", ConditionStatus::False)
+        );
+        assert_eq!(summary_of(&inputs), Summary::Healthy);
+        let failed = [unit("active"), unit("failed")];
+        let inputs = Inputs {
+            workloads: Some(&failed),
+            ..synced()
+        };
+        let found = evaluate(&inputs)
+            .into_iter()
+            .find(|o| o.kind == ConditionType::WorkloadFailed)
+            .unwrap();
+        assert_eq!(
+            (found.status, found.message.as_str()),
+            (ConditionStatus::True, "unit app.service failed")
+        );
+        assert_eq!(summary_of(&inputs), Summary::Error);
+        let container = |state: &str, health: &str| WorkloadStatus {
+            kind: "container".into(),
+            name: "web".into(),
+            state: state.into(),
+            health: health.into(),
+            ..Default::default()
+        };
+        assert_eq!(container("running", "").failure(), None);
+        assert_eq!(
+            container("exited", "").failure().unwrap(),
+            "container web exited"
+        );
+        assert_eq!(
+            container("running", "unhealthy").failure().unwrap(),
+            "container web unhealthy"
+        );
+        assert_eq!(
+            reason(&synced(), ConditionType::WorkloadFailed).1,
+            ConditionStatus::Unknown
         );
     }
 

@@ -3,7 +3,7 @@
 
 use super::{
     Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
-    SystemInfo,
+    SystemInfo, WorkloadStatus,
 };
 use crate::clock::timestamp_from_millis;
 use crate::proto::agent::v1 as pb;
@@ -172,6 +172,36 @@ impl From<pb::DriftReport> for DriftCheck {
     }
 }
 
+impl From<WorkloadStatus> for pb::WorkloadStatus {
+    fn from(w: WorkloadStatus) -> Self {
+        pb::WorkloadStatus {
+            kind: w.kind,
+            name: w.name,
+            state: w.state,
+            sub_state: w.sub_state,
+            restarts: w.restarts,
+            health: w.health,
+            image_digest: w.image_digest,
+            error: w.error,
+        }
+    }
+}
+
+impl From<pb::WorkloadStatus> for WorkloadStatus {
+    fn from(w: pb::WorkloadStatus) -> Self {
+        WorkloadStatus {
+            kind: w.kind,
+            name: w.name,
+            state: w.state,
+            sub_state: w.sub_state,
+            restarts: w.restarts,
+            health: w.health,
+            image_digest: w.image_digest,
+            error: w.error,
+        }
+    }
+}
+
 /// Why a reported alert cannot be taken in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("alert {index}: {reason}")]
@@ -236,6 +266,7 @@ mod tests {
             system_info: Some(SystemInfo::default().into()),
             resources: Some(pb::ResourceReport::default()),
             drift: Some(pb::DriftReport::default()),
+            workloads: Some(pb::WorkloadReport::default()),
         };
         let old = FirstStatus::decode(status.encode_to_vec().as_slice()).unwrap();
         assert_eq!(

@@ -11,5 +11,5 @@ mod report;
 
 pub use report::{
     Alert, DeviceReport, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ReportError,
-    ReportUpdate, ResourceUsage, Severity, SystemInfo, check_bounds,
+    ReportUpdate, ResourceUsage, Severity, SystemInfo, WorkloadStatus, check_bounds,
 };

@@ -163,6 +163,43 @@ impl DriftItem {
     }
 }
 
+/// A managed unit or container as systemd or podman reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// `unit` or `container`.
+    pub kind: String,
+    pub name: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sub_state: String,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_digest: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl WorkloadStatus {
+    /// Why this workload counts as failed, if it does: a failed unit, a container that is not
+    /// running or reports itself unhealthy.
+    pub fn failure(&self) -> Option<String> {
+        match self.kind.as_str() {
+            "unit" if self.state == "failed" => Some(format!("unit {} failed", self.name)),
+            "container" if self.health == "unhealthy" => {
+                Some(format!("container {} unhealthy", self.name))
+            }
+            "container" if !matches!(self.state.as_str(), "running" | "unknown" | "") => {
+                Some(format!("container {} {}", self.name, self.state))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The last drift check.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -184,6 +221,8 @@ pub struct DeviceReport {
     pub alerts: Vec<Alert>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<Vec<WorkloadStatus>>,
     pub reported_ms: i64,
 }
 
@@ -193,11 +232,15 @@ pub struct ReportUpdate {
     pub system_info: Option<SystemInfo>,
     pub resources: Option<(ResourceUsage, Vec<Alert>)>,
     pub drift: Option<DriftCheck>,
+    pub workloads: Option<Vec<WorkloadStatus>>,
 }
 
 impl ReportUpdate {
     pub fn is_empty(&self) -> bool {
-        self.system_info.is_none() && self.resources.is_none() && self.drift.is_none()
+        self.system_info.is_none()
+            && self.resources.is_none()
+            && self.drift.is_none()
+            && self.workloads.is_none()
     }
 }
 
@@ -215,6 +258,9 @@ impl DeviceReport {
         if let Some(drift) = update.drift {
             next.drift = Some(drift);
         }
+        if let Some(workloads) = update.workloads {
+            next.workloads = Some(workloads);
+        }
         next.reported_ms = now_ms;
         next
     }
@@ -225,6 +271,7 @@ impl DeviceReport {
             && self.resources == other.resources
             && self.alerts == other.alerts
             && self.drift.as_ref().map(|d| &d.items) == other.drift.as_ref().map(|d| &d.items)
+            && self.workloads == other.workloads
     }
 }
 
@@ -240,6 +287,7 @@ pub const MAX_TEXT: usize = 256;
 pub struct ReportError(pub String);
 
 pub const MAX_DRIFT_ITEMS: usize = 64;
+pub const MAX_WORKLOADS: usize = 256;
 
 /// Checks a report's parts against the bounds: counts of interfaces, addresses, filesystems,
 /// alerts and drift items, and the length of every text.
@@ -321,6 +369,27 @@ pub fn check_bounds(update: &ReportUpdate) -> Result<(), ReportError> {
             texts.push((format!("drift[{i}].kind"), &item.kind));
             texts.push((format!("drift[{i}].difference"), &item.difference));
             texts.push((format!("drift[{i}].error"), &item.error));
+        }
+    }
+    if let Some(workloads) = &update.workloads {
+        if workloads.len() > MAX_WORKLOADS {
+            return Err(ReportError(format!(
+                "{} workloads; at most {MAX_WORKLOADS}",
+                workloads.len()
+            )));
+        }
+        for (i, w) in workloads.iter().enumerate() {
+            for (field, value) in [
+                ("kind", &w.kind),
+                ("name", &w.name),
+                ("state", &w.state),
+                ("subState", &w.sub_state),
+                ("health", &w.health),
+                ("imageDigest", &w.image_digest),
+                ("error", &w.error),
+            ] {
+                texts.push((format!("workloads[{i}].{field}"), value));
+            }
         }
     }
     if let Some((i, item)) = update

@@ -168,6 +168,13 @@ pub fn device(view: DeviceView) -> admin::Device {
             status.alerts = report.alerts.iter().cloned().map(Into::into).collect();
             status.reported_at = Some(timestamp_from_millis(report.reported_ms));
             status.drift = report.drift.clone().map(Into::into);
+            status.workloads = report
+                .workloads
+                .iter()
+                .flatten()
+                .cloned()
+                .map(Into::into)
+                .collect();
         }
         status.conditions = live.conditions.into_iter().map(condition).collect();
         status.summary = summary(live.summary) as i32;

@@ -61,6 +61,8 @@ impl From<ExecError> for String {
 /// Runs commands; an error says what failed and why, in one line.
 pub trait Executor: Send + Sync {
     fn run(&self, command: &CommandLine) -> Result<(), ExecError>;
+    /// Runs a query (`systemctl show`, `podman inspect`) and returns what it printed.
+    fn output(&self, command: &CommandLine) -> Result<String, ExecError>;
 }
 
 /// Signals a service manager sends to stop processes: a command they end was interrupted.
@@ -84,6 +86,28 @@ fn tail(bytes: &[u8]) -> String {
 
 impl Executor for SystemExecutor {
     fn run(&self, command: &CommandLine) -> Result<(), ExecError> {
+        spawn_and_wait(command, false).map(drop)
+    }
+
+    fn output(&self, command: &CommandLine) -> Result<String, ExecError> {
+        spawn_and_wait(command, true).map(|out| String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// Reads a pipe to its end on a thread, so a chatty command cannot block on a full pipe.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buffer = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buffer);
+        }
+        buffer
+    })
+}
+
+/// Runs `command` to its end or deadline; its standard output when `capture` asks for it.
+fn spawn_and_wait(command: &CommandLine, capture: bool) -> Result<Vec<u8>, ExecError> {
+    {
         use std::os::unix::process::ExitStatusExt;
         let shown = command.display();
         let (program, args) = command
@@ -93,19 +117,16 @@ impl Executor for SystemExecutor {
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| ExecError::failed(format!("`{shown}` could not start: {e}")))?;
-        // Read stderr on a thread so a chatty command cannot block on a full pipe.
-        let stderr = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut buffer = Vec::new();
-            if let Some(mut stderr) = stderr {
-                let _ = stderr.read_to_end(&mut buffer);
-            }
-            buffer
-        });
+        let reader = drain(child.stderr.take());
+        let stdout = drain(child.stdout.take());
         let deadline = Instant::now() + command.timeout;
         let status = loop {
             match child.try_wait() {
@@ -123,9 +144,10 @@ impl Executor for SystemExecutor {
             }
         };
         let output = reader.join().unwrap_or_default();
+        let printed = stdout.join().unwrap_or_default();
         let status = status.map_err(ExecError::failed)?;
         if status.success() {
-            return Ok(());
+            return Ok(printed);
         }
         let detail = tail(&output);
         if let Some(signal) = status.signal() {
@@ -155,6 +177,8 @@ pub mod recording {
         pub calls: Mutex<Vec<String>>,
         /// Commands (as displayed) that fail.
         pub failing: Vec<String>,
+        /// What queries print, by command (as displayed); others print nothing.
+        pub outputs: std::collections::HashMap<String, String>,
     }
 
     impl RecordingExecutor {
@@ -179,6 +203,15 @@ pub mod recording {
             } else {
                 Ok(())
             }
+        }
+
+        fn output(&self, command: &CommandLine) -> Result<String, ExecError> {
+            self.run(command)?;
+            Ok(self
+                .outputs
+                .get(&command.display())
+                .cloned()
+                .unwrap_or_default())
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod executor;
 mod files;
 pub mod journal;
 mod units;
+pub mod workloads;
 
 use containers::ContainerAction;
 use executor::{CommandLine, ExecError, Executor};
@@ -56,13 +57,21 @@ struct Watched<'a> {
     interrupted: AtomicBool,
 }
 
+impl Watched<'_> {
+    fn note(&self, error: &ExecError) {
+        if error.interrupted {
+            self.interrupted.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Executor for Watched<'_> {
     fn run(&self, command: &CommandLine) -> Result<(), ExecError> {
-        self.inner.run(command).inspect_err(|e| {
-            if e.interrupted {
-                self.interrupted.store(true, Ordering::Relaxed);
-            }
-        })
+        self.inner.run(command).inspect_err(|e| self.note(e))
+    }
+
+    fn output(&self, command: &CommandLine) -> Result<String, ExecError> {
+        self.inner.output(command).inspect_err(|e| self.note(e))
     }
 }
 

@@ -6,12 +6,13 @@
 mod resources;
 mod system;
 
+use crate::apply::executor::SystemExecutor;
 use flotilla::clock::now_millis;
 use flotilla::profiles::StatusConfig;
 use flotilla::proto::agent::v1 as pb;
 use flotilla::spec::{DeviceSpec, MonitorKind};
 use flotilla::status::monitor::{MonitorState, ReportGate};
-use flotilla::status::{Alert, DriftCheck, DriftItem, ResourceUsage, SystemInfo};
+use flotilla::status::{Alert, DriftCheck, DriftItem, ResourceUsage, SystemInfo, WorkloadStatus};
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub struct Reporter {
     gate: ReportGate,
     sent_info: Option<SystemInfo>,
     sent_drift: Option<Vec<DriftItem>>,
+    sent_workloads: Option<Vec<WorkloadStatus>>,
     samples: u32,
 }
 
@@ -52,6 +54,7 @@ impl Reporter {
             gate,
             sent_info: None,
             sent_drift: None,
+            sent_workloads: None,
             samples: 0,
         }
     }
@@ -101,6 +104,7 @@ impl Reporter {
         self.gate.reset();
         self.sent_info = None;
         self.sent_drift = None;
+        self.sent_workloads = None;
         self.samples = 0;
         let drift = self.check_drift(spec);
         let mut status = self
@@ -128,7 +132,14 @@ impl Reporter {
                 usage: Some(usage.into()),
                 alerts: alerts.into_iter().map(Into::into).collect(),
             });
-        if info.is_none() && resources.is_none() {
+        let workloads = crate::apply::workloads::query(&SystemExecutor, spec);
+        let workloads = (self.sent_workloads.as_ref() != Some(&workloads)).then(|| {
+            self.sent_workloads = Some(workloads.clone());
+            pb::WorkloadReport {
+                items: workloads.into_iter().map(Into::into).collect(),
+            }
+        });
+        if info.is_none() && resources.is_none() && workloads.is_none() {
             return None;
         }
         if let Some(info) = &info {
@@ -140,6 +151,7 @@ impl Reporter {
             system_info: info.map(Into::into),
             resources,
             drift: None,
+            workloads,
         })
     }
 

@@ -625,6 +625,15 @@ pub fn status_report(agent: usize) -> pb::AgentMessage {
             checked_at: None,
             items: Vec::new(),
         }),
+        workloads: Some(pb::WorkloadReport {
+            items: vec![pb::WorkloadStatus {
+                kind: "unit".into(),
+                name: "app.service".into(),
+                state: "active".into(),
+                sub_state: "running".into(),
+                ..Default::default()
+            }],
+        }),
     }))
 }
 
