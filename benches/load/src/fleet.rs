@@ -54,8 +54,8 @@ pub struct Shared {
     stopping: AtomicBool,
     /// The first few distinct errors, for the report.
     errors: Mutex<Vec<String>>,
-    /// Agents send a status report at session start and again with every heartbeat (unchanged,
-    /// as a chatty agent would: the control plane must not write it again).
+    /// Agents send a status report at session start and again, unchanged, every
+    /// `STATUS_REPEAT` (as a chatty agent would: the control plane must not write it again).
     pub status: bool,
 }
 
@@ -462,6 +462,11 @@ async fn session(
     };
     let mut beat = tokio::time::interval(Duration::from_secs(30));
     beat.reset();
+    // With `status`, the unchanged report again every few seconds, spread by agent.
+    let mut repeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + STATUS_REPEAT + Duration::from_millis((index % 2000) as u64),
+        STATUS_REPEAT,
+    );
     // When to send the pending request again after a retryable refusal.
     let retry = tokio::time::sleep(Duration::from_secs(86_400));
     tokio::pin!(retry);
@@ -479,7 +484,9 @@ async fn session(
                 if tx.send(message(heartbeat)).await.is_err() {
                     return Ok(End::Closed);
                 }
-                if shared.status && tx.send(status_report(shared.base + index)).await.is_err() {
+            }
+            _ = repeat.tick(), if shared.status => {
+                if tx.send(status_report(shared.base + index)).await.is_err() {
                     return Ok(End::Closed);
                 }
             }
@@ -562,6 +569,9 @@ async fn session(
 }
 
 /// A CSR for `key` asking for the device's own identity.
+/// How often an agent repeats its unchanged status report with `--status`.
+const STATUS_REPEAT: Duration = Duration::from_secs(5);
+
 /// What a typical device reports: its system info (two interfaces) and a resource sample of two
 /// filesystems, no alert firing. The same every time for one agent.
 pub fn status_report(agent: usize) -> pb::AgentMessage {

@@ -75,8 +75,8 @@ struct Cli {
     #[arg(long, default_value_t = 0)]
     harness_processes: usize,
     /// Agents send a status report (system info and resources, about what a real agent sends) at
-    /// session start and again, unchanged, with every heartbeat; with --check the idle fleet must
-    /// still cause no store operation.
+    /// session start and again, unchanged, every 5 s; with --check the idle fleet must still
+    /// cause no store operation.
     #[arg(long)]
     status: bool,
     /// Internal: run as a harness worker on the slice of the fleet in this file.
