@@ -262,6 +262,15 @@ fn three_replicas_serve_one_coherent_fleet() {
             .unwrap();
         assert_eq!(listed.as_array().map(Vec::len), Some(3), "replica {index}");
     }
+    // What a device reports reaches every replica, not only the one holding its session.
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    wait("edge-a's status report on every replica", TIMEOUT, || {
+        (0..3).all(|index| {
+            let device = replicas.device(index, "edge-a");
+            device["status"]["systemInfo"]["hostname"] == hostname.trim()
+                && device["status"]["summary"] == "Healthy"
+        })
+    });
 
     // A renewal asked through replica 3 reaches edge-b, whose session replica 1 holds.
     replicas.nodes[2].flotctl_ok(&["cert", "renew", "--device", "edge-b"]);
