@@ -10,6 +10,23 @@ fn non_empty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
 
+fn drift_text(policy: Option<DriftPolicy>) -> String {
+    match policy {
+        None => String::new(),
+        Some(DriftPolicy::Correct) => "correct".into(),
+        Some(DriftPolicy::Report) => "report".into(),
+    }
+}
+
+/// Anything but `report` or `correct` (from a newer peer) is corrected, the default.
+fn drift_policy(text: &str) -> Option<DriftPolicy> {
+    match text {
+        "report" => Some(DriftPolicy::Report),
+        "correct" => Some(DriftPolicy::Correct),
+        _ => None,
+    }
+}
+
 impl From<FileSpec> for pb::FileSpec {
     fn from(f: FileSpec) -> Self {
         pb::FileSpec {
@@ -18,11 +35,7 @@ impl From<FileSpec> for pb::FileSpec {
             mode: f.mode,
             owner: f.owner.unwrap_or_default(),
             group: f.group.unwrap_or_default(),
-            drift: match f.drift {
-                None => String::new(),
-                Some(DriftPolicy::Correct) => "correct".into(),
-                Some(DriftPolicy::Report) => "report".into(),
-            },
+            drift: drift_text(f.drift),
         }
     }
 }
@@ -39,12 +52,7 @@ impl From<pb::FileSpec> for FileSpec {
             },
             owner: non_empty(f.owner),
             group: non_empty(f.group),
-            // Anything else (from a newer peer) is corrected, the default.
-            drift: match f.drift.as_str() {
-                "report" => Some(DriftPolicy::Report),
-                "correct" => Some(DriftPolicy::Correct),
-                _ => None,
-            },
+            drift: drift_policy(&f.drift),
         }
     }
 }
@@ -61,6 +69,7 @@ impl From<UnitSpec> for pb::UnitSpec {
             enabled: u.enabled,
             state: state as i32,
             restart_on_change: u.restart_on_change,
+            drift: drift_text(u.drift),
         }
     }
 }
@@ -78,6 +87,7 @@ impl From<pb::UnitSpec> for UnitSpec {
             enabled: u.enabled,
             state,
             restart_on_change: u.restart_on_change,
+            drift: drift_policy(&u.drift),
         }
     }
 }
@@ -91,6 +101,7 @@ impl From<ContainerSpec> for pb::ContainerSpec {
             env: c.env.into_iter().collect(),
             ports: c.ports,
             volumes: c.volumes,
+            drift: drift_text(c.drift),
         }
     }
 }
@@ -104,6 +115,7 @@ impl From<pb::ContainerSpec> for ContainerSpec {
             env: c.env.into_iter().collect(),
             ports: c.ports,
             volumes: c.volumes,
+            drift: drift_policy(&c.drift),
         }
     }
 }

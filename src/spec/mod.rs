@@ -167,6 +167,9 @@ pub struct UnitSpec {
     /// Paths of files of this spec whose change restarts the (started) unit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart_on_change: Vec<String>,
+    /// What the agent does when the unit's state or enablement no longer matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftPolicy>,
 }
 
 /// A podman container workload.
@@ -183,12 +186,20 @@ pub struct ContainerSpec {
     pub ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    /// What the agent does when the container is gone or runs another definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftPolicy>,
 }
 
 impl ContainerSpec {
-    /// Hex SHA-256 of the definition; a container is recreated exactly when this changes.
+    /// Hex SHA-256 of the definition; a container is recreated exactly when this changes. The
+    /// drift policy is not part of the definition.
     pub fn definition_hash(&self) -> String {
-        hex::encode(Sha256::digest(canonical_json(self)))
+        let definition = ContainerSpec {
+            drift: None,
+            ..self.clone()
+        };
+        hex::encode(Sha256::digest(canonical_json(&definition)))
     }
 }
 

@@ -402,6 +402,7 @@ mod tests {
             enabled: Some(true),
             state: None,
             restart_on_change: restart.iter().map(|s| s.to_string()).collect(),
+            drift: None,
         };
         let mut spec = files(&["/etc/app.conf"]);
         spec.units = vec![unit("app.service", &["/etc/app.conf"])];
@@ -423,6 +424,7 @@ mod tests {
             env: [("PORT".to_string(), "80".to_string())].into(),
             ports: vec!["8080:80".into(), "127.0.0.1:53:53/udp".into()],
             volumes: vec!["/srv/web:/data:ro".into()],
+            drift: None,
         };
         let mut spec = DeviceSpec {
             containers: vec![container.clone()],

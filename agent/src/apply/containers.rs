@@ -34,7 +34,7 @@ pub fn pull_command(image: &str) -> CommandLine {
     CommandLine::new(&["podman", "pull", image], PULL_TIMEOUT)
 }
 
-fn run_command(c: &ContainerSpec) -> CommandLine {
+pub(super) fn run_command(c: &ContainerSpec) -> CommandLine {
     let hash = c.definition_hash();
     let mut argv = vec![
         "podman".to_string(),
@@ -131,6 +131,7 @@ mod tests {
             env: BTreeMap::from([("MODE".to_string(), "prod".to_string())]),
             ports: vec!["8080:80".into()],
             volumes: vec!["/srv/web:/data:ro".into()],
+            drift: None,
         }
     }
 

@@ -278,6 +278,7 @@ mod tests {
                 enabled: Some(true),
                 state: Some(UnitState::Started),
                 restart_on_change: vec![conf.display().to_string()],
+                drift: None,
             }],
             containers: vec![ContainerSpec {
                 name: "web".into(),
@@ -286,6 +287,7 @@ mod tests {
                 env: Default::default(),
                 ports: vec![],
                 volumes: vec![],
+                drift: None,
             }],
             before_update: vec![CommandSpec {
                 run: vec!["/usr/bin/check".into()],

@@ -137,6 +137,7 @@ mod tests {
             enabled,
             state,
             restart_on_change: restart.iter().map(|s| s.to_string()).collect(),
+            drift: None,
         }
     }
 

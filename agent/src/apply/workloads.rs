@@ -20,6 +20,16 @@ pub fn query(exec: &dyn Executor, spec: &DeviceSpec) -> Vec<WorkloadStatus> {
     units.chain(containers).collect()
 }
 
+/// The value of `key` in what `systemctl show --property=...` printed (`Key=value` lines).
+pub(super) fn show_property(printed: &str, key: &str) -> String {
+    printed
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn unknown(kind: &str, name: &str, error: String) -> WorkloadStatus {
     WorkloadStatus {
         kind: kind.into(),
@@ -45,14 +55,7 @@ fn unit(exec: &dyn Executor, name: &str) -> WorkloadStatus {
         Ok(printed) => printed,
         Err(error) => return unknown("unit", name, error.message),
     };
-    let field = |key: &str| {
-        printed
-            .lines()
-            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
-            .map(str::trim)
-            .unwrap_or_default()
-            .to_string()
-    };
+    let field = |key: &str| show_property(&printed, key);
     WorkloadStatus {
         kind: "unit".into(),
         name: name.into(),
@@ -119,12 +122,14 @@ mod tests {
                     enabled: Some(true),
                     state: None,
                     restart_on_change: vec![],
+                    drift: None,
                 },
                 UnitSpec {
                     name: "sync.timer".into(),
                     enabled: None,
                     state: None,
                     restart_on_change: vec![],
+                    drift: None,
                 },
             ],
             containers: vec![ContainerSpec {
@@ -134,6 +139,7 @@ mod tests {
                 env: Default::default(),
                 ports: vec![],
                 volumes: vec![],
+                drift: None,
             }],
             ..Default::default()
         }

@@ -79,7 +79,7 @@ impl Reporter {
     }
 
     fn check_drift(&mut self, spec: &DeviceSpec) -> Option<pb::DriftReport> {
-        let items = crate::apply::drift::check_and_correct(spec);
+        let items = crate::apply::drift::check_and_correct(&SystemExecutor, spec);
         if self.sent_drift.as_ref() == Some(&items) {
             return None;
         }
