@@ -101,7 +101,7 @@ fn describe() {
     );
     describe_gauge!("flotilla_fleet_devices", "Devices each fleet owns.");
     describe_gauge!(
-        "flotilla_devices_summary",
+        "flotilla_devices_health",
         "Devices by status summary (Healthy, Degraded, Error, Offline, Unknown)."
     );
     describe_gauge!(
@@ -376,7 +376,7 @@ pub fn publish(snapshot: &Snapshot) {
         gauge!("flotilla_fleet_devices", "fleet" => fleet.clone()).set(*count as f64);
     }
     for (summary, count) in &snapshot.summaries {
-        gauge!("flotilla_devices_summary", "summary" => *summary).set(*count as f64);
+        gauge!("flotilla_devices_health", "health" => *summary).set(*count as f64);
     }
     for (condition, count) in &snapshot.conditions {
         gauge!("flotilla_devices_condition", "condition" => *condition).set(*count as f64);

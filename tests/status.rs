@@ -323,8 +323,8 @@ async fn reports_become_conditions_are_bounded_filtered_persisted_and_counted() 
 
     let metrics = http_body(&format!("{}/metrics", server.metrics_url)).await;
     for line in [
-        "flotilla_devices_summary{summary=\"Healthy\"} 2",
-        "flotilla_devices_summary{summary=\"Degraded\"} 0",
+        "flotilla_devices_health{health=\"Healthy\"} 2",
+        "flotilla_devices_health{health=\"Degraded\"} 0",
         "flotilla_devices_condition{condition=\"Online\"} 2",
         "flotilla_devices_os{os=\"debian\"} 1",
         "flotilla_devices_os{os=\"unknown\"} 1",
