@@ -981,6 +981,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rejection_of_a_version_no_longer_wanted_is_not_shown_as_the_last_error() {
+        let v1 = rendered("1");
+        let hub = hub_with("d", v1.clone());
+        let (s, _) = hub.open_session("d", &v1.version, "s", 0).unwrap();
+        hub.set_desired("d", rendered("2"));
+        hub.release_wave();
+        let push = hub.next_push("d", s.id).unwrap();
+        hub.nack("d", s.id, &push.nonce, "disk full");
+        assert_eq!(
+            hub.status("d").unwrap().last_error.as_deref(),
+            Some("disk full")
+        );
+        // Back to the version the device runs: SYNCED, and the old rejection is history.
+        hub.set_desired("d", v1);
+        hub.release_wave();
+        let status = hub.status("d").unwrap();
+        assert_eq!(status.state, SyncState::Synced);
+        assert_eq!(status.last_error, None);
+        assert_eq!(status.summary, crate::status::conditions::Summary::Healthy);
+    }
+
+    #[test]
     fn changes_are_held_until_the_wave_and_coalesce() {
         let hub = hub_with("d", rendered("0"));
         let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
