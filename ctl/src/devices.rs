@@ -309,6 +309,16 @@ pub async fn watch(
                 let line = format!("{kind:<9}{}", cells.join("   "));
                 println!("{}", crate::output::terminal_safe(&line, false));
             }
+            Format::Name => {
+                let name = view
+                    .as_ref()
+                    .map(|v| v.metadata.name.as_str())
+                    .unwrap_or_default();
+                println!(
+                    "{kind} device/{}",
+                    crate::output::terminal_safe(name, false)
+                );
+            }
             Format::Wide | Format::Json | Format::Yaml => {
                 let line = serde_json::json!({ "type": kind, "device": view });
                 println!("{}", serde_json::to_string(&line)?);

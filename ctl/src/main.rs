@@ -50,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         what: DescribeWhat,
     },
+    /// Print a shell completion script: `flotctl completion bash > /etc/bash_completion.d/flotctl`
+    /// (also zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
     /// Delete a resource.
     Delete {
         #[command(subcommand)]
@@ -434,7 +437,19 @@ async fn run(cli: Cli) -> Result<()> {
             what: DenyWhat::Enrollment { name, reason },
         } => enrollments::deny(channel(config).await?, format, name, reason).await,
         Command::Apply { file } => apply::apply(config, format, file).await,
+        Command::Completion { shell } => {
+            print!("{}", completion(shell));
+            Ok(())
+        }
     }
+}
+
+/// The completion script for `shell`.
+fn completion(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "flotctl", &mut script);
+    String::from_utf8_lossy(&script).into_owned()
 }
 
 #[tokio::main]
@@ -453,6 +468,20 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completion_scripts_know_the_subcommands() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let script = completion(shell);
+            for word in ["flotctl", "describe", "enrollment", "field-selector"] {
+                assert!(script.contains(word), "{word} in the {shell} script");
+            }
+        }
+    }
 
     #[test]
     fn label_arguments_set_and_remove() {

@@ -13,6 +13,8 @@ pub enum Format {
     Wide,
     Json,
     Yaml,
+    /// `kind/name` per resource, one a line, for scripts (`flotctl get devices -o name | ...`).
+    Name,
 }
 
 /// Prints `items` in `format`; `single` prints one object instead of a list in JSON/YAML.
@@ -35,8 +37,35 @@ pub fn print<T: Serialize>(
         Format::Table | Format::Wide => {
             print!("{}", table(header, items.iter().map(row).collect()))
         }
+        Format::Name => {
+            for item in items {
+                println!(
+                    "{}",
+                    terminal_safe(&name_of(&serde_json::to_value(item)?), false)
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// `device/edge-1` for a document with `kind` and `metadata.name`; a record without them is named
+/// by its `name` (or `serial`) field.
+pub fn name_of(document: &serde_json::Value) -> String {
+    let kind = document["kind"]
+        .as_str()
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let name = document["metadata"]["name"]
+        .as_str()
+        .or_else(|| document["name"].as_str())
+        .or_else(|| document["serial"].as_str())
+        .unwrap_or_default();
+    if kind.is_empty() {
+        name.to_string()
+    } else {
+        format!("{kind}/{name}")
+    }
 }
 
 /// Text that came from the control plane (and so, possibly, from a device) made safe to print on a
@@ -107,7 +136,17 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::terminal_safe;
+    use super::{name_of, terminal_safe};
+
+    #[test]
+    fn names_documents_like_kubectl() {
+        let device = serde_json::json!({"kind": "Device", "metadata": {"name": "edge-1"}});
+        assert_eq!(name_of(&device), "device/edge-1");
+        let enrollment = serde_json::json!({"name": "edge-2", "state": "PENDING"});
+        assert_eq!(name_of(&enrollment), "edge-2");
+        let certificate = serde_json::json!({"serial": "0a1b"});
+        assert_eq!(name_of(&certificate), "0a1b");
+    }
 
     #[test]
     fn escape_sequences_never_reach_the_terminal() {

@@ -157,7 +157,9 @@ pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()
                 rollout.fleet_moved,
                 rollout.fleet_devices
             )),
-            Format::Json | Format::Yaml => println!("{}", serde_json::to_string(&rollout)?),
+            Format::Json | Format::Yaml | Format::Name => {
+                println!("{}", serde_json::to_string(&rollout)?)
+            }
         }
     }
     Ok(())
