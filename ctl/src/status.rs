@@ -2,7 +2,7 @@
 //! the rest of the documents) and the text of `describe device` and `get devices -o wide`.
 
 use flotilla::proto::admin::v1 as admin;
-use flotilla::status::convert::alerts_from;
+use flotilla::status::convert::{alerts_from, condition_status_from, summary_from};
 use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, WorkloadStatus};
 use serde::Serialize;
 
@@ -71,17 +71,7 @@ pub struct DriftView {
 }
 
 pub fn summary_name(summary: i32) -> String {
-    admin::DeviceSummary::try_from(summary)
-        .ok()
-        .filter(|s| *s != admin::DeviceSummary::Unspecified)
-        .map(|s| {
-            let name = s.as_str_name().trim_start_matches("DEVICE_SUMMARY_");
-            let mut chars = name.chars();
-            chars.next().map_or(String::new(), |first| {
-                first.to_string() + &chars.as_str().to_ascii_lowercase()
-            })
-        })
-        .unwrap_or_else(|| "Unknown".into())
+    summary_from(summary).as_str().to_string()
 }
 
 pub fn conditions(status: &admin::DeviceStatus) -> Vec<ConditionView> {
@@ -90,12 +80,7 @@ pub fn conditions(status: &admin::DeviceStatus) -> Vec<ConditionView> {
         .iter()
         .map(|c| ConditionView {
             kind: c.r#type.clone(),
-            status: match admin::ConditionStatus::try_from(c.status) {
-                Ok(admin::ConditionStatus::True) => "True",
-                Ok(admin::ConditionStatus::False) => "False",
-                _ => "Unknown",
-            }
-            .into(),
+            status: condition_status_from(c.status).as_str().into(),
             reason: c.reason.clone(),
             message: c.message.clone(),
             last_transition_time: c.last_transition_time.map(|t| t.to_string()),

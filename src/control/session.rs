@@ -353,10 +353,10 @@ impl ControlPlane {
         let changed = self.hub.record_report(device_id, session_id, |current| {
             current.updated(update, now)
         });
-        if changed.is_some() && corrections > 0 {
-            crate::telemetry::drift_corrected(corrections);
-        }
         if let Some(report) = changed {
+            if corrections > 0 {
+                crate::telemetry::drift_corrected(corrections);
+            }
             self.journal.record(DeviceFact::Report {
                 id: device_id.to_string(),
                 report,
@@ -381,7 +381,7 @@ impl ControlPlane {
                     .nack(device_id, session_id, &nack.nonce, &nack.error)
             }
             Some(Kind::Heartbeat(_)) | Some(Kind::Status(_)) => {
-                // Status is taken in by the session loop; this only counts as a sign of life.
+                // The session loop takes Status in before this; here for completeness.
                 self.hub.touch(device_id, now_millis());
                 return true;
             }

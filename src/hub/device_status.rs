@@ -52,7 +52,7 @@ impl StatusCounts {
 
 impl DeviceEntry {
     /// Re-derives the conditions from the entry as it is now.
-    pub(super) fn settle(&mut self, now_ms: i64) -> bool {
+    pub(super) fn settle(&mut self, now_ms: i64) {
         let desired = self.desired_version().map(str::to_string);
         let certificate = self.cert.as_ref().map(|cert| {
             let status = cert.status(now_ms);
@@ -91,8 +91,7 @@ impl DeviceEntry {
                 .map(|d| d.items.as_slice()),
             workloads: self.report.as_ref().and_then(|r| r.workloads.as_deref()),
         };
-        let observed = evaluate(&inputs);
-        self.ledger.settle(observed, now_ms)
+        self.ledger.settle(evaluate(&inputs), now_ms);
     }
 }
 

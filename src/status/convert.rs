@@ -1,11 +1,14 @@
 //! Conversions between the status domain types and their protobuf form (both directions: the
-//! agent sends them, the control plane reads them and shows them through the admin API).
+//! agent sends them, the control plane reads them and shows them through the admin API, flotctl
+//! reads them back).
 
+use super::conditions::{ConditionStatus, Summary};
 use super::{
     Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
     SystemInfo, WorkloadStatus,
 };
 use crate::clock::timestamp_from_millis;
+use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as pb;
 use crate::spec::MonitorKind;
 
@@ -202,6 +205,48 @@ impl From<pb::WorkloadStatus> for WorkloadStatus {
     }
 }
 
+impl From<Summary> for admin::DeviceSummary {
+    fn from(s: Summary) -> Self {
+        match s {
+            Summary::Healthy => admin::DeviceSummary::Healthy,
+            Summary::Degraded => admin::DeviceSummary::Degraded,
+            Summary::Error => admin::DeviceSummary::Error,
+            Summary::Offline => admin::DeviceSummary::Offline,
+            Summary::Unknown => admin::DeviceSummary::Unknown,
+        }
+    }
+}
+
+/// The summary a wire value names; unset or unknown (a newer peer) is `Unknown`.
+pub fn summary_from(wire: i32) -> Summary {
+    match admin::DeviceSummary::try_from(wire) {
+        Ok(admin::DeviceSummary::Healthy) => Summary::Healthy,
+        Ok(admin::DeviceSummary::Degraded) => Summary::Degraded,
+        Ok(admin::DeviceSummary::Error) => Summary::Error,
+        Ok(admin::DeviceSummary::Offline) => Summary::Offline,
+        _ => Summary::Unknown,
+    }
+}
+
+impl From<ConditionStatus> for admin::ConditionStatus {
+    fn from(s: ConditionStatus) -> Self {
+        match s {
+            ConditionStatus::True => admin::ConditionStatus::True,
+            ConditionStatus::False => admin::ConditionStatus::False,
+            ConditionStatus::Unknown => admin::ConditionStatus::Unknown,
+        }
+    }
+}
+
+/// The condition status a wire value names; unset or unknown is `Unknown`.
+pub fn condition_status_from(wire: i32) -> ConditionStatus {
+    match admin::ConditionStatus::try_from(wire) {
+        Ok(admin::ConditionStatus::True) => ConditionStatus::True,
+        Ok(admin::ConditionStatus::False) => ConditionStatus::False,
+        _ => ConditionStatus::Unknown,
+    }
+}
+
 /// Why a reported alert cannot be taken in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("alert {index}: {reason}")]
@@ -284,6 +329,28 @@ mod tests {
         };
         let old = FirstServerMessage::decode(refused.encode_to_vec().as_slice()).unwrap();
         assert!(old.reconnect.is_none());
+    }
+
+    #[test]
+    fn summaries_and_condition_statuses_round_trip() {
+        for summary in Summary::ALL {
+            assert_eq!(
+                summary_from(admin::DeviceSummary::from(summary) as i32),
+                summary
+            );
+        }
+        assert_eq!(summary_from(0), Summary::Unknown);
+        assert_eq!(summary_from(99), Summary::Unknown);
+        for status in [
+            ConditionStatus::True,
+            ConditionStatus::False,
+            ConditionStatus::Unknown,
+        ] {
+            assert_eq!(
+                condition_status_from(admin::ConditionStatus::from(status) as i32),
+                status
+            );
+        }
     }
 
     #[test]

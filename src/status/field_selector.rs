@@ -2,6 +2,7 @@
 //! `kubectl --field-selector`: a conjunction of `field=value`, `field==value` or `field!=value`.
 //! Pure: a device's values are looked up through a function.
 
+use super::conditions::Summary;
 use std::fmt;
 use std::str::FromStr;
 
@@ -38,11 +39,11 @@ impl Field {
     }
 
     /// The values a field can take, where that is a closed set.
-    fn allowed(self) -> Option<&'static [&'static str]> {
+    fn allowed(self) -> Option<Vec<&'static str>> {
         match self {
-            Field::Summary => Some(&["Healthy", "Degraded", "Error", "Offline", "Unknown"]),
-            Field::Online => Some(&["true", "false"]),
-            Field::SyncState => Some(&["Synced", "Pending", "Error", "Offline"]),
+            Field::Summary => Some(Summary::ALL.iter().map(|s| s.as_str()).collect()),
+            Field::Online => Some(vec!["true", "false"]),
+            Field::SyncState => Some(vec!["Synced", "Pending", "Error", "Offline"]),
             Field::Os | Field::Arch | Field::AgentVersion => None,
         }
     }

@@ -9,7 +9,7 @@ use crate::hub::RenewalState;
 use crate::hub::SyncState;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
-use crate::status::conditions::{Condition, ConditionStatus, Summary};
+use crate::status::conditions::Condition;
 use crate::store::{EnrollmentRecord, EnrollmentState, FleetRevision, SystemInfo};
 use crate::tpm::Evidence;
 
@@ -177,7 +177,7 @@ pub fn device(view: DeviceView) -> admin::Device {
                 .collect();
         }
         status.conditions = live.conditions.into_iter().map(condition).collect();
-        status.summary = summary(live.summary) as i32;
+        status.summary = admin::DeviceSummary::from(live.summary) as i32;
     }
     admin::Device {
         id: record.id,
@@ -215,27 +215,12 @@ pub fn device_event(event: DeviceEvent) -> admin::DeviceEvent {
 }
 
 fn condition(c: Condition) -> admin::Condition {
-    let status = match c.status {
-        ConditionStatus::True => admin::ConditionStatus::True,
-        ConditionStatus::False => admin::ConditionStatus::False,
-        ConditionStatus::Unknown => admin::ConditionStatus::Unknown,
-    };
     admin::Condition {
         r#type: c.kind.as_str().to_string(),
-        status: status as i32,
+        status: admin::ConditionStatus::from(c.status) as i32,
         reason: c.reason.to_string(),
         message: c.message,
         last_transition_time: Some(timestamp_from_millis(c.last_transition_ms)),
-    }
-}
-
-fn summary(s: Summary) -> admin::DeviceSummary {
-    match s {
-        Summary::Healthy => admin::DeviceSummary::Healthy,
-        Summary::Degraded => admin::DeviceSummary::Degraded,
-        Summary::Error => admin::DeviceSummary::Error,
-        Summary::Offline => admin::DeviceSummary::Offline,
-        Summary::Unknown => admin::DeviceSummary::Unknown,
     }
 }
 

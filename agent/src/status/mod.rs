@@ -164,7 +164,8 @@ impl Reporter {
                 .map(|m| PathBuf::from(m.key().1)),
         );
         let mut usage = self.sampler.sample(&paths, now);
-        // A disk monitor names a mount point; report it under that name.
+        // A disk monitor may name a directory below a mount point; report the filesystem that
+        // holds it (the longest mount point containing it) under the monitor's name too.
         for monitor in spec
             .resources
             .iter()
@@ -175,7 +176,8 @@ impl Reporter {
                 && let Some(found) = usage
                     .filesystems
                     .iter()
-                    .find(|f| PathBuf::from(wanted).starts_with(&f.mount_point))
+                    .filter(|f| PathBuf::from(wanted).starts_with(&f.mount_point))
+                    .max_by_key(|f| f.mount_point.len())
                     .cloned()
             {
                 let mut named = found;
