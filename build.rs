@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "flotilla/agent/v1/status.proto",
     "flotilla/agent/v1/agent.proto",
     "flotilla/admin/v1/admin.proto",
+    "flotilla/admin/v1/credentials.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

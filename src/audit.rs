@@ -26,6 +26,9 @@ pub struct AuditEntry {
     pub proof: String,
     /// ok | refused
     pub outcome: String,
+    /// What the record is about, by name (`credential/ops`); empty on records of devices'
+    /// certificates, which name their device by id.
+    pub target: String,
 }
 
 /// A record with its place in the chain.
@@ -38,14 +41,21 @@ pub struct SealedRecord {
 }
 
 /// The hex SHA-256 that chains `entry` after `previous_hash`: each field is length-prefixed so no two
-/// different records encode alike.
+/// different records encode alike. A record with a target is encoded as version 2 (the target
+/// last); one without keeps version 1's encoding, so trails written before targets verify as they
+/// were.
 pub fn record_hash(previous_hash: &str, entry: &AuditEntry) -> String {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_be_bytes());
         hasher.update(bytes);
     };
-    field(b"flotilla-audit-v1");
+    let version: &[u8] = if entry.target.is_empty() {
+        b"flotilla-audit-v1"
+    } else {
+        b"flotilla-audit-v2"
+    };
+    field(version);
     field(previous_hash.as_bytes());
     field(&entry.seq.to_be_bytes());
     field(&entry.at_ms.to_be_bytes());
@@ -61,6 +71,9 @@ pub fn record_hash(previous_hash: &str, entry: &AuditEntry) -> String {
     field(&entry.not_after_ms.to_be_bytes());
     for text in [&entry.actor, &entry.reason, &entry.proof, &entry.outcome] {
         field(text.as_bytes());
+    }
+    if !entry.target.is_empty() {
+        field(entry.target.as_bytes());
     }
     hex::encode(hasher.finalize())
 }
@@ -155,6 +168,46 @@ mod tests {
                 record
             })
             .collect()
+    }
+
+    #[test]
+    fn a_target_is_covered_and_records_without_one_keep_the_first_encoding() {
+        let entry = AuditEntry {
+            seq: 1,
+            kind: "issued".into(),
+            ..Default::default()
+        };
+        let v1 = record_hash(GENESIS_HASH, &entry);
+        // The first encoding, spelled out: a trail written before targets existed still verifies.
+        let mut hasher = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        };
+        field(b"flotilla-audit-v1");
+        field(GENESIS_HASH.as_bytes());
+        field(&1i64.to_be_bytes());
+        field(&0i64.to_be_bytes());
+        for text in ["issued", "", "", ""] {
+            field(text.as_bytes());
+        }
+        field(&0i64.to_be_bytes());
+        field(&0i64.to_be_bytes());
+        for text in ["", "", "", ""] {
+            field(text.as_bytes());
+        }
+        assert_eq!(v1, hex::encode(hasher.finalize()));
+        let targeted = AuditEntry {
+            target: "credential/ops".into(),
+            ..entry.clone()
+        };
+        let v2 = record_hash(GENESIS_HASH, &targeted);
+        assert_ne!(v1, v2);
+        let other = AuditEntry {
+            target: "credential/dev".into(),
+            ..entry
+        };
+        assert_ne!(v2, record_hash(GENESIS_HASH, &other));
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct Prepared {
     pub audit_key: AuditKey,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    /// The bootstrap admin credential's certificate, if it is still in the data directory (it is
+    /// registered as the credential `admin` unless one of that name exists).
+    pub admin_cert_pem: Option<String>,
     /// Human-readable lines about what was created (printed on first start).
     pub created: Vec<String>,
 }
@@ -340,6 +343,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
     Ok(Prepared {
         server_cert_pem: read(&dir.server_cert())?,
         server_key_pem: read(&dir.server_key())?,
+        admin_cert_pem: std::fs::read_to_string(dir.admin_cert()).ok(),
         ca,
         audit_key,
         created,

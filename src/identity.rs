@@ -31,7 +31,8 @@ impl Role {
         }
     }
 
-    fn from_kind(kind: &str) -> Option<Role> {
+    /// The role a `<kind>` names.
+    pub fn from_kind(kind: &str) -> Option<Role> {
         Some(match kind {
             "admin" => Role::Admin,
             "operator" => Role::Operator,

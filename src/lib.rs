@@ -28,6 +28,8 @@ pub mod ca;
 #[cfg(feature = "server")]
 pub mod control;
 #[cfg(feature = "server")]
+pub mod credentials;
+#[cfg(feature = "server")]
 pub mod fleet;
 #[cfg(feature = "server")]
 pub mod hub;

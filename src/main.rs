@@ -462,6 +462,12 @@ async fn main() -> Result<()> {
                 Arc::new(Hub::new()),
                 policy,
             );
+            if let Some(pem) = &prepared.admin_cert_pem {
+                control
+                    .register_bootstrap_admin(pem)
+                    .await
+                    .context("registering the bootstrap admin credential")?;
+            }
             println!("agent endpoint: {}", url_for(agent_addr));
             println!("admin endpoint: {}", url_for(admin_addr));
             if let Some(addr) = metrics_listen {

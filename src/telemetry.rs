@@ -16,6 +16,17 @@ pub const SESSION_CLOSE_REASONS: &[&str] = &[
     "max_age",
 ];
 pub const CERTIFICATE_EVENTS: &[&str] = &["issued", "renewed", "recovered", "revoked", "rejected"];
+pub const CREDENTIAL_EVENTS: &[&str] = &["created", "renewed", "revoked"];
+/// Roles of admin-API credentials, as metric labels.
+pub const CREDENTIAL_ROLES: &[&str] = &["admin", "operator", "viewer", "service"];
+/// Why the auth layer turned a request away.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "unregistered",
+    "revoked",
+    "forbidden",
+    "out_of_scope",
+];
 
 /// Latency buckets, seconds: from a fast loopback ACK to a slow edge link.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -180,6 +191,22 @@ fn describe() {
         "flotilla_rollout_leader",
         "1 while this replica drives rollouts (holds the leader lock)."
     );
+    describe_counter!(
+        "flotilla_credential_events_total",
+        "Admin-API credentials created, renewed and revoked."
+    );
+    describe_gauge!(
+        "flotilla_credentials",
+        "Unrevoked admin-API credentials by role."
+    );
+    describe_gauge!(
+        "flotilla_credentials_expiring",
+        "Unrevoked admin-API credentials whose newest certificate expires within 7 or 30 days."
+    );
+    describe_counter!(
+        "flotilla_requests_refused_total",
+        "Requests the auth layer or a scope check refused, by the caller's role and the reason."
+    );
     describe_histogram!(
         "flotilla_store_operation_seconds",
         metrics::Unit::Seconds,
@@ -212,6 +239,15 @@ fn init_series() {
     }
     for event in CERTIFICATE_EVENTS {
         counter!("flotilla_certificates_total", "event" => *event).absolute(0);
+    }
+    for event in CREDENTIAL_EVENTS {
+        counter!("flotilla_credential_events_total", "event" => *event).absolute(0);
+    }
+    for role in CREDENTIAL_ROLES {
+        for reason in REFUSAL_REASONS {
+            counter!("flotilla_requests_refused_total", "role" => *role, "reason" => *reason)
+                .absolute(0);
+        }
     }
     for result in TPM_ATTESTATION_RESULTS {
         counter!("flotilla_tpm_attestations_total", "result" => *result).absolute(0);
@@ -268,6 +304,16 @@ pub fn certificate_event(event: &'static str) {
     counter!("flotilla_certificates_total", "event" => event).increment(1);
 }
 
+pub fn credential_event(event: &'static str) {
+    counter!("flotilla_credential_events_total", "event" => event).increment(1);
+}
+
+/// A request refused for `reason` (one of `REFUSAL_REASONS`) to a caller of `role` (`unknown`
+/// when no identity could be read).
+pub fn request_refused(role: &'static str, reason: &'static str) {
+    counter!("flotilla_requests_refused_total", "role" => role, "reason" => reason).increment(1);
+}
+
 pub fn renewal_latency(elapsed: Duration) {
     histogram!("flotilla_certificate_renewal_seconds").record(elapsed.as_secs_f64());
 }
@@ -316,6 +362,8 @@ pub struct Snapshot {
     /// Devices by os-release ID and by agent version, at most `MAX_VERSION_SERIES` each.
     pub os: Vec<(String, usize)>,
     pub agent_versions: Vec<(String, usize)>,
+    /// Unrevoked credentials: role and how long until the newest certificate expires.
+    pub credentials: Vec<(&'static str, Duration)>,
 }
 
 /// Most distinct values of a device-reported label; the rest are summed as `other`.
@@ -397,6 +445,23 @@ pub fn publish(snapshot: &Snapshot) {
     gauge!("flotilla_certificates_expiring", "within" => "7d").set(snapshot.expiring_7d as f64);
     gauge!("flotilla_certificates_expiring", "within" => "30d").set(snapshot.expiring_30d as f64);
     gauge!("flotilla_certificates_renewal_due").set(snapshot.renewal_due as f64);
+    for role in CREDENTIAL_ROLES {
+        let count = snapshot
+            .credentials
+            .iter()
+            .filter(|(r, _)| r == role)
+            .count();
+        gauge!("flotilla_credentials", "role" => *role).set(count as f64);
+    }
+    for (within, days) in [("7d", 7), ("30d", 30)] {
+        let limit = Duration::from_secs(days * 24 * 3600);
+        let count = snapshot
+            .credentials
+            .iter()
+            .filter(|(_, left)| *left <= limit)
+            .count();
+        gauge!("flotilla_credentials_expiring", "within" => within).set(count as f64);
+    }
     gauge!("flotilla_rollouts_open").set(snapshot.rollouts.len() as f64);
     for (fleet, progress, paused) in &snapshot.rollouts {
         gauge!("flotilla_rollout_progress", "fleet" => fleet.clone()).set(*progress);

@@ -55,6 +55,7 @@ fn sealed(record: pb::AuditRecord) -> SealedRecord {
             reason: record.reason,
             proof: record.proof,
             outcome: record.outcome,
+            target: record.target,
         },
         previous_hash: record.previous_hash,
         hash: record.hash,

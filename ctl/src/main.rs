@@ -3,6 +3,7 @@
 mod apply;
 mod audit;
 mod certs;
+mod credentials;
 mod devices;
 mod enrollments;
 mod fleets;
@@ -53,6 +54,11 @@ enum Command {
     /// Print a shell completion script: `flotctl completion bash > /etc/bash_completion.d/flotctl`
     /// (also zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
+    /// Credentials for people and services: create (the key stays here), renew, revoke.
+    Credential {
+        #[command(subcommand)]
+        what: CredentialWhat,
+    },
     /// Delete a resource.
     Delete {
         #[command(subcommand)]
@@ -129,6 +135,59 @@ enum GetWhat {
     },
     /// One enrollment request.
     Enrollment { name: String },
+    /// Credentials of the admin API (admin only).
+    Credentials {
+        /// Include revoked credentials.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One credential.
+    Credential { name: String },
+}
+
+#[derive(Subcommand)]
+enum CredentialWhat {
+    /// Creates a credential: generates a key here, has the control plane sign it, and writes
+    /// `<out>/flotctl.toml` with the certificate, key and CA.
+    Create {
+        name: String,
+        /// admin, operator, viewer or service.
+        #[arg(long)]
+        role: String,
+        /// Limit to devices and fleets matching this label selector (not for admin).
+        #[arg(long, default_value = "")]
+        scope: String,
+        /// For a service: act with the rights of this role (operator or viewer).
+        #[arg(long = "acts-as")]
+        acts_as: Option<String>,
+        /// For a service: a method it may call, e.g. `DeviceService/ListDevices` (repeatable).
+        #[arg(long = "method")]
+        methods: Vec<String>,
+        /// Certificate lifetime, e.g. `90d` (default), `12h`; at most `730d`.
+        #[arg(long, default_value = "")]
+        validity: String,
+        /// Directory for the files (default `./<name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Renews a credential with a fresh key (same name, role and scope). Renewing the credential
+    /// this config uses replaces its files in place; the old certificate is refused once the new
+    /// one has been used.
+    Renew {
+        name: String,
+        /// Certificate lifetime; default: the credential's own.
+        #[arg(long, default_value = "")]
+        validity: String,
+        /// Write to this directory instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revokes a credential and all its certificates; its open calls end at once.
+    Revoke {
+        name: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -358,7 +417,47 @@ async fn run(cli: Cli) -> Result<()> {
             GetWhat::Enrollment { name } => {
                 enrollments::get(channel(config).await?, format, name).await
             }
+            GetWhat::Credentials { all } => {
+                credentials::list(channel(config).await?, format, all).await
+            }
+            GetWhat::Credential { name } => {
+                credentials::get(channel(config).await?, format, name).await
+            }
         },
+        Command::Credential { what } => {
+            let current = load_config(config)?;
+            let channel = channel(config).await?;
+            match what {
+                CredentialWhat::Create {
+                    name,
+                    role,
+                    scope,
+                    acts_as,
+                    methods,
+                    validity,
+                    out,
+                } => {
+                    let create = credentials::Create {
+                        name,
+                        role,
+                        scope,
+                        acts_as,
+                        methods,
+                        validity,
+                        out,
+                    };
+                    credentials::create(channel, &current, create).await
+                }
+                CredentialWhat::Renew {
+                    name,
+                    validity,
+                    out,
+                } => credentials::renew(channel, &current, name, validity, out).await,
+                CredentialWhat::Revoke { name, reason } => {
+                    credentials::revoke(channel, name, reason).await
+                }
+            }
+        }
         Command::Describe { what } => match what {
             DescribeWhat::Device { name } => devices::describe(channel(config).await?, name).await,
             DescribeWhat::Fleet { name } => fleets::describe(channel(config).await?, name).await,

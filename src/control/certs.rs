@@ -117,7 +117,7 @@ pub(super) struct Refusal<'a> {
 }
 
 impl ControlPlane {
-    fn seal(&self) -> Arc<dyn AuditSeal> {
+    pub(super) fn seal(&self) -> Arc<dyn AuditSeal> {
         self.audit_key.clone()
     }
 
@@ -647,12 +647,14 @@ impl ControlPlane {
         actor: &Identity,
     ) -> Result<Vec<String>, ControlError> {
         let serials = match (serial, device) {
-            (Some(serial), None) => {
-                let record = self.store.get_certificate(serial).await?.ok_or_else(|| {
-                    ControlError::NotFound(format!("certificate {serial} not found"))
-                })?;
-                (vec![record.serial], None)
-            }
+            (Some(serial), None) => match self.store.get_certificate(serial).await? {
+                Some(record) => (vec![record.serial], None),
+                None => {
+                    return self
+                        .revoke_credential_certificate(serial, reason, actor)
+                        .await;
+                }
+            },
             // Listed inside the revoking transaction: one issued a moment ago is included.
             (None, Some(name)) => (Vec::new(), Some(self.device_id_by_name(name)?)),
             _ => {

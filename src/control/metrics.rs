@@ -7,6 +7,7 @@ use crate::status::conditions::{ConditionType, Summary};
 use crate::store::EnrollmentState;
 use crate::telemetry::{Snapshot, bounded_groups};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 /// Enrollment requests by state, counted once at start and moved on every decision.
 #[derive(Debug, Default)]
@@ -108,6 +109,15 @@ impl ControlPlane {
                 .collect(),
             os: bounded_groups(summary.status.os),
             agent_versions: bounded_groups(summary.status.agent_versions),
+            credentials: self
+                .credentials
+                .live()
+                .into_iter()
+                .map(|(role, not_after_ms)| {
+                    let left = (not_after_ms - now_millis()).max(0) as u64;
+                    (role.kind(), Duration::from_millis(left))
+                })
+                .collect(),
         }
     }
 }

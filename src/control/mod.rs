@@ -5,6 +5,7 @@
 mod admission;
 mod catalog;
 mod certs;
+mod credentials;
 mod devices;
 mod enrollment;
 mod fleets;
@@ -19,6 +20,10 @@ mod watch;
 
 pub use admission::{AdmissionSettings, OpeningPermit};
 pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequested};
+pub use credentials::{
+    BOOTSTRAP_ADMIN, CredentialView, DEFAULT_CREDENTIAL_VALIDITY, IssuedCredential,
+    MAX_CREDENTIAL_VALIDITY, NewCredential,
+};
 pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
@@ -164,6 +169,8 @@ pub struct ControlPlane {
     policy: Arc<Policy>,
     catalog: Arc<RwLock<Catalog>>,
     revoked: Arc<RevokedSerials>,
+    /// The admin-API credentials the auth layer admits.
+    credentials: Arc<crate::credentials::Registry>,
     challenges: Arc<certs::Challenges>,
     issuance_limiter: Arc<limits::Limiter>,
     recovery_limiter: Arc<limits::Limiter>,
@@ -220,6 +227,7 @@ impl ControlPlane {
             policy: Arc::new(policy),
             catalog: Arc::default(),
             revoked: Arc::default(),
+            credentials: Arc::default(),
             challenges: Arc::default(),
             audit_lock: Arc::default(),
             enrollment_counts: Arc::default(),
@@ -287,6 +295,11 @@ impl ControlPlane {
         &self.revoked
     }
 
+    /// The credentials admitted to the admin API.
+    pub fn credentials(&self) -> &Arc<crate::credentials::Registry> {
+        &self.credentials
+    }
+
     fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
         // Catalog updates are plain assignments; a panic cannot leave one half-done.
         self.catalog.read().unwrap_or_else(|p| p.into_inner())
@@ -326,6 +339,7 @@ impl ControlPlane {
         }
         // Revocations first: nothing below may hand out a session before they are known.
         self.revoked.extend(self.store.revoked_serials().await?);
+        self.load_credentials().await?;
         let spares = self.store.devices_with_spare_certificates().await?;
         self.spares().extend(spares);
         let fleets = self

@@ -76,6 +76,7 @@ struct Touched {
     certificates: BTreeSet<String>,
     rollouts: BTreeSet<String>,
     renewals: BTreeSet<String>,
+    credentials: BTreeSet<String>,
     enrollments: bool,
 }
 
@@ -101,6 +102,9 @@ impl Touched {
                     touched.rollouts.insert(subject);
                 }
                 ChangeKind::Enrollment => touched.enrollments = true,
+                ChangeKind::Credential => {
+                    touched.credentials.insert(subject);
+                }
                 ChangeKind::Renewal => {
                     touched.renewals.insert(subject);
                 }
@@ -189,6 +193,9 @@ impl ControlPlane {
                 .await?;
             revoked.retain(|record| record.revoked_ms.is_some());
             self.enforce_revocation(&revoked);
+        }
+        if !touched.credentials.is_empty() {
+            self.reload_credentials(&touched.credentials).await?;
         }
         if !touched.devices.is_empty() || !touched.fleets.is_empty() {
             self.apply_catalog_changes(&touched).await?;

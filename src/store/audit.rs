@@ -37,6 +37,7 @@ struct AuditRow {
     reason: String,
     proof: String,
     outcome: String,
+    target: String,
     previous_hash: String,
     hash: String,
     signature: String,
@@ -58,6 +59,7 @@ impl AuditRow {
             reason: e.reason.clone(),
             proof: e.proof.clone(),
             outcome: e.outcome.clone(),
+            target: e.target.clone(),
             previous_hash: record.previous_hash.clone(),
             hash: record.hash.clone(),
             signature: hex::encode(&record.signature),
@@ -83,6 +85,7 @@ impl AuditRow {
                 reason: self.reason,
                 proof: self.proof,
                 outcome: self.outcome,
+                target: self.target,
             },
         }
     }
@@ -91,13 +94,20 @@ impl AuditRow {
 /// The PostgreSQL advisory lock (transaction level) that serialises audit appends of every replica.
 const AUDIT_APPEND_LOCK: i64 = 0x466c_6f74_0002;
 
-/// The last record's sequence number and hash (0 and the genesis hash on an empty trail), with
-/// the append lock taken on PostgreSQL for the rest of the transaction.
-fn chain_head(conn: &mut DbConnection) -> Result<(i64, String), StoreError> {
+/// Takes the append lock (PostgreSQL) for the rest of the transaction: a change that must decide
+/// under the audit order (the last admin credential) takes it before it reads.
+pub(super) fn lock_appends(conn: &mut DbConnection) -> Result<(), StoreError> {
     if let DbConnection::Postgres(pg) = conn {
         diesel::sql_query(format!("SELECT pg_advisory_xact_lock({AUDIT_APPEND_LOCK})"))
             .execute(pg)?;
     }
+    Ok(())
+}
+
+/// The last record's sequence number and hash (0 and the genesis hash on an empty trail), with
+/// the append lock taken on PostgreSQL for the rest of the transaction.
+fn chain_head(conn: &mut DbConnection) -> Result<(i64, String), StoreError> {
+    lock_appends(conn)?;
     let last: Option<(i64, String)> = ca::table
         .order(ca::seq.desc())
         .select((ca::seq, ca::hash))

@@ -535,13 +535,22 @@ impl Store {
         .await
     }
 
-    /// Serials of every revoked certificate (loaded at start for the connection check).
+    /// Serials of every revoked certificate, of devices and of credentials (loaded at start for
+    /// the connection check).
     pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        use super::schema::credential_certificates as cc;
         self.run("revoked_serials", |conn| {
-            Ok(certificates::table
+            let mut serials: Vec<String> = certificates::table
                 .filter(certificates::revoked_ms.is_not_null())
                 .select(certificates::serial)
-                .load(conn)?)
+                .load(conn)?;
+            serials.extend(
+                cc::table
+                    .filter(cc::revoked_ms.is_not_null())
+                    .select(cc::serial)
+                    .load::<String>(conn)?,
+            );
+            Ok(serials)
         })
         .await
     }

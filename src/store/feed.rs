@@ -31,6 +31,8 @@ pub enum ChangeKind {
     Certificate,
     Rollout,
     Enrollment,
+    /// A credential of the admin API (subject: its name) or one of its certificates.
+    Credential,
     /// An operator asked for the device's certificate to be renewed now (the replica holding its
     /// session asks it); written by `request_renewals`, not by a trigger.
     Renewal,
@@ -80,6 +82,7 @@ fn kind_of(text: &str) -> Option<ChangeKind> {
         "certificate" => ChangeKind::Certificate,
         "rollout" => ChangeKind::Rollout,
         "enrollment" => ChangeKind::Enrollment,
+        "credential" => ChangeKind::Credential,
         "renewal" => ChangeKind::Renewal,
         _ => return None,
     })

@@ -5,6 +5,7 @@ mod audit;
 mod certificate_batch;
 mod certificates;
 mod connection;
+mod credentials;
 mod dedicated;
 mod devices;
 mod enrollments;
@@ -24,6 +25,9 @@ pub use certificates::{
     Revocation,
 };
 pub use connection::{Backend, DbConnection};
+pub use credentials::{
+    CredentialCertificate, CredentialRecord, CredentialRevocation, StoredCredential,
+};
 pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use feed::{Change, ChangeKind, FeedLane};

@@ -132,9 +132,40 @@ diesel::table! {
         reason -> Text,
         proof -> Text,
         outcome -> Text,
+        target -> Text,
         previous_hash -> Text,
         hash -> Text,
         signature -> Text,
+    }
+}
+
+diesel::table! {
+    credentials (name) {
+        name -> Text,
+        role -> Text,
+        scope -> Text,
+        grants -> Text,
+        validity_ms -> BigInt,
+        created_ms -> BigInt,
+        created_by -> Text,
+        last_used_ms -> Nullable<BigInt>,
+        revoked_ms -> Nullable<BigInt>,
+        revocation_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    credential_certificates (serial) {
+        serial -> Text,
+        credential -> Text,
+        key_fingerprint -> Text,
+        fingerprint -> Text,
+        certificate_pem -> Text,
+        not_before_ms -> BigInt,
+        not_after_ms -> BigInt,
+        issued_ms -> BigInt,
+        revoked_ms -> Nullable<BigInt>,
+        revocation_reason -> Nullable<Text>,
     }
 }
 
@@ -170,10 +201,13 @@ diesel::table! {
 
 diesel::joinable!(device_sessions -> devices (device_id));
 diesel::joinable!(device_reports -> devices (device_id));
+diesel::joinable!(credential_certificates -> credentials (credential));
 
 diesel::allow_tables_to_appear_in_same_query!(
     certificate_audit,
     changes,
+    credential_certificates,
+    credentials,
     deployment_identity,
     device_reports,
     device_sessions,

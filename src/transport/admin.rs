@@ -31,6 +31,10 @@ impl AdminApi {
     pub fn new(control: ControlPlane) -> Self {
         AdminApi { control }
     }
+
+    pub(super) fn control(&self) -> &ControlPlane {
+        &self.control
+    }
 }
 
 #[tonic::async_trait]

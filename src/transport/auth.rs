@@ -4,10 +4,14 @@
 //! the server decides who a caller is.
 
 use super::guard::GuardedInfo;
-use crate::authz::authorize;
-use crate::identity::Identity;
+use super::revocable::Revocable;
+use crate::authz::{Grant, authorize};
+use crate::clock::now_millis;
+use crate::credentials::{AdmitError, Registry};
+use crate::identity::{Identity, Role};
 use crate::pki::cert_info;
 use crate::revocation::RevokedSerials;
+use crate::selector::Selector;
 use rustls::pki_types::UnixTime;
 use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
@@ -18,12 +22,14 @@ use tonic::codegen::http::{Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-/// The verified caller, in the request extensions of every handler: its identity and the serial of
-/// the certificate it presented.
+/// The verified caller, in the request extensions of every handler: its identity, the serial of
+/// the certificate it presented, what it may call, and the scope it is limited to.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub identity: Identity,
     pub serial: String,
+    pub grant: Grant,
+    pub scope: Option<Selector>,
 }
 
 fn verified<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
@@ -38,6 +44,13 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
     verified(request).map(|c| c.identity.clone())
 }
 
+/// Reads the identity and scope a request was authenticated with.
+pub fn caller_scoped<T>(
+    request: &tonic::Request<T>,
+) -> Result<(Identity, Option<Selector>), Status> {
+    verified(request).map(|c| (c.identity.clone(), c.scope.clone()))
+}
+
 /// Reads the serial of the certificate a request was authenticated with.
 pub fn caller_serial<T>(request: &tonic::Request<T>) -> Result<String, Status> {
     verified(request).map(|c| c.serial.clone())
@@ -48,11 +61,31 @@ pub fn caller_serial<T>(request: &tonic::Request<T>) -> Result<String, Status> {
 pub struct Authenticator {
     verifier: Arc<dyn ClientCertVerifier>,
     revoked: Arc<RevokedSerials>,
+    credentials: Arc<Registry>,
+}
+
+/// How a refusal is counted: the caller's role (when known) and why.
+fn refused(role: Option<Role>, reason: &'static str, status: Status) -> Status {
+    crate::telemetry::request_refused(role.map_or("unknown", Role::kind), reason);
+    status
 }
 
 impl Authenticator {
-    pub fn new(verifier: Arc<dyn ClientCertVerifier>, revoked: Arc<RevokedSerials>) -> Self {
-        Authenticator { verifier, revoked }
+    pub fn new(
+        verifier: Arc<dyn ClientCertVerifier>,
+        revoked: Arc<RevokedSerials>,
+        credentials: Arc<Registry>,
+    ) -> Self {
+        Authenticator {
+            verifier,
+            revoked,
+            credentials,
+        }
+    }
+
+    /// The set whose changes end open admin calls.
+    pub fn revoked(&self) -> &Arc<RevokedSerials> {
+        &self.revoked
     }
 
     /// Decides who sent `request` and whether they may call its method.
@@ -76,26 +109,59 @@ impl Authenticator {
         let (end_entity, intermediates) = certs.split_first().ok_or_else(|| {
             Status::unauthenticated("a client certificate issued by this control plane is required")
         })?;
+        let rejected = |e: &dyn std::fmt::Display| {
+            refused(
+                None,
+                "unauthenticated",
+                Status::unauthenticated(format!("client certificate rejected: {e}")),
+            )
+        };
         self.verifier
             .verify_client_cert(end_entity, intermediates, UnixTime::now())
-            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
-        let identity = Identity::from_certificate_der(end_entity)
-            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?;
-        let serial = cert_info(end_entity)
-            .map_err(|e| Status::unauthenticated(format!("client certificate rejected: {e}")))?
-            .serial;
+            .map_err(|e| rejected(&e))?;
+        let identity = Identity::from_certificate_der(end_entity).map_err(|e| rejected(&e))?;
+        let serial = cert_info(end_entity).map_err(|e| rejected(&e))?.serial;
+        let role = identity.role;
         if self.revoked.contains(&serial) {
-            return Err(Status::unauthenticated(format!(
-                "client certificate {serial} has been revoked"
-            )));
+            return Err(refused(
+                Some(role),
+                "revoked",
+                Status::unauthenticated(format!("client certificate {serial} has been revoked")),
+            ));
         }
-        authorize(identity.role, request.uri().path())
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let (grant, scope) = match role {
+            Role::Device | Role::Enrollment => (Grant::of(role), None),
+            _ => {
+                let admitted = self
+                    .credentials
+                    .admit(&identity, &serial, now_millis())
+                    .map_err(|e| {
+                        let reason = match e {
+                            AdmitError::Unknown(_) => "unregistered",
+                            AdmitError::Revoked(_) => "revoked",
+                        };
+                        refused(Some(role), reason, Status::unauthenticated(e.to_string()))
+                    })?;
+                (admitted.grant, admitted.scope)
+            }
+        };
+        authorize(&grant, request.uri().path()).map_err(|e| {
+            refused(
+                Some(role),
+                "forbidden",
+                Status::permission_denied(e.to_string()),
+            )
+        })?;
         if let Some(connection) = connection {
             // The connection has proven itself: it no longer counts as pending.
             connection.proof.authenticated();
         }
-        Ok(Caller { identity, serial })
+        Ok(Caller {
+            identity,
+            serial,
+            grant,
+            scope,
+        })
     }
 }
 
@@ -136,11 +202,15 @@ impl<S> Service<Request<Body>> for AuthService<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
     type Future = futures::future::Either<
-        S::Future,
+        futures::future::Either<
+            S::Future,
+            futures::future::BoxFuture<'static, Result<Response<Body>, S::Error>>,
+        >,
         futures::future::Ready<Result<Response<Body>, S::Error>>,
     >;
 
@@ -151,8 +221,22 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         match self.authenticator.authenticate(&request) {
             Ok(caller) => {
+                // People's and services' calls end when their certificate is revoked; devices'
+                // sessions are closed by the hub.
+                let watched = (!matches!(caller.identity.role, Role::Device | Role::Enrollment))
+                    .then(|| caller.serial.clone());
                 request.extensions_mut().insert(caller);
-                futures::future::Either::Left(self.inner.call(request))
+                let call = self.inner.call(request);
+                futures::future::Either::Left(match watched {
+                    None => futures::future::Either::Left(call),
+                    Some(serial) => {
+                        let revoked = self.authenticator.revoked.clone();
+                        futures::future::Either::Right(Box::pin(async move {
+                            let response = call.await?;
+                            Ok(response.map(|body| Revocable::wrap(body, serial, revoked)))
+                        }))
+                    }
+                })
             }
             Err(status) => {
                 tracing::info!(path = request.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
@@ -171,7 +255,7 @@ mod tests {
         let (ca, _) =
             CertificateAuthority::generate("test", std::time::Duration::from_secs(60)).unwrap();
         let verifier = super::super::tls::client_verifier(ca.cert_pem()).unwrap();
-        Authenticator::new(verifier, revoked)
+        Authenticator::new(verifier, revoked, Arc::default())
     }
 
     fn request(path: &str) -> Request<()> {

@@ -1,12 +1,15 @@
 //! Conversions between domain records and their protobuf messages.
 
 use crate::audit::SealedRecord;
+use crate::authz::ServiceGrant;
 use crate::clock::timestamp_from_millis;
 use crate::control::{
-    CertificateView, DeviceEvent, DeviceView, EnrollOutcome, FleetView, RolloutView, TpmProof,
+    CertificateView, ControlError, CredentialView, DeviceEvent, DeviceView, EnrollOutcome,
+    FleetView, IssuedCredential, RolloutView, TpmProof,
 };
 use crate::hub::RenewalState;
 use crate::hub::SyncState;
+use crate::identity::{Identity, Role};
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as agent;
 use crate::status::conditions::Condition;
@@ -350,5 +353,76 @@ pub fn audit_record(record: SealedRecord) -> admin::AuditRecord {
         previous_hash: record.previous_hash,
         hash: record.hash,
         signature: record.signature,
+        target: e.target,
+    }
+}
+
+/// A credential role from the wire: `None` when unspecified, INVALID_ARGUMENT when unknown.
+pub fn credential_role(value: i32, field: &str) -> Result<Option<Role>, ControlError> {
+    use admin::CredentialRole as R;
+    match R::try_from(value) {
+        Ok(R::Unspecified) => Ok(None),
+        Ok(R::Admin) => Ok(Some(Role::Admin)),
+        Ok(R::Operator) => Ok(Some(Role::Operator)),
+        Ok(R::Viewer) => Ok(Some(Role::Viewer)),
+        Ok(R::Service) => Ok(Some(Role::Service)),
+        Err(_) => Err(ControlError::invalid(
+            field,
+            format!("unknown role {value}: use admin, operator, viewer or service"),
+        )),
+    }
+}
+
+fn credential_role_to_wire(role: Role) -> admin::CredentialRole {
+    use admin::CredentialRole as R;
+    match role {
+        Role::Admin => R::Admin,
+        Role::Operator => R::Operator,
+        Role::Viewer => R::Viewer,
+        Role::Service => R::Service,
+        Role::Device | Role::Enrollment => R::Unspecified,
+    }
+}
+
+pub fn credential(view: CredentialView) -> admin::Credential {
+    let record = view.record;
+    let grant = view.grant.map(|grant| match grant {
+        ServiceGrant::ActsAs(role) => admin::ServiceGrant {
+            acts_as: credential_role_to_wire(role) as i32,
+            methods: vec![],
+        },
+        ServiceGrant::Methods(methods) => admin::ServiceGrant {
+            acts_as: 0,
+            methods: methods.into_iter().collect(),
+        },
+    });
+    admin::Credential {
+        identity: Identity::new(view.role, &record.name).uri(),
+        name: record.name,
+        role: credential_role_to_wire(view.role) as i32,
+        scope: record.scope,
+        grant,
+        serial: view
+            .newest
+            .as_ref()
+            .map(|c| c.serial.clone())
+            .unwrap_or_default(),
+        not_after: view
+            .newest
+            .as_ref()
+            .map(|c| timestamp_from_millis(c.not_after_ms)),
+        created_at: Some(timestamp_from_millis(record.created_ms)),
+        created_by: record.created_by,
+        last_used_at: record.last_used_ms.map(timestamp_from_millis),
+        revoked_at: record.revoked_ms.map(timestamp_from_millis),
+        revocation_reason: record.revocation_reason.unwrap_or_default(),
+    }
+}
+
+pub fn issued_credential(issued: IssuedCredential, ca_pem: &str) -> admin::IssuedCredential {
+    admin::IssuedCredential {
+        credential: Some(credential(issued.view)),
+        certificate_pem: issued.certificate_pem,
+        ca_pem: ca_pem.to_string(),
     }
 }

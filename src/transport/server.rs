@@ -13,6 +13,7 @@ use crate::control::{ControlError, ControlPlane};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::admin::v1::audit_service_server::AuditServiceServer;
 use crate::proto::admin::v1::certificate_service_server::CertificateServiceServer;
+use crate::proto::admin::v1::credential_service_server::CredentialServiceServer;
 use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
 use crate::proto::admin::v1::fleet_service_server::FleetServiceServer;
@@ -116,7 +117,11 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let verifier = tls::client_verifier(&material.ca_pem)?;
     let tls_config = tls::server_config(&material.cert_pem, &material.key_pem, verifier.clone())?;
-    let auth = AuthLayer::new(Authenticator::new(verifier, control.revoked().clone()));
+    let auth = AuthLayer::new(Authenticator::new(
+        verifier,
+        control.revoked().clone(),
+        control.credentials().clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -186,6 +191,11 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_ENCODE),
         )
         .add_service(
+            CredentialServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
             RolloutServiceServer::new(AdminApi::new(control.clone()))
                 .max_decoding_message_size(ADMIN_MAX_DECODE)
                 .max_encoding_message_size(MAX_ENCODE),
@@ -239,6 +249,10 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_change_feed().await })
     };
+    let credential_uses = {
+        let control = control.clone();
+        tokio::spawn(async move { control.run_credential_writer().await })
+    };
     for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -259,6 +273,7 @@ pub async fn serve(
     renewals.abort();
     rollouts.abort();
     feed.abort();
+    credential_uses.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

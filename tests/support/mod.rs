@@ -292,6 +292,9 @@ impl TestServer {
             Arc::new(Hub::new()),
             policy,
         );
+        if let Some(pem) = &prepared.admin_cert_pem {
+            control.register_bootstrap_admin(pem).await.unwrap();
+        }
         let material = TlsMaterial {
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: prepared.server_cert_pem,

@@ -1,0 +1,555 @@
+//! Access control through the real server over mTLS: credentials as resources (created from a CSR,
+//! listed, renewed, revoked — the bootstrap admin too), every role against every admin method of
+//! the table, service grants, and bad input that stores nothing.
+
+mod support;
+
+use flotilla::client::ClientCredentials;
+use flotilla::identity::{Identity, Role};
+use flotilla::proto::admin::v1 as pb;
+use flotilla::proto::admin::v1::audit_service_client::AuditServiceClient;
+use flotilla::proto::admin::v1::certificate_service_client::CertificateServiceClient;
+use flotilla::proto::admin::v1::credential_service_client::CredentialServiceClient;
+use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
+use std::time::Duration;
+use support::{TestServer, channel, csr, wait_for};
+use tonic::Code;
+
+/// Creates a credential through the API and returns what its holder connects with.
+async fn create(
+    server: &TestServer,
+    name: &str,
+    role: pb::CredentialRole,
+    grant: Option<pb::ServiceGrant>,
+) -> ClientCredentials {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued =
+        CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+            .create_credential(pb::CreateCredentialRequest {
+                name: name.into(),
+                role: role as i32,
+                grant,
+                csr_pem: csr(&key),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    ClientCredentials {
+        ca_pem: issued.ca_pem,
+        cert_pem: issued.certificate_pem,
+        key_pem: key.serialize_pem(),
+        server_name: "localhost".into(),
+    }
+}
+
+/// Every admin method of the API (`Service/Method`) and whether it streams.
+fn api_methods() -> Vec<(String, bool)> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(flotilla::proto::FILE_DESCRIPTOR_SET).unwrap();
+    set.file
+        .iter()
+        .filter(|f| f.package() == "flotilla.admin.v1")
+        .flat_map(|f| f.service.iter())
+        .flat_map(|s| {
+            s.method
+                .iter()
+                .map(move |m| (format!("{}/{}", s.name(), m.name()), m.server_streaming()))
+        })
+        .collect()
+}
+
+/// Calls `method` with an empty request: what matters is whether the auth layer let it through.
+async fn call(
+    channel: tonic::transport::Channel,
+    method: &str,
+    streaming: bool,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        format!("/flotilla.admin.v1.{method}").parse().unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let request = tonic::Request::new(());
+    if streaming {
+        let mut stream = grpc
+            .server_streaming(request, path, codec)
+            .await?
+            .into_inner();
+        match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            Ok(Err(status)) => Err(status),
+            _ => Ok(()),
+        }
+    } else {
+        grpc.unary(request, path, codec).await.map(|_| ())
+    }
+}
+
+#[tokio::test]
+async fn every_role_against_every_admin_method() {
+    use pb::CredentialRole as R;
+    let server = TestServer::start().await;
+    let creds = [
+        (
+            "admin",
+            create(&server, "second-admin", R::Admin, None).await,
+        ),
+        ("operator", create(&server, "ops", R::Operator, None).await),
+        ("viewer", create(&server, "dash", R::Viewer, None).await),
+        (
+            "service-as-viewer",
+            create(
+                &server,
+                "reporter",
+                R::Service,
+                Some(pb::ServiceGrant {
+                    acts_as: R::Viewer as i32,
+                    methods: vec![],
+                }),
+            )
+            .await,
+        ),
+        (
+            "service-as-operator",
+            create(
+                &server,
+                "ci",
+                R::Service,
+                Some(pb::ServiceGrant {
+                    acts_as: R::Operator as i32,
+                    methods: vec![],
+                }),
+            )
+            .await,
+        ),
+        (
+            "service-methods",
+            create(
+                &server,
+                "labeller",
+                R::Service,
+                Some(pb::ServiceGrant {
+                    acts_as: 0,
+                    methods: vec![
+                        "DeviceService/GetDevice".into(),
+                        "flotilla.admin.v1.DeviceService/LabelDevice".into(),
+                    ],
+                }),
+            )
+            .await,
+        ),
+    ];
+    let methods = api_methods();
+    assert!(methods.len() >= 30);
+    for (who, creds) in &creds {
+        let channel = channel(&server.admin_url, creds).await;
+        for (method, streaming) in &methods {
+            let (service, name) = method.split_once('/').unwrap();
+            let read = ["List", "Get", "Watch"].iter().any(|p| name.starts_with(p));
+            let credentials = service == "CredentialService" && name != "RenewOwnCredential";
+            let own = name == "RenewOwnCredential";
+            let expected = match *who {
+                "admin" => true,
+                "operator" | "service-as-operator" => !credentials,
+                "viewer" | "service-as-viewer" => own || (read && !credentials),
+                "service-methods" => {
+                    own || method == "DeviceService/GetDevice"
+                        || method == "DeviceService/LabelDevice"
+                }
+                _ => unreachable!(),
+            };
+            let result = call(channel.clone(), method, *streaming).await;
+            match result {
+                Err(status) if status.code() == Code::PermissionDenied => {
+                    assert!(
+                        !expected,
+                        "{who} was refused {method}: {}",
+                        status.message()
+                    );
+                    assert!(
+                        status.message().contains(method.as_str()),
+                        "the refusal names the method: {}",
+                        status.message()
+                    );
+                }
+                Err(status) if status.code() == Code::Unauthenticated => {
+                    panic!("{who} {method}: {}", status.message())
+                }
+                _ => assert!(expected, "{who} may not call {method}, but did: {result:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn credentials_are_listed_and_a_forged_certificate_is_refused() {
+    let server = TestServer::start().await;
+    let admin = channel(&server.admin_url, &server.admin_creds()).await;
+    let viewer = create(&server, "dash", pb::CredentialRole::Viewer, None).await;
+    DeviceServiceClient::new(channel(&server.admin_url, &viewer).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    let listed = CredentialServiceClient::new(admin.clone())
+        .list_credentials(pb::ListCredentialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials;
+    let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["admin", "dash"],
+        "the bootstrap admin is a credential too"
+    );
+    let dash = &listed[1];
+    assert_eq!(dash.role(), pb::CredentialRole::Viewer);
+    assert_eq!(dash.identity, "flotilla://viewer/dash");
+    assert_eq!(dash.created_by, "admin/admin");
+    assert!(!dash.serial.is_empty() && dash.not_after.is_some());
+    assert_eq!(listed[0].created_by, "bootstrap");
+
+    // A certificate signed with the CA key for a name nobody created.
+    let forged = server.creds_for(Identity::new(Role::Viewer, "ghost"));
+    let status = DeviceServiceClient::new(channel(&server.admin_url, &forged).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status
+            .message()
+            .contains("flotilla://viewer/ghost is not a registered credential"),
+        "{}",
+        status.message()
+    );
+
+    // Its creation is in the audit trail, by name, and the chain still verifies.
+    let records = AuditServiceClient::new(admin)
+        .list_audit(pb::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let created: Vec<_> = records
+        .iter()
+        .filter(|r| r.target == "credential/dash")
+        .collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].kind, "issued");
+    assert_eq!(created[0].actor, "admin/admin");
+    assert_eq!(created[0].serial, dash.serial);
+}
+
+#[tokio::test]
+async fn revoking_a_credential_ends_its_open_watch_and_refuses_new_calls() {
+    let server = TestServer::start().await;
+    let viewer = create(&server, "dash", pb::CredentialRole::Viewer, None).await;
+    let mut watch = DeviceServiceClient::new(channel(&server.admin_url, &viewer).await)
+        .watch_devices(pb::WatchDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // SYNCED arrives first: the watch is open.
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.r#type(), pb::device_event::Type::Synced);
+    let revoked =
+        CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+            .revoke_credential(pb::RevokeCredentialRequest {
+                name: "dash".into(),
+                reason: "left the team".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(revoked.revocation_reason, "left the team");
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch ends at once")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{}", ended.message());
+    let status = DeviceServiceClient::new(channel(&server.admin_url, &viewer).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_renewed_credential_works_and_its_old_certificate_is_superseded_once_the_new_is_used() {
+    let server = TestServer::start().await;
+    let old = create(&server, "ci", pb::CredentialRole::Operator, None).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr_pem = csr(&key);
+    let mut own = CredentialServiceClient::new(channel(&server.admin_url, &old).await);
+    let renewed = own
+        .renew_own_credential(pb::RenewOwnCredentialRequest {
+            csr_pem: csr_pem.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The same CSR again (a retry after a lost answer) gets the same certificate.
+    let again = own
+        .renew_own_credential(pb::RenewOwnCredentialRequest { csr_pem })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.certificate_pem, renewed.certificate_pem);
+    let new = ClientCredentials {
+        cert_pem: renewed.certificate_pem.clone(),
+        key_pem: key.serialize_pem(),
+        ..old.clone()
+    };
+    // Until the new certificate is used, the old one still works.
+    DeviceServiceClient::new(channel(&server.admin_url, &old).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    DeviceServiceClient::new(channel(&server.admin_url, &new).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the old certificate superseded",
+        Duration::from_secs(10),
+        || {
+            let old = old.clone();
+            let url = server.admin_url.clone();
+            async move {
+                let status = DeviceServiceClient::new(channel(&url, &old).await)
+                    .list_devices(pb::ListDevicesRequest::default())
+                    .await
+                    .err()?;
+                (status.code() == Code::Unauthenticated).then_some(())
+            }
+        },
+    )
+    .await;
+    DeviceServiceClient::new(channel(&server.admin_url, &new).await)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    // Renewal with a key the credential already had is refused.
+    let reused = CredentialServiceClient::new(channel(&server.admin_url, &new).await)
+        .renew_own_credential(pb::RenewOwnCredentialRequest {
+            csr_pem: csr(&rcgen::KeyPair::from_pem(&old.key_pem).unwrap()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument, "{reused:?}");
+}
+
+#[tokio::test]
+async fn the_last_admin_cannot_be_revoked_and_an_admin_certificate_can_be_revoked_by_serial() {
+    let server = TestServer::start().await;
+    let admin = channel(&server.admin_url, &server.admin_creds()).await;
+    let refused = CredentialServiceClient::new(admin.clone())
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: "admin".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("last admin credential"),
+        "{}",
+        refused.message()
+    );
+
+    let second = create(&server, "root2", pb::CredentialRole::Admin, None).await;
+    let operator = create(&server, "ops", pb::CredentialRole::Operator, None).await;
+    let bootstrap_serial = CredentialServiceClient::new(admin.clone())
+        .get_credential(pb::GetCredentialRequest {
+            name: "admin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .serial;
+    // An operator may revoke device certificates, not credentials'.
+    let status = CertificateServiceClient::new(channel(&server.admin_url, &operator).await)
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            serial: bootstrap_serial.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let second = channel(&server.admin_url, &second).await;
+    let revoked = CertificateServiceClient::new(second.clone())
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            serial: bootstrap_serial.clone(),
+            reason: "key leaked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_serials;
+    assert_eq!(revoked, [bootstrap_serial]);
+    let status = DeviceServiceClient::new(admin)
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // Now root2 is the last admin with a valid certificate.
+    let refused = CredentialServiceClient::new(second)
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: "root2".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+}
+
+#[tokio::test]
+async fn bad_credential_requests_are_refused_and_store_nothing() {
+    use pb::CredentialRole as R;
+    let server = TestServer::start().await;
+    let mut client =
+        CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
+    let good_csr = csr(&rcgen::KeyPair::generate().unwrap());
+    let request = |name: &str, role: i32| pb::CreateCredentialRequest {
+        name: name.into(),
+        role,
+        csr_pem: good_csr.clone(),
+        ..Default::default()
+    };
+    let cases: Vec<(pb::CreateCredentialRequest, Code, &str)> = vec![
+        (
+            pb::CreateCredentialRequest {
+                csr_pem:
+                    "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                        .into(),
+                ..request("broken", R::Viewer as i32)
+            },
+            Code::InvalidArgument,
+            "csr_pem",
+        ),
+        (request("nobody", 0), Code::InvalidArgument, "role"),
+        (
+            request("alien", 42),
+            Code::InvalidArgument,
+            "unknown role 42",
+        ),
+        (
+            request("Bad Name!", R::Viewer as i32),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                scope: "site in (a".into(),
+                ..request("scoped", R::Operator as i32)
+            },
+            Code::InvalidArgument,
+            "scope",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                scope: "site=a".into(),
+                ..request("root3", R::Admin as i32)
+            },
+            Code::InvalidArgument,
+            "admin credentials cover everything",
+        ),
+        (
+            request("lonely", R::Service as i32),
+            Code::InvalidArgument,
+            "grant",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                grant: Some(pb::ServiceGrant {
+                    acts_as: 0,
+                    methods: vec!["CredentialService/CreateCredential".into()],
+                }),
+                ..request("sneaky", R::Service as i32)
+            },
+            Code::InvalidArgument,
+            "only admin credentials",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                grant: Some(pb::ServiceGrant {
+                    acts_as: 0,
+                    methods: vec!["DeviceService/Nope".into()],
+                }),
+                ..request("typo", R::Service as i32)
+            },
+            Code::InvalidArgument,
+            "not an admin API method",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                grant: Some(pb::ServiceGrant {
+                    acts_as: R::Viewer as i32,
+                    methods: vec![],
+                }),
+                ..request("viewer-with-grant", R::Viewer as i32)
+            },
+            Code::InvalidArgument,
+            "only service credentials",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                validity: "10y".into(),
+                ..request("forever", R::Viewer as i32)
+            },
+            Code::InvalidArgument,
+            "validity",
+        ),
+        (
+            pb::CreateCredentialRequest {
+                validity: "9000d".into(),
+                ..request("forever", R::Viewer as i32)
+            },
+            Code::InvalidArgument,
+            "at most 730d",
+        ),
+        (
+            request("admin", R::Viewer as i32),
+            Code::AlreadyExists,
+            "already exists",
+        ),
+    ];
+    for (request, code, needle) in cases {
+        let name = request.name.clone();
+        let status = client.create_credential(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    let listed = client
+        .list_credentials(pb::ListCredentialsRequest {
+            include_revoked: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials;
+    assert_eq!(listed.len(), 1, "nothing stored: {listed:?}");
+    assert_eq!(
+        listed[0].role(),
+        pb::CredentialRole::Admin,
+        "admin unchanged"
+    );
+    let unknown = client
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: "missing".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
