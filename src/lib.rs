@@ -38,6 +38,8 @@ pub mod render;
 #[cfg(feature = "server")]
 pub mod revocation;
 #[cfg(feature = "server")]
+pub mod scope;
+#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 pub mod telemetry;

@@ -553,3 +553,261 @@ async fn bad_credential_requests_are_refused_and_store_nothing() {
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+fn fleet(name: &str, selector: &str) -> pb::ApplyFleetRequest {
+    pb::ApplyFleetRequest {
+        name: name.into(),
+        selector: selector.into(),
+        template: Some(flotilla::proto::agent::v1::DeviceSpec {
+            files: vec![flotilla::proto::agent::v1::FileSpec {
+                path: "/etc/fleet.conf".into(),
+                content: "x".into(),
+                mode: 0o644,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates a credential with a scope.
+async fn create_scoped(
+    server: &TestServer,
+    name: &str,
+    role: pb::CredentialRole,
+    scope: &str,
+) -> ClientCredentials {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued =
+        CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+            .create_credential(pb::CreateCredentialRequest {
+                name: name.into(),
+                role: role as i32,
+                scope: scope.into(),
+                csr_pem: csr(&key),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(issued.credential.unwrap().scope, scope);
+    ClientCredentials {
+        ca_pem: issued.ca_pem,
+        cert_pem: issued.certificate_pem,
+        key_pem: key.serialize_pem(),
+        server_name: "localhost".into(),
+    }
+}
+
+fn denied(status: tonic::Status, what: &str) {
+    assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+    assert!(
+        status
+            .message()
+            .contains("outside this credential's scope (site=a)"),
+        "{what}: {}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_scoped_operator_sees_and_changes_only_its_scope() {
+    use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient;
+    use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
+    let server = TestServer::start().await;
+    let labels = |site: &str| [("site".to_string(), site.to_string())].into();
+    let (_, a_id) = server.enroll_device_with("dev-a", labels("a")).await;
+    server.enroll_device_with("dev-b", labels("b")).await;
+    let admin = channel(&server.admin_url, &server.admin_creds()).await;
+    FleetServiceClient::new(admin.clone())
+        .apply_fleet(fleet("fleet-b", "site=b"))
+        .await
+        .unwrap();
+    let scoped = channel(
+        &server.admin_url,
+        &create_scoped(
+            &server,
+            "berlin-ops",
+            pb::CredentialRole::Operator,
+            "site=a",
+        )
+        .await,
+    )
+    .await;
+    let mut devices = DeviceServiceClient::new(scoped.clone());
+
+    // Reads are filtered.
+    let listed = devices
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    assert_eq!(
+        listed.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        ["dev-a"]
+    );
+    let mut watch = devices
+        .watch_devices(pb::WatchDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.device.unwrap().name, "dev-a");
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().r#type(),
+        pb::device_event::Type::Synced
+    );
+    let fleets = FleetServiceClient::new(scoped.clone())
+        .list_fleets(pb::ListFleetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .fleets;
+    assert!(
+        fleets.is_empty(),
+        "fleet-b reaches outside site=a: {fleets:?}"
+    );
+    let certificates = CertificateServiceClient::new(scoped.clone())
+        .list_certificates(pb::ListCertificatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates;
+    assert!(certificates.iter().all(|c| c.device_id == a_id) && !certificates.is_empty());
+
+    // Single reads and writes outside the scope are refused, naming it.
+    denied(
+        devices
+            .get_device(pb::GetDeviceRequest {
+                name: "dev-b".into(),
+            })
+            .await
+            .unwrap_err(),
+        "get",
+    );
+    denied(
+        devices
+            .label_device(pb::LabelDeviceRequest {
+                name: "dev-b".into(),
+                set: [("role".into(), "x".into())].into(),
+                remove: vec![],
+            })
+            .await
+            .unwrap_err(),
+        "label outside",
+    );
+    denied(
+        devices
+            .label_device(pb::LabelDeviceRequest {
+                name: "dev-a".into(),
+                set: [("site".into(), "b".into())].into(),
+                remove: vec![],
+            })
+            .await
+            .unwrap_err(),
+        "label out of the scope",
+    );
+    denied(
+        devices
+            .delete_device(pb::DeleteDeviceRequest {
+                name: "dev-b".into(),
+            })
+            .await
+            .unwrap_err(),
+        "delete",
+    );
+    denied(
+        CertificateServiceClient::new(scoped.clone())
+            .revoke_certificate(pb::RevokeCertificateRequest {
+                device: "dev-b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        "revoke",
+    );
+    let mut fleets = FleetServiceClient::new(scoped.clone());
+    denied(
+        fleets
+            .apply_fleet(fleet("kiosks", "role=kiosk"))
+            .await
+            .unwrap_err(),
+        "fleet reaching outside",
+    );
+    denied(
+        fleets
+            .apply_fleet(fleet("fleet-b", "site=a"))
+            .await
+            .unwrap_err(),
+        "taking over fleet-b",
+    );
+    denied(
+        fleets
+            .delete_fleet(pb::DeleteFleetRequest {
+                name: "fleet-b".into(),
+            })
+            .await
+            .unwrap_err(),
+        "delete fleet",
+    );
+
+    // Inside the scope, it operates.
+    devices
+        .label_device(pb::LabelDeviceRequest {
+            name: "dev-a".into(),
+            set: [("role".into(), "kiosk".into())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+    fleets
+        .apply_fleet(fleet("kiosks-a", "site=a,role=kiosk"))
+        .await
+        .unwrap();
+    let fleets = FleetServiceClient::new(scoped.clone())
+        .list_fleets(pb::ListFleetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .fleets;
+    assert_eq!(fleets.len(), 1);
+
+    // Enrollment requests: shown and decided by the labels the device would get.
+    let key = rcgen::KeyPair::generate().unwrap();
+    flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient::new(
+        channel(&server.agent_url, &server.enrollment_creds()).await,
+    )
+    .enroll(support::enroll_request("dev-c", csr(&key)))
+    .await
+    .unwrap();
+    let mut enrollments = EnrollmentServiceClient::new(scoped);
+    let pending = enrollments
+        .list_enrollments(pb::ListEnrollmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .enrollments;
+    assert!(
+        pending.iter().all(|e| e.name != "dev-c"),
+        "site=lab is outside site=a"
+    );
+    denied(
+        enrollments
+            .approve_enrollment(pb::ApproveEnrollmentRequest {
+                name: "dev-c".into(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap_err(),
+        "approve as site=lab",
+    );
+    enrollments
+        .approve_enrollment(pb::ApproveEnrollmentRequest {
+            name: "dev-c".into(),
+            labels: labels("a").into_iter().collect(),
+        })
+        .await
+        .unwrap();
+}

@@ -5,6 +5,7 @@ use super::{ControlError, ControlPlane};
 use crate::clock::now_millis;
 use crate::hub::{Rendered, SyncState, SyncStatus};
 use crate::names::{validate_label_key, validate_labels, validate_name};
+use crate::scope::Scope;
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
 use crate::status::conditions::Summary;
@@ -53,20 +54,24 @@ pub(super) fn parse_selector(text: &str) -> Result<Selector, ControlError> {
 pub(super) struct DeviceFilter {
     pub labels: Selector,
     fields: FieldSelector,
+    /// The caller's scope: devices outside it are never shown.
+    pub scope: Scope,
 }
 
 impl DeviceFilter {
-    pub fn parse(labels: &str, fields: &str) -> Result<DeviceFilter, ControlError> {
+    pub fn parse(labels: &str, fields: &str, scope: &Scope) -> Result<DeviceFilter, ControlError> {
         Ok(DeviceFilter {
             labels: parse_selector(labels)?,
             fields: fields
                 .parse()
                 .map_err(|e| ControlError::invalid("field_selector", e))?,
+            scope: scope.clone(),
         })
     }
 
     pub fn matches(&self, view: &DeviceView) -> bool {
         self.labels.matches(&view.record.labels)
+            && self.scope.covers_labels(&view.record.labels)
             && (self.fields.is_empty() || self.fields.matches(|field| field_value(view, field)))
     }
 }
@@ -135,13 +140,14 @@ impl ControlPlane {
         &self,
         selector: &str,
         field_selector: &str,
+        scope: &Scope,
     ) -> Result<Vec<DeviceView>, ControlError> {
-        let filter = DeviceFilter::parse(selector, field_selector)?;
+        let filter = DeviceFilter::parse(selector, field_selector, scope)?;
         let mut found: Vec<(DeviceRecord, Vec<String>)> = {
             let catalog = self.catalog();
             catalog
                 .devices()
-                .filter(|d| filter.labels.matches(&d.labels))
+                .filter(|d| filter.labels.matches(&d.labels) && scope.covers_labels(&d.labels))
                 .map(|d| (d.clone(), catalog.conflicts(&d.id).to_vec()))
                 .collect()
         };

@@ -15,6 +15,7 @@ mod limits;
 mod metrics;
 mod replication;
 mod rollouts;
+mod scope;
 mod session;
 mod watch;
 

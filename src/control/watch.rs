@@ -102,8 +102,9 @@ impl ControlPlane {
         &self,
         selector: &str,
         field_selector: &str,
+        scope: &crate::scope::Scope,
     ) -> Result<DeviceWatch, ControlError> {
-        let filter = DeviceFilter::parse(selector, field_selector)?;
+        let filter = DeviceFilter::parse(selector, field_selector, scope)?;
         // Subscribe before taking the snapshot, so no change between the two is lost.
         let feed = self.hub.subscribe();
         let mut watch = DeviceWatch {

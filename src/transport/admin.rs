@@ -1,6 +1,6 @@
 //! The operator-facing admin services: devices, fleets and enrollment decisions.
 
-use super::auth::caller;
+use super::auth::{caller, caller_scope};
 use super::convert;
 use crate::control::{
     ControlError, ControlPlane, DeviceUpdate, FleetApply, LabelChange, RolloutCommand,
@@ -46,10 +46,11 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
         let devices = self
             .control
-            .list_devices(&request.selector, &request.field_selector)
+            .list_devices(&request.selector, &request.field_selector, &scope)
             .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices.into_iter().map(convert::device).collect(),
@@ -60,7 +61,10 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::GetDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
-        let view = self.control.get_device(&request.into_inner().name).await?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control.ensure_device_in_scope(&name, &scope)?;
+        let view = self.control.get_device(&name).await?;
         Ok(Response::new(convert::device(view)))
     }
 
@@ -68,7 +72,14 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::ApplyDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control.ensure_device_in_scope(&request.name, &scope)?;
+        if let Some(labels) = &request.labels {
+            let labels = labels.values.clone().into_iter().collect();
+            self.control
+                .ensure_labels_in_scope("the new labels", &labels, &scope)?;
+        }
         let view = self
             .control
             .apply_device(DeviceUpdate {
@@ -84,7 +95,20 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::LabelDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control.ensure_device_in_scope(&request.name, &scope)?;
+        if !scope.is_everything()
+            && let Ok(current) = self.control.get_device(&request.name).await
+        {
+            let mut labels = current.record.labels;
+            labels.extend(request.set.clone());
+            for key in &request.remove {
+                labels.remove(key);
+            }
+            self.control
+                .ensure_labels_in_scope("the new labels", &labels, &scope)?;
+        }
         let view = self
             .control
             .label_device(LabelChange {
@@ -100,10 +124,11 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::WatchDevicesRequest>,
     ) -> Result<Response<Self::WatchDevicesStream>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
-        let mut watch = self
-            .control
-            .watch_devices(&request.selector, &request.field_selector)?;
+        let mut watch =
+            self.control
+                .watch_devices(&request.selector, &request.field_selector, &scope)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(async move {
             // Ends when the watcher goes away (send fails) or the feed closes.
@@ -121,10 +146,10 @@ impl DeviceService for AdminApi {
         request: Request<pb::DeleteDeviceRequest>,
     ) -> Result<Response<pb::DeleteDeviceResponse>, Status> {
         let caller = caller(&request)?;
-        let revoked_serials = self
-            .control
-            .delete_device(&request.into_inner().name, &caller)
-            .await?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control.ensure_device_in_scope(&name, &scope)?;
+        let revoked_serials = self.control.delete_device(&name, &caller).await?;
         Ok(Response::new(pb::DeleteDeviceResponse { revoked_serials }))
     }
 }
@@ -139,13 +164,20 @@ impl CertificateService for AdminApi {
         &self,
         request: Request<pb::ListCertificatesRequest>,
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control
+            .ensure_device_in_scope(&request.device, &scope)?;
         let certificates = self
             .control
             .list_certificates(non_empty(&request.device))
             .await?;
         Ok(Response::new(pb::ListCertificatesResponse {
-            certificates: certificates.into_iter().map(convert::certificate).collect(),
+            certificates: certificates
+                .into_iter()
+                .filter(|c| self.control.device_id_in_scope(&c.record.device_id, &scope))
+                .map(convert::certificate)
+                .collect(),
         }))
     }
 
@@ -154,7 +186,13 @@ impl CertificateService for AdminApi {
         request: Request<pb::RevokeCertificateRequest>,
     ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
         let caller = caller(&request)?;
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control
+            .ensure_certificate_in_scope(&request.serial, &scope)
+            .await?;
+        self.control
+            .ensure_device_in_scope(&request.device, &scope)?;
         let revoked_serials = self
             .control
             .revoke_certificates(
@@ -174,7 +212,16 @@ impl CertificateService for AdminApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         let caller = caller(&request)?;
-        let request = request.into_inner();
+        let scope = caller_scope(&request)?;
+        let mut request = request.into_inner();
+        self.control
+            .ensure_device_in_scope(&request.device, &scope)?;
+        if !request.selector.is_empty()
+            && let Some(limit) = scope.selector()
+        {
+            // Selectors are conjunctions: the caller's and its scope's together.
+            request.selector = format!("{},{limit}", request.selector);
+        }
         match (request.device.is_empty(), request.selector.is_empty()) {
             (false, true) => {
                 self.control.force_renewal(&request.device, &caller).await?;
@@ -206,7 +253,10 @@ impl AuditService for AdminApi {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control
+            .ensure_device_in_scope(&request.device, &scope)?;
         let millis = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
         };
@@ -223,7 +273,15 @@ impl AuditService for AdminApi {
             .list_audit(non_empty(&request.device), query)
             .await?;
         Ok(Response::new(pb::ListAuditResponse {
-            records: records.into_iter().map(convert::audit_record).collect(),
+            // A scoped caller sees the records of its devices only.
+            records: records
+                .into_iter()
+                .filter(|r| {
+                    scope.is_everything()
+                        || self.control.device_id_in_scope(&r.entry.device_id, &scope)
+                })
+                .map(convert::audit_record)
+                .collect(),
             audit_public_key_pem: self.control.audit_public_key_pem(),
         }))
     }
@@ -233,11 +291,16 @@ impl AuditService for AdminApi {
 impl FleetService for AdminApi {
     async fn list_fleets(
         &self,
-        _request: Request<pb::ListFleetsRequest>,
+        request: Request<pb::ListFleetsRequest>,
     ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        let scope = caller_scope(&request)?;
         let fleets = self.control.list_fleets().await?;
         Ok(Response::new(pb::ListFleetsResponse {
-            fleets: fleets.into_iter().map(convert::fleet).collect(),
+            fleets: fleets
+                .into_iter()
+                .filter(|f| self.control.fleet_in_scope(&f.record.name, &scope))
+                .map(convert::fleet)
+                .collect(),
         }))
     }
 
@@ -245,7 +308,10 @@ impl FleetService for AdminApi {
         &self,
         request: Request<pb::GetFleetRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        let view = self.control.get_fleet(&request.into_inner().name).await?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control.ensure_fleet_in_scope(&name, &scope)?;
+        let view = self.control.get_fleet(&name).await?;
         Ok(Response::new(convert::fleet(view)))
     }
 
@@ -254,7 +320,11 @@ impl FleetService for AdminApi {
         request: Request<pb::ApplyFleetRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
         let caller = caller(&request)?;
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control.ensure_fleet_in_scope(&request.name, &scope)?;
+        self.control
+            .ensure_selector_in_scope(&request.selector, &scope)?;
         let apply = FleetApply {
             name: request.name,
             selector: request.selector,
@@ -271,9 +341,10 @@ impl FleetService for AdminApi {
         request: Request<pb::DeleteFleetRequest>,
     ) -> Result<Response<pb::DeleteFleetResponse>, Status> {
         let caller = caller(&request)?;
-        self.control
-            .delete_fleet(&request.into_inner().name, &caller)
-            .await?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control.ensure_fleet_in_scope(&name, &scope)?;
+        self.control.delete_fleet(&name, &caller).await?;
         Ok(Response::new(pb::DeleteFleetResponse {}))
     }
 
@@ -281,10 +352,10 @@ impl FleetService for AdminApi {
         &self,
         request: Request<pb::ListFleetRevisionsRequest>,
     ) -> Result<Response<pb::ListFleetRevisionsResponse>, Status> {
-        let revisions = self
-            .control
-            .list_fleet_revisions(&request.into_inner().name)
-            .await?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control.ensure_fleet_in_scope(&name, &scope)?;
+        let revisions = self.control.list_fleet_revisions(&name).await?;
         Ok(Response::new(pb::ListFleetRevisionsResponse {
             revisions: revisions.into_iter().map(convert::fleet_revision).collect(),
         }))
@@ -297,6 +368,7 @@ impl EnrollmentService for AdminApi {
         &self,
         request: Request<pb::ListEnrollmentsRequest>,
     ) -> Result<Response<pb::ListEnrollmentsResponse>, Status> {
+        let scope = caller_scope(&request)?;
         let state = EnrollmentState::try_from(request.into_inner().state)
             .map_err(|_| Status::invalid_argument("state: unknown enrollment state"))?;
         let records = self
@@ -304,7 +376,11 @@ impl EnrollmentService for AdminApi {
             .list_enrollments(convert::enrollment_state_filter(state))
             .await?;
         Ok(Response::new(pb::ListEnrollmentsResponse {
-            enrollments: records.into_iter().map(convert::enrollment).collect(),
+            enrollments: records
+                .into_iter()
+                .filter(|r| scope.covers_labels(&r.labels))
+                .map(convert::enrollment)
+                .collect(),
         }))
     }
 
@@ -312,10 +388,12 @@ impl EnrollmentService for AdminApi {
         &self,
         request: Request<pb::GetEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
-        let record = self
-            .control
-            .get_enrollment(&request.into_inner().name)
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control
+            .ensure_enrollment_in_scope(&name, &Default::default(), &scope)
             .await?;
+        let record = self.control.get_enrollment(&name).await?;
         Ok(Response::new(convert::enrollment(record)))
     }
 
@@ -324,7 +402,12 @@ impl EnrollmentService for AdminApi {
         request: Request<pb::ApproveEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
         let caller = caller(&request)?;
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        let extra = request.labels.clone().into_iter().collect();
+        self.control
+            .ensure_enrollment_in_scope(&request.name, &extra, &scope)
+            .await?;
         let record = self
             .control
             .approve_enrollment(&request.name, request.labels, &caller)
@@ -337,7 +420,11 @@ impl EnrollmentService for AdminApi {
         request: Request<pb::DenyEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
         let caller = caller(&request)?;
+        let scope = caller_scope(&request)?;
         let request = request.into_inner();
+        self.control
+            .ensure_enrollment_in_scope(&request.name, &Default::default(), &scope)
+            .await?;
         let record = self
             .control
             .deny_enrollment(&request.name, &request.reason, &caller)
@@ -353,9 +440,12 @@ impl AdminApi {
         command: RolloutCommand,
     ) -> Result<Response<pb::Rollout>, Status> {
         let caller = caller(&request)?;
+        let scope = caller_scope(&request)?;
+        let fleet = request.into_inner().fleet;
+        self.control.ensure_fleet_in_scope(&fleet, &scope)?;
         let view = self
             .control
-            .command_rollout(&request.into_inner().fleet, command, &caller)
+            .command_rollout(&fleet, command, &caller)
             .await?;
         Ok(Response::new(convert::rollout(view)))
     }
@@ -370,10 +460,10 @@ impl RolloutService for AdminApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let view = self
-            .control
-            .rollout_view(&request.into_inner().fleet)
-            .await?;
+        let scope = caller_scope(&request)?;
+        let fleet = request.into_inner().fleet;
+        self.control.ensure_fleet_in_scope(&fleet, &scope)?;
+        let view = self.control.rollout_view(&fleet).await?;
         Ok(Response::new(convert::rollout(view)))
     }
 
@@ -403,7 +493,9 @@ impl RolloutService for AdminApi {
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let scope = caller_scope(&request)?;
         let fleet = request.into_inner().fleet;
+        self.control.ensure_fleet_in_scope(&fleet, &scope)?;
         let first = self.control.rollout_view(&fleet).await?;
         let (tx, rx) = mpsc::channel(16);
         let control = self.control.clone();

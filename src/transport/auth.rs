@@ -11,7 +11,7 @@ use crate::credentials::{AdmitError, Registry};
 use crate::identity::{Identity, Role};
 use crate::pki::cert_info;
 use crate::revocation::RevokedSerials;
-use crate::selector::Selector;
+use crate::scope::Scope;
 use rustls::pki_types::UnixTime;
 use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub struct Caller {
     pub identity: Identity,
     pub serial: String,
     pub grant: Grant,
-    pub scope: Option<Selector>,
+    pub scope: Scope,
 }
 
 fn verified<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
@@ -44,11 +44,9 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
     verified(request).map(|c| c.identity.clone())
 }
 
-/// Reads the identity and scope a request was authenticated with.
-pub fn caller_scoped<T>(
-    request: &tonic::Request<T>,
-) -> Result<(Identity, Option<Selector>), Status> {
-    verified(request).map(|c| (c.identity.clone(), c.scope.clone()))
+/// Reads the scope of the credential a request was authenticated with.
+pub fn caller_scope<T>(request: &tonic::Request<T>) -> Result<Scope, Status> {
+    verified(request).map(|c| c.scope.clone())
 }
 
 /// Reads the serial of the certificate a request was authenticated with.
@@ -130,7 +128,7 @@ impl Authenticator {
             ));
         }
         let (grant, scope) = match role {
-            Role::Device | Role::Enrollment => (Grant::of(role), None),
+            Role::Device | Role::Enrollment => (Grant::of(role), Scope::everything()),
             _ => {
                 let admitted = self
                     .credentials
@@ -142,7 +140,7 @@ impl Authenticator {
                         };
                         refused(Some(role), reason, Status::unauthenticated(e.to_string()))
                     })?;
-                (admitted.grant, admitted.scope)
+                (admitted.grant, Scope::of(admitted.scope))
             }
         };
         authorize(&grant, request.uri().path()).map_err(|e| {
