@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Checks the admin endpoint with a stock gRPC client: grpcurl, holding only the admin certificate,
+# Checks the admin endpoint with stock gRPC clients: grpcurl, holding only the admin certificate,
 # lists the services through reflection and gets SERVING from the health service; without a client
-# certificate the TLS handshake is refused. Usage: scripts/check-grpcurl.sh [path/to/flotilla]
+# certificate the TLS handshake is refused; a service credential created with flotctl (acting as a
+# viewer) reads and is refused writes from grpcurl and from a Python grpcio client.
+# Usage: scripts/check-grpcurl.sh [path/to/flotilla] (flotctl is taken from the same directory)
 set -euo pipefail
 flotilla=${1:-target/debug/flotilla}
 work=$(mktemp -d)
@@ -37,4 +39,17 @@ fi
 # so grpcurl sees either the alert or the connection closed under it, never an RPC answer.
 grep -qE 'certificate required|Failed to dial target host' <<<"$refused" \
     || { echo "unexpected refusal: $refused" >&2; exit 1; }
+
+flotctl="$(dirname "$flotilla")/flotctl"
+"$flotctl" --config "$d/flotctl.toml" credential create reporter --role service --acts-as viewer \
+    --out "$work/reporter"
+svc=(-cacert "$work/reporter/ca.crt" -servername localhost -cert "$work/reporter/reporter.crt" -key "$work/reporter/reporter.key")
+grpcurl "${svc[@]}" "127.0.0.1:$admin_port" flotilla.admin.v1.DeviceService/ListDevices >/dev/null
+if denied=$(grpcurl "${svc[@]}" -d '{"name":"x"}' "127.0.0.1:$admin_port" flotilla.admin.v1.DeviceService/DeleteDevice 2>&1); then
+    echo "a viewer service deleted a device" >&2
+    exit 1
+fi
+grep -q 'PermissionDenied' <<<"$denied" || { echo "unexpected refusal: $denied" >&2; exit 1; }
+echo "service credential with grpcurl: reads allowed, writes refused"
+python3 "$(dirname "$0")/service-client.py" "$work/reporter" reporter "127.0.0.1:$admin_port"
 echo "grpcurl checks passed"

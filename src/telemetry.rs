@@ -20,13 +20,7 @@ pub const CREDENTIAL_EVENTS: &[&str] = &["created", "renewed", "revoked"];
 /// Roles of admin-API credentials, as metric labels.
 pub const CREDENTIAL_ROLES: &[&str] = &["admin", "operator", "viewer", "service"];
 /// Why the auth layer turned a request away.
-pub const REFUSAL_REASONS: &[&str] = &[
-    "unauthenticated",
-    "unregistered",
-    "revoked",
-    "forbidden",
-    "out_of_scope",
-];
+pub const REFUSAL_REASONS: &[&str] = &["unauthenticated", "unregistered", "revoked", "forbidden"];
 
 /// Latency buckets, seconds: from a fast loopback ACK to a slow edge link.
 const LATENCY_BUCKETS: &[f64] = &[

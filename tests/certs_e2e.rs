@@ -95,7 +95,9 @@ fn audit_kinds(cluster: &Cluster) -> Vec<String> {
         .flotctl_json(&["audit", "list"])
         .and_then(|v| {
             v.as_array().map(|a| {
+                // Devices' certificate records: credential records name their target.
                 a.iter()
+                    .filter(|r| r.get("target").is_none())
                     .map(|r| r["kind"].as_str().unwrap_or_default().to_string())
                     .collect()
             })

@@ -12,7 +12,6 @@ use flotilla::control::{Policy, RateLimit};
 use flotilla::identity::{Identity, Role};
 use flotilla::pki::cert_info_pem;
 use flotilla::proto::admin::v1 as admin;
-use flotilla::proto::admin::v1::audit_service_client::AuditServiceClient;
 use flotilla::proto::admin::v1::certificate_service_client::CertificateServiceClient;
 use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
 use flotilla::proto::agent::v1 as agent;
@@ -73,12 +72,7 @@ async fn answer(session: &mut RawSession) -> Answer {
 }
 
 async fn audit(server: &TestServer) -> Vec<admin::AuditRecord> {
-    AuditServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
-        .list_audit(admin::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .records
+    support::device_audit(server).await
 }
 
 fn kinds(records: &[admin::AuditRecord]) -> Vec<&str> {

@@ -70,6 +70,9 @@ struct RecordView {
     kind: String,
     outcome: String,
     device_id: String,
+    /// What the record is about, by name (`credential/ops`), when it names it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    target: String,
     serial: String,
     actor: String,
     proof: String,
@@ -124,6 +127,7 @@ pub async fn list(channel: Channel, format: Format, filters: Filters) -> Result<
             kind: r.kind,
             outcome: r.outcome,
             device_id: r.device_id,
+            target: r.target,
             serial: r.serial,
             actor: r.actor,
             proof: r.proof,
@@ -136,7 +140,7 @@ pub async fn list(channel: Channel, format: Format, filters: Filters) -> Result<
         &views,
         false,
         &[
-            "SEQ", "AT", "KIND", "OUTCOME", "DEVICE", "SERIAL", "ACTOR", "REASON",
+            "SEQ", "AT", "KIND", "OUTCOME", "SUBJECT", "SERIAL", "ACTOR", "REASON",
         ],
         |r| {
             vec![
@@ -144,7 +148,11 @@ pub async fn list(channel: Channel, format: Format, filters: Filters) -> Result<
                 r.at.clone().unwrap_or_default(),
                 r.kind.clone(),
                 r.outcome.clone(),
-                r.device_id.clone(),
+                if r.target.is_empty() {
+                    format!("device/{}", r.device_id)
+                } else {
+                    r.target.clone()
+                },
                 r.serial.clone(),
                 r.actor.clone(),
                 r.reason.clone(),

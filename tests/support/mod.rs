@@ -409,6 +409,21 @@ impl Drop for TestServer {
     }
 }
 
+/// The audit records about devices' certificates (the trail also holds the bootstrap admin
+/// credential's, which names its target).
+pub async fn device_audit(server: &TestServer) -> Vec<admin::AuditRecord> {
+    use flotilla::proto::admin::v1::audit_service_client::AuditServiceClient;
+    let mut records =
+        AuditServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+            .list_audit(admin::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+    records.retain(|r| r.target.is_empty());
+    records
+}
+
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
