@@ -47,7 +47,8 @@ fn audit_record(cluster: &Cluster, kind: &str) -> Option<Value> {
         .flotctl_json(&["audit", "list"])?
         .as_array()?
         .iter()
-        .find(|r| r["kind"] == kind)
+        // Devices' certificate records: credential records name their target.
+        .find(|r| r["kind"] == kind && r.get("target").is_none())
         .cloned()
 }
 
