@@ -22,6 +22,16 @@ async fn create(
     role: pb::CredentialRole,
     grant: Option<pb::ServiceGrant>,
 ) -> ClientCredentials {
+    create_with(server, name, role, grant, "").await
+}
+
+async fn create_with(
+    server: &TestServer,
+    name: &str,
+    role: pb::CredentialRole,
+    grant: Option<pb::ServiceGrant>,
+    scope: &str,
+) -> ClientCredentials {
     let key = rcgen::KeyPair::generate().unwrap();
     let issued =
         CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
@@ -29,12 +39,14 @@ async fn create(
                 name: name.into(),
                 role: role as i32,
                 grant,
+                scope: scope.into(),
                 csr_pem: csr(&key),
                 ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
+    assert_eq!(issued.credential.unwrap().scope, scope);
     ClientCredentials {
         ca_pem: issued.ca_pem,
         cert_pem: issued.certificate_pem,
@@ -578,26 +590,7 @@ async fn create_scoped(
     role: pb::CredentialRole,
     scope: &str,
 ) -> ClientCredentials {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let issued =
-        CredentialServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
-            .create_credential(pb::CreateCredentialRequest {
-                name: name.into(),
-                role: role as i32,
-                scope: scope.into(),
-                csr_pem: csr(&key),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    assert_eq!(issued.credential.unwrap().scope, scope);
-    ClientCredentials {
-        ca_pem: issued.ca_pem,
-        cert_pem: issued.certificate_pem,
-        key_pem: key.serialize_pem(),
-        server_name: "localhost".into(),
-    }
+    create_with(server, name, role, None, scope).await
 }
 
 fn denied(status: tonic::Status, what: &str) {
