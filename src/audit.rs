@@ -26,9 +26,30 @@ pub struct AuditEntry {
     pub proof: String,
     /// ok | refused
     pub outcome: String,
-    /// What the record is about, by name (`credential/ops`); empty on records of devices'
-    /// certificates, which name their device by id.
+    /// What the record is about, by name (`credential/ops`, `fleet/web`); empty on records of
+    /// devices' certificates, which name their device by id.
     pub target: String,
+    /// The caller's role on records of admin calls (`operator`).
+    pub role: String,
+    /// The admin method called (`FleetService/ApplyFleet`).
+    pub method: String,
+    /// The revision or version the change produced (a fleet's revision, a device's spec version).
+    pub revision: String,
+}
+
+impl AuditEntry {
+    /// The encoding version of this record's hash: each version adds fields, and a record uses the
+    /// oldest one that holds all of its fields, so trails written before a field existed verify as
+    /// they were.
+    pub fn encoding(&self) -> u8 {
+        if !(self.role.is_empty() && self.method.is_empty() && self.revision.is_empty()) {
+            3
+        } else if !self.target.is_empty() {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// A record with its place in the chain.
@@ -41,19 +62,19 @@ pub struct SealedRecord {
 }
 
 /// The hex SHA-256 that chains `entry` after `previous_hash`: each field is length-prefixed so no two
-/// different records encode alike. A record with a target is encoded as version 2 (the target
-/// last); one without keeps version 1's encoding, so trails written before targets verify as they
-/// were.
+/// different records encode alike. Version 1 holds the certificate fields; version 2 adds the
+/// target; version 3 the role, method and revision (see `AuditEntry::encoding`).
 pub fn record_hash(previous_hash: &str, entry: &AuditEntry) -> String {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_be_bytes());
         hasher.update(bytes);
     };
-    let version: &[u8] = if entry.target.is_empty() {
-        b"flotilla-audit-v1"
-    } else {
-        b"flotilla-audit-v2"
+    let encoding = entry.encoding();
+    let version: &[u8] = match encoding {
+        1 => b"flotilla-audit-v1",
+        2 => b"flotilla-audit-v2",
+        _ => b"flotilla-audit-v3",
     };
     field(version);
     field(previous_hash.as_bytes());
@@ -72,8 +93,13 @@ pub fn record_hash(previous_hash: &str, entry: &AuditEntry) -> String {
     for text in [&entry.actor, &entry.reason, &entry.proof, &entry.outcome] {
         field(text.as_bytes());
     }
-    if !entry.target.is_empty() {
+    if encoding >= 2 {
         field(entry.target.as_bytes());
+    }
+    if encoding >= 3 {
+        for text in [&entry.role, &entry.method, &entry.revision] {
+            field(text.as_bytes());
+        }
     }
     hex::encode(hasher.finalize())
 }
@@ -136,6 +162,73 @@ pub fn verify_chain<'a>(
         count += 1;
     }
     Ok(count)
+}
+
+/// The chain's last record as the audit key signed it at a moment: kept elsewhere (a file, a log
+/// shipped off the host), it shows whether records were deleted from the head of the trail since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHead {
+    pub seq: i64,
+    pub hash: String,
+    pub at_ms: i64,
+    pub signature: Vec<u8>,
+}
+
+/// The bytes the audit key signs for a head; a different domain from records' so neither can pass
+/// for the other.
+pub fn head_signed_bytes(seq: i64, hash: &str, at_ms: i64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for field in [
+        b"flotilla-audit-head-v1".as_slice(),
+        &seq.to_be_bytes(),
+        hash.as_bytes(),
+        &at_ms.to_be_bytes(),
+    ] {
+        bytes.extend((field.len() as u64).to_be_bytes());
+        bytes.extend(field);
+    }
+    bytes
+}
+
+/// Checks a head's signature and that `records` (a trail verified from its first record) still
+/// hold the record it names, unchanged.
+pub fn check_head(
+    records: &[SealedRecord],
+    head: &SignedHead,
+    audit_key_spki_der: &[u8],
+) -> Result<(), ChainError> {
+    let fail = |problem: String| ChainError {
+        seq: head.seq,
+        problem,
+    };
+    match verify(
+        audit_key_spki_der,
+        &head_signed_bytes(head.seq, &head.hash, head.at_ms),
+        &head.signature,
+    ) {
+        Ok(()) => {}
+        Err(SignatureError::Invalid) => {
+            return Err(fail(
+                "the saved head's signature does not verify with the audit key".into(),
+            ));
+        }
+        Err(other) => return Err(fail(format!("audit key unusable: {other}"))),
+    }
+    let signed_at = crate::clock::timestamp_from_millis(head.at_ms);
+    let index = usize::try_from(head.seq - 1).ok();
+    match index.and_then(|i| records.get(i)) {
+        None if head.seq == 0 => Ok(()),
+        None => Err(fail(format!(
+            "the trail ends at record {} but the head signed at {signed_at} shows record {}: the \
+             newest records were deleted",
+            records.len(),
+            head.seq
+        ))),
+        Some(record) if record.hash != head.hash => Err(fail(format!(
+            "differs from the head signed at {signed_at}: the trail was rewritten"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +301,79 @@ mod tests {
             ..entry
         };
         assert_ne!(v2, record_hash(GENESIS_HASH, &other));
+    }
+
+    #[test]
+    fn role_method_and_revision_are_covered_as_the_third_encoding() {
+        let entry = AuditEntry {
+            seq: 1,
+            kind: "applied".into(),
+            target: "fleet/web".into(),
+            ..Default::default()
+        };
+        assert_eq!(entry.encoding(), 2);
+        let call = AuditEntry {
+            role: "operator".into(),
+            method: "FleetService/ApplyFleet".into(),
+            revision: "3".into(),
+            ..entry.clone()
+        };
+        assert_eq!(call.encoding(), 3);
+        let hash = record_hash(GENESIS_HASH, &call);
+        assert_ne!(hash, record_hash(GENESIS_HASH, &entry));
+        for changed in [
+            AuditEntry {
+                role: "admin".into(),
+                ..call.clone()
+            },
+            AuditEntry {
+                method: "FleetService/DeleteFleet".into(),
+                ..call.clone()
+            },
+            AuditEntry {
+                revision: "4".into(),
+                ..call.clone()
+            },
+        ] {
+            assert_ne!(hash, record_hash(GENESIS_HASH, &changed));
+        }
+    }
+
+    #[test]
+    fn a_saved_head_shows_truncation_and_rewriting() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let spki = key.subject_public_key_info();
+        let records = chain(&key, 5);
+        let sign = |seq: i64, hash: &str| SignedHead {
+            seq,
+            hash: hash.to_string(),
+            at_ms: 42,
+            signature: key.sign(&head_signed_bytes(seq, hash, 42)).unwrap(),
+        };
+        let head = sign(4, &records[3].hash);
+        assert_eq!(check_head(&records, &head, &spki), Ok(()));
+        assert_eq!(check_head(&records[..4], &head, &spki), Ok(()));
+
+        let error = check_head(&records[..3], &head, &spki).unwrap_err();
+        assert_eq!(error.seq, 4);
+        assert!(
+            error.problem.contains("newest records were deleted"),
+            "{error}"
+        );
+
+        let mut rewritten = records.clone();
+        rewritten[3].hash = record_hash(&rewritten[3].previous_hash, &AuditEntry::default());
+        let error = check_head(&rewritten, &head, &spki).unwrap_err();
+        assert!(error.problem.contains("rewritten"), "{error}");
+
+        let mut forged = head.clone();
+        forged.seq = 2;
+        let error = check_head(&records, &forged, &spki).unwrap_err();
+        assert!(error.problem.contains("signature"), "{error}");
+        // A record's signature does not pass for a head's.
+        let mut swapped = head.clone();
+        swapped.signature = records[3].signature.clone();
+        assert!(check_head(&records, &swapped, &spki).is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub const METHODS: &[(&str, Right)] = &[
     ("RolloutService/ResumeRollout", Right::Operate),
     ("RolloutService/RollbackRollout", Right::Operate),
     ("AuditService/ListAudit", Right::Read),
+    ("AuditService/GetAuditHead", Right::Read),
+    ("AuditService/ListAuditHeads", Right::Read),
     ("FleetService/ListFleets", Right::Read),
     ("FleetService/GetFleet", Right::Read),
     ("FleetService/ListFleetRevisions", Right::Read),
@@ -74,6 +76,19 @@ pub fn method_right(method: &str) -> Option<Right> {
         .strip_prefix(ADMIN)
         .unwrap_or(method);
     METHODS.iter().find(|(m, _)| *m == short).map(|(_, r)| *r)
+}
+
+/// Whether calling an admin method changes something (and so leaves an audit record, refused or
+/// not).
+pub fn mutates(method: &str) -> bool {
+    match method_right(method) {
+        Some(Right::Operate | Right::Own) => true,
+        Some(Right::Credentials) => {
+            let name = method.rsplit('/').next().unwrap_or(method);
+            !(name.starts_with("List") || name.starts_with("Get"))
+        }
+        Some(Right::Read) | None => false,
+    }
 }
 
 /// A service credential's rights.

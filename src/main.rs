@@ -138,6 +138,10 @@ struct ServeArgs {
     /// refused (RESOURCE_EXHAUSTED) until an operator decides some.
     #[arg(long, default_value_t = 1000)]
     max_pending_enrollments: usize,
+    /// How often the leader signs the audit trail's head with a timestamp and keeps it (and logs
+    /// it), when records were added since: a head kept elsewhere reveals deleted records.
+    #[arg(long, default_value = "1m", value_parser = flotilla::clock::parse_duration)]
+    audit_head_interval: Duration,
     /// Connections per gRPC endpoint that may be open without having authenticated a request
     /// (in the TLS handshake, or not yet past the first request); while this many are pending,
     /// new connections wait in the listen backlog.
@@ -373,6 +377,7 @@ async fn main() -> Result<()> {
                 max_issuances_per_device,
                 issuance_window,
                 max_pending_enrollments,
+                audit_head_interval,
             } = *args;
             let tpm = TpmPolicy {
                 trusted_cas: read_tpm_cas(&tpm_cas)?,
@@ -448,6 +453,7 @@ async fn main() -> Result<()> {
                     window: issuance_window,
                 },
                 max_pending_enrollments: max_pending_enrollments.max(1),
+                audit_head_interval: audit_head_interval.max(Duration::from_secs(1)),
                 ..Policy::default()
             };
             let material = TlsMaterial {

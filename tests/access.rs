@@ -247,7 +247,7 @@ async fn credentials_are_listed_and_a_forged_certificate_is_refused() {
         .records;
     let created: Vec<_> = records
         .iter()
-        .filter(|r| r.target == "credential/dash")
+        .filter(|r| r.target == "credential/dash" && r.method.is_empty())
         .collect();
     assert_eq!(created.len(), 1);
     assert_eq!(created[0].kind, "issued");
@@ -803,4 +803,462 @@ async fn a_scoped_operator_sees_and_changes_only_its_scope() {
         })
         .await
         .unwrap();
+}
+
+/// Every record of the trail, with the audit key the server sent.
+async fn trail(server: &TestServer, query: pb::ListAuditRequest) -> (Vec<pb::AuditRecord>, String) {
+    let response = AuditServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+        .list_audit(query)
+        .await
+        .unwrap()
+        .into_inner();
+    (response.records, response.audit_public_key_pem)
+}
+
+fn sealed(record: &pb::AuditRecord) -> flotilla::audit::SealedRecord {
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+            .unwrap_or(0)
+    };
+    flotilla::audit::SealedRecord {
+        entry: flotilla::audit::AuditEntry {
+            seq: record.seq,
+            at_ms: ms(&record.at),
+            kind: record.kind.clone(),
+            device_id: record.device_id.clone(),
+            serial: record.serial.clone(),
+            key_fingerprint: record.key_fingerprint.clone(),
+            not_before_ms: ms(&record.not_before),
+            not_after_ms: ms(&record.not_after),
+            actor: record.actor.clone(),
+            reason: record.reason.clone(),
+            proof: record.proof.clone(),
+            outcome: record.outcome.clone(),
+            target: record.target.clone(),
+            role: record.role.clone(),
+            method: record.method.clone(),
+            revision: record.revision.clone(),
+        },
+        previous_hash: record.previous_hash.clone(),
+        hash: record.hash.clone(),
+        signature: record.signature.clone(),
+    }
+}
+
+fn rollout_fleet(content: &str) -> pb::ApplyFleetRequest {
+    let mut request = fleet("web", "role=web");
+    request.template.as_mut().unwrap().files[0].content = content.into();
+    request.rollout = Some(pb::RolloutPolicy {
+        batches: vec![pb::RolloutBatch {
+            count: 1,
+            ..Default::default()
+        }],
+        success_threshold: 100,
+        progress_deadline_seconds: 3600,
+        max_unavailable: "1".into(),
+        ..Default::default()
+    });
+    request
+}
+
+#[tokio::test]
+async fn every_mutating_call_leaves_one_record_naming_actor_method_and_target() {
+    use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient;
+    use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
+    use flotilla::proto::admin::v1::rollout_service_client::RolloutServiceClient;
+    use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient as Enroll;
+    let server = TestServer::start().await;
+    let admin = channel(&server.admin_url, &server.admin_creds()).await;
+    let mut devices = DeviceServiceClient::new(admin.clone());
+    let mut fleets = FleetServiceClient::new(admin.clone());
+    let mut rollouts = RolloutServiceClient::new(admin.clone());
+    let mut certificates = CertificateServiceClient::new(admin.clone());
+    let mut credentials = CredentialServiceClient::new(admin.clone());
+    let mut enrollments = EnrollmentServiceClient::new(admin.clone());
+    let mut enroll = Enroll::new(channel(&server.agent_url, &server.enrollment_creds()).await);
+    for name in ["web-0", "stranger"] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        enroll
+            .enroll(support::enroll_request(name, csr(&key)))
+            .await
+            .unwrap();
+    }
+    let before = trail(&server, Default::default()).await.0.len();
+
+    // (method, target, revision it must name, or "" when none is checked)
+    let mut expected: Vec<(&str, String, String)> = Vec::new();
+    let approved = enrollments
+        .approve_enrollment(pb::ApproveEnrollmentRequest {
+            name: "web-0".into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serial = certificates
+        .list_certificates(pb::ListCertificatesRequest {
+            device: "web-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates[0]
+        .serial
+        .clone();
+    assert!(!approved.device_id.is_empty());
+    expected.push((
+        "EnrollmentService/ApproveEnrollment",
+        "enrollment/web-0".into(),
+        serial.clone(),
+    ));
+    enrollments
+        .deny_enrollment(pb::DenyEnrollmentRequest {
+            name: "stranger".into(),
+            reason: "unknown hardware".into(),
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "EnrollmentService/DenyEnrollment",
+        "enrollment/stranger".into(),
+        String::new(),
+    ));
+    let applied = fleets
+        .apply_fleet(rollout_fleet("v1"))
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push((
+        "FleetService/ApplyFleet",
+        "fleet/web".into(),
+        applied.revision.to_string(),
+    ));
+    let applied = fleets
+        .apply_fleet(rollout_fleet("v2"))
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push((
+        "FleetService/ApplyFleet",
+        "fleet/web".into(),
+        applied.revision.to_string(),
+    ));
+    let request = || pb::RolloutRequest {
+        fleet: "web".into(),
+    };
+    rollouts.pause_rollout(request()).await.unwrap();
+    expected.push((
+        "RolloutService/PauseRollout",
+        "fleet/web".into(),
+        "2".into(),
+    ));
+    rollouts.resume_rollout(request()).await.unwrap();
+    expected.push((
+        "RolloutService/ResumeRollout",
+        "fleet/web".into(),
+        "2".into(),
+    ));
+    rollouts.rollback_rollout(request()).await.unwrap();
+    expected.push((
+        "RolloutService/RollbackRollout",
+        "fleet/web".into(),
+        "3".into(),
+    ));
+    let device = devices
+        .apply_device(pb::ApplyDeviceRequest {
+            name: "web-0".into(),
+            spec: Some(Default::default()),
+            labels: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!device.name.is_empty());
+    expected.push((
+        "DeviceService/ApplyDevice",
+        "device/web-0".into(),
+        String::new(),
+    ));
+    devices
+        .label_device(pb::LabelDeviceRequest {
+            name: "web-0".into(),
+            set: [("site".to_string(), "berlin".to_string())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "DeviceService/LabelDevice",
+        "device/web-0".into(),
+        String::new(),
+    ));
+    certificates
+        .renew_certificate(pb::RenewCertificateRequest {
+            selector: "role=web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "CertificateService/RenewCertificate",
+        "selector/role=web".into(),
+        String::new(),
+    ));
+    certificates
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            serial: serial.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "CertificateService/RevokeCertificate",
+        "device/web-0".into(),
+        String::new(),
+    ));
+    devices
+        .delete_device(pb::DeleteDeviceRequest {
+            name: "web-0".into(),
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "DeviceService/DeleteDevice",
+        "device/web-0".into(),
+        String::new(),
+    ));
+    fleets
+        .delete_fleet(pb::DeleteFleetRequest { name: "web".into() })
+        .await
+        .unwrap();
+    expected.push((
+        "FleetService/DeleteFleet",
+        "fleet/web".into(),
+        String::new(),
+    ));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let created = credentials
+        .create_credential(pb::CreateCredentialRequest {
+            name: "ops".into(),
+            role: pb::CredentialRole::Operator as i32,
+            csr_pem: csr(&key),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push((
+        "CredentialService/CreateCredential",
+        "credential/ops".into(),
+        created.credential.unwrap().serial,
+    ));
+    let renewed = credentials
+        .renew_credential(pb::RenewCredentialRequest {
+            name: "ops".into(),
+            csr_pem: csr(&rcgen::KeyPair::generate().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    expected.push((
+        "CredentialService/RenewCredential",
+        "credential/ops".into(),
+        renewed.credential.unwrap().serial,
+    ));
+    credentials
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: "ops".into(),
+            reason: "left the team".into(),
+        })
+        .await
+        .unwrap();
+    expected.push((
+        "CredentialService/RevokeCredential",
+        "credential/ops".into(),
+        String::new(),
+    ));
+
+    let (records, key_pem) = trail(&server, Default::default()).await;
+    let calls: Vec<&pb::AuditRecord> = records
+        .iter()
+        .skip(before)
+        .filter(|r| !r.method.is_empty())
+        .collect();
+    assert_eq!(
+        calls.len(),
+        expected.len(),
+        "one record per call: {calls:#?}"
+    );
+    for ((method, target, revision), record) in expected.iter().zip(&calls) {
+        assert_eq!(&record.method, method);
+        assert_eq!(&record.target, target, "{method}");
+        assert_eq!(record.actor, "admin/admin", "{method}");
+        assert_eq!(record.role, "admin", "{method}");
+        assert_eq!(record.outcome, "ok", "{method}");
+        if !revision.is_empty() {
+            assert_eq!(&record.revision, revision, "{method}");
+        }
+    }
+    let denied = calls.iter().find(|r| r.kind == "deny").unwrap();
+    assert_eq!(denied.reason, "unknown hardware");
+    let labeled = calls.iter().find(|r| r.kind == "label").unwrap();
+    assert_eq!(labeled.reason, "set site=berlin");
+    // The device's certificate events name it while it exists; the whole trail verifies.
+    let spki = flotilla::signature::spki_der_from_pem(&key_pem).unwrap();
+    let all: Vec<_> = records.iter().map(sealed).collect();
+    assert_eq!(
+        flotilla::audit::verify_chain(&all, &spki),
+        Ok(records.len())
+    );
+
+    // Filters: by target (a device's name selects its certificate events too), actor, kind.
+    let (by_target, _) = trail(
+        &server,
+        pb::ListAuditRequest {
+            target: "fleet/web".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_target.len(), 6);
+    assert!(by_target.iter().all(|r| r.target == "fleet/web"));
+    let (by_kind, _) = trail(
+        &server,
+        pb::ListAuditRequest {
+            kind: "apply".into(),
+            actor: "admin".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_kind.len(), 3, "two fleet applies and one device apply");
+    let (nobody, _) = trail(
+        &server,
+        pb::ListAuditRequest {
+            actor: "operator/admin".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(nobody.is_empty());
+}
+
+#[tokio::test]
+async fn refused_writes_are_recorded_with_who_tried_and_why() {
+    use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
+    let server = TestServer::start().await;
+    server
+        .enroll_device_with("dev-b", [("site".to_string(), "b".to_string())].into())
+        .await;
+    let viewer = create(&server, "dash", pb::CredentialRole::Viewer, None).await;
+    let viewer = channel(&server.admin_url, &viewer).await;
+    let refused = FleetServiceClient::new(viewer.clone())
+        .apply_fleet(fleet("web", "role=web"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    // A refused read is not a change: no record.
+    CredentialServiceClient::new(viewer)
+        .list_credentials(pb::ListCredentialsRequest::default())
+        .await
+        .unwrap_err();
+    let scoped = create_scoped(&server, "ops-a", pb::CredentialRole::Operator, "site=a").await;
+    let outside = DeviceServiceClient::new(channel(&server.admin_url, &scoped).await)
+        .label_device(pb::LabelDeviceRequest {
+            name: "dev-b".into(),
+            set: [("x".to_string(), "y".to_string())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap_err();
+    denied(outside, "label outside the scope");
+
+    let (records, _) = trail(
+        &server,
+        pb::ListAuditRequest {
+            kind: String::new(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let refusals: Vec<&pb::AuditRecord> =
+        records.iter().filter(|r| r.outcome == "refused").collect();
+    assert_eq!(refusals.len(), 2, "{refusals:#?}");
+    assert_eq!(refusals[0].actor, "viewer/dash");
+    assert_eq!(refusals[0].role, "viewer");
+    assert_eq!(refusals[0].method, "FleetService/ApplyFleet");
+    assert_eq!(refusals[0].kind, "apply");
+    assert!(
+        refusals[0].reason.contains("viewers read and watch only"),
+        "{}",
+        refusals[0].reason
+    );
+    assert_eq!(refusals[1].actor, "operator/ops-a");
+    assert_eq!(refusals[1].method, "DeviceService/LabelDevice");
+    assert!(
+        refusals[1]
+            .reason
+            .contains("outside this credential's scope"),
+        "{}",
+        refusals[1].reason
+    );
+}
+
+#[tokio::test]
+async fn the_head_is_signed_on_demand_and_periodically() {
+    use flotilla::control::Policy;
+    let server = TestServer::start_with(Policy {
+        audit_head_interval: Duration::from_millis(200),
+        ..Policy::default()
+    })
+    .await;
+    server.enroll_device("dev").await;
+    let mut audit =
+        AuditServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
+    let (records, key_pem) = trail(&server, Default::default()).await;
+    let spki = flotilla::signature::spki_der_from_pem(&key_pem).unwrap();
+    let sealed: Vec<_> = records.iter().map(sealed).collect();
+    let to_head = |h: pb::AuditHead| flotilla::audit::SignedHead {
+        seq: h.seq,
+        hash: h.hash,
+        at_ms: h
+            .at
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+            .unwrap(),
+        signature: h.signature,
+    };
+    let head = to_head(
+        audit
+            .get_audit_head(pb::GetAuditHeadRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(head.seq, records.len() as i64);
+    assert_eq!(flotilla::audit::check_head(&sealed, &head, &spki), Ok(()));
+    let error = flotilla::audit::check_head(&sealed[..sealed.len() - 1], &head, &spki).unwrap_err();
+    assert!(
+        error.problem.contains("newest records were deleted"),
+        "{error}"
+    );
+
+    let newest = records.len() as i64;
+    let kept = wait_for("the newest head kept", Duration::from_secs(10), || {
+        let mut audit = audit.clone();
+        async move {
+            let heads = audit
+                .list_audit_heads(pb::ListAuditHeadsRequest { limit: 10 })
+                .await
+                .unwrap()
+                .into_inner()
+                .heads;
+            heads.into_iter().next().filter(|h| h.seq == newest)
+        }
+    })
+    .await;
+    let kept = to_head(kept);
+    assert_eq!(kept.seq, records.len() as i64);
+    assert_eq!(flotilla::audit::check_head(&sealed, &kept, &spki), Ok(()));
 }

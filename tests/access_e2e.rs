@@ -221,3 +221,189 @@ fn a_credential_revoked_through_one_replica_ends_a_watch_on_another() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(!flotctl_with(&config, &["get", "devices"]).status.success());
 }
+
+/// Runs `flotctl audit verify ARGS…`; returns (success, stdout + stderr).
+fn verify(cluster: &Cluster, args: &[&str]) -> (bool, String) {
+    let mut full = vec!["audit", "verify"];
+    full.extend(args);
+    let out = cluster.flotctl(&full);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_audit_trail_exports_verifies_offline_and_reveals_tampering_and_truncation() {
+    use diesel::{Connection, RunQueryDsl};
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(tmp.path());
+    let _server = cluster.start_server_with(1, &["--audit-head-interval", "1s"]);
+    cluster.wait_until_serving();
+    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    cluster.flotctl_ok(&[
+        "credential",
+        "create",
+        "dash",
+        "--role",
+        "viewer",
+        "--out",
+        &dir("dash"),
+    ]);
+    cluster.flotctl_ok(&[
+        "credential",
+        "create",
+        "ops",
+        "--role",
+        "operator",
+        "--out",
+        &dir("ops"),
+    ]);
+    cluster.flotctl_ok(&["credential", "revoke", "ops", "--reason", "left the team"]);
+    // A refused write, recorded with who tried.
+    let viewer = tmp.path().join("dash/flotctl.toml");
+    assert!(
+        !flotctl_with(&viewer, &["credential", "revoke", "dash"])
+            .status
+            .success()
+    );
+
+    // Each call is one record naming actor, method and target.
+    let calls = cluster
+        .flotctl_json(&[
+            "audit",
+            "list",
+            "--actor",
+            "admin",
+            "--target",
+            "credential/ops",
+        ])
+        .unwrap();
+    let calls: Vec<&serde_json::Value> = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] != "")
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert_eq!(calls[0]["method"], "CredentialService/CreateCredential");
+    assert_eq!(calls[1]["method"], "CredentialService/RevokeCredential");
+    assert_eq!(calls[1]["kind"], "revoke");
+    assert_eq!(calls[1]["actor"], "admin/admin");
+    assert_eq!(calls[1]["reason"], "left the team");
+    let refused = cluster
+        .flotctl_json(&["audit", "list", "--actor", "dash"])
+        .unwrap();
+    assert_eq!(refused.as_array().unwrap().len(), 1, "{refused:#}");
+    assert_eq!(refused[0]["outcome"], "refused");
+    assert_eq!(refused[0]["method"], "CredentialService/RevokeCredential");
+    let table = cluster.flotctl_ok(&["audit", "list", "--kind", "create"]);
+    assert!(
+        table.contains("credential/dash") && table.contains("admin/admin"),
+        "{table}"
+    );
+
+    // An export verifies offline, against a head saved at the same time.
+    let head = tmp.path().join("head.json");
+    cluster.flotctl_ok(&["audit", "head", "--out", head.to_str().unwrap()]);
+    let export = tmp.path().join("trail.jsonl");
+    cluster.flotctl_ok(&["audit", "export", "--out", export.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 6, "{text}");
+    let head_arg = head.to_str().unwrap();
+    let (ok, out) = verify(
+        &cluster,
+        &[
+            "--file",
+            export.to_str().unwrap(),
+            "--expect-head",
+            head_arg,
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} record(s) verified", lines.len())),
+        "{out}"
+    );
+
+    let tampered = |name: &str, lines: Vec<String>| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    };
+    let owned: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut changed = owned.clone();
+    changed[2] = changed[2].replace("\"outcome\":\"ok\"", "\"outcome\":\"refused\"");
+    assert_ne!(changed[2], owned[2]);
+    let mut deleted = owned.clone();
+    deleted.remove(1);
+    let mut reordered = owned.clone();
+    reordered.swap(1, 2);
+    let mut truncated = owned.clone();
+    truncated.pop();
+    for (what, path, named) in [
+        (
+            "changed",
+            tampered("changed.jsonl", changed),
+            "audit record 3:",
+        ),
+        (
+            "deleted",
+            tampered("deleted.jsonl", deleted),
+            "audit record 3:",
+        ),
+        (
+            "reordered",
+            tampered("reordered.jsonl", reordered),
+            "audit record 3:",
+        ),
+        (
+            "truncated",
+            tampered("truncated.jsonl", truncated),
+            "newest records were deleted",
+        ),
+    ] {
+        let (ok, out) = verify(
+            &cluster,
+            &["--file", path.to_str().unwrap(), "--expect-head", head_arg],
+        );
+        assert!(!ok, "{what} went unnoticed: {out}");
+        assert!(
+            out.contains("NOT intact") && out.contains(named),
+            "{what}: {out}"
+        );
+    }
+
+    // Records deleted from the head of the database's trail: the saved head shows it, and so does
+    // the head the control plane kept meanwhile.
+    let seq = |path: &std::path::Path| -> i64 {
+        let head: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        head["seq"].as_i64().unwrap()
+    };
+    let saved = seq(&head);
+    wait("the control plane keeps the head", TIMEOUT, || {
+        let out = cluster.flotctl(&["audit", "verify"]);
+        out.status.success()
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let url = match cluster.db.is_postgres() {
+        true => cluster.db.url.clone(),
+        false => cluster.data.join("flotilla.db").display().to_string(),
+    };
+    let mut conn = flotilla::store::DbConnection::establish(&url).unwrap();
+    diesel::sql_query(format!(
+        "DELETE FROM certificate_audit WHERE seq >= {saved}"
+    ))
+    .execute(&mut conn)
+    .unwrap();
+    drop(conn);
+    let (ok, out) = verify(&cluster, &["--expect-head", head_arg]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("newest records were deleted"), "{out}");
+    let (ok, out) = verify(&cluster, &[]);
+    assert!(!ok, "the kept head shows it too: {out}");
+    assert!(
+        out.contains("against the head the control plane kept"),
+        "{out}"
+    );
+}

@@ -97,7 +97,7 @@ fn audit_kinds(cluster: &Cluster) -> Vec<String> {
             v.as_array().map(|a| {
                 // Devices' certificate records: credential records name their target.
                 a.iter()
-                    .filter(|r| r.get("target").is_none())
+                    .filter(|r| r["target"].as_str().unwrap_or_default().is_empty())
                     .map(|r| r["kind"].as_str().unwrap_or_default().to_string())
                     .collect()
             })

@@ -6,7 +6,7 @@ mod support;
 use flotilla::audit::{AuditEntry, verify_chain};
 use flotilla::ca::audit_key::AuditKey;
 use flotilla::spec::{DeviceSpec, FileSpec};
-use flotilla::store::{AuditQuery, AuditSeal, FleetRollout, IssuanceRules, Revocation};
+use flotilla::store::{AuditQuery, AuditSeal, Audited, FleetRollout, IssuanceRules, Revocation};
 use flotilla::store::{
     Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
     NewEnrollment, Store, StoreError, SystemInfo,
@@ -27,6 +27,8 @@ fn enrollment(name: &str, key: &str) -> NewEnrollment {
         },
         created_ms: 1,
         tpm_ek_fingerprint: None,
+        credential: "factory".into(),
+        source_address: "127.0.0.1:1".into(),
     }
 }
 
@@ -41,6 +43,14 @@ fn device(id: &str, name: &str) -> NewDevice {
         created_ms: 2,
         fleet: None,
         tpm_ek_fingerprint: None,
+    }
+}
+
+/// No admin call's records (the store's own still appear).
+fn audited(entries: Vec<AuditEntry>) -> Audited {
+    Audited {
+        seal: seal(),
+        entries,
     }
 }
 
@@ -98,8 +108,7 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
             device("d1", "dev"),
             certificate("d1"),
             "admin/admin".into(),
-            seal(),
-            issued("d1"),
+            audited(vec![issued("d1")]),
         )
         .await
         .unwrap();
@@ -122,8 +131,7 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
                 device("d2", "dev"),
                 certificate("d2"),
                 "x".into(),
-                seal(),
-                issued("d2")
+                audited(vec![issued("d2")])
             )
             .await,
         Err(StoreError::Precondition(_))
@@ -140,8 +148,7 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
             device("d3", "dev"),
             certificate("d3"),
             "x".into(),
-            seal(),
-            issued("d3"),
+            audited(vec![issued("d3")]),
         )
         .await;
     assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
@@ -152,7 +159,13 @@ async fn enrollment_lifecycle_is_idempotent_and_atomic() {
     assert!(store.get_certificate("serial-d3").await.unwrap().is_none());
 
     let denied = store
-        .deny_enrollment("other", "no".into(), "admin/admin".into(), 5)
+        .deny_enrollment(
+            "other",
+            "no".into(),
+            "admin/admin".into(),
+            5,
+            audited(vec![]),
+        )
         .await
         .unwrap();
     assert_eq!(denied.state, EnrollmentState::Denied);
@@ -178,8 +191,7 @@ async fn device_specs_labels_and_sync_facts_persist() {
             device("d1", "dev"),
             certificate("d1"),
             "a".into(),
-            seal(),
-            issued("d1"),
+            audited(vec![issued("d1")]),
         )
         .await
         .unwrap();
@@ -199,7 +211,7 @@ async fn device_specs_labels_and_sync_facts_persist() {
         fleet_revision: Some(Some(3)),
     };
     let updated = store
-        .update_device("dev", change, 7)
+        .update_device("dev", change, 7, audited(vec![]))
         .await
         .unwrap()
         .unwrap();
@@ -212,7 +224,7 @@ async fn device_specs_labels_and_sync_facts_persist() {
         ..Default::default()
     };
     let kept = store
-        .update_device("dev", change, 8)
+        .update_device("dev", change, 8, audited(vec![]))
         .await
         .unwrap()
         .unwrap();
@@ -227,14 +239,14 @@ async fn device_specs_labels_and_sync_facts_persist() {
         ..Default::default()
     };
     let kept = store
-        .update_device("dev", cleared, 9)
+        .update_device("dev", cleared, 9, audited(vec![]))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(kept.fleet, None);
     assert!(
         store
-            .update_device("ghost", DeviceChange::default(), 9)
+            .update_device("ghost", DeviceChange::default(), 9, audited(vec![]))
             .await
             .unwrap()
             .is_none()
@@ -289,8 +301,7 @@ async fn fleet_templates_are_immutable_revisions() {
             device("d1", "dev"),
             certificate("d1"),
             "a".into(),
-            seal(),
-            issued("d1"),
+            audited(vec![issued("d1")]),
         )
         .await
         .unwrap();
@@ -300,6 +311,7 @@ async fn fleet_templates_are_immutable_revisions() {
             fleet_write("one"),
             vec![("d1".into(), Some("web".into()))],
             FleetRollout::default(),
+            audited(vec![]),
         )
         .await
         .unwrap();
@@ -318,7 +330,12 @@ async fn fleet_templates_are_immutable_revisions() {
     );
 
     let same = store
-        .apply_fleet(fleet_write("one"), vec![], FleetRollout::default())
+        .apply_fleet(
+            fleet_write("one"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -328,7 +345,7 @@ async fn fleet_templates_are_immutable_revisions() {
     let mut reselected = fleet_write("one");
     reselected.selector = "role=web,site=berlin".into();
     let reselected = store
-        .apply_fleet(reselected, vec![], FleetRollout::default())
+        .apply_fleet(reselected, vec![], FleetRollout::default(), audited(vec![]))
         .await
         .unwrap();
     assert_eq!(
@@ -336,7 +353,12 @@ async fn fleet_templates_are_immutable_revisions() {
         (1, "role=web,site=berlin")
     );
     let changed = store
-        .apply_fleet(fleet_write("two"), vec![], FleetRollout::default())
+        .apply_fleet(
+            fleet_write("two"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
         .await
         .unwrap();
     assert_eq!(changed.revision, 2);
@@ -351,8 +373,18 @@ async fn fleet_templates_are_immutable_revisions() {
     assert_eq!(store.list_fleets().await.unwrap(), vec![changed.clone()]);
     assert_eq!(store.get_fleet("web").await.unwrap(), Some(changed));
 
-    assert!(store.delete_fleet("web", vec![]).await.unwrap());
-    assert!(!store.delete_fleet("web", vec![]).await.unwrap());
+    assert!(
+        store
+            .delete_fleet("web", vec![], audited(vec![]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_fleet("web", vec![], audited(vec![]))
+            .await
+            .unwrap()
+    );
     assert!(store.list_fleet_revisions("web").await.unwrap().is_empty());
     let owner = store
         .get_device_by_name("dev")
@@ -362,7 +394,12 @@ async fn fleet_templates_are_immutable_revisions() {
         .fleet;
     assert_eq!(owner, None, "no device points at a deleted fleet");
     let again = store
-        .apply_fleet(fleet_write("three"), vec![], FleetRollout::default())
+        .apply_fleet(
+            fleet_write("three"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
         .await
         .unwrap();
     assert_eq!(again.revision, 1, "a re-created fleet starts over");
@@ -385,8 +422,10 @@ async fn certificates_revocations_and_the_audit_trail() {
             device("d1", "dev"),
             certificate("d1"),
             "a".into(),
-            seal.clone(),
-            issued("d1"),
+            Audited {
+                seal: seal.clone(),
+                entries: vec![issued("d1")],
+            },
         )
         .await
         .unwrap();
@@ -427,7 +466,13 @@ async fn certificates_revocations_and_the_audit_trail() {
         ..Default::default()
     };
     let revoked = store
-        .revoke_certificates(revocation, seal.clone())
+        .revoke_certificates(
+            revocation,
+            Audited {
+                seal: seal.clone(),
+                entries: vec![],
+            },
+        )
         .await
         .unwrap();
     assert_eq!(revoked.len(), 1, "revoking twice records it once");
@@ -443,7 +488,10 @@ async fn certificates_revocations_and_the_audit_trail() {
                 now_ms: 40,
                 ..Default::default()
             },
-            seal.clone(),
+            Audited {
+                seal: seal.clone(),
+                entries: vec![],
+            },
         )
         .await
         .unwrap();
@@ -591,7 +639,7 @@ async fn the_feed_tells_session_facts_from_device_changes() {
         ..Default::default()
     };
     store
-        .update_device("dev", change, 10)
+        .update_device("dev", change, 10, audited(vec![]))
         .await
         .unwrap()
         .unwrap();
@@ -759,7 +807,10 @@ async fn a_batch_of_certificate_writes_ends_as_one_by_one_would() {
                     now_ms: 3,
                     ..Default::default()
                 },
-                seal.clone(),
+                Audited {
+                    seal: seal.clone(),
+                    entries: vec![],
+                },
             )
             .await
             .unwrap();

@@ -48,7 +48,7 @@ fn audit_record(cluster: &Cluster, kind: &str) -> Option<Value> {
         .as_array()?
         .iter()
         // Devices' certificate records: credential records name their target.
-        .find(|r| r["kind"] == kind && r.get("target").is_none())
+        .find(|r| r["kind"] == kind && r["target"].as_str().unwrap_or_default().is_empty())
         .cloned()
 }
 

@@ -84,7 +84,7 @@ enum Command {
         #[command(subcommand)]
         what: RolloutWhat,
     },
-    /// The certificate audit trail: list and verify.
+    /// The audit trail (certificate events and admin calls): list, export, sign the head, verify.
     Audit {
         #[command(subcommand)]
         what: AuditWhat,
@@ -265,9 +265,18 @@ enum AuditWhat {
         /// Device name or id.
         #[arg(long)]
         device: Option<String>,
-        /// issued, renewed, recovered, revoked or rejected.
+        /// A certificate event (issued, renewed, recovered, revoked, superseded, rejected) or an
+        /// admin call (apply, label, delete, approve, deny, pause, resume, rollback, revoke, renew,
+        /// create).
         #[arg(long)]
         kind: Option<String>,
+        /// Who: `operator/alice`, or just the name `alice`.
+        #[arg(long)]
+        actor: Option<String>,
+        /// What the record is about: `fleet/web`, `credential/ops`, `enrollment/dev-1`;
+        /// `device/NAME` also lists that device's certificate events.
+        #[arg(long)]
+        target: Option<String>,
         /// Only records newer than this long ago (`30m`, `7d`).
         #[arg(long, value_parser = flotilla::clock::parse_duration)]
         since: Option<std::time::Duration>,
@@ -275,8 +284,32 @@ enum AuditWhat {
         #[arg(long, value_parser = flotilla::clock::parse_duration)]
         until: Option<std::time::Duration>,
     },
-    /// Check the whole trail with the pinned audit key; fails naming the first bad record.
-    Verify,
+    /// Check the whole trail with the pinned audit key; fails naming the first bad record, or
+    /// the records deleted since a saved head.
+    Verify {
+        /// Verify an export (`audit export`) offline instead of the server's trail.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// A head saved earlier with `audit head --out`: deleted newest records are reported.
+        #[arg(long)]
+        expect_head: Option<PathBuf>,
+        /// The audit public key (PEM); default: the config's audit_key_file.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// The whole trail as JSON lines with hashes and signatures (for a SIEM, or `verify --file`).
+    Export {
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Ask the control plane to sign the trail's head now; keep the file somewhere else and check
+    /// later with `audit verify --expect-head FILE`.
+    Head {
+        /// Save the signed head here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -499,18 +532,44 @@ async fn run(cli: Cli) -> Result<()> {
             AuditWhat::List {
                 device,
                 kind,
+                actor,
+                target,
                 since,
                 until,
             } => {
                 let filters = audit::Filters {
                     device,
                     kind,
+                    actor,
+                    target,
                     since,
                     until,
                 };
                 audit::list(channel(config).await?, format, filters).await
             }
-            AuditWhat::Verify => audit::verify(channel(config).await?, &load_config(config)?).await,
+            AuditWhat::Verify {
+                file,
+                expect_head,
+                key,
+            } => {
+                let options = audit::VerifyOptions {
+                    file,
+                    expect_head,
+                    key,
+                };
+                if options.file.is_some() {
+                    // Offline: a config is used for its pinned key only, and need not exist.
+                    let config = load_config(config).ok();
+                    audit::verify(None, config.as_ref(), options).await
+                } else {
+                    let loaded = load_config(config)?;
+                    audit::verify(Some(channel(config).await?), Some(&loaded), options).await
+                }
+            }
+            AuditWhat::Export { out } => {
+                audit::export(channel(config).await?, out.as_deref()).await
+            }
+            AuditWhat::Head { out } => audit::head(channel(config).await?, out.as_deref()).await,
         },
         Command::Label {
             what: LabelWhat::Device { name, changes },

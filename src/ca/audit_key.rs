@@ -1,4 +1,5 @@
-//! The audit key: a P-256 key, separate from the CA key, that signs every certificate audit record.
+//! The audit key: a P-256 key, separate from the CA key, that signs every audit record and the
+//! chain heads.
 //! Its public key is written beside it and into `flotctl.toml`, so verifiers pin it.
 
 use crate::audit::{AuditEntry, SealedRecord, record_hash, signed_bytes};
@@ -40,6 +41,12 @@ impl AuditKey {
 
     pub fn public_key_der(&self) -> Vec<u8> {
         self.key.subject_public_key_info()
+    }
+
+    /// Signs `message` (a head's bytes, `audit::head_signed_bytes`). As for records, an RNG failure
+    /// gives an empty signature, which fails verification.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).unwrap_or_default()
     }
 }
 

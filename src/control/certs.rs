@@ -2,7 +2,7 @@
 //! an expired certificate with a signature by the previous key, revocation, decommissioning, the
 //! renewal scheduler, and the audit trail every one of them writes to — refusals included.
 
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
 use crate::audit::{AuditEntry, SealedRecord};
 use crate::ca::csr::{CsrPublicKey, verify_csr_pem};
 use crate::ca::{Subject, Usage};
@@ -644,11 +644,23 @@ impl ControlPlane {
         serial: Option<&str>,
         device: Option<&str>,
         reason: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<Vec<String>, ControlError> {
+        let mut call = actor.record(match device {
+            Some(name) => format!("device/{name}"),
+            None => format!("certificate/{}", serial.unwrap_or_default()),
+        });
+        call.reason = reason.to_string();
         let serials = match (serial, device) {
             (Some(serial), None) => match self.store.get_certificate(serial).await? {
-                Some(record) => (vec![record.serial], None),
+                Some(record) => {
+                    call.device_id = record.device_id.clone();
+                    if let Some(device) = self.catalog().device(&record.device_id) {
+                        call.target = format!("device/{}", device.name);
+                        call.serial = record.serial.clone();
+                    }
+                    (vec![record.serial], None)
+                }
                 None => {
                     return self
                         .revoke_credential_certificate(serial, reason, actor)
@@ -656,7 +668,11 @@ impl ControlPlane {
                 }
             },
             // Listed inside the revoking transaction: one issued a moment ago is included.
-            (None, Some(name)) => (Vec::new(), Some(self.device_id_by_name(name)?)),
+            (None, Some(name)) => {
+                let id = self.device_id_by_name(name)?;
+                call.device_id = id.clone();
+                (Vec::new(), Some(id))
+            }
             _ => {
                 return Err(ControlError::invalid(
                     "serial",
@@ -681,7 +697,7 @@ impl ControlPlane {
         let _order = self.audit_lock.lock().await;
         let revoked = self
             .store
-            .revoke_certificates(revocation, self.seal())
+            .revoke_certificates(revocation, self.audited(vec![call]))
             .await?;
         Ok(self.after_revocation(revoked))
     }
@@ -748,7 +764,7 @@ impl ControlPlane {
     pub async fn delete_device(
         &self,
         name: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<Vec<String>, ControlError> {
         let _writes = self.writes.lock().await;
         let id = self.device_id_by_name(name)?;
@@ -763,7 +779,14 @@ impl ControlPlane {
             let _order = self.audit_lock.lock().await;
             let revoked = self
                 .store
-                .delete_device(&id, revocation, self.seal())
+                .delete_device(
+                    &id,
+                    revocation,
+                    self.audited(vec![AuditEntry {
+                        device_id: id.clone(),
+                        ..actor.record(format!("device/{name}"))
+                    }]),
+                )
                 .await?;
             self.after_revocation(revoked)
         };
@@ -801,13 +824,18 @@ impl ControlPlane {
     }
 
     /// Asks a connected device to renew now.
-    pub async fn force_renewal(&self, name: &str, actor: &Identity) -> Result<(), ControlError> {
+    pub async fn force_renewal(&self, name: &str, actor: &Actor) -> Result<(), ControlError> {
         let id = self.device_id_by_name(name)?;
         if self.ask_renewals(std::slice::from_ref(&id)).await? == 0 {
             return Err(ControlError::FailedPrecondition(format!(
                 "device {name:?} is not connected; it renews on its own when its certificate is due"
             )));
         }
+        self.record_call(AuditEntry {
+            device_id: id.clone(),
+            ..actor.record(format!("device/{name}"))
+        })
+        .await?;
         tracing::info!(device.id = %id, by = %actor, "certificate renewal requested");
         Ok(())
     }
@@ -835,7 +863,7 @@ impl ControlPlane {
     pub async fn force_renewal_matching(
         &self,
         selector: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<RenewalRequested, ControlError> {
         let selector = super::devices::parse_selector(selector)?;
         let ids: Vec<String> = self
@@ -849,16 +877,47 @@ impl ControlPlane {
             asked,
             not_connected: ids.len() - asked,
         };
+        self.record_call(AuditEntry {
+            reason: format!(
+                "{asked} device(s) asked, {} not connected",
+                requested.not_connected
+            ),
+            ..actor.record(format!("selector/{selector}"))
+        })
+        .await?;
         tracing::info!(%selector, by = %actor, asked, not_connected = requested.not_connected, "certificate renewal requested");
         Ok(requested)
     }
 
-    /// Audit records matching `query`; a device filter may be a name or an id.
+    /// The name of the device with this id, while it exists.
+    pub fn device_name(&self, id: &str) -> Option<String> {
+        if id.is_empty() {
+            return None;
+        }
+        self.catalog().device(id).map(|d| d.name.clone())
+    }
+
+    /// Audit records matching `query`; a device filter may be a name or an id. A `device/NAME`
+    /// target also selects the records of that device's certificates.
     pub async fn list_audit(
         &self,
         device: Option<&str>,
         mut query: AuditQuery,
     ) -> Result<Vec<SealedRecord>, ControlError> {
+        if device.is_some() && query.target.is_some() {
+            return Err(ControlError::invalid(
+                "target",
+                "give a device or a target, not both",
+            ));
+        }
+        if let Some(name) = query
+            .target
+            .as_deref()
+            .and_then(|t| t.strip_prefix("device/"))
+            && let Some(found) = self.catalog().device_by_name(name)
+        {
+            query.device_id = Some(found.id.clone());
+        }
         if let Some(device) = device {
             let id = self
                 .catalog()

@@ -3,7 +3,8 @@
 //! (every certificate, every open call, every replica), the bootstrap admin's registration, and
 //! writing behind when credentials were last used.
 
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::authz::ServiceGrant;
 use crate::ca::csr::{CsrPublicKey, verify_csr_pem};
 use crate::ca::{Subject, Usage};
@@ -271,7 +272,7 @@ impl ControlPlane {
     pub async fn create_credential(
         &self,
         new: NewCredential,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<IssuedCredential, ControlError> {
         validate_name(&new.name).map_err(|e| ControlError::invalid("name", e))?;
         let role = new
@@ -321,7 +322,19 @@ impl ControlPlane {
         };
         let stored = self
             .store
-            .create_credential(record, certificate.clone(), self.audit_key.clone(), false)
+            .create_credential(
+                record,
+                certificate.clone(),
+                self.audited(vec![AuditEntry {
+                    revision: certificate.serial.clone(),
+                    reason: match scope {
+                        "" => format!("role {}", role.kind()),
+                        scope => format!("role {}, scope {scope}", role.kind()),
+                    },
+                    ..actor.record(format!("credential/{}", new.name))
+                }]),
+                false,
+            )
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(_) => {
@@ -372,7 +385,7 @@ impl ControlPlane {
         };
         let stored = self
             .store
-            .create_credential(record, certificate, self.audit_key.clone(), true)
+            .create_credential(record, certificate, self.audited(Vec::new()), true)
             .await?;
         self.refresh_credential(&stored)
     }
@@ -408,7 +421,7 @@ impl ControlPlane {
         name: &str,
         csr_pem: &str,
         validity_text: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<IssuedCredential, ControlError> {
         let stored = self
             .store
@@ -445,7 +458,11 @@ impl ControlPlane {
         let certificate = self.sign_credential(&identity, &key, validity)?;
         let issued = self
             .store
-            .renew_credential(certificate, actor.to_string(), self.audit_key.clone())
+            .renew_credential(
+                certificate,
+                actor.to_string(),
+                self.audited(vec![actor.record(format!("credential/{name}"))]),
+            )
             .await?;
         let stored = self
             .store
@@ -466,12 +483,16 @@ impl ControlPlane {
         &self,
         name: &str,
         reason: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<CredentialView, ControlError> {
-        let revocation = admin_revocation(name, reason, actor);
+        let revocation = admin_revocation(name, reason, &actor.identity);
+        let call = AuditEntry {
+            reason: revocation.reason.clone(),
+            ..actor.record(format!("credential/{name}"))
+        };
         let serials = self
             .store
-            .revoke_credential(revocation, self.audit_key.clone())
+            .revoke_credential(revocation, self.audited(vec![call]))
             .await
             .map_err(|e| match e {
                 StoreError::Precondition(message) if message.ends_with("does not exist") => {
@@ -497,7 +518,7 @@ impl ControlPlane {
         &self,
         serial: &str,
         reason: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<Vec<String>, ControlError> {
         let not_found = || ControlError::NotFound(format!("certificate {serial} not found"));
         let name = self
@@ -505,15 +526,20 @@ impl ControlPlane {
             .credential_by_serial(serial)
             .await?
             .ok_or_else(not_found)?;
-        if actor.role != Role::Admin {
+        if actor.identity.role != Role::Admin {
             return Err(ControlError::PermissionDenied(format!(
                 "certificate {serial} belongs to credential {name:?}; revoking it needs the admin role"
             )));
         }
-        let revocation = admin_revocation(&name, reason, actor);
+        let revocation = admin_revocation(&name, reason, &actor.identity);
+        let call = AuditEntry {
+            serial: serial.to_string(),
+            reason: revocation.reason.clone(),
+            ..actor.record(format!("credential/{name}"))
+        };
         let revoked = self
             .store
-            .revoke_credential_certificate(serial.to_string(), revocation, self.audit_key.clone())
+            .revoke_credential_certificate(serial.to_string(), revocation, self.audited(vec![call]))
             .await?;
         if let Some(stored) = self.store.credential(&name).await? {
             self.refresh_credential(&stored)?;

@@ -1,7 +1,8 @@
 //! Device use cases: list (by selector), read, set overrides and labels. Reads come from the
 //! catalog and the hub; every change re-decides the device's fleet and re-renders it.
 
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::clock::now_millis;
 use crate::hub::{Rendered, SyncState, SyncStatus};
 use crate::names::{validate_label_key, validate_labels, validate_name};
@@ -172,7 +173,11 @@ impl ControlPlane {
     }
 
     /// Validates and stores a device's overrides (and labels), then re-renders it.
-    pub async fn apply_device(&self, update: DeviceUpdate) -> Result<DeviceView, ControlError> {
+    pub async fn apply_device(
+        &self,
+        update: DeviceUpdate,
+        actor: &Actor,
+    ) -> Result<DeviceView, ControlError> {
         validate_name(&update.name).map_err(|e| ControlError::invalid("name", e))?;
         update
             .spec
@@ -181,15 +186,25 @@ impl ControlPlane {
         if let Some(labels) = &update.labels {
             validate_labels(labels).map_err(|e| ControlError::invalid("labels", e))?;
         }
+        let spec = update.spec.normalized();
+        let mut record = actor.record(format!("device/{}", update.name));
+        record.revision = crate::spec::version_of(&spec.content_hash());
+        if let Some(labels) = &update.labels {
+            record.reason = format!("labels {}", describe_labels(labels));
+        }
         let view = self
-            .change_device(&update.name, Some(update.spec.normalized()), update.labels)
+            .change_device(&update.name, Some(spec), update.labels, record)
             .await?;
         tracing::info!(device.id = %view.record.id, device.name = %view.record.name, "device spec applied");
         Ok(view)
     }
 
     /// Sets and removes labels of a device; it may move to another fleet.
-    pub async fn label_device(&self, change: LabelChange) -> Result<DeviceView, ControlError> {
+    pub async fn label_device(
+        &self,
+        change: LabelChange,
+        actor: &Actor,
+    ) -> Result<DeviceView, ControlError> {
         validate_name(&change.name).map_err(|e| ControlError::invalid("name", e))?;
         validate_labels(&change.set).map_err(|e| ControlError::invalid("labels", e))?;
         for key in &change.remove {
@@ -206,22 +221,35 @@ impl ControlPlane {
             .device_by_name(&change.name)
             .map(|d| d.labels.clone())
             .ok_or_else(|| not_found(&change.name))?;
+        let mut record = actor.record(format!("device/{}", change.name));
+        let mut described = Vec::new();
+        if !change.set.is_empty() {
+            described.push(format!("set {}", describe_labels(&change.set)));
+        }
+        if !change.remove.is_empty() {
+            described.push(format!("removed {}", change.remove.join(",")));
+        }
+        record.reason = described.join("; ");
         let mut labels = current;
         labels.extend(change.set);
         for key in &change.remove {
             labels.remove(key);
         }
-        let view = self.change_device(&change.name, None, Some(labels)).await?;
+        let view = self
+            .change_device(&change.name, None, Some(labels), record)
+            .await?;
         tracing::info!(device.id = %view.record.id, device.name = %view.record.name, fleet = ?view.record.fleet, "device labels changed");
         Ok(view)
     }
 
-    /// Stores a device change together with the owner it implies, then re-renders the device.
+    /// Stores a device change together with the owner it implies and the call's audit record, then
+    /// re-renders the device.
     async fn change_device(
         &self,
         name: &str,
         spec: Option<DeviceSpec>,
         labels: Option<BTreeMap<String, String>>,
+        mut record: AuditEntry,
     ) -> Result<DeviceView, ControlError> {
         let _writes = self.writes.lock().await;
         let owner_change = {
@@ -229,6 +257,7 @@ impl ControlPlane {
             let device = catalog
                 .device_by_name(name)
                 .ok_or_else(|| not_found(name))?;
+            record.device_id = device.id.clone();
             let labels = labels.as_ref().unwrap_or(&device.labels);
             let owner = catalog.placement_for(labels, device.fleet.as_deref()).owner;
             (owner != device.fleet).then_some(owner)
@@ -243,7 +272,7 @@ impl ControlPlane {
         };
         let record = self
             .store
-            .update_device(name, change, now_millis())
+            .update_device(name, change, now_millis(), self.audited(vec![record]))
             .await?
             .ok_or_else(|| not_found(name))?;
         let id = record.id.clone();
@@ -255,6 +284,15 @@ impl ControlPlane {
         }
         self.view_by_id(&id).ok_or_else(|| not_found(name))
     }
+}
+
+/// `a=1,b=2`, as a selector would say it.
+fn describe_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn not_found(name: &str) -> ControlError {

@@ -2,7 +2,8 @@
 //! Approval creates the device, signs its CSR and records the certificate in one transaction.
 
 use super::certs::{Refusal, issuance_audit};
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::ca::csr::verify_csr_pem;
 use crate::clock::now_millis;
 use crate::identity::Identity;
@@ -147,6 +148,8 @@ impl ControlPlane {
                 system_info: input.system_info,
                 created_ms: submitted_ms,
                 tpm_ek_fingerprint: tpm_ek_fingerprint.clone(),
+                credential: caller.name.clone(),
+                source_address: String::new(),
             })
             .await?;
         if record.created_ms == submitted_ms && record.state == EnrollmentState::Pending {
@@ -159,7 +162,7 @@ impl ControlPlane {
                 tracing::warn!(enrollment.name = %name, tpm.ek = %ek, same_tpm_as = ?same_tpm, "a TPM that already enrolled is enrolling again; leaving the request to an operator");
             } else if self.policy.tpm.auto_approve && record.state == EnrollmentState::Pending {
                 record = self
-                    .approve_enrollment(&name, BTreeMap::new(), &tpm_approver())
+                    .approve(&name, BTreeMap::new(), &tpm_approver(), None)
                     .await?;
             }
         }
@@ -327,7 +330,31 @@ impl ControlPlane {
         &self,
         name: &str,
         labels: BTreeMap<String, String>,
+        actor: &Actor,
+    ) -> Result<EnrollmentRecord, ControlError> {
+        let mut call = actor.record(format!("enrollment/{name}"));
+        if !labels.is_empty() {
+            call.reason = format!(
+                "with labels {}",
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        self.approve(name, labels, &actor.identity, Some(call))
+            .await
+    }
+
+    /// Approves a pending request on behalf of `decided_by` (a person, or a policy such as TPM
+    /// attestation); `call` is the record of the admin call that asked, if one did.
+    pub(super) async fn approve(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
         decided_by: &Identity,
+        call: Option<AuditEntry>,
     ) -> Result<EnrollmentRecord, ControlError> {
         validate_labels(&labels).map_err(|e| ControlError::invalid("labels", e))?;
         let request = self.pending(name).await?;
@@ -361,7 +388,13 @@ impl ControlPlane {
                 "enrollment-approval",
             ),
         };
-        let audit = issuance_audit(&certificate, "issued", decided_by, reason, via);
+        let issued = issuance_audit(&certificate, "issued", decided_by, reason, via);
+        let call = call.map(|mut call| {
+            call.device_id = device_id.clone();
+            call.revision = certificate.serial.clone();
+            call
+        });
+        let audit = self.audited(std::iter::once(issued).chain(call).collect());
         let (serial, not_after_ms) = (certificate.serial.clone(), certificate.not_after_ms);
         let record = {
             let _order = self.audit_lock.lock().await;
@@ -371,7 +404,6 @@ impl ControlPlane {
                     device.clone(),
                     certificate,
                     decided_by.to_string(),
-                    self.audit_key.clone(),
                     audit,
                 )
                 .await?
@@ -396,8 +428,9 @@ impl ControlPlane {
         &self,
         name: &str,
         reason: &str,
-        decided_by: &Identity,
+        actor: &Actor,
     ) -> Result<EnrollmentRecord, ControlError> {
+        let decided_by = &actor.identity;
         self.pending(name).await?;
         let reason = if reason.is_empty() {
             "denied by operator"
@@ -411,6 +444,10 @@ impl ControlPlane {
                 reason.to_string(),
                 decided_by.to_string(),
                 now_millis(),
+                self.audited(vec![AuditEntry {
+                    reason: reason.to_string(),
+                    ..actor.record(format!("enrollment/{name}"))
+                }]),
             )
             .await?;
         self.enrollment_counts.moved(

@@ -4,10 +4,10 @@
 
 use super::catalog::FleetEntry;
 use super::devices::parse_selector;
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::clock::now_millis;
 use crate::hub::SyncState;
-use crate::identity::Identity;
 use crate::names::{validate_labels, validate_name};
 use crate::render::CompiledTemplate;
 use crate::rollout::RolloutSpec;
@@ -124,7 +124,19 @@ impl ControlPlane {
     pub async fn apply_fleet(
         &self,
         apply: FleetApply,
-        actor: &Identity,
+        actor: &Actor,
+    ) -> Result<FleetView, ControlError> {
+        let record = actor.record(format!("fleet/{}", apply.name));
+        self.apply_fleet_recorded(apply, actor, record).await
+    }
+
+    /// Applies a fleet with `record` (the call that caused it) appended in its transaction, the
+    /// revision it produced filled in.
+    pub(super) async fn apply_fleet_recorded(
+        &self,
+        apply: FleetApply,
+        actor: &Actor,
+        record: AuditEntry,
     ) -> Result<FleetView, ControlError> {
         validate_name(&apply.name).map_err(|e| ControlError::invalid("name", e))?;
         let selector = parse_selector(&apply.selector)?;
@@ -193,7 +205,12 @@ impl ControlPlane {
         };
         entry.record = self
             .store
-            .apply_fleet(write, changes.clone(), rollout_change)
+            .apply_fleet(
+                write,
+                changes.clone(),
+                rollout_change,
+                self.audited(vec![record]),
+            )
             .await?;
         let revision = entry.record.revision;
         for (record, _) in saves {
@@ -222,14 +239,19 @@ impl ControlPlane {
     }
 
     /// Deletes a fleet; its devices move to the fleet that now matches them alone, or to none.
-    pub async fn delete_fleet(&self, name: &str, actor: &Identity) -> Result<(), ControlError> {
+    pub async fn delete_fleet(&self, name: &str, actor: &Actor) -> Result<(), ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
         let _writes = self.writes.lock().await;
         if self.catalog().fleet(name).is_none() {
             return Err(fleet_not_found(name));
         }
         let changes = self.catalog().plan_with(name, None);
-        if !self.store.delete_fleet(name, changes.clone()).await? {
+        let audit = self.audited(vec![actor.record(format!("fleet/{name}"))]);
+        if !self
+            .store
+            .delete_fleet(name, changes.clone(), audit)
+            .await?
+        {
             return Err(fleet_not_found(name));
         }
         {

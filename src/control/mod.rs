@@ -2,6 +2,7 @@
 //! is persisted), the hub (who is connected, what they run) and the CA (what they may prove)
 //! together. Transport-agnostic: the gRPC services translate to and from it.
 
+mod actions;
 mod admission;
 mod catalog;
 mod certs;
@@ -19,6 +20,7 @@ mod scope;
 mod session;
 mod watch;
 
+pub use actions::{Actor, CallRefusal, call_kind};
 pub use admission::{AdmissionSettings, OpeningPermit};
 pub use certs::{CertificateView, RecoverInput, RecoveryChallenge, RenewalRequested};
 pub use credentials::{
@@ -72,6 +74,8 @@ pub struct Policy {
     /// Enrollment requests that may wait for a decision at once; new ones beyond it are refused
     /// (the shared enrollment credential cannot fill the database).
     pub max_pending_enrollments: usize,
+    /// How often the leader signs and keeps the audit chain's head (when it moved).
+    pub audit_head_interval: Duration,
 }
 
 /// What the control plane trusts of TPM evidence.
@@ -105,6 +109,7 @@ impl Default for Policy {
                 window: Duration::from_secs(600),
             },
             max_pending_enrollments: 1000,
+            audit_head_interval: actions::HEAD_INTERVAL,
         }
     }
 }

@@ -6,9 +6,9 @@
 //! one starts from its first batch with every device that is not on the newest revision.
 
 use super::catalog::FleetEntry;
-use super::{ControlError, ControlPlane};
+use super::{Actor, ControlError, ControlPlane};
+use crate::audit::AuditEntry;
 use crate::clock::now_millis;
-use crate::identity::Identity;
 use crate::rollout::{Decision, DeviceState, Progress, RolloutSpec, plan};
 use crate::store::{FleetRollout, Pins, RolloutEventRecord, RolloutRecord};
 use std::collections::HashMap;
@@ -214,9 +214,25 @@ impl ControlPlane {
         what: RolloutEventRecord,
         pins: Vec<Pins>,
     ) -> Result<(), ControlError> {
+        self.record_transition_by(record, what, pins, None).await
+    }
+
+    /// Records a transition; `call`, the record of the admin call that caused it, is appended in
+    /// the same transaction.
+    async fn record_transition_by(
+        &self,
+        record: RolloutRecord,
+        what: RolloutEventRecord,
+        pins: Vec<Pins>,
+        call: Option<AuditEntry>,
+    ) -> Result<(), ControlError> {
         tracing::info!(rollout.id = %record.id, fleet.name = %record.fleet, event = %what.event, detail = %what.detail, "rollout");
+        let audit = call.map(|mut entry| {
+            entry.revision = record.to_revision.to_string();
+            self.audited(vec![entry])
+        });
         self.store
-            .save_rollout(record.clone(), what, pins.clone())
+            .save_rollout(record.clone(), what, pins.clone(), audit)
             .await?;
         {
             let mut catalog = self.catalog_mut();
@@ -371,7 +387,7 @@ impl ControlPlane {
         &self,
         fleet: &str,
         command: RolloutCommand,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<RolloutView, ControlError> {
         match command {
             RolloutCommand::Pause => self.pause_rollout(fleet, actor).await,
@@ -383,7 +399,7 @@ impl ControlPlane {
     pub async fn pause_rollout(
         &self,
         fleet: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<RolloutView, ControlError> {
         let _writes = self.writes.lock().await;
         let mut record = self.open_rollout_in(fleet, PROGRESSING)?;
@@ -391,7 +407,8 @@ impl ControlPlane {
         record.reason = format!("paused by {actor}");
         record.updated_ms = now_millis();
         let reason = record.reason.clone();
-        self.record_transition(record, event(PAUSED, reason), vec![])
+        let call = actor.record(format!("fleet/{fleet}"));
+        self.record_transition_by(record, event(PAUSED, reason), vec![], Some(call))
             .await?;
         self.rollout_view(fleet).await
     }
@@ -399,7 +416,7 @@ impl ControlPlane {
     pub async fn resume_rollout(
         &self,
         fleet: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<RolloutView, ControlError> {
         let _writes = self.writes.lock().await;
         let mut record = self.open_rollout_in(fleet, PAUSED)?;
@@ -407,8 +424,14 @@ impl ControlPlane {
         record.reason = String::new();
         record.batch_started_ms = now_millis();
         record.updated_ms = record.batch_started_ms;
-        self.record_transition(record, event("resumed", format!("by {actor}")), vec![])
-            .await?;
+        let call = actor.record(format!("fleet/{fleet}"));
+        self.record_transition_by(
+            record,
+            event("resumed", format!("by {actor}")),
+            vec![],
+            Some(call),
+        )
+        .await?;
         self.rollout_view(fleet).await
     }
 
@@ -417,7 +440,7 @@ impl ControlPlane {
     pub async fn rollback_rollout(
         &self,
         fleet: &str,
-        actor: &Identity,
+        actor: &Actor,
     ) -> Result<RolloutView, ControlError> {
         let entry = self
             .catalog()
@@ -441,7 +464,9 @@ impl ControlPlane {
                 ))
             })?;
         tracing::info!(fleet.name = %fleet, to = latest.from_revision, by = %actor, "rolling back");
-        self.apply_fleet(
+        let mut call = actor.record(format!("fleet/{fleet}"));
+        call.reason = format!("to the template of revision {}", latest.from_revision);
+        self.apply_fleet_recorded(
             super::FleetApply {
                 name: fleet.to_string(),
                 selector: entry.record.selector.clone(),
@@ -450,6 +475,7 @@ impl ControlPlane {
                 rollout: entry.record.rollout.clone(),
             },
             actor,
+            call,
         )
         .await?;
         self.rollout_view(fleet).await

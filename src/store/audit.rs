@@ -1,9 +1,10 @@
 //! The certificate audit trail: appended inside the transaction of the change it records, read in
 //! pages for listing and verification.
 
+use super::schema::audit_heads as ah;
 use super::schema::certificate_audit as ca;
 use super::{DbConnection, Store, StoreError};
-use crate::audit::{AuditEntry, GENESIS_HASH, SealedRecord};
+use crate::audit::{AuditEntry, GENESIS_HASH, SealedRecord, SignedHead};
 use diesel::prelude::*;
 
 /// Computes a record's hash and signature; implemented by the control plane's audit key.
@@ -16,6 +17,10 @@ pub trait AuditSeal: Send + Sync {
 pub struct AuditQuery {
     pub device_id: Option<String>,
     pub kind: Option<String>,
+    /// The actor (`operator/alice`) or its name (`alice`).
+    pub actor: Option<String>,
+    /// The target (`fleet/web`); with `device_id`, records of either match.
+    pub target: Option<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
     pub after_seq: i64,
@@ -38,6 +43,9 @@ struct AuditRow {
     proof: String,
     outcome: String,
     target: String,
+    role: String,
+    method: String,
+    revision: String,
     previous_hash: String,
     hash: String,
     signature: String,
@@ -60,6 +68,9 @@ impl AuditRow {
             proof: e.proof.clone(),
             outcome: e.outcome.clone(),
             target: e.target.clone(),
+            role: e.role.clone(),
+            method: e.method.clone(),
+            revision: e.revision.clone(),
             previous_hash: record.previous_hash.clone(),
             hash: record.hash.clone(),
             signature: hex::encode(&record.signature),
@@ -86,6 +97,9 @@ impl AuditRow {
                 proof: self.proof,
                 outcome: self.outcome,
                 target: self.target,
+                role: self.role,
+                method: self.method,
+                revision: self.revision,
             },
         }
     }
@@ -108,6 +122,11 @@ pub(super) fn lock_appends(conn: &mut DbConnection) -> Result<(), StoreError> {
 /// the append lock taken on PostgreSQL for the rest of the transaction.
 fn chain_head(conn: &mut DbConnection) -> Result<(i64, String), StoreError> {
     lock_appends(conn)?;
+    last_record(conn)
+}
+
+/// The last record's sequence number and hash (0 and the genesis hash on an empty trail).
+fn last_record(conn: &mut DbConnection) -> Result<(i64, String), StoreError> {
     let last: Option<(i64, String)> = ca::table
         .order(ca::seq.desc())
         .select((ca::seq, ca::hash))
@@ -166,6 +185,35 @@ pub(super) fn append_all(
     Ok(records)
 }
 
+/// The records of an admin call, appended in the transaction of the change they describe.
+#[derive(Clone)]
+pub struct Audited {
+    pub seal: std::sync::Arc<dyn AuditSeal>,
+    pub entries: Vec<AuditEntry>,
+}
+
+impl Audited {
+    /// Takes the append lock before the change touches any row, so a transaction holding it and
+    /// one holding a row the other needs can never wait on each other.
+    pub(super) fn begin(conn: &mut DbConnection) -> Result<(), StoreError> {
+        lock_appends(conn)
+    }
+
+    /// Appends the records after the change, in its transaction.
+    pub(super) fn commit(self, conn: &mut DbConnection) -> Result<Vec<SealedRecord>, StoreError> {
+        append_all(conn, self.seal.as_ref(), self.entries)
+    }
+
+    /// Sets the revision the change produced on every record (known only inside the transaction).
+    pub(super) fn produced(mut self, revision: impl std::fmt::Display) -> Audited {
+        let revision = revision.to_string();
+        for entry in &mut self.entries {
+            entry.revision = revision.clone();
+        }
+        self
+    }
+}
+
 impl Store {
     /// Appends one record on its own (for refused requests, which change nothing else).
     pub async fn append_audit(
@@ -179,6 +227,56 @@ impl Store {
         .await
     }
 
+    /// The last record's sequence number and hash, read without taking the append lock.
+    pub async fn audit_chain_head(&self) -> Result<(i64, String), StoreError> {
+        self.run("audit_chain_head", last_record).await
+    }
+
+    /// Keeps a signed head (once per record: a head already kept for that record stays).
+    pub async fn save_audit_head(&self, head: SignedHead) -> Result<(), StoreError> {
+        self.run("save_audit_head", move |conn| {
+            let exists = ah::table
+                .find(head.seq)
+                .select(ah::seq)
+                .first::<i64>(conn)
+                .optional()?
+                .is_some();
+            if !exists {
+                diesel::insert_into(ah::table)
+                    .values((
+                        ah::seq.eq(head.seq),
+                        ah::hash.eq(&head.hash),
+                        ah::at_ms.eq(head.at_ms),
+                        ah::signature.eq(hex::encode(&head.signature)),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The kept heads, newest first.
+    pub async fn list_audit_heads(&self, limit: i64) -> Result<Vec<SignedHead>, StoreError> {
+        self.run("list_audit_heads", move |conn| {
+            let rows: Vec<(i64, String, i64, String)> = ah::table
+                .order(ah::seq.desc())
+                .limit(limit)
+                .select((ah::seq, ah::hash, ah::at_ms, ah::signature))
+                .load(conn)?;
+            Ok(rows
+                .into_iter()
+                .map(|(seq, hash, at_ms, signature)| SignedHead {
+                    seq,
+                    hash,
+                    at_ms,
+                    signature: hex::decode(&signature).unwrap_or_else(|_| signature.into_bytes()),
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Records matching `query`, in sequence order.
     pub async fn list_audit(&self, query: AuditQuery) -> Result<Vec<SealedRecord>, StoreError> {
         self.run("list_audit", move |conn| {
@@ -188,8 +286,23 @@ impl Store {
                 .order(ca::seq.asc())
                 .limit(query.limit)
                 .into_boxed();
-            if let Some(device) = query.device_id {
-                q = q.filter(ca::device_id.eq(device));
+            match (query.device_id, query.target) {
+                (Some(device), Some(target)) => {
+                    q = q.filter(ca::device_id.eq(device).or(ca::target.eq(target)));
+                }
+                (Some(device), None) => q = q.filter(ca::device_id.eq(device)),
+                (None, Some(target)) => q = q.filter(ca::target.eq(target)),
+                (None, None) => {}
+            }
+            if let Some(actor) = query.actor {
+                q = match actor.contains('/') {
+                    true => q.filter(ca::actor.eq(actor)),
+                    false => q.filter(
+                        ca::actor
+                            .like(format!("%/{}", escape_like(&actor)))
+                            .escape('\\'),
+                    ),
+                };
             }
             if let Some(kind) = query.kind {
                 q = q.filter(ca::kind.eq(kind));
@@ -207,4 +320,11 @@ impl Store {
         })
         .await
     }
+}
+
+/// `text` as a literal inside a LIKE pattern escaped by `\\`.
+fn escape_like(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }

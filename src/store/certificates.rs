@@ -1,6 +1,6 @@
 //! Certificates issued to devices: every one is kept, so a serial can always be traced to its device.
 
-use super::audit::{AuditSeal, append};
+use super::audit::{AuditSeal, Audited, append};
 use super::devices::{NewDevice, insert_device};
 use super::schema::{certificates, devices, enrollment_requests};
 use super::{DbConnection, Store, StoreError};
@@ -441,13 +441,19 @@ impl Store {
     }
 
     /// Revokes certificates, auditing each; returns those that were not revoked already.
+    /// The admin call's records in `audit` are appended after the revocations' own.
     pub async fn revoke_certificates(
         &self,
         revocation: Revocation,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         self.run("revoke_certificates", move |conn| {
-            conn.transaction(|conn| revoke(conn, seal.as_ref(), &revocation))
+            conn.transaction(|conn| {
+                Audited::begin(conn)?;
+                let revoked = revoke(conn, audit.seal.as_ref(), &revocation)?;
+                audit.commit(conn)?;
+                Ok(revoked)
+            })
         })
         .await
     }
@@ -458,12 +464,14 @@ impl Store {
         &self,
         device_id: &str,
         revocation: Revocation,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         let device_id = device_id.to_string();
         self.run("delete_device", move |conn| {
             conn.transaction(|conn| {
-                let revoked = revoke(conn, seal.as_ref(), &revocation)?;
+                Audited::begin(conn)?;
+                let revoked = revoke(conn, audit.seal.as_ref(), &revocation)?;
+                audit.commit(conn)?;
                 diesel::delete(
                     enrollment_requests::table
                         .filter(enrollment_requests::device_id.eq(&device_id)),

@@ -3,7 +3,7 @@
 
 use super::audit::{append, lock_appends};
 use super::schema::{credential_certificates as cc, credentials};
-use super::{AuditSeal, DbConnection, Store, StoreError};
+use super::{AuditSeal, Audited, DbConnection, Store, StoreError};
 use crate::audit::AuditEntry;
 use diesel::prelude::*;
 use std::sync::Arc;
@@ -215,7 +215,7 @@ impl Store {
         &self,
         record: CredentialRecord,
         certificate: CredentialCertificate,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
         if_absent: bool,
     ) -> Result<StoredCredential, StoreError> {
         self.run("create_credential", move |conn| {
@@ -246,7 +246,8 @@ impl Store {
                 if record.created_by == "bootstrap" {
                     entry.proof = "bootstrap".into();
                 }
-                append(conn, seal.as_ref(), entry)?;
+                append(conn, audit.seal.as_ref(), entry)?;
+                audit.commit(conn)?;
                 Ok(StoredCredential {
                     record,
                     certificates: vec![certificate],
@@ -263,7 +264,7 @@ impl Store {
         &self,
         certificate: CredentialCertificate,
         actor: String,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
     ) -> Result<CredentialCertificate, StoreError> {
         self.run("renew_credential", move |conn| {
             conn.transaction(|conn| {
@@ -292,7 +293,7 @@ impl Store {
                     .execute(conn)?;
                 append(
                     conn,
-                    seal.as_ref(),
+                    audit.seal.as_ref(),
                     certificate_entry(
                         "renewed",
                         &certificate,
@@ -301,6 +302,7 @@ impl Store {
                         certificate.issued_ms,
                     ),
                 )?;
+                audit.produced(&certificate.serial).commit(conn)?;
                 Ok(certificate)
             })
         })
@@ -312,7 +314,7 @@ impl Store {
     pub async fn revoke_credential(
         &self,
         revocation: CredentialRevocation,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
     ) -> Result<Vec<String>, StoreError> {
         self.run("revoke_credential", move |conn| {
             conn.transaction(|conn| {
@@ -351,13 +353,15 @@ impl Store {
                         credentials::revocation_reason.eq(&revocation.reason),
                     ))
                     .execute(conn)?;
-                revoke_certificates(
+                let revoked = revoke_certificates(
                     conn,
-                    seal.as_ref(),
+                    audit.seal.as_ref(),
                     &stored.certificates,
                     "revoked",
                     &revocation,
-                )
+                )?;
+                audit.commit(conn)?;
+                Ok(revoked)
             })
         })
         .await
@@ -369,7 +373,7 @@ impl Store {
         &self,
         serial: String,
         revocation: CredentialRevocation,
-        seal: Arc<dyn AuditSeal>,
+        audit: Audited,
     ) -> Result<bool, StoreError> {
         self.run("revoke_credential_certificate", move |conn| {
             conn.transaction(|conn| {
@@ -392,11 +396,12 @@ impl Store {
                 }
                 let revoked = revoke_certificates(
                     conn,
-                    seal.as_ref(),
+                    audit.seal.as_ref(),
                     std::slice::from_ref(certificate),
                     "revoked",
                     &revocation,
                 )?;
+                audit.commit(conn)?;
                 Ok(!revoked.is_empty())
             })
         })

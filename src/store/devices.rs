@@ -1,7 +1,7 @@
 //! Devices: identity, labels, the spec set for them, and the last acknowledged state.
 
 use super::schema::{device_reports, device_sessions, devices};
-use super::{Store, StoreError, from_json, to_json};
+use super::{Audited, Store, StoreError, from_json, to_json};
 use crate::spec::DeviceSpec;
 use crate::status::DeviceReport;
 use diesel::prelude::*;
@@ -381,12 +381,14 @@ impl Store {
         .await
     }
 
-    /// Changes a device. Returns the updated device, or `None` if no device has that name.
+    /// Changes a device, appending `audit`'s records in the same transaction. Returns the updated
+    /// device, or `None` if no device has that name (and appends nothing).
     pub async fn update_device(
         &self,
         name: &str,
         change: DeviceChange,
         now_ms: i64,
+        audit: Audited,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let name = name.to_string();
         let changeset = DeviceChangeset {
@@ -398,12 +400,14 @@ impl Store {
         };
         self.run("update_device", move |conn| {
             conn.transaction(|conn| {
+                Audited::begin(conn)?;
                 let changed = diesel::update(devices::table.filter(devices::name.eq(&name)))
                     .set(&changeset)
                     .execute(conn)?;
                 if changed == 0 {
                     return Ok(None);
                 }
+                audit.commit(conn)?;
                 devices::table
                     .filter(devices::name.eq(&name))
                     .select(DeviceRow::as_select())

@@ -1,12 +1,10 @@
 //! Enrollment requests: submitted by agents, decided by operators. Approval creates the device and
 //! records its first certificate in the same transaction.
 
-use super::audit::{AuditSeal, append};
 use super::certificates::{CertificateRecord, insert_certificate};
 use super::devices::{NewDevice, insert_device};
 use super::schema::enrollment_requests as er;
-use super::{Store, StoreError, from_json, to_json};
-use crate::audit::AuditEntry;
+use super::{Audited, Store, StoreError, from_json, to_json};
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -69,6 +67,10 @@ pub struct EnrollmentRecord {
     /// Other requests and devices attested by the same endorsement key (filled in by the control
     /// plane, not stored).
     pub same_tpm_as: Vec<String>,
+    /// The enrollment credential the request came with ('' before credentials were recorded).
+    pub credential: String,
+    /// The address the request came from (`203.0.113.7:51234`).
+    pub source_address: String,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +82,8 @@ pub struct NewEnrollment {
     pub system_info: SystemInfo,
     pub created_ms: i64,
     pub tpm_ek_fingerprint: Option<String>,
+    pub credential: String,
+    pub source_address: String,
 }
 
 #[derive(Queryable, Selectable, Insertable)]
@@ -98,6 +102,8 @@ struct EnrollmentRow {
     decided_ms: Option<i64>,
     decided_by: Option<String>,
     tpm_ek_fingerprint: Option<String>,
+    credential: String,
+    source_address: String,
 }
 
 impl EnrollmentRow {
@@ -117,6 +123,8 @@ impl EnrollmentRow {
             decided_by: self.decided_by,
             tpm_ek_fingerprint: self.tpm_ek_fingerprint,
             same_tpm_as: Vec::new(),
+            credential: self.credential,
+            source_address: self.source_address,
         })
     }
 }
@@ -180,9 +188,39 @@ impl Store {
                     decided_ms: None,
                     decided_by: None,
                     tpm_ek_fingerprint: new.tpm_ek_fingerprint,
+                    credential: new.credential,
+                    source_address: new.source_address,
                 };
                 diesel::insert_into(er::table).values(&row).execute(conn)?;
                 row.into_record()
+            })
+        })
+        .await
+    }
+
+    /// Deletes a request that did not become a device (pending or denied), so its name can enroll
+    /// again; `audit`'s records are appended with it. `None` if there is no such request,
+    /// `Precondition` if it was approved (the device is deleted instead).
+    pub async fn delete_enrollment(
+        &self,
+        name: &str,
+        audit: Audited,
+    ) -> Result<Option<EnrollmentRecord>, StoreError> {
+        let name = name.to_string();
+        self.run("delete_enrollment", move |conn| {
+            conn.transaction(|conn| {
+                Audited::begin(conn)?;
+                let Some(existing) = find(conn, &name)? else {
+                    return Ok(None);
+                };
+                if existing.state == EnrollmentState::Approved {
+                    return Err(StoreError::Precondition(format!(
+                        "enrollment request {name:?} was approved; delete the device instead"
+                    )));
+                }
+                diesel::delete(er::table.find(&name)).execute(conn)?;
+                audit.commit(conn)?;
+                Ok(Some(existing))
             })
         })
         .await
@@ -222,12 +260,12 @@ impl Store {
         device: NewDevice,
         certificate: CertificateRecord,
         decided_by: String,
-        seal: std::sync::Arc<dyn AuditSeal>,
-        audit: AuditEntry,
+        audit: Audited,
     ) -> Result<EnrollmentRecord, StoreError> {
         let name = name.to_string();
         self.run("approve_enrollment", move |conn| {
             conn.transaction(|conn| {
+                Audited::begin(conn)?;
                 let changed = diesel::update(
                     er::table
                         .find(&name)
@@ -247,7 +285,7 @@ impl Store {
                 }
                 insert_device(conn, &device)?;
                 insert_certificate(conn, &certificate)?;
-                append(conn, seal.as_ref(), audit)?;
+                audit.commit(conn)?;
                 find(conn, &name)?.ok_or_else(|| not_pending(&name))
             })
         })
@@ -261,10 +299,12 @@ impl Store {
         reason: String,
         decided_by: String,
         now_ms: i64,
+        audit: Audited,
     ) -> Result<EnrollmentRecord, StoreError> {
         let name = name.to_string();
         self.run("deny_enrollment", move |conn| {
             conn.transaction(|conn| {
+                Audited::begin(conn)?;
                 let changed = diesel::update(
                     er::table
                         .find(&name)
@@ -280,6 +320,7 @@ impl Store {
                 if changed == 0 {
                     return Err(not_pending(&name));
                 }
+                audit.commit(conn)?;
                 find(conn, &name)?.ok_or_else(|| not_pending(&name))
             })
         })

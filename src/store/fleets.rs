@@ -3,7 +3,7 @@
 use super::devices::{write_owners, write_revisions};
 use super::rollouts::{Pins, RolloutEventRecord, RolloutRecord, save as save_rollout};
 use super::schema::{devices, fleet_revisions, fleets};
-use super::{Store, StoreError, from_json, to_json};
+use super::{Audited, Store, StoreError, from_json, to_json};
 use crate::rollout::RolloutSpec;
 use crate::spec::DeviceSpec;
 use diesel::prelude::*;
@@ -143,16 +143,19 @@ impl Store {
         .await
     }
 
-    /// Creates or updates a fleet and, in the same transaction, moves devices to their new owners.
+    /// Creates or updates a fleet and, in the same transaction, moves devices to their new owners
+    /// and appends `audit`'s records with the revision written.
     /// A changed template becomes a new revision; an identical one keeps the current revision.
     pub async fn apply_fleet(
         &self,
         write: FleetWrite,
         owners: Vec<(String, Option<String>)>,
         rollout: FleetRollout,
+        audit: Audited,
     ) -> Result<FleetRecord, StoreError> {
         self.run("apply_fleet", move |conn| {
             conn.transaction(|conn| {
+                Audited::begin(conn)?;
                 let existing = load_fleets(conn, Some(&write.name))?.pop();
                 let template = to_json(&write.template);
                 let revision = match &existing {
@@ -206,6 +209,7 @@ impl Store {
                 for (record, event) in &rollout.saves {
                     save_rollout(conn, record, event, &[])?;
                 }
+                audit.produced(revision).commit(conn)?;
                 load_fleets(conn, Some(&write.name))?.pop().ok_or_else(|| {
                     StoreError::Precondition(format!("fleet {:?} vanished", write.name))
                 })
@@ -220,10 +224,12 @@ impl Store {
         &self,
         name: &str,
         owners: Vec<(String, Option<String>)>,
+        audit: Audited,
     ) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.run("delete_fleet", move |conn| {
             conn.transaction(|conn| {
+                Audited::begin(conn)?;
                 let deleted = diesel::delete(fleets::table.find(&name)).execute(conn)?;
                 if deleted == 0 {
                     return Ok(false);
@@ -235,6 +241,7 @@ impl Store {
                 diesel::update(devices::table.filter(devices::fleet.eq(&name)))
                     .set(devices::fleet.eq(None::<String>))
                     .execute(conn)?;
+                audit.commit(conn)?;
                 Ok(true)
             })
         })

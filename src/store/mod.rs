@@ -19,7 +19,7 @@ mod rollouts;
 mod schema;
 mod tpm;
 
-pub use audit::{AuditQuery, AuditSeal};
+pub use audit::{AuditQuery, AuditSeal, Audited};
 pub use certificates::{
     CertificateRecord, CertificateWrite, CertificateWritten, IssuanceRules, RecordedIssuance,
     Revocation,

@@ -3,7 +3,7 @@
 
 use super::devices::write_revisions;
 use super::schema::{rollout_events, rollouts};
-use super::{DbConnection, Store, StoreError, from_json, to_json};
+use super::{Audited, DbConnection, Store, StoreError, from_json, to_json};
 use diesel::prelude::*;
 
 /// A rollout as stored.
@@ -124,15 +124,26 @@ pub(super) fn save(
 }
 
 impl Store {
-    /// Records a rollout transition with its event and the pins it writes.
+    /// Records a rollout transition with its event and the pins it writes, and the records of the
+    /// admin call that caused it (if one did).
     pub async fn save_rollout(
         &self,
         rollout: RolloutRecord,
         event: RolloutEventRecord,
         pins: Vec<Pins>,
+        audit: Option<Audited>,
     ) -> Result<(), StoreError> {
         self.run("save_rollout", move |conn| {
-            conn.transaction(|conn| save(conn, &rollout, &event, &pins))
+            conn.transaction(|conn| {
+                if audit.is_some() {
+                    Audited::begin(conn)?;
+                }
+                save(conn, &rollout, &event, &pins)?;
+                if let Some(audit) = audit {
+                    audit.commit(conn)?;
+                }
+                Ok(())
+            })
         })
         .await
     }

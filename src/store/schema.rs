@@ -52,6 +52,17 @@ diesel::table! {
         decided_ms -> Nullable<BigInt>,
         decided_by -> Nullable<Text>,
         tpm_ek_fingerprint -> Nullable<Text>,
+        credential -> Text,
+        source_address -> Text,
+    }
+}
+
+diesel::table! {
+    audit_heads (seq) {
+        seq -> BigInt,
+        hash -> Text,
+        at_ms -> BigInt,
+        signature -> Text,
     }
 }
 
@@ -133,6 +144,9 @@ diesel::table! {
         proof -> Text,
         outcome -> Text,
         target -> Text,
+        role -> Text,
+        method -> Text,
+        revision -> Text,
         previous_hash -> Text,
         hash -> Text,
         signature -> Text,
@@ -204,6 +218,7 @@ diesel::joinable!(device_reports -> devices (device_id));
 diesel::joinable!(credential_certificates -> credentials (credential));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    audit_heads,
     certificate_audit,
     changes,
     credential_certificates,

@@ -1,6 +1,6 @@
 //! The operator-facing admin services: devices, fleets and enrollment decisions.
 
-use super::auth::{caller, caller_scope};
+use super::auth::{actor, caller_scope};
 use super::convert;
 use crate::control::{
     ControlError, ControlPlane, DeviceUpdate, FleetApply, LabelChange, RolloutCommand,
@@ -72,6 +72,7 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::ApplyDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         self.control.ensure_device_in_scope(&request.name, &scope)?;
@@ -82,11 +83,14 @@ impl DeviceService for AdminApi {
         }
         let view = self
             .control
-            .apply_device(DeviceUpdate {
-                name: request.name,
-                spec: request.spec.unwrap_or_default().into(),
-                labels: request.labels.map(|l| l.values),
-            })
+            .apply_device(
+                DeviceUpdate {
+                    name: request.name,
+                    spec: request.spec.unwrap_or_default().into(),
+                    labels: request.labels.map(|l| l.values),
+                },
+                &caller,
+            )
             .await?;
         Ok(Response::new(convert::device(view)))
     }
@@ -95,6 +99,7 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::LabelDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         self.control.ensure_device_in_scope(&request.name, &scope)?;
@@ -111,11 +116,14 @@ impl DeviceService for AdminApi {
         }
         let view = self
             .control
-            .label_device(LabelChange {
-                name: request.name,
-                set: request.set.into_iter().collect(),
-                remove: request.remove,
-            })
+            .label_device(
+                LabelChange {
+                    name: request.name,
+                    set: request.set.into_iter().collect(),
+                    remove: request.remove,
+                },
+                &caller,
+            )
             .await?;
         Ok(Response::new(convert::device(view)))
     }
@@ -145,7 +153,7 @@ impl DeviceService for AdminApi {
         &self,
         request: Request<pb::DeleteDeviceRequest>,
     ) -> Result<Response<pb::DeleteDeviceResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let name = request.into_inner().name;
         self.control.ensure_device_in_scope(&name, &scope)?;
@@ -185,7 +193,7 @@ impl CertificateService for AdminApi {
         &self,
         request: Request<pb::RevokeCertificateRequest>,
     ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         self.control
@@ -211,7 +219,7 @@ impl CertificateService for AdminApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let mut request = request.into_inner();
         self.control
@@ -263,6 +271,8 @@ impl AuditService for AdminApi {
         let query = AuditQuery {
             device_id: None,
             kind: non_empty(&request.kind).map(str::to_string),
+            actor: non_empty(&request.actor).map(str::to_string),
+            target: non_empty(&request.target).map(str::to_string),
             since_ms: millis(request.since),
             until_ms: millis(request.until),
             after_seq: request.after_seq,
@@ -280,9 +290,31 @@ impl AuditService for AdminApi {
                     scope.is_everything()
                         || self.control.device_id_in_scope(&r.entry.device_id, &scope)
                 })
-                .map(convert::audit_record)
+                .map(|r| {
+                    let name = self.control.device_name(&r.entry.device_id);
+                    convert::audit_record(r, name)
+                })
                 .collect(),
             audit_public_key_pem: self.control.audit_public_key_pem(),
+        }))
+    }
+
+    async fn get_audit_head(
+        &self,
+        _request: Request<pb::GetAuditHeadRequest>,
+    ) -> Result<Response<pb::AuditHead>, Status> {
+        let head = self.control.sign_audit_head().await?;
+        Ok(Response::new(convert::audit_head(head)))
+    }
+
+    async fn list_audit_heads(
+        &self,
+        request: Request<pb::ListAuditHeadsRequest>,
+    ) -> Result<Response<pb::ListAuditHeadsResponse>, Status> {
+        let limit = request.into_inner().limit as usize;
+        let heads = self.control.list_audit_heads(limit).await?;
+        Ok(Response::new(pb::ListAuditHeadsResponse {
+            heads: heads.into_iter().map(convert::audit_head).collect(),
         }))
     }
 }
@@ -319,7 +351,7 @@ impl FleetService for AdminApi {
         &self,
         request: Request<pb::ApplyFleetRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         self.control.ensure_fleet_in_scope(&request.name, &scope)?;
@@ -340,7 +372,7 @@ impl FleetService for AdminApi {
         &self,
         request: Request<pb::DeleteFleetRequest>,
     ) -> Result<Response<pb::DeleteFleetResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let name = request.into_inner().name;
         self.control.ensure_fleet_in_scope(&name, &scope)?;
@@ -401,7 +433,7 @@ impl EnrollmentService for AdminApi {
         &self,
         request: Request<pb::ApproveEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         let extra = request.labels.clone().into_iter().collect();
@@ -419,7 +451,7 @@ impl EnrollmentService for AdminApi {
         &self,
         request: Request<pb::DenyEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
         self.control
@@ -439,7 +471,7 @@ impl AdminApi {
         request: Request<pb::RolloutRequest>,
         command: RolloutCommand,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let caller = caller(&request)?;
+        let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
         let fleet = request.into_inner().fleet;
         self.control.ensure_fleet_in_scope(&fleet, &scope)?;

@@ -5,8 +5,9 @@
 
 use super::guard::GuardedInfo;
 use super::revocable::Revocable;
-use crate::authz::{Grant, authorize};
+use crate::authz::{Grant, authorize, mutates};
 use crate::clock::now_millis;
+use crate::control::{Actor, CallRefusal, ControlPlane};
 use crate::credentials::{AdmitError, Registry};
 use crate::identity::{Identity, Role};
 use crate::pki::cert_info;
@@ -23,13 +24,15 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 /// The verified caller, in the request extensions of every handler: its identity, the serial of
-/// the certificate it presented, what it may call, and the scope it is limited to.
+/// the certificate it presented, what it may call, the scope it is limited to, and the method it
+/// called (`FleetService/ApplyFleet`).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub identity: Identity,
     pub serial: String,
     pub grant: Grant,
     pub scope: Scope,
+    pub method: String,
 }
 
 fn verified<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
@@ -42,6 +45,11 @@ fn verified<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
 /// Reads the identity a request was authenticated as.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, Status> {
     verified(request).map(|c| c.identity.clone())
+}
+
+/// Reads who called which method, for the audit trail.
+pub fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Status> {
+    verified(request).map(|c| Actor::new(c.identity.clone(), c.method.clone()))
 }
 
 /// Reads the scope of the credential a request was authenticated with.
@@ -88,6 +96,16 @@ impl Authenticator {
 
     /// Decides who sent `request` and whether they may call its method.
     pub fn authenticate<B>(&self, request: &Request<B>) -> Result<Caller, Status> {
+        self.authenticate_noting(request, &mut None)
+    }
+
+    /// As `authenticate`, noting in `known` who the caller is as soon as its certificate says so
+    /// (a refusal after that point is recorded with its identity).
+    fn authenticate_noting<B>(
+        &self,
+        request: &Request<B>,
+        known: &mut Option<Identity>,
+    ) -> Result<Caller, Status> {
         // Until the revoked serials (and the rest of the state) are loaded, a certificate cannot
         // be trusted and a read would describe an empty world: only health and reflection answer.
         if !self.revoked.is_loaded() && !answers_while_starting(request.uri().path()) {
@@ -119,6 +137,7 @@ impl Authenticator {
             .map_err(|e| rejected(&e))?;
         let identity = Identity::from_certificate_der(end_entity).map_err(|e| rejected(&e))?;
         let serial = cert_info(end_entity).map_err(|e| rejected(&e))?.serial;
+        *known = Some(identity.clone());
         let role = identity.role;
         if self.revoked.contains(&serial) {
             return Err(refused(
@@ -159,7 +178,20 @@ impl Authenticator {
             serial,
             grant,
             scope,
+            method: short_method(request.uri().path()).to_string(),
         })
+    }
+}
+
+/// `FleetService/ApplyFleet` of `/flotilla.admin.v1.FleetService/ApplyFleet`.
+fn short_method(path: &str) -> &str {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => {
+            let service_start = service.rfind('.').map_or(0, |dot| dot + 1);
+            &path[service_start..service.len() + 1 + method.len()]
+        }
+        None => path,
     }
 }
 
@@ -171,11 +203,23 @@ fn answers_while_starting(path: &str) -> bool {
 #[derive(Clone)]
 pub struct AuthLayer {
     authenticator: Authenticator,
+    refusals: Option<ControlPlane>,
 }
 
 impl AuthLayer {
     pub fn new(authenticator: Authenticator) -> Self {
-        AuthLayer { authenticator }
+        AuthLayer {
+            authenticator,
+            refusals: None,
+        }
+    }
+
+    /// Records refused mutating admin calls in the control plane's audit trail: those the
+    /// authenticator refuses (a role without the right, a revoked or unregistered credential)
+    /// and those a handler refuses with `PERMISSION_DENIED` (outside the caller's scope).
+    pub fn recording_refusals(mut self, control: ControlPlane) -> Self {
+        self.refusals = Some(control);
+        self
     }
 }
 
@@ -186,6 +230,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -194,6 +239,27 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     authenticator: Authenticator,
+    refusals: Option<ControlPlane>,
+}
+
+async fn record_refusal(
+    control: &ControlPlane,
+    identity: Identity,
+    method: String,
+    status: &Status,
+) {
+    control
+        .record_refusal(CallRefusal {
+            identity,
+            method,
+            reason: status.message().to_string(),
+        })
+        .await;
+}
+
+/// The control plane to record a refusal of `method` in, when it mutates.
+fn recorder<'a>(refusals: &'a Option<ControlPlane>, method: &str) -> Option<&'a ControlPlane> {
+    refusals.as_ref().filter(|_| mutates(method))
 }
 
 impl<S> Service<Request<Body>> for AuthService<S>
@@ -205,11 +271,8 @@ where
     type Response = Response<Body>;
     type Error = S::Error;
     type Future = futures::future::Either<
-        futures::future::Either<
-            S::Future,
-            futures::future::BoxFuture<'static, Result<Response<Body>, S::Error>>,
-        >,
-        futures::future::Ready<Result<Response<Body>, S::Error>>,
+        S::Future,
+        futures::future::BoxFuture<'static, Result<Response<Body>, S::Error>>,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -217,28 +280,42 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        match self.authenticator.authenticate(&request) {
+        let method = short_method(request.uri().path()).to_string();
+        let mut known = None;
+        match self.authenticator.authenticate_noting(&request, &mut known) {
             Ok(caller) => {
                 // People's and services' calls end when their certificate is revoked; devices'
                 // sessions are closed by the hub.
-                let watched = (!matches!(caller.identity.role, Role::Device | Role::Enrollment))
-                    .then(|| caller.serial.clone());
+                if matches!(caller.identity.role, Role::Device | Role::Enrollment) {
+                    request.extensions_mut().insert(caller);
+                    return futures::future::Either::Left(self.inner.call(request));
+                }
+                let serial = caller.serial.clone();
+                let identity = caller.identity.clone();
                 request.extensions_mut().insert(caller);
                 let call = self.inner.call(request);
-                futures::future::Either::Left(match watched {
-                    None => futures::future::Either::Left(call),
-                    Some(serial) => {
-                        let revoked = self.authenticator.revoked.clone();
-                        futures::future::Either::Right(Box::pin(async move {
-                            let response = call.await?;
-                            Ok(response.map(|body| Revocable::wrap(body, serial, revoked)))
-                        }))
+                let revoked = self.authenticator.revoked.clone();
+                let recorder = recorder(&self.refusals, &method).cloned();
+                futures::future::Either::Right(Box::pin(async move {
+                    let response = call.await?;
+                    if let Some(control) = recorder
+                        && let Some(status) = tonic::Status::from_header_map(response.headers())
+                        && status.code() == tonic::Code::PermissionDenied
+                    {
+                        record_refusal(&control, identity, method, &status).await;
                     }
-                })
+                    Ok(response.map(|body| Revocable::wrap(body, serial, revoked)))
+                }))
             }
             Err(status) => {
                 tracing::info!(path = request.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
-                futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
+                let recorder = recorder(&self.refusals, &method).cloned();
+                futures::future::Either::Right(Box::pin(async move {
+                    if let (Some(control), Some(identity)) = (recorder, known) {
+                        record_refusal(&control, identity, method, &status).await;
+                    }
+                    Ok(status.into_http())
+                }))
             }
         }
     }

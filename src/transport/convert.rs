@@ -1,6 +1,6 @@
 //! Conversions between domain records and their protobuf messages.
 
-use crate::audit::SealedRecord;
+use crate::audit::{SealedRecord, SignedHead};
 use crate::authz::ServiceGrant;
 use crate::clock::timestamp_from_millis;
 use crate::control::{
@@ -335,7 +335,8 @@ pub fn certificate(view: CertificateView) -> admin::Certificate {
     }
 }
 
-pub fn audit_record(record: SealedRecord) -> admin::AuditRecord {
+/// A record on the wire, with the current name of its device (not part of the record).
+pub fn audit_record(record: SealedRecord, device_name: Option<String>) -> admin::AuditRecord {
     let e = record.entry;
     admin::AuditRecord {
         seq: e.seq,
@@ -354,6 +355,19 @@ pub fn audit_record(record: SealedRecord) -> admin::AuditRecord {
         hash: record.hash,
         signature: record.signature,
         target: e.target,
+        role: e.role,
+        method: e.method,
+        revision: e.revision,
+        device_name: device_name.unwrap_or_default(),
+    }
+}
+
+pub fn audit_head(head: SignedHead) -> admin::AuditHead {
+    admin::AuditHead {
+        seq: head.seq,
+        hash: head.hash,
+        at: Some(timestamp_from_millis(head.at_ms)),
+        signature: head.signature,
     }
 }
 

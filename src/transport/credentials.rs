@@ -1,7 +1,7 @@
 //! The admin API's credential service: proto ↔ the control plane's credential use cases.
 
 use super::admin::AdminApi;
-use super::auth::caller;
+use super::auth::actor;
 use super::convert;
 use crate::control::NewCredential;
 use crate::proto::admin::v1 as pb;
@@ -14,7 +14,7 @@ impl CredentialService for AdminApi {
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Result<Response<pb::IssuedCredential>, Status> {
-        let actor = caller(&request)?;
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let grant = request.grant.unwrap_or_default();
         let new = NewCredential {
@@ -61,7 +61,7 @@ impl CredentialService for AdminApi {
         &self,
         request: Request<pb::RenewCredentialRequest>,
     ) -> Result<Response<pb::IssuedCredential>, Status> {
-        let actor = caller(&request)?;
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let issued = self
             .control()
@@ -77,7 +77,7 @@ impl CredentialService for AdminApi {
         &self,
         request: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = caller(&request)?;
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let view = self
             .control()
@@ -90,11 +90,11 @@ impl CredentialService for AdminApi {
         &self,
         request: Request<pb::RenewOwnCredentialRequest>,
     ) -> Result<Response<pb::IssuedCredential>, Status> {
-        let actor = caller(&request)?;
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let issued = self
             .control()
-            .renew_credential(&actor.name, &request.csr_pem, "", &actor)
+            .renew_credential(&actor.identity.name, &request.csr_pem, "", &actor)
             .await?;
         Ok(Response::new(convert::issued_credential(
             issued,

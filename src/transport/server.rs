@@ -121,7 +121,8 @@ pub async fn serve(
         verifier,
         control.revoked().clone(),
         control.credentials().clone(),
-    ));
+    ))
+    .recording_refusals(control.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -253,6 +254,10 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_credential_writer().await })
     };
+    let audit_heads = {
+        let control = control.clone();
+        tokio::spawn(async move { control.run_audit_head_keeper().await })
+    };
     for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -274,6 +279,7 @@ pub async fn serve(
     rollouts.abort();
     feed.abort();
     credential_uses.abort();
+    audit_heads.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;
