@@ -49,6 +49,7 @@ pub const METHODS: &[(&str, Right)] = &[
     ("EnrollmentService/GetEnrollment", Right::Read),
     ("EnrollmentService/ApproveEnrollment", Right::Operate),
     ("EnrollmentService/DenyEnrollment", Right::Operate),
+    ("EnrollmentService/DeleteEnrollment", Right::Operate),
     ("CredentialService/CreateCredential", Right::Credentials),
     ("CredentialService/ListCredentials", Right::Credentials),
     ("CredentialService/GetCredential", Right::Credentials),

@@ -123,6 +123,9 @@ pub struct Prepared {
     /// The bootstrap admin credential's certificate, if it is still in the data directory (it is
     /// registered as the credential `admin` unless one of that name exists).
     pub admin_cert_pem: Option<String>,
+    /// The shared enrollment credential's certificate, if it is still in the data directory (it is
+    /// registered under its identity's name unless that credential exists).
+    pub enrollment_cert_pem: Option<String>,
     /// Human-readable lines about what was created (printed on first start).
     pub created: Vec<String>,
 }
@@ -344,6 +347,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         server_cert_pem: read(&dir.server_cert())?,
         server_key_pem: read(&dir.server_key())?,
         admin_cert_pem: std::fs::read_to_string(dir.admin_cert()).ok(),
+        enrollment_cert_pem: std::fs::read_to_string(dir.enrollment_cert()).ok(),
         ca,
         audit_key,
         created,

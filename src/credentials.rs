@@ -1,8 +1,9 @@
-//! The registry of admin-API credentials the authentication layer consults on every request: which
-//! names exist with which role, grant and scope, whether they are revoked, and which certificate is
-//! each one's newest. A certificate with a `flotilla://admin|operator|viewer|service/<name>`
-//! identity is accepted only for a registered, unrevoked credential of that role — one forged with
-//! the CA key under a name nobody created is refused. Uses are noted in memory (last use, a renewed
+//! The registry of credentials the authentication layer consults on every request: which names
+//! exist with which role, grant, scope or enrollment policy, whether they are revoked, and which
+//! certificate is each one's newest. A certificate with a
+//! `flotilla://admin|operator|viewer|service|enrollment/<name>` identity is accepted only for a
+//! registered, unrevoked credential of that role — one forged with the CA key under a name nobody
+//! created is refused. Uses are noted in memory (last use, a renewed
 //! credential's first use of its new certificate) for the control plane to write behind.
 
 use crate::authz::{Grant, ServiceGrant};
@@ -27,6 +28,17 @@ pub struct Credential {
     pub older_live: bool,
     /// When the newest certificate expires (Unix ms).
     pub not_after_ms: i64,
+    /// Enrollment credentials only: what happens to the requests made with it.
+    pub enrollment: Option<EnrollmentPolicy>,
+}
+
+/// What an enrollment credential does to the requests made with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnrollmentPolicy {
+    /// Set on every device it enrolls, over the labels the device asked for.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Requests made with it are approved without an operator.
+    pub auto_approve: bool,
 }
 
 /// What a verified caller may do.
@@ -169,6 +181,7 @@ mod tests {
             newest_serial: "02".into(),
             older_live: false,
             not_after_ms: 0,
+            enrollment: None,
         }
     }
 

@@ -474,6 +474,12 @@ async fn main() -> Result<()> {
                     .await
                     .context("registering the bootstrap admin credential")?;
             }
+            if let Some(pem) = &prepared.enrollment_cert_pem {
+                control
+                    .register_bootstrap_enrollment(pem)
+                    .await
+                    .context("registering the bootstrap enrollment credential")?;
+            }
             println!("agent endpoint: {}", url_for(agent_addr));
             println!("admin endpoint: {}", url_for(admin_addr));
             if let Some(addr) = metrics_listen {

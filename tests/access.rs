@@ -210,13 +210,17 @@ async fn credentials_are_listed_and_a_forged_certificate_is_refused() {
         .unwrap()
         .into_inner()
         .credentials;
-    let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = listed
+        .iter()
+        .filter(|c| c.role() != pb::CredentialRole::Enrollment)
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(
         names,
         ["admin", "dash"],
         "the bootstrap admin is a credential too"
     );
-    let dash = &listed[1];
+    let dash = listed.iter().find(|c| c.name == "dash").unwrap();
     assert_eq!(dash.role(), pb::CredentialRole::Viewer);
     assert_eq!(dash.identity, "flotilla://viewer/dash");
     assert_eq!(dash.created_by, "admin/admin");
@@ -470,7 +474,7 @@ async fn bad_credential_requests_are_refused_and_store_nothing() {
                 ..request("root3", R::Admin as i32)
             },
             Code::InvalidArgument,
-            "admin credentials cover everything",
+            "admin and enrollment credentials take no scope",
         ),
         (
             request("lonely", R::Service as i32),
@@ -550,9 +554,10 @@ async fn bad_credential_requests_are_refused_and_store_nothing() {
         .unwrap()
         .into_inner()
         .credentials;
-    assert_eq!(listed.len(), 1, "nothing stored: {listed:?}");
+    // The bootstrap admin and the bootstrap enrollment credential.
+    assert_eq!(listed.len(), 2, "nothing stored: {listed:?}");
     assert_eq!(
-        listed[0].role(),
+        listed.iter().find(|c| c.name == "admin").unwrap().role(),
         pb::CredentialRole::Admin,
         "admin unchanged"
     );
@@ -1261,4 +1266,197 @@ async fn the_head_is_signed_on_demand_and_periodically() {
     let kept = to_head(kept);
     assert_eq!(kept.seq, records.len() as i64);
     assert_eq!(flotilla::audit::check_head(&sealed, &kept, &spki), Ok(()));
+}
+
+#[tokio::test]
+async fn enrollment_credentials_stamp_labels_approve_and_a_leaked_one_is_revoked_alone() {
+    use flotilla::proto::admin::v1::enrollment_service_client::EnrollmentServiceClient;
+    use flotilla::proto::agent::v1 as agent;
+    use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient as Enroll;
+    let server = TestServer::start().await;
+    let admin = channel(&server.admin_url, &server.admin_creds()).await;
+    let mut credentials = CredentialServiceClient::new(admin.clone());
+    // The shared bootstrap enrollment credential is one credential among others.
+    let listed = credentials
+        .list_credentials(pb::ListCredentialsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials;
+    let bootstrap = listed
+        .iter()
+        .find(|c| c.role == pb::CredentialRole::Enrollment as i32)
+        .expect("the bootstrap enrollment credential is listed");
+    assert_eq!(bootstrap.created_by, "bootstrap");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = credentials
+        .create_credential(pb::CreateCredentialRequest {
+            name: "factory-a".into(),
+            role: pb::CredentialRole::Enrollment as i32,
+            csr_pem: csr(&key),
+            enrollment: Some(pb::EnrollmentPolicy {
+                labels: [("site".to_string(), "factory-a".to_string())].into(),
+                auto_approve: true,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let policy = issued
+        .credential
+        .as_ref()
+        .unwrap()
+        .enrollment
+        .clone()
+        .unwrap();
+    assert!(policy.auto_approve);
+    let factory = ClientCredentials {
+        ca_pem: issued.ca_pem.clone(),
+        cert_pem: issued.certificate_pem.clone(),
+        key_pem: key.serialize_pem(),
+        server_name: "localhost".into(),
+    };
+    // A device enrolled with it: approved at once, with the credential's labels over its own.
+    let device_key = rcgen::KeyPair::generate().unwrap();
+    let mut request = support::enroll_request("line-1", csr(&device_key));
+    request.labels = [("site".to_string(), "elsewhere".to_string())].into();
+    let response = Enroll::new(channel(&server.agent_url, &factory).await)
+        .enroll(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.state(), agent::EnrollmentState::Approved);
+    let mut enrollments = EnrollmentServiceClient::new(admin.clone());
+    let record = enrollments
+        .get_enrollment(pb::GetEnrollmentRequest {
+            name: "line-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.credential, "factory-a");
+    assert!(
+        record.source_address.starts_with("127.0.0.1:"),
+        "{}",
+        record.source_address
+    );
+    assert_eq!(record.labels["site"], "factory-a");
+    assert_eq!(record.decided_by, "enrollment/factory-a");
+    let device_creds = ClientCredentials {
+        ca_pem: issued.ca_pem.clone(),
+        cert_pem: response.certificate_pem.clone(),
+        key_pem: device_key.serialize_pem(),
+        server_name: "localhost".into(),
+    };
+
+    // The shared credential's requests wait for an operator and say where they came from.
+    let pending = Enroll::new(channel(&server.agent_url, &server.enrollment_creds()).await)
+        .enroll(support::enroll_request(
+            "manual-1",
+            csr(&rcgen::KeyPair::generate().unwrap()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pending.state(), agent::EnrollmentState::Pending);
+    let manual = enrollments
+        .get_enrollment(pb::GetEnrollmentRequest {
+            name: "manual-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(manual.credential, bootstrap.name);
+
+    // The factory credential leaks: revoked, it enrolls nothing more...
+    credentials
+        .revoke_credential(pb::RevokeCredentialRequest {
+            name: "factory-a".into(),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    let refused = Enroll::new(channel(&server.agent_url, &factory).await)
+        .enroll(support::enroll_request(
+            "line-2",
+            csr(&rcgen::KeyPair::generate().unwrap()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        enrollments
+            .get_enrollment(pb::GetEnrollmentRequest {
+                name: "line-2".into()
+            })
+            .await
+            .is_err(),
+        "nothing stored"
+    );
+    // ...while the device it enrolled keeps working, and the shared credential too.
+    assert!(
+        support::sim::RawSession::open(&server.agent_url, &device_creds, &response.device_id)
+            .await
+            .is_ok()
+    );
+    Enroll::new(channel(&server.agent_url, &server.enrollment_creds()).await)
+        .enroll(support::enroll_request(
+            "manual-2",
+            csr(&rcgen::KeyPair::generate().unwrap()),
+        ))
+        .await
+        .unwrap();
+
+    // A denied name is freed by deleting its request; an approved one is not deleted this way.
+    enrollments
+        .deny_enrollment(pb::DenyEnrollmentRequest {
+            name: "manual-1".into(),
+            reason: "unknown".into(),
+        })
+        .await
+        .unwrap();
+    enrollments
+        .delete_enrollment(pb::DeleteEnrollmentRequest {
+            name: "manual-1".into(),
+        })
+        .await
+        .unwrap();
+    let gone = enrollments
+        .get_enrollment(pb::GetEnrollmentRequest {
+            name: "manual-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let approved = enrollments
+        .delete_enrollment(pb::DeleteEnrollmentRequest {
+            name: "line-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(approved.code(), Code::FailedPrecondition);
+    assert!(approved.message().contains("delete the device instead"));
+
+    // Bad policies are refused and store nothing.
+    let bad = credentials
+        .create_credential(pb::CreateCredentialRequest {
+            name: "ops-with-labels".into(),
+            role: pb::CredentialRole::Operator as i32,
+            csr_pem: csr(&rcgen::KeyPair::generate().unwrap()),
+            enrollment: Some(pb::EnrollmentPolicy {
+                labels: Default::default(),
+                auto_approve: true,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().contains("only enrollment credentials"),
+        "{}",
+        bad.message()
+    );
 }

@@ -83,12 +83,13 @@ fn flotctl_creates_renews_and_revokes_credentials() {
     );
 
     let listed = cluster.flotctl_json(&["get", "credentials"]).unwrap();
-    let names: Vec<&str> = listed
+    let listed: Vec<&serde_json::Value> = listed
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c["name"].as_str().unwrap())
+        .filter(|c| c["role"] != "enrollment")
         .collect();
+    let names: Vec<&str> = listed.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["admin", "dash", "ops"]);
     assert_eq!(listed[2]["scope"], "site=a");
     let table = cluster.flotctl_ok(&["get", "credentials"]);
@@ -138,7 +139,13 @@ fn flotctl_creates_renews_and_revokes_credentials() {
     let all = cluster
         .flotctl_json(&["get", "credentials", "--all"])
         .unwrap();
-    assert_eq!(all[1]["revocationReason"], "rotated");
+    let dash = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dash")
+        .unwrap();
+    assert_eq!(dash["revocationReason"], "rotated");
 
     // Every step is in the audit trail, by name, and the trail verifies.
     let audit = cluster.flotctl_json(&["audit", "list"]).unwrap();
@@ -405,5 +412,123 @@ fn the_audit_trail_exports_verifies_offline_and_reveals_tampering_and_truncation
     assert!(
         out.contains("against the head the control plane kept"),
         "{out}"
+    );
+}
+
+#[test]
+fn a_factory_enrollment_credential_enrolls_stamped_devices_until_it_is_revoked() {
+    use support::cluster::count_lines;
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(tmp.path());
+    let _server = cluster.start_server(1);
+    cluster.wait_until_serving();
+    let factory_dir = tmp.path().join("factory-a");
+    let out = cluster.flotctl_ok(&[
+        "credential",
+        "create",
+        "factory-a",
+        "--role",
+        "enrollment",
+        "--label",
+        "site=factory-a",
+        "--auto-approve",
+        "--out",
+        factory_dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("enrollment_cert_file"), "{out}");
+    // The agent.toml of the data directory, enrolling with the factory's credential instead.
+    let config = std::fs::read_to_string(cluster.agent_config()).unwrap();
+    let config: Vec<String> = config
+        .lines()
+        .map(|line| {
+            if line.starts_with("enrollment_cert_file") {
+                format!(
+                    "enrollment_cert_file = {:?}",
+                    factory_dir.join("factory-a.crt")
+                )
+            } else if line.starts_with("enrollment_key_file") {
+                format!(
+                    "enrollment_key_file = {:?}",
+                    factory_dir.join("factory-a.key")
+                )
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let factory_config = tmp.path().join("factory-agent.toml");
+    std::fs::write(&factory_config, config.join("\n")).unwrap();
+
+    let log = tmp.path().join("line-1.log");
+    let _line_1 = support::ChildGuard(
+        cluster
+            .agent_command(
+                &factory_config,
+                "line-1",
+                &["site=x"],
+                &tmp.path().join("s1"),
+                &log,
+            )
+            .spawn()
+            .unwrap(),
+    );
+    wait(
+        "line-1 enrolled without an operator and online",
+        TIMEOUT,
+        || {
+            cluster
+                .flotctl_json(&["get", "device", "line-1"])
+                .is_some_and(|d| d["online"] == true || d["status"]["online"] == true)
+        },
+    );
+    let device = cluster.flotctl_json(&["get", "device", "line-1"]).unwrap();
+    assert_eq!(
+        device["metadata"]["labels"]["site"], "factory-a",
+        "{device:#}"
+    );
+    // The agent printed the key fingerprint the request shows, with its credential and source.
+    let requests = cluster.flotctl_json(&["get", "enrollments"]).unwrap();
+    let request = &requests.as_array().unwrap()[0];
+    assert_eq!(request["credential"], "factory-a");
+    assert!(
+        request["source_address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let fingerprint = request["key_fingerprint"].as_str().unwrap();
+    assert_eq!(
+        count_lines(&log, fingerprint),
+        1,
+        "the agent logged its key fingerprint"
+    );
+    let table = cluster.flotctl_ok(&["get", "enrollments"]);
+    assert!(
+        table.contains(&fingerprint[..16]) && table.contains("factory-a"),
+        "{table}"
+    );
+
+    cluster.flotctl_ok(&["credential", "revoke", "factory-a", "--reason", "leaked"]);
+    let log_2 = tmp.path().join("line-2.log");
+    let _line_2 = support::ChildGuard(
+        cluster
+            .agent_command(
+                &factory_config,
+                "line-2",
+                &[],
+                &tmp.path().join("s2"),
+                &log_2,
+            )
+            .spawn()
+            .unwrap(),
+    );
+    wait("line-2 refused", TIMEOUT, || {
+        count_lines(&log_2, "has been revoked") >= 1
+    });
+    assert!(cluster.flotctl_json(&["get", "device", "line-2"]).is_none());
+    let device = cluster.flotctl_json(&["get", "device", "line-1"]).unwrap();
+    assert!(
+        device["online"] == true || device["status"]["online"] == true,
+        "the device it enrolled keeps its session: {device:#}"
     );
 }

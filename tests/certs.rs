@@ -696,9 +696,9 @@ async fn tampering_with_any_audit_record_is_detected_and_named() {
         trail_of_four(&server).await;
         let (ok, text) = flotctl_verify(&server);
         assert!(ok, "{tamper}: intact before: {text}");
-        // The bootstrap admin credential's record first, then the devices' four, each with the
-        // record of the admin call that caused it (three approvals, one revocation).
-        assert!(text.contains("9 record(s) verified"), "{text}");
+        // The bootstrap admin and enrollment credentials' records first, then the devices' four,
+        // each with the record of the admin call that caused it (three approvals, one revocation).
+        assert!(text.contains("10 record(s) verified"), "{text}");
         let mut conn = DbConnection::establish(server.db_url()).unwrap();
         for statement in statements {
             diesel::sql_query(statement).execute(&mut conn).unwrap();

@@ -197,6 +197,9 @@ pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
         return Ok(enrolled);
     }
     let key = device_key(agent)?;
+    // The operator compares this with `flotctl get enrollments` (KEY) before approving.
+    let fingerprint = sha256_hex(&key.spki()?);
+    tracing::info!(device.name = %agent.name, key.fingerprint = %fingerprint, "enrolling with key {}", &fingerprint[..16.min(fingerprint.len())]);
     let csr_pem = CertificateParams::new(Vec::<String>::new())?
         .serialize_request(&agent.keys.open(&key)?)?
         .pem()?;

@@ -23,6 +23,9 @@ pub struct Create {
     pub methods: Vec<String>,
     pub validity: String,
     pub out: Option<PathBuf>,
+    /// Enrollment credentials: labels stamped on the devices it enrolls, and auto-approval.
+    pub labels: Vec<(String, String)>,
+    pub auto_approve: bool,
 }
 
 fn role_from(text: &str, field: &str) -> Result<pb::CredentialRole> {
@@ -31,7 +34,10 @@ fn role_from(text: &str, field: &str) -> Result<pb::CredentialRole> {
         Some(Role::Operator) => pb::CredentialRole::Operator,
         Some(Role::Viewer) => pb::CredentialRole::Viewer,
         Some(Role::Service) => pb::CredentialRole::Service,
-        _ => bail!("{field}: unknown role {text:?}; use admin, operator, viewer or service"),
+        Some(Role::Enrollment) => pb::CredentialRole::Enrollment,
+        _ => bail!(
+            "{field}: unknown role {text:?}; use admin, operator, viewer, service or enrollment"
+        ),
     })
 }
 
@@ -41,6 +47,7 @@ fn role_name(role: i32) -> &'static str {
         Ok(pb::CredentialRole::Operator) => "operator",
         Ok(pb::CredentialRole::Viewer) => "viewer",
         Ok(pb::CredentialRole::Service) => "service",
+        Ok(pb::CredentialRole::Enrollment) => "enrollment",
         _ => "unknown",
     }
 }
@@ -77,6 +84,22 @@ fn write_file(path: &Path, content: &str, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Writes `<name>.key` (0600), `<name>.crt` and `ca.crt` into `dir`; returns the certificate's
+/// and key's paths.
+fn write_pair(
+    dir: &Path,
+    name: &str,
+    key_pem: &str,
+    issued: &pb::IssuedCredential,
+) -> Result<(PathBuf, PathBuf)> {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    write_file(&key, key_pem, 0o600)?;
+    write_file(&cert, &issued.certificate_pem, 0o644)?;
+    write_file(&dir.join("ca.crt"), &issued.ca_pem, 0o644)?;
+    Ok((cert, key))
+}
+
 /// Writes a credential's files into `dir`: `<name>.key`, `<name>.crt`, `ca.crt` and a
 /// `flotctl.toml` pointing at them for the server `current` talks to.
 fn write_bundle(
@@ -86,11 +109,9 @@ fn write_bundle(
     issued: &pb::IssuedCredential,
     current: &CtlConfig,
 ) -> Result<PathBuf> {
+    write_pair(dir, name, key_pem, issued)?;
     let key_file = format!("{name}.key");
     let cert_file = format!("{name}.crt");
-    write_file(&dir.join(&key_file), key_pem, 0o600)?;
-    write_file(&dir.join(&cert_file), &issued.certificate_pem, 0o644)?;
-    write_file(&dir.join("ca.crt"), &issued.ca_pem, 0o644)?;
     let mut audit_key_file = None;
     if let Some(audit_key) = &current.audit_key_file
         && let Ok(pem) = std::fs::read_to_string(audit_key)
@@ -122,6 +143,13 @@ pub async fn create(channel: Channel, current: &CtlConfig, create: Create) -> Re
         acts_as: acts_as.map_or(0, |r| r as i32),
         methods: create.methods.clone(),
     });
+    let enrollment = (role == pb::CredentialRole::Enrollment
+        || create.auto_approve
+        || !create.labels.is_empty())
+    .then(|| pb::EnrollmentPolicy {
+        labels: create.labels.iter().cloned().collect(),
+        auto_approve: create.auto_approve,
+    });
     let (key_pem, csr_pem) = key_and_csr()?;
     let issued = CredentialServiceClient::new(channel)
         .create_credential(pb::CreateCredentialRequest {
@@ -131,11 +159,26 @@ pub async fn create(channel: Channel, current: &CtlConfig, create: Create) -> Re
             grant,
             csr_pem,
             validity: create.validity,
+            enrollment,
         })
         .await
         .map_err(rpc)?
         .into_inner();
     let dir = create.out.unwrap_or_else(|| PathBuf::from(&create.name));
+    if role == pb::CredentialRole::Enrollment {
+        // For agents, not flotctl: the pair and the CA, and the agent.toml lines that use them.
+        let (cert, key) = write_pair(&dir, &create.name, &key_pem, &issued)?;
+        let credential = issued.credential.unwrap_or_default();
+        println!(
+            "credential/{} created (enrollment, serial {}); in agent.toml:\n  enrollment_cert_file = {:?}\n  enrollment_key_file = {:?}\n  ca_file = {:?}",
+            create.name,
+            credential.serial,
+            cert.display(),
+            key.display(),
+            dir.join("ca.crt").display()
+        );
+        return Ok(());
+    }
     let config = write_bundle(&dir, &create.name, &key_pem, &issued, current)?;
     let credential = issued.credential.unwrap_or_default();
     println!(

@@ -17,11 +17,25 @@ fn print_enrollments(format: Format, enrollments: Vec<pb::Enrollment>, single: b
         format,
         &views,
         single,
-        &["NAME", "STATE", "HOSTNAME", "TPM", "LABELS", "CREATED"],
+        &[
+            "NAME",
+            "STATE",
+            "KEY",
+            "SOURCE",
+            "CREDENTIAL",
+            "HOSTNAME",
+            "TPM",
+            "LABELS",
+            "CREATED",
+        ],
         |e| {
             vec![
                 e.name.clone(),
                 e.state.clone(),
+                // The agent prints the same prefix at start, for comparing before approving.
+                short_fingerprint(&e.key_fingerprint),
+                e.source_address.clone(),
+                e.credential.clone(),
                 e.hostname.clone(),
                 tpm_text(e),
                 labels_text(&e.labels),
@@ -29,6 +43,11 @@ fn print_enrollments(format: Format, enrollments: Vec<pb::Enrollment>, single: b
             ]
         },
     )
+}
+
+/// The first 16 hex digits of a key fingerprint (`-o json` shows it whole).
+fn short_fingerprint(fingerprint: &str) -> String {
+    fingerprint.chars().take(16).collect()
 }
 
 /// `verified`, with a warning when the same TPM enrolled under other names; `-` without a TPM.
@@ -90,6 +109,16 @@ pub async fn approve(
         .map_err(rpc)?
         .into_inner();
     print_enrollments(format, vec![enrollment], true)
+}
+
+/// Deletes a pending or denied request so its name can enroll again.
+pub async fn delete(channel: Channel, name: String) -> Result<()> {
+    EnrollmentServiceClient::new(channel)
+        .delete_enrollment(pb::DeleteEnrollmentRequest { name: name.clone() })
+        .await
+        .map_err(rpc)?;
+    println!("enrollment/{name} deleted");
+    Ok(())
 }
 
 pub async fn deny(channel: Channel, format: Format, name: String, reason: String) -> Result<()> {

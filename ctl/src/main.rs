@@ -151,7 +151,8 @@ enum CredentialWhat {
     /// `<out>/flotctl.toml` with the certificate, key and CA.
     Create {
         name: String,
-        /// admin, operator, viewer or service.
+        /// admin, operator, viewer, service or enrollment (for agents: a factory's or site's
+        /// enrollment credential).
         #[arg(long)]
         role: String,
         /// Limit to devices and fleets matching this label selector (not for admin).
@@ -169,6 +170,12 @@ enum CredentialWhat {
         /// Directory for the files (default `./<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// For enrollment: a label `key=value` set on every device it enrolls (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// For enrollment: approve the requests made with it without an operator.
+        #[arg(long)]
+        auto_approve: bool,
     },
     /// Renews a credential with a fresh key (same name, role and scope). Renewing the credential
     /// this config uses replaces its files in place; the old certificate is refused once the new
@@ -203,6 +210,10 @@ enum DeleteWhat {
     },
     /// Decommission a device: revoke its certificates (its stream closes at once) and remove it.
     Device {
+        name: String,
+    },
+    /// Remove a pending or denied enrollment request, freeing its name.
+    Enrollment {
         name: String,
     },
 }
@@ -469,6 +480,8 @@ async fn run(cli: Cli) -> Result<()> {
                     methods,
                     validity,
                     out,
+                    labels,
+                    auto_approve,
                 } => {
                     let create = credentials::Create {
                         name,
@@ -478,6 +491,8 @@ async fn run(cli: Cli) -> Result<()> {
                         methods,
                         validity,
                         out,
+                        labels,
+                        auto_approve,
                     };
                     credentials::create(channel, &current, create).await
                 }
@@ -498,6 +513,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Delete { what } => match what {
             DeleteWhat::Fleet { name } => fleets::delete(channel(config).await?, name).await,
             DeleteWhat::Device { name } => devices::delete(channel(config).await?, name).await,
+            DeleteWhat::Enrollment { name } => {
+                enrollments::delete(channel(config).await?, name).await
+            }
         },
         Command::Cert { what } => match what {
             CertWhat::List { device } => certs::list(channel(config).await?, format, device).await,

@@ -327,6 +327,12 @@ pub struct EnrollmentView {
     /// Other requests and devices attested by the same TPM.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub same_tpm_as: Vec<String>,
+    /// The enrollment credential the request came with.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub credential: String,
+    /// Where the request came from.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_address: String,
 }
 
 pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
@@ -351,6 +357,8 @@ pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
         decided_by: enrollment.decided_by,
         tpm_ek_fingerprint: enrollment.tpm_ek_fingerprint,
         same_tpm_as: enrollment.same_tpm_as,
+        credential: enrollment.credential,
+        source_address: enrollment.source_address,
     }
 }
 

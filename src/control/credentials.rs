@@ -9,15 +9,16 @@ use crate::authz::ServiceGrant;
 use crate::ca::csr::{CsrPublicKey, verify_csr_pem};
 use crate::ca::{Subject, Usage};
 use crate::clock::now_millis;
-use crate::credentials::Credential;
+use crate::credentials::{Credential, EnrollmentPolicy};
 use crate::identity::{Identity, Role};
-use crate::names::validate_name;
+use crate::names::{validate_labels, validate_name};
 use crate::pki::cert_info_pem;
 use crate::selector::Selector;
 use crate::store::{
     CredentialCertificate, CredentialRecord, CredentialRevocation, StoreError, StoredCredential,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Lifetime of a credential's certificate unless asked otherwise.
@@ -42,6 +43,8 @@ pub struct NewCredential {
     pub methods: Vec<String>,
     pub csr_pem: String,
     pub validity: String,
+    /// Enrollment credentials only.
+    pub enrollment: Option<EnrollmentPolicy>,
 }
 
 /// A credential as shown to admins.
@@ -52,6 +55,7 @@ pub struct CredentialView {
     pub grant: Option<ServiceGrant>,
     /// The newest certificate.
     pub newest: Option<CredentialCertificate>,
+    pub enrollment: Option<EnrollmentPolicy>,
 }
 
 /// A certificate just issued for a credential.
@@ -61,13 +65,26 @@ pub struct IssuedCredential {
     pub certificate_pem: String,
 }
 
-/// The stored form of a service grant.
+/// The stored form of a service grant or an enrollment policy.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoredGrant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     acts_as: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    auto_approve: bool,
+}
+
+fn policy_text(policy: &EnrollmentPolicy) -> String {
+    let stored = StoredGrant {
+        labels: policy.labels.clone(),
+        auto_approve: policy.auto_approve,
+        ..Default::default()
+    };
+    serde_json::to_string(&stored).unwrap_or_else(|_| "{}".into())
 }
 
 fn grant_text(grant: Option<&ServiceGrant>) -> String {
@@ -95,7 +112,7 @@ fn parse_stored(
     record: &CredentialRecord,
 ) -> Result<(Role, Option<ServiceGrant>, Option<Selector>), ControlError> {
     let role = Role::from_kind(&record.role)
-        .filter(|r| is_person_or_service(*r))
+        .filter(|r| is_credential_role(*r))
         .ok_or_else(|| corrupt(&record.name, format!("unknown role {:?}", record.role)))?;
     let stored: StoredGrant =
         serde_json::from_str(&record.grants).map_err(|e| corrupt(&record.name, e))?;
@@ -118,11 +135,24 @@ fn parse_stored(
     Ok((role, grant, scope))
 }
 
-fn is_person_or_service(role: Role) -> bool {
+fn is_credential_role(role: Role) -> bool {
     matches!(
         role,
-        Role::Admin | Role::Operator | Role::Viewer | Role::Service
+        Role::Admin | Role::Operator | Role::Viewer | Role::Service | Role::Enrollment
     )
+}
+
+/// An enrollment credential's policy, as stored.
+fn stored_policy(record: &CredentialRecord) -> Result<Option<EnrollmentPolicy>, ControlError> {
+    if record.role != Role::Enrollment.kind() {
+        return Ok(None);
+    }
+    let stored: StoredGrant =
+        serde_json::from_str(&record.grants).map_err(|e| corrupt(&record.name, e))?;
+    Ok(Some(EnrollmentPolicy {
+        labels: stored.labels,
+        auto_approve: stored.auto_approve,
+    }))
 }
 
 fn view(stored: &StoredCredential) -> Result<CredentialView, ControlError> {
@@ -132,6 +162,7 @@ fn view(stored: &StoredCredential) -> Result<CredentialView, ControlError> {
         role,
         grant,
         newest: stored.certificates.last().cloned(),
+        enrollment: stored_policy(&stored.record)?,
     })
 }
 
@@ -151,6 +182,7 @@ fn registry_entry(stored: &StoredCredential) -> Result<Credential, ControlError>
                 .iter()
                 .any(|c| c.revoked_ms.is_none()),
         not_after_ms: newest.map(|c| c.not_after_ms).unwrap_or(0),
+        enrollment: stored_policy(&stored.record)?,
     })
 }
 
@@ -275,18 +307,29 @@ impl ControlPlane {
         actor: &Actor,
     ) -> Result<IssuedCredential, ControlError> {
         validate_name(&new.name).map_err(|e| ControlError::invalid("name", e))?;
-        let role = new
-            .role
-            .filter(|r| is_person_or_service(*r))
-            .ok_or_else(|| {
-                ControlError::invalid("role", "must be one of admin, operator, viewer, service")
-            })?;
+        let role = new.role.filter(|r| is_credential_role(*r)).ok_or_else(|| {
+            ControlError::invalid(
+                "role",
+                "must be one of admin, operator, viewer, service, enrollment",
+            )
+        })?;
         let scope = new.scope.trim();
+        match (&new.enrollment, role) {
+            (Some(policy), Role::Enrollment) => validate_labels(&policy.labels)
+                .map_err(|e| ControlError::invalid("enrollment.labels", e))?,
+            (Some(_), _) => {
+                return Err(ControlError::invalid(
+                    "enrollment",
+                    "only enrollment credentials take labels or auto-approval",
+                ));
+            }
+            (None, _) => {}
+        }
         if !scope.is_empty() {
-            if role == Role::Admin {
+            if matches!(role, Role::Admin | Role::Enrollment) {
                 return Err(ControlError::invalid(
                     "scope",
-                    "admin credentials cover everything; give a scope to operator, viewer or service credentials",
+                    "admin and enrollment credentials take no scope; give a scope to operator, viewer or service credentials",
                 ));
             }
             Selector::parse(scope).map_err(|e| ControlError::invalid("scope", e))?;
@@ -312,7 +355,10 @@ impl ControlPlane {
             name: new.name.clone(),
             role: role.kind().to_string(),
             scope: scope.to_string(),
-            grants: grant_text(grant.as_ref()),
+            grants: match role {
+                Role::Enrollment => policy_text(&new.enrollment.clone().unwrap_or_default()),
+                _ => grant_text(grant.as_ref()),
+            },
             validity_ms: validity.as_millis() as i64,
             created_ms: certificate.issued_ms,
             created_by: actor.to_string(),
@@ -357,11 +403,40 @@ impl ControlPlane {
         &self,
         certificate_pem: &str,
     ) -> Result<(), ControlError> {
+        self.register_bootstrap(certificate_pem, BOOTSTRAP_ADMIN, Role::Admin)
+            .await
+    }
+
+    /// Registers the shared enrollment credential a first start wrote to the data directory
+    /// (named by its certificate's identity), unless it exists: listed and revocable like any
+    /// other, approving nothing by itself.
+    pub async fn register_bootstrap_enrollment(
+        &self,
+        certificate_pem: &str,
+    ) -> Result<(), ControlError> {
+        let identity = crate::pki::identity_pem(certificate_pem).map_err(|e| {
+            ControlError::Internal(format!("bootstrap enrollment certificate: {e}"))
+        })?;
+        if identity.role != Role::Enrollment {
+            return Err(ControlError::Internal(format!(
+                "the bootstrap enrollment certificate is {identity}, not an enrollment identity"
+            )));
+        }
+        self.register_bootstrap(certificate_pem, &identity.name, Role::Enrollment)
+            .await
+    }
+
+    async fn register_bootstrap(
+        &self,
+        certificate_pem: &str,
+        name: &str,
+        role: Role,
+    ) -> Result<(), ControlError> {
         let info = cert_info_pem(certificate_pem)
-            .map_err(|e| ControlError::Internal(format!("bootstrap admin certificate: {e}")))?;
+            .map_err(|e| ControlError::Internal(format!("bootstrap certificate: {e}")))?;
         let certificate = CredentialCertificate {
             serial: info.serial,
-            credential: BOOTSTRAP_ADMIN.into(),
+            credential: name.into(),
             key_fingerprint: info.key_fingerprint,
             fingerprint: info.fingerprint,
             certificate_pem: certificate_pem.to_string(),
@@ -372,8 +447,8 @@ impl ControlPlane {
             revocation_reason: None,
         };
         let record = CredentialRecord {
-            name: BOOTSTRAP_ADMIN.into(),
-            role: Role::Admin.kind().into(),
+            name: name.into(),
+            role: role.kind().into(),
             scope: String::new(),
             grants: grant_text(None),
             validity_ms: (info.not_after - info.not_before) * 1000,

@@ -29,6 +29,8 @@ pub struct EnrollInput {
     pub system_info: SystemInfo,
     /// Proof that the key lives in a TPM: evidence first, then the answer to its challenge.
     pub tpm: Option<TpmProof>,
+    /// Where the request came from (the TCP peer), for operators comparing before approving.
+    pub source_address: String,
 }
 
 /// One of the two TPM steps of an enrollment.
@@ -138,18 +140,26 @@ impl ControlPlane {
         };
         let name = input.device_name.clone();
         self.check_pending_quota(&name).await?;
+        // The credential's labels win over the agent's: they are what the factory vouches for.
+        let policy = self
+            .credentials
+            .get(&caller.name)
+            .and_then(|c| c.enrollment)
+            .unwrap_or_default();
+        let mut labels = input.labels;
+        labels.extend(policy.labels.clone());
         let mut record = self
             .store
             .submit_enrollment(NewEnrollment {
                 name: input.device_name,
                 key_fingerprint: key.fingerprint,
                 csr_pem: input.csr_pem,
-                labels: input.labels,
+                labels,
                 system_info: input.system_info,
                 created_ms: submitted_ms,
                 tpm_ek_fingerprint: tpm_ek_fingerprint.clone(),
                 credential: caller.name.clone(),
-                source_address: String::new(),
+                source_address: input.source_address,
             })
             .await?;
         if record.created_ms == submitted_ms && record.state == EnrollmentState::Pending {
@@ -165,6 +175,13 @@ impl ControlPlane {
                     .approve(&name, BTreeMap::new(), &tpm_approver(), None)
                     .await?;
             }
+        }
+        if policy.auto_approve
+            && record.state == EnrollmentState::Pending
+            && record.credential == caller.name
+        {
+            tracing::info!(enrollment.name = %name, credential = %caller.name, "enrollment approved by its credential's policy");
+            record = self.approve(&name, BTreeMap::new(), caller, None).await?;
         }
         let certificate = match &record.certificate_serial {
             Some(serial) => self.store.get_certificate(serial).await?,
@@ -422,6 +439,24 @@ impl ControlPlane {
         crate::telemetry::certificate_event("issued");
         tracing::info!(device.id = %device_id, device.name = %name, by = %decided_by, "enrollment approved");
         Ok(record)
+    }
+
+    /// Deletes a pending or denied request, freeing its name.
+    pub async fn delete_enrollment(&self, name: &str, actor: &Actor) -> Result<(), ControlError> {
+        validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
+        let deleted = self
+            .store
+            .delete_enrollment(
+                name,
+                self.audited(vec![actor.record(format!("enrollment/{name}"))]),
+            )
+            .await?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("enrollment request {name:?} not found"))
+            })?;
+        self.enrollment_counts.moved(Some(deleted.state), None);
+        tracing::info!(enrollment.name = %name, by = %actor, "enrollment request deleted");
+        Ok(())
     }
 
     pub async fn deny_enrollment(

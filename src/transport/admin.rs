@@ -463,6 +463,20 @@ impl EnrollmentService for AdminApi {
             .await?;
         Ok(Response::new(convert::enrollment(record)))
     }
+
+    async fn delete_enrollment(
+        &self,
+        request: Request<pb::DeleteEnrollmentRequest>,
+    ) -> Result<Response<pb::DeleteEnrollmentResponse>, Status> {
+        let caller = actor(&request)?;
+        let scope = caller_scope(&request)?;
+        let name = request.into_inner().name;
+        self.control
+            .ensure_enrollment_in_scope(&name, &Default::default(), &scope)
+            .await?;
+        self.control.delete_enrollment(&name, &caller).await?;
+        Ok(Response::new(pb::DeleteEnrollmentResponse {}))
+    }
 }
 
 impl AdminApi {

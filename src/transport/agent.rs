@@ -1,6 +1,6 @@
 //! The device-facing services: enrollment and the management session stream.
 
-use super::auth::{caller, caller_serial};
+use super::auth::{caller, caller_serial, peer_address};
 use super::convert;
 use crate::clock::timestamp_from_millis;
 use crate::control::{ControlPlane, EnrollInput, RecoverInput};
@@ -34,12 +34,16 @@ impl EnrollmentService for AgentApi {
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = caller(&request)?;
+        let source_address = peer_address(&request)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let request = request.into_inner();
         let outcome = self
             .control
             .enroll(
                 &caller,
                 EnrollInput {
+                    source_address,
                     csr_pem: request.csr_pem,
                     device_name: request.device_name,
                     labels: request.labels,

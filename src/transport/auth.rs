@@ -52,6 +52,14 @@ pub fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Status> {
     verified(request).map(|c| Actor::new(c.identity.clone(), c.method.clone()))
 }
 
+/// The address a request came from (its TCP peer).
+pub fn peer_address<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+    request
+        .extensions()
+        .get::<GuardedInfo<TlsConnectInfo<TcpConnectInfo>>>()
+        .and_then(|info| info.inner.get_ref().remote_addr())
+}
+
 /// Reads the scope of the credential a request was authenticated with.
 pub fn caller_scope<T>(request: &tonic::Request<T>) -> Result<Scope, Status> {
     verified(request).map(|c| c.scope.clone())
@@ -147,7 +155,9 @@ impl Authenticator {
             ));
         }
         let (grant, scope) = match role {
-            Role::Device | Role::Enrollment => (Grant::of(role), Scope::everything()),
+            // Devices are admitted by their certificates (revocation above); every other
+            // identity, enrollment credentials included, must be a registered credential.
+            Role::Device => (Grant::of(role), Scope::everything()),
             _ => {
                 let admitted = self
                     .credentials

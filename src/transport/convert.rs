@@ -116,6 +116,8 @@ pub fn enrollment(record: EnrollmentRecord) -> admin::Enrollment {
         decided_by: record.decided_by.unwrap_or_default(),
         tpm_ek_fingerprint: record.tpm_ek_fingerprint.unwrap_or_default(),
         same_tpm_as: record.same_tpm_as,
+        credential: record.credential,
+        source_address: record.source_address,
     }
 }
 
@@ -380,9 +382,10 @@ pub fn credential_role(value: i32, field: &str) -> Result<Option<Role>, ControlE
         Ok(R::Operator) => Ok(Some(Role::Operator)),
         Ok(R::Viewer) => Ok(Some(Role::Viewer)),
         Ok(R::Service) => Ok(Some(Role::Service)),
+        Ok(R::Enrollment) => Ok(Some(Role::Enrollment)),
         Err(_) => Err(ControlError::invalid(
             field,
-            format!("unknown role {value}: use admin, operator, viewer or service"),
+            format!("unknown role {value}: use admin, operator, viewer, service or enrollment"),
         )),
     }
 }
@@ -394,7 +397,8 @@ fn credential_role_to_wire(role: Role) -> admin::CredentialRole {
         Role::Operator => R::Operator,
         Role::Viewer => R::Viewer,
         Role::Service => R::Service,
-        Role::Device | Role::Enrollment => R::Unspecified,
+        Role::Enrollment => R::Enrollment,
+        Role::Device => R::Unspecified,
     }
 }
 
@@ -429,6 +433,10 @@ pub fn credential(view: CredentialView) -> admin::Credential {
         created_by: record.created_by,
         last_used_at: record.last_used_ms.map(timestamp_from_millis),
         revoked_at: record.revoked_ms.map(timestamp_from_millis),
+        enrollment: view.enrollment.map(|policy| admin::EnrollmentPolicy {
+            labels: policy.labels.into_iter().collect(),
+            auto_approve: policy.auto_approve,
+        }),
         revocation_reason: record.revocation_reason.unwrap_or_default(),
     }
 }

@@ -4,6 +4,7 @@ use super::admin::AdminApi;
 use super::auth::actor;
 use super::convert;
 use crate::control::NewCredential;
+use crate::credentials::EnrollmentPolicy;
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::credential_service_server::CredentialService;
 use tonic::{Request, Response, Status};
@@ -25,6 +26,10 @@ impl CredentialService for AdminApi {
             methods: grant.methods,
             csr_pem: request.csr_pem,
             validity: request.validity,
+            enrollment: request.enrollment.map(|policy| EnrollmentPolicy {
+                labels: policy.labels.into_iter().collect(),
+                auto_approve: policy.auto_approve,
+            }),
         };
         let issued = self.control().create_credential(new, &actor).await?;
         Ok(Response::new(convert::issued_credential(

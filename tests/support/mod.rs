@@ -295,6 +295,9 @@ impl TestServer {
         if let Some(pem) = &prepared.admin_cert_pem {
             control.register_bootstrap_admin(pem).await.unwrap();
         }
+        if let Some(pem) = &prepared.enrollment_cert_pem {
+            control.register_bootstrap_enrollment(pem).await.unwrap();
+        }
         let material = TlsMaterial {
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: prepared.server_cert_pem,
