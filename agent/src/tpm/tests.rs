@@ -311,6 +311,7 @@ fn input(name: &str, csr: &str, tpm: TpmProof) -> EnrollInput {
         labels: Default::default(),
         system_info: Default::default(),
         tpm: Some(tpm),
+        source_address: "127.0.0.1:4000".into(),
     }
 }
 
