@@ -111,14 +111,18 @@ impl ControlPlane {
     /// The chain's last record, signed now.
     pub async fn sign_audit_head(&self) -> Result<SignedHead, ControlError> {
         let (seq, hash) = self.store.audit_chain_head().await?;
+        Ok(self.sign_head(seq, hash))
+    }
+
+    fn sign_head(&self, seq: i64, hash: String) -> SignedHead {
         let at_ms = now_millis();
         let signature = self.audit_key.sign(&head_signed_bytes(seq, &hash, at_ms));
-        Ok(SignedHead {
+        SignedHead {
             seq,
             hash,
             at_ms,
             signature,
-        })
+        }
     }
 
     /// The heads kept periodically, newest first.
@@ -143,19 +147,25 @@ impl ControlPlane {
     /// Signs and keeps the head when it moved since the last one kept, and logs it (a log shipped
     /// off the host is a copy of the head an attacker with the database cannot change).
     pub(super) async fn keep_audit_head(&self, last_kept: &mut i64) {
-        match self.sign_audit_head().await {
-            Ok(head) if head.seq != *last_kept && head.seq > 0 => {
-                let (seq, hash, at_ms) = (head.seq, head.hash.clone(), head.at_ms);
-                match self.store.save_audit_head(head).await {
-                    Ok(()) => {
-                        *last_kept = seq;
-                        tracing::info!(audit.seq = seq, audit.hash = %hash, at_ms, "audit head signed");
-                    }
-                    Err(error) => tracing::warn!(%error, "could not keep the audit head"),
-                }
+        let (seq, hash) = match self.store.audit_chain_head().await {
+            Ok(head) => head,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the audit head");
+                return;
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "could not sign the audit head"),
+        };
+        // Signed only when it moved: an idle trail costs one read per interval.
+        if seq == *last_kept || seq == 0 {
+            return;
+        }
+        let head = self.sign_head(seq, hash.clone());
+        let at_ms = head.at_ms;
+        match self.store.save_audit_head(head).await {
+            Ok(()) => {
+                *last_kept = seq;
+                tracing::info!(audit.seq = seq, audit.hash = %hash, at_ms, "audit head signed");
+            }
+            Err(error) => tracing::warn!(%error, "could not keep the audit head"),
         }
     }
 }

@@ -287,7 +287,7 @@ impl ControlPlane {
 }
 
 /// `a=1,b=2`, as a selector would say it.
-fn describe_labels(labels: &BTreeMap<String, String>) -> String {
+pub(super) fn describe_labels(labels: &BTreeMap<String, String>) -> String {
     labels
         .iter()
         .map(|(k, v)| format!("{k}={v}"))

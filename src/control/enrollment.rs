@@ -351,14 +351,7 @@ impl ControlPlane {
     ) -> Result<EnrollmentRecord, ControlError> {
         let mut call = actor.record(format!("enrollment/{name}"));
         if !labels.is_empty() {
-            call.reason = format!(
-                "with labels {}",
-                labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            call.reason = format!("with labels {}", super::devices::describe_labels(&labels));
         }
         self.approve(name, labels, &actor.identity, Some(call))
             .await
