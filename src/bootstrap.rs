@@ -327,6 +327,7 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             health_listen: None,
             tpm: Default::default(),
             status: Default::default(),
+            update: Default::default(),
         };
         write_file(
             &dir.agent_config(),

@@ -13,6 +13,7 @@ pub mod names;
 pub mod pki;
 pub mod profiles;
 pub mod proto;
+pub mod release;
 pub mod rollout;
 pub mod selector;
 pub mod signature;

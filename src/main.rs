@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
 use flotilla::control::{
-    AdmissionSettings, ControlPlane, Policy, RateLimit, SessionSettings, TpmPolicy,
+    AdmissionSettings, ControlPlane, Policy, RateLimit, ReleasePolicy, SessionSettings, TpmPolicy,
 };
 use flotilla::hub::{Debounce, Hub};
 use flotilla::store::{Backend, StartLock, Store};
@@ -163,6 +163,58 @@ struct ServeArgs {
     /// device has the same TPM.
     #[arg(long)]
     auto_approve_tpm: bool,
+    /// Where this replica keeps the agent release artifacts it serves to devices (filled from the
+    /// database on first use). Default: `artifacts/` in the data directory.
+    #[arg(long)]
+    artifact_dir: Option<PathBuf>,
+    /// Agent release downloads this replica serves at once; devices beyond it are told to retry
+    /// later (RESOURCE_EXHAUSTED with a retry delay) and resume where they stopped.
+    #[arg(long, default_value_t = 32)]
+    max_downloads: usize,
+    /// Bytes a second this replica sends to devices downloading releases, all downloads together
+    /// (`128MiB`, `500KiB`, `0` for no limit).
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    download_rate: u64,
+    /// Ed25519 release public key (PEM) that agent releases must be signed with to be published
+    /// (repeatable). Devices check releases against the keys they pin whatever this says; this
+    /// catches a wrongly signed release at publication.
+    #[arg(long = "release-key", value_name = "PEM")]
+    release_keys: Vec<PathBuf>,
+}
+
+/// A byte count with an optional binary unit: `1048576`, `512KiB`, `128MiB`, `1GiB`.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count like 128MiB"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Reads release public keys.
+fn read_release_keys(paths: &[PathBuf]) -> Result<Vec<flotilla::release::ReleaseKey>> {
+    paths
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading release key {}", path.display()))?;
+            flotilla::release::ReleaseKey::from_pem(&pem)
+                .with_context(|| format!("release key {}", path.display()))
+        })
+        .collect()
 }
 
 /// Reads the TPM manufacturer CAs (DER) from PEM bundles.
@@ -378,7 +430,18 @@ async fn main() -> Result<()> {
                 issuance_window,
                 max_pending_enrollments,
                 audit_head_interval,
+                artifact_dir,
+                max_downloads,
+                download_rate,
+                release_keys,
             } = *args;
+            let releases = ReleasePolicy {
+                artifact_dir: artifact_dir.unwrap_or_else(|| store.data_dir.join("artifacts")),
+                max_downloads: max_downloads.max(1),
+                max_rate: download_rate,
+                keys: read_release_keys(&release_keys)?,
+                ..ReleasePolicy::default()
+            };
             let tpm = TpmPolicy {
                 trusted_cas: read_tpm_cas(&tpm_cas)?,
                 auto_approve: auto_approve_tpm,
@@ -454,6 +517,7 @@ async fn main() -> Result<()> {
                 },
                 max_pending_enrollments: max_pending_enrollments.max(1),
                 audit_head_interval: audit_head_interval.max(Duration::from_secs(1)),
+                releases,
                 ..Policy::default()
             };
             let material = TlsMaterial {

@@ -76,6 +76,56 @@ pub struct AgentConfig {
     /// How the agent reports its status: sampling and reporting steps.
     #[serde(default, skip_serializing_if = "StatusConfig::is_default")]
     pub status: StatusConfig,
+    /// How the agent updates itself: the release keys it trusts, how it restarts.
+    #[serde(default, skip_serializing_if = "UpdateConfig::is_default")]
+    pub update: UpdateConfig,
+}
+
+/// How the agent restarts into a new build of itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// Replace the process with the new build (same process id).
+    #[default]
+    Exec,
+    /// Exit (code 75) and let the service manager start the agent again (`Restart=always`).
+    Exit,
+}
+
+/// The `[update]` table of the agent configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// Ed25519 public keys (PEM files) an agent release must be signed with. None: agent updates
+    /// are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub release_keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// Where agent builds are installed (default: `agent/` in the state directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_dir: Option<PathBuf>,
+    /// A new build that has not confirmed (opened a session, passed its health checks) this many
+    /// seconds after it was switched to is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_timeout_secs: Option<u64>,
+    /// A new build that was started this many times without confirming is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_start_attempts: Option<u32>,
+}
+
+impl UpdateConfig {
+    fn is_default(&self) -> bool {
+        *self == UpdateConfig::default()
+    }
+
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.confirm_timeout_secs.unwrap_or(300).max(1))
+    }
+
+    pub fn max_start_attempts(&self) -> u32 {
+        self.max_start_attempts.unwrap_or(3).max(1)
+    }
 }
 
 /// The `[status]` table of the agent configuration.
@@ -251,6 +301,12 @@ impl AgentConfig {
         }
         if let Some(dir) = config.state_dir.as_mut() {
             resolve(&base, dir);
+        }
+        if let Some(dir) = config.update.install_dir.as_mut() {
+            resolve(&base, dir);
+        }
+        for key in &mut config.update.release_keys {
+            resolve(&base, key);
         }
         Ok(config)
     }

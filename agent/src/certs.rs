@@ -101,12 +101,7 @@ fn read_key(dir: &Path) -> Result<StoredKey, CertStoreError> {
 
 /// Replaces the symlink `link` by one pointing at `target`, atomically.
 fn relink(dir: &Path, link: &str, target: &str) -> Result<(), CertStoreError> {
-    let tmp = dir.join(format!("{link}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(io(&tmp))?;
-    let path = dir.join(link);
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    sync_dir(dir)
+    crate::state::relink(dir, link, target).map_err(io(&dir.join(link)))
 }
 
 impl CertStore {

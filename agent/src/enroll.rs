@@ -42,7 +42,7 @@ fn system_info(agent: &Agent) -> pb::SystemInfo {
         hostname: crate::hostname(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
-        agent_version: flotilla::VERSION.to_string(),
+        agent_version: agent.updater.running().version.clone(),
         boot_id: agent.boot_id.clone(),
     }
 }

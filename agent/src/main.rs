@@ -7,6 +7,7 @@ mod enroll;
 mod failpoint;
 mod health;
 mod keys;
+mod push;
 mod recover;
 mod renewal;
 mod session;
@@ -15,6 +16,7 @@ mod status;
 mod tls;
 #[cfg(feature = "tpm")]
 mod tpm;
+mod update;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -70,6 +72,11 @@ pub struct Agent {
     pub labels: BTreeMap<String, String>,
     pub boot_id: String,
     pub shutdown: watch::Receiver<bool>,
+    /// How long an apply in progress may take to finish once shutdown was asked for (SIGTERM:
+    /// 60 s, SIGINT: 10 s).
+    pub grace: std::sync::Arc<std::sync::Mutex<Duration>>,
+    /// The agent's own updates: which build runs, the pinned release keys, the OS image.
+    pub updater: update::Updater,
     /// The control-plane endpoints (replicas) and which one is in use.
     endpoints: Vec<String>,
     endpoint: std::sync::atomic::AtomicUsize,
@@ -117,6 +124,10 @@ fn describe_metrics() {
         "flotilla_agent_renewals_total",
         "Certificate renewals by result."
     );
+    describe_counter!(
+        "flotilla_agent_updates_total",
+        "Updates of the agent and the OS by kind and result (succeeded, failed, rolled_back)."
+    );
     describe_gauge!(
         "flotilla_agent_certificate_expiry_seconds",
         "Unix time the current certificate expires."
@@ -139,14 +150,88 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-async fn shutdown_signal(tx: watch::Sender<bool>) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
-    tracing::info!("shutting down");
+/// Grace for an apply in progress after SIGTERM (what a service manager sends) and after SIGINT
+/// (someone at a terminal, who wants it over sooner).
+const TERM_GRACE: Duration = Duration::from_secs(60);
+const INT_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits for SIGTERM or SIGINT (a graceful stop: the apply in progress may finish or roll back
+/// within its grace, a final status is sent, the stream is closed) or SIGQUIT (stop at once:
+/// every file the agent writes is written atomically, and an interrupted apply is rolled back at
+/// the next start, so nothing is left half-written).
+async fn shutdown_signal(
+    tx: watch::Sender<bool>,
+    grace: std::sync::Arc<std::sync::Mutex<Duration>>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let (signal, wait) = tokio::select! {
+        _ = term.recv() => ("SIGTERM", TERM_GRACE),
+        _ = int.recv() => ("SIGINT", INT_GRACE),
+        _ = quit.recv() => {
+            tracing::warn!("SIGQUIT: stopping at once");
+            std::process::exit(131);
+        }
+    };
+    tracing::info!(signal, grace_secs = wait.as_secs(), "shutting down");
+    *grace.lock().unwrap_or_else(|p| p.into_inner()) = wait;
     let _ = tx.send(true);
+    // A second signal of any kind while draining stops at once.
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = quit.recv() => {}
+    }
+    tracing::warn!("a second signal: stopping at once");
+    std::process::exit(130);
+}
+
+/// Settles an agent update left open and runs the build `current` names (replacing this
+/// process when that is another binary). Runs before anything else of the agent.
+fn launch(builds: &update::builds::Builds, records: &update::records::Records, max_attempts: u32) {
+    use update::launcher::{Launch, exec, roll_back, settle};
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let launched = std::env::var_os(update::launcher::LAUNCHED_ENV).is_some();
+    // At most a few rounds: a build that cannot be started is rolled back, then the next runs.
+    for _ in 0..3 {
+        match settle(
+            builds,
+            records,
+            &exe,
+            launched,
+            max_attempts,
+            flotilla::clock::now_millis(),
+        ) {
+            Launch::Run => return,
+            Launch::Exec(binary) => {
+                tracing::info!(binary = %binary.display(), "starting the current agent build");
+                let error = exec(&binary, true);
+                let reason = format!("it could not be started: {error}");
+                match records.pending_agent() {
+                    Some(pending) => roll_back(
+                        builds,
+                        records,
+                        &pending,
+                        reason,
+                        flotilla::clock::now_millis(),
+                    ),
+                    None => {
+                        tracing::error!(%reason, binary = %binary.display(), "the current agent build is unusable; going back");
+                        let _ = builds.roll_back();
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -182,8 +267,23 @@ async fn main() -> Result<()> {
     labels.extend(cli.labels);
     validate_labels(&labels).context("labels")?;
 
+    let install_dir = config
+        .update
+        .install_dir
+        .clone()
+        .unwrap_or_else(|| state.root().join("agent"));
+    let builds = update::builds::Builds::new(&install_dir);
+    launch(
+        &builds,
+        &update::records::Records::new(state.root()),
+        config.update.max_start_attempts(),
+    );
+    let running = update::Running::identify(&builds);
+    tracing::info!(version = %running.version, sha256 = %running.sha256, "flotilla-agent starting");
+
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(shutdown_signal(stop_tx));
+    let grace = std::sync::Arc::new(std::sync::Mutex::new(TERM_GRACE));
+    tokio::spawn(shutdown_signal(stop_tx, grace.clone()));
     let health = std::sync::Arc::new(health::Health::new(state.root().to_path_buf()));
     if let Some(addr) = cli.health_listen.or(config.health_listen) {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -193,7 +293,13 @@ async fn main() -> Result<()> {
         let handle = recorder.handle();
         metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
         describe_metrics();
-        metrics::gauge!("flotilla_agent_build_info", "version" => flotilla::VERSION).set(1.0);
+        metrics::gauge!("flotilla_agent_build_info", "version" => running.version.clone()).set(1.0);
+        for kind in ["agent", "os"] {
+            for result in ["succeeded", "failed", "rolled_back"] {
+                metrics::counter!("flotilla_agent_updates_total", "kind" => kind, "result" => result)
+                    .absolute(0);
+            }
+        }
         for result in ["ok", "rejected", "deferred"] {
             metrics::counter!("flotilla_agent_applies_total", "result" => result).absolute(0);
         }
@@ -205,7 +311,18 @@ async fn main() -> Result<()> {
     }
     let keys = keys::KeySource::from_config(&config.tpm)?;
     let endpoints = config.endpoints();
+    let boot_id = boot_id();
+    let updater = update::Updater::new(
+        config.update.clone(),
+        builds,
+        state.root(),
+        running,
+        boot_id.clone(),
+        state.ca_path(),
+    );
     let agent = Agent {
+        updater,
+        grace,
         keys,
         config,
         certs: certs::CertStore::new(state.root()),
@@ -213,7 +330,7 @@ async fn main() -> Result<()> {
         state,
         name,
         labels,
-        boot_id: boot_id(),
+        boot_id,
         shutdown: stop_rx,
         // A random first endpoint spreads a fleet over the replicas.
         endpoint: std::sync::atomic::AtomicUsize::new(rand::random_range(0..endpoints.len())),
@@ -221,8 +338,8 @@ async fn main() -> Result<()> {
     };
     // Before anything else: a crash in the middle of an apply is settled now, so the disk holds
     // one version, and the session says which.
-    let applied = session::current_applied(&agent);
-    let _ = session::settle_interrupted_apply(&agent, &applied.version);
+    let applied = push::current_applied(&agent);
+    let _ = push::settle_interrupted_apply(&agent, &applied.version);
     let enrolled = enroll::ensure_enrolled(&agent).await?;
     session::run(&agent, &enrolled).await
 }

@@ -1,18 +1,19 @@
 //! The management session: connect with the device certificate, say Hello with the version on disk,
-//! apply what the server pushes, answer every push with ACK or NACK, send heartbeats, and come back
-//! with jittered backoff whenever the connection is lost.
+//! apply what the server pushes (one push at a time, while heartbeats and reports go on; a push
+//! waiting for a maintenance window is held and looked at again when it opens), answer every push
+//! with ACK or NACK, send heartbeats, and come back with jittered backoff whenever the connection
+//! is lost. A graceful shutdown lets the apply in progress finish within its grace, sends a last
+//! status and closes the stream.
 
 use crate::Agent;
-use crate::apply::executor::SystemExecutor;
-use crate::apply::journal::{ApplyJournal, Recovered};
-use crate::apply::{Durable, apply_durably};
 use crate::backoff::Backoff;
 use crate::certs::Pair;
 use crate::health::Level;
 use crate::keys::{DeviceKey, StoredKey};
+use crate::push::{Pushed, current_applied, handle_push};
 use crate::recover::{self, Recovery};
 use crate::renewal::{DEFAULT_RENEW_BEFORE, Outcome, Renewer};
-use crate::state::{Applied, Enrolled};
+use crate::state::Enrolled;
 use crate::status::Reporter;
 use crate::tls::connect_with_tpm_key;
 use anyhow::{Context, Result};
@@ -21,8 +22,9 @@ use flotilla::clock::{now_millis, timestamp_from_millis, timestamp_from_secs};
 use flotilla::pki::cert_info_pem;
 use flotilla::proto::agent::v1 as pb;
 use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
-use flotilla::spec::DeviceSpec;
 use rand::Rng;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,7 +41,12 @@ enum End {
     /// The stream closed or failed.
     Lost(String),
     Shutdown,
+    /// A new agent build is switched to (or an unconfirmed one rolled back): start it.
+    Restart,
 }
+
+/// After a stream is closed on shutdown, how long to wait for the control plane to end it.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A session that lasted this long counts as healthy: the backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -69,6 +76,7 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         agent.config.status.clone(),
         agent.boot_id.clone(),
         agent.keys.is_tpm(),
+        agent.updater.running().version.clone(),
         agent.state.root().to_path_buf(),
     );
     let mut failures_with_new_pair = 0;
@@ -119,6 +127,18 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         }
         let wait = match end {
             End::Shutdown => return Ok(()),
+            End::Restart => {
+                let error = crate::update::launcher::restart(
+                    agent.updater.restart_mode(),
+                    agent.updater.builds(),
+                );
+                // Still here: the new build could not even be started.
+                tracing::error!(%error, "could not start the new agent build");
+                agent
+                    .updater
+                    .start_failed(format!("it could not be started: {error}"));
+                Duration::ZERO
+            }
             End::Renewed => Duration::ZERO,
             End::Busy(wait) => {
                 tracing::info!(retry_in_ms = wait.as_millis() as u64, "control plane busy");
@@ -217,21 +237,26 @@ async fn session(
     renewer: &mut Renewer,
     reporter: &mut Reporter,
 ) -> Result<End> {
+    if agent.updater.overdue(now_millis()) {
+        return Ok(End::Restart);
+    }
     let pair = agent.certs.current()?;
     let cert = cert_info_pem(&pair.cert_pem)?;
     let channel = open_channel(agent, pair).await?;
     let mut applied = current_applied(agent);
     let (tx, rx) = mpsc::channel(8);
+    let running = agent.updater.running();
     tx.send(message(pb::agent_message::Kind::Hello(pb::Hello {
         device_id: enrolled.device_id.clone(),
         rendered_version: applied.version.clone(),
-        agent_version: flotilla::VERSION.to_string(),
+        agent_version: running.version.clone(),
         boot_id: agent.boot_id.clone(),
         certificate_serial: cert.serial.clone(),
         certificate_not_after: Some(timestamp_from_secs(cert.not_after)),
+        agent_digest: running.sha256.clone(),
     })))
     .await?;
-    let mut inbound = match AgentServiceClient::new(channel)
+    let mut inbound = match AgentServiceClient::new(channel.clone())
         .session(ReceiverStream::new(rx))
         .await
     {
@@ -252,9 +277,52 @@ async fn session(
     let drift_check = tokio::time::sleep(reporter.next_drift_check());
     tokio::pin!(drift_check);
     let mut shutdown = agent.shutdown.clone();
+    // The push being handled (at most one: updates never overlap), the newest one that arrived
+    // meanwhile, and one held until a window opens.
+    let mut in_flight: Option<Pin<Box<dyn Future<Output = Pushed> + '_>>> = None;
+    let mut queued: Option<pb::RenderedSpec> = None;
+    let mut held: Option<(pb::RenderedSpec, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(End::Shutdown),
+            _ = shutdown.wait_for(|stop| *stop) => {
+                return Ok(close(agent, in_flight, tx, &mut inbound, &applied.version).await);
+            }
+            pushed = async { in_flight.as_mut().expect("guarded by is_some").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match pushed {
+                    Pushed::Answer { answer, applied: now_applied } => {
+                        if let Some(now_applied) = now_applied {
+                            applied = *now_applied;
+                        }
+                        if tx.send(message(*answer)).await.is_err() {
+                            return Ok(End::Lost("outbound stream closed".into()));
+                        }
+                    }
+                    Pushed::Held { push, until_ms } => {
+                        let wait = Duration::from_millis((until_ms - now_millis()).max(0) as u64);
+                        tracing::info!(version = %push.version, wait_secs = wait.as_secs(), "spec held until its update window");
+                        held = Some((*push, tokio::time::Instant::now() + wait));
+                    }
+                    Pushed::Restart => return Ok(End::Restart),
+                    // No NACK: the version is fine, the device is not. A new session gets it
+                    // pushed again.
+                    Pushed::Deferred(_) if *agent.shutdown.borrow() => return Ok(End::Shutdown),
+                    Pushed::Deferred(reason) => return Ok(End::Lost(format!("apply deferred: {reason}"))),
+                }
+                if let Some(update) = reporter.update(agent.updater.state())
+                    && tx.send(message(pb::agent_message::Kind::Status(pb::Status { update: Some(update), ..Default::default() }))).await.is_err()
+                {
+                    return Ok(End::Lost("outbound stream closed".into()));
+                }
+                if let Some(next) = queued.take() {
+                    in_flight = Some(Box::pin(handle_push(agent, applied.clone(), next, channel.clone())));
+                }
+            }
+            _ = async { tokio::time::sleep_until(held.as_ref().expect("guarded by is_some").1).await }, if held.is_some() && in_flight.is_none() => {
+                if let Some((push, _)) = held.take() {
+                    in_flight = Some(Box::pin(handle_push(agent, applied.clone(), push, channel.clone())));
+                }
+            }
             _ = &mut drift_check => {
                 drift_check.as_mut().reset(tokio::time::Instant::now() + reporter.next_drift_check());
                 if let Some(status) = reporter.drift_check(&applied.spec, &applied.version)
@@ -264,13 +332,17 @@ async fn session(
                 }
             }
             _ = sampling.tick() => {
-                if let Some(status) = reporter.next(&applied.spec, &applied.version)
+                if let Some(status) = reporter.next(&applied.spec, &applied.version, agent.updater.state())
                     && tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err()
                 {
                     return Ok(End::Lost("outbound stream closed".into()));
                 }
             }
             _ = heartbeat.tick() => {
+                if agent.updater.overdue(now_millis()) {
+                    return Ok(End::Restart);
+                }
+                agent.updater.confirm(healthy(agent));
                 if let Some(end) = renewal_step(renewer.on_tick(), &tx).await? {
                     return Ok(end);
                 }
@@ -303,7 +375,9 @@ async fn session(
                             agent.certs.confirm()?;
                             tracing::info!(serial = %cert.serial, "renewed certificate confirmed by a new session; previous pair removed");
                         }
-                        let status = reporter.opening(&applied.spec, &applied.version);
+                        // A new agent build proves itself by this session (and its health).
+                        agent.updater.confirm(healthy(agent));
+                        let status = reporter.opening(&applied.spec, &applied.version, agent.updater.state());
                         if tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err() {
                             return Ok(End::Lost("outbound stream closed".into()));
                         }
@@ -334,16 +408,12 @@ async fn session(
                         }
                     }
                     Some(pb::server_message::Kind::Spec(push)) => {
-                        match handle_push(agent, &mut applied, push).await {
-                            Pushed::Answer(answer) => {
-                                if tx.send(message(*answer)).await.is_err() {
-                                    return Ok(End::Lost("outbound stream closed".into()));
-                                }
-                            }
-                            // No NACK: the version is fine, the device is not. A new session
-                            // gets it pushed again.
-                            Pushed::Deferred(_) if *agent.shutdown.borrow() => return Ok(End::Shutdown),
-                            Pushed::Deferred(reason) => return Ok(End::Lost(format!("apply deferred: {reason}"))),
+                        // The newest push supersedes one held or queued.
+                        held = None;
+                        if in_flight.is_some() {
+                            queued = Some(push);
+                        } else {
+                            in_flight = Some(Box::pin(handle_push(agent, applied.clone(), push, channel.clone())));
                         }
                     }
                     Some(pb::server_message::Kind::Reconnect(reconnect)) => {
@@ -357,121 +427,50 @@ async fn session(
     }
 }
 
-/// The applied record; a corrupt one counts as nothing applied (and is reported).
-pub fn current_applied(agent: &Agent) -> Applied {
-    let (applied, problem) = agent.state.applied_or_unknown();
-    if let Some(problem) = problem {
-        tracing::warn!(%problem, "the applied-spec record is unreadable");
-        agent.health.set_state(Some((Level::Warn, problem)));
-    }
-    applied
+/// Whether no health check fails (what a new build must show to confirm).
+fn healthy(agent: &Agent) -> bool {
+    agent
+        .health
+        .report()
+        .iter()
+        .all(|check| check.status != Level::Fail)
 }
 
-/// Finishes or rolls back an apply that a crash interrupted (see `apply::journal`), reporting
-/// what it did; an error means the files could not be put back yet (e.g. a read-only disk).
-pub fn settle_interrupted_apply(agent: &Agent, applied_version: &str) -> Result<(), String> {
-    let journal = ApplyJournal::new(agent.state.root());
-    match journal.recover(Some(applied_version)) {
-        Ok(Recovered::Nothing) => Ok(()),
-        Ok(Recovered::Completed) => {
-            tracing::info!(version = %applied_version, "the last apply had completed; its journal is removed");
-            Ok(())
-        }
-        Ok(Recovered::RolledBack {
-            target_version,
-            files,
-        }) => {
-            tracing::warn!(version = %target_version, files, "an apply was interrupted; its files are back as they were before it, and the control plane will send the spec again");
-            Ok(())
-        }
-        Err(problem) => {
-            let problem = format!("an interrupted apply could not be rolled back: {problem}");
-            tracing::error!(%problem);
-            agent.health.set_state(Some((Level::Fail, problem.clone())));
-            Err(problem)
+/// A graceful end: the push in progress may finish (and be answered) within the grace the signal
+/// gave, then a last status says the agent is stopping, and the stream is closed.
+async fn close(
+    agent: &Agent,
+    in_flight: Option<Pin<Box<dyn Future<Output = Pushed> + '_>>>,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: &mut tonic::Streaming<pb::ServerMessage>,
+    applied_version: &str,
+) -> End {
+    if let Some(push) = in_flight {
+        let grace = *agent.grace.lock().unwrap_or_else(|p| p.into_inner());
+        match tokio::time::timeout(grace, push).await {
+            Ok(Pushed::Answer { answer, .. }) => {
+                let _ = tx.send(message(*answer)).await;
+            }
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "the apply in progress did not finish in time; it is rolled back at the next start"
+            ),
         }
     }
-}
-
-/// What became of a push.
-enum Pushed {
-    /// ACK or NACK it.
-    Answer(Box<pb::agent_message::Kind>),
-    /// Not applied for a reason of the device's own (interrupted, state directory unwritable):
-    /// neither ACK nor NACK; the session ends so the version comes again.
-    Deferred(String),
-}
-
-/// Applies one push and returns the ACK or NACK for it, or defers it.
-async fn handle_push(agent: &Agent, applied: &mut Applied, push: pb::RenderedSpec) -> Pushed {
-    let nack = |error: String, rolled_back: bool| {
-        Pushed::Answer(Box::new(pb::agent_message::Kind::Nack(pb::Nack {
-            nonce: push.nonce.clone(),
-            version: push.version.clone(),
-            error,
-            rolled_back,
-        })))
+    let last = pb::Status {
+        applied_version: applied_version.to_string(),
+        message: "agent stopping".into(),
+        ..Default::default()
     };
-    let spec: DeviceSpec = push.spec.clone().unwrap_or_default().into();
-    if spec.content_hash() != push.content_hash {
-        return nack("content hash does not match the spec".into(), false);
-    }
-    if let Err(problem) = settle_interrupted_apply(agent, &applied.version) {
-        return Pushed::Deferred(problem);
-    }
-    let previous = applied.spec.clone();
-    let new_state = Applied {
-        version: push.version.clone(),
-        spec,
-    };
-    let recorded = new_state.clone();
-    let state = agent.state.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let journal = ApplyJournal::new(state.root());
-        let record = || state.save_applied(&recorded).map_err(|e| e.to_string());
-        apply_durably(
-            &previous,
-            &recorded.spec,
-            &SystemExecutor,
-            Durable {
-                journal: &journal,
-                target_version: &recorded.version,
-                record: &record,
-            },
-        )
+    let _ = tx
+        .send(message(pb::agent_message::Kind::Status(last)))
+        .await;
+    // Closing our side ends the session on the control plane; wait a moment for it to answer.
+    drop(tx);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Ok(Some(_)) = inbound.message().await {}
     })
     .await;
-    match result {
-        Ok(Ok(())) => {
-            *applied = new_state;
-            agent.health.set_last_apply(Ok(push.version.clone()));
-            agent.health.set_state(None);
-            metrics::counter!("flotilla_agent_applies_total", "result" => "ok").increment(1);
-            tracing::info!(version = %push.version, files = applied.spec.files.len(), "spec applied");
-            Pushed::Answer(Box::new(pb::agent_message::Kind::Ack(pb::Ack {
-                nonce: push.nonce.clone(),
-                version: push.version.clone(),
-            })))
-        }
-        Ok(Err(error)) if error.retry || *agent.shutdown.borrow() => {
-            metrics::counter!("flotilla_agent_applies_total", "result" => "deferred").increment(1);
-            tracing::warn!(version = %push.version, error = %error.message, rolled_back = error.rolled_back, "apply deferred; the version will be applied again");
-            agent
-                .health
-                .set_last_apply(Err(format!("deferred: {}", error.message)));
-            if !*agent.shutdown.borrow() {
-                agent
-                    .health
-                    .set_state(Some((Level::Fail, error.message.clone())));
-            }
-            Pushed::Deferred(error.message)
-        }
-        Ok(Err(error)) => {
-            agent.health.set_last_apply(Err(error.message.clone()));
-            metrics::counter!("flotilla_agent_applies_total", "result" => "rejected").increment(1);
-            tracing::warn!(version = %push.version, error = %error.message, rolled_back = error.rolled_back, "spec rejected");
-            nack(error.message, error.rolled_back)
-        }
-        Err(join) => nack(format!("apply task failed: {join}"), true),
-    }
+    End::Shutdown
 }

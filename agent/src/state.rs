@@ -32,6 +32,16 @@ pub fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Replaces the symlink `dir/link` by one pointing at `target`, atomically (a new link renamed
+/// over the old), and makes it durable.
+pub fn relink(dir: &Path, link: &str, target: &str) -> Result<(), std::io::Error> {
+    let tmp = dir.join(format!("{link}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    std::fs::rename(&tmp, dir.join(link))?;
+    sync_dir(dir)
+}
+
 /// Writes `content` to `path` atomically with permission `mode`.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
     write_atomic_owned(path, content, mode, None, None)

@@ -55,7 +55,8 @@ pub fn call_kind(method: &str) -> &'static str {
     match name {
         "ApplyDevice" | "ApplyFleet" => "apply",
         "LabelDevice" => "label",
-        "DeleteDevice" | "DeleteFleet" | "DeleteEnrollment" => "delete",
+        "DeleteDevice" | "DeleteFleet" | "DeleteEnrollment" | "DeleteAgentRelease" => "delete",
+        "PublishAgentRelease" => "publish",
         "ApproveEnrollment" => "approve",
         "DenyEnrollment" => "deny",
         "PauseRollout" => "pause",

@@ -14,6 +14,7 @@ mod issuance;
 mod journal;
 mod limits;
 mod metrics;
+mod releases;
 mod replication;
 mod rollouts;
 mod scope;
@@ -31,6 +32,7 @@ pub use devices::{DeviceUpdate, DeviceView, LabelChange};
 pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
 pub use limits::RateLimit;
+pub use releases::{CHUNK_BYTES, Download, ReleaseHeader, ReleasePolicy, ReleaseView, Upload};
 pub use rollouts::{RolloutCommand, RolloutView};
 pub use session::SessionSettings;
 pub use watch::{DeviceEvent, DeviceWatch};
@@ -76,6 +78,8 @@ pub struct Policy {
     pub max_pending_enrollments: usize,
     /// How often the leader signs and keeps the audit chain's head (when it moved).
     pub audit_head_interval: Duration,
+    /// How agent releases are stored and served.
+    pub releases: ReleasePolicy,
 }
 
 /// What the control plane trusts of TPM evidence.
@@ -110,6 +114,7 @@ impl Default for Policy {
             },
             max_pending_enrollments: 1000,
             audit_head_interval: actions::HEAD_INTERVAL,
+            releases: ReleasePolicy::default(),
         }
     }
 }
@@ -203,6 +208,8 @@ pub struct ControlPlane {
     /// Whether this replica drives rollouts (always on SQLite; the lock holder on PostgreSQL).
     leading: Arc<std::sync::atomic::AtomicBool>,
     housekeeping: Arc<Mutex<replication::Housekeeping>>,
+    /// Agent release artifacts this replica serves.
+    artifacts: Arc<releases::Artifacts>,
 }
 
 impl ControlPlane {
@@ -227,6 +234,7 @@ impl ControlPlane {
             audit_key,
             hub,
             admission: Arc::new(Admission::new(policy.admission.clone())),
+            artifacts: Arc::new(releases::Artifacts::new(&policy.releases)),
             issuance_limiter: Arc::new(limits::Limiter::new(policy.issuance_limit)),
             recovery_limiter: Arc::new(limits::Limiter::new(policy.recovery_limit)),
             spares: Arc::default(),

@@ -8,7 +8,9 @@ use crate::hub::{Answer, HubError, SessionHandle};
 use crate::identity::{Identity, Role};
 use crate::proto::agent::v1 as pb;
 use crate::status::convert::alerts_from;
-use crate::status::{DriftCheck, ReportUpdate, ResourceUsage, SystemInfo, check_bounds};
+use crate::status::{
+    DriftCheck, ReportUpdate, ResourceUsage, SystemInfo, UpdateState, check_bounds,
+};
 use crate::store::DeviceFact;
 use futures::{Stream, StreamExt};
 use rand::Rng;
@@ -338,6 +340,7 @@ impl ControlPlane {
             workloads: status
                 .workloads
                 .map(|w| w.items.into_iter().map(Into::into).collect()),
+            update: status.update.map(UpdateState::from),
         };
         if let Err(error) = check_bounds(&update) {
             return refuse(error.0);

@@ -90,6 +90,7 @@ impl DeviceEntry {
                 .and_then(|r| r.drift.as_ref())
                 .map(|d| d.items.as_slice()),
             workloads: self.report.as_ref().and_then(|r| r.workloads.as_deref()),
+            update: self.report.as_ref().and_then(|r| r.update.as_ref()),
         };
         self.ledger.settle(evaluate(&inputs), now_ms);
     }

@@ -1,8 +1,9 @@
 //! Conversions between the domain spec and its protobuf form.
 
 use super::{
-    CommandSpec, ContainerSpec, DEFAULT_COMMAND_TIMEOUT_SECS, DEFAULT_FILE_MODE, DeviceSpec,
-    DriftPolicy, FileSpec, MonitorKind, ResourceMonitor, UnitSpec, UnitState,
+    AgentUpdate, CommandSpec, ContainerSpec, DEFAULT_COMMAND_TIMEOUT_SECS, DEFAULT_FILE_MODE,
+    DeviceSpec, DriftPolicy, FileSpec, MonitorKind, OsUpdate, ResourceMonitor, UnitSpec, UnitState,
+    UpdatePolicy,
 };
 use crate::proto::agent::v1 as pb;
 
@@ -155,6 +156,16 @@ impl From<DeviceSpec> for pb::DeviceSpec {
             before_update: convert(spec.before_update),
             after_update: convert(spec.after_update),
             resources: convert(spec.resources),
+            agent: spec.agent.map(|a| pb::AgentUpdate {
+                version: a.version,
+                allow_downgrade: a.allow_downgrade,
+            }),
+            os: spec.os.map(|o| pb::OsUpdate { image: o.image }),
+            update_policy: spec.update_policy.map(|p| pb::UpdatePolicy {
+                download_schedule: p.download_schedule.unwrap_or_default(),
+                update_schedule: p.update_schedule.unwrap_or_default(),
+                time_zone: p.time_zone.unwrap_or_default(),
+            }),
         }
     }
 }
@@ -172,6 +183,25 @@ impl From<pb::DeviceSpec> for DeviceSpec {
                 .into_iter()
                 .filter_map(|m| ResourceMonitor::try_from(m).ok())
                 .collect(),
+            agent: spec
+                .agent
+                .filter(|a| !a.version.is_empty())
+                .map(|a| AgentUpdate {
+                    version: a.version,
+                    allow_downgrade: a.allow_downgrade,
+                }),
+            os: spec
+                .os
+                .filter(|o| !o.image.is_empty())
+                .map(|o| OsUpdate { image: o.image }),
+            update_policy: spec
+                .update_policy
+                .map(|p| UpdatePolicy {
+                    download_schedule: non_empty(p.download_schedule),
+                    update_schedule: non_empty(p.update_schedule),
+                    time_zone: non_empty(p.time_zone),
+                })
+                .filter(|p| *p != UpdatePolicy::default()),
         }
     }
 }

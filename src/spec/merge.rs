@@ -29,6 +29,10 @@ impl DeviceSpec {
         });
         self.before_update.extend(upper.before_update);
         self.after_update.extend(upper.after_update);
+        // The device's own choice of agent, image or windows replaces the fleet's.
+        self.agent = upper.agent.or(self.agent);
+        self.os = upper.os.or(self.os);
+        self.update_policy = upper.update_policy.or(self.update_policy);
         self
     }
 }

@@ -4,8 +4,12 @@
 mod convert;
 mod merge;
 mod octal;
+mod update;
 mod validate;
 
+pub use update::{
+    AgentUpdate, OsUpdate, UpdatePolicy, Window, Windows, parse_release_version, time_zone,
+};
 pub use validate::{SpecError, check_path};
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +43,15 @@ pub struct DeviceSpec {
     /// Thresholds the agent evaluates on the device (`status::monitor`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<ResourceMonitor>,
+    /// The agent release the device should run (`update`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentUpdate>,
+    /// The OS image of a bootc-based device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsUpdate>,
+    /// When agent and OS updates may be downloaded and applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_policy: Option<UpdatePolicy>,
 }
 
 /// What a resource monitor watches.
@@ -230,6 +243,16 @@ impl DeviceSpec {
         self.containers.sort_by(|a, b| a.name.cmp(&b.name));
         self.resources
             .sort_by(|a, b| a.key().cmp(&b.key()).then(a.path.cmp(&b.path)));
+        // Empty texts and an empty policy mean "not set", whichever form they came in.
+        self.agent = self.agent.filter(|a| !a.version.is_empty());
+        self.os = self.os.filter(|o| !o.image.is_empty());
+        self.update_policy = self.update_policy.and_then(|mut p| {
+            let unset = |t: Option<String>| t.filter(|t| !t.trim().is_empty());
+            p.download_schedule = unset(p.download_schedule);
+            p.update_schedule = unset(p.update_schedule);
+            p.time_zone = unset(p.time_zone);
+            Some(p).filter(|p| *p != UpdatePolicy::default())
+        });
         self
     }
 

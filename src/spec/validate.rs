@@ -32,7 +32,7 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
         SpecError {
             field: field.into(),
             reason: reason.into(),
@@ -335,6 +335,11 @@ impl DeviceSpec {
                 format!("at most {MAX_MONITORS} monitors"),
             ));
         }
+        super::update::check(
+            self.agent.as_ref(),
+            self.os.as_ref(),
+            self.update_policy.as_ref(),
+        )?;
         let size = self.approximate_size();
         if size > MAX_SPEC_BYTES {
             return Err(SpecError {

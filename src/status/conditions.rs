@@ -8,10 +8,11 @@
 //!    rendered; `CertificateExpiring` because the certificate expired; `ResourcePressure` critical;
 //!    `WorkloadFailed` (a managed unit failed, a container stopped or is unhealthy).
 //! 3. `Degraded`: `ResourcePressure` true (warning); `CertificateExpiring` because renewal failed;
-//!    `Drifted` with an item the device left as it is (`drift: report`, or the correction failed).
+//!    `Drifted` with an item the device left as it is (`drift: report`, or the correction failed);
+//!    `UpdateFailed` (an agent or OS update was refused or rolled back; the device runs what it ran).
 //! 4. `Healthy` otherwise (an update in progress is healthy).
 
-use super::{Alert, DriftItem, Severity, WorkloadStatus};
+use super::{Alert, DriftItem, Severity, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus};
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -23,10 +24,11 @@ pub enum ConditionType {
     WorkloadFailed,
     ResourcePressure,
     CertificateExpiring,
+    UpdateFailed,
 }
 
 impl ConditionType {
-    pub const ALL: [ConditionType; 7] = [
+    pub const ALL: [ConditionType; 8] = [
         ConditionType::Online,
         ConditionType::Updating,
         ConditionType::SpecApplied,
@@ -34,6 +36,7 @@ impl ConditionType {
         ConditionType::WorkloadFailed,
         ConditionType::ResourcePressure,
         ConditionType::CertificateExpiring,
+        ConditionType::UpdateFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl ConditionType {
             ConditionType::WorkloadFailed => "WorkloadFailed",
             ConditionType::ResourcePressure => "ResourcePressure",
             ConditionType::CertificateExpiring => "CertificateExpiring",
+            ConditionType::UpdateFailed => "UpdateFailed",
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct Inputs<'a> {
     pub drift: Option<&'a [DriftItem]>,
     /// The managed units and containers; `None` while the device reported none.
     pub workloads: Option<&'a [WorkloadStatus]>,
+    /// The device's software and its update in progress; `None` while it reported none.
+    pub update: Option<&'a UpdateState>,
 }
 
 /// A condition as derived now, before its transition time is known.
@@ -209,13 +215,41 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             format!("version {desired} not acknowledged yet"),
         ),
     };
+    let phase = inputs.update.map(|u| (u.phase, u));
     let updating = match (inputs.online, applied.reason, inputs.sent_version) {
-        (true, "NotYetApplied", Some(sent)) => observed(
-            T::Updating,
-            True,
-            "Applying",
-            format!("version {sent} sent"),
-        ),
+        (true, "NotYetApplied", Some(sent)) => match phase {
+            Some((UpdatePhase::WaitingForWindow, update)) => observed(
+                T::Updating,
+                True,
+                "WaitingForWindow",
+                format!(
+                    "version {sent}: {} waits for its window{}",
+                    update.target,
+                    update
+                        .next_window_ms
+                        .map(|at| format!(", which opens at {}", super::rfc3339(at)))
+                        .unwrap_or_default()
+                ),
+            ),
+            Some((UpdatePhase::Downloading, update)) => observed(
+                T::Updating,
+                True,
+                "Downloading",
+                format!("version {sent}: downloading {}", update.target),
+            ),
+            Some((UpdatePhase::Rebooting, update)) => observed(
+                T::Updating,
+                True,
+                "Rebooting",
+                format!("version {sent}: rebooting into {}", update.target),
+            ),
+            _ => observed(
+                T::Updating,
+                True,
+                "Applying",
+                format!("version {sent} sent"),
+            ),
+        },
         (true, "NotYetApplied", None) => observed(
             T::Updating,
             True,
@@ -334,6 +368,30 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             }
         }
     };
+    let update_failed = match inputs.update {
+        None => observed(
+            T::UpdateFailed,
+            Unknown,
+            "NotReported",
+            "the device has not reported its software",
+        ),
+        Some(UpdateState {
+            last_failure: Some(failure),
+            ..
+        }) => {
+            let reason = match failure.kind {
+                UpdateKind::Agent => "AgentUpdateFailed",
+                UpdateKind::Os => "OsUpdateFailed",
+            };
+            observed(T::UpdateFailed, True, reason, failure.describe())
+        }
+        Some(_) => observed(
+            T::UpdateFailed,
+            False,
+            "NoFailure",
+            "no agent or OS update failed",
+        ),
+    };
     vec![
         online,
         updating,
@@ -342,6 +400,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
         workloads,
         pressure,
         certificate,
+        update_failed,
     ]
 }
 
@@ -363,7 +422,8 @@ pub fn summarize<'a>(
             | (ConditionType::WorkloadFailed, ConditionStatus::True, _) => error = true,
             (ConditionType::ResourcePressure, ConditionStatus::True, _)
             | (ConditionType::CertificateExpiring, ConditionStatus::True, "RenewalFailed")
-            | (ConditionType::Drifted, ConditionStatus::True, "Reported") => degraded = true,
+            | (ConditionType::Drifted, ConditionStatus::True, "Reported")
+            | (ConditionType::UpdateFailed, ConditionStatus::True, _) => degraded = true,
             _ => {}
         }
     }

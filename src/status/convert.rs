@@ -5,7 +5,7 @@
 use super::conditions::{ConditionStatus, Summary};
 use super::{
     Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
-    SystemInfo, WorkloadStatus,
+    SystemInfo, UpdateFailure, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus,
 };
 use crate::clock::timestamp_from_millis;
 use crate::proto::admin::v1 as admin;
@@ -205,6 +205,78 @@ impl From<pb::WorkloadStatus> for WorkloadStatus {
     }
 }
 
+impl From<UpdatePhase> for pb::UpdatePhase {
+    fn from(phase: UpdatePhase) -> Self {
+        match phase {
+            UpdatePhase::Idle => pb::UpdatePhase::Idle,
+            UpdatePhase::Downloading => pb::UpdatePhase::Downloading,
+            UpdatePhase::WaitingForWindow => pb::UpdatePhase::WaitingForWindow,
+            UpdatePhase::Applying => pb::UpdatePhase::Applying,
+            UpdatePhase::Confirming => pb::UpdatePhase::Confirming,
+            UpdatePhase::Rebooting => pb::UpdatePhase::Rebooting,
+        }
+    }
+}
+
+/// The phase a wire value names; unset or unknown (a newer peer) is `Idle`.
+fn update_phase_from(wire: i32) -> UpdatePhase {
+    match pb::UpdatePhase::try_from(wire) {
+        Ok(pb::UpdatePhase::Downloading) => UpdatePhase::Downloading,
+        Ok(pb::UpdatePhase::WaitingForWindow) => UpdatePhase::WaitingForWindow,
+        Ok(pb::UpdatePhase::Applying) => UpdatePhase::Applying,
+        Ok(pb::UpdatePhase::Confirming) => UpdatePhase::Confirming,
+        Ok(pb::UpdatePhase::Rebooting) => UpdatePhase::Rebooting,
+        _ => UpdatePhase::Idle,
+    }
+}
+
+impl From<UpdateState> for pb::UpdateStatus {
+    fn from(u: UpdateState) -> Self {
+        pb::UpdateStatus {
+            agent_version: u.agent_version,
+            agent_digest: u.agent_digest,
+            os_image: u.os_image,
+            os_image_digest: u.os_image_digest,
+            phase: pb::UpdatePhase::from(u.phase) as i32,
+            target: u.target,
+            next_window: u.next_window_ms.map(timestamp_from_millis),
+            message: u.message,
+            last_failure: u.last_failure.map(|f| pb::UpdateFailure {
+                kind: f.kind.as_str().to_string(),
+                target: f.target,
+                reason: f.reason,
+                rolled_back: f.rolled_back,
+                at: Some(timestamp_from_millis(f.at_ms)),
+            }),
+        }
+    }
+}
+
+impl From<pb::UpdateStatus> for UpdateState {
+    fn from(u: pb::UpdateStatus) -> Self {
+        UpdateState {
+            agent_version: u.agent_version,
+            agent_digest: u.agent_digest,
+            os_image: u.os_image,
+            os_image_digest: u.os_image_digest,
+            phase: update_phase_from(u.phase),
+            target: u.target,
+            next_window_ms: u.next_window.map(|t| millis(Some(t))),
+            message: u.message,
+            // A failure of a kind this side does not know (a newer peer) is left out.
+            last_failure: u.last_failure.and_then(|f| {
+                Some(UpdateFailure {
+                    kind: UpdateKind::parse(&f.kind)?,
+                    target: f.target,
+                    reason: f.reason,
+                    rolled_back: f.rolled_back,
+                    at_ms: millis(f.at),
+                })
+            }),
+        }
+    }
+}
+
 impl From<Summary> for admin::DeviceSummary {
     fn from(s: Summary) -> Self {
         match s {
@@ -312,6 +384,14 @@ mod tests {
             resources: Some(pb::ResourceReport::default()),
             drift: Some(pb::DriftReport::default()),
             workloads: Some(pb::WorkloadReport::default()),
+            update: Some(
+                UpdateState {
+                    agent_version: "1.4.0".into(),
+                    phase: UpdatePhase::WaitingForWindow,
+                    ..Default::default()
+                }
+                .into(),
+            ),
         };
         let old = FirstStatus::decode(status.encode_to_vec().as_slice()).unwrap();
         assert_eq!(

@@ -8,8 +8,10 @@ pub mod convert;
 pub mod field_selector;
 pub mod monitor;
 mod report;
+mod update;
 
 pub use report::{
     Alert, DeviceReport, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ReportError,
     ReportUpdate, ResourceUsage, Severity, SystemInfo, WorkloadStatus, check_bounds,
 };
+pub use update::{UpdateFailure, UpdateKind, UpdatePhase, UpdateState, rfc3339};

@@ -1,6 +1,7 @@
 //! A device's own report: system info, the latest resource sample and the firing alerts; how a new
 //! partial report updates the last one, and the bounds the control plane accepts.
 
+use super::UpdateState;
 use crate::spec::MonitorKind;
 use serde::{Deserialize, Serialize};
 
@@ -223,6 +224,9 @@ pub struct DeviceReport {
     pub drift: Option<DriftCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads: Option<Vec<WorkloadStatus>>,
+    /// The agent build and OS image, and the update in progress or last failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateState>,
     pub reported_ms: i64,
 }
 
@@ -233,6 +237,7 @@ pub struct ReportUpdate {
     pub resources: Option<(ResourceUsage, Vec<Alert>)>,
     pub drift: Option<DriftCheck>,
     pub workloads: Option<Vec<WorkloadStatus>>,
+    pub update: Option<UpdateState>,
 }
 
 impl ReportUpdate {
@@ -241,6 +246,7 @@ impl ReportUpdate {
             && self.resources.is_none()
             && self.drift.is_none()
             && self.workloads.is_none()
+            && self.update.is_none()
     }
 }
 
@@ -261,6 +267,9 @@ impl DeviceReport {
         if let Some(workloads) = update.workloads {
             next.workloads = Some(workloads);
         }
+        if let Some(state) = update.update {
+            next.update = Some(state);
+        }
         next.reported_ms = now_ms;
         next
     }
@@ -272,6 +281,7 @@ impl DeviceReport {
             && self.alerts == other.alerts
             && self.drift.as_ref().map(|d| &d.items) == other.drift.as_ref().map(|d| &d.items)
             && self.workloads == other.workloads
+            && self.update == other.update
     }
 }
 
@@ -369,6 +379,11 @@ pub fn check_bounds(update: &ReportUpdate) -> Result<(), ReportError> {
             texts.push((format!("drift[{i}].kind"), &item.kind));
             texts.push((format!("drift[{i}].difference"), &item.difference));
             texts.push((format!("drift[{i}].error"), &item.error));
+        }
+    }
+    if let Some(state) = &update.update {
+        for (field, value) in state.texts() {
+            texts.push((field.to_string(), value));
         }
     }
     if let Some(workloads) = &update.workloads {

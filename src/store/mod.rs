@@ -15,6 +15,7 @@ mod identity;
 mod leader;
 mod lock;
 mod reachability;
+mod releases;
 mod rollouts;
 mod schema;
 mod tpm;
@@ -35,6 +36,7 @@ pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
 pub use identity::StartLock;
 pub use lock::{ProcessLock, lock_path};
 pub use reachability::{Reachability, outage_log};
+pub use releases::ReleaseRecord;
 pub use rollouts::{Pins, RolloutEventRecord, RolloutRecord};
 pub use tpm::TpmChallengeRecord;
 

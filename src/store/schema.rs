@@ -213,11 +213,34 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    agent_releases (version) {
+        version -> Text,
+        sha256 -> Text,
+        size -> BigInt,
+        signature -> Text,
+        url -> Text,
+        key_fingerprint -> Text,
+        published_ms -> BigInt,
+        published_by -> Text,
+    }
+}
+
+diesel::table! {
+    artifact_chunks (sha256, seq) {
+        sha256 -> Text,
+        seq -> Integer,
+        data -> Binary,
+    }
+}
+
 diesel::joinable!(device_sessions -> devices (device_id));
 diesel::joinable!(device_reports -> devices (device_id));
 diesel::joinable!(credential_certificates -> credentials (credential));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    agent_releases,
+    artifact_chunks,
     audit_heads,
     certificate_audit,
     changes,

@@ -98,10 +98,55 @@ impl EnrollmentService for AgentApi {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
+    type DownloadArtifactStream = ChunkStream;
+
+    async fn get_agent_release(
+        &self,
+        request: Request<pb::GetAgentReleaseRequest>,
+    ) -> Result<Response<pb::AgentRelease>, Status> {
+        caller(&request)?;
+        let release = self
+            .control
+            .get_release(&request.into_inner().version)
+            .await?;
+        Ok(Response::new(convert::agent_release(release)))
+    }
+
+    async fn download_artifact(
+        &self,
+        request: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let mut download = self
+            .control
+            .open_download(&request.sha256, request.offset)
+            .await?;
+        tracing::debug!(device.id = %caller.name, artifact = %request.sha256, offset = request.offset, "serving a download");
+        // Two chunks in flight: the reader stays just ahead of HTTP/2 flow control, so a slow
+        // device holds a bounded amount of memory.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            loop {
+                let next = download.next_chunk().await.map_err(Status::from);
+                let item = match next {
+                    Ok(Some((offset, data))) => Ok(pb::ArtifactChunk { offset, data }),
+                    Ok(None) => return,
+                    Err(status) => Err(status),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn session(
         &self,

@@ -5,7 +5,7 @@ use crate::authz::ServiceGrant;
 use crate::clock::timestamp_from_millis;
 use crate::control::{
     CertificateView, ControlError, CredentialView, DeviceEvent, DeviceView, EnrollOutcome,
-    FleetView, IssuedCredential, RolloutView, TpmProof,
+    FleetView, IssuedCredential, ReleaseView, RolloutView, TpmProof,
 };
 use crate::hub::RenewalState;
 use crate::hub::SyncState;
@@ -180,6 +180,7 @@ pub fn device(view: DeviceView) -> admin::Device {
                 .cloned()
                 .map(Into::into)
                 .collect();
+            status.update = report.update.clone().map(Into::into);
         }
         status.conditions = live.conditions.into_iter().map(condition).collect();
         status.summary = admin::DeviceSummary::from(live.summary) as i32;
@@ -446,5 +447,18 @@ pub fn issued_credential(issued: IssuedCredential, ca_pem: &str) -> admin::Issue
         credential: Some(credential(issued.view)),
         certificate_pem: issued.certificate_pem,
         ca_pem: ca_pem.to_string(),
+    }
+}
+
+pub fn agent_release(view: ReleaseView) -> agent::AgentRelease {
+    agent::AgentRelease {
+        version: view.version,
+        sha256: view.sha256,
+        size: view.size,
+        signature: view.signature,
+        url: view.url,
+        published_at: Some(timestamp_from_millis(view.published_ms)),
+        published_by: view.published_by,
+        key_fingerprint: view.key_fingerprint,
     }
 }

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod guard;
 pub mod http;
 pub mod listen;
+pub mod releases;
 pub mod revocable;
 pub mod rpc_metrics;
 pub mod server;

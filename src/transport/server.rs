@@ -11,6 +11,7 @@ use super::rpc_metrics::RpcMetricsLayer;
 use super::tls;
 use crate::control::{ControlError, ControlPlane};
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::admin::v1::agent_release_service_server::AgentReleaseServiceServer;
 use crate::proto::admin::v1::audit_service_server::AuditServiceServer;
 use crate::proto::admin::v1::certificate_service_server::CertificateServiceServer;
 use crate::proto::admin::v1::credential_service_server::CredentialServiceServer;
@@ -106,6 +107,7 @@ const HEALTH_SERVICES: &[&str] = &[
     "flotilla.admin.v1.CertificateService",
     "flotilla.admin.v1.AuditService",
     "flotilla.admin.v1.RolloutService",
+    "flotilla.admin.v1.AgentReleaseService",
 ];
 
 /// Runs both endpoints until `shutdown` completes, then drains.
@@ -198,6 +200,11 @@ pub async fn serve(
         )
         .add_service(
             RolloutServiceServer::new(AdminApi::new(control.clone()))
+                .max_decoding_message_size(ADMIN_MAX_DECODE)
+                .max_encoding_message_size(MAX_ENCODE),
+        )
+        .add_service(
+            AgentReleaseServiceServer::new(AdminApi::new(control.clone()))
                 .max_decoding_message_size(ADMIN_MAX_DECODE)
                 .max_encoding_message_size(MAX_ENCODE),
         )

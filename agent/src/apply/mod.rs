@@ -297,7 +297,7 @@ mod tests {
                 run: vec!["/usr/bin/smoke-test".into(), "--quick".into()],
                 timeout_seconds: 5,
             }],
-            resources: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -12,7 +12,9 @@ use flotilla::profiles::StatusConfig;
 use flotilla::proto::agent::v1 as pb;
 use flotilla::spec::{DeviceSpec, MonitorKind};
 use flotilla::status::monitor::{MonitorState, ReportGate};
-use flotilla::status::{Alert, DriftCheck, DriftItem, ResourceUsage, SystemInfo, WorkloadStatus};
+use flotilla::status::{
+    Alert, DriftCheck, DriftItem, ResourceUsage, SystemInfo, UpdateState, WorkloadStatus,
+};
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +30,7 @@ pub struct Reporter {
     config: StatusConfig,
     boot_id: String,
     tpm_used: bool,
+    agent_version: String,
     state_dir: PathBuf,
     sampler: resources::Sampler,
     monitors: MonitorState,
@@ -35,11 +38,18 @@ pub struct Reporter {
     sent_info: Option<SystemInfo>,
     sent_drift: Option<Vec<DriftItem>>,
     sent_workloads: Option<Vec<WorkloadStatus>>,
+    sent_update: Option<UpdateState>,
     samples: u32,
 }
 
 impl Reporter {
-    pub fn new(config: StatusConfig, boot_id: String, tpm_used: bool, state_dir: PathBuf) -> Self {
+    pub fn new(
+        config: StatusConfig,
+        boot_id: String,
+        tpm_used: bool,
+        agent_version: String,
+        state_dir: PathBuf,
+    ) -> Self {
         let gate = ReportGate::new(
             config.report_step_percent,
             i64::try_from(config.min_report_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
@@ -48,6 +58,7 @@ impl Reporter {
             config,
             boot_id,
             tpm_used,
+            agent_version,
             state_dir,
             sampler: resources::Sampler::default(),
             monitors: MonitorState::default(),
@@ -55,8 +66,18 @@ impl Reporter {
             sent_info: None,
             sent_drift: None,
             sent_workloads: None,
+            sent_update: None,
             samples: 0,
         }
+    }
+
+    /// Where the device's software stands, when it changed since last sent.
+    pub fn update(&mut self, state: UpdateState) -> Option<pb::UpdateStatus> {
+        if self.sent_update.as_ref() == Some(&state) {
+            return None;
+        }
+        self.sent_update = Some(state.clone());
+        Some(state.into())
     }
 
     /// When to verify what the agent manages next: the configured period, less up to a tenth at
@@ -100,15 +121,21 @@ impl Reporter {
 
     /// The first Status of a session: everything, whatever was sent on the last one, after a
     /// drift check (an agent restarted after its files were changed puts them back first).
-    pub fn opening(&mut self, spec: &DeviceSpec, applied_version: &str) -> pb::Status {
+    pub fn opening(
+        &mut self,
+        spec: &DeviceSpec,
+        applied_version: &str,
+        update: UpdateState,
+    ) -> pb::Status {
         self.gate.reset();
         self.sent_info = None;
         self.sent_drift = None;
         self.sent_workloads = None;
+        self.sent_update = None;
         self.samples = 0;
         let drift = self.check_drift(spec);
         let mut status = self
-            .next(spec, applied_version)
+            .next(spec, applied_version, update)
             .unwrap_or_else(|| pb::Status {
                 applied_version: applied_version.to_string(),
                 ..Default::default()
@@ -118,10 +145,15 @@ impl Reporter {
     }
 
     /// A sample: the Status to send, if anything changed enough to be worth it.
-    pub fn next(&mut self, spec: &DeviceSpec, applied_version: &str) -> Option<pb::Status> {
+    pub fn next(
+        &mut self,
+        spec: &DeviceSpec,
+        applied_version: &str,
+        update: UpdateState,
+    ) -> Option<pb::Status> {
         let now = now_millis();
         let info = (self.sent_info.is_none() || self.samples.is_multiple_of(SYSTEM_INFO_EVERY))
-            .then(|| system::system_info(&self.boot_id, self.tpm_used))
+            .then(|| system::system_info(&self.boot_id, self.tpm_used, &self.agent_version))
             .filter(|info| self.sent_info.as_ref() != Some(info));
         self.samples = self.samples.wrapping_add(1);
         let (usage, alerts) = self.sample(spec, now);
@@ -139,7 +171,8 @@ impl Reporter {
                 items: workloads.into_iter().map(Into::into).collect(),
             }
         });
-        if info.is_none() && resources.is_none() && workloads.is_none() {
+        let update = self.update(update);
+        if info.is_none() && resources.is_none() && workloads.is_none() && update.is_none() {
             return None;
         }
         if let Some(info) = &info {
@@ -152,6 +185,7 @@ impl Reporter {
             resources,
             drift: None,
             workloads,
+            update,
         })
     }
 

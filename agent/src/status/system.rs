@@ -11,7 +11,7 @@ const MAX_INTERFACES: usize = 16;
 const MAX_ADDRESSES: usize = 8;
 
 /// The system as it is now.
-pub fn system_info(boot_id: &str, tpm_used: bool) -> SystemInfo {
+pub fn system_info(boot_id: &str, tpm_used: bool, agent_version: &str) -> SystemInfo {
     let os = os_release();
     let field = |key: &str| os.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let (release, machine) = uname();
@@ -26,7 +26,7 @@ pub fn system_info(boot_id: &str, tpm_used: bool) -> SystemInfo {
         machine_id: read_trimmed("/etc/machine-id"),
         cpu_count: cpu_count(),
         memory_total_bytes: super::resources::meminfo().0,
-        agent_version: flotilla::VERSION.to_string(),
+        agent_version: agent_version.to_string(),
         agent_build: format!(
             "{}-{} {}",
             std::env::consts::ARCH,
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn reads_this_machine() {
-        let info = system_info("boot", false);
+        let info = system_info("boot", false, "1.2.3");
         let uname_r = std::process::Command::new("uname")
             .arg("-r")
             .output()

@@ -644,6 +644,7 @@ pub fn status_report(agent: usize) -> pb::AgentMessage {
                 ..Default::default()
             }],
         }),
+        update: None,
     }))
 }
 

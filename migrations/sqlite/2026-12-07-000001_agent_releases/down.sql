@@ -1,0 +1,2 @@
+DROP TABLE artifact_chunks;
+DROP TABLE agent_releases;
