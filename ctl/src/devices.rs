@@ -22,8 +22,8 @@ const HEADER: &[&str] = &[
 ];
 
 const WIDE_HEADER: &[&str] = &[
-    "NAME", "FLEET", "STATUS", "SYNC", "VERSION", "OS", "KERNEL", "ARCH", "AGENT", "MEMORY",
-    "DISK", "LABELS",
+    "NAME", "FLEET", "STATUS", "SYNC", "VERSION", "OS", "KERNEL", "ARCH", "AGENT", "BUILD",
+    "OS IMAGE", "UPDATE", "MEMORY", "DISK", "LABELS",
 ];
 
 /// Which table columns to print.
@@ -96,10 +96,22 @@ fn wide_row(d: &DeviceView) -> Vec<String> {
                 .to_string()
         })
         .unwrap_or_default();
-    let agent = info
-        .map(|i| i.agent_version.clone())
+    let update = d.status.report.update.as_ref();
+    let agent = update
+        .map(|u| u.agent_version.clone())
+        .or_else(|| info.map(|i| i.agent_version.clone()))
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| d.status.agent_version.clone());
+    let build = update
+        .map(|u| crate::status::short_digest(&u.agent_digest).to_string())
+        .unwrap_or_default();
+    let image = update.map(|u| u.os_image.clone()).unwrap_or_default();
+    let phase = update
+        .map(|u| match (&u.last_failure, u.phase) {
+            (Some(_), flotilla::status::UpdatePhase::Idle) => "failed".to_string(),
+            (_, phase) => phase.as_str().to_string(),
+        })
+        .unwrap_or_default();
     vec![
         d.metadata.name.clone(),
         fleet_cell(d),
@@ -110,6 +122,9 @@ fn wide_row(d: &DeviceView) -> Vec<String> {
         text(|i| &i.kernel_release),
         text(|i| &i.architecture),
         agent,
+        build,
+        image,
+        phase,
         memory,
         disk,
         labels_text(d.metadata.labels.iter().flatten()),

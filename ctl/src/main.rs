@@ -8,6 +8,7 @@ mod devices;
 mod enrollments;
 mod fleets;
 mod output;
+mod releases;
 mod resources;
 mod rollouts;
 mod status;
@@ -99,6 +100,12 @@ enum Command {
         #[command(subcommand)]
         what: DenyWhat,
     },
+    /// Builds of the agent: make a release key, sign a build with it, publish it.
+    #[command(name = "agent-release")]
+    AgentRelease {
+        #[command(subcommand)]
+        what: AgentReleaseWhat,
+    },
     /// Create or update resources (Device, Fleet) from a YAML or JSON file (`-` for stdin).
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -143,6 +150,45 @@ enum GetWhat {
     },
     /// One credential.
     Credential { name: String },
+    /// Published agent releases, newest first.
+    #[command(name = "agent-releases")]
+    AgentReleases,
+    /// One agent release.
+    #[command(name = "agent-release")]
+    AgentRelease { version: String },
+}
+
+#[derive(Subcommand)]
+enum AgentReleaseWhat {
+    /// Makes an Ed25519 release key: `<out>.key` (keep it off the control plane) and `<out>.pub`
+    /// (pin it in agent.toml, `[update] release_keys`).
+    Keygen {
+        #[arg(long, default_value = "release")]
+        out: PathBuf,
+    },
+    /// Signs a build as a release version; writes `FILE.sig` (or `--out`). Runs locally.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        version: String,
+        file: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Publishes a signed build: the control plane stores it and serves it to devices (or, with
+    /// `--url`, tells them to download it from there).
+    Publish {
+        file: PathBuf,
+        #[arg(long)]
+        version: String,
+        /// The signature file `sign` wrote.
+        #[arg(long)]
+        signature: PathBuf,
+        /// Devices download the build from this http(s) URL instead of from the control plane.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +261,11 @@ enum DeleteWhat {
     /// Remove a pending or denied enrollment request, freeing its name.
     Enrollment {
         name: String,
+    },
+    /// Remove a published agent release no fleet or device names.
+    #[command(name = "agent-release")]
+    AgentRelease {
+        version: String,
     },
 }
 
@@ -467,6 +518,28 @@ async fn run(cli: Cli) -> Result<()> {
             GetWhat::Credential { name } => {
                 credentials::get(channel(config).await?, format, name).await
             }
+            GetWhat::AgentReleases => releases::list(channel(config).await?, format).await,
+            GetWhat::AgentRelease { version } => {
+                releases::get(channel(config).await?, format, version).await
+            }
+        },
+        Command::AgentRelease { what } => match what {
+            AgentReleaseWhat::Keygen { out } => releases::keygen(&out),
+            AgentReleaseWhat::Sign {
+                key,
+                version,
+                file,
+                out,
+            } => releases::sign(&key, &version, &file, out),
+            AgentReleaseWhat::Publish {
+                file,
+                version,
+                signature,
+                url,
+            } => {
+                let channel = channel(config).await?;
+                releases::publish(channel, format, &file, &version, &signature, url).await
+            }
         },
         Command::Credential { what } => {
             let current = load_config(config)?;
@@ -515,6 +588,9 @@ async fn run(cli: Cli) -> Result<()> {
             DeleteWhat::Device { name } => devices::delete(channel(config).await?, name).await,
             DeleteWhat::Enrollment { name } => {
                 enrollments::delete(channel(config).await?, name).await
+            }
+            DeleteWhat::AgentRelease { version } => {
+                releases::delete(channel(config).await?, version).await
             }
         },
         Command::Cert { what } => match what {

@@ -3,7 +3,7 @@
 
 use flotilla::proto::admin::v1 as admin;
 use flotilla::status::convert::{alerts_from, condition_status_from, summary_from};
-use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, WorkloadStatus};
+use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, UpdateState, WorkloadStatus};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +57,9 @@ pub struct ReportView {
     pub drift: Option<DriftView>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<WorkloadStatus>,
+    /// The agent build and OS image, and where an update of either stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reported_at: Option<String>,
 }
@@ -126,6 +129,7 @@ pub fn report(status: &admin::DeviceStatus) -> ReportView {
             .cloned()
             .map(WorkloadStatus::from)
             .collect(),
+        update: status.update.clone().map(UpdateState::from),
         reported_at: status.reported_at.map(|t| t.to_string()),
     }
 }
@@ -166,6 +170,12 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// The first 12 hex digits of a digest (`sha256:` dropped).
+pub fn short_digest(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
 }
 
 /// The lines `describe device` adds for the report and the conditions.
@@ -243,6 +253,46 @@ pub fn describe(out: &mut String, report: &ReportView, conditions: &[ConditionVi
     }
     for alert in &report.alerts {
         line("Alert", alert.clone());
+    }
+    if let Some(update) = &report.update {
+        line(
+            "Agent build",
+            format!(
+                "{} sha256:{}",
+                update.agent_version,
+                short_digest(&update.agent_digest)
+            ),
+        );
+        line(
+            "OS image",
+            format!(
+                "{} {}",
+                update.os_image,
+                short_digest(&update.os_image_digest)
+            )
+            .trim()
+            .to_string(),
+        );
+        if update.phase != flotilla::status::UpdatePhase::Idle {
+            let next = update
+                .next_window_ms
+                .map(|at| format!(" (window opens {})", flotilla::status::rfc3339(at)))
+                .unwrap_or_default();
+            line(
+                "Update",
+                format!(
+                    "{} {}{next} {}",
+                    update.phase.as_str(),
+                    update.target,
+                    update.message
+                )
+                .trim()
+                .to_string(),
+            );
+        }
+        if let Some(failure) = &update.last_failure {
+            line("Update failed", failure.describe());
+        }
     }
     for w in &report.workloads {
         line(&format!("{} {}", w.kind, w.name), workload_line(w));
