@@ -465,6 +465,23 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
         command.args(["build", "--quiet", "-p", "flotilla-agent", "-p", "flotctl"]);
+        // What cargo set for this test process: build scripts (ring's, through `cc`) ask to be
+        // rerun when these change, so passing them on would rebuild half the dependency tree here
+        // and again in the next plain `cargo build`.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || key.starts_with("CARGO_BIN_")
+                || key.starts_with("CARGO_CRATE_")
+                || matches!(
+                    &*key,
+                    "OUT_DIR" | "CARGO_TARGET_TMPDIR" | "CARGO_PRIMARY_PACKAGE"
+                )
+            {
+                command.env_remove(&*key);
+            }
+        }
         // The TPM end-to-end tests need the agent that keeps its key in a TPM.
         if cfg!(feature = "tpm-tests") {
             command.args(["--features", "flotilla-agent/tpm"]);
