@@ -18,6 +18,12 @@ done
 systemd-analyze verify "$units"/*.service
 echo "systemd units verified"
 
+for script in deploy/greenboot/*.sh; do
+    bash -n "$script"
+    [ -x "$script" ] || { echo "$script is not executable" >&2; exit 1; }
+done
+echo "greenboot checks parse"
+
 python3 - <<'PY'
 import glob, json, yaml
 files = 0

@@ -121,6 +121,18 @@ fn describe() {
         "flotilla_devices_agent_version",
         "Devices by reported agent version (the largest 15, the rest as other)."
     );
+    describe_gauge!(
+        "flotilla_devices_update_phase",
+        "Devices by the phase of their agent or OS update as they report it (idle, downloading, waitingForWindow, applying, confirming, rebooting)."
+    );
+    describe_gauge!(
+        "flotilla_devices_update_failed",
+        "Devices whose last agent or OS update was refused or rolled back, by kind (agent, os)."
+    );
+    describe_counter!(
+        "flotilla_device_updates_total",
+        "Agent and OS updates devices reported, by kind (agent, os) and result (succeeded, failed, rolled_back); counted by the replica holding the session."
+    );
     describe_counter!(
         "flotilla_drift_corrections_total",
         "Managed items (files) devices found changed behind their back and put back as their spec says."
@@ -230,6 +242,12 @@ fn init_series() {
     counter!("flotilla_drift_corrections_total").absolute(0);
     for result in ["accepted", "refused"] {
         counter!("flotilla_status_reports_total", "result" => result).absolute(0);
+    }
+    for kind in ["agent", "os"] {
+        for result in ["succeeded", "failed", "rolled_back"] {
+            counter!("flotilla_device_updates_total", "kind" => kind, "result" => result)
+                .absolute(0);
+        }
     }
     for event in CERTIFICATE_EVENTS {
         counter!("flotilla_certificates_total", "event" => *event).absolute(0);
@@ -353,6 +371,10 @@ pub struct Snapshot {
     /// Devices by status summary and by true condition (names as in `status::conditions`).
     pub summaries: Vec<(&'static str, usize)>,
     pub conditions: Vec<(&'static str, usize)>,
+    /// Devices by the phase of their agent or OS update (`waitingForWindow`, ...), and devices
+    /// whose last update failed, by kind (`agent`, `os`).
+    pub update_phases: Vec<(&'static str, usize)>,
+    pub update_failures: Vec<(&'static str, usize)>,
     /// Devices by os-release ID and by agent version, at most `MAX_VERSION_SERIES` each.
     pub os: Vec<(String, usize)>,
     pub agent_versions: Vec<(String, usize)>,
@@ -378,6 +400,11 @@ pub fn bounded_groups(groups: impl IntoIterator<Item = (String, usize)>) -> Vec<
 /// Managed items a device reported it put back as its spec says.
 pub fn drift_corrected(items: usize) {
     counter!("flotilla_drift_corrections_total").increment(items as u64);
+}
+
+/// An agent or OS update a device reported finished (`succeeded`, `failed`, `rolled_back`).
+pub fn device_update(kind: &'static str, result: &'static str) {
+    counter!("flotilla_device_updates_total", "kind" => kind, "result" => result).increment(1);
 }
 
 /// A status report taken in, or refused.
@@ -425,6 +452,12 @@ pub fn publish(snapshot: &Snapshot) {
     }
     for (os, count) in &snapshot.os {
         gauge!("flotilla_devices_os", "os" => os.clone()).set(*count as f64);
+    }
+    for (phase, count) in &snapshot.update_phases {
+        gauge!("flotilla_devices_update_phase", "phase" => *phase).set(*count as f64);
+    }
+    for (kind, count) in &snapshot.update_failures {
+        gauge!("flotilla_devices_update_failed", "kind" => *kind).set(*count as f64);
     }
     for (version, count) in &snapshot.agent_versions {
         gauge!("flotilla_devices_agent_version", "version" => version.clone()).set(*count as f64);

@@ -3,6 +3,7 @@
 
 use super::ControlPlane;
 use crate::clock::now_millis;
+use crate::status::UpdatePhase;
 use crate::status::conditions::{ConditionType, Summary};
 use crate::store::EnrollmentState;
 use crate::telemetry::{Snapshot, bounded_groups};
@@ -107,6 +108,15 @@ impl ControlPlane {
                 .zip(summary.status.conditions_true)
                 .map(|(c, n)| (c.as_str(), n))
                 .collect(),
+            update_phases: UpdatePhase::ALL
+                .iter()
+                .zip(summary.status.update_phases)
+                .map(|(p, n)| (p.as_str(), n))
+                .collect(),
+            update_failures: vec![
+                ("agent", summary.status.update_failures[0]),
+                ("os", summary.status.update_failures[1]),
+            ],
             os: bounded_groups(summary.status.os),
             agent_versions: bounded_groups(summary.status.agent_versions),
             credentials: self

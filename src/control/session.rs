@@ -103,6 +103,34 @@ fn reconnect(reason: &str, within: Duration) -> pb::ServerMessage {
     }
 }
 
+/// Counts the updates a device's report says finished since its previous one: a new failure, or
+/// another agent build or OS image running than before.
+fn count_updates(before: Option<&UpdateState>, after: Option<&UpdateState>) {
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    if let Some(failure) = &after.last_failure
+        && before.last_failure.as_ref().map(|f| f.at_ms) != Some(failure.at_ms)
+    {
+        let result = if failure.rolled_back {
+            "rolled_back"
+        } else {
+            "failed"
+        };
+        crate::telemetry::device_update(failure.kind.as_str(), result);
+    }
+    // Another build running after a rollback is no success: the failure says what happened.
+    if after.last_failure.is_some() {
+        return;
+    }
+    if before.agent_digest != after.agent_digest && !before.agent_digest.is_empty() {
+        crate::telemetry::device_update("agent", "succeeded");
+    }
+    if before.os_image_digest != after.os_image_digest && !before.os_image_digest.is_empty() {
+        crate::telemetry::device_update("os", "succeeded");
+    }
+}
+
 impl ControlPlane {
     /// Checks a Hello against the authenticated caller and registers the session.
     pub async fn open_session(
@@ -353,10 +381,13 @@ impl ControlPlane {
             .drift
             .as_ref()
             .map_or(0, |d| d.items.iter().filter(|i| i.corrected).count());
+        let mut before = None;
         let changed = self.hub.record_report(device_id, session_id, |current| {
+            before = current.update.clone();
             current.updated(update, now)
         });
         if let Some(report) = changed {
+            count_updates(before.as_ref(), report.update.as_ref());
             if corrections > 0 {
                 crate::telemetry::drift_corrected(corrections);
             }

@@ -3,10 +3,10 @@
 //! somebody looked), and counted by summary and condition for metrics.
 
 use super::{DeviceEntry, Hub, RenewalState};
-use crate::status::DeviceReport;
 use crate::status::conditions::{
     CertificateStanding, ConditionStatus, ConditionType, Inputs, Summary, evaluate,
 };
+use crate::status::{DeviceReport, UpdateKind, UpdatePhase};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -14,9 +14,13 @@ use std::sync::Arc;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StatusCounts {
     /// Indexed like `Summary::ALL`.
-    pub summaries: [usize; 5],
+    pub summaries: [usize; Summary::ALL.len()],
     /// Devices whose condition is true, indexed like `ConditionType::ALL`.
-    pub conditions_true: [usize; 7],
+    pub conditions_true: [usize; ConditionType::ALL.len()],
+    /// Devices by the phase of their update (as reported), indexed like `UpdatePhase::ALL`.
+    pub update_phases: [usize; UpdatePhase::ALL.len()],
+    /// Devices whose last agent or OS update failed: agent, os.
+    pub update_failures: [usize; 2],
     /// Devices by reported os-release ID and by agent version (`unknown` before a report).
     pub os: BTreeMap<String, usize>,
     pub agent_versions: BTreeMap<String, usize>,
@@ -36,6 +40,16 @@ impl StatusCounts {
             .agent_versions
             .entry(known(info.map(|i| &i.agent_version)))
             .or_default() += 1;
+        if let Some(update) = entry.report.as_ref().and_then(|r| r.update.as_ref()) {
+            if let Some(i) = UpdatePhase::ALL.iter().position(|p| *p == update.phase) {
+                self.update_phases[i] += 1;
+            }
+            match update.last_failure.as_ref().map(|f| f.kind) {
+                Some(UpdateKind::Agent) => self.update_failures[0] += 1,
+                Some(UpdateKind::Os) => self.update_failures[1] += 1,
+                None => {}
+            }
+        }
         let summary = entry.ledger.summary();
         if let Some(i) = Summary::ALL.iter().position(|s| *s == summary) {
             self.summaries[i] += 1;
