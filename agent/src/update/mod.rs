@@ -514,3 +514,166 @@ impl Updater {
         Prepared::Wait { until_ms: at }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::executor::recording::RecordingExecutor;
+    use flotilla::spec::{OsUpdate, UpdatePolicy};
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        updater: Updater,
+        channel: Channel,
+    }
+
+    /// An updater running release 1.2.0, pinning `keys` (paths written here); the channel leads
+    /// nowhere, so a step that would reach the control plane would fail.
+    fn fixture(pin_a_key: bool) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = UpdateConfig::default();
+        if pin_a_key {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let path = tmp.path().join("release.pub");
+            std::fs::write(&path, key.public_key_pem()).unwrap();
+            config.release_keys = vec![path];
+        }
+        let running = Running {
+            version: "1.2.0".into(),
+            sha256: "a".repeat(64),
+            exe: tmp.path().join("flotilla-agent"),
+        };
+        let updater = Updater::new(
+            config,
+            Builds::new(&tmp.path().join("agent")),
+            tmp.path(),
+            running,
+            "boot".into(),
+            tmp.path().join("ca.crt"),
+        );
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Fixture {
+            _tmp: tmp,
+            updater,
+            channel,
+        }
+    }
+
+    fn spec(version: &str, allow_downgrade: bool, policy: Option<UpdatePolicy>) -> DeviceSpec {
+        DeviceSpec {
+            agent: Some(AgentUpdate {
+                version: version.into(),
+                allow_downgrade,
+            }),
+            update_policy: policy,
+            ..Default::default()
+        }
+    }
+
+    async fn prepare(f: &Fixture, spec: &DeviceSpec, version: &str, now_ms: i64) -> Prepared {
+        f.updater
+            .prepare(
+                spec,
+                version,
+                &f.channel,
+                &RecordingExecutor::default(),
+                now_ms,
+            )
+            .await
+    }
+
+    fn refused(prepared: Prepared) -> String {
+        match prepared {
+            Prepared::Refused(reason) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_running_release_needs_nothing_and_without_a_pinned_key_nothing_is_installed() {
+        let f = fixture(false);
+        assert_eq!(
+            prepare(&f, &spec("1.2.0", false, None), "v1", 0).await,
+            Prepared::Ready
+        );
+        let reason = refused(prepare(&f, &spec("1.3.0", false, None), "v2", 0).await);
+        assert!(reason.contains("no release keys are pinned"), "{reason}");
+        // Refused once, the same spec version is not tried again; the status says why.
+        let again = refused(prepare(&f, &spec("1.3.0", false, None), "v2", 0).await);
+        assert_eq!(again, reason);
+        let failure = f.updater.state().last_failure.unwrap();
+        assert_eq!(failure.target, "1.3.0");
+        assert!(!failure.rolled_back);
+        // Once a spec that does not ask for it is applied, the failure is over.
+        f.updater.applied(&DeviceSpec::default());
+        assert_eq!(f.updater.state().last_failure, None);
+    }
+
+    #[tokio::test]
+    async fn an_older_release_needs_the_spec_to_ask_for_a_downgrade() {
+        let f = fixture(true);
+        let reason = refused(prepare(&f, &spec("1.1.9", false, None), "v1", 0).await);
+        assert!(reason.contains("allowDowngrade"), "{reason}");
+        // Allowed, it goes on to ask the control plane for the release (which is unreachable
+        // here): postponed, not refused.
+        assert!(matches!(
+            prepare(&f, &spec("1.1.9", true, None), "v2", 0).await,
+            Prepared::Wait { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn outside_the_download_window_the_update_waits_for_it() {
+        let f = fixture(true);
+        let nights = UpdatePolicy {
+            download_schedule: Some("* 1-3 * * *".into()),
+            update_schedule: None,
+            time_zone: Some("UTC".into()),
+        };
+        // 2026-12-07 12:00 UTC; the window opens at 01:00 the next day.
+        let noon = 1_796_644_800_000;
+        assert_eq!(
+            prepare(&f, &spec("1.3.0", false, Some(nights)), "v1", noon).await,
+            Prepared::Wait {
+                until_ms: noon + 13 * 3600 * 1000
+            }
+        );
+        let state = f.updater.state();
+        assert_eq!(state.phase, UpdatePhase::WaitingForWindow);
+        assert_eq!(state.target, "agent 1.3.0");
+        assert_eq!(state.next_window_ms, Some(noon + 13 * 3600 * 1000));
+        let never = UpdatePolicy {
+            download_schedule: Some("* * 30 2 *".into()),
+            ..Default::default()
+        };
+        let reason = refused(prepare(&f, &spec("1.3.0", false, Some(never)), "v2", noon).await);
+        assert!(reason.contains("never opens"), "{reason}");
+    }
+
+    // The agent's runtime is multi-threaded: the bootc steps run in place there.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_os_image_refused_by_the_device_is_reported_as_such() {
+        let f = fixture(true);
+        let image = DeviceSpec {
+            os: Some(OsUpdate {
+                image: "quay.io/acme/os:2".into(),
+            }),
+            ..Default::default()
+        };
+        let reason = f
+            .updater
+            .prepare(
+                &image,
+                "v1",
+                &f.channel,
+                &RecordingExecutor::failing_on("bootc status --json"),
+                0,
+            )
+            .await;
+        let reason = refused(reason);
+        assert!(
+            reason.starts_with("os quay.io/acme/os:2 refused"),
+            "{reason}"
+        );
+    }
+}
