@@ -314,7 +314,7 @@ pub async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) ->
 }
 
 /// Spreads source addresses over 127.0.0.0/8 so tens of thousands of connections find ports.
-fn source_address(index: usize) -> IpAddr {
+pub fn source_address(index: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
         127,
         (index / 62_500 % 250) as u8 + 1,

@@ -5,6 +5,7 @@
 //!
 //! `cargo build --release -p flotilla-load -p flotilla && target/release/flotilla-load --agents 10000`
 
+mod download;
 mod fleet;
 mod measure;
 mod mosquitto;
@@ -34,6 +35,8 @@ enum Scenario {
     Renewal,
     Storm,
     Mosquitto,
+    /// An agent release downloaded by `--downloaders` devices at once (not part of `all`).
+    Download,
     All,
 }
 
@@ -79,6 +82,12 @@ struct Cli {
     /// cause no store operation.
     #[arg(long)]
     status: bool,
+    /// Size of the artifact of the download scenario, MiB.
+    #[arg(long, default_value_t = 20)]
+    download_mib: usize,
+    /// Devices downloading it at once (at most --agents).
+    #[arg(long, default_value_t = 200)]
+    downloaders: usize,
     /// Internal: run as a harness worker on the slice of the fleet in this file.
     #[arg(long, hide = true)]
     worker: Option<PathBuf>,
@@ -137,7 +146,8 @@ impl RunDatabase {
 
 impl Cli {
     fn runs(&self, scenario: Scenario) -> bool {
-        self.scenario.contains(&scenario) || self.scenario.contains(&Scenario::All)
+        self.scenario.contains(&scenario)
+            || (self.scenario.contains(&Scenario::All) && scenario != Scenario::Download)
     }
 }
 
@@ -157,6 +167,7 @@ struct Figures {
     template_change: Option<Fanout>,
     renewal: Option<Renewal>,
     storm: Option<Storm>,
+    download: Option<download::DownloadFigures>,
 }
 
 #[derive(Serialize)]
@@ -362,6 +373,11 @@ async fn run(
         chosen => chosen,
     };
     figures.harness_processes = processes.max(1);
+    let download_creds: Vec<ClientCredentials> = devices
+        .iter()
+        .take(cli.downloaders.min(n))
+        .map(|d| d.creds.clone())
+        .collect();
     let fleet = if processes > 1 {
         eprintln!("agents split over {processes} harness processes");
         Fleet::connect_in_processes(devices, ports, processes, work, cli.status)?
@@ -446,6 +462,23 @@ async fn run(
             );
         }
         figures.idle = Some(idle);
+    }
+
+    if cli.runs(Scenario::Download) {
+        let figures_d = download::run(&servers, download_creds, cli.download_mib).await?;
+        eprintln!(
+            "download: {} devices × {:.0} MiB in {:.1} s ({:.0} MiB/s), {}; told to come back {} times; RSS {:.1} MiB before, peak {:.1} MiB; server CPU {:.1} s",
+            figures_d.downloaders,
+            figures_d.artifact_mib,
+            figures_d.seconds,
+            figures_d.throughput_mib_s,
+            figures_d.latency,
+            figures_d.told_to_come_back,
+            figures_d.rss_before_mib,
+            figures_d.rss_peak_mib,
+            figures_d.server_cpu_seconds
+        );
+        figures.download = Some(figures_d);
     }
 
     if cli.runs(Scenario::Fanout) {
