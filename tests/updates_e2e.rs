@@ -169,13 +169,14 @@ impl Site {
         self.ctl(&args);
     }
 
-    /// agent.toml with the release key pinned and systemd-style restarts.
-    fn agent_config(&self) -> PathBuf {
-        let path = self.path("agent-update.toml");
+    /// agent.toml with the release key pinned, restarting by `restart` (`exit`: for the
+    /// supervisor to start it again, as systemd does; `exec`: in place).
+    fn agent_config(&self, restart: &str) -> PathBuf {
+        let path = self.path(&format!("agent-update-{restart}.toml"));
         if !path.exists() {
             let mut text = std::fs::read_to_string(self.cluster.agent_config()).unwrap();
             text.push_str(&format!(
-                "\n[update]\nrelease_keys = [\"{}\"]\nrestart = \"exit\"\nconfirm_timeout_secs = 60\n",
+                "\n[update]\nrelease_keys = [\"{}\"]\nrestart = \"{restart}\"\nconfirm_timeout_secs = 60\n",
                 self.path("release.pub").display()
             ));
             std::fs::write(&path, text).unwrap();
@@ -186,16 +187,17 @@ impl Site {
     /// An agent under a supervisor, started from the packaged binary; `first_env` only on its
     /// first start (a failpoint).
     fn agent(&self, name: &str, first_env: &[(&str, &str)]) -> Supervisor {
-        self.agent_with_health(name, first_env, None)
+        self.agent_with(name, first_env, None, "exit")
     }
 
-    fn agent_with_health(
+    fn agent_with(
         &self,
         name: &str,
         first_env: &[(&str, &str)],
         health: Option<std::net::SocketAddr>,
+        restart: &str,
     ) -> Supervisor {
-        let config = self.agent_config();
+        let config = self.agent_config(restart);
         let launcher = self.launcher.clone();
         let state = self.path(&format!("state-{name}"));
         let log = self.path(&format!("agent-{name}.log"));
@@ -337,9 +339,13 @@ fn a_signed_build_rolls_out_in_batches_and_every_agent_confirms_it() {
     let site = Site::new(tmp.path());
     let names = ["edge-1", "edge-2", "edge-3"];
     let health = support::free_addr();
-    let _agents: Vec<Supervisor> = names
+    // edge-2 restarts into the new build in place (exec); the others exit for their supervisor.
+    let agents: Vec<Supervisor> = names
         .iter()
-        .map(|n| site.agent_with_health(n, &[], (*n == "edge-1").then_some(health)))
+        .map(|n| {
+            let restart = if *n == "edge-2" { "exec" } else { "exit" };
+            site.agent_with(n, &[], (*n == "edge-1").then_some(health), restart)
+        })
         .collect();
     site.approve(&names);
     site.fleet("1", "");
@@ -383,6 +389,9 @@ fn a_signed_build_rolls_out_in_batches_and_every_agent_confirms_it() {
         assert!(previous.ends_with(&packaged), "{previous:?}");
         assert_eq!(site.condition(name, "UpdateFailed")["status"], "False");
     }
+    let codes = |i: usize| -> Vec<Option<i32>> { agents[i].exits().iter().map(|e| e.code()).collect() };
+    assert_eq!(codes(0), [Some(75)], "edge-1 exited once, for the restart");
+    assert!(codes(1).is_empty(), "edge-2 replaced itself in place: {:?}", codes(1));
     // `-o wide` shows the agent version, its build and the update state of every device.
     let wide = site.ctl(&["get", "devices", "-o", "wide"]);
     assert_eq!(
