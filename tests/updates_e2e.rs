@@ -389,9 +389,14 @@ fn a_signed_build_rolls_out_in_batches_and_every_agent_confirms_it() {
         assert!(previous.ends_with(&packaged), "{previous:?}");
         assert_eq!(site.condition(name, "UpdateFailed")["status"], "False");
     }
-    let codes = |i: usize| -> Vec<Option<i32>> { agents[i].exits().iter().map(|e| e.code()).collect() };
+    let codes =
+        |i: usize| -> Vec<Option<i32>> { agents[i].exits().iter().map(|e| e.code()).collect() };
     assert_eq!(codes(0), [Some(75)], "edge-1 exited once, for the restart");
-    assert!(codes(1).is_empty(), "edge-2 replaced itself in place: {:?}", codes(1));
+    assert!(
+        codes(1).is_empty(),
+        "edge-2 replaced itself in place: {:?}",
+        codes(1)
+    );
     // `-o wide` shows the agent version, its build and the update state of every device.
     let wide = site.ctl(&["get", "devices", "-o", "wide"]);
     assert_eq!(

@@ -12,7 +12,6 @@ use flotilla::proto::agent::v1 as agent;
 use flotilla::release::{ReleaseKey, SignatureFile, signing_message};
 use rcgen::SigningKey;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
@@ -112,23 +111,6 @@ fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Hex SHA-256 and size of a file.
-fn digest(path: &Path) -> Result<(String, u64)> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; UPLOAD_CHUNK];
-    let mut size = 0;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok((hex::encode(hasher.finalize()), size));
-        }
-        size += n as u64;
-        hasher.update(&buffer[..n]);
-    }
-}
-
 /// Signs `file` as release `version` with the private key at `key`; writes the signature file.
 pub fn sign(key: &Path, version: &str, file: &Path, out: Option<PathBuf>) -> Result<()> {
     flotilla::spec::parse_release_version(version).map_err(|e| anyhow!(e))?;
@@ -137,7 +119,8 @@ pub fn sign(key: &Path, version: &str, file: &Path, out: Option<PathBuf>) -> Res
         .with_context(|| format!("{} is not a private key", key.display()))?;
     let public = ReleaseKey::from_pem(&pair.public_key_pem())
         .with_context(|| format!("{} is not an Ed25519 release key", key.display()))?;
-    let (sha256, size) = digest(file)?;
+    let (sha256, size) =
+        flotilla::pki::sha256_file(file).with_context(|| format!("reading {}", file.display()))?;
     let signature = pair.sign(&signing_message(version, &sha256, size))?;
     let signed = SignatureFile {
         version: version.to_string(),
@@ -180,7 +163,8 @@ pub async fn publish(
             signed.version
         );
     }
-    let (sha256, size) = digest(file)?;
+    let (sha256, size) =
+        flotilla::pki::sha256_file(file).with_context(|| format!("reading {}", file.display()))?;
     if (sha256.as_str(), size) != (signed.sha256.as_str(), signed.size) {
         bail!(
             "{} signs a {}-byte file with SHA-256 {}, but {} is {size} bytes with SHA-256 {sha256}",

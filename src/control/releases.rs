@@ -237,22 +237,6 @@ fn check_url(url: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// Hex SHA-256 and size of a file.
-fn digest_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1024 * 1024];
-    let mut size = 0;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok((hex::encode(hasher.finalize()), size));
-        }
-        size += n as u64;
-        hasher.update(&buffer[..n]);
-    }
-}
-
 impl ControlPlane {
     /// Starts receiving an artifact's bytes.
     pub fn begin_upload(&self) -> Result<Upload, ControlError> {
@@ -542,10 +526,13 @@ impl ControlPlane {
         let partial = self.artifacts.dir.join(format!(".fill-{sha256}"));
         self.store.read_artifact(sha256, partial.clone()).await?;
         let checked = partial.clone();
-        let (digest, length) = tokio::task::spawn_blocking(move || digest_file(&checked))
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))?
-            .map_err(|e| ControlError::Internal(format!("reading {}: {e}", partial.display())))?;
+        let (digest, length) =
+            tokio::task::spawn_blocking(move || crate::pki::sha256_file(&checked))
+                .await
+                .map_err(|e| ControlError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    ControlError::Internal(format!("reading {}: {e}", partial.display()))
+                })?;
         if digest != sha256 || length != size {
             let _ = std::fs::remove_file(&partial);
             return Err(ControlError::Internal(format!(

@@ -155,19 +155,23 @@ pub struct Windows {
     pub update: Option<Window>,
 }
 
+/// Whether `window` (none: any time) is open at `now_ms`; if not, when it opens (`None`: never).
+fn open(window: Option<&Window>, now_ms: i64) -> Result<(), Option<i64>> {
+    match window.map_or(Some(now_ms), |w| w.next_open(now_ms)) {
+        Some(at) if at <= now_ms => Ok(()),
+        next => Err(next),
+    }
+}
+
 impl Windows {
-    /// When a download may start at or after `now_ms` (`now_ms` when it may now).
-    pub fn download_at(&self, now_ms: i64) -> Option<i64> {
-        self.download
-            .as_ref()
-            .map_or(Some(now_ms), |w| w.next_open(now_ms))
+    /// Ok when downloads may happen at `now_ms`; otherwise when they may (`None`: never).
+    pub fn download_open(&self, now_ms: i64) -> Result<(), Option<i64>> {
+        open(self.download.as_ref(), now_ms)
     }
 
-    /// When an update may be applied at or after `now_ms`.
-    pub fn update_at(&self, now_ms: i64) -> Option<i64> {
-        self.update
-            .as_ref()
-            .map_or(Some(now_ms), |w| w.next_open(now_ms))
+    /// Ok when an update may be applied at `now_ms`; otherwise when it may (`None`: never).
+    pub fn update_open(&self, now_ms: i64) -> Result<(), Option<i64>> {
+        open(self.update.as_ref(), now_ms)
     }
 }
 

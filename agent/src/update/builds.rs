@@ -5,8 +5,9 @@
 //! (the packaged one) acts as the launcher: it runs whatever `current` names.
 
 use crate::state::{relink, sync_dir, write_atomic};
+pub use flotilla::pki::sha256_file as digest_file;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -27,23 +28,6 @@ pub struct BuildInfo {
 #[derive(Debug, Clone)]
 pub struct Builds {
     dir: PathBuf,
-}
-
-/// Hex SHA-256 of a file, read in pieces.
-pub fn digest_file(path: &Path) -> std::io::Result<(String, u64)> {
-    use sha2::{Digest, Sha256};
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 256 * 1024];
-    let mut size = 0;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok((hex::encode(hasher.finalize()), size));
-        }
-        size += n as u64;
-        hasher.update(&buffer[..n]);
-    }
 }
 
 impl Builds {

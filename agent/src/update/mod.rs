@@ -420,9 +420,8 @@ impl Updater {
                 pending.version
             ));
         }
-        match windows.download_at(now_ms) {
-            Some(at) if at <= now_ms => {}
-            until => return self.wait(&target, UpdatePhase::WaitingForWindow, until),
+        if let Err(until) = windows.download_open(now_ms) {
+            return self.wait(&target, UpdatePhase::WaitingForWindow, until);
         }
         self.set_phase(UpdatePhase::Downloading, &target, None, "");
         let release = match download::release(channel, version, keys).await {
@@ -460,9 +459,8 @@ impl Updater {
             crate::failpoint::reached("agent-update-installed");
         }
         let now_ms = now_millis().max(now_ms);
-        match windows.update_at(now_ms) {
-            Some(at) if at <= now_ms => {}
-            until => return self.wait(&target, UpdatePhase::WaitingForWindow, until),
+        if let Err(until) = windows.update_open(now_ms) {
+            return self.wait(&target, UpdatePhase::WaitingForWindow, until);
         }
         self.switch(version, &release.sha256, spec_version, now_ms)
             .unwrap_or_else(|error| {

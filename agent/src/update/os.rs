@@ -173,14 +173,8 @@ fn next(
     let staged = match status.staged.clone().filter(|s| s.image == image) {
         Some(staged) => staged,
         None => {
-            match ctx.windows.download_at(ctx.now_ms) {
-                Some(at) if at <= ctx.now_ms => {}
-                until_ms => {
-                    return OsStep::Wait {
-                        until_ms,
-                        phase: UpdatePhase::WaitingForWindow,
-                    };
-                }
+            if let Err(until_ms) = ctx.windows.download_open(ctx.now_ms) {
+                return waiting(until_ms);
             }
             let switch = CommandLine::new(&["bootc", "switch", "--retain", image], SWITCH_TIMEOUT);
             if let Err(error) = ctx.executor.run(&switch) {
@@ -196,14 +190,8 @@ fn next(
             }
         }
     };
-    match ctx.windows.update_at(ctx.now_ms) {
-        Some(at) if at <= ctx.now_ms => {}
-        until_ms => {
-            return OsStep::Wait {
-                until_ms,
-                phase: UpdatePhase::WaitingForWindow,
-            };
-        }
+    if let Err(until_ms) = ctx.windows.update_open(ctx.now_ms) {
+        return waiting(until_ms);
     }
     let pending = PendingOs {
         image: image.to_string(),
@@ -220,15 +208,16 @@ fn next(
     reboot(ctx, &pending)
 }
 
+fn waiting(until_ms: Option<i64>) -> OsStep {
+    OsStep::Wait {
+        until_ms,
+        phase: UpdatePhase::WaitingForWindow,
+    }
+}
+
 fn reboot(ctx: &OsContext<'_>, pending: &PendingOs) -> OsStep {
-    match ctx.windows.update_at(ctx.now_ms) {
-        Some(at) if at <= ctx.now_ms => {}
-        until_ms => {
-            return OsStep::Wait {
-                until_ms,
-                phase: UpdatePhase::WaitingForWindow,
-            };
-        }
+    if let Err(until_ms) = ctx.windows.update_open(ctx.now_ms) {
+        return waiting(until_ms);
     }
     tracing::info!(image = %pending.image, digest = %pending.staged_digest, "rebooting into the new OS image");
     let command = CommandLine::new(&["systemctl", "reboot"], REBOOT_TIMEOUT);

@@ -68,9 +68,13 @@ async fn publish(server: &ControlPlane, bytes: &[u8]) -> Result<String> {
     let mut parts = vec![admin::PublishAgentReleaseRequest {
         part: Some(Part::Header(header)),
     }];
-    parts.extend(bytes.chunks(1024 * 1024).map(|c| admin::PublishAgentReleaseRequest {
-        part: Some(Part::Chunk(c.to_vec())),
-    }));
+    parts.extend(
+        bytes
+            .chunks(1024 * 1024)
+            .map(|c| admin::PublishAgentReleaseRequest {
+                part: Some(Part::Chunk(c.to_vec())),
+            }),
+    );
     AgentReleaseServiceClient::new(server.admin().await?)
         .publish_agent_release(tokio_stream::iter(parts))
         .await
