@@ -951,6 +951,7 @@ async fn every_mutating_call_leaves_one_record_naming_actor_method_and_target() 
     ));
     let request = || pb::RolloutRequest {
         fleet: "web".into(),
+        ..Default::default()
     };
     rollouts.pause_rollout(request()).await.unwrap();
     expected.push((

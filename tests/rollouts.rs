@@ -78,6 +78,7 @@ async fn rollout(server: &TestServer) -> admin::Rollout {
     RolloutServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
         .get_rollout(admin::GetRolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +211,7 @@ async fn a_rejected_revision_halts_in_the_first_batch_and_rollback_restores_ever
     let not_paused = rollouts
         .pause_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -218,6 +220,7 @@ async fn a_rejected_revision_halts_in_the_first_batch_and_rollback_restores_ever
     let rolled = rollouts
         .rollback_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -236,6 +239,38 @@ async fn a_rejected_revision_halts_in_the_first_batch_and_rollback_restores_ever
         let desired = server.control.hub().desired(id).unwrap();
         assert_eq!(desired.version, good, "{id} back on the good content");
     }
+
+    // Back to a named revision: revision 3 (the rollback) is current, 1 is the good one again.
+    let named = |revision: i64| admin::RolloutRequest {
+        fleet: "web".into(),
+        to_revision: revision,
+    };
+    let status = rollouts.rollback_rollout(named(3)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = rollouts.rollback_rollout(named(99)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let revisions = || {
+        let mut fleets = fleets.clone();
+        async move {
+            fleets
+                .list_fleet_revisions(admin::ListFleetRevisionsRequest { name: "web".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .revisions
+        }
+    };
+    // Revision 1's template is what the fleet has already: nothing to roll out.
+    rollouts.rollback_rollout(named(1)).await.unwrap();
+    assert_eq!(revisions().await.len(), 3);
+    // Revision 2's is another: it becomes revision 4, rolled out under the policy.
+    rollouts.rollback_rollout(named(2)).await.unwrap();
+    let all = revisions().await;
+    assert_eq!(all.len(), 4);
+    assert_eq!(
+        all[3].template, all[1].template,
+        "revision 4 is revision 2's template"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,6 +295,7 @@ async fn pause_resume_and_bad_policies() {
     let mut watch = rollouts
         .watch_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -269,6 +305,7 @@ async fn pause_resume_and_bad_policies() {
     let paused = rollouts
         .pause_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -289,6 +326,7 @@ async fn pause_resume_and_bad_policies() {
     let resumed = rollouts
         .resume_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -297,6 +335,7 @@ async fn pause_resume_and_bad_policies() {
     let twice = rollouts
         .resume_rollout(admin::RolloutRequest {
             fleet: "web".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -337,6 +376,7 @@ async fn pause_resume_and_bad_policies() {
     let unknown = rollouts
         .get_rollout(admin::GetRolloutRequest {
             fleet: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

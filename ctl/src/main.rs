@@ -310,11 +310,15 @@ enum RolloutWhat {
     Resume {
         fleet: String,
     },
-    /// Return every device of the fleet to the previous revision, in batches.
+    /// Return every device of the fleet to the previous revision (or `--to-revision`'s
+    /// template), in batches.
     Rollback {
         fleet: String,
+        /// The revision whose template to return to (`flotctl get revisions FLEET`).
+        #[arg(long)]
+        to_revision: Option<i64>,
     },
-    /// Live progress.
+    /// Live progress until the rollout completes (exit 0) or pauses (exit 1).
     Watch {
         fleet: String,
     },
@@ -616,8 +620,9 @@ async fn run(cli: Cli) -> Result<()> {
                 RolloutWhat::Resume { fleet } => {
                     rollouts::act(channel, format, fleet, rollouts::Action::Resume).await
                 }
-                RolloutWhat::Rollback { fleet } => {
-                    rollouts::act(channel, format, fleet, rollouts::Action::Rollback).await
+                RolloutWhat::Rollback { fleet, to_revision } => {
+                    let action = rollouts::Action::Rollback(to_revision);
+                    rollouts::act(channel, format, fleet, action).await
                 }
                 RolloutWhat::Watch { fleet } => rollouts::watch(channel, format, fleet).await,
             }

@@ -14,7 +14,8 @@ pub enum Action {
     Status,
     Pause,
     Resume,
-    Rollback,
+    /// Back to this revision's template, or to the one the latest rollout started from.
+    Rollback(Option<i64>),
 }
 
 #[derive(Serialize)]
@@ -119,6 +120,10 @@ pub async fn act(channel: Channel, format: Format, fleet: String, action: Action
     let mut client = RolloutServiceClient::new(channel);
     let request = pb::RolloutRequest {
         fleet: fleet.clone(),
+        to_revision: match action {
+            Action::Rollback(Some(revision)) => revision,
+            _ => 0,
+        },
     };
     let rollout = match action {
         Action::Status => client
@@ -127,16 +132,20 @@ pub async fn act(channel: Channel, format: Format, fleet: String, action: Action
             .map_err(rpc)?,
         Action::Pause => client.pause_rollout(request).await.map_err(rpc)?,
         Action::Resume => client.resume_rollout(request).await.map_err(rpc)?,
-        Action::Rollback => client.rollback_rollout(request).await.map_err(rpc)?,
+        Action::Rollback(_) => client.rollback_rollout(request).await.map_err(rpc)?,
     }
     .into_inner();
     show(format, rollout)
 }
 
-/// One line per change until the stream ends (or the user interrupts).
+/// One line per change until the rollout completes (success) or pauses (an error, so scripts can
+/// tell), or the stream ends.
 pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()> {
     let mut stream = RolloutServiceClient::new(channel)
-        .watch_rollout(pb::RolloutRequest { fleet })
+        .watch_rollout(pb::RolloutRequest {
+            fleet: fleet.clone(),
+            to_revision: 0,
+        })
         .await
         .map_err(rpc)?
         .into_inner();
@@ -161,6 +170,18 @@ pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()
                 println!("{}", serde_json::to_string(&rollout)?)
             }
         }
+        match rollout.state.as_str() {
+            "completed" => return Ok(()),
+            "paused" => {
+                return Err(anyhow::anyhow!(
+                    "the rollout of {fleet} paused: {}",
+                    rollout.reason
+                ));
+            }
+            _ => {}
+        }
     }
-    Ok(())
+    Err(anyhow::anyhow!(
+        "the control plane closed the watch before the rollout of {fleet} completed"
+    ))
 }

@@ -57,7 +57,10 @@ impl OpenRollouts {
 pub enum RolloutCommand {
     Pause,
     Resume,
-    Rollback,
+    /// Back to the template of this revision, or of the one the latest rollout started from.
+    Rollback {
+        to_revision: Option<i64>,
+    },
 }
 
 /// A rollout with live counts.
@@ -392,7 +395,9 @@ impl ControlPlane {
         match command {
             RolloutCommand::Pause => self.pause_rollout(fleet, actor).await,
             RolloutCommand::Resume => self.resume_rollout(fleet, actor).await,
-            RolloutCommand::Rollback => self.rollback_rollout(fleet, actor).await,
+            RolloutCommand::Rollback { to_revision } => {
+                self.rollback_rollout(fleet, to_revision, actor).await
+            }
         }
     }
 
@@ -435,11 +440,12 @@ impl ControlPlane {
         self.rollout_view(fleet).await
     }
 
-    /// Rolls the fleet back to the template of the revision its latest rollout started from, as a
-    /// new revision rolled out under the fleet's policy.
+    /// Rolls the fleet back to the template of `to_revision`, or of the revision its latest
+    /// rollout started from, as a new revision rolled out under the fleet's policy.
     pub async fn rollback_rollout(
         &self,
         fleet: &str,
+        to_revision: Option<i64>,
         actor: &Actor,
     ) -> Result<RolloutView, ControlError> {
         let entry = self
@@ -447,25 +453,37 @@ impl ControlPlane {
             .fleet(fleet)
             .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("fleet {fleet:?} not found")))?;
-        let latest = self.store.latest_rollout(fleet).await?.ok_or_else(|| {
-            ControlError::FailedPrecondition(format!("fleet {fleet:?} has no rollout to roll back"))
-        })?;
+        let target = match to_revision {
+            Some(revision) if revision == entry.record.revision => {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "fleet {fleet:?} is at revision {revision} already"
+                )));
+            }
+            Some(revision) => revision,
+            None => self
+                .store
+                .latest_rollout(fleet)
+                .await?
+                .ok_or_else(|| {
+                    ControlError::FailedPrecondition(format!(
+                        "fleet {fleet:?} has no rollout to roll back; name a revision to return to"
+                    ))
+                })?
+                .from_revision,
+        };
         let template = self
             .store
             .list_fleet_revisions(fleet)
             .await?
             .into_iter()
-            .find(|r| r.revision == latest.from_revision)
+            .find(|r| r.revision == target)
             .map(|r| r.template)
             .ok_or_else(|| {
-                ControlError::Internal(format!(
-                    "revision {} of {fleet:?} is missing",
-                    latest.from_revision
-                ))
+                ControlError::NotFound(format!("fleet {fleet:?} has no revision {target}"))
             })?;
-        tracing::info!(fleet.name = %fleet, to = latest.from_revision, by = %actor, "rolling back");
+        tracing::info!(fleet.name = %fleet, to = target, by = %actor, "rolling back");
         let mut call = actor.record(format!("fleet/{fleet}"));
-        call.reason = format!("to the template of revision {}", latest.from_revision);
+        call.reason = format!("to the template of revision {target}");
         self.apply_fleet_recorded(
             super::FleetApply {
                 name: fleet.to_string(),

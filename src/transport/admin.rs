@@ -487,8 +487,15 @@ impl AdminApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let caller = actor(&request)?;
         let scope = caller_scope(&request)?;
-        let fleet = request.into_inner().fleet;
+        let request = request.into_inner();
+        let fleet = request.fleet;
         self.control.ensure_fleet_in_scope(&fleet, &scope)?;
+        let command = match command {
+            RolloutCommand::Rollback { .. } => RolloutCommand::Rollback {
+                to_revision: Some(request.to_revision).filter(|r| *r > 0),
+            },
+            other => other,
+        };
         let view = self
             .control
             .command_rollout(&fleet, command, &caller)
@@ -531,7 +538,7 @@ impl RolloutService for AdminApi {
         &self,
         request: Request<pb::RolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.rollout_command(request, RolloutCommand::Rollback)
+        self.rollout_command(request, RolloutCommand::Rollback { to_revision: None })
             .await
     }
 
