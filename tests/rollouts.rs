@@ -78,7 +78,6 @@ async fn rollout(server: &TestServer) -> admin::Rollout {
     RolloutServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
         .get_rollout(admin::GetRolloutRequest {
             fleet: "web".into(),
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -376,7 +375,6 @@ async fn pause_resume_and_bad_policies() {
     let unknown = rollouts
         .get_rollout(admin::GetRolloutRequest {
             fleet: "nope".into(),
-            ..Default::default()
         })
         .await
         .unwrap_err();
