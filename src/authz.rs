@@ -37,6 +37,7 @@ pub const METHODS: &[(&str, Right)] = &[
     ("RolloutService/PauseRollout", Right::Operate),
     ("RolloutService/ResumeRollout", Right::Operate),
     ("RolloutService/RollbackRollout", Right::Operate),
+    ("ServerService/GetServerInfo", Right::Read),
     ("AuditService/ListAudit", Right::Read),
     ("AuditService/GetAuditHead", Right::Read),
     ("AuditService/ListAuditHeads", Right::Read),

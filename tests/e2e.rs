@@ -48,7 +48,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let approved = cluster.flotctl(&["approve", "enrollment", "edge-1", "-l", "role=gateway"]);
+    let approved = cluster.flotctl(&["approve", "enrollment", "edge-1", "--label", "role=gateway"]);
     assert!(
         approved.status.success(),
         "{}",

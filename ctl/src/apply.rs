@@ -12,7 +12,38 @@ use flotilla::proto::admin::v1::device_service_client::DeviceServiceClient;
 use flotilla::proto::admin::v1::fleet_service_client::FleetServiceClient;
 use std::path::PathBuf;
 
-pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> Result<()> {
+/// What a fleet's application left to look at: devices matched by it and another fleet (they keep
+/// the fleet they had), and devices its template cannot render for.
+fn fleet_warnings(fleet: &pb::Fleet) -> Vec<String> {
+    let status = fleet.status.clone().unwrap_or_default();
+    let conflicts = status.conflicts.into_iter().map(|c| {
+        format!(
+            "fleet/{} conflicts with {} over device {} (it keeps the fleet it had)",
+            fleet.name,
+            c.fleets
+                .iter()
+                .filter(|f| **f != fleet.name)
+                .map(|f| format!("fleet/{f}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.device
+        )
+    });
+    let failures = status.render_failures.into_iter().map(|f| {
+        format!(
+            "fleet/{} cannot render for device {}: {}",
+            fleet.name, f.device, f.reason
+        )
+    });
+    conflicts.chain(failures).collect()
+}
+
+pub async fn apply(
+    config: &Option<PathBuf>,
+    format: Format,
+    file: PathBuf,
+    strict: bool,
+) -> Result<()> {
     let text = if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading stdin")?
     } else {
@@ -24,6 +55,7 @@ pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> R
     let mut fleets = FleetServiceClient::new(channel);
     let mut applied_devices = Vec::new();
     let mut applied_fleets = Vec::new();
+    let mut warnings = Vec::new();
     for document in documents {
         match document {
             Resource::Device { metadata, spec } => {
@@ -60,6 +92,7 @@ pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> R
                 if format == Format::Table {
                     println!("fleet/{name} applied (revision {})", fleet.revision);
                 }
+                warnings.extend(fleet_warnings(&fleet));
                 applied_fleets.push(fleet);
             }
         }
@@ -71,6 +104,18 @@ pub async fn apply(config: &Option<PathBuf>, format: Format, file: PathBuf) -> R
         if !applied_devices.is_empty() {
             print_devices(format, applied_devices, false)?;
         }
+    }
+    for warning in &warnings {
+        eprintln!(
+            "warning: {}",
+            crate::output::terminal_safe(warning, false)
+        );
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!(
+            "{} warning(s) with --strict; the resources were applied",
+            warnings.len()
+        );
     }
     Ok(())
 }

@@ -340,7 +340,9 @@ pub async fn watch(
             }
         }
     }
-    Ok(())
+    Err(anyhow::anyhow!(
+        "the control plane closed the watch (it is shutting down or restarting); run it again"
+    ))
 }
 
 pub async fn delete(channel: Channel, name: String) -> Result<()> {

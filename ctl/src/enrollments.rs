@@ -111,6 +111,53 @@ pub async fn approve(
     print_enrollments(format, vec![enrollment], true)
 }
 
+/// Approves every pending request whose requested labels match `selector` ("" matches all),
+/// giving each `labels`; says which it approved and fails if one could not be.
+pub async fn approve_matching(
+    channel: Channel,
+    format: Format,
+    selector: &str,
+    labels: Vec<(String, String)>,
+) -> Result<()> {
+    let selector = flotilla::selector::Selector::parse(selector)
+        .map_err(|e| anyhow!("selector {selector:?}: {e}"))?;
+    let mut client = EnrollmentServiceClient::new(channel);
+    let pending = client
+        .list_enrollments(pb::ListEnrollmentsRequest {
+            state: EnrollmentState::Pending as i32,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .enrollments;
+    let mut approved = Vec::new();
+    let mut failed = Vec::new();
+    for request in pending
+        .into_iter()
+        .filter(|r| selector.matches(&r.labels.clone().into_iter().collect()))
+    {
+        match client
+            .approve_enrollment(pb::ApproveEnrollmentRequest {
+                name: request.name.clone(),
+                labels: labels.iter().cloned().collect(),
+            })
+            .await
+        {
+            Ok(response) => approved.push(response.into_inner()),
+            Err(status) => failed.push(format!("{}: {}", request.name, rpc(status))),
+        }
+    }
+    if approved.is_empty() && failed.is_empty() {
+        eprintln!("no pending enrollment request matches");
+    }
+    print_enrollments(format, approved, false)?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("not approved: {}", failed.join("; ")))
+    }
+}
+
 /// Deletes a pending or denied request so its name can enroll again.
 pub async fn delete(channel: Channel, name: String) -> Result<()> {
     EnrollmentServiceClient::new(channel)

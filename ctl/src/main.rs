@@ -52,6 +52,8 @@ enum Command {
         #[command(subcommand)]
         what: DescribeWhat,
     },
+    /// The version of flotctl and of the control plane it talks to.
+    Version,
     /// Print a shell completion script: `flotctl completion bash > /etc/bash_completion.d/flotctl`
     /// (also zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
@@ -106,10 +108,15 @@ enum Command {
         #[command(subcommand)]
         what: AgentReleaseWhat,
     },
-    /// Create or update resources (Device, Fleet) from a YAML or JSON file (`-` for stdin).
+    /// Create or update resources (Device, Fleet, or a List of them) from a YAML or JSON file
+    /// (`-` for stdin); what `get -o yaml` prints applies again.
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Fail (exit 1, after applying) when a fleet conflicts with another over a device or
+        /// cannot render for one.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -125,6 +132,9 @@ enum GetWhat {
         /// status.syncState).
         #[arg(long = "field-selector", default_value = "")]
         field_selector: String,
+        /// After listing them, keep printing changes as they happen (as `watch devices`).
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// One device.
     Device { name: String },
@@ -245,7 +255,9 @@ enum CredentialWhat {
 
 #[derive(Subcommand)]
 enum DescribeWhat {
+    /// A device: fleet, sync, certificate, its report, conditions and the rendered spec.
     Device { name: String },
+    /// A fleet: members by state, conflicts, render failures and the template.
     Fleet { name: String },
 }
 
@@ -401,11 +413,20 @@ enum WatchWhat {
 
 #[derive(Subcommand)]
 enum ApproveWhat {
+    /// Approve one request by name, or every pending one a selector matches (or all of them).
     Enrollment {
-        name: String,
+        /// The request (its requested device name).
+        #[arg(required_unless_present_any = ["selector", "all_pending"])]
+        name: Option<String>,
         /// Label to give the device, `key=value` (repeatable).
-        #[arg(short = 'l', long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Approve every pending request whose requested labels match this selector.
+        #[arg(short = 'l', long, conflicts_with_all = ["name", "all_pending"])]
+        selector: Option<String>,
+        /// Approve every pending request.
+        #[arg(long, conflicts_with = "name")]
+        all_pending: bool,
     },
 }
 
@@ -438,7 +459,17 @@ fn config_path(cli: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn load_config(config: &Option<PathBuf>) -> Result<CtlConfig> {
-    Ok(CtlConfig::load(&config_path(config)?)?)
+    let path = config_path(config)?;
+    if !path.exists() {
+        return Err(anyhow!(
+            "no flotctl configuration at {}: `flotilla serve` writes one on first start \
+             (flotctl.toml in its data directory; `flotctl credential create` writes one per \
+             credential). Pass it with --config or $FLOTCTL_CONFIG, or copy it to \
+             ~/.config/flotctl/config.toml",
+            path.display()
+        ));
+    }
+    Ok(CtlConfig::load(&path)?)
 }
 
 async fn channel(config: &Option<PathBuf>) -> Result<Channel> {
@@ -455,9 +486,65 @@ async fn channel(config: &Option<PathBuf>) -> Result<Channel> {
     Ok(connect(&config.server, &creds).await?)
 }
 
-/// Turns a gRPC error into a one-line message.
+/// Turns a gRPC error into a one-line message, with a hint where the code alone says little.
 pub fn rpc(status: tonic::Status) -> anyhow::Error {
-    anyhow!("{:?}: {}", status.code(), status.message())
+    let hint = match status.code() {
+        tonic::Code::Unimplemented => {
+            " (the server does not offer this call: is `server` in the flotctl configuration the \
+             admin endpoint? The agent endpoint, port 7443 by default, serves only agents)"
+        }
+        tonic::Code::Unavailable if status.message().is_empty() => {
+            " (the control plane could not be reached, or is shutting down)"
+        }
+        _ => "",
+    };
+    let message = if status.message().is_empty() {
+        "no details".to_string()
+    } else {
+        status.message().to_string()
+    };
+    anyhow!("{:?}: {message}{hint}", status.code())
+}
+
+/// Prints flotctl's version and the control plane's.
+async fn version(config: &Option<PathBuf>, format: Format) -> Result<()> {
+    let server = match channel(config).await {
+        Ok(channel) => flotilla::proto::admin::v1::server_service_client::ServerServiceClient::new(
+            channel,
+        )
+        .get_server_info(flotilla::proto::admin::v1::GetServerInfoRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(rpc),
+        Err(error) => Err(error),
+    };
+    let view = serde_json::json!({
+        "client": { "version": flotilla::VERSION },
+        "server": server.as_ref().ok().map(|s| serde_json::json!({
+            "version": s.version,
+            "replica": s.replica,
+            "database": s.database,
+            "leading": s.leading,
+            "startedAt": s.started_at.map(|t| t.to_string()),
+        })),
+    });
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Format::Yaml => print!("{}", yaml_serde::to_string(&view)?),
+        _ => {
+            println!("Client: flotctl {}", flotilla::VERSION);
+            if let Ok(s) = &server {
+                println!(
+                    "Server: flotilla {} (replica {}, {}{})",
+                    s.version,
+                    s.replica,
+                    s.database,
+                    if s.leading { ", leading" } else { "" }
+                );
+            }
+        }
+    }
+    server.map(drop).context("asking the control plane for its version")
 }
 
 pub fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
@@ -496,10 +583,15 @@ async fn run(cli: Cli) -> Result<()> {
             GetWhat::Devices {
                 selector,
                 field_selector,
+                watch,
             } => {
                 let columns = devices::Columns::new(wide);
                 let channel = channel(config).await?;
-                devices::list(channel, format, columns, selector, field_selector).await
+                if watch {
+                    devices::watch(channel, format, columns, selector, field_selector).await
+                } else {
+                    devices::list(channel, format, columns, selector, field_selector).await
+                }
             }
             GetWhat::Device { name } => {
                 let columns = devices::Columns::new(wide);
@@ -584,6 +676,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Describe { what } => match what {
+            // `-o json|yaml` prints the whole resource, as `get` does.
+            DescribeWhat::Device { name } if format != Format::Table => {
+                devices::get(channel(config).await?, format, devices::Columns::new(false), name)
+                    .await
+            }
+            DescribeWhat::Fleet { name } if format != Format::Table => {
+                fleets::get(channel(config).await?, format, name).await
+            }
             DescribeWhat::Device { name } => devices::describe(channel(config).await?, name).await,
             DescribeWhat::Fleet { name } => fleets::describe(channel(config).await?, name).await,
         },
@@ -688,12 +788,31 @@ async fn run(cli: Cli) -> Result<()> {
             devices::watch(channel, format, columns, selector, field_selector).await
         }
         Command::Approve {
-            what: ApproveWhat::Enrollment { name, labels },
-        } => enrollments::approve(channel(config).await?, format, name, labels).await,
+            what:
+                ApproveWhat::Enrollment {
+                    name,
+                    labels,
+                    selector,
+                    all_pending,
+                },
+        } => {
+            let channel = channel(config).await?;
+            match (name, selector, all_pending) {
+                (Some(name), _, _) => enrollments::approve(channel, format, name, labels).await,
+                (None, None, false) => Err(anyhow!(
+                    "name a request, or approve many with -l SELECTOR or --all-pending"
+                )),
+                (None, selector, _) => {
+                    let selector = selector.unwrap_or_default();
+                    enrollments::approve_matching(channel, format, &selector, labels).await
+                }
+            }
+        }
         Command::Deny {
             what: DenyWhat::Enrollment { name, reason },
         } => enrollments::deny(channel(config).await?, format, name, reason).await,
-        Command::Apply { file } => apply::apply(config, format, file).await,
+        Command::Apply { file, strict } => apply::apply(config, format, file, strict).await,
+        Command::Version => version(config, format).await,
         Command::Completion { shell } => {
             print!("{}", completion(shell));
             Ok(())

@@ -65,54 +65,117 @@ pub enum Resource {
     },
 }
 
-/// The common envelope; the spec's shape depends on the kind.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope {
+/// A Device document. What `get -o yaml` prints besides metadata and spec (status, fleet,
+/// conflicts, the rendered spec) is accepted and ignored, so its output can be applied again.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DeviceDocument {
     #[serde(default, rename = "apiVersion")]
     _api_version: Option<String>,
-    kind: String,
+    #[serde(rename = "kind")]
+    _kind: String,
     metadata: Metadata,
     #[serde(default)]
-    spec: Option<yaml_serde::Value>,
-    /// Accepted (so `get -o yaml` output can be re-applied) and ignored.
+    spec: DeviceSpec,
     #[serde(default, rename = "status")]
-    _status: Option<yaml_serde::Value>,
+    _status: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "fleet")]
+    _fleet: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "conflictingFleets")]
+    _conflicting_fleets: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "renderedSpec")]
+    _rendered_spec: Option<serde::de::IgnoredAny>,
 }
 
-fn spec_of<T: serde::de::DeserializeOwned + Default>(spec: Option<yaml_serde::Value>) -> Result<T> {
-    match spec {
-        None => Ok(T::default()),
-        Some(value) => Ok(yaml_serde::from_value(value).context("invalid spec")?),
-    }
+/// A Fleet document (its printed status ignored).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetDocument {
+    #[serde(default, rename = "apiVersion")]
+    _api_version: Option<String>,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: FleetSpec,
+    #[serde(default, rename = "status")]
+    _status: Option<serde::de::IgnoredAny>,
 }
 
-/// Parses every document of a YAML (or JSON) file.
-pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
-    let mut documents = Vec::new();
-    for (index, de) in yaml_serde::Deserializer::from_str(text).enumerate() {
-        let number = index + 1;
-        let value = yaml_serde::Value::deserialize(de)
-            .with_context(|| format!("document {number} is not valid YAML"))?;
-        if value.is_null() {
-            continue;
+/// The kind a document says it is (`List` holds others in `items`).
+fn kind_of(value: &yaml_serde::Value) -> Option<&str> {
+    value.get("kind").and_then(yaml_serde::Value::as_str)
+}
+
+/// One resource from a document that says it is a Device or a Fleet.
+fn resource<'de, D: serde::Deserializer<'de>>(kind: &str, de: D) -> Result<Resource>
+where
+    D::Error: Send + Sync + 'static,
+{
+    Ok(match kind {
+        "Device" => {
+            let document = DeviceDocument::deserialize(de)?;
+            Resource::Device {
+                metadata: document.metadata,
+                spec: document.spec,
+            }
         }
-        let envelope: Envelope = yaml_serde::from_value(value)
-            .with_context(|| format!("document {number} is not a valid resource"))?;
-        let resource = match envelope.kind.as_str() {
-            "Device" => Resource::Device {
-                spec: spec_of(envelope.spec)
-                    .with_context(|| format!("document {number} (Device)"))?,
-                metadata: envelope.metadata,
+        "Fleet" => {
+            let document = FleetDocument::deserialize(de)?;
+            Resource::Fleet {
+                metadata: document.metadata,
+                spec: document.spec,
+            }
+        }
+        other => bail!("unknown kind {other:?} (expected Device, Fleet or List)"),
+    })
+}
+
+/// The resources of a list (a `kind: List` document's `items`, or a YAML sequence: what
+/// `get devices -o yaml` prints).
+fn list_items(items: &[yaml_serde::Value], number: usize) -> Result<Vec<Resource>> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let kind = kind_of(item).unwrap_or_default();
+            resource(kind, item.clone())
+                .with_context(|| format!("document {number}, item {}", i + 1))
+        })
+        .collect()
+}
+
+/// Parses every document of a YAML (or JSON) file. A document's errors name its line and column.
+pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
+    // First what each document is, then each parsed as its kind straight from the text, so an
+    // error carries its position.
+    let values = yaml_serde::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(index, de)| {
+            yaml_serde::Value::deserialize(de)
+                .with_context(|| format!("document {} is not valid YAML", index + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut documents = Vec::new();
+    for ((index, de), value) in yaml_serde::Deserializer::from_str(text).enumerate().zip(&values) {
+        let number = index + 1;
+        match value {
+            yaml_serde::Value::Null => continue,
+            yaml_serde::Value::Sequence(items) => documents.extend(list_items(items, number)?),
+            _ => match kind_of(value) {
+                None => bail!("document {number} has no kind (Device, Fleet or List)"),
+                Some("List") => {
+                    let items = value
+                        .get("items")
+                        .and_then(yaml_serde::Value::as_sequence)
+                        .with_context(|| format!("document {number} (List) has no items"))?;
+                    documents.extend(list_items(items, number)?);
+                }
+                Some(kind) => documents.push(
+                    resource(kind, de).with_context(|| format!("document {number} ({kind})"))?,
+                ),
             },
-            "Fleet" => Resource::Fleet {
-                spec: spec_of::<FleetSpec>(envelope.spec)
-                    .with_context(|| format!("document {number} (Fleet)"))?,
-                metadata: envelope.metadata,
-            },
-            other => bail!("document {number}: unknown kind {other:?} (expected Device or Fleet)"),
-        };
-        documents.push(resource);
+        }
     }
     if documents.is_empty() {
         bail!("the file holds no resources");
@@ -400,6 +463,19 @@ mod tests {
         assert_eq!(spec.template.units[0].restart_on_change, ["/etc/site"]);
     }
 
+    #[test]
+    fn what_get_prints_applies_again_as_a_list() {
+        let device = "kind: Device\nmetadata: {name: a, id: x, labels: {site: b}, created_at: t}\nspec: {files: [{path: /etc/a, content: x}]}\nstatus: {online: true, sync_state: SYNCED}\nfleet: web\nconflictingFleets: [x]\nrenderedSpec: {files: []}\n";
+        assert_eq!(parse_documents(device).unwrap().len(), 1);
+        let sequence = format!("- {}", device.replace('\n', "\n  "));
+        assert_eq!(parse_documents(&sequence).unwrap().len(), 1);
+        let list = "kind: List\nitems:\n  - {kind: Fleet, metadata: {name: web}, spec: {selector: a=b}, status: {revision: 2}}\n  - {kind: Device, metadata: {name: d}}\n";
+        let docs = parse_documents(list).unwrap();
+        assert!(matches!(docs[0], Resource::Fleet { .. }) && matches!(docs[1], Resource::Device { .. }));
+        let bad = format!("{:#}", parse_documents("kind: List\nitems:\n  - {kind: Device, metadata: {name: d}, spek: {}}\n").unwrap_err());
+        assert!(bad.contains("item 1") && bad.contains("spek"), "{bad}");
+    }
+
     proptest::proptest! {
         /// Whatever text `apply -f` is given, parsing answers: documents, or an error.
         #[test]
@@ -433,6 +509,9 @@ mod tests {
         let err = |text: &str| format!("{:#}", parse_documents(text).unwrap_err());
         assert!(err("kind: Device\nmetadata: [").contains("not valid YAML"));
         assert!(err("kind: Fleat\nmetadata: {name: a}\n").contains("unknown kind"));
+        // Where it went wrong: line and column of the unknown field.
+        let located = err("kind: Device\nmetadata:\n  name: a\nspec:\n  files:\n    - path: /x\n      contnet: y\n");
+        assert!(located.contains("contnet") && located.contains("line 7"), "{located}");
         assert!(err("kind: Device\nmetadata: {name: a}\nspec: {filez: []}\n").contains("filez"));
         assert!(err("kind: Fleet\nmetadata: {name: a}\nspec: {selectr: x}\n").contains("selectr"));
         assert!(err("").contains("no resources"));

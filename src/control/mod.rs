@@ -210,6 +210,18 @@ pub struct ControlPlane {
     housekeeping: Arc<Mutex<replication::Housekeeping>>,
     /// Agent release artifacts this replica serves.
     artifacts: Arc<releases::Artifacts>,
+    /// When this control plane was created (Unix milliseconds).
+    started_ms: i64,
+}
+
+/// Which build and replica answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub version: &'static str,
+    pub replica: String,
+    pub database: &'static str,
+    pub leading: bool,
+    pub started_ms: i64,
 }
 
 impl ControlPlane {
@@ -235,6 +247,7 @@ impl ControlPlane {
             hub,
             admission: Arc::new(Admission::new(policy.admission.clone())),
             artifacts: Arc::new(releases::Artifacts::new(&policy.releases)),
+            started_ms: crate::clock::now_millis(),
             issuance_limiter: Arc::new(limits::Limiter::new(policy.issuance_limit)),
             recovery_limiter: Arc::new(limits::Limiter::new(policy.recovery_limit)),
             spares: Arc::default(),
@@ -253,6 +266,16 @@ impl ControlPlane {
             feed_lag_ms: Arc::default(),
             leading: Arc::default(),
             housekeeping: Arc::default(),
+        }
+    }
+
+    pub fn server_info(&self) -> ServerInfo {
+        ServerInfo {
+            version: crate::VERSION,
+            replica: self.store.replica().to_string(),
+            database: self.store.backend().name(),
+            leading: self.leading.load(std::sync::atomic::Ordering::Acquire),
+            started_ms: self.started_ms,
         }
     }
 

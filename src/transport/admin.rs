@@ -12,6 +12,7 @@ use crate::proto::admin::v1::device_service_server::DeviceService;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentService;
 use crate::proto::admin::v1::fleet_service_server::FleetService;
 use crate::proto::admin::v1::rollout_service_server::RolloutService;
+use crate::proto::admin::v1::server_service_server::ServerService;
 use crate::proto::agent::v1::EnrollmentState;
 use crate::rollout::RolloutSpec;
 use crate::store::AuditQuery;
@@ -574,5 +575,22 @@ impl RolloutService for AdminApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl ServerService for AdminApi {
+    async fn get_server_info(
+        &self,
+        _request: Request<pb::GetServerInfoRequest>,
+    ) -> Result<Response<pb::ServerInfo>, Status> {
+        let info = self.control.server_info();
+        Ok(Response::new(pb::ServerInfo {
+            version: info.version.to_string(),
+            replica: info.replica,
+            database: info.database.to_string(),
+            leading: info.leading,
+            started_at: Some(crate::clock::timestamp_from_millis(info.started_ms)),
+        }))
     }
 }

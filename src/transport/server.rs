@@ -19,6 +19,7 @@ use crate::proto::admin::v1::device_service_server::DeviceServiceServer;
 use crate::proto::admin::v1::enrollment_service_server::EnrollmentServiceServer as AdminEnrollmentServer;
 use crate::proto::admin::v1::fleet_service_server::FleetServiceServer;
 use crate::proto::admin::v1::rollout_service_server::RolloutServiceServer;
+use crate::proto::admin::v1::server_service_server::ServerServiceServer;
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
 use std::future::Future;
@@ -108,6 +109,7 @@ const HEALTH_SERVICES: &[&str] = &[
     "flotilla.admin.v1.AuditService",
     "flotilla.admin.v1.RolloutService",
     "flotilla.admin.v1.AgentReleaseService",
+    "flotilla.admin.v1.ServerService",
 ];
 
 /// Runs both endpoints until `shutdown` completes, then drains.
@@ -213,6 +215,7 @@ pub async fn serve(
                 .max_decoding_message_size(ADMIN_MAX_DECODE)
                 .max_encoding_message_size(MAX_ENCODE),
         )
+        .add_service(ServerServiceServer::new(AdminApi::new(control.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
