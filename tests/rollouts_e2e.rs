@@ -281,7 +281,17 @@ fn a_batched_rollout_survives_a_restart_and_a_rejected_revision_halts_then_rolls
             "r-{i:02} is outside the first batch and never received revision 3"
         );
     }
+    // `rollout watch` tells a script how it ended: 1 for a pause (with why), 0 once complete.
+    let watched = cluster.flotctl(&["rollout", "watch", "web"]);
+    assert_eq!(watched.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&watched.stderr).contains("paused"));
     cluster.flotctl_ok(&["rollout", "rollback", "web"]);
+    let watched = cluster.flotctl(&["rollout", "watch", "web"]);
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
     wait("the rollback to complete", TIMEOUT, || {
         fleet.status()["state"] == "completed"
     });

@@ -106,10 +106,7 @@ pub async fn apply(
         }
     }
     for warning in &warnings {
-        eprintln!(
-            "warning: {}",
-            crate::output::terminal_safe(warning, false)
-        );
+        eprintln!("warning: {}", crate::output::terminal_safe(warning, false));
     }
     if strict && !warnings.is_empty() {
         anyhow::bail!(

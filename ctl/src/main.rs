@@ -509,13 +509,13 @@ pub fn rpc(status: tonic::Status) -> anyhow::Error {
 /// Prints flotctl's version and the control plane's.
 async fn version(config: &Option<PathBuf>, format: Format) -> Result<()> {
     let server = match channel(config).await {
-        Ok(channel) => flotilla::proto::admin::v1::server_service_client::ServerServiceClient::new(
-            channel,
-        )
-        .get_server_info(flotilla::proto::admin::v1::GetServerInfoRequest {})
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(rpc),
+        Ok(channel) => {
+            flotilla::proto::admin::v1::server_service_client::ServerServiceClient::new(channel)
+                .get_server_info(flotilla::proto::admin::v1::GetServerInfoRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(rpc)
+        }
         Err(error) => Err(error),
     };
     let view = serde_json::json!({
@@ -544,7 +544,9 @@ async fn version(config: &Option<PathBuf>, format: Format) -> Result<()> {
             }
         }
     }
-    server.map(drop).context("asking the control plane for its version")
+    server
+        .map(drop)
+        .context("asking the control plane for its version")
 }
 
 pub fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
@@ -678,8 +680,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Describe { what } => match what {
             // `-o json|yaml` prints the whole resource, as `get` does.
             DescribeWhat::Device { name } if format != Format::Table => {
-                devices::get(channel(config).await?, format, devices::Columns::new(false), name)
-                    .await
+                devices::get(
+                    channel(config).await?,
+                    format,
+                    devices::Columns::new(false),
+                    name,
+                )
+                .await
             }
             DescribeWhat::Fleet { name } if format != Format::Table => {
                 fleets::get(channel(config).await?, format, name).await

@@ -157,7 +157,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut documents = Vec::new();
-    for ((index, de), value) in yaml_serde::Deserializer::from_str(text).enumerate().zip(&values) {
+    for ((index, de), value) in yaml_serde::Deserializer::from_str(text)
+        .enumerate()
+        .zip(&values)
+    {
         let number = index + 1;
         match value {
             yaml_serde::Value::Null => continue,
@@ -471,8 +474,16 @@ mod tests {
         assert_eq!(parse_documents(&sequence).unwrap().len(), 1);
         let list = "kind: List\nitems:\n  - {kind: Fleet, metadata: {name: web}, spec: {selector: a=b}, status: {revision: 2}}\n  - {kind: Device, metadata: {name: d}}\n";
         let docs = parse_documents(list).unwrap();
-        assert!(matches!(docs[0], Resource::Fleet { .. }) && matches!(docs[1], Resource::Device { .. }));
-        let bad = format!("{:#}", parse_documents("kind: List\nitems:\n  - {kind: Device, metadata: {name: d}, spek: {}}\n").unwrap_err());
+        assert!(
+            matches!(docs[0], Resource::Fleet { .. }) && matches!(docs[1], Resource::Device { .. })
+        );
+        let bad = format!(
+            "{:#}",
+            parse_documents(
+                "kind: List\nitems:\n  - {kind: Device, metadata: {name: d}, spek: {}}\n"
+            )
+            .unwrap_err()
+        );
         assert!(bad.contains("item 1") && bad.contains("spek"), "{bad}");
     }
 
@@ -510,8 +521,13 @@ mod tests {
         assert!(err("kind: Device\nmetadata: [").contains("not valid YAML"));
         assert!(err("kind: Fleat\nmetadata: {name: a}\n").contains("unknown kind"));
         // Where it went wrong: line and column of the unknown field.
-        let located = err("kind: Device\nmetadata:\n  name: a\nspec:\n  files:\n    - path: /x\n      contnet: y\n");
-        assert!(located.contains("contnet") && located.contains("line 7"), "{located}");
+        let located = err(
+            "kind: Device\nmetadata:\n  name: a\nspec:\n  files:\n    - path: /x\n      contnet: y\n",
+        );
+        assert!(
+            located.contains("contnet") && located.contains("line 7"),
+            "{located}"
+        );
         assert!(err("kind: Device\nmetadata: {name: a}\nspec: {filez: []}\n").contains("filez"));
         assert!(err("kind: Fleet\nmetadata: {name: a}\nspec: {selectr: x}\n").contains("selectr"));
         assert!(err("").contains("no resources"));

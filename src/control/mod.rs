@@ -193,6 +193,8 @@ pub struct ControlPlane {
     open_rollouts: Arc<rollouts::OpenRollouts>,
     rollout_changed: Arc<tokio::sync::Notify>,
     shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Flips to true when shutdown begins, for the streams (watches) that end then.
+    shutdown: tokio::sync::watch::Sender<bool>,
     admission: Arc<Admission>,
     journal: journal::Journal,
     issuances: issuance::Issuances,
@@ -261,6 +263,7 @@ impl ControlPlane {
             open_rollouts: Arc::default(),
             rollout_changed: Arc::default(),
             shutting_down: Arc::default(),
+            shutdown: tokio::sync::watch::Sender::new(false),
             writes: Arc::default(),
             feed_position: Arc::default(),
             feed_lag_ms: Arc::default(),
@@ -288,6 +291,14 @@ impl ControlPlane {
     pub fn begin_shutdown(&self) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once shutdown has begun: open watches end then, saying why, instead of being cut
+    /// when the connections drain.
+    pub async fn shutdown_begun(&self) {
+        let mut shutdown = self.shutdown.subscribe();
+        let _ = shutdown.wait_for(|begun| *begun).await;
     }
 
     /// The state is loaded and requests are served.

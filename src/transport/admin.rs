@@ -139,11 +139,20 @@ impl DeviceService for AdminApi {
             self.control
                 .watch_devices(&request.selector, &request.field_selector, &scope)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let control = self.control.clone();
         tokio::spawn(async move {
-            // Ends when the watcher goes away (send fails) or the feed closes.
-            while let Some(event) = watch.next().await {
+            // Ends when the watcher goes away (send fails), the feed closes, or shutdown begins.
+            loop {
+                let event = tokio::select! {
+                    event = watch.next() => event,
+                    _ = control.shutdown_begun() => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
+                };
+                let Some(event) = event else { return };
                 if tx.send(Ok(convert::device_event(event))).await.is_err() {
-                    break;
+                    return;
                 }
             }
         });
@@ -161,6 +170,14 @@ impl DeviceService for AdminApi {
         let revoked_serials = self.control.delete_device(&name, &caller).await?;
         Ok(Response::new(pb::DeleteDeviceResponse { revoked_serials }))
     }
+}
+
+/// How a watch ends when the control plane stops.
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "the control plane is shutting down and closed the watch; watch again (another replica, \
+         or this one once it is back)",
+    )
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -560,9 +577,13 @@ impl RolloutService for AdminApi {
             }
             loop {
                 // Counts change with device state too, so look again at least every second.
-                control
-                    .rollout_changed(std::time::Duration::from_secs(1))
-                    .await;
+                tokio::select! {
+                    _ = control.rollout_changed(std::time::Duration::from_secs(1)) => {}
+                    _ = control.shutdown_begun() => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
+                }
                 let Ok(view) = control.rollout_view(&fleet).await else {
                     return;
                 };
