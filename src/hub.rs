@@ -52,6 +52,8 @@ pub enum SyncState {
     Pending,
     Error,
     Offline,
+    /// Its certificate was revoked: it cannot connect until it enrolls again.
+    Revoked,
 }
 
 /// A snapshot of one device's sync progress.
@@ -87,6 +89,8 @@ pub enum RenewalState {
     Failed,
     /// Past its expiry: only recovery can bring the device back.
     Expired,
+    /// Revoked: the device must enroll again.
+    Revoked,
 }
 
 /// A device's certificate as the renewal scheduler sees it.
@@ -111,6 +115,8 @@ struct CertTrack {
     ask_now: bool,
     /// An operator asked for a renewal regardless of the window.
     forced: bool,
+    /// The certificate was revoked.
+    revoked: bool,
 }
 
 impl CertTrack {
@@ -119,7 +125,9 @@ impl CertTrack {
     }
 
     fn status(&self, now_ms: i64) -> CertStatus {
-        let state = if now_ms >= self.not_after_ms {
+        let state = if self.revoked {
+            RenewalState::Revoked
+        } else if now_ms >= self.not_after_ms {
             RenewalState::Expired
         } else if self.last_error.is_some() {
             RenewalState::Failed
@@ -145,6 +153,8 @@ pub struct HubSummary {
     pub pending: usize,
     pub error: usize,
     pub offline: usize,
+    /// Devices whose certificate was revoked (not counted as offline).
+    pub revoked: usize,
     /// Devices with a session on any replica.
     pub online: usize,
     /// Sessions this replica holds.
@@ -255,7 +265,10 @@ impl DeviceEntry {
             .nacked
             .as_ref()
             .is_some_and(|(version, _)| Some(version.as_str()) == desired);
-        let state = if !online {
+        let revoked = self.cert.as_ref().is_some_and(|c| c.revoked);
+        let state = if revoked && !online {
+            SyncState::Revoked
+        } else if !online {
             SyncState::Offline
         } else if self.render_error.is_some() || nacked_desired {
             SyncState::Error
@@ -736,6 +749,7 @@ impl Hub {
                 SyncState::Pending => summary.pending += 1,
                 SyncState::Error => summary.error += 1,
                 SyncState::Offline => summary.offline += 1,
+                SyncState::Revoked => summary.revoked += 1,
             }
             if entry.session.is_some() {
                 summary.sessions += 1;
@@ -743,7 +757,7 @@ impl Hub {
             if entry.session.is_some() || entry.elsewhere.is_some() {
                 summary.online += 1;
             }
-            if let Some(cert) = &entry.cert {
+            if let Some(cert) = entry.cert.as_ref().filter(|c| !c.revoked) {
                 let left = cert.not_after_ms - now_ms;
                 summary.expiring_7d += usize::from(left < 7 * DAY_MS);
                 summary.expiring_30d += usize::from(left < 30 * DAY_MS);
@@ -768,6 +782,7 @@ impl Hub {
         serial: &str,
         not_after_ms: i64,
         renew_at_ms: i64,
+        revoked: bool,
     ) {
         let mut state = self.lock();
         let entry = entry_for(&mut state.devices, device_id);
@@ -779,7 +794,25 @@ impl Hub {
             asked_ms: None,
             ask_now: false,
             forced: false,
+            revoked,
         });
+        drop(state);
+        self.changed(device_id);
+    }
+
+    /// The certificate `serial` was revoked: if it is the device's newest, the device is out
+    /// until it enrolls again.
+    pub fn certificate_revoked(&self, device_id: &str, serial: &str) {
+        let mut state = self.lock();
+        let Some(cert) = state
+            .devices
+            .get_mut(device_id)
+            .and_then(|entry| entry.cert.as_mut())
+            .filter(|cert| cert.serial == serial && !cert.revoked)
+        else {
+            return;
+        };
+        cert.revoked = true;
         drop(state);
         self.changed(device_id);
     }

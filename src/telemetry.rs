@@ -351,6 +351,7 @@ pub struct Snapshot {
     pub pending: usize,
     pub error: usize,
     pub offline: usize,
+    pub revoked: usize,
     pub online: usize,
     pub fleets: Vec<(String, usize)>,
     pub enrollments_pending: i64,
@@ -433,6 +434,7 @@ pub fn publish(snapshot: &Snapshot) {
         ("pending", snapshot.pending),
         ("error", snapshot.error),
         ("offline", snapshot.offline),
+        ("revoked", snapshot.revoked),
     ] {
         gauge!("flotilla_devices", "sync_state" => state).set(count as f64);
     }

@@ -223,3 +223,99 @@ fn flotctl_behaves_like_an_operator_expects() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("agent endpoint"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_revoked_device_stops_is_shown_as_revoked_and_stays_out_of_rollouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let cluster = Cluster::new(root);
+    let metrics = support::free_addr();
+    let _server = cluster.start_server_with(0, &["--metrics-listen", &metrics.to_string()]);
+    cluster.wait_until_serving();
+    let mut agents: Vec<support::ChildGuard> = ["edge-1", "edge-2"]
+        .iter()
+        .map(|name| {
+            cluster.spawn_agent(
+                name,
+                &["role=web"],
+                &root.join(format!("state-{name}")),
+                &root.join(format!("agent-{name}.log")),
+            )
+        })
+        .collect();
+    wait("two requests", TIMEOUT, || {
+        cluster
+            .flotctl_json(&["get", "enrollments", "--state", "pending"])
+            .is_some_and(|v| v.as_array().is_some_and(|a| a.len() == 2))
+    });
+    cluster.flotctl_ok(&["approve", "enrollment", "--all-pending"]);
+    let out = root.join("out");
+    let fleet = |revision: u32| {
+        let path = root.join("web.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "kind: Fleet\nmetadata: {{name: web}}\nspec:\n  selector: role=web\n  rollout:\n    batches: [{{count: 1}}]\n    offlineBlocks: true\n    successThreshold: 100\n  template:\n    files:\n      - path: \"{}/{{{{ device.name }}}}\"\n        content: \"{revision}\"\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        cluster.flotctl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    };
+    fleet(1);
+    wait("revision 1 on both", TIMEOUT, || {
+        ["edge-1", "edge-2"]
+            .iter()
+            .all(|n| std::fs::read_to_string(out.join(n)).ok().as_deref() == Some("1"))
+    });
+
+    cluster.flotctl_ok(&["cert", "revoke", "--device", "edge-2", "--reason", "stolen"]);
+    // The agent stops for good instead of retrying forever.
+    let status = wait_exit(&mut agents[1], TIMEOUT);
+    assert_eq!(status.code(), Some(78), "{status:?}");
+    let device = cluster.flotctl_json(&["get", "device", "edge-2"]).unwrap();
+    assert_eq!(device["status"]["sync_state"], "REVOKED", "{device}");
+    assert_eq!(device["status"]["summary"], "Revoked");
+    assert_eq!(device["status"]["renewal_state"], "REVOKED");
+    let table = cluster.flotctl_ok(&["get", "devices"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("edge-2") && l.contains("REVOKED")),
+        "{table}"
+    );
+    let exposition = |name: &str| {
+        let text = support::http_body_blocking(&format!("http://{metrics}/metrics"));
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait("the gauges to say so", TIMEOUT, || {
+        exposition("flotilla_devices{sync_state=\"revoked\"}") == Some(1.0)
+            && exposition("flotilla_devices{sync_state=\"offline\"}") == Some(0.0)
+    });
+
+    // A rollout that waits for offline devices does not wait for a revoked one.
+    fleet(2);
+    wait("the rollout to complete without edge-2", TIMEOUT, || {
+        cluster
+            .flotctl_json(&["rollout", "status", "web"])
+            .is_some_and(|r| r["state"] == "completed")
+    });
+    assert_eq!(std::fs::read_to_string(out.join("edge-1")).unwrap(), "2");
+    assert_eq!(std::fs::read_to_string(out.join("edge-2")).unwrap(), "1");
+}
+
+fn wait_exit(child: &mut support::ChildGuard, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

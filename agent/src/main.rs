@@ -341,5 +341,11 @@ async fn main() -> Result<()> {
     let applied = push::current_applied(&agent);
     let _ = push::settle_interrupted_apply(&agent, &applied.version);
     let enrolled = enroll::ensure_enrolled(&agent).await?;
-    session::run(&agent, &enrolled).await
+    match session::run(&agent, &enrolled).await {
+        Err(error) if error.is::<session::Decommissioned>() => {
+            tracing::error!(%error, "stopping: this device is no longer part of the fleet");
+            std::process::exit(session::EXIT_DECOMMISSIONED);
+        }
+        other => other,
+    }
 }

@@ -45,6 +45,16 @@ enum End {
     Restart,
 }
 
+/// The control plane refused this device for good: its certificate was revoked, or the device was
+/// deleted. Retrying cannot help; the agent stops (exit code 78, which the shipped unit does not
+/// restart) until it is enrolled again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Decommissioned(pub String);
+
+/// The exit code of a decommissioned agent (EX_CONFIG).
+pub const EXIT_DECOMMISSIONED: i32 = 78;
+
 /// After a stream is closed on shutdown, how long to wait for the control plane to end it.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -107,6 +117,12 @@ pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
         let started = Instant::now();
         let end = match session(agent, enrolled, &mut renewer, &mut reporter).await {
             Ok(end) => end,
+            Err(error) if error.is::<Decommissioned>() => {
+                agent
+                    .health
+                    .set_state(Some((Level::Fail, error.to_string())));
+                return Err(error);
+            }
             Err(error) => End::Lost(format!("{error:#}")),
         };
         agent.health.set_connected(false);
@@ -263,6 +279,14 @@ async fn session(
         Ok(response) => response.into_inner(),
         Err(status) => match retry_after(&status) {
             Some(wait) => return Ok(End::Busy(wait)),
+            None if refused_for_good(&status) => {
+                return Err(Decommissioned(format!(
+                    "the control plane refuses this device: {} (its certificate was revoked or \
+                     the device was deleted); remove the state directory and enroll again",
+                    status.message()
+                ))
+                .into());
+            }
             None => anyhow::bail!(
                 "session refused ({:?}): {}",
                 status.code(),
@@ -424,6 +448,16 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// A refusal that no retry can change: a revoked certificate, a device the control plane no
+/// longer knows.
+fn refused_for_good(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unauthenticated => status.message().contains("has been revoked"),
+        tonic::Code::PermissionDenied => status.message().contains("not enrolled"),
+        _ => false,
     }
 }
 

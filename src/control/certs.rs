@@ -135,8 +135,9 @@ impl ControlPlane {
 
     pub(super) fn track_certificate(&self, device_id: &str, serial: &str, not_after_ms: i64) {
         let renew_at = self.renew_at(serial, not_after_ms);
+        let revoked = self.revoked.contains(serial);
         self.hub
-            .track_certificate(device_id, serial, not_after_ms, renew_at);
+            .track_certificate(device_id, serial, not_after_ms, renew_at, revoked);
     }
 
     /// Asks connected devices whose certificates are due to renew, forever. Memory only.
@@ -742,6 +743,8 @@ impl ControlPlane {
         let serials: Vec<String> = revoked.iter().map(|c| c.serial.clone()).collect();
         self.revoked.extend(serials.iter().cloned());
         for certificate in revoked {
+            self.hub
+                .certificate_revoked(&certificate.device_id, &certificate.serial);
             // A serial belongs to one device: only its own can be the one its session uses.
             if self.hub.close_session_using(
                 &certificate.device_id,

@@ -103,6 +103,7 @@ fn field_value(view: &DeviceView, field: Field) -> String {
             Some(SyncState::Pending) => "Pending",
             Some(SyncState::Error) => "Error",
             Some(SyncState::Offline) | None => "Offline",
+            Some(SyncState::Revoked) => "Revoked",
         }
         .to_string(),
     }

@@ -83,7 +83,7 @@ impl ControlPlane {
                 SyncState::Synced => view.synced += 1,
                 SyncState::Pending => view.pending += 1,
                 SyncState::Error => view.error += 1,
-                SyncState::Offline => view.offline += 1,
+                SyncState::Offline | SyncState::Revoked => view.offline += 1,
             }
             *view.summaries.entry(status.summary.as_str()).or_default() += 1;
             if let Some(reason) = status.render_error {

@@ -85,6 +85,7 @@ impl ControlPlane {
             pending: summary.pending,
             error: summary.error,
             offline: summary.offline,
+            revoked: summary.revoked,
             online: summary.online,
             fleets,
             enrollments_pending: counts.pending.load(Ordering::Relaxed),

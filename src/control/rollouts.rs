@@ -188,6 +188,13 @@ impl ControlPlane {
             .filter_map(|id| {
                 let device = catalog.device(&id)?;
                 let status = self.hub.status(&id);
+                // A revoked device can never update: it is not part of the rollout.
+                if status
+                    .as_ref()
+                    .is_some_and(|s| s.state == crate::hub::SyncState::Revoked)
+                {
+                    return None;
+                }
                 let moved = device.fleet_revision.unwrap_or(current) == to_revision;
                 let state = status.as_ref().map(|s| s.state);
                 // Done means the device acknowledged the target's render, even if it is offline

@@ -75,6 +75,7 @@ impl DeviceEntry {
                 RenewalState::Due => CertificateStanding::RenewalDue,
                 RenewalState::Failed => CertificateStanding::RenewalFailed,
                 RenewalState::Expired => CertificateStanding::Expired,
+                RenewalState::Revoked => CertificateStanding::Revoked,
             };
             (standing, status.last_error)
         });

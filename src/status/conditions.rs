@@ -3,6 +3,8 @@
 //! message, last transition), and the one word derived from them by the rules below.
 //!
 //! Summary rules, first match wins:
+//! 0. `CertificateExpiring` because the certificate was revoked: `Revoked` (out of the fleet until
+//!    it enrolls again).
 //! 1. `Online` is false: `Offline` if the device was ever seen, else `Unknown`.
 //! 2. `Error`: `SpecApplied` false because the device rejected the spec or it could not be
 //!    rendered; `CertificateExpiring` because the certificate expired; `ResourcePressure` critical;
@@ -88,15 +90,17 @@ pub enum Summary {
     Error,
     Offline,
     Unknown,
+    Revoked,
 }
 
 impl Summary {
-    pub const ALL: [Summary; 5] = [
+    pub const ALL: [Summary; 6] = [
         Summary::Healthy,
         Summary::Degraded,
         Summary::Error,
         Summary::Offline,
         Summary::Unknown,
+        Summary::Revoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +110,7 @@ impl Summary {
             Summary::Error => "Error",
             Summary::Offline => "Offline",
             Summary::Unknown => "Unknown",
+            Summary::Revoked => "Revoked",
         }
     }
 
@@ -127,6 +132,7 @@ pub enum CertificateStanding {
     RenewalDue,
     RenewalFailed,
     Expired,
+    Revoked,
 }
 
 /// Everything conditions are derived from.
@@ -319,6 +325,12 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             "Expired",
             "expired; only recovery can bring the device back",
         ),
+        Some((CertificateStanding::Revoked, _)) => observed(
+            T::CertificateExpiring,
+            True,
+            "Revoked",
+            "revoked; the device must enroll again",
+        ),
     };
     let drifted = match inputs.drift {
         None => observed(
@@ -410,6 +422,17 @@ pub fn summarize<'a>(
 ) -> Summary {
     let mut degraded = false;
     let mut error = false;
+    let conditions: Vec<_> = conditions.into_iter().collect();
+    if conditions.iter().any(|(kind, status, reason)| {
+        (*kind, *status, *reason)
+            == (
+                ConditionType::CertificateExpiring,
+                ConditionStatus::True,
+                "Revoked",
+            )
+    }) {
+        return Summary::Revoked;
+    }
     for (kind, status, reason) in conditions {
         match (kind, status, reason) {
             (ConditionType::Online, ConditionStatus::False, "NeverConnected") => {
@@ -516,6 +539,65 @@ mod tests {
             .find(|o| o.kind == kind)
             .unwrap();
         (found.reason, found.status)
+    }
+
+    #[test]
+    fn a_revoked_certificate_makes_the_device_revoked_whatever_else_holds() {
+        let revoked = Inputs {
+            online: false,
+            certificate: Some((CertificateStanding::Revoked, None)),
+            ..synced()
+        };
+        assert_eq!(summary_of(&revoked), Summary::Revoked);
+        assert_eq!(
+            reason(&revoked, ConditionType::CertificateExpiring),
+            ("Revoked", ConditionStatus::True)
+        );
+        let offline = Inputs {
+            online: false,
+            ..synced()
+        };
+        assert_eq!(summary_of(&offline), Summary::Offline);
+    }
+
+    #[test]
+    fn a_failed_update_degrades_a_device_and_a_window_shows_in_updating() {
+        use crate::status::{UpdateFailure, UpdateKind};
+        let failed = UpdateState {
+            last_failure: Some(UpdateFailure {
+                kind: UpdateKind::Agent,
+                target: "1.4.0".into(),
+                reason: "it exited".into(),
+                rolled_back: true,
+                at_ms: 0,
+            }),
+            ..Default::default()
+        };
+        let inputs = Inputs {
+            update: Some(&failed),
+            ..synced()
+        };
+        assert_eq!(summary_of(&inputs), Summary::Degraded);
+        assert_eq!(
+            reason(&inputs, ConditionType::UpdateFailed),
+            ("AgentUpdateFailed", ConditionStatus::True)
+        );
+        let waiting = UpdateState {
+            phase: UpdatePhase::WaitingForWindow,
+            target: "agent 1.5.0".into(),
+            next_window_ms: Some(1_796_608_800_000),
+            ..Default::default()
+        };
+        let inputs = Inputs {
+            acked_version: Some("v1"),
+            update: Some(&waiting),
+            ..synced()
+        };
+        assert_eq!(
+            reason(&inputs, ConditionType::Updating),
+            ("WaitingForWindow", ConditionStatus::True)
+        );
+        assert_eq!(summary_of(&inputs), Summary::Healthy);
     }
 
     #[test]

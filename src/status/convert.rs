@@ -285,6 +285,7 @@ impl From<Summary> for admin::DeviceSummary {
             Summary::Error => admin::DeviceSummary::Error,
             Summary::Offline => admin::DeviceSummary::Offline,
             Summary::Unknown => admin::DeviceSummary::Unknown,
+            Summary::Revoked => admin::DeviceSummary::Revoked,
         }
     }
 }
@@ -296,6 +297,7 @@ pub fn summary_from(wire: i32) -> Summary {
         Ok(admin::DeviceSummary::Degraded) => Summary::Degraded,
         Ok(admin::DeviceSummary::Error) => Summary::Error,
         Ok(admin::DeviceSummary::Offline) => Summary::Offline,
+        Ok(admin::DeviceSummary::Revoked) => Summary::Revoked,
         _ => Summary::Unknown,
     }
 }

@@ -43,7 +43,7 @@ impl Field {
         match self {
             Field::Summary => Some(Summary::ALL.iter().map(|s| s.as_str()).collect()),
             Field::Online => Some(vec!["true", "false"]),
-            Field::SyncState => Some(vec!["Synced", "Pending", "Error", "Offline"]),
+            Field::SyncState => Some(vec!["Synced", "Pending", "Error", "Offline", "Revoked"]),
             Field::Os | Field::Arch | Field::AgentVersion => None,
         }
     }

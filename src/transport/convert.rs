@@ -127,6 +127,7 @@ fn sync_state(state: SyncState) -> admin::SyncState {
         SyncState::Pending => admin::SyncState::Pending,
         SyncState::Error => admin::SyncState::Error,
         SyncState::Offline => admin::SyncState::Offline,
+        SyncState::Revoked => admin::SyncState::Revoked,
     }
 }
 
@@ -318,6 +319,7 @@ fn renewal_state(state: RenewalState) -> admin::RenewalState {
         RenewalState::Due => admin::RenewalState::Due,
         RenewalState::Failed => admin::RenewalState::Failed,
         RenewalState::Expired => admin::RenewalState::Expired,
+        RenewalState::Revoked => admin::RenewalState::Revoked,
     }
 }
 

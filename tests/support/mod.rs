@@ -541,3 +541,12 @@ pub async fn http_body(url: &str) -> String {
         .map(|(_, body)| body.to_string())
         .unwrap_or_default()
 }
+
+/// `http_body` for tests without a runtime.
+pub fn http_body_blocking(url: &str) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(http_body(url))
+}
