@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const DAY: u64 = 24 * 3600;
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * DAY);
-const SERVER_VALIDITY: Duration = Duration::from_secs(365 * DAY);
+/// Lifetime of the server certificate unless configured.
+pub const SERVER_VALIDITY: Duration = Duration::from_secs(365 * DAY);
 const ADMIN_VALIDITY: Duration = Duration::from_secs(2 * 365 * DAY);
 const ENROLLMENT_VALIDITY: Duration = Duration::from_secs(5 * 365 * DAY);
 /// The server certificate is replaced at start when it expires within this window.
@@ -109,8 +110,13 @@ pub struct BootstrapOptions {
     pub agent_url: String,
     /// URL `flotctl` uses, e.g. `https://127.0.0.1:7444`.
     pub admin_url: String,
-    /// Names and addresses the server certificate must carry (besides localhost).
+    /// Names and addresses the server certificate must carry (besides localhost). A name the
+    /// existing certificate lacks has it reissued (keeping the names it had).
     pub server_names: Vec<String>,
+    /// The agent URL was given explicitly: a later start writes it into an existing agent.toml.
+    pub agent_url_given: bool,
+    /// Lifetime of a new server certificate (renewed while serving once a third of it is left).
+    pub server_cert_validity: Duration,
 }
 
 /// The result of preparing the data directory.
@@ -173,6 +179,21 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// A server certificate for `names` (besides localhost), valid for `validity`: PEM of the
+/// certificate and of its new key.
+pub fn server_certificate(
+    ca: &CertificateAuthority,
+    names: &[String],
+    validity: Duration,
+) -> Result<(String, String), BootstrapError> {
+    let subject = Subject {
+        validity,
+        ..server_subject(names)
+    };
+    let (cert, key) = ca.issue_with_new_key(&subject)?;
+    Ok((cert.pem, key))
 }
 
 fn server_subject(names: &[String]) -> Subject {
@@ -245,17 +266,53 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         ca
     };
 
-    let server_is_fresh = dir.server_cert().exists()
-        && dir.server_key().exists()
-        && cert_info_pem(&read(&dir.server_cert())?)
-            .map(|info| info.not_after - now_secs() > SERVER_RENEW_BEFORE)
-            .unwrap_or(false);
-    if !server_is_fresh {
-        let (cert, key) = ca.issue_with_new_key(&server_subject(&options.server_names))?;
+    let existing = (dir.server_cert().exists() && dir.server_key().exists())
+        .then(|| read(&dir.server_cert()))
+        .transpose()?;
+    let had: Vec<String> = existing
+        .as_deref()
+        .and_then(|pem| crate::pki::subject_alt_names_pem(pem).ok())
+        .unwrap_or_default();
+    let missing: Vec<&String> = options
+        .server_names
+        .iter()
+        .filter(|name| !had.iter().any(|h| h.eq_ignore_ascii_case(name)))
+        .collect();
+    let renew_before = SERVER_RENEW_BEFORE.min(options.server_cert_validity.as_secs() as i64 / 3);
+    let fresh = existing.as_deref().is_some_and(|pem| {
+        cert_info_pem(pem)
+            .map(|info| info.not_after - now_secs() > renew_before)
+            .unwrap_or(false)
+    });
+    if !fresh || !missing.is_empty() {
+        // Names given once stay: a later start with one more name adds it.
+        let mut names: Vec<String> = had
+            .into_iter()
+            .filter(|n| !matches!(n.as_str(), "localhost" | "127.0.0.1" | "::1"))
+            .collect();
+        names.extend(missing.iter().map(|n| n.to_string()));
+        names.extend(options.server_names.iter().cloned());
+        names.sort();
+        names.dedup();
+        let (cert, key) = server_certificate(&ca, &names, options.server_cert_validity)?;
         write_file(&dir.server_key(), key.as_bytes(), 0o600)?;
-        write_file(&dir.server_cert(), cert.pem.as_bytes(), 0o644)?;
+        write_file(&dir.server_cert(), cert.as_bytes(), 0o644)?;
+        let why = if existing.is_none() {
+            String::new()
+        } else if !missing.is_empty() {
+            format!(
+                " (reissued for {})",
+                missing
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            " (renewed: it was about to expire)".to_string()
+        };
         created.push(format!(
-            "server certificate:     {}",
+            "server certificate:     {}{why}",
             dir.server_cert().display()
         ));
     }
@@ -305,6 +362,24 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         ));
     }
 
+    if dir.agent_config().exists() && options.agent_url_given {
+        let mut agent = AgentConfig::load(&dir.agent_config())
+            .map_err(|e| BootstrapError::Inconsistent(e.to_string()))?;
+        if agent.server != options.agent_url {
+            agent.server = options.agent_url.clone();
+            write_file(
+                &dir.agent_config(),
+                toml_text(&dir.agent_config(), &agent)?.as_bytes(),
+                0o600,
+            )?;
+            created.push(format!(
+                "agent config:           {} (server is now {})",
+                dir.agent_config().display(),
+                options.agent_url
+            ));
+        }
+    }
+
     if !dir.enrollment_cert().exists() {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let subject = client_subject(Identity::new(Role::Enrollment, id), ENROLLMENT_VALIDITY);
@@ -315,9 +390,12 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
             server: options.agent_url.clone(),
             servers: Vec::new(),
             server_name: "localhost".into(),
-            ca_file: dir.ca_cert(),
-            enrollment_cert_file: dir.enrollment_cert(),
-            enrollment_key_file: dir.enrollment_key(),
+            ca_file: Some(dir.ca_cert()),
+            ca_pem: None,
+            enrollment_cert_file: Some(dir.enrollment_cert()),
+            enrollment_key_file: Some(dir.enrollment_key()),
+            enrollment_cert_pem: None,
+            enrollment_key_pem: None,
             state_dir: None,
             device_name: None,
             labels: BTreeMap::new(),
@@ -365,6 +443,8 @@ mod tests {
             agent_url: "https://127.0.0.1:7443".into(),
             admin_url: "https://127.0.0.1:7444".into(),
             server_names: vec!["gw.example".into(), "10.0.0.1".into()],
+            agent_url_given: false,
+            server_cert_validity: SERVER_VALIDITY,
         }
     }
 
@@ -397,14 +477,55 @@ mod tests {
             Role::Admin
         );
         let agent = AgentConfig::load(&dir.agent_config()).unwrap();
-        let enrollment =
-            crate::pki::identity_pem(&read(&agent.enrollment_cert_file).unwrap()).unwrap();
+        let enrollment = crate::pki::identity_pem(&agent.enrollment_cert().unwrap()).unwrap();
         assert_eq!(enrollment.role, Role::Enrollment);
 
         let second = prepare(&dir, &options()).unwrap();
         assert!(second.created.is_empty());
         assert_eq!(second.ca.cert_pem(), first.ca.cert_pem());
         assert_eq!(second.server_cert_pem, first.server_cert_pem);
+    }
+
+    #[test]
+    fn a_later_start_adds_names_to_the_server_certificate_and_moves_agents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let first = prepare(&dir, &options()).unwrap();
+        let names = |pem: &str| crate::pki::subject_alt_names_pem(pem).unwrap();
+        assert!(names(&first.server_cert_pem).contains(&"gw.example".to_string()));
+        // One more name: reissued, keeping the names it had.
+        let more = BootstrapOptions {
+            server_names: vec!["cp.example.com".into()],
+            agent_url: "https://cp.example.com:7443".into(),
+            agent_url_given: true,
+            ..options()
+        };
+        let second = prepare(&dir, &more).unwrap();
+        assert_ne!(second.server_cert_pem, first.server_cert_pem);
+        let now = names(&second.server_cert_pem);
+        for name in [
+            "localhost",
+            "127.0.0.1",
+            "gw.example",
+            "10.0.0.1",
+            "cp.example.com",
+        ] {
+            assert!(now.contains(&name.to_string()), "{name} in {now:?}");
+        }
+        assert!(
+            second
+                .created
+                .iter()
+                .any(|l| l.contains("reissued for cp.example.com"))
+        );
+        assert_eq!(
+            AgentConfig::load(&dir.agent_config()).unwrap().server,
+            "https://cp.example.com:7443"
+        );
+        // Nothing new: nothing changes.
+        let third = prepare(&dir, &more).unwrap();
+        assert_eq!(third.server_cert_pem, second.server_cert_pem);
+        assert!(third.created.is_empty(), "{:?}", third.created);
     }
 
     #[test]

@@ -90,9 +90,14 @@ struct ServeArgs {
     /// Extra DNS names or IP addresses for the server certificate (repeatable).
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen).
+    /// Agent endpoint URL written into the generated agent.toml (default: from --agent-listen);
+    /// given on a later start, it replaces the one in agent.toml.
     #[arg(long)]
     agent_url: Option<String>,
+    /// Lifetime of the server certificate; it is renewed while serving once a third of it is
+    /// left (`flotilla_server_certificate_expiry_seconds` says when it expires).
+    #[arg(long, default_value = "365d", value_parser = flotilla::clock::parse_duration)]
+    server_cert_validity: Duration,
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 30)]
     heartbeat_interval: u64,
@@ -244,18 +249,108 @@ enum Command {
         /// balancer's name; repeatable).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
-        /// Agent endpoint URL written into agent.toml.
-        #[arg(long, default_value = "https://127.0.0.1:7443")]
-        agent_url: String,
+        /// Agent endpoint URL written into agent.toml (default https://127.0.0.1:7443; given
+        /// again later, it replaces the one there).
+        #[arg(long)]
+        agent_url: Option<String>,
         /// Admin endpoint URL written into flotctl.toml.
         #[arg(long, default_value = "https://127.0.0.1:7444")]
         admin_url: String,
+    },
+    /// Print an agent.toml to install on devices elsewhere: the agent endpoint URL, the CA and an
+    /// enrollment credential inline, so one file is all a device needs.
+    EnrollmentBundle {
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "flotilla-data")]
+        data_dir: PathBuf,
+        /// The agent endpoint as devices reach it, e.g. `https://cp.example.com:7443`
+        /// (repeatable: one per replica; devices move to the next when one fails).
+        #[arg(long = "server-url", required = true)]
+        server_urls: Vec<String>,
+        /// The name the server certificate is checked against: one of its names (see
+        /// `--server-name` of `serve`). `localhost` works at any address, since devices pin the CA.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The enrollment certificate to bundle (default: the data directory's; or one made with
+        /// `flotctl credential create NAME --role enrollment`).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// A label devices ask for at enrollment, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Write the bundle here (0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Apply pending database migrations and exit.
     Migrate {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {text:?} must be key=value"))
+}
+
+/// The agent.toml of `flotilla enrollment-bundle`.
+fn enrollment_bundle(
+    data_dir: &std::path::Path,
+    server_urls: Vec<String>,
+    server_name: String,
+    credential: Option<(PathBuf, PathBuf)>,
+    labels: Vec<(String, String)>,
+) -> Result<String> {
+    use flotilla::profiles::AgentConfig;
+    let dir = DataDir::new(data_dir);
+    let (cert, key) = credential.unwrap_or_else(|| (dir.enrollment_cert(), dir.enrollment_key()));
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let cert_pem = read(&cert)?;
+    let identity = flotilla::pki::identity_pem(&cert_pem)
+        .with_context(|| format!("{} is not a certificate", cert.display()))?;
+    if identity.role != flotilla::identity::Role::Enrollment {
+        anyhow::bail!(
+            "{} is a {identity} certificate, not an enrollment credential",
+            cert.display()
+        );
+    }
+    for url in &server_urls {
+        if !url.starts_with("https://") {
+            anyhow::bail!("--server-url {url:?} must be an https:// URL of the agent endpoint");
+        }
+    }
+    let mut urls = server_urls.into_iter();
+    let config = AgentConfig {
+        server: urls.next().unwrap_or_default(),
+        servers: urls.collect(),
+        server_name,
+        ca_file: None,
+        ca_pem: Some(read(&dir.ca_cert())?),
+        enrollment_cert_file: None,
+        enrollment_key_file: None,
+        enrollment_cert_pem: Some(cert_pem),
+        enrollment_key_pem: Some(read(&key)?),
+        state_dir: None,
+        device_name: None,
+        labels: labels.into_iter().collect(),
+        max_backoff_secs: 60,
+        renewal_retry_secs: 60,
+        renewal_retry_max_secs: 24 * 3600,
+        health_listen: None,
+        tpm: Default::default(),
+        status: Default::default(),
+        update: Default::default(),
+    };
+    Ok(format!(
+        "# flotilla-agent configuration with its enrollment credential ({identity}): keep it private\n\
+         # (0600). Install as /etc/flotilla/agent.toml; every key is described in the README.\n{}",
+        toml::to_string_pretty(&config)?
+    ))
 }
 
 fn init_logging(format: LogFormat) {
@@ -380,7 +475,9 @@ async fn main() -> Result<()> {
         } => {
             let dir = DataDir::new(&data_dir);
             let options = BootstrapOptions {
-                agent_url,
+                agent_url_given: agent_url.is_some(),
+                server_cert_validity: flotilla::bootstrap::SERVER_VALIDITY,
+                agent_url: agent_url.unwrap_or_else(|| "https://127.0.0.1:7443".into()),
                 admin_url,
                 server_names,
             };
@@ -395,6 +492,26 @@ async fn main() -> Result<()> {
                 for line in &prepared.created {
                     println!("  {line}");
                 }
+            }
+            Ok(())
+        }
+        Command::EnrollmentBundle {
+            data_dir,
+            server_urls,
+            server_name,
+            cert,
+            key,
+            labels,
+            out,
+        } => {
+            let bundle =
+                enrollment_bundle(&data_dir, server_urls, server_name, cert.zip(key), labels)?;
+            match out {
+                Some(path) => {
+                    flotilla::bootstrap::write_file(&path, bundle.as_bytes(), 0o600)?;
+                    println!("enrollment bundle: {}", path.display());
+                }
+                None => print!("{bundle}"),
             }
             Ok(())
         }
@@ -430,6 +547,7 @@ async fn main() -> Result<()> {
                 issuance_window,
                 max_pending_enrollments,
                 audit_head_interval,
+                server_cert_validity,
                 artifact_dir,
                 max_downloads,
                 download_rate,
@@ -465,7 +583,10 @@ async fn main() -> Result<()> {
             let admin_addr = admin.local_addr()?;
             let (db, start_lock, _) = open_store(&store).await?;
             let dir = DataDir::new(&store.data_dir);
+            let agent_url_local = agent_url.is_none();
             let options = BootstrapOptions {
+                agent_url_given: agent_url.is_some(),
+                server_cert_validity,
                 agent_url: agent_url.unwrap_or_else(|| url_for(agent_addr)),
                 admin_url: url_for(admin_addr),
                 server_names,
@@ -482,6 +603,14 @@ async fn main() -> Result<()> {
                     "Use `flotctl --config {}` to administer, and give agents agent.toml.",
                     DataDir::new(&store.data_dir).ctl_config().display()
                 );
+                if agent_url_local {
+                    println!(
+                        "agent.toml points at this host's loopback address; for devices elsewhere: \
+                         flotilla enrollment-bundle --data-dir {} --server-url https://HOST:{} > agent.toml",
+                        store.data_dir.display(),
+                        agent_addr.port()
+                    );
+                }
             }
             check_shared_ca(&db, prepared.ca.cert_pem(), &store.data_dir).await?;
             drop(start_lock);
@@ -524,6 +653,7 @@ async fn main() -> Result<()> {
                 ca_pem: prepared.ca.cert_pem().to_string(),
                 cert_pem: prepared.server_cert_pem.clone(),
                 key_pem: prepared.server_key_pem.clone(),
+                server_cert_validity,
             };
             let control = ControlPlane::new(
                 db,

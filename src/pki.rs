@@ -84,6 +84,34 @@ pub fn cert_info_pem(pem: &str) -> Result<CertInfo, PkiError> {
     cert_info(&certs[0])
 }
 
+/// The DNS names and IP addresses (as text) the first certificate of a PEM bundle is for.
+pub fn subject_alt_names_pem(pem: &str) -> Result<Vec<String>, PkiError> {
+    use x509_parser::extensions::GeneralName;
+    let der = certs_from_pem(pem)?.remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Der(e.to_string()))?;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_string()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
 /// The identity carried by the first certificate of a PEM bundle.
 pub fn identity_pem(pem: &str) -> Result<Identity, PkiError> {
     let certs = certs_from_pem(pem)?;

@@ -46,10 +46,21 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     #[serde(default = "default_server_name")]
     pub server_name: String,
-    pub ca_file: PathBuf,
-    /// The shared enrollment credential.
-    pub enrollment_cert_file: PathBuf,
-    pub enrollment_key_file: PathBuf,
+    /// The CA that signs the control plane's certificates: a PEM file, or the PEM itself in
+    /// `ca_pem` (what `flotilla enrollment-bundle` writes, so one file is all a device needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// The enrollment credential: files, or the PEMs inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_cert_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_key_pem: Option<String>,
     /// Where the agent keeps its key, certificate and last applied spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
@@ -222,7 +233,56 @@ fn default_renewal_retry_max_secs() -> u64 {
     24 * 3600
 }
 
+/// A PEM given inline or in a file; exactly one of them.
+fn material(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    what: &str,
+    key: &str,
+) -> Result<String, ProfileError> {
+    match (inline, file) {
+        (Some(pem), None) => Ok(pem.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.clone(),
+            source,
+        }),
+        (Some(_), Some(_)) => Err(ProfileError::Parse {
+            path: PathBuf::from("agent.toml"),
+            message: format!("give the {what} as {key}_pem or {key}_file, not both"),
+        }),
+        (None, None) => Err(ProfileError::Parse {
+            path: PathBuf::from("agent.toml"),
+            message: format!("the {what} is missing: set {key}_file (or {key}_pem)"),
+        }),
+    }
+}
+
 impl AgentConfig {
+    /// The CA bundle (PEM), inline or read from its file.
+    pub fn ca(&self) -> Result<String, ProfileError> {
+        material(&self.ca_pem, &self.ca_file, "CA bundle", "ca")
+    }
+
+    /// The enrollment certificate (PEM).
+    pub fn enrollment_cert(&self) -> Result<String, ProfileError> {
+        material(
+            &self.enrollment_cert_pem,
+            &self.enrollment_cert_file,
+            "enrollment certificate",
+            "enrollment_cert",
+        )
+    }
+
+    /// The enrollment key (PEM).
+    pub fn enrollment_key(&self) -> Result<String, ProfileError> {
+        material(
+            &self.enrollment_key_pem,
+            &self.enrollment_key_file,
+            "enrollment key",
+            "enrollment_key",
+        )
+    }
+
     /// Every agent endpoint: `server` first, then `servers`, each once.
     pub fn endpoints(&self) -> Vec<String> {
         let mut endpoints = vec![self.server.clone()];
@@ -296,7 +356,10 @@ impl AgentConfig {
             &mut config.ca_file,
             &mut config.enrollment_cert_file,
             &mut config.enrollment_key_file,
-        ] {
+        ]
+        .into_iter()
+        .flatten()
+        {
             resolve(&base, p);
         }
         if let Some(dir) = config.state_dir.as_mut() {

@@ -122,6 +122,10 @@ fn describe() {
         "Devices by reported agent version (the largest 15, the rest as other)."
     );
     describe_gauge!(
+        "flotilla_server_certificate_expiry_seconds",
+        "Unix time the server certificate in use expires (it is renewed while serving once a third of its lifetime is left)."
+    );
+    describe_gauge!(
         "flotilla_devices_update_phase",
         "Devices by the phase of their agent or OS update as they report it (idle, downloading, waitingForWindow, applying, confirming, rebooting)."
     );
@@ -401,6 +405,11 @@ pub fn bounded_groups(groups: impl IntoIterator<Item = (String, usize)>) -> Vec<
 /// Managed items a device reported it put back as its spec says.
 pub fn drift_corrected(items: usize) {
     counter!("flotilla_drift_corrections_total").increment(items as u64);
+}
+
+/// When the server certificate in use expires (Unix seconds).
+pub fn server_certificate_expiry(not_after: i64) {
+    gauge!("flotilla_server_certificate_expiry_seconds").set(not_after as f64);
 }
 
 /// An agent or OS update a device reported finished (`succeeded`, `failed`, `rolled_back`).

@@ -64,20 +64,9 @@ fn check_certificate(cert_pem: &str, ca_pem: &str, key: &StoredKey, device_id: &
 /// The shared enrollment credential from the agent config (also used for recovery).
 pub fn enrollment_credentials(config: &AgentConfig) -> Result<ClientCredentials> {
     Ok(ClientCredentials {
-        ca_pem: std::fs::read_to_string(&config.ca_file)
-            .with_context(|| format!("reading CA bundle {}", config.ca_file.display()))?,
-        cert_pem: std::fs::read_to_string(&config.enrollment_cert_file).with_context(|| {
-            format!(
-                "reading enrollment certificate {}",
-                config.enrollment_cert_file.display()
-            )
-        })?,
-        key_pem: std::fs::read_to_string(&config.enrollment_key_file).with_context(|| {
-            format!(
-                "reading enrollment key {}",
-                config.enrollment_key_file.display()
-            )
-        })?,
+        ca_pem: config.ca()?,
+        cert_pem: config.enrollment_cert()?,
+        key_pem: config.enrollment_key()?,
         server_name: config.server_name.clone(),
     })
 }

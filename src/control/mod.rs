@@ -282,6 +282,11 @@ impl ControlPlane {
         }
     }
 
+    /// The CA that signs device, credential and server certificates.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
     /// The CA certificate (PEM) that signs device and server certificates.
     pub fn ca_pem(&self) -> &str {
         self.ca.cert_pem()

@@ -58,6 +58,8 @@ pub struct TlsMaterial {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// Lifetime of the server certificates issued while serving (renewal once a third is left).
+    pub server_cert_validity: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,51 @@ const HEALTH_SERVICES: &[&str] = &[
     "flotilla.admin.v1.ServerService",
 ];
 
+/// Keeps the server certificate valid while serving: once a third of its lifetime is left, a new
+/// one for the same names is issued by the CA and served from the next handshake on.
+async fn renew_server_certificate(
+    control: ControlPlane,
+    certificate: Arc<tls::ServerCertificate>,
+    validity: Duration,
+) {
+    let lifetime = validity.as_secs().max(1) as i64;
+    loop {
+        let pem = certificate.pem();
+        let Ok(info) = crate::pki::cert_info_pem(&pem) else {
+            return;
+        };
+        crate::telemetry::server_certificate_expiry(info.not_after);
+        let left = info.not_after - crate::clock::now_millis() / 1000;
+        if left * 3 < lifetime {
+            let names: Vec<String> = crate::pki::subject_alt_names_pem(&pem)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| !matches!(n.as_str(), "localhost" | "127.0.0.1" | "::1"))
+                .collect();
+            let renewed = crate::bootstrap::server_certificate(control.ca(), &names, validity)
+                .map_err(|e| e.to_string())
+                .and_then(|(cert, key)| {
+                    certificate
+                        .replace(&cert, &key)
+                        .map(|()| cert)
+                        .map_err(|e| e.to_string())
+                });
+            match renewed {
+                Ok(cert) => {
+                    let serial = crate::pki::cert_info_pem(&cert)
+                        .map(|i| i.serial)
+                        .unwrap_or_default();
+                    tracing::info!(serial, "server certificate renewed while serving");
+                    continue;
+                }
+                Err(error) => tracing::error!(%error, "could not renew the server certificate"),
+            }
+        }
+        let check = Duration::from_secs((lifetime as u64 / 30).clamp(1, 3600));
+        tokio::time::sleep(check).await;
+    }
+}
+
 /// Runs both endpoints until `shutdown` completes, then drains.
 pub async fn serve(
     control: ControlPlane,
@@ -120,7 +167,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let verifier = tls::client_verifier(&material.ca_pem)?;
-    let tls_config = tls::server_config(&material.cert_pem, &material.key_pem, verifier.clone())?;
+    let certificate = tls::ServerCertificate::new(&material.cert_pem, &material.key_pem)?;
+    let tls_config = tls::server_config(certificate.clone(), verifier.clone())?;
     let auth = AuthLayer::new(Authenticator::new(
         verifier,
         control.revoked().clone(),
@@ -268,6 +316,11 @@ pub async fn serve(
         let control = control.clone();
         tokio::spawn(async move { control.run_audit_head_keeper().await })
     };
+    let server_renewal = tokio::spawn(renew_server_certificate(
+        control.clone(),
+        certificate,
+        material.server_cert_validity,
+    ));
     for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::Serving)
@@ -290,6 +343,7 @@ pub async fn serve(
     feed.abort();
     credential_uses.abort();
     audit_heads.abort();
+    server_renewal.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let agent = agent_task.await;

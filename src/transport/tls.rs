@@ -12,8 +12,9 @@ use futures::Stream;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -114,19 +115,70 @@ impl ClientCertVerifier for DeferredChainCheck {
     }
 }
 
-/// The server side TLS configuration: our certificate, HTTP/2 only.
-pub fn server_config(
-    cert_pem: &str,
-    key_pem: &str,
-    verifier: Arc<dyn ClientCertVerifier>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+/// The server's certificate, which can be replaced while serving: a renewal needs no restart,
+/// and each new handshake gets the certificate current then.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    current: std::sync::RwLock<(Arc<CertifiedKey>, String)>,
+}
+
+fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = certs_from_pem(cert_pem).map_err(|e| TlsError::Certificate(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| TlsError::Key(e.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+impl ServerCertificate {
+    pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerCertificate>, TlsError> {
+        Ok(Arc::new(ServerCertificate {
+            current: std::sync::RwLock::new((
+                certified_key(cert_pem, key_pem)?,
+                cert_pem.to_string(),
+            )),
+        }))
+    }
+
+    /// Serves `cert_pem` from the next handshake on.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let key = certified_key(cert_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (key, cert_pem.to_string());
+        Ok(())
+    }
+
+    /// The certificate served now (PEM).
+    pub fn pem(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
+        )
+    }
+}
+
+/// The server side TLS configuration: our certificate, HTTP/2 only.
+pub fn server_config(
+    certificate: Arc<ServerCertificate>,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(DeferredChainCheck { inner: verifier }))
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

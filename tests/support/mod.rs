@@ -276,6 +276,8 @@ impl TestServer {
             agent_url: agent_url.clone(),
             admin_url: admin_url.clone(),
             server_names: vec![],
+            agent_url_given: false,
+            server_cert_validity: flotilla::bootstrap::SERVER_VALIDITY,
         };
         let prepared = prepare(&dir, &options).unwrap();
         let backend = Backend::from_url(url);
@@ -302,6 +304,7 @@ impl TestServer {
             ca_pem: ca.cert_pem().to_string(),
             cert_pem: prepared.server_cert_pem,
             key_pem: prepared.server_key_pem,
+            server_cert_validity: flotilla::bootstrap::SERVER_VALIDITY,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = control.clone();

@@ -280,6 +280,8 @@ async fn control_plane(dir: &Path, swtpm: &Swtpm, auto_approve: bool) -> Control
             agent_url: "https://127.0.0.1:1".into(),
             admin_url: "https://127.0.0.1:2".into(),
             server_names: vec![],
+            agent_url_given: false,
+            server_cert_validity: flotilla::bootstrap::SERVER_VALIDITY,
         },
     )
     .unwrap();

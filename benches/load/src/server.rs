@@ -34,6 +34,8 @@ fn prepare_dir(dir: &DataDir) -> Result<Prepared> {
             agent_url: "https://127.0.0.1:1".into(),
             admin_url: "https://127.0.0.1:1".into(),
             server_names: vec![],
+            agent_url_given: false,
+            server_cert_validity: flotilla::bootstrap::SERVER_VALIDITY,
         },
     )?)
 }
