@@ -413,3 +413,44 @@ async fn a_connected_device_receives_its_spec_and_acks_it() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn large_device_lists_come_in_pages() {
+    let server = TestServer::start().await;
+    for i in 0..5 {
+        server.enroll_device(&format!("dev-{i}")).await;
+    }
+    let mut devices =
+        DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = devices
+            .list_devices(admin::ListDevicesRequest {
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.devices.len() <= 2);
+        seen.extend(page.devices.into_iter().map(|d| d.name));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["dev-0", "dev-1", "dev-2", "dev-3", "dev-4"]);
+    // Without a page size: everything, no token.
+    let all = devices
+        .list_devices(admin::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.devices.len(), 5);
+    assert!(all.next_page_token.is_empty());
+}

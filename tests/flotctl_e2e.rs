@@ -153,6 +153,46 @@ fn flotctl_behaves_like_an_operator_expects() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--strict"), "{}", stderr(&out));
 
+    // Paged listing, and a limit.
+    let limited = cluster.flotctl(&["get", "devices", "--limit", "2", "-o", "name"]);
+    assert_eq!(String::from_utf8_lossy(&limited.stdout).lines().count(), 2);
+    assert!(
+        stderr(&limited).contains("more match"),
+        "{}",
+        stderr(&limited)
+    );
+
+    // edit: saved with a change, it is applied; unchanged, nothing happens; broken, it is kept.
+    let editor = |script: &str| {
+        Command::new(binary("flotctl"))
+            .arg("--config")
+            .arg(&cluster.ctl_config)
+            .args(["edit", "device", "a-1"])
+            .env("EDITOR", script)
+            .env_remove("VISUAL")
+            .output()
+            .unwrap()
+    };
+    let changed = editor("sed -i -e 's/content: hello/content: edited/'");
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    wait("the edited file", TIMEOUT, || {
+        std::fs::read_to_string(spec.join("a-1")).ok().as_deref() == Some("edited")
+    });
+    let untouched = editor("true");
+    assert!(untouched.status.success());
+    assert!(
+        stderr(&untouched).contains("edit cancelled"),
+        "{}",
+        stderr(&untouched)
+    );
+    let broken = editor("sed -i -e 's/^kind: Device/kind: Devise/'");
+    assert!(!broken.status.success());
+    assert!(
+        stderr(&broken).contains("your edit is kept in"),
+        "{}",
+        stderr(&broken)
+    );
+
     // describe honours -o json.
     let described: Value =
         serde_json::from_str(&cluster.flotctl_ok(&["describe", "device", "a-1", "-o", "json"]))

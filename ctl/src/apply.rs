@@ -50,7 +50,16 @@ pub async fn apply(
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
     };
     let documents = parse_documents(&text).with_context(|| format!("{}", file.display()))?;
-    let channel = channel(config).await?;
+    apply_documents(channel(config).await?, format, documents, strict).await
+}
+
+/// Applies parsed documents in order, stopping at the first refusal.
+pub async fn apply_documents(
+    channel: tonic::transport::Channel,
+    format: Format,
+    documents: Vec<Resource>,
+    strict: bool,
+) -> Result<()> {
     let mut devices = DeviceServiceClient::new(channel.clone());
     let mut fleets = FleetServiceClient::new(channel);
     let mut applied_devices = Vec::new();

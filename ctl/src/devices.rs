@@ -145,26 +145,50 @@ fn print_columns(
     print(format, &views, single, columns.header(), |d| columns.row(d))
 }
 
-pub async fn list(
-    channel: Channel,
-    format: Format,
-    columns: Columns,
-    selector: String,
-    field_selector: String,
-) -> Result<()> {
-    let devices = DeviceServiceClient::new(channel)
-        .list_devices(pb::ListDevicesRequest {
-            selector,
-            field_selector,
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .devices;
+/// Devices fetched per request: a large fleet is listed in pages, not one huge message.
+const CHUNK: u32 = 500;
+
+/// What `get devices` asks for.
+pub struct Query {
+    pub selector: String,
+    pub field_selector: String,
+    /// Show at most this many (0: all).
+    pub limit: usize,
+}
+
+pub async fn list(channel: Channel, format: Format, columns: Columns, query: Query) -> Result<()> {
+    let mut client = DeviceServiceClient::new(channel);
+    let mut devices = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let wanted = match query.limit {
+            0 => CHUNK,
+            limit => CHUNK.min(u32::try_from(limit - devices.len()).unwrap_or(CHUNK)),
+        };
+        let page = client
+            .list_devices(pb::ListDevicesRequest {
+                selector: query.selector.clone(),
+                field_selector: query.field_selector.clone(),
+                page_size: wanted,
+                page_token,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        devices.extend(page.devices);
+        page_token = page.next_page_token;
+        let full = query.limit > 0 && devices.len() >= query.limit;
+        if page_token.is_empty() || full {
+            if full && !page_token.is_empty() {
+                eprintln!("(first {} devices; more match)", devices.len());
+            }
+            break;
+        }
+    }
     print_columns(format, columns, devices, false)
 }
 
-async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
+pub async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
     Ok(DeviceServiceClient::new(channel)
         .get_device(pb::GetDeviceRequest { name })
         .await

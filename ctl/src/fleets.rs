@@ -53,7 +53,7 @@ pub async fn list(channel: Channel, format: Format) -> Result<()> {
     print_fleets(format, fleets, false)
 }
 
-async fn fetch(channel: Channel, name: String) -> Result<pb::Fleet> {
+pub async fn fetch(channel: Channel, name: String) -> Result<pb::Fleet> {
     Ok(FleetServiceClient::new(channel)
         .get_fleet(pb::GetFleetRequest { name })
         .await

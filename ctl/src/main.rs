@@ -5,6 +5,7 @@ mod audit;
 mod certs;
 mod credentials;
 mod devices;
+mod edit;
 mod enrollments;
 mod fleets;
 mod output;
@@ -66,6 +67,11 @@ enum Command {
     Delete {
         #[command(subcommand)]
         what: DeleteWhat,
+    },
+    /// Edit a device's or fleet's document in $VISUAL/$EDITOR; saved with changes, it is applied.
+    Edit {
+        #[command(subcommand)]
+        what: EditWhat,
     },
     /// Set (`key=value`) and remove (`key-`) labels.
     Label {
@@ -135,6 +141,9 @@ enum GetWhat {
         /// After listing them, keep printing changes as they happen (as `watch devices`).
         #[arg(short = 'w', long)]
         watch: bool,
+        /// Show at most this many (in name order).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
     },
     /// One device.
     Device { name: String },
@@ -254,6 +263,14 @@ enum CredentialWhat {
 }
 
 #[derive(Subcommand)]
+enum EditWhat {
+    /// A device: its labels and its own spec.
+    Device { name: String },
+    /// A fleet: selector, defaults, rollout policy and template.
+    Fleet { name: String },
+}
+
+#[derive(Subcommand)]
 enum DescribeWhat {
     /// A device: fleet, sync, certificate, its report, conditions and the rendered spec.
     Device { name: String },
@@ -263,22 +280,15 @@ enum DescribeWhat {
 
 #[derive(Subcommand)]
 enum DeleteWhat {
-    Fleet {
-        name: String,
-    },
+    /// Delete a fleet; its devices keep what they run and join another fleet if one matches.
+    Fleet { name: String },
     /// Decommission a device: revoke its certificates (its stream closes at once) and remove it.
-    Device {
-        name: String,
-    },
+    Device { name: String },
     /// Remove a pending or denied enrollment request, freeing its name.
-    Enrollment {
-        name: String,
-    },
+    Enrollment { name: String },
     /// Remove a published agent release no fleet or device names.
     #[command(name = "agent-release")]
-    AgentRelease {
-        version: String,
-    },
+    AgentRelease { version: String },
 }
 
 #[derive(Subcommand)]
@@ -313,15 +323,11 @@ enum CertWhat {
 #[derive(Subcommand)]
 enum RolloutWhat {
     /// Batch, per-state counts, the reason for a pause, and the events.
-    Status {
-        fleet: String,
-    },
-    Pause {
-        fleet: String,
-    },
-    Resume {
-        fleet: String,
-    },
+    Status { fleet: String },
+    /// Stop moving devices to the new revision; the ones moved stay.
+    Pause { fleet: String },
+    /// Continue a paused rollout; the current batch's deadline starts over.
+    Resume { fleet: String },
     /// Return every device of the fleet to the previous revision (or `--to-revision`'s
     /// template), in batches.
     Rollback {
@@ -331,9 +337,7 @@ enum RolloutWhat {
         to_revision: Option<i64>,
     },
     /// Live progress until the rollout completes (exit 0) or pauses (exit 1).
-    Watch {
-        fleet: String,
-    },
+    Watch { fleet: String },
 }
 
 #[derive(Subcommand)]
@@ -392,6 +396,7 @@ enum AuditWhat {
 
 #[derive(Subcommand)]
 enum LabelWhat {
+    /// Change a device's labels; it may move to another fleet.
     Device {
         name: String,
         /// `key=value` to set, `key-` to remove.
@@ -402,6 +407,7 @@ enum LabelWhat {
 
 #[derive(Subcommand)]
 enum WatchWhat {
+    /// ADDED, MODIFIED and DELETED devices as they happen (SYNCED after the initial set).
     Devices {
         #[arg(short = 'l', long = "selector", default_value = "")]
         selector: String,
@@ -432,6 +438,7 @@ enum ApproveWhat {
 
 #[derive(Subcommand)]
 enum DenyWhat {
+    /// Refuse a pending request; its name can be requested again after `delete enrollment`.
     Enrollment {
         name: String,
         #[arg(long, default_value = "")]
@@ -586,13 +593,19 @@ async fn run(cli: Cli) -> Result<()> {
                 selector,
                 field_selector,
                 watch,
+                limit,
             } => {
                 let columns = devices::Columns::new(wide);
                 let channel = channel(config).await?;
                 if watch {
                     devices::watch(channel, format, columns, selector, field_selector).await
                 } else {
-                    devices::list(channel, format, columns, selector, field_selector).await
+                    let query = devices::Query {
+                        selector,
+                        field_selector,
+                        limit,
+                    };
+                    devices::list(channel, format, columns, query).await
                 }
             }
             GetWhat::Device { name } => {
@@ -818,6 +831,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Deny {
             what: DenyWhat::Enrollment { name, reason },
         } => enrollments::deny(channel(config).await?, format, name, reason).await,
+        Command::Edit { what } => {
+            let (kind, name) = match what {
+                EditWhat::Device { name } => (edit::Kind::Device, name),
+                EditWhat::Fleet { name } => (edit::Kind::Fleet, name),
+            };
+            edit::edit(channel(config).await?, format, kind, name).await
+        }
         Command::Apply { file, strict } => apply::apply(config, format, file, strict).await,
         Command::Version => version(config, format).await,
         Command::Completion { shell } => {
@@ -864,6 +884,26 @@ mod tests {
                 assert!(script.contains(word), "{word} in the {shell} script");
             }
         }
+    }
+
+    #[test]
+    fn every_command_says_what_it_does() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, blank: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub
+                    .get_about()
+                    .is_none_or(|a| a.to_string().trim().is_empty())
+                {
+                    blank.push(name.clone());
+                }
+                walk(sub, &name, blank);
+            }
+        }
+        let mut blank = Vec::new();
+        walk(&Cli::command(), "flotctl", &mut blank);
+        assert!(blank.is_empty(), "commands without help: {blank:?}");
     }
 
     #[test]

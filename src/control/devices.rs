@@ -109,6 +109,18 @@ fn field_value(view: &DeviceView, field: Field) -> String {
     }
 }
 
+/// Where a listing starts and how much of it to return.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// At most this many (0: all).
+    pub size: usize,
+    /// Only names after this one (the previous page's last).
+    pub after: Option<String>,
+}
+
+/// The largest page a listing returns.
+pub const MAX_PAGE: usize = 5000;
+
 impl ControlPlane {
     fn view_of(&self, record: DeviceRecord, conflicts: Vec<String>) -> DeviceView {
         let status = self.hub.status(&record.id);
@@ -144,21 +156,50 @@ impl ControlPlane {
         field_selector: &str,
         scope: &Scope,
     ) -> Result<Vec<DeviceView>, ControlError> {
+        Ok(self
+            .list_devices_page(selector, field_selector, scope, Page::default())?
+            .0)
+    }
+
+    /// A page of the matching devices in name order, and the token of the next page if more
+    /// follow. The token is the last name of the page: pages stay consistent while devices come
+    /// and go (a device added before the token's name is not seen, as in any paged listing).
+    pub fn list_devices_page(
+        &self,
+        selector: &str,
+        field_selector: &str,
+        scope: &Scope,
+        page: Page,
+    ) -> Result<(Vec<DeviceView>, Option<String>), ControlError> {
         let filter = DeviceFilter::parse(selector, field_selector, scope)?;
         let mut found: Vec<(DeviceRecord, Vec<String>)> = {
             let catalog = self.catalog();
             catalog
                 .devices()
+                .filter(|d| {
+                    page.after
+                        .as_deref()
+                        .is_none_or(|after| d.name.as_str() > after)
+                })
                 .filter(|d| filter.labels.matches(&d.labels) && scope.covers_labels(&d.labels))
                 .map(|d| (d.clone(), catalog.conflicts(&d.id).to_vec()))
                 .collect()
         };
         found.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        Ok(found
+        let limit = if page.size == 0 {
+            usize::MAX
+        } else {
+            page.size.min(MAX_PAGE)
+        };
+        let mut views = found
             .into_iter()
             .map(|(record, conflicts)| self.view_of(record, conflicts))
-            .filter(|view| filter.matches(view))
-            .collect())
+            .filter(|view| filter.matches(view));
+        let devices: Vec<DeviceView> = views.by_ref().take(limit).collect();
+        let next = (views.next().is_some())
+            .then(|| devices.last().map(|d| d.record.name.clone()))
+            .flatten();
+        Ok((devices, next))
     }
 
     pub async fn get_device(&self, name: &str) -> Result<DeviceView, ControlError> {

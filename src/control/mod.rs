@@ -28,7 +28,7 @@ pub use credentials::{
     BOOTSTRAP_ADMIN, CredentialView, DEFAULT_CREDENTIAL_VALIDITY, IssuedCredential,
     MAX_CREDENTIAL_VALIDITY, NewCredential,
 };
-pub use devices::{DeviceUpdate, DeviceView, LabelChange};
+pub use devices::{DeviceUpdate, DeviceView, LabelChange, MAX_PAGE, Page};
 pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
 pub use limits::RateLimit;

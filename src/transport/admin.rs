@@ -49,12 +49,19 @@ impl DeviceService for AdminApi {
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         let scope = caller_scope(&request)?;
         let request = request.into_inner();
-        let devices = self
-            .control
-            .list_devices(&request.selector, &request.field_selector, &scope)
-            .await?;
+        let page = crate::control::Page {
+            size: request.page_size as usize,
+            after: Some(request.page_token).filter(|t| !t.is_empty()),
+        };
+        let (devices, next) = self.control.list_devices_page(
+            &request.selector,
+            &request.field_selector,
+            &scope,
+            page,
+        )?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices.into_iter().map(convert::device).collect(),
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
