@@ -1,6 +1,8 @@
 //! What one certificate renewal costs the control plane's CPU: validating the device's CSR
 //! (parse, proof of possession, key type) and signing its certificate. Run with
 //! `cargo bench --bench csr_sign`; the figure per core is in BENCHMARKS.md.
+// A benchmark stops at the first failure of its setup, with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flotilla::ca::csr::verify_csr_pem;

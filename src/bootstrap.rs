@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const DAY: u64 = 24 * 3600;
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * DAY);
@@ -175,10 +175,7 @@ fn read(path: &Path) -> Result<String, BootstrapError> {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::clock::now_secs()
 }
 
 /// A server certificate for `names` (besides localhost), valid for `validity`: PEM of the

@@ -1,13 +1,21 @@
-//! Wall-clock helpers: the store keeps instants as Unix milliseconds, the protocol as protobuf Timestamps.
+//! The one place that reads the wall clock (clippy.toml bans reading it anywhere else): instants
+//! as Unix milliseconds (how the store keeps them) and protobuf Timestamps (how the protocol
+//! carries them). Durations and deadlines use `tokio::time::Instant`, which tests can pause.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
+#[allow(clippy::disallowed_methods)]
 pub fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    now_millis().div_euclid(1000)
 }
 
 pub fn timestamp_from_millis(millis: i64) -> prost_types::Timestamp {

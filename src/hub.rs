@@ -226,7 +226,7 @@ pub enum Answer {
 struct Sent {
     version: String,
     nonce: String,
-    at: std::time::Instant,
+    at: Instant,
 }
 
 #[derive(Debug)]
@@ -617,7 +617,7 @@ impl Hub {
         entry.sent = Some(Sent {
             version: desired.version.clone(),
             nonce: nonce.clone(),
-            at: std::time::Instant::now(),
+            at: Instant::now(),
         });
         drop(state);
         self.pushes.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,9 @@
 //! Access control through the real server over mTLS: credentials as resources (created from a CSR,
 //! listed, renewed, revoked — the bootstrap admin too), every role against every admin method of
 //! the table, service grants, and bad input that stores nothing.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -3,6 +3,9 @@
 //! bootstrap admin is renewed in place and keeps working while its old certificate is superseded;
 //! on two PostgreSQL replicas a credential made through one works on the other, and revoking it
 //! through one ends a `flotctl watch` open on the other at once.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

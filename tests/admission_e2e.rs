@@ -1,6 +1,9 @@
 //! Admission control with real processes: a control plane that holds one session at most turns the
 //! second agent away with a retry delay; the agent waits as told (no error spiral) and takes the
 //! place as soon as it is free.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! The gRPC API over real mTLS on loopback: who is refused, with which code, and what bad input does
 //! (and does not) leave behind. Runs on SQLite, or PostgreSQL with FLOTILLA_TEST_DATABASE_URL.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -4,6 +4,9 @@
 //! The disk must never stay a mix of two versions, and a version the device could not apply for
 //! reasons of its own must be applied later — never marked rejected for good. SQLite by default;
 //! PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

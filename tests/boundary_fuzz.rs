@@ -4,6 +4,9 @@
 //! Whatever arrives, the server answers or ends that session with a clear status (never INTERNAL
 //! or UNKNOWN) and keeps serving: the device opens a fresh session afterwards. SQLite by default;
 //! PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -2,6 +2,9 @@
 //! keys only), refusals with audit records, the scheduler and forced renewals, revocation,
 //! recovery of expired certificates, device deletion, and tamper detection of the audit trail by
 //! the real `flotctl`. SQLite, or PostgreSQL with FLOTILLA_TEST_DATABASE_URL.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

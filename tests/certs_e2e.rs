@@ -3,6 +3,9 @@
 //! agent's pair sampled throughout), SIGKILL at every step of the swap, recovery of an expired
 //! certificate within the window and refusal after it, and revocation of a connected agent.
 //! SQLite by default; PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

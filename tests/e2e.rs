@@ -2,6 +2,9 @@
 //! An agent enrolls, is approved, receives a two-file spec, follows a change, and survives a
 //! control-plane restart without re-applying anything. SQLite by default; PostgreSQL when
 //! FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

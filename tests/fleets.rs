@@ -1,6 +1,9 @@
 //! Fleets through the admin API over real mTLS: membership and conflicts, render failures, device
 //! overrides, and refusals of bad input that store nothing. SQLite, or PostgreSQL with
 //! FLOTILLA_TEST_DATABASE_URL.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

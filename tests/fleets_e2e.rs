@@ -1,6 +1,9 @@
 //! Fleets end to end with real processes over real TLS: three agents with different labels, two
 //! fleets with label templates, edits, relabelling, overrides, a render failure and a NACK.
 //! SQLite by default; PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

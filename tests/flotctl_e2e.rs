@@ -3,6 +3,9 @@
 //! stdin), conflicts that apply reports (and `--strict` fails on), `describe -o json`, `get -w`,
 //! `rollout watch` ending with the rollout, and clear errors: no configuration, the agent endpoint
 //! instead of the admin one, a YAML mistake with its line, a watch the server ends.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

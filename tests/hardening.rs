@@ -4,6 +4,9 @@
 //! shutdown, and a database outage that must fail writers fast and clearly. Real mTLS over
 //! loopback; SQLite, or PostgreSQL with FLOTILLA_TEST_DATABASE_URL (the outage test always uses a
 //! real PostgreSQL behind a proxy it can cut).
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -2,6 +2,9 @@
 //! the enrollment bundle (one file, PEMs inline) copied elsewhere; a later start that adds a name
 //! to the server certificate and moves agents to a new URL; the server certificate renewed while
 //! serving, with its expiry exported for alerting.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

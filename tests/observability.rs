@@ -1,6 +1,9 @@
 //! The operations endpoint and health over real connections: `/metrics` exports the catalogue with
 //! a number of series that does not grow with the fleet, `/readyz` follows readiness, and the gRPC
 //! health service turns NOT_SERVING when the control plane shuts down.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

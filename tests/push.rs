@@ -1,6 +1,9 @@
 //! The push protocol with simulated agents over real mTLS: bursts coalesce into one push per
 //! device, an idle fleet costs no database query, silent devices go OFFLINE, and the device watch
 //! streams what changes. SQLite, or PostgreSQL with FLOTILLA_TEST_DATABASE_URL.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

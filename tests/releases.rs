@@ -2,6 +2,9 @@
 //! database, its call audited), listing, serving it to devices in chunks and from any offset (also
 //! after the replica's cache is gone), the limits on downloads, and bad publications that store
 //! nothing.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

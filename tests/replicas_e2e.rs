@@ -1,6 +1,9 @@
 //! Several control planes, end to end with real processes: SQLite serves exactly one process;
 //! PostgreSQL serves any number of replicas that share one identity (CA, credentials) — started
 //! from a copy of the first replica's data directory — and refuses a replica with another CA.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

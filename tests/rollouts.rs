@@ -2,6 +2,9 @@
 //! budget, a revision the first batch rejects halts the rollout before later batches see it and
 //! rollback restores everyone, pause/resume, and bad policies. SQLite, or PostgreSQL with
 //! FLOTILLA_TEST_DATABASE_URL.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -3,6 +3,9 @@
 //! plane being killed mid-rollout with no device skipped or updated twice; then a revision some
 //! agents reject halts the rollout in its first batch and rollback returns everyone.
 //! SQLite by default; PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -3,6 +3,9 @@
 //! NotFound for what exists — and a revoked device that keeps knocking through the restart is
 //! neither let in nor given a certificate. Always on PostgreSQL, behind a proxy that slows every
 //! answer of the database.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -2,6 +2,9 @@
 //! info, resources and firing monitors become conditions and a summary, field selectors filter on
 //! them, an out-of-bounds report is refused without ending the session, the report is written
 //! behind and counted in metrics.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

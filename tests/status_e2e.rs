@@ -4,6 +4,9 @@
 //! ResourcePressure (and a field selector finds the device), raising the threshold clears it; a
 //! managed file changed on disk is put back within the check period (Drifted raised, then
 //! cleared, as a watch sees it), and a `drift: report` file is reported and left alone.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

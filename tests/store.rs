@@ -1,5 +1,8 @@
 //! The store on a real database: SQLite by default, PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set
 //! (`.ci/run` runs the suite both ways).
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

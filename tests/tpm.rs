@@ -1,6 +1,9 @@
 //! TPM attestation through the real enrollment API, refusals that need no TPM: a control plane
 //! without manufacturer CAs refuses evidence, malformed evidence is a clear INVALID_ARGUMENT, and
 //! an answer to a challenge never issued is denied — none of them records anything.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -4,6 +4,9 @@
 //! fresh TPM key — and no private key is ever written to its state directory. A second device
 //! with the same TPM is caught, and one offline past expiry recovers with a proof the TPM signs.
 //! Runs with `cargo test --features tpm-tests --test tpm_e2e`.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 #![cfg(feature = "tpm-tests")]
 
 mod support;

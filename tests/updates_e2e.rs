@@ -6,6 +6,9 @@
 //! launcher; a kill -9 at every step of an update leaves an agent that converges; waiting for a
 //! maintenance window shows in the status; SIGTERM lets an apply finish, SIGQUIT stops at once.
 //! SQLite by default; PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set.
+// A test unwraps (a failure is a failed test with its reason) and waits for real processes in
+// real time (it reads the clock directly).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod support;
 

@@ -4,14 +4,14 @@ use rand::Rng;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
 }
 
 impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max,
@@ -21,7 +21,7 @@ impl Backoff {
 
     /// The next delay: uniformly random in [ceiling/2, ceiling], where the ceiling doubles per call up
     /// to the maximum.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.current;
         self.current = (self.current * 2).min(self.max);
         let low = ceiling / 2;
@@ -29,7 +29,7 @@ impl Backoff {
         low + Duration::from_millis(rand::rng().random_range(0..=spread))
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = self.initial;
     }
 }

@@ -62,7 +62,7 @@ fn check_certificate(cert_pem: &str, ca_pem: &str, key: &StoredKey, device_id: &
 }
 
 /// The shared enrollment credential from the agent config (also used for recovery).
-pub fn enrollment_credentials(config: &AgentConfig) -> Result<ClientCredentials> {
+pub(crate) fn enrollment_credentials(config: &AgentConfig) -> Result<ClientCredentials> {
     Ok(ClientCredentials {
         ca_pem: config.ca()?,
         cert_pem: config.enrollment_cert()?,
@@ -166,7 +166,7 @@ fn install(agent: &Agent, key: &StoredKey, response: pb::EnrollResponse) -> Resu
 }
 
 /// Returns the device identity, enrolling first if needed; repairs an interrupted certificate swap.
-pub async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
+pub(crate) async fn ensure_enrolled(agent: &Agent) -> Result<Enrolled> {
     if let Some(enrolled) = agent.state.enrolled()? {
         let ca_pem = agent
             .state

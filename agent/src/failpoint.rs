@@ -3,14 +3,14 @@
 //! stop the agent at exactly one step; unset, they cost one environment lookup.
 
 /// Kills the process if the failpoint `name` is armed.
-pub fn reached(name: &str) {
+pub(crate) fn reached(name: &str) {
     if std::env::var("FLOTILLA_AGENT_FAILPOINT").is_ok_and(|v| v == name) {
         kill(name);
     }
 }
 
 /// Kills the process if `PREFIX:N` is armed and this is the `n`th time (counted by the caller).
-pub fn reached_nth(prefix: &str, n: usize) {
+pub(crate) fn reached_nth(prefix: &str, n: usize) {
     let Ok(armed) = std::env::var("FLOTILLA_AGENT_FAILPOINT") else {
         return;
     };

@@ -13,8 +13,9 @@ use serde::Serialize;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 /// A stream down this long fails the stream check (shorter outages only warn).
 const STREAM_FAIL_AFTER: Duration = Duration::from_secs(300);
@@ -51,7 +52,7 @@ pub enum Enrollment {
 
 /// What the checks look at, kept up to date by the agent's tasks.
 #[derive(Debug)]
-pub struct Inputs {
+pub(crate) struct Inputs {
     pub enrollment: Enrollment,
     /// Validity of the current certificate, Unix seconds.
     pub certificate: Option<(i64, i64)>,
@@ -76,7 +77,7 @@ fn check(name: &'static str, status: Level, message: impl Into<String>) -> Check
 }
 
 /// Evaluates every check. Pure: `now` is Unix seconds.
-pub fn evaluate(inputs: &Inputs, now: i64, elapsed: Duration) -> Vec<Check> {
+pub(crate) fn evaluate(inputs: &Inputs, now: i64, elapsed: Duration) -> Vec<Check> {
     let enrollment = match &inputs.enrollment {
         Enrollment::Enrolled => check("enrollment", Level::Pass, "enrolled"),
         Enrollment::Waiting => check("enrollment", Level::Warn, "waiting for approval"),
@@ -152,9 +153,10 @@ pub fn evaluate(inputs: &Inputs, now: i64, elapsed: Duration) -> Vec<Check> {
 }
 
 /// Free and total bytes of the filesystem holding `path`.
-pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+pub(crate) fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are a valid value.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c_path` is a valid NUL-terminated string and `stat` a writable statvfs.
     let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
@@ -173,10 +175,7 @@ pub struct Health {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    flotilla::clock::now_secs()
 }
 
 impl Health {
@@ -256,7 +255,7 @@ struct Body<'a> {
 }
 
 /// The `/healthz` answer: 200 unless a check fails, then 503; the checks as JSON.
-pub fn health_response(checks: &[Check]) -> (StatusCode, String) {
+pub(crate) fn health_response(checks: &[Check]) -> (StatusCode, String) {
     let failed = checks.iter().any(|c| c.status == Level::Fail);
     let status = if failed {
         Level::Fail
@@ -285,7 +284,7 @@ fn respond(code: StatusCode, content_type: &'static str, body: String) -> Respon
 }
 
 /// Serves `/healthz` and `/metrics` until the process ends.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     health: std::sync::Arc<Health>,
     metrics: PrometheusHandle,

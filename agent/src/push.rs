@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 const REBOOT_RECHECK: Duration = Duration::from_secs(120);
 
 /// What became of a push.
-pub enum Pushed {
+pub(crate) enum Pushed {
     /// ACK or NACK it; with an ACK, what the device now runs.
     Answer {
         answer: Box<pb::agent_message::Kind>,
@@ -40,7 +40,7 @@ pub enum Pushed {
 }
 
 /// The applied record; a corrupt one counts as nothing applied (and is reported).
-pub fn current_applied(agent: &Agent) -> Applied {
+pub(crate) fn current_applied(agent: &Agent) -> Applied {
     let (applied, problem) = agent.state.applied_or_unknown();
     if let Some(problem) = problem {
         tracing::warn!(%problem, "the applied-spec record is unreadable");
@@ -51,7 +51,7 @@ pub fn current_applied(agent: &Agent) -> Applied {
 
 /// Finishes or rolls back an apply that a crash interrupted (see `apply::journal`), reporting
 /// what it did; an error means the files could not be put back yet (e.g. a read-only disk).
-pub fn settle_interrupted_apply(agent: &Agent, applied_version: &str) -> Result<(), String> {
+pub(crate) fn settle_interrupted_apply(agent: &Agent, applied_version: &str) -> Result<(), String> {
     let journal = ApplyJournal::new(agent.state.root());
     match journal.recover(Some(applied_version)) {
         Ok(Recovered::Nothing) => Ok(()),
@@ -88,7 +88,7 @@ fn nack(push: &pb::RenderedSpec, error: String, rolled_back: bool) -> Pushed {
 }
 
 /// Handles one push against what the device last applied.
-pub async fn handle_push(
+pub(crate) async fn handle_push(
     agent: &Agent,
     applied: Applied,
     push: pb::RenderedSpec,

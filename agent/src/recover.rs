@@ -13,11 +13,10 @@ use flotilla::proto::agent::v1 as pb;
 use flotilla::proto::agent::v1::enrollment_service_client::EnrollmentServiceClient;
 use flotilla::signature::recovery_message;
 use rcgen::SigningKey;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::Code;
 
 /// How a recovery attempt ended.
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// A new pair is active.
     Recovered,
     /// The control plane will never accept this proof (beyond the window, revoked, unknown).
@@ -27,11 +26,8 @@ pub enum Recovery {
 }
 
 /// Whether the current certificate has expired.
-pub fn expired(agent: &Agent) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+pub(crate) fn expired(agent: &Agent) -> bool {
+    let now = flotilla::clock::now_secs();
     agent
         .certs
         .current()
@@ -40,7 +36,7 @@ pub fn expired(agent: &Agent) -> bool {
         .is_some_and(|info| info.not_after <= now)
 }
 
-pub async fn recover(agent: &Agent, enrolled: &Enrolled) -> Result<Recovery> {
+pub(crate) async fn recover(agent: &Agent, enrolled: &Enrolled) -> Result<Recovery> {
     let previous = agent.certs.current()?;
     let previous_key = agent
         .keys

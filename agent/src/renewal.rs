@@ -12,20 +12,18 @@ use flotilla::pki::{cert_info_pem, sha256_hex};
 use flotilla::proto::agent::v1 as pb;
 use rand::RngCore;
 use rcgen::{CertificateParams, SanType};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Used until the control plane says otherwise.
-pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn unix_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    flotilla::clock::now_secs()
 }
 
 /// A CSR for `key` asking for the device's own identity (the server checks it is nobody else's).
-pub fn device_csr(key: &DeviceKey, device_id: &str) -> Result<String> {
+pub(crate) fn device_csr(key: &DeviceKey, device_id: &str) -> Result<String> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![SanType::URI(
         format!("flotilla://device/{device_id}")
@@ -36,7 +34,7 @@ pub fn device_csr(key: &DeviceKey, device_id: &str) -> Result<String> {
 }
 
 /// The pending renewal, or a new one with a fresh key (saved before it is used).
-pub fn pending_or_new(
+pub(crate) fn pending_or_new(
     store: &CertStore,
     keys: &KeySource,
     device_id: &str,
@@ -56,7 +54,7 @@ pub fn pending_or_new(
 }
 
 /// Checks an issued certificate against the pending key before anything uses it.
-pub fn accept(
+pub(crate) fn accept(
     store: &CertStore,
     ca_pem: &str,
     device_id: &str,
@@ -84,7 +82,7 @@ pub fn accept(
 }
 
 /// The agent's renewal state for one process lifetime.
-pub struct Renewer {
+pub(crate) struct Renewer {
     store: CertStore,
     keys: KeySource,
     ca_pem: String,
@@ -96,7 +94,7 @@ pub struct Renewer {
 }
 
 /// What to do after handling a server message.
-pub enum Outcome {
+pub(crate) enum Outcome {
     Nothing,
     /// Send this request on the stream.
     Send(pb::CertificateRequest),
@@ -107,7 +105,7 @@ pub enum Outcome {
 }
 
 impl Renewer {
-    pub fn new(
+    pub(crate) fn new(
         store: CertStore,
         keys: KeySource,
         ca_pem: String,
@@ -128,7 +126,7 @@ impl Renewer {
     }
 
     /// Whether the current certificate is in its renewal window.
-    pub fn due(&self) -> bool {
+    pub(crate) fn due(&self) -> bool {
         let Ok(pair) = self.store.current() else {
             return false;
         };
@@ -149,7 +147,7 @@ impl Renewer {
 
     /// Called when a session opens and on every tick: renews on the agent's own initiative when a
     /// request is pending from before, or when due and not backing off.
-    pub fn on_tick(&mut self) -> Result<Outcome> {
+    pub(crate) fn on_tick(&mut self) -> Result<Outcome> {
         if self.in_flight.is_some() {
             return Ok(Outcome::Nothing);
         }
@@ -166,7 +164,7 @@ impl Renewer {
     }
 
     /// The server asked for a renewal.
-    pub fn on_directive(&mut self, directive: &pb::RenewCertificate) -> Result<Outcome> {
+    pub(crate) fn on_directive(&mut self, directive: &pb::RenewCertificate) -> Result<Outcome> {
         tracing::info!(reason = %directive.reason, "server asked to renew the certificate");
         if self.in_flight.is_some() {
             return Ok(Outcome::Nothing);
@@ -175,7 +173,7 @@ impl Renewer {
     }
 
     /// A certificate arrived: validate, swap, and reconnect with it.
-    pub fn on_issued(&mut self, issued: &pb::CertificateIssued) -> Result<Outcome> {
+    pub(crate) fn on_issued(&mut self, issued: &pb::CertificateIssued) -> Result<Outcome> {
         if self.in_flight.as_deref() != Some(issued.request_id.as_str()) {
             tracing::warn!(request_id = %issued.request_id, "ignoring a certificate for a request not in flight");
             return Ok(Outcome::Nothing);
@@ -214,7 +212,7 @@ impl Renewer {
         }
     }
 
-    pub fn on_refused(&mut self, refused: &pb::CertificateRefused) -> Result<Outcome> {
+    pub(crate) fn on_refused(&mut self, refused: &pb::CertificateRefused) -> Result<Outcome> {
         if self.in_flight.as_deref() == Some(refused.request_id.as_str()) {
             self.in_flight = None;
         }
@@ -235,7 +233,7 @@ impl Renewer {
     }
 
     /// The session ended with a request unanswered: it is resent on the next session.
-    pub fn on_session_end(&mut self) {
+    pub(crate) fn on_session_end(&mut self) {
         self.in_flight = None;
     }
 

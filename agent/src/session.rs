@@ -25,8 +25,9 @@ use flotilla::proto::agent::v1::agent_service_client::AgentServiceClient;
 use rand::Rng;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -50,10 +51,10 @@ enum End {
 /// restart) until it is enrolled again.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Decommissioned(pub String);
+pub(crate) struct Decommissioned(pub String);
 
 /// The exit code of a decommissioned agent (EX_CONFIG).
-pub const EXIT_DECOMMISSIONED: i32 = 78;
+pub(crate) const EXIT_DECOMMISSIONED: i32 = 78;
 
 /// After a stream is closed on shutdown, how long to wait for the control plane to end it.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -70,7 +71,7 @@ fn message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
 const SWAP_ATTEMPTS: u32 = 3;
 
 /// Keeps a session open for as long as the agent runs.
-pub async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
+pub(crate) async fn run(agent: &Agent, enrolled: &Enrolled) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(500), agent.config.max_backoff());
     let ca_pem = std::fs::read_to_string(agent.state.ca_path())
         .with_context(|| format!("reading {}", agent.state.ca_path().display()))?;
@@ -305,13 +306,18 @@ async fn session(
     // meanwhile, and one held until a window opens.
     let mut in_flight: Option<Pin<Box<dyn Future<Output = Pushed> + '_>>> = None;
     let mut queued: Option<pb::RenderedSpec> = None;
-    let mut held: Option<(pb::RenderedSpec, tokio::time::Instant)> = None;
+    let mut held: Option<(pb::RenderedSpec, Instant)> = None;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => {
                 return Ok(close(agent, in_flight, tx, &mut inbound, &applied.version).await);
             }
-            pushed = async { in_flight.as_mut().expect("guarded by is_some").await }, if in_flight.is_some() => {
+            pushed = async {
+                match in_flight.as_mut() {
+                    Some(push) => push.await,
+                    None => std::future::pending().await,
+                }
+            }, if in_flight.is_some() => {
                 in_flight = None;
                 match pushed {
                     Pushed::Answer { answer, applied: now_applied } => {
@@ -325,7 +331,7 @@ async fn session(
                     Pushed::Held { push, until_ms } => {
                         let wait = Duration::from_millis((until_ms - now_millis()).max(0) as u64);
                         tracing::info!(version = %push.version, wait_secs = wait.as_secs(), "spec held until its update window");
-                        held = Some((*push, tokio::time::Instant::now() + wait));
+                        held = Some((*push, Instant::now() + wait));
                     }
                     Pushed::Restart => return Ok(End::Restart),
                     // No NACK: the version is fine, the device is not. A new session gets it
@@ -342,13 +348,18 @@ async fn session(
                     in_flight = Some(Box::pin(handle_push(agent, applied.clone(), next, channel.clone())));
                 }
             }
-            _ = async { tokio::time::sleep_until(held.as_ref().expect("guarded by is_some").1).await }, if held.is_some() && in_flight.is_none() => {
+            _ = async {
+                match held.as_ref() {
+                    Some((_, at)) => tokio::time::sleep_until(*at).await,
+                    None => std::future::pending().await,
+                }
+            }, if held.is_some() && in_flight.is_none() => {
                 if let Some((push, _)) = held.take() {
                     in_flight = Some(Box::pin(handle_push(agent, applied.clone(), push, channel.clone())));
                 }
             }
             _ = &mut drift_check => {
-                drift_check.as_mut().reset(tokio::time::Instant::now() + reporter.next_drift_check());
+                drift_check.as_mut().reset(Instant::now() + reporter.next_drift_check());
                 if let Some(status) = reporter.drift_check(&applied.spec, &applied.version)
                     && tx.send(message(pb::agent_message::Kind::Status(status))).await.is_err()
                 {

@@ -28,13 +28,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 /// Makes the entries of `dir` (renames, removals) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
     std::fs::File::open(dir)?.sync_all()
 }
 
 /// Replaces the symlink `dir/link` by one pointing at `target`, atomically (a new link renamed
 /// over the old), and makes it durable.
-pub fn relink(dir: &Path, link: &str, target: &str) -> Result<(), std::io::Error> {
+pub(crate) fn relink(dir: &Path, link: &str, target: &str) -> Result<(), std::io::Error> {
     let tmp = dir.join(format!("{link}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp)?;
@@ -43,12 +43,12 @@ pub fn relink(dir: &Path, link: &str, target: &str) -> Result<(), std::io::Error
 }
 
 /// Writes `content` to `path` atomically with permission `mode`.
-pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
+pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
     write_atomic_owned(path, content, mode, None, None)
 }
 
 /// Like `write_atomic`, also giving the file an owner and group (before it becomes visible).
-pub fn write_atomic_owned(
+pub(crate) fn write_atomic_owned(
     path: &Path,
     content: &[u8],
     mode: u32,

@@ -77,7 +77,7 @@ fn client_config(ca_pem: &str, cert_pem: &str, key: TpmSigner) -> Result<rustls:
 }
 
 /// Opens the management channel, the TPM signing the client side of the handshake.
-pub async fn connect_with_tpm_key(
+pub(crate) async fn connect_with_tpm_key(
     address: &str,
     ca_pem: &str,
     cert_pem: &str,

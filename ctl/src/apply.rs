@@ -38,7 +38,7 @@ fn fleet_warnings(fleet: &pb::Fleet) -> Vec<String> {
     conflicts.chain(failures).collect()
 }
 
-pub async fn apply(
+pub(crate) async fn apply(
     config: &Option<PathBuf>,
     format: Format,
     file: PathBuf,
@@ -54,7 +54,7 @@ pub async fn apply(
 }
 
 /// Applies parsed documents in order, stopping at the first refusal.
-pub async fn apply_documents(
+pub(crate) async fn apply_documents(
     channel: tonic::transport::Channel,
     format: Format,
     documents: Vec<Resource>,

@@ -13,13 +13,13 @@ use flotilla::signature::spki_der_from_pem;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 const PAGE: u32 = 1000;
 
 /// Filters of `audit list`.
-pub struct Filters {
+pub(crate) struct Filters {
     pub device: Option<String>,
     pub kind: Option<String>,
     pub actor: Option<String>,
@@ -30,7 +30,7 @@ pub struct Filters {
 }
 
 /// Where `audit verify` reads the trail and what it checks it against.
-pub struct VerifyOptions {
+pub(crate) struct VerifyOptions {
     /// An export (`audit export`) to verify offline instead of asking the server.
     pub file: Option<PathBuf>,
     /// A head saved earlier (`audit head --out`): records deleted since are reported.
@@ -40,9 +40,7 @@ pub struct VerifyOptions {
 }
 
 fn ago(duration: Duration) -> prost_types::Timestamp {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = Duration::from_millis(flotilla::clock::now_millis().max(0) as u64);
     let at = now.saturating_sub(duration);
     prost_types::Timestamp {
         seconds: at.as_secs() as i64,
@@ -62,7 +60,7 @@ fn rfc3339(ms: i64) -> String {
 /// One record as exported (one JSON object per line) and as `-o json` shows it: every field the
 /// hash covers, the chain fields and the signature in hex, and the device's current name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RecordLine {
+pub(crate) struct RecordLine {
     pub seq: i64,
     pub at: String,
     pub at_ms: i64,
@@ -170,7 +168,7 @@ impl RecordLine {
 
 /// A signed head as saved to a file by `audit head --out`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HeadFile {
+pub(crate) struct HeadFile {
     pub seq: i64,
     pub hash: String,
     pub at: String,
@@ -231,7 +229,7 @@ async fn fetch(
     }
 }
 
-pub async fn list(channel: Channel, format: Format, filters: Filters) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format, filters: Filters) -> Result<()> {
     let request = pb::ListAuditRequest {
         device: filters.device.unwrap_or_default(),
         kind: filters.kind.unwrap_or_default(),
@@ -271,7 +269,7 @@ pub async fn list(channel: Channel, format: Format, filters: Filters) -> Result<
 }
 
 /// Writes the whole trail as JSON lines (to `out`, or stdout), for a SIEM or offline verification.
-pub async fn export(channel: Channel, out: Option<&Path>) -> Result<()> {
+pub(crate) async fn export(channel: Channel, out: Option<&Path>) -> Result<()> {
     let (records, _) = fetch(channel, pb::ListAuditRequest::default()).await?;
     let mut text = String::new();
     for record in records {
@@ -288,7 +286,7 @@ pub async fn export(channel: Channel, out: Option<&Path>) -> Result<()> {
 }
 
 /// Asks the control plane to sign the chain's head now; prints it or saves it to `out`.
-pub async fn head(channel: Channel, out: Option<&Path>) -> Result<()> {
+pub(crate) async fn head(channel: Channel, out: Option<&Path>) -> Result<()> {
     let head = AuditServiceClient::new(channel)
         .get_audit_head(pb::GetAuditHeadRequest {})
         .await
@@ -369,7 +367,7 @@ fn verification_key(
 
 /// Verifies the whole trail (from the server, or from an export); fails naming the first record
 /// that is not intact, or the truncation a saved head shows.
-pub async fn verify(
+pub(crate) async fn verify(
     channel: Option<Channel>,
     config: Option<&CtlConfig>,
     options: VerifyOptions,

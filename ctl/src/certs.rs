@@ -6,7 +6,6 @@ use anyhow::{Result, bail};
 use flotilla::proto::admin::v1 as pb;
 use flotilla::proto::admin::v1::certificate_service_client::CertificateServiceClient;
 use serde::Serialize;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::transport::Channel;
 
 #[derive(Serialize)]
@@ -28,16 +27,13 @@ struct CertificateView {
 }
 
 fn days_left(not_after: Option<&prost_types::Timestamp>) -> i64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = flotilla::clock::now_secs();
     not_after
         .map(|t| (t.seconds - now).div_euclid(86_400))
         .unwrap_or(0)
 }
 
-pub async fn list(channel: Channel, format: Format, device: Option<String>) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format, device: Option<String>) -> Result<()> {
     let certificates = CertificateServiceClient::new(channel)
         .list_certificates(pb::ListCertificatesRequest {
             device: device.unwrap_or_default(),
@@ -87,7 +83,7 @@ pub async fn list(channel: Channel, format: Format, device: Option<String>) -> R
     )
 }
 
-pub async fn revoke(
+pub(crate) async fn revoke(
     channel: Channel,
     serial: Option<String>,
     device: Option<String>,
@@ -115,7 +111,7 @@ pub async fn revoke(
     Ok(())
 }
 
-pub async fn renew(
+pub(crate) async fn renew(
     channel: Channel,
     device: Option<String>,
     selector: Option<String>,

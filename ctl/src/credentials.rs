@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
 /// What `credential create` asks for.
-pub struct Create {
+pub(crate) struct Create {
     pub name: String,
     pub role: String,
     pub scope: String,
@@ -132,7 +132,7 @@ fn write_bundle(
     Ok(path)
 }
 
-pub async fn create(channel: Channel, current: &CtlConfig, create: Create) -> Result<()> {
+pub(crate) async fn create(channel: Channel, current: &CtlConfig, create: Create) -> Result<()> {
     let role = role_from(&create.role, "--role")?;
     let acts_as = create
         .acts_as
@@ -193,7 +193,7 @@ pub async fn create(channel: Channel, current: &CtlConfig, create: Create) -> Re
 
 /// Renews `name` with a fresh key. Without `out`, renewing the credential this config uses
 /// replaces its key and certificate in place; any other is written to `./<name>/`.
-pub async fn renew(
+pub(crate) async fn renew(
     channel: Channel,
     current: &CtlConfig,
     name: String,
@@ -244,7 +244,7 @@ pub async fn renew(
     Ok(())
 }
 
-pub async fn revoke(channel: Channel, name: String, reason: String) -> Result<()> {
+pub(crate) async fn revoke(channel: Channel, name: String, reason: String) -> Result<()> {
     let credential = CredentialServiceClient::new(channel)
         .revoke_credential(pb::RevokeCredentialRequest {
             name: name.clone(),
@@ -338,7 +338,7 @@ fn row(c: &CredentialView) -> Vec<String> {
     ]
 }
 
-pub async fn list(channel: Channel, format: Format, include_revoked: bool) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format, include_revoked: bool) -> Result<()> {
     let credentials = CredentialServiceClient::new(channel)
         .list_credentials(pb::ListCredentialsRequest { include_revoked })
         .await
@@ -349,7 +349,7 @@ pub async fn list(channel: Channel, format: Format, include_revoked: bool) -> Re
     print(format, &views, false, HEADER, row)
 }
 
-pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
+pub(crate) async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
     let credential = CredentialServiceClient::new(channel)
         .get_credential(pb::GetCredentialRequest { name })
         .await

@@ -28,14 +28,14 @@ const WIDE_HEADER: &[&str] = &[
 
 /// Which table columns to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Columns {
+pub(crate) enum Columns {
     Normal,
     /// `-o wide`: what the device runs on and how full it is.
     Wide,
 }
 
 impl Columns {
-    pub fn new(wide: bool) -> Columns {
+    pub(crate) fn new(wide: bool) -> Columns {
         if wide { Columns::Wide } else { Columns::Normal }
     }
 
@@ -131,7 +131,7 @@ fn wide_row(d: &DeviceView) -> Vec<String> {
     ]
 }
 
-pub fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
+pub(crate) fn print_devices(format: Format, devices: Vec<pb::Device>, single: bool) -> Result<()> {
     print_columns(format, Columns::Normal, devices, single)
 }
 
@@ -149,14 +149,19 @@ fn print_columns(
 const CHUNK: u32 = 500;
 
 /// What `get devices` asks for.
-pub struct Query {
+pub(crate) struct Query {
     pub selector: String,
     pub field_selector: String,
     /// Show at most this many (0: all).
     pub limit: usize,
 }
 
-pub async fn list(channel: Channel, format: Format, columns: Columns, query: Query) -> Result<()> {
+pub(crate) async fn list(
+    channel: Channel,
+    format: Format,
+    columns: Columns,
+    query: Query,
+) -> Result<()> {
     let mut client = DeviceServiceClient::new(channel);
     let mut devices = Vec::new();
     let mut page_token = String::new();
@@ -188,7 +193,7 @@ pub async fn list(channel: Channel, format: Format, columns: Columns, query: Que
     print_columns(format, columns, devices, false)
 }
 
-pub async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
+pub(crate) async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
     Ok(DeviceServiceClient::new(channel)
         .get_device(pb::GetDeviceRequest { name })
         .await
@@ -196,7 +201,12 @@ pub async fn fetch(channel: Channel, name: String) -> Result<pb::Device> {
         .into_inner())
 }
 
-pub async fn get(channel: Channel, format: Format, columns: Columns, name: String) -> Result<()> {
+pub(crate) async fn get(
+    channel: Channel,
+    format: Format,
+    columns: Columns,
+    name: String,
+) -> Result<()> {
     print_columns(format, columns, vec![fetch(channel, name).await?], true)
 }
 
@@ -204,7 +214,7 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect::<String>()
 }
 
-pub async fn describe(channel: Channel, name: String) -> Result<()> {
+pub(crate) async fn describe(channel: Channel, name: String) -> Result<()> {
     let view = resources::device_view(fetch(channel, name).await?);
     let status = &view.status;
     let mut out = String::new();
@@ -281,7 +291,7 @@ pub async fn describe(channel: Channel, name: String) -> Result<()> {
     Ok(())
 }
 
-pub async fn label(
+pub(crate) async fn label(
     channel: Channel,
     format: Format,
     name: String,
@@ -321,7 +331,7 @@ fn event_name(kind: i32) -> &'static str {
 }
 
 /// Prints one line per event until the server ends the stream (or the user interrupts).
-pub async fn watch(
+pub(crate) async fn watch(
     channel: Channel,
     format: Format,
     columns: Columns,
@@ -369,7 +379,7 @@ pub async fn watch(
     ))
 }
 
-pub async fn delete(channel: Channel, name: String) -> Result<()> {
+pub(crate) async fn delete(channel: Channel, name: String) -> Result<()> {
     let revoked = DeviceServiceClient::new(channel)
         .delete_device(pb::DeleteDeviceRequest { name: name.clone() })
         .await

@@ -16,17 +16,14 @@ const HEADER: &str = "# Edit and save to apply: metadata.labels and spec. Status
 
 /// What to edit.
 #[derive(Debug, Clone, Copy)]
-pub enum Kind {
+pub(crate) enum Kind {
     Device,
     Fleet,
 }
 
 /// A private file for the edit: the document may hold secrets (file contents).
 fn edit_file(kind: Kind, name: &str, text: &str) -> Result<PathBuf> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
+    let nanos = flotilla::clock::now_millis().rem_euclid(1_000_000);
     let safe: String = name
         .chars()
         .map(|c| {
@@ -73,7 +70,7 @@ fn run_editor(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub async fn edit(channel: Channel, format: Format, kind: Kind, name: String) -> Result<()> {
+pub(crate) async fn edit(channel: Channel, format: Format, kind: Kind, name: String) -> Result<()> {
     let document = match kind {
         Kind::Device => yaml_serde::to_string(&resources::device_view(
             devices::fetch(channel.clone(), name.clone()).await?,

@@ -68,7 +68,7 @@ fn parse_state(text: &str) -> Result<EnrollmentState> {
         .ok_or_else(|| anyhow!("unknown state {text:?}: use pending, approved or denied"))
 }
 
-pub async fn list(channel: Channel, format: Format, state: Option<String>) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format, state: Option<String>) -> Result<()> {
     let state = state
         .as_deref()
         .map(parse_state)
@@ -85,7 +85,7 @@ pub async fn list(channel: Channel, format: Format, state: Option<String>) -> Re
     print_enrollments(format, enrollments, false)
 }
 
-pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
+pub(crate) async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
     let enrollment = EnrollmentServiceClient::new(channel)
         .get_enrollment(pb::GetEnrollmentRequest { name })
         .await
@@ -94,7 +94,7 @@ pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
     print_enrollments(format, vec![enrollment], true)
 }
 
-pub async fn approve(
+pub(crate) async fn approve(
     channel: Channel,
     format: Format,
     name: String,
@@ -113,7 +113,7 @@ pub async fn approve(
 
 /// Approves every pending request whose requested labels match `selector` ("" matches all),
 /// giving each `labels`; says which it approved and fails if one could not be.
-pub async fn approve_matching(
+pub(crate) async fn approve_matching(
     channel: Channel,
     format: Format,
     selector: &str,
@@ -159,7 +159,7 @@ pub async fn approve_matching(
 }
 
 /// Deletes a pending or denied request so its name can enroll again.
-pub async fn delete(channel: Channel, name: String) -> Result<()> {
+pub(crate) async fn delete(channel: Channel, name: String) -> Result<()> {
     EnrollmentServiceClient::new(channel)
         .delete_enrollment(pb::DeleteEnrollmentRequest { name: name.clone() })
         .await
@@ -168,7 +168,12 @@ pub async fn delete(channel: Channel, name: String) -> Result<()> {
     Ok(())
 }
 
-pub async fn deny(channel: Channel, format: Format, name: String, reason: String) -> Result<()> {
+pub(crate) async fn deny(
+    channel: Channel,
+    format: Format,
+    name: String,
+    reason: String,
+) -> Result<()> {
     let enrollment = EnrollmentServiceClient::new(channel)
         .deny_enrollment(pb::DenyEnrollmentRequest { name, reason })
         .await

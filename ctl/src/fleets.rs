@@ -10,7 +10,7 @@ use flotilla::spec::DeviceSpec;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-pub fn print_fleets(format: Format, fleets: Vec<pb::Fleet>, single: bool) -> Result<()> {
+pub(crate) fn print_fleets(format: Format, fleets: Vec<pb::Fleet>, single: bool) -> Result<()> {
     let views: Vec<_> = fleets.into_iter().map(resources::fleet_view).collect();
     print(
         format,
@@ -43,7 +43,7 @@ pub fn print_fleets(format: Format, fleets: Vec<pb::Fleet>, single: bool) -> Res
     )
 }
 
-pub async fn list(channel: Channel, format: Format) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format) -> Result<()> {
     let fleets = FleetServiceClient::new(channel)
         .list_fleets(pb::ListFleetsRequest {})
         .await
@@ -53,7 +53,7 @@ pub async fn list(channel: Channel, format: Format) -> Result<()> {
     print_fleets(format, fleets, false)
 }
 
-pub async fn fetch(channel: Channel, name: String) -> Result<pb::Fleet> {
+pub(crate) async fn fetch(channel: Channel, name: String) -> Result<pb::Fleet> {
     Ok(FleetServiceClient::new(channel)
         .get_fleet(pb::GetFleetRequest { name })
         .await
@@ -61,11 +61,11 @@ pub async fn fetch(channel: Channel, name: String) -> Result<pb::Fleet> {
         .into_inner())
 }
 
-pub async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
+pub(crate) async fn get(channel: Channel, format: Format, name: String) -> Result<()> {
     print_fleets(format, vec![fetch(channel, name).await?], true)
 }
 
-pub async fn describe(channel: Channel, name: String) -> Result<()> {
+pub(crate) async fn describe(channel: Channel, name: String) -> Result<()> {
     let view = resources::fleet_view(fetch(channel, name).await?);
     let status = &view.status;
     let mut out = format!(
@@ -124,7 +124,7 @@ struct RevisionView {
     template: DeviceSpec,
 }
 
-pub async fn revisions(channel: Channel, format: Format, fleet: String) -> Result<()> {
+pub(crate) async fn revisions(channel: Channel, format: Format, fleet: String) -> Result<()> {
     let revisions = FleetServiceClient::new(channel)
         .list_fleet_revisions(pb::ListFleetRevisionsRequest { name: fleet })
         .await
@@ -158,7 +158,7 @@ pub async fn revisions(channel: Channel, format: Format, fleet: String) -> Resul
     )
 }
 
-pub async fn delete(channel: Channel, name: String) -> Result<()> {
+pub(crate) async fn delete(channel: Channel, name: String) -> Result<()> {
     FleetServiceClient::new(channel)
         .delete_fleet(pb::DeleteFleetRequest { name: name.clone() })
         .await

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     Table,
     /// A table with more columns, where the resource has them (devices).
     Wide,
@@ -18,7 +18,7 @@ pub enum Format {
 }
 
 /// Prints `items` in `format`; `single` prints one object instead of a list in JSON/YAML.
-pub fn print<T: Serialize>(
+pub(crate) fn print<T: Serialize>(
     format: Format,
     items: &[T],
     single: bool,
@@ -51,7 +51,7 @@ pub fn print<T: Serialize>(
 
 /// `device/edge-1` for a document with `kind` and `metadata.name`; a record without them is named
 /// by its `name` (or `serial`) field.
-pub fn name_of(document: &serde_json::Value) -> String {
+pub(crate) fn name_of(document: &serde_json::Value) -> String {
     let kind = document["kind"]
         .as_str()
         .map(str::to_ascii_lowercase)
@@ -72,7 +72,7 @@ pub fn name_of(document: &serde_json::Value) -> String {
 /// terminal: control characters — escape sequences above all — are shown as `\x1b`-style escapes
 /// instead of being interpreted. With `keep_newlines`, line breaks and tabs pass (multi-line
 /// views); otherwise they are escaped too (table cells). JSON and YAML output is never filtered.
-pub fn terminal_safe(text: &str, keep_newlines: bool) -> Cow<'_, str> {
+pub(crate) fn terminal_safe(text: &str, keep_newlines: bool) -> Cow<'_, str> {
     let unsafe_char = |c: char| c.is_control() && !(keep_newlines && (c == '\n' || c == '\t'));
     if !text.chars().any(unsafe_char) {
         return Cow::Borrowed(text);
@@ -94,12 +94,12 @@ pub fn terminal_safe(text: &str, keep_newlines: bool) -> Cow<'_, str> {
 }
 
 /// Prints multi-line text made for the terminal (describe views), escaping control characters.
-pub fn print_text(text: &str) {
+pub(crate) fn print_text(text: &str) {
     print!("{}", terminal_safe(text, true));
 }
 
 /// Left-aligned columns separated by three spaces, like kubectl.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|row| {

@@ -21,7 +21,7 @@ const UPLOAD_CHUNK: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ReleaseView {
+pub(crate) struct ReleaseView {
     pub kind: &'static str,
     pub version: String,
     pub sha256: String,
@@ -73,7 +73,7 @@ fn print_releases(format: Format, releases: Vec<agent::AgentRelease>, single: bo
 }
 
 /// Writes a new Ed25519 release key: `<out>.key` (private, 0600) and `<out>.pub`.
-pub fn keygen(out: &Path) -> Result<()> {
+pub(crate) fn keygen(out: &Path) -> Result<()> {
     let private = out.with_extension("key");
     let public = out.with_extension("pub");
     for path in [&private, &public] {
@@ -112,7 +112,7 @@ fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<()> {
 }
 
 /// Signs `file` as release `version` with the private key at `key`; writes the signature file.
-pub fn sign(key: &Path, version: &str, file: &Path, out: Option<PathBuf>) -> Result<()> {
+pub(crate) fn sign(key: &Path, version: &str, file: &Path, out: Option<PathBuf>) -> Result<()> {
     flotilla::spec::parse_release_version(version).map_err(|e| anyhow!(e))?;
     let pem = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
     let pair = rcgen::KeyPair::from_pem(&pem)
@@ -145,7 +145,7 @@ pub fn sign(key: &Path, version: &str, file: &Path, out: Option<PathBuf>) -> Res
 
 /// Publishes `file` (or, with `url`, only the record of a build served from there) as release
 /// `version` with the signature file `signature`.
-pub async fn publish(
+pub(crate) async fn publish(
     channel: Channel,
     format: Format,
     file: &Path,
@@ -214,7 +214,7 @@ pub async fn publish(
     print_releases(format, vec![release], true)
 }
 
-pub async fn list(channel: Channel, format: Format) -> Result<()> {
+pub(crate) async fn list(channel: Channel, format: Format) -> Result<()> {
     let releases = AgentReleaseServiceClient::new(channel)
         .list_agent_releases(pb::ListAgentReleasesRequest {})
         .await
@@ -224,7 +224,7 @@ pub async fn list(channel: Channel, format: Format) -> Result<()> {
     print_releases(format, releases, false)
 }
 
-pub async fn get(channel: Channel, format: Format, version: String) -> Result<()> {
+pub(crate) async fn get(channel: Channel, format: Format, version: String) -> Result<()> {
     let release = AgentReleaseServiceClient::new(channel)
         .get_agent_release(agent::GetAgentReleaseRequest { version })
         .await
@@ -233,7 +233,7 @@ pub async fn get(channel: Channel, format: Format, version: String) -> Result<()
     print_releases(format, vec![release], true)
 }
 
-pub async fn delete(channel: Channel, version: String) -> Result<()> {
+pub(crate) async fn delete(channel: Channel, version: String) -> Result<()> {
     AgentReleaseServiceClient::new(channel)
         .delete_agent_release(pb::DeleteAgentReleaseRequest {
             version: version.clone(),

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Metadata {
+pub(crate) struct Metadata {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -25,7 +25,7 @@ pub struct Metadata {
 /// A fleet's spec as written in a document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct FleetSpec {
+pub(crate) struct FleetSpec {
     /// Label selector, e.g. `site=berlin,tier!=canary`.
     #[serde(default)]
     pub selector: String,
@@ -40,7 +40,7 @@ pub struct FleetSpec {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FleetDefaults {
+pub(crate) struct FleetDefaults {
     /// Values the template sees for labels a device lacks.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -54,7 +54,7 @@ impl FleetDefaults {
 
 /// A resource as written by a user.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Resource {
+pub(crate) enum Resource {
     Device {
         metadata: Metadata,
         spec: DeviceSpec,
@@ -146,7 +146,7 @@ fn list_items(items: &[yaml_serde::Value], number: usize) -> Result<Vec<Resource
 }
 
 /// Parses every document of a YAML (or JSON) file. A document's errors name its line and column.
-pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
+pub(crate) fn parse_documents(text: &str) -> Result<Vec<Resource>> {
     // First what each document is, then each parsed as its kind straight from the text, so an
     // error carries its position.
     let values = yaml_serde::Deserializer::from_str(text)
@@ -187,7 +187,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>> {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct DeviceStatusView {
+pub(crate) struct DeviceStatusView {
     pub online: bool,
     pub sync_state: String,
     pub desired_version: String,
@@ -223,7 +223,7 @@ pub struct DeviceStatusView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct DeviceView {
+pub(crate) struct DeviceView {
     pub kind: &'static str,
     pub metadata: Metadata,
     pub spec: DeviceSpec,
@@ -235,7 +235,7 @@ pub struct DeviceView {
 /// Where a device stands with respect to fleets, and what it should run.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeviceFleetView {
+pub(crate) struct DeviceFleetView {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub fleet: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -254,7 +254,7 @@ fn state_name(state: i32) -> String {
         .unwrap_or_else(|_| "UNKNOWN".into())
 }
 
-pub fn device_view(device: admin::Device) -> DeviceView {
+pub(crate) fn device_view(device: admin::Device) -> DeviceView {
     let fleet = DeviceFleetView {
         fleet: device.fleet,
         conflicting_fleets: device.conflicting_fleets,
@@ -305,7 +305,7 @@ pub fn device_view(device: admin::Device) -> DeviceView {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetStatusView {
+pub(crate) struct FleetStatusView {
     pub revision: i64,
     pub devices: Vec<String>,
     pub synced: u32,
@@ -322,14 +322,14 @@ pub struct FleetStatusView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FleetView {
+pub(crate) struct FleetView {
     pub kind: &'static str,
     pub metadata: Metadata,
     pub spec: FleetSpec,
     pub status: FleetStatusView,
 }
 
-pub fn fleet_view(fleet: admin::Fleet) -> FleetView {
+pub(crate) fn fleet_view(fleet: admin::Fleet) -> FleetView {
     let status = fleet.status.unwrap_or_default();
     FleetView {
         kind: "Fleet",
@@ -370,7 +370,7 @@ pub fn fleet_view(fleet: admin::Fleet) -> FleetView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct EnrollmentView {
+pub(crate) struct EnrollmentView {
     pub name: String,
     pub state: String,
     pub labels: BTreeMap<String, String>,
@@ -401,7 +401,7 @@ pub struct EnrollmentView {
     pub source_address: String,
 }
 
-pub fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
+pub(crate) fn enrollment_view(enrollment: admin::Enrollment) -> EnrollmentView {
     let info = enrollment.system_info.unwrap_or_default();
     EnrollmentView {
         state: agent::EnrollmentState::try_from(enrollment.state)

@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 
 /// What `rollout status|pause|resume|rollback` do.
 #[derive(Debug, Clone, Copy)]
-pub enum Action {
+pub(crate) enum Action {
     Status,
     Pause,
     Resume,
@@ -116,7 +116,12 @@ fn show(format: Format, rollout: pb::Rollout) -> Result<()> {
     Ok(())
 }
 
-pub async fn act(channel: Channel, format: Format, fleet: String, action: Action) -> Result<()> {
+pub(crate) async fn act(
+    channel: Channel,
+    format: Format,
+    fleet: String,
+    action: Action,
+) -> Result<()> {
     let mut client = RolloutServiceClient::new(channel);
     let request = pb::RolloutRequest {
         fleet: fleet.clone(),
@@ -140,7 +145,7 @@ pub async fn act(channel: Channel, format: Format, fleet: String, action: Action
 
 /// One line per change until the rollout completes (success) or pauses (an error, so scripts can
 /// tell), or the stream ends.
-pub async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()> {
+pub(crate) async fn watch(channel: Channel, format: Format, fleet: String) -> Result<()> {
     let mut stream = RolloutServiceClient::new(channel)
         .watch_rollout(pb::RolloutRequest {
             fleet: fleet.clone(),

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ConditionView {
+pub(crate) struct ConditionView {
     #[serde(rename = "type")]
     pub kind: String,
     pub status: String,
@@ -21,7 +21,7 @@ pub struct ConditionView {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FilesystemView {
+pub(crate) struct FilesystemView {
     pub mount_point: String,
     pub total_bytes: u64,
     pub used_bytes: u64,
@@ -30,7 +30,7 @@ pub struct FilesystemView {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ResourcesView {
+pub(crate) struct ResourcesView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<String>,
     pub cpu_percent: u32,
@@ -46,7 +46,7 @@ pub struct ResourcesView {
 /// The report part of a device's status.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ReportView {
+pub(crate) struct ReportView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system_info: Option<SystemInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,17 +67,17 @@ pub struct ReportView {
 /// The device's last drift check.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DriftView {
+pub(crate) struct DriftView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checked_at: Option<String>,
     pub items: Vec<flotilla::status::DriftItem>,
 }
 
-pub fn summary_name(summary: i32) -> String {
+pub(crate) fn summary_name(summary: i32) -> String {
     summary_from(summary).as_str().to_string()
 }
 
-pub fn conditions(status: &admin::DeviceStatus) -> Vec<ConditionView> {
+pub(crate) fn conditions(status: &admin::DeviceStatus) -> Vec<ConditionView> {
     status
         .conditions
         .iter()
@@ -91,7 +91,7 @@ pub fn conditions(status: &admin::DeviceStatus) -> Vec<ConditionView> {
         .collect()
 }
 
-pub fn report(status: &admin::DeviceStatus) -> ReportView {
+pub(crate) fn report(status: &admin::DeviceStatus) -> ReportView {
     let resources = status.resources.clone().map(ResourceUsage::from);
     let alerts: Vec<Alert> = alerts_from(status.alerts.clone()).unwrap_or_default();
     ReportView {
@@ -157,7 +157,7 @@ fn workload_line(w: &WorkloadStatus) -> String {
 }
 
 /// `1.5 GiB`-style sizes.
-pub fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -173,13 +173,13 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// The first 12 hex digits of a digest (`sha256:` dropped).
-pub fn short_digest(digest: &str) -> &str {
+pub(crate) fn short_digest(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
 }
 
 /// The lines `describe device` adds for the report and the conditions.
-pub fn describe(out: &mut String, report: &ReportView, conditions: &[ConditionView]) {
+pub(crate) fn describe(out: &mut String, report: &ReportView, conditions: &[ConditionView]) {
     let mut line = |key: &str, value: String| {
         if !value.is_empty() {
             out.push_str(&format!("  {:<14}{value}\n", format!("{key}:")));

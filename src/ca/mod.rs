@@ -81,7 +81,8 @@ fn random_serial() -> SerialNumber {
 }
 
 fn window(validity: Duration) -> (OffsetDateTime, OffsetDateTime) {
-    let now = OffsetDateTime::now_utc();
+    let now = OffsetDateTime::from_unix_timestamp(crate::clock::now_secs())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     (now - BACKDATE, now + validity)
 }
 

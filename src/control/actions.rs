@@ -78,7 +78,7 @@ pub struct CallRefusal {
 }
 
 /// How often the chain head is signed and kept.
-pub const HEAD_INTERVAL: Duration = Duration::from_secs(60);
+pub(super) const HEAD_INTERVAL: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// The records of a call, ready to go into the transaction of its change.

@@ -32,7 +32,7 @@ impl Default for AdmissionSettings {
 
 /// The gate every new session passes.
 #[derive(Debug)]
-pub struct Admission {
+pub(super) struct Admission {
     opening: Arc<Semaphore>,
     settings: AdmissionSettings,
 }
@@ -44,7 +44,7 @@ pub struct OpeningPermit {
 }
 
 impl Admission {
-    pub fn new(settings: AdmissionSettings) -> Self {
+    pub(super) fn new(settings: AdmissionSettings) -> Self {
         Admission {
             opening: Arc::new(Semaphore::new(settings.max_opening.max(1))),
             settings,
@@ -53,7 +53,7 @@ impl Admission {
 
     /// Admits one more session, given how many are open now (asked only when there is a limit),
     /// or says when to retry.
-    pub fn admit(
+    pub(super) fn admit(
         &self,
         open_sessions: impl FnOnce() -> usize,
     ) -> Result<OpeningPermit, ControlError> {

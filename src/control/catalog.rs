@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 
 /// A fleet with its parsed selector and compiled template.
 #[derive(Debug, Clone)]
-pub struct FleetEntry {
+pub(super) struct FleetEntry {
     pub record: FleetRecord,
     pub selector: Selector,
     pub template: Arc<CompiledTemplate>,
@@ -24,7 +24,7 @@ pub struct FleetEntry {
 
 impl FleetEntry {
     /// The template a device held at `revision` (or following the current one) renders.
-    pub fn template_for(&self, revision: Option<i64>) -> Arc<CompiledTemplate> {
+    pub(super) fn template_for(&self, revision: Option<i64>) -> Arc<CompiledTemplate> {
         match revision {
             Some(r) if r != self.record.revision => self
                 .pinned
@@ -37,13 +37,13 @@ impl FleetEntry {
 }
 
 /// Owner changes to persist: (device id, new owner).
-pub type OwnerChanges = Vec<(String, Option<String>)>;
+pub(super) type OwnerChanges = Vec<(String, Option<String>)>;
 
 /// The outcome of rendering one device.
-pub type RenderOutcome = Result<Arc<Rendered>, String>;
+pub(super) type RenderOutcome = Result<Arc<Rendered>, String>;
 
 #[derive(Debug, Default)]
-pub struct Catalog {
+pub(super) struct Catalog {
     fleets: BTreeMap<String, FleetEntry>,
     devices: HashMap<String, DeviceRecord>,
     ids_by_name: HashMap<String, String>,
@@ -95,7 +95,7 @@ fn plan<'a>(
 }
 
 impl Catalog {
-    pub fn new(fleets: Vec<FleetEntry>, devices: Vec<DeviceRecord>) -> Catalog {
+    pub(super) fn new(fleets: Vec<FleetEntry>, devices: Vec<DeviceRecord>) -> Catalog {
         let mut catalog = Catalog::default();
         for fleet in fleets {
             catalog.fleets.insert(fleet.record.name.clone(), fleet);
@@ -106,29 +106,29 @@ impl Catalog {
         catalog
     }
 
-    pub fn fleets(&self) -> impl Iterator<Item = &FleetEntry> {
+    pub(super) fn fleets(&self) -> impl Iterator<Item = &FleetEntry> {
         self.fleets.values()
     }
 
-    pub fn fleet(&self, name: &str) -> Option<&FleetEntry> {
+    pub(super) fn fleet(&self, name: &str) -> Option<&FleetEntry> {
         self.fleets.get(name)
     }
 
-    pub fn devices(&self) -> impl Iterator<Item = &DeviceRecord> {
+    pub(super) fn devices(&self) -> impl Iterator<Item = &DeviceRecord> {
         self.devices.values()
     }
 
-    pub fn device(&self, id: &str) -> Option<&DeviceRecord> {
+    pub(super) fn device(&self, id: &str) -> Option<&DeviceRecord> {
         self.devices.get(id)
     }
 
-    pub fn device_by_name(&self, name: &str) -> Option<&DeviceRecord> {
+    pub(super) fn device_by_name(&self, name: &str) -> Option<&DeviceRecord> {
         self.ids_by_name
             .get(name)
             .and_then(|id| self.devices.get(id))
     }
 
-    pub fn conflicts(&self, device_id: &str) -> &[String] {
+    pub(super) fn conflicts(&self, device_id: &str) -> &[String] {
         self.conflicts
             .get(device_id)
             .map(Vec::as_slice)
@@ -136,7 +136,7 @@ impl Catalog {
     }
 
     /// Devices matched by more than one fleet, one of which is `fleet`.
-    pub fn conflicted_in(&self, fleet: &str) -> Vec<&DeviceRecord> {
+    pub(super) fn conflicted_in(&self, fleet: &str) -> Vec<&DeviceRecord> {
         let mut devices: Vec<&DeviceRecord> = self
             .conflicts
             .iter()
@@ -147,14 +147,14 @@ impl Catalog {
         devices
     }
 
-    pub fn put_device(&mut self, device: DeviceRecord) {
+    pub(super) fn put_device(&mut self, device: DeviceRecord) {
         self.ids_by_name
             .insert(device.name.clone(), device.id.clone());
         self.devices.insert(device.id.clone(), device);
     }
 
     /// Records a device's new current certificate.
-    pub fn note_certificate(&mut self, device_id: &str, serial: &str, not_after_ms: i64) {
+    pub(super) fn note_certificate(&mut self, device_id: &str, serial: &str, not_after_ms: i64) {
         if let Some(device) = self.devices.get_mut(device_id) {
             device.cert_serial = Some(serial.to_string());
             device.cert_not_after_ms = Some(not_after_ms);
@@ -162,7 +162,7 @@ impl Catalog {
     }
 
     /// Pins devices to a revision of their fleet (`None`: follow the current one).
-    pub fn pin(&mut self, ids: &[String], revision: Option<i64>) {
+    pub(super) fn pin(&mut self, ids: &[String], revision: Option<i64>) {
         for id in ids {
             if let Some(device) = self.devices.get_mut(id) {
                 device.fleet_revision = revision;
@@ -171,7 +171,7 @@ impl Catalog {
     }
 
     /// Forgets a deleted device.
-    pub fn remove_device(&mut self, device_id: &str) {
+    pub(super) fn remove_device(&mut self, device_id: &str) {
         if let Some(device) = self.devices.remove(device_id) {
             self.ids_by_name.remove(&device.name);
         }
@@ -180,7 +180,7 @@ impl Catalog {
 
     /// Records what a device answered, where its session is and which certificate it holds, as
     /// another replica wrote it.
-    pub fn note_session(&mut self, facts: SessionFacts) {
+    pub(super) fn note_session(&mut self, facts: SessionFacts) {
         if let Some(device) = self.devices.get_mut(&facts.id) {
             device.acked_version = facts.acked_version;
             device.nacked = facts.nacked;
@@ -192,7 +192,7 @@ impl Catalog {
     }
 
     /// Updates the agent version of a device after its Hello.
-    pub fn note_agent_version(&mut self, device_id: &str, agent_version: &str) {
+    pub(super) fn note_agent_version(&mut self, device_id: &str, agent_version: &str) {
         if let Some(device) = self.devices.get_mut(device_id) {
             device.agent_version = Some(agent_version.to_string());
         }
@@ -200,7 +200,7 @@ impl Catalog {
 
     /// The owner changes (and conflicts) that would follow if `fleet` were applied (`Some`) or
     /// `name` deleted (`None`). Nothing is changed.
-    pub fn plan_with(&self, name: &str, fleet: Option<&FleetEntry>) -> OwnerChanges {
+    pub(super) fn plan_with(&self, name: &str, fleet: Option<&FleetEntry>) -> OwnerChanges {
         let mut fleets = self.fleets.clone();
         match fleet {
             Some(fleet) => fleets.insert(name.to_string(), fleet.clone()),
@@ -210,7 +210,7 @@ impl Catalog {
     }
 
     /// The owner a device with `labels` should have, given the fleets as they are.
-    pub fn placement_for(
+    pub(super) fn placement_for(
         &self,
         labels: &BTreeMap<String, String>,
         current: Option<&str>,
@@ -219,21 +219,21 @@ impl Catalog {
     }
 
     /// Every owner change the current fleets call for (used at start-up).
-    pub fn plan_all(&self) -> OwnerChanges {
+    pub(super) fn plan_all(&self) -> OwnerChanges {
         plan(&self.fleets, self.devices.values()).0
     }
 
-    pub fn put_fleet(&mut self, fleet: FleetEntry) {
+    pub(super) fn put_fleet(&mut self, fleet: FleetEntry) {
         self.fleets.insert(fleet.record.name.clone(), fleet);
     }
 
-    pub fn remove_fleet(&mut self, name: &str) {
+    pub(super) fn remove_fleet(&mut self, name: &str) {
         self.fleets.remove(name);
     }
 
     /// Recomputes the conflicts of `device_ids` only: enough when nothing but these devices changed
     /// (a fleet change calls for `apply_owners`, which recomputes every device's).
-    pub fn replan<'a>(&mut self, device_ids: impl IntoIterator<Item = &'a str>) {
+    pub(super) fn replan<'a>(&mut self, device_ids: impl IntoIterator<Item = &'a str>) {
         for id in device_ids {
             let Some(device) = self.devices.get(id) else {
                 self.conflicts.remove(id);
@@ -250,7 +250,7 @@ impl Catalog {
     }
 
     /// Applies persisted owner changes and recomputes every conflict.
-    pub fn apply_owners(&mut self, changes: &OwnerChanges) {
+    pub(super) fn apply_owners(&mut self, changes: &OwnerChanges) {
         for (id, owner) in changes {
             if let Some(device) = self.devices.get_mut(id) {
                 device.fleet = owner.clone();
@@ -272,7 +272,7 @@ impl Catalog {
     /// Whether `device` (a newer version of a known device) could render differently from the
     /// version held: something `render` reads changed, or the device is new here. Session facts
     /// (holder, acknowledged version, last seen) do not count.
-    pub fn would_render_differently(&self, device: &DeviceRecord) -> bool {
+    pub(super) fn would_render_differently(&self, device: &DeviceRecord) -> bool {
         self.devices.get(&device.id).is_none_or(|known| {
             known.name != device.name
                 || known.labels != device.labels
@@ -283,7 +283,7 @@ impl Catalog {
     }
 
     /// Renders one device from its fleet's template and its own overrides.
-    pub fn render(&mut self, device_id: &str) -> Option<RenderOutcome> {
+    pub(super) fn render(&mut self, device_id: &str) -> Option<RenderOutcome> {
         let device = self.devices.get(device_id)?;
         let template = device
             .fleet
@@ -328,7 +328,7 @@ impl Catalog {
     }
 
     /// Renders `device_ids` and hands the results to the hub; returns how many failed.
-    pub fn render_into(
+    pub(super) fn render_into(
         &mut self,
         hub: &Hub,
         device_ids: impl IntoIterator<Item = String>,
@@ -352,7 +352,7 @@ impl Catalog {
     }
 
     /// Ids of the devices `fleet` owns.
-    pub fn owned_by(&self, fleet: &str) -> Vec<String> {
+    pub(super) fn owned_by(&self, fleet: &str) -> Vec<String> {
         self.devices
             .values()
             .filter(|d| d.fleet.as_deref() == Some(fleet))

@@ -23,11 +23,11 @@ const CHALLENGE_LIFETIME: Duration = Duration::from_secs(300);
 /// Outstanding nonces kept at most (enrollment-credential holders cannot exhaust memory).
 const MAX_CHALLENGES: usize = 100_000;
 /// Most audit records returned by one listing.
-pub const MAX_AUDIT_PAGE: i64 = 1000;
+pub(super) const MAX_AUDIT_PAGE: i64 = 1000;
 
 /// Outstanding recovery nonces: nonce → (device id, expiry).
 #[derive(Debug, Default)]
-pub struct Challenges {
+pub(super) struct Challenges {
     nonces: Mutex<HashMap<String, (String, i64)>>,
 }
 

@@ -60,7 +60,11 @@ pub(super) struct DeviceFilter {
 }
 
 impl DeviceFilter {
-    pub fn parse(labels: &str, fields: &str, scope: &Scope) -> Result<DeviceFilter, ControlError> {
+    pub(super) fn parse(
+        labels: &str,
+        fields: &str,
+        scope: &Scope,
+    ) -> Result<DeviceFilter, ControlError> {
         Ok(DeviceFilter {
             labels: parse_selector(labels)?,
             fields: fields
@@ -70,7 +74,7 @@ impl DeviceFilter {
         })
     }
 
-    pub fn matches(&self, view: &DeviceView) -> bool {
+    pub(super) fn matches(&self, view: &DeviceView) -> bool {
         self.labels.matches(&view.record.labels)
             && self.scope.covers_labels(&view.record.labels)
             && (self.fields.is_empty() || self.fields.matches(|field| field_value(view, field)))

@@ -24,16 +24,16 @@ struct Pending {
 
 /// The sending side. Cheap to clone.
 #[derive(Clone)]
-pub struct Issuances {
+pub(super) struct Issuances {
     tx: mpsc::UnboundedSender<Pending>,
 }
 
 /// The writer, until it is started.
-pub struct IssuanceWriter {
+pub(super) struct IssuanceWriter {
     rx: mpsc::UnboundedReceiver<Pending>,
 }
 
-pub fn issuances() -> (Issuances, IssuanceWriter) {
+pub(super) fn issuances() -> (Issuances, IssuanceWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
     (Issuances { tx }, IssuanceWriter { rx })
 }
@@ -53,7 +53,7 @@ impl Issuances {
 
     /// Records `certificate` with its audit record, if `rules` hold; returns once it is
     /// committed.
-    pub async fn record(
+    pub(super) async fn record(
         &self,
         certificate: CertificateRecord,
         entry: AuditEntry,
@@ -74,7 +74,7 @@ impl Issuances {
 
     /// Supersedes the device's valid certificates other than `keep` (audited); returns them once
     /// committed.
-    pub async fn supersede(
+    pub(super) async fn supersede(
         &self,
         device_id: &str,
         keep: &str,
@@ -99,7 +99,12 @@ impl Issuances {
 impl IssuanceWriter {
     /// Records batches until every `Issuances` is dropped. `order` is the lock every audit append
     /// holds, so batches chain in line with revocations and refusals.
-    pub async fn run(mut self, store: Store, seal: Arc<dyn AuditSeal>, order: Arc<Mutex<()>>) {
+    pub(super) async fn run(
+        mut self,
+        store: Store,
+        seal: Arc<dyn AuditSeal>,
+        order: Arc<Mutex<()>>,
+    ) {
         let mut batch = Vec::new();
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
             // Device rows in id order, as the journal writes them: two batches touching the same

@@ -21,28 +21,28 @@ enum Entry {
 
 /// The queue's sending side. Cheap to clone.
 #[derive(Clone)]
-pub struct Journal {
+pub(super) struct Journal {
     tx: mpsc::UnboundedSender<Entry>,
 }
 
 /// The queue's receiving side, until the writer starts.
-pub struct JournalWriter {
+pub(super) struct JournalWriter {
     rx: mpsc::UnboundedReceiver<Entry>,
 }
 
-pub fn journal() -> (Journal, JournalWriter) {
+pub(super) fn journal() -> (Journal, JournalWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
     (Journal { tx }, JournalWriter { rx })
 }
 
 impl Journal {
-    pub fn record(&self, fact: DeviceFact) {
+    pub(super) fn record(&self, fact: DeviceFact) {
         // Only fails once the writer is gone, at the very end of shutdown.
         let _ = self.tx.send(Entry::Fact(fact));
     }
 
     /// Waits until every fact recorded before this call is written.
-    pub async fn flush(&self) {
+    pub(super) async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Entry::Flush(done)).is_ok() {
             let _ = wait.await;
@@ -52,7 +52,7 @@ impl Journal {
 
 impl JournalWriter {
     /// Writes batches until every `Journal` is dropped.
-    pub async fn run(mut self, store: Store) {
+    pub(super) async fn run(mut self, store: Store) {
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
         while let Some(first) = self.rx.recv().await {

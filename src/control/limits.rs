@@ -15,7 +15,7 @@ pub struct RateLimit {
 
 /// A refusal: when to come back, and whether it is the window's first (the one to audit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limited {
+pub(super) struct Limited {
     pub retry_after: Duration,
     pub first_refusal: bool,
 }
@@ -31,13 +31,13 @@ struct Window {
 const SWEEP_AT: usize = 10_000;
 
 #[derive(Debug)]
-pub struct Limiter {
+pub(super) struct Limiter {
     limit: RateLimit,
     windows: Mutex<HashMap<String, Window>>,
 }
 
 impl Limiter {
-    pub fn new(limit: RateLimit) -> Self {
+    pub(super) fn new(limit: RateLimit) -> Self {
         Limiter {
             limit,
             windows: Mutex::default(),
@@ -45,7 +45,7 @@ impl Limiter {
     }
 
     /// Counts one action of `key` at `now_ms`, or refuses it.
-    pub fn check(&self, key: &str, now_ms: i64) -> Result<(), Limited> {
+    pub(super) fn check(&self, key: &str, now_ms: i64) -> Result<(), Limited> {
         let window_ms = self.limit.window.as_millis() as i64;
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         if windows.len() >= SWEEP_AT {

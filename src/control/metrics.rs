@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// Enrollment requests by state, counted once at start and moved on every decision.
 #[derive(Debug, Default)]
-pub struct EnrollmentCounts {
+pub(super) struct EnrollmentCounts {
     pending: AtomicI64,
     approved: AtomicI64,
     denied: AtomicI64,
@@ -28,7 +28,7 @@ impl EnrollmentCounts {
     }
 
     /// A request left `from` (if any) for `to` (if any).
-    pub fn moved(&self, from: Option<EnrollmentState>, to: Option<EnrollmentState>) {
+    pub(super) fn moved(&self, from: Option<EnrollmentState>, to: Option<EnrollmentState>) {
         if let Some(from) = from {
             self.counter(from).fetch_sub(1, Ordering::Relaxed);
         }
@@ -38,11 +38,11 @@ impl EnrollmentCounts {
     }
 
     /// Requests waiting for a decision.
-    pub fn pending(&self) -> i64 {
+    pub(super) fn pending(&self) -> i64 {
         self.pending.load(Ordering::Relaxed)
     }
 
-    pub fn reset(&self, pending: i64, approved: i64, denied: i64) {
+    pub(super) fn reset(&self, pending: i64, approved: i64, denied: i64) {
         self.pending.store(pending, Ordering::Relaxed);
         self.approved.store(approved, Ordering::Relaxed);
         self.denied.store(denied, Ordering::Relaxed);

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Bytes per chunk sent to a device.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -126,7 +127,7 @@ impl Drop for Upload {
 
 /// Artifacts this replica serves, and the limits on serving them.
 #[derive(Debug)]
-pub struct Artifacts {
+pub(super) struct Artifacts {
     dir: PathBuf,
     /// One fill from the database at a time per artifact.
     filling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -135,7 +136,7 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
-    pub fn new(policy: &ReleasePolicy) -> Artifacts {
+    pub(super) fn new(policy: &ReleasePolicy) -> Artifacts {
         Artifacts {
             dir: policy.artifact_dir.clone(),
             filling: Mutex::default(),

@@ -18,19 +18,19 @@ use std::time::Duration;
 /// How often the engine looks at progressing rollouts (memory only unless something changes).
 const ENGINE_TICK: Duration = Duration::from_millis(500);
 
-pub const PROGRESSING: &str = "progressing";
-pub const PAUSED: &str = "paused";
-pub const COMPLETED: &str = "completed";
-pub const SUPERSEDED: &str = "superseded";
+pub(super) const PROGRESSING: &str = "progressing";
+pub(super) const PAUSED: &str = "paused";
+pub(super) const COMPLETED: &str = "completed";
+pub(super) const SUPERSEDED: &str = "superseded";
 
 /// Open (progressing or paused) rollouts by fleet.
 #[derive(Debug, Default)]
-pub struct OpenRollouts {
+pub(super) struct OpenRollouts {
     by_fleet: Mutex<HashMap<String, RolloutRecord>>,
 }
 
 impl OpenRollouts {
-    pub fn get(&self, fleet: &str) -> Option<RolloutRecord> {
+    pub(super) fn get(&self, fleet: &str) -> Option<RolloutRecord> {
         self.lock().get(fleet).cloned()
     }
 
@@ -38,7 +38,7 @@ impl OpenRollouts {
         self.by_fleet.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set(&self, record: RolloutRecord) {
+    pub(super) fn set(&self, record: RolloutRecord) {
         let mut open = self.lock();
         if record.state == PROGRESSING || record.state == PAUSED {
             open.insert(record.fleet.clone(), record);
@@ -47,7 +47,7 @@ impl OpenRollouts {
         }
     }
 
-    pub fn all(&self) -> Vec<RolloutRecord> {
+    pub(super) fn all(&self) -> Vec<RolloutRecord> {
         self.lock().values().cloned().collect()
     }
 }

@@ -77,7 +77,7 @@ impl EndReason {
 
 /// Messages on their way to an agent. Boxed: a bounded channel allocates room for 32 messages up
 /// front, and a `ServerMessage` inline is a few hundred bytes — per held stream, that was 6 KiB.
-pub type Outbound = mpsc::Sender<Box<pb::ServerMessage>>;
+pub(super) type Outbound = mpsc::Sender<Box<pb::ServerMessage>>;
 
 /// Largest status report taken in (a full one is a few KiB).
 const MAX_STATUS_BYTES: usize = 32 * 1024;

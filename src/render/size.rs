@@ -33,7 +33,7 @@ const MAX_PASSES: usize = 12;
 /// Why a template was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct SizeError(pub String);
+pub(super) struct SizeError(pub String);
 
 /// An upper bound on a value.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -246,7 +246,7 @@ fn context() -> Env {
 
 /// Refuses a template source that could build or print more than [`MAX_TEMPLATE_BYTES`]; syntax
 /// errors are left to the compiler, which names them better.
-pub fn check(source: &str) -> Result<(), SizeError> {
+pub(super) fn check(source: &str) -> Result<(), SizeError> {
     output_bound(source).map(|_| ())
 }
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Deserializer, Serializer, de};
 
-pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{mode:04o}"))
 }
 
@@ -15,7 +15,7 @@ enum Raw {
 
 /// Accepts "0644" / "644" / "0o644" as octal text; a bare number is taken as octal digits too
 /// (YAML `mode: 644`), because that is what every operator means by it.
-pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let text = match Raw::deserialize(d)? {
         Raw::Text(t) => t,
         Raw::Number(n) => n.to_string(),

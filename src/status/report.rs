@@ -286,18 +286,18 @@ impl DeviceReport {
 }
 
 /// What the control plane accepts in one report; the rest is refused with the reason.
-pub const MAX_INTERFACES: usize = 16;
-pub const MAX_ADDRESSES: usize = 8;
-pub const MAX_FILESYSTEMS: usize = 16;
-pub const MAX_ALERTS: usize = 32;
-pub const MAX_TEXT: usize = 256;
+pub(super) const MAX_INTERFACES: usize = 16;
+pub(super) const MAX_ADDRESSES: usize = 8;
+pub(super) const MAX_FILESYSTEMS: usize = 16;
+pub(super) const MAX_ALERTS: usize = 32;
+pub(super) const MAX_TEXT: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("status refused: {0}")]
 pub struct ReportError(pub String);
 
-pub const MAX_DRIFT_ITEMS: usize = 64;
-pub const MAX_WORKLOADS: usize = 256;
+pub(super) const MAX_DRIFT_ITEMS: usize = 64;
+pub(super) const MAX_WORKLOADS: usize = 256;
 
 /// Checks a report's parts against the bounds: counts of interfaces, addresses, filesystems,
 /// alerts and drift items, and the length of every text.

@@ -59,14 +59,14 @@ impl Backend {
 /// Establishes connections of exactly the configured backend. (MultiConnection's own `establish`
 /// tries every backend in turn, which would turn a PostgreSQL outage into a stray SQLite file.)
 #[derive(Debug, Clone)]
-pub struct Manager {
+pub(super) struct Manager {
     backend: Backend,
     /// Recorded by the change-feed triggers as the origin of what this connection writes.
     replica: Arc<str>,
 }
 
 impl Manager {
-    pub fn new(backend: Backend, replica: Arc<str>) -> Self {
+    pub(super) fn new(backend: Backend, replica: Arc<str>) -> Self {
         Manager { backend, replica }
     }
 }
@@ -110,7 +110,7 @@ impl ManageConnection for Manager {
     }
 }
 
-pub type Pool = r2d2::Pool<Manager>;
+pub(super) type Pool = r2d2::Pool<Manager>;
 
 /// Creates the SQLite file (if new) and its WAL companions readable by the owner only (0600),
 /// whatever the umask: device specs in it may be secrets. SQLite gives the `-wal` and `-shm`
@@ -136,7 +136,7 @@ fn private_database_file(path: &str) -> std::io::Result<()> {
 }
 
 /// Applies every pending migration of the connection's backend; returns how many ran.
-pub fn run_migrations(conn: &mut DbConnection) -> Result<usize, String> {
+pub(super) fn run_migrations(conn: &mut DbConnection) -> Result<usize, String> {
     let applied = match conn {
         DbConnection::Postgres(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
         DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),

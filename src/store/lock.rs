@@ -21,7 +21,7 @@ pub fn lock_path(database: &str) -> PathBuf {
 
 /// Takes the lock of the SQLite database at `database`, or says which file another process holds.
 /// In-memory and URI databases have no file to guard.
-pub fn lock_sqlite(database: &str) -> Result<Option<ProcessLock>, StoreError> {
+pub(super) fn lock_sqlite(database: &str) -> Result<Option<ProcessLock>, StoreError> {
     if database == ":memory:" || database.starts_with("file:") {
         return Ok(None);
     }

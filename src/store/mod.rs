@@ -210,7 +210,7 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
         // It may have gone down while this operation waited for its turn.
         self.refuse_while_unreachable()?;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             // Held until the operation is over, even if the caller stops waiting for it.
             let _permit = permit;

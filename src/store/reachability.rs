@@ -5,7 +5,8 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How often the probe tries the database while it is down.
 pub(super) const PROBE_INTERVAL: Duration = Duration::from_millis(500);

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub root: std::path::PathBuf,
     pub data: std::path::PathBuf,
     pub db: TestDb,
@@ -16,24 +16,24 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(root: &Path) -> Cluster {
+    pub(crate) fn new(root: &Path) -> Cluster {
         Cluster::with_db(root, TestDb::new(root))
     }
 
     /// A cluster on PostgreSQL whatever backend the suite runs on.
-    pub fn on_postgres(root: &Path) -> Cluster {
+    pub(crate) fn on_postgres(root: &Path) -> Cluster {
         Cluster::with_db(root, TestDb::postgres_for_tests())
     }
 
     /// A cluster on SQLite in its data directory, whatever backend the suite runs on.
-    pub fn on_sqlite(root: &Path) -> Cluster {
+    pub(crate) fn on_sqlite(root: &Path) -> Cluster {
         Cluster::with_db(root, TestDb::sqlite(root))
     }
 
     /// Another control plane on this cluster's database, in `root` with its own ports, serving
     /// from `data` (a copy of this cluster's data directory, the same directory, or a new one).
     /// flotctl and agent configurations written by `point_configs_here` talk to it.
-    pub fn replica(&self, root: &Path, data: &Path) -> Cluster {
+    pub(crate) fn replica(&self, root: &Path, data: &Path) -> Cluster {
         std::fs::create_dir_all(root).unwrap();
         Cluster {
             data: data.to_path_buf(),
@@ -47,7 +47,7 @@ impl Cluster {
 
     /// Copies this cluster's data directory (CA, credentials) to `to`, as an operator starting a
     /// second replica would.
-    pub fn copy_data_dir(&self, to: &Path) {
+    pub(crate) fn copy_data_dir(&self, to: &Path) {
         let status = Command::new("cp")
             .arg("-a")
             .arg(&self.data)
@@ -58,7 +58,7 @@ impl Cluster {
     }
 
     /// Writes flotctl.toml and agent.toml into this replica's root, pointing at its own ports.
-    pub fn point_configs_here(&self) {
+    pub(crate) fn point_configs_here(&self) {
         let retarget = |from: &Path, to: &Path, url: String| {
             let text = std::fs::read_to_string(from).unwrap();
             let text: Vec<String> = text
@@ -86,7 +86,7 @@ impl Cluster {
     }
 
     /// The agent configuration agents of this replica use.
-    pub fn agent_config(&self) -> std::path::PathBuf {
+    pub(crate) fn agent_config(&self) -> std::path::PathBuf {
         if self.ctl_config == self.data.join("flotctl.toml") {
             self.data.join("agent.toml")
         } else {
@@ -109,7 +109,7 @@ impl Cluster {
         }
     }
 
-    pub fn wait_until_serving(&self) {
+    pub(crate) fn wait_until_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !(self.ctl_config.exists() && self.flotctl(&["get", "devices"]).status.success()) {
             if Instant::now() > deadline {
@@ -129,13 +129,13 @@ impl Cluster {
         }
     }
 
-    pub fn start_server(&self, run: usize) -> ChildGuard {
+    pub(crate) fn start_server(&self, run: usize) -> ChildGuard {
         self.start_server_with(run, &[])
     }
 
     /// Starts `flotilla serve` with extra arguments (e.g. certificate lifetimes, or a
     /// `--database-url` that replaces the cluster's).
-    pub fn start_server_with(&self, run: usize, extra: &[&str]) -> ChildGuard {
+    pub(crate) fn start_server_with(&self, run: usize, extra: &[&str]) -> ChildGuard {
         let log = std::fs::File::create(self.root.join(format!("server-{run}.log"))).unwrap();
         let mut command = Command::new(binary("flotilla"));
         command
@@ -159,17 +159,23 @@ impl Cluster {
     }
 
     /// The agent `edge-1` (label site=lab) with its state in `agent-state/`.
-    pub fn start_agent(&self, log: &Path) -> ChildGuard {
+    pub(crate) fn start_agent(&self, log: &Path) -> ChildGuard {
         self.spawn_agent("edge-1", &["site=lab"], &self.root.join("agent-state"), log)
     }
 
     /// An agent asking to enroll as `name` with `labels` (`key=value`).
-    pub fn spawn_agent(&self, name: &str, labels: &[&str], state: &Path, log: &Path) -> ChildGuard {
+    pub(crate) fn spawn_agent(
+        &self,
+        name: &str,
+        labels: &[&str],
+        state: &Path,
+        log: &Path,
+    ) -> ChildGuard {
         self.spawn_agent_with_env(name, labels, state, log, &[])
     }
 
     /// Like `spawn_agent`, with extra environment variables.
-    pub fn spawn_agent_with_env(
+    pub(crate) fn spawn_agent_with_env(
         &self,
         name: &str,
         labels: &[&str],
@@ -183,7 +189,7 @@ impl Cluster {
     }
 
     /// The command that starts an agent (not yet spawned), logging to `log`.
-    pub fn agent_command(
+    pub(crate) fn agent_command(
         &self,
         config: &Path,
         name: &str,
@@ -208,7 +214,7 @@ impl Cluster {
     }
 
     /// Runs flotctl and fails the test, with its stderr, if it fails.
-    pub fn flotctl_ok(&self, args: &[&str]) -> String {
+    pub(crate) fn flotctl_ok(&self, args: &[&str]) -> String {
         let out = self.flotctl(args);
         assert!(
             out.status.success(),
@@ -219,7 +225,7 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    pub fn flotctl(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn flotctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary("flotctl"))
             .arg("--config")
             .arg(&self.ctl_config)
@@ -228,7 +234,7 @@ impl Cluster {
             .unwrap()
     }
 
-    pub fn flotctl_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+    pub(crate) fn flotctl_json(&self, args: &[&str]) -> Option<serde_json::Value> {
         let mut full = args.to_vec();
         full.extend(["-o", "json"]);
         let out = self.flotctl(&full);
@@ -238,7 +244,7 @@ impl Cluster {
     }
 }
 
-pub fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+pub(crate) fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !check() {
         assert!(
@@ -250,7 +256,7 @@ pub fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> D
     start.elapsed()
 }
 
-pub fn count_lines(path: &Path, needle: &str) -> usize {
+pub(crate) fn count_lines(path: &Path, needle: &str) -> usize {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -3,10 +3,10 @@
 //! helpers for driving the real binaries.
 #![allow(dead_code)]
 
-pub mod cluster;
-pub mod proxy;
-pub mod sim;
-pub mod swtpm;
+pub(crate) mod cluster;
+pub(crate) mod proxy;
+pub(crate) mod sim;
+pub(crate) mod swtpm;
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 /// A database for one test; a PostgreSQL database is dropped again at the end.
-pub struct TestDb {
+pub(crate) struct TestDb {
     pub url: String,
     admin_url: Option<String>,
     name: String,
@@ -41,11 +41,11 @@ pub struct TestDb {
 }
 
 /// The PostgreSQL server tests use when FLOTILLA_TEST_DATABASE_URL names none (CI starts it).
-pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub(crate) const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 impl TestDb {
     /// A new database on the PostgreSQL server `admin_url` points at.
-    pub fn postgres(admin_url: &str) -> TestDb {
+    pub(crate) fn postgres(admin_url: &str) -> TestDb {
         let name = format!("flotilla_t_{}", uuid::Uuid::new_v4().simple());
         let mut conn =
             PgConnection::establish(admin_url).expect("connect to the PostgreSQL test server");
@@ -65,7 +65,7 @@ impl TestDb {
     }
 
     /// The PostgreSQL server's address (for a proxy in front of it).
-    pub fn server_addr(&self) -> SocketAddr {
+    pub(crate) fn server_addr(&self) -> SocketAddr {
         let rest = self.url.split_once("://").unwrap().1;
         let authority = rest.split_once('/').unwrap().0;
         let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -81,7 +81,7 @@ impl TestDb {
     }
 
     /// A new database on the suite's PostgreSQL server, whatever backend the suite runs on.
-    pub fn postgres_for_tests() -> TestDb {
+    pub(crate) fn postgres_for_tests() -> TestDb {
         let admin_url = std::env::var("FLOTILLA_TEST_DATABASE_URL")
             .ok()
             .filter(|url| !url.is_empty())
@@ -90,7 +90,7 @@ impl TestDb {
     }
 
     /// The database's URL with its host and port replaced by `addr` (e.g. a proxy's).
-    pub fn url_via(&self, addr: SocketAddr) -> String {
+    pub(crate) fn url_via(&self, addr: SocketAddr) -> String {
         let (scheme, rest) = self.url.split_once("://").unwrap();
         let (authority, path) = rest.split_once('/').unwrap();
         let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
@@ -98,7 +98,7 @@ impl TestDb {
     }
 
     /// SQLite in `dir`, or a new database on the server named by `FLOTILLA_TEST_DATABASE_URL`.
-    pub fn new(dir: &Path) -> TestDb {
+    pub(crate) fn new(dir: &Path) -> TestDb {
         match std::env::var("FLOTILLA_TEST_DATABASE_URL") {
             Ok(admin_url) if !admin_url.is_empty() => TestDb::postgres(&admin_url),
             _ => TestDb {
@@ -111,7 +111,7 @@ impl TestDb {
     }
 
     /// SQLite in `dir`, whatever backend the suite runs on.
-    pub fn sqlite(dir: &Path) -> TestDb {
+    pub(crate) fn sqlite(dir: &Path) -> TestDb {
         TestDb {
             url: dir.join("flotilla.db").display().to_string(),
             admin_url: None,
@@ -121,7 +121,7 @@ impl TestDb {
     }
 
     /// Another handle on the same database that leaves it in place when dropped.
-    pub fn shared(&self) -> TestDb {
+    pub(crate) fn shared(&self) -> TestDb {
         TestDb {
             url: self.url.clone(),
             admin_url: self.admin_url.clone(),
@@ -130,11 +130,11 @@ impl TestDb {
         }
     }
 
-    pub fn backend(&self) -> Backend {
+    pub(crate) fn backend(&self) -> Backend {
         Backend::from_url(&self.url)
     }
 
-    pub fn is_postgres(&self) -> bool {
+    pub(crate) fn is_postgres(&self) -> bool {
         self.admin_url.is_some()
     }
 }
@@ -154,7 +154,7 @@ impl Drop for TestDb {
 }
 
 /// Opens and migrates a store on a fresh test database.
-pub async fn test_store(dir: &Path) -> (Store, TestDb) {
+pub(crate) async fn test_store(dir: &Path) -> (Store, TestDb) {
     let db = TestDb::new(dir);
     let backend = db.backend();
     let store = tokio::task::spawn_blocking(move || Store::open(backend))
@@ -166,7 +166,7 @@ pub async fn test_store(dir: &Path) -> (Store, TestDb) {
 }
 
 /// A control plane running in this process on real TLS over loopback.
-pub struct TestServer {
+pub(crate) struct TestServer {
     /// `http://host:port` of the operations endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics_url: String,
     pub agent_url: String,
@@ -180,11 +180,11 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
 }
 
-pub async fn channel(url: &str, creds: &ClientCredentials) -> Channel {
+pub(crate) async fn channel(url: &str, creds: &ClientCredentials) -> Channel {
     connect(url, creds).await.unwrap()
 }
 
-pub fn csr(key: &rcgen::KeyPair) -> String {
+pub(crate) fn csr(key: &rcgen::KeyPair) -> String {
     rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
         .serialize_request(key)
@@ -193,7 +193,7 @@ pub fn csr(key: &rcgen::KeyPair) -> String {
         .unwrap()
 }
 
-pub fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
+pub(crate) fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
     agent::EnrollRequest {
         csr_pem,
         device_name: name.into(),
@@ -205,17 +205,17 @@ pub fn enroll_request(name: &str, csr_pem: String) -> agent::EnrollRequest {
 }
 
 impl TestServer {
-    pub async fn start() -> TestServer {
+    pub(crate) async fn start() -> TestServer {
         TestServer::start_with(Policy::default()).await
     }
 
     /// Enrolls a device through the real API (label site=lab) and returns its credentials and id.
-    pub async fn enroll_device(&self, name: &str) -> (ClientCredentials, String) {
+    pub(crate) async fn enroll_device(&self, name: &str) -> (ClientCredentials, String) {
         self.enroll_device_with(name, BTreeMap::new()).await
     }
 
     /// Like `enroll_device`, approving with extra `labels`.
-    pub async fn enroll_device_with(
+    pub(crate) async fn enroll_device_with(
         &self,
         name: &str,
         labels: BTreeMap<String, String>,
@@ -249,7 +249,7 @@ impl TestServer {
         (creds, response.device_id)
     }
 
-    pub async fn start_with(policy: Policy) -> TestServer {
+    pub(crate) async fn start_with(policy: Policy) -> TestServer {
         let tmp = tempfile::tempdir().unwrap();
         let db = TestDb::new(tmp.path());
         let url = db.url.clone();
@@ -257,7 +257,7 @@ impl TestServer {
     }
 
     /// Starts on `db`, reached at `url` (which may lead through a proxy).
-    pub async fn start_on(
+    pub(crate) async fn start_on(
         policy: Policy,
         limits: ConnectionLimits,
         tmp: tempfile::TempDir,
@@ -346,7 +346,7 @@ impl TestServer {
     }
 
     /// The database URL (PostgreSQL) or file (SQLite) this server uses.
-    pub fn db_url(&self) -> &str {
+    pub(crate) fn db_url(&self) -> &str {
         &self._db.url
     }
 
@@ -354,7 +354,7 @@ impl TestServer {
         std::fs::read_to_string(path).unwrap()
     }
 
-    pub fn ca_pem(&self) -> String {
+    pub(crate) fn ca_pem(&self) -> String {
         self.ca.cert_pem().to_string()
     }
 
@@ -367,14 +367,14 @@ impl TestServer {
         }
     }
 
-    pub fn admin_creds(&self) -> ClientCredentials {
+    pub(crate) fn admin_creds(&self) -> ClientCredentials {
         self.creds(
             self.read(self.dir.admin_cert()),
             self.read(self.dir.admin_key()),
         )
     }
 
-    pub fn enrollment_creds(&self) -> ClientCredentials {
+    pub(crate) fn enrollment_creds(&self) -> ClientCredentials {
         self.creds(
             self.read(self.dir.enrollment_cert()),
             self.read(self.dir.enrollment_key()),
@@ -382,7 +382,7 @@ impl TestServer {
     }
 
     /// Credentials for any identity, signed by this server's CA.
-    pub fn creds_for(&self, identity: Identity) -> ClientCredentials {
+    pub(crate) fn creds_for(&self, identity: Identity) -> ClientCredentials {
         let (issued, key) = self
             .ca
             .issue_with_new_key(&Subject {
@@ -397,7 +397,7 @@ impl TestServer {
         self.creds(issued.pem, key)
     }
 
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -417,7 +417,7 @@ impl Drop for TestServer {
 
 /// The audit records about devices' certificates (the trail also holds the bootstrap admin
 /// credential's, which names its target).
-pub async fn device_audit(server: &TestServer) -> Vec<admin::AuditRecord> {
+pub(crate) async fn device_audit(server: &TestServer) -> Vec<admin::AuditRecord> {
     use flotilla::proto::admin::v1::audit_service_client::AuditServiceClient;
     let mut records =
         AuditServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
@@ -431,7 +431,7 @@ pub async fn device_audit(server: &TestServer) -> Vec<admin::AuditRecord> {
 }
 
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -447,7 +447,7 @@ where
 }
 
 /// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -455,12 +455,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Path of a workspace binary, built once per test process with the same profile as the tests.
-pub fn binary(name: &str) -> PathBuf {
+pub(crate) fn binary(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     let server = PathBuf::from(env!("CARGO_BIN_EXE_flotilla"));
     let dir = server.parent().unwrap().to_path_buf();
@@ -502,10 +502,10 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A child process that is killed when the guard goes away.
-pub struct ChildGuard(pub Child);
+pub(crate) struct ChildGuard(pub Child);
 
 impl ChildGuard {
-    pub fn terminate(&mut self) {
+    pub(crate) fn terminate(&mut self) {
         let pid = self.0.id() as i32;
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -530,7 +530,7 @@ impl Drop for ChildGuard {
 }
 
 /// The body of a plain-HTTP GET of `url` (`http://host:port/path`), e.g. the `/metrics` page.
-pub async fn http_body(url: &str) -> String {
+pub(crate) async fn http_body(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
@@ -546,7 +546,7 @@ pub async fn http_body(url: &str) -> String {
 }
 
 /// `http_body` for tests without a runtime.
-pub fn http_body_blocking(url: &str) -> String {
+pub(crate) fn http_body_blocking(url: &str) -> String {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -16,20 +16,20 @@ fn message(kind: agent::agent_message::Kind) -> agent::AgentMessage {
 
 /// What a simulated agent has seen.
 #[derive(Debug, Default, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// Versions pushed to it, in order.
     pub pushes: Vec<String>,
     pub heartbeats_sent: usize,
 }
 
-pub struct SimAgent {
+pub(crate) struct SimAgent {
     pub seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SimAgent {
     /// Opens a session and keeps answering until dropped.
-    pub async fn connect(
+    pub(crate) async fn connect(
         url: &str,
         creds: &ClientCredentials,
         device_id: &str,
@@ -39,7 +39,7 @@ impl SimAgent {
     }
 
     /// Like `connect`, NACKing every push with a file whose content contains `reject`.
-    pub async fn connect_rejecting(
+    pub(crate) async fn connect_rejecting(
         url: &str,
         creds: &ClientCredentials,
         device_id: &str,
@@ -89,7 +89,7 @@ impl SimAgent {
         SimAgent { seen, task }
     }
 
-    pub fn seen(&self) -> Seen {
+    pub(crate) fn seen(&self) -> Seen {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -101,13 +101,13 @@ impl Drop for SimAgent {
 }
 
 /// A session driven message by message by the test.
-pub struct RawSession {
+pub(crate) struct RawSession {
     pub tx: mpsc::Sender<agent::AgentMessage>,
     pub inbound: tonic::Streaming<agent::ServerMessage>,
 }
 
 impl RawSession {
-    pub async fn open(
+    pub(crate) async fn open(
         url: &str,
         creds: &ClientCredentials,
         device_id: &str,
@@ -126,13 +126,13 @@ impl RawSession {
         Ok(RawSession { tx, inbound })
     }
 
-    pub async fn send(&self, kind: agent::agent_message::Kind) {
+    pub(crate) async fn send(&self, kind: agent::agent_message::Kind) {
         self.tx.send(message(kind)).await.unwrap();
     }
 
     /// The next server message that `pick` accepts (others, like spec pushes, are skipped);
     /// `None` if the stream ends first.
-    pub async fn next_matching<T>(
+    pub(crate) async fn next_matching<T>(
         &mut self,
         pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
     ) -> Option<T> {
@@ -142,7 +142,7 @@ impl RawSession {
     }
 
     /// Like `next_matching`, but `None` (instead of a panic) when nothing matches within `limit`.
-    pub async fn next_matching_within<T>(
+    pub(crate) async fn next_matching_within<T>(
         &mut self,
         limit: Duration,
         mut pick: impl FnMut(agent::server_message::Kind) -> Option<T>,
@@ -166,7 +166,7 @@ impl RawSession {
 
 /// Enrolls `names` (approved with `labels`) and connects a simulated agent for each; agents NACK
 /// pushes with a file containing `reject`. Returns (device id, agent) pairs.
-pub async fn connect_fleet(
+pub(crate) async fn connect_fleet(
     server: &TestServer,
     names: &[String],
     labels: &std::collections::BTreeMap<String, String>,
@@ -190,7 +190,7 @@ pub async fn connect_fleet(
 }
 
 /// Waits until every device of `agents` is SYNCED.
-pub async fn all_synced(server: &TestServer, agents: &[(String, SimAgent)]) {
+pub(crate) async fn all_synced(server: &TestServer, agents: &[(String, SimAgent)]) {
     let hub = server.control.hub().clone();
     let ids: Vec<String> = agents.iter().map(|(id, _)| id.clone()).collect();
     wait_for("every device SYNCED", Duration::from_secs(60), || {

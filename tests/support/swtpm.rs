@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running swtpm, killed when dropped.
-pub struct Swtpm {
+pub(crate) struct Swtpm {
     child: Child,
     dir: tempfile::TempDir,
     /// The TCTI string an agent opens it with.
@@ -34,7 +34,7 @@ fn free_port_pair() -> u16 {
 }
 
 impl Swtpm {
-    pub fn start() -> Swtpm {
+    pub(crate) fn start() -> Swtpm {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port_pair();
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,12 +61,12 @@ impl Swtpm {
         }
     }
 
-    pub fn ca_bundle(&self) -> PathBuf {
+    pub(crate) fn ca_bundle(&self) -> PathBuf {
         self.dir.path().join("tpm-ca.pem")
     }
 
     /// The manufacturer CA certificates (DER) that signed this TPM's EK certificates.
-    pub fn trusted(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn trusted(&self) -> Vec<Vec<u8>> {
         let pem = std::fs::read_to_string(self.ca_bundle()).unwrap();
         flotilla::pki::certs_from_pem(&pem)
             .unwrap()

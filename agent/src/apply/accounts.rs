@@ -20,11 +20,11 @@ fn lookup(database: &Path, name: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("no such entry {name:?} in {}", database.display()))
 }
 
-pub fn user_id(name: &str) -> Result<u32, String> {
+pub(super) fn user_id(name: &str) -> Result<u32, String> {
     lookup(Path::new("/etc/passwd"), name)
 }
 
-pub fn group_id(name: &str) -> Result<u32, String> {
+pub(super) fn group_id(name: &str) -> Result<u32, String> {
     lookup(Path::new("/etc/group"), name)
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Label carrying the definition hash, so an operator can see which spec made a container.
-pub const HASH_LABEL: &str = "io.flotilla.definition";
+pub(super) const HASH_LABEL: &str = "io.flotilla.definition";
 
 /// One podman step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ContainerAction {
+pub(super) enum ContainerAction {
     /// (Re)create the container from this definition.
     Run(ContainerSpec),
     /// Remove the container of this name.
@@ -19,7 +19,7 @@ pub enum ContainerAction {
 }
 
 impl ContainerAction {
-    pub fn command(&self) -> CommandLine {
+    pub(super) fn command(&self) -> CommandLine {
         match self {
             ContainerAction::Run(c) => run_command(c),
             ContainerAction::Remove(name) => CommandLine::new(
@@ -30,7 +30,7 @@ impl ContainerAction {
     }
 }
 
-pub fn pull_command(image: &str) -> CommandLine {
+pub(super) fn pull_command(image: &str) -> CommandLine {
     CommandLine::new(&["podman", "pull", image], PULL_TIMEOUT)
 }
 
@@ -71,7 +71,7 @@ fn find<'a>(spec: &'a DeviceSpec, name: &str) -> Option<&'a ContainerSpec> {
 }
 
 /// Images to pull before anything changes (so a missing image fails the update untouched).
-pub fn pulls(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<String> {
+pub(super) fn pulls(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<String> {
     let mut images: Vec<String> = plan(previous, next)
         .into_iter()
         .filter_map(|a| match a {
@@ -84,7 +84,7 @@ pub fn pulls(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<String> {
 }
 
 /// Containers whose definition changed are recreated; dropped ones removed.
-pub fn plan(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<ContainerAction> {
+pub(super) fn plan(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<ContainerAction> {
     let mut actions: Vec<ContainerAction> = next
         .containers
         .iter()
@@ -102,7 +102,7 @@ pub fn plan(previous: &DeviceSpec, next: &DeviceSpec) -> Vec<ContainerAction> {
 }
 
 /// The steps that put back what `done` changed, as `previous` had it.
-pub fn undo(previous: &DeviceSpec, done: &[ContainerAction]) -> Vec<ContainerAction> {
+pub(super) fn undo(previous: &DeviceSpec, done: &[ContainerAction]) -> Vec<ContainerAction> {
     done.iter()
         .rev()
         .map(|action| {

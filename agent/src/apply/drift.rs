@@ -46,7 +46,7 @@ fn differences(
 
 /// Checks every file, unit and container of `spec`; corrects what differs unless its policy is
 /// `report`. Returns every item that differed, with what was done.
-pub fn check_and_correct(exec: &dyn Executor, spec: &DeviceSpec) -> Vec<DriftItem> {
+pub(crate) fn check_and_correct(exec: &dyn Executor, spec: &DeviceSpec) -> Vec<DriftItem> {
     let files = spec.files.iter().filter_map(check_file);
     let units = spec.units.iter().filter_map(|u| check_unit(exec, u));
     let containers = spec

@@ -4,7 +4,8 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Keep this much of a failing command's output for the error message.
 const OUTPUT_TAIL: usize = 512;
@@ -70,7 +71,7 @@ const SHUTDOWN_SIGNALS: [i32; 3] = [1, 2, 15];
 
 /// Spawns real processes (no shell), killing them at their deadline.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemExecutor;
+pub(crate) struct SystemExecutor;
 
 fn tail(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
@@ -166,14 +167,14 @@ fn spawn_and_wait(command: &CommandLine, capture: bool) -> Result<Vec<u8>, ExecE
 }
 
 #[cfg(test)]
-pub mod recording {
+pub(crate) mod recording {
     //! An executor that records what it was asked to run and fails on request.
 
     use super::{CommandLine, ExecError, Executor};
     use std::sync::Mutex;
 
     #[derive(Default)]
-    pub struct RecordingExecutor {
+    pub(crate) struct RecordingExecutor {
         pub calls: Mutex<Vec<String>>,
         /// Commands (as displayed) that fail.
         pub failing: Vec<String>,
@@ -182,14 +183,14 @@ pub mod recording {
     }
 
     impl RecordingExecutor {
-        pub fn failing_on(command: &str) -> RecordingExecutor {
+        pub(crate) fn failing_on(command: &str) -> RecordingExecutor {
             RecordingExecutor {
                 failing: vec![command.to_string()],
                 ..Default::default()
             }
         }
 
-        pub fn calls(&self) -> Vec<String> {
+        pub(crate) fn calls(&self) -> Vec<String> {
             self.calls.lock().unwrap().clone()
         }
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// A file as it was: content, mode, owner, group.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Existing {
+pub(crate) struct Existing {
     pub content: Vec<u8>,
     pub mode: u32,
     pub uid: u32,
@@ -19,14 +19,14 @@ pub struct Existing {
 
 /// A file as it was before the apply (`None`: it did not exist).
 #[derive(Debug, Clone)]
-pub struct Backup {
+pub(crate) struct Backup {
     pub path: PathBuf,
     pub previous: Option<Existing>,
 }
 
 impl Backup {
     /// Puts the file back as it was.
-    pub fn restore(&self) -> std::io::Result<()> {
+    pub(crate) fn restore(&self) -> std::io::Result<()> {
         match &self.previous {
             Some(was) => write_atomic_owned(
                 &self.path,
@@ -57,18 +57,18 @@ enum Step {
 /// What the file step will do, worked out (and every touched file read) before anything
 /// changes, so the previous state can be recorded durably first.
 #[derive(Debug, Default)]
-pub struct FilePlan {
+pub(super) struct FilePlan {
     steps: Vec<(Step, Backup)>,
 }
 
 impl FilePlan {
     /// The files that will change, as they are now.
-    pub fn backups(&self) -> impl Iterator<Item = &Backup> {
+    pub(super) fn backups(&self) -> impl Iterator<Item = &Backup> {
         self.steps.iter().map(|(_, backup)| backup)
     }
 
     /// Makes the changes in order. On error, those made so far are returned with it.
-    pub fn execute(self) -> Result<FileChanges, (FileChanges, String)> {
+    pub(super) fn execute(self) -> Result<FileChanges, (FileChanges, String)> {
         let mut changes = FileChanges::default();
         for (step, backup) in self.steps {
             let path = backup.path.clone();
@@ -119,25 +119,25 @@ pub(super) fn read_existing(path: &Path) -> std::io::Result<Option<Existing>> {
 
 /// The files the apply changed, with what they were.
 #[derive(Debug, Default)]
-pub struct FileChanges {
+pub(super) struct FileChanges {
     backups: Vec<Backup>,
 }
 
 impl FileChanges {
     /// Paths written or removed.
-    pub fn changed(&self) -> BTreeSet<String> {
+    pub(super) fn changed(&self) -> BTreeSet<String> {
         self.backups
             .iter()
             .map(|b| b.path.display().to_string())
             .collect()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.backups.is_empty()
     }
 
     /// Puts every changed file back as it was; returns what could not be restored.
-    pub fn restore(&self) -> Vec<String> {
+    pub(super) fn restore(&self) -> Vec<String> {
         self.backups
             .iter()
             .rev()
@@ -210,7 +210,7 @@ impl FilePlan {
 
 /// Works out how to write `next`'s files and remove those only `previous` had, reading what
 /// each touched file is now. Changes nothing.
-pub fn plan_files(previous: &DeviceSpec, next: &DeviceSpec) -> Result<FilePlan, String> {
+pub(super) fn plan_files(previous: &DeviceSpec, next: &DeviceSpec) -> Result<FilePlan, String> {
     let wanted: BTreeSet<&str> = next.files.iter().map(|f| f.path.as_str()).collect();
     let mut plan = FilePlan::default();
     for file in &next.files {
@@ -227,7 +227,7 @@ pub fn plan_files(previous: &DeviceSpec, next: &DeviceSpec) -> Result<FilePlan, 
 /// Writes `next`'s files and removes those only `previous` had. On error, the changes made so far
 /// are returned with it so the caller can restore them.
 #[cfg(test)]
-pub fn apply_files(
+pub(super) fn apply_files(
     previous: &DeviceSpec,
     next: &DeviceSpec,
 ) -> Result<FileChanges, (FileChanges, String)> {

@@ -33,7 +33,7 @@ struct Intent {
 
 /// What start-up found of an interrupted apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Recovered {
+pub(crate) enum Recovered {
     /// No apply was in progress.
     Nothing,
     /// The apply had finished (its version was recorded); only the journal was left.
@@ -47,7 +47,7 @@ pub enum Recovered {
 
 /// The journal of the state directory `root`.
 #[derive(Debug, Clone)]
-pub struct ApplyJournal {
+pub(crate) struct ApplyJournal {
     root: PathBuf,
 }
 
@@ -59,7 +59,7 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl ApplyJournal {
-    pub fn new(root: &Path) -> ApplyJournal {
+    pub(crate) fn new(root: &Path) -> ApplyJournal {
         ApplyJournal {
             root: root.to_path_buf(),
         }
@@ -71,7 +71,7 @@ impl ApplyJournal {
 
     /// Records, durably, that an apply towards `target_version` will change the files of
     /// `backups`, with what they hold now. Nothing may change before this returns Ok.
-    pub fn begin<'a>(
+    pub(crate) fn begin<'a>(
         &self,
         target_version: &str,
         backups: impl Iterator<Item = &'a Backup>,
@@ -121,19 +121,19 @@ impl ApplyJournal {
     }
 
     /// The apply is over (done, or undone in process): forgets the journal.
-    pub fn finish(&self) -> std::io::Result<()> {
+    pub(crate) fn finish(&self) -> std::io::Result<()> {
         remove_dir(&self.dir())?;
         sync_dir(&self.root)
     }
 
     /// Whether an apply is recorded as in progress.
-    pub fn in_progress(&self) -> bool {
+    pub(crate) fn in_progress(&self) -> bool {
         self.dir().join(INTENT).exists()
     }
 
     /// Finishes or rolls back an apply that was interrupted, before anything else runs.
     /// `applied_version` is the version the state directory records as applied.
-    pub fn recover(&self, applied_version: Option<&str>) -> Result<Recovered, String> {
+    pub(crate) fn recover(&self, applied_version: Option<&str>) -> Result<Recovered, String> {
         remove_dir(&self.root.join(STAGING)).map_err(|e| format!("{STAGING}: {e}"))?;
         let dir = self.dir();
         let text = match std::fs::read(dir.join(INTENT)) {

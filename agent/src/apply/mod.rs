@@ -7,12 +7,12 @@
 
 mod accounts;
 mod containers;
-pub mod drift;
-pub mod executor;
+pub(crate) mod drift;
+pub(crate) mod executor;
 mod files;
-pub mod journal;
+pub(crate) mod journal;
 mod units;
-pub mod workloads;
+pub(crate) mod workloads;
 
 use containers::ContainerAction;
 use executor::{CommandLine, ExecError, Executor};
@@ -26,7 +26,7 @@ use units::UnitAction;
 /// Why an apply failed, and whether the previous state had to be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct ApplyError {
+pub(crate) struct ApplyError {
     pub message: String,
     /// True when some change had been made and was undone.
     pub rolled_back: bool,
@@ -149,7 +149,7 @@ fn change(
 }
 
 /// Where an apply keeps its journal, and how its caller records the new version.
-pub struct Durable<'a> {
+pub(crate) struct Durable<'a> {
     pub journal: &'a ApplyJournal,
     pub target_version: &'a str,
     /// Records the new version as applied; a failure undoes the apply.
@@ -158,7 +158,7 @@ pub struct Durable<'a> {
 
 /// Moves the device from `previous` to `next`. On error nothing of `next` remains.
 #[cfg(test)]
-pub fn apply(
+pub(crate) fn apply(
     previous: &DeviceSpec,
     next: &DeviceSpec,
     exec: &dyn Executor,
@@ -168,7 +168,7 @@ pub fn apply(
 
 /// Like `apply`, journaled so that a crash midway is undone at the next start, and finished by
 /// `durable.record` (its failure undoes the apply too).
-pub fn apply_durably(
+pub(crate) fn apply_durably(
     previous: &DeviceSpec,
     next: &DeviceSpec,
     exec: &dyn Executor,

@@ -16,7 +16,7 @@ const UNIT_DIRECTORIES: &[&str] = &[
 
 /// One `systemctl VERB UNIT` step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
+pub(super) enum Verb {
     Enable,
     Disable,
     Start,
@@ -52,13 +52,13 @@ impl Verb {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnitAction {
+pub(super) struct UnitAction {
     pub verb: Verb,
     pub unit: String,
 }
 
 impl UnitAction {
-    pub fn command(&self) -> CommandLine {
+    pub(super) fn command(&self) -> CommandLine {
         CommandLine::new(
             &["systemctl", self.verb.as_str(), &self.unit],
             SYSTEMCTL_TIMEOUT,
@@ -66,19 +66,19 @@ impl UnitAction {
     }
 }
 
-pub fn daemon_reload() -> CommandLine {
+pub(super) fn daemon_reload() -> CommandLine {
     CommandLine::new(&["systemctl", "daemon-reload"], SYSTEMCTL_TIMEOUT)
 }
 
 /// Whether a changed file is a unit definition systemd must reload.
-pub fn needs_daemon_reload(changed: &BTreeSet<String>) -> bool {
+pub(super) fn needs_daemon_reload(changed: &BTreeSet<String>) -> bool {
     changed
         .iter()
         .any(|path| UNIT_DIRECTORIES.iter().any(|dir| path.starts_with(dir)))
 }
 
 /// The steps, in spec order, that bring the units of `next` about, given the files that changed.
-pub fn plan(
+pub(super) fn plan(
     previous: &DeviceSpec,
     next: &DeviceSpec,
     changed: &BTreeSet<String>,
@@ -112,7 +112,7 @@ pub fn plan(
 }
 
 /// The steps that undo `done`, latest first.
-pub fn undo(done: &[UnitAction]) -> Vec<UnitAction> {
+pub(super) fn undo(done: &[UnitAction]) -> Vec<UnitAction> {
     done.iter()
         .rev()
         .map(|a| UnitAction {

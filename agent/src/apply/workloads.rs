@@ -14,7 +14,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 const PODMAN_FORMAT: &str = "{{.State.Status}}|{{.RestartCount}}|{{.ImageDigest}}|{{if .State.Health}}{{.State.Health.Status}}{{end}}";
 
 /// The state of every managed unit and container of `spec`, in the spec's order.
-pub fn query(exec: &dyn Executor, spec: &DeviceSpec) -> Vec<WorkloadStatus> {
+pub(crate) fn query(exec: &dyn Executor, spec: &DeviceSpec) -> Vec<WorkloadStatus> {
     let units = spec.units.iter().map(|u| unit(exec, &u.name));
     let containers = spec.containers.iter().map(|c| container(exec, &c.name));
     units.chain(containers).collect()

@@ -26,7 +26,7 @@ const MAX_FILESYSTEMS: usize = 16;
 const SYSTEM_INFO_EVERY: u32 = 6;
 
 /// What the agent last told the control plane, and the state of its monitors.
-pub struct Reporter {
+pub(crate) struct Reporter {
     config: StatusConfig,
     boot_id: String,
     tpm_used: bool,
@@ -43,7 +43,7 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(
+    pub(crate) fn new(
         config: StatusConfig,
         boot_id: String,
         tpm_used: bool,
@@ -72,7 +72,7 @@ impl Reporter {
     }
 
     /// Where the device's software stands, when it changed since last sent.
-    pub fn update(&mut self, state: UpdateState) -> Option<pb::UpdateStatus> {
+    pub(crate) fn update(&mut self, state: UpdateState) -> Option<pb::UpdateStatus> {
         if self.sent_update.as_ref() == Some(&state) {
             return None;
         }
@@ -82,7 +82,7 @@ impl Reporter {
 
     /// When to verify what the agent manages next: the configured period, less up to a tenth at
     /// random, so devices started together do not all check together.
-    pub fn next_drift_check(&self) -> Duration {
+    pub(crate) fn next_drift_check(&self) -> Duration {
         let period = Duration::from_secs(self.config.drift_check_interval_secs.max(1));
         let spread = (period.as_millis() / 10).max(1) as u64;
         period.saturating_sub(Duration::from_millis(rand::rng().random_range(0..spread)))
@@ -90,7 +90,11 @@ impl Reporter {
 
     /// Verifies (and corrects) what the agent manages; the Status to send when the findings
     /// differ from the last sent.
-    pub fn drift_check(&mut self, spec: &DeviceSpec, applied_version: &str) -> Option<pb::Status> {
+    pub(crate) fn drift_check(
+        &mut self,
+        spec: &DeviceSpec,
+        applied_version: &str,
+    ) -> Option<pb::Status> {
         let drift = self.check_drift(spec)?;
         Some(pb::Status {
             applied_version: applied_version.to_string(),
@@ -115,13 +119,13 @@ impl Reporter {
     }
 
     /// How often to sample.
-    pub fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         Duration::from_secs(self.config.sample_interval_secs.max(1))
     }
 
     /// The first Status of a session: everything, whatever was sent on the last one, after a
     /// drift check (an agent restarted after its files were changed puts them back first).
-    pub fn opening(
+    pub(crate) fn opening(
         &mut self,
         spec: &DeviceSpec,
         applied_version: &str,
@@ -145,7 +149,7 @@ impl Reporter {
     }
 
     /// A sample: the Status to send, if anything changed enough to be worth it.
-    pub fn next(
+    pub(crate) fn next(
         &mut self,
         spec: &DeviceSpec,
         applied_version: &str,

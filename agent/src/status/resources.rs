@@ -11,14 +11,14 @@ const MAX_FILESYSTEMS: usize = 16;
 
 /// Samples resources; CPU use is measured between two samples.
 #[derive(Debug, Default)]
-pub struct Sampler {
+pub(super) struct Sampler {
     /// (busy, total) jiffies at the previous sample.
     previous_cpu: Option<(u64, u64)>,
 }
 
 impl Sampler {
     /// A sample now, with the filesystems holding `paths` (deduplicated by mount point).
-    pub fn sample(&mut self, paths: &[PathBuf], now_ms: i64) -> ResourceUsage {
+    pub(super) fn sample(&mut self, paths: &[PathBuf], now_ms: i64) -> ResourceUsage {
         let (memory_total_bytes, available) = meminfo();
         let cpu = cpu_jiffies();
         let cpu_percent = match (self.previous_cpu, cpu) {
@@ -63,7 +63,7 @@ impl Sampler {
 }
 
 /// (MemTotal, MemAvailable) in bytes.
-pub fn meminfo() -> (u64, u64) {
+pub(super) fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         text.lines()

@@ -11,7 +11,7 @@ const MAX_INTERFACES: usize = 16;
 const MAX_ADDRESSES: usize = 8;
 
 /// The system as it is now.
-pub fn system_info(boot_id: &str, tpm_used: bool, agent_version: &str) -> SystemInfo {
+pub(super) fn system_info(boot_id: &str, tpm_used: bool, agent_version: &str) -> SystemInfo {
     let os = os_release();
     let field = |key: &str| os.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let (release, machine) = uname();

@@ -102,7 +102,7 @@ fn null_ticket() -> Result<HashcheckTicket> {
 }
 
 /// DER `ECDSA-Sig-Value` from the TPM's big-endian r and s.
-pub fn ecdsa_der(r: &[u8], s: &[u8]) -> Vec<u8> {
+pub(crate) fn ecdsa_der(r: &[u8], s: &[u8]) -> Vec<u8> {
     fn integer(out: &mut Vec<u8>, bytes: &[u8]) {
         let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
         let mut value = bytes[start..].to_vec();

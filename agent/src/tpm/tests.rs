@@ -19,6 +19,7 @@ use std::sync::Arc;
 use swtpm::Swtpm;
 
 #[path = "../../../tests/support/swtpm.rs"]
+#[allow(clippy::disallowed_methods)]
 mod swtpm;
 
 fn open(swtpm: &Swtpm) -> Arc<Tpm> {

@@ -5,13 +5,13 @@
 //! (the packaged one) acts as the launcher: it runs whatever `current` names.
 
 use crate::state::{relink, sync_dir, write_atomic};
-pub use flotilla::pki::sha256_file as digest_file;
+pub(crate) use flotilla::pki::sha256_file as digest_file;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-pub const BINARY: &str = "flotilla-agent";
+pub(crate) const BINARY: &str = "flotilla-agent";
 const CURRENT: &str = "current";
 const PREVIOUS: &str = "previous";
 const BUILDS: &str = "builds";

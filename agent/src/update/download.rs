@@ -21,7 +21,7 @@ const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
 
 /// Why a release could not be had.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unusable {
+pub(super) enum Unusable {
     /// It cannot be used as it is (not published, not signed by a pinned key, its bytes do not
     /// match): a refusal of the spec.
     Refused(String),
@@ -31,7 +31,7 @@ pub enum Unusable {
 }
 
 /// Asks the control plane for the release of `version` and checks its signature.
-pub async fn release(
+pub(super) async fn release(
     channel: &Channel,
     version: &str,
     keys: &[ReleaseKey],
@@ -77,7 +77,7 @@ enum Source<'a> {
 }
 
 /// Downloads `release` into `dir` and returns the verified file.
-pub async fn fetch(
+pub(super) async fn fetch(
     release: &pb::AgentRelease,
     channel: &Channel,
     dir: &Path,

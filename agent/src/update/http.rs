@@ -18,7 +18,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The parts of an http(s) URL a GET needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(super) struct Target {
     pub tls: bool,
     pub host: String,
     pub port: u16,
@@ -26,7 +26,7 @@ pub struct Target {
     pub path: String,
 }
 
-pub fn parse_url(url: &str) -> Result<Target> {
+pub(super) fn parse_url(url: &str) -> Result<Target> {
     let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("http://") {
@@ -92,14 +92,14 @@ fn tls_config(extra_ca_pem: &str) -> Result<rustls::ClientConfig> {
 }
 
 /// A response whose body is still to be read.
-pub struct Response {
+pub(super) struct Response {
     /// 206: the body starts at the offset asked for; 200: at byte 0.
     pub partial: bool,
     pub body: hyper::body::Incoming,
 }
 
 /// GETs `url` from byte `offset` on.
-pub async fn get_from(url: &str, offset: u64, ca_file: &Path) -> Result<Response> {
+pub(super) async fn get_from(url: &str, offset: u64, ca_file: &Path) -> Result<Response> {
     let target = parse_url(url)?;
     let address = format!("{}:{}", target.host, target.port);
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&address))
@@ -159,7 +159,7 @@ where
 }
 
 /// The next piece of a body, or `None` at its end.
-pub async fn next_piece(body: &mut hyper::body::Incoming) -> Result<Option<Bytes>> {
+pub(super) async fn next_piece(body: &mut hyper::body::Incoming) -> Result<Option<Bytes>> {
     loop {
         match body.frame().await {
             None => return Ok(None),

@@ -13,13 +13,13 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 /// Set in the environment of a build a launcher started (its start is counted already).
-pub const LAUNCHED_ENV: &str = "FLOTILLA_AGENT_LAUNCHED";
+pub(crate) const LAUNCHED_ENV: &str = "FLOTILLA_AGENT_LAUNCHED";
 /// The exit code that asks the service manager to start the agent again (EX_TEMPFAIL).
-pub const EXIT_RESTART: i32 = 75;
+pub(crate) const EXIT_RESTART: i32 = 75;
 
 /// What this start should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Launch {
+pub(crate) enum Launch {
     /// Go on in this process.
     Run,
     /// Replace this process with the build at this path.
@@ -28,7 +28,7 @@ pub enum Launch {
 
 /// Rolls back the pending build: `current` returns to the build it replaced, the failure is
 /// recorded for the status and for the spec version that asked for it.
-pub fn roll_back(
+pub(crate) fn roll_back(
     builds: &Builds,
     records: &Records,
     pending: &PendingAgent,
@@ -59,7 +59,7 @@ pub fn roll_back(
 
 /// Settles the update records for this start and says which binary should run. `exe` is this
 /// process's binary; `launched` whether a launcher counted this start already.
-pub fn settle(
+pub(crate) fn settle(
     builds: &Builds,
     records: &Records,
     exe: &Path,
@@ -120,7 +120,7 @@ pub fn settle(
 }
 
 /// Replaces this process with `binary`, with the same arguments; returns only if that failed.
-pub fn exec(binary: &Path, counted: bool) -> std::io::Error {
+pub(crate) fn exec(binary: &Path, counted: bool) -> std::io::Error {
     let mut command = std::process::Command::new(binary);
     command.args(std::env::args_os().skip(1));
     if counted {
@@ -133,7 +133,7 @@ pub fn exec(binary: &Path, counted: bool) -> std::io::Error {
 
 /// Starts the agent again as `mode` says: the build `current` names replaces this process, or
 /// this process exits for the service manager to start it. Returns only if exec failed.
-pub fn restart(mode: RestartMode, builds: &Builds) -> std::io::Error {
+pub(crate) fn restart(mode: RestartMode, builds: &Builds) -> std::io::Error {
     match mode {
         RestartMode::Exit => {
             tracing::info!("exiting for the service manager to start the agent again");

@@ -5,12 +5,12 @@
 //! the spec's maintenance windows. A push that updates the agent or the OS is acknowledged only
 //! once the device runs what it asks for; one update at a time.
 
-pub mod builds;
+pub(crate) mod builds;
 mod download;
 mod http;
-pub mod launcher;
-pub mod os;
-pub mod records;
+pub(crate) mod launcher;
+pub(crate) mod os;
+pub(crate) mod records;
 
 use crate::apply::executor::Executor;
 use builds::{BuildInfo, Builds};

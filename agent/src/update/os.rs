@@ -18,14 +18,14 @@ const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One deployment bootc knows: the image reference and its digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootEntry {
+pub(crate) struct BootEntry {
     pub image: String,
     pub digest: String,
 }
 
 /// What `bootc status --json` says about the deployments.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootcStatus {
+pub(crate) struct BootcStatus {
     pub booted: Option<BootEntry>,
     pub staged: Option<BootEntry>,
 }
@@ -67,7 +67,7 @@ fn entry(entry: Option<Entry>) -> Option<BootEntry> {
 }
 
 /// Parses `bootc status --json` (API `org.containers.bootc/v1`).
-pub fn parse_status(json: &str) -> Result<BootcStatus, String> {
+pub(crate) fn parse_status(json: &str) -> Result<BootcStatus, String> {
     let host: Host =
         serde_json::from_str(json).map_err(|e| format!("unreadable `bootc status --json`: {e}"))?;
     let status = host.status.ok_or("`bootc status --json` has no status")?;
@@ -79,7 +79,7 @@ pub fn parse_status(json: &str) -> Result<BootcStatus, String> {
 
 /// Where the OS update stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OsStep {
+pub(crate) enum OsStep {
     /// The device runs the image.
     Ready,
     /// A window is closed: come back at this time (`None`: it never opens).
@@ -96,7 +96,7 @@ pub enum OsStep {
 }
 
 /// Everything a step reads.
-pub struct OsContext<'a> {
+pub(crate) struct OsContext<'a> {
     pub executor: &'a dyn Executor,
     pub records: &'a Records,
     pub windows: &'a Windows,
@@ -126,7 +126,11 @@ fn read_status(executor: &dyn Executor) -> Result<BootcStatus, String> {
 }
 
 /// Takes the device one step towards running `image`; also returns the booted deployment.
-pub fn step(ctx: &OsContext<'_>, image: &str, spec_version: &str) -> (OsStep, Option<BootEntry>) {
+pub(crate) fn step(
+    ctx: &OsContext<'_>,
+    image: &str,
+    spec_version: &str,
+) -> (OsStep, Option<BootEntry>) {
     let status = match read_status(ctx.executor) {
         Ok(status) => status,
         Err(reason) => return (refused(reason), None),

@@ -16,7 +16,7 @@ const DOWNLOADS: &str = "downloads";
 
 /// An agent build switched to, until it confirms or is rolled back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingAgent {
+pub(crate) struct PendingAgent {
     pub version: String,
     pub sha256: String,
     pub from_version: String,
@@ -32,7 +32,7 @@ pub struct PendingAgent {
 
 /// An OS image the device was rebooted into, until the booted image says how it went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingOs {
+pub(crate) struct PendingOs {
     pub image: String,
     pub staged_digest: String,
     pub from_digest: String,
@@ -44,19 +44,19 @@ pub struct PendingOs {
 
 /// The last update that failed, and the spec version that asked for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Failed {
+pub(crate) struct Failed {
     pub failure: UpdateFailure,
     pub spec_version: String,
 }
 
 /// The `update/` directory.
 #[derive(Debug, Clone)]
-pub struct Records {
+pub(crate) struct Records {
     dir: PathBuf,
 }
 
 impl Records {
-    pub fn new(state_root: &Path) -> Records {
+    pub(crate) fn new(state_root: &Path) -> Records {
         Records {
             dir: state_root.join("update"),
         }
@@ -64,7 +64,7 @@ impl Records {
 
     /// Where downloads are kept while they arrive (on the state directory's filesystem, so a
     /// finished one moves into the install directory by rename when both share it).
-    pub fn downloads(&self) -> PathBuf {
+    pub(crate) fn downloads(&self) -> PathBuf {
         self.dir.join(DOWNLOADS)
     }
 
@@ -96,39 +96,39 @@ impl Records {
         }
     }
 
-    pub fn pending_agent(&self) -> Option<PendingAgent> {
+    pub(crate) fn pending_agent(&self) -> Option<PendingAgent> {
         self.read(PENDING_AGENT)
     }
 
-    pub fn save_pending_agent(&self, pending: &PendingAgent) -> std::io::Result<()> {
+    pub(crate) fn save_pending_agent(&self, pending: &PendingAgent) -> std::io::Result<()> {
         self.write(PENDING_AGENT, pending)
     }
 
-    pub fn clear_pending_agent(&self) -> std::io::Result<()> {
+    pub(crate) fn clear_pending_agent(&self) -> std::io::Result<()> {
         self.remove(PENDING_AGENT)
     }
 
-    pub fn pending_os(&self) -> Option<PendingOs> {
+    pub(crate) fn pending_os(&self) -> Option<PendingOs> {
         self.read(PENDING_OS)
     }
 
-    pub fn save_pending_os(&self, pending: &PendingOs) -> std::io::Result<()> {
+    pub(crate) fn save_pending_os(&self, pending: &PendingOs) -> std::io::Result<()> {
         self.write(PENDING_OS, pending)
     }
 
-    pub fn clear_pending_os(&self) -> std::io::Result<()> {
+    pub(crate) fn clear_pending_os(&self) -> std::io::Result<()> {
         self.remove(PENDING_OS)
     }
 
-    pub fn failure(&self) -> Option<Failed> {
+    pub(crate) fn failure(&self) -> Option<Failed> {
         self.read(FAILURE)
     }
 
-    pub fn save_failure(&self, failed: &Failed) -> std::io::Result<()> {
+    pub(crate) fn save_failure(&self, failed: &Failed) -> std::io::Result<()> {
         self.write(FAILURE, failed)
     }
 
-    pub fn clear_failure(&self) -> std::io::Result<()> {
+    pub(crate) fn clear_failure(&self) -> std::io::Result<()> {
         self.remove(FAILURE)
     }
 }

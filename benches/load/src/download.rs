@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 const VERSION: &str = "99.0.0";
 
 #[derive(Debug, Serialize)]
-pub struct DownloadFigures {
+pub(crate) struct DownloadFigures {
     pub downloaders: usize,
     pub artifact_mib: f64,
     /// From the first request to the last device holding the whole verified artifact.
@@ -139,7 +139,7 @@ async fn fetch(
     Ok(busy)
 }
 
-pub async fn run(
+pub(crate) async fn run(
     servers: &[ControlPlane],
     creds: Vec<ClientCredentials>,
     mib: usize,

@@ -23,13 +23,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// One ACK an agent sent: which agent, when.
-pub struct Ack {
+pub(crate) struct Ack {
     pub agent: usize,
     pub at: Instant,
 }
 
 /// What the simulated fleet has seen, shared by every agent task.
-pub struct Shared {
+pub(crate) struct Shared {
     epoch: Instant,
     /// Fleet-wide index of this process's agent 0 (source addresses and first endpoints follow
     /// the fleet-wide index, so worker processes never collide).
@@ -61,7 +61,7 @@ pub struct Shared {
 
 /// Something one agent saw, as relayed from a worker process to its parent.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub(crate) enum Event {
     Synced(Instant),
     Acked(Instant),
     Renewed(Instant),
@@ -75,7 +75,7 @@ pub enum Event {
 
 impl Shared {
     /// The view of `n` agents whose first has fleet-wide index `base`.
-    pub fn new(n: usize, base: usize, ports: Vec<u16>) -> Shared {
+    pub(crate) fn new(n: usize, base: usize, ports: Vec<u16>) -> Shared {
         Shared {
             epoch: Instant::now(),
             base,
@@ -98,13 +98,13 @@ impl Shared {
     }
 
     /// Relays every event to `sink` (fleet-wide index, event) besides recording it.
-    pub fn relaying(mut self, sink: std::sync::mpsc::Sender<(usize, Event)>) -> Shared {
+    pub(crate) fn relaying(mut self, sink: std::sync::mpsc::Sender<(usize, Event)>) -> Shared {
         self.relay = Some(sink);
         self
     }
 
     /// Agents send status reports (see `status`).
-    pub fn reporting_status(mut self, on: bool) -> Shared {
+    pub(crate) fn reporting_status(mut self, on: bool) -> Shared {
         self.status = on;
         self
     }
@@ -114,7 +114,7 @@ impl Shared {
     }
 
     /// Records what agent `agent` (index in this process) saw.
-    pub fn record(&self, agent: usize, event: Event) {
+    pub(crate) fn record(&self, agent: usize, event: Event) {
         if let Some(relay) = &self.relay {
             let _ = relay.send((self.base + agent, event.clone()));
         }
@@ -151,7 +151,7 @@ impl Shared {
     }
 
     /// Agents in sync at some moment after `since`.
-    pub fn synced_since(&self, since: Instant) -> usize {
+    pub(crate) fn synced_since(&self, since: Instant) -> usize {
         let since = self.millis(since);
         self.synced_at
             .iter()
@@ -160,14 +160,14 @@ impl Shared {
     }
 
     /// Agents whose open session is on `port`.
-    pub fn agents_on(&self, port: u16) -> Vec<usize> {
+    pub(crate) fn agents_on(&self, port: u16) -> Vec<usize> {
         (0..self.on_port.len())
             .filter(|i| self.on_port[*i].load(Ordering::Relaxed) == port)
             .collect()
     }
 
     /// How many of `agents` were in sync at some moment after `since`.
-    pub fn synced_since_among(&self, agents: &[usize], since: Instant) -> usize {
+    pub(crate) fn synced_since_among(&self, agents: &[usize], since: Instant) -> usize {
         let since = self.millis(since);
         agents
             .iter()
@@ -176,7 +176,7 @@ impl Shared {
     }
 
     /// When the last of the agents in sync after `since` got there.
-    pub fn last_synced_after(&self, since: Instant) -> Duration {
+    pub(crate) fn last_synced_after(&self, since: Instant) -> Duration {
         let since_ms = self.millis(since);
         let last = self
             .synced_at
@@ -189,22 +189,22 @@ impl Shared {
     }
 
     /// How many agents were told to back off since the last call, and resets.
-    pub fn take_told_busy(&self) -> usize {
+    pub(crate) fn take_told_busy(&self) -> usize {
         self.told_busy
             .iter()
             .filter(|b| b.swap(false, Ordering::Relaxed))
             .count()
     }
 
-    pub fn ack_count(&self) -> usize {
+    pub(crate) fn ack_count(&self) -> usize {
         self.acks.lock().map(|a| a.len()).unwrap_or(0)
     }
 
-    pub fn renewal_count(&self) -> usize {
+    pub(crate) fn renewal_count(&self) -> usize {
         self.renewals.lock().map(|r| r.len()).unwrap_or(0)
     }
 
-    pub fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.errors.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
@@ -223,7 +223,7 @@ impl Shared {
 }
 
 /// The simulated agents of one run: tasks in this process, or worker processes.
-pub struct Fleet {
+pub(crate) struct Fleet {
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     workers: Vec<crate::worker::Worker>,
@@ -231,7 +231,7 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts one task per device in this process, spread over `ports`; all connect at once.
-    pub async fn connect(devices: Vec<Device>, ports: Vec<u16>, status: bool) -> Fleet {
+    pub(crate) async fn connect(devices: Vec<Device>, ports: Vec<u16>, status: bool) -> Fleet {
         let shared = Arc::new(Shared::new(devices.len(), 0, ports).reporting_status(status));
         let tasks = spawn_agents(devices, &shared).await;
         Fleet {
@@ -243,7 +243,7 @@ impl Fleet {
 
     /// Splits the devices over `processes` worker processes (each holding its share of the
     /// connections) and folds what they relay into one view.
-    pub fn connect_in_processes(
+    pub(crate) fn connect_in_processes(
         devices: Vec<Device>,
         ports: Vec<u16>,
         processes: usize,
@@ -275,7 +275,7 @@ impl Fleet {
         })
     }
 
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.abort();
@@ -287,7 +287,7 @@ impl Fleet {
 }
 
 /// Starts one agent task per device on `shared`.
-pub async fn spawn_agents(
+pub(crate) async fn spawn_agents(
     devices: Vec<Device>,
     shared: &Arc<Shared>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -302,7 +302,11 @@ pub async fn spawn_agents(
 }
 
 /// Waits until `done` holds, checking every 20 ms; how long it took.
-pub async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) -> Result<Duration> {
+pub(crate) async fn wait_until(
+    limit: Duration,
+    what: &str,
+    done: impl Fn() -> bool,
+) -> Result<Duration> {
     let start = Instant::now();
     while !done() {
         if start.elapsed() > limit {
@@ -314,7 +318,7 @@ pub async fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) ->
 }
 
 /// Spreads source addresses over 127.0.0.0/8 so tens of thousands of connections find ports.
-pub fn source_address(index: usize) -> IpAddr {
+pub(crate) fn source_address(index: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
         127,
         (index / 62_500 % 250) as u8 + 1,
@@ -574,7 +578,7 @@ const STATUS_REPEAT: Duration = Duration::from_secs(5);
 
 /// What a typical device reports: its system info (two interfaces) and a resource sample of two
 /// filesystems, no alert firing. The same every time for one agent.
-pub fn status_report(agent: usize) -> pb::AgentMessage {
+pub(crate) fn status_report(agent: usize) -> pb::AgentMessage {
     let interface = |name: &str, v4: String| pb::NetworkInterface {
         name: name.into(),
         addresses: vec![v4, format!("fe80::{:x}/64", agent + 1)],

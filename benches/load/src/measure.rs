@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::process::Command;
 
 /// Resident memory (KiB) and CPU time (seconds) of a process.
-pub fn usage(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn usage(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss = status
         .lines()
@@ -33,7 +33,7 @@ pub fn usage(pid: u32) -> Result<(f64, f64)> {
 
 /// Total kernel socket memory (KiB) of established TCP sockets on local `port`, from `ss -tmn`:
 /// receive and send buffers allocated, forward-allocated, queued and option memory.
-pub fn socket_memory(port: u16) -> Option<f64> {
+pub(crate) fn socket_memory(port: u16) -> Option<f64> {
     let out = Command::new("ss")
         .args([
             "-tmn",
@@ -65,7 +65,7 @@ pub fn socket_memory(port: u16) -> Option<f64> {
 
 /// Sum of every series of a metric family in a Prometheus exposition (optionally only series whose
 /// labels contain `labels`).
-pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
+pub(crate) fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
     exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -80,7 +80,7 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
 
 /// Latency figures in milliseconds.
 #[derive(Debug, Clone, Serialize)]
-pub struct Latencies {
+pub(crate) struct Latencies {
     pub count: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -88,7 +88,7 @@ pub struct Latencies {
 }
 
 impl Latencies {
-    pub fn of(mut millis: Vec<f64>) -> Latencies {
+    pub(crate) fn of(mut millis: Vec<f64>) -> Latencies {
         millis.sort_by(f64::total_cmp);
         let at = |p: f64| {
             if millis.is_empty() {
@@ -117,7 +117,7 @@ impl std::fmt::Display for Latencies {
 }
 
 /// Raises this process's open-file limit to its hard limit (children inherit it). Returns it.
-pub fn raise_file_limit() -> u64 {
+pub(crate) fn raise_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 const TOPIC: &str = "flotilla/load/spec";
 
 #[derive(Serialize)]
-pub struct MosquittoFigures {
+pub(crate) struct MosquittoFigures {
     pub connections: usize,
     pub connect_seconds: f64,
     pub rss_before_mib: f64,
@@ -96,7 +96,7 @@ async fn subscriber(options: MqttOptions, seen: Arc<Seen>) {
 }
 
 /// Runs the comparison with one connection per device; `publisher` is another client identity.
-pub async fn run(
+pub(crate) async fn run(
     work: &Path,
     devices: &[Device],
     publisher: &ClientCredentials,

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 /// One simulated device: its id and mTLS credentials.
-pub struct Device {
+pub(crate) struct Device {
     pub id: String,
     pub name: String,
     pub creds: ClientCredentials,
 }
 
 /// The label every minted device carries (fleets and renewals select on it).
-pub const LOAD_SELECTOR: &str = "role=load";
+pub(crate) const LOAD_SELECTOR: &str = "role=load";
 
 /// The run's data directory with its CA (created on first use; the URLs written into the
 /// generated profiles are not used).
@@ -42,7 +42,7 @@ fn prepare_dir(dir: &DataDir) -> Result<Prepared> {
 
 /// Mints `n` devices with certificates straight into the store of `dir` (audited like any
 /// issuance), plus a server certificate for a broker to use.
-pub async fn mint(dir: &DataDir, backend: &Backend, n: usize) -> Result<Vec<Device>> {
+pub(crate) async fn mint(dir: &DataDir, backend: &Backend, n: usize) -> Result<Vec<Device>> {
     let prepared = prepare_dir(dir)?;
     let store = Store::open(backend.clone())?;
     store.migrate().await?;
@@ -105,7 +105,7 @@ pub async fn mint(dir: &DataDir, backend: &Backend, n: usize) -> Result<Vec<Devi
 }
 
 /// A server certificate (and key) for `localhost`, signed by the run's CA.
-pub fn broker_certificate(dir: &DataDir) -> Result<(String, String)> {
+pub(crate) fn broker_certificate(dir: &DataDir) -> Result<(String, String)> {
     let prepared = prepare_dir(dir)?;
     let (issued, key) = prepared.ca.issue_with_new_key(&Subject {
         common_name: "localhost".into(),
@@ -118,14 +118,14 @@ pub fn broker_certificate(dir: &DataDir) -> Result<(String, String)> {
     Ok((issued.pem, key))
 }
 
-pub fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// A running `flotilla serve`.
-pub struct ControlPlane {
+pub(crate) struct ControlPlane {
     binary: PathBuf,
     dir: DataDir,
     extra_args: Vec<String>,
@@ -140,7 +140,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts a control plane (replica `name`) on fresh ports and waits until it is ready.
-    pub async fn start(
+    pub(crate) async fn start(
         binary: &Path,
         dir: &DataDir,
         database_url: Option<&str>,
@@ -192,11 +192,11 @@ impl ControlPlane {
         Ok(())
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+    pub(crate) async fn wait_ready(&self, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             if http_get(self.metrics_port, "/readyz")
@@ -213,7 +213,7 @@ impl ControlPlane {
     }
 
     /// Kills the process without warning (SIGKILL), as a crash would.
-    pub fn crash(&mut self) {
+    pub(crate) fn crash(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -222,17 +222,17 @@ impl ControlPlane {
 
     /// Crashes the process and starts it again on the same ports. Returns when the new process
     /// is started (not yet ready).
-    pub fn crash_and_restart(&mut self) -> Result<()> {
+    pub(crate) fn crash_and_restart(&mut self) -> Result<()> {
         self.crash();
         self.spawn()
     }
 
-    pub async fn metrics(&self) -> Result<String> {
+    pub(crate) async fn metrics(&self) -> Result<String> {
         http_get(self.metrics_port, "/metrics").await
     }
 
     /// An admin channel with the administrator's credentials.
-    pub async fn admin(&self) -> Result<Channel> {
+    pub(crate) async fn admin(&self) -> Result<Channel> {
         let creds = ClientCredentials {
             ca_pem: std::fs::read_to_string(self.dir.ca_cert())?,
             cert_pem: std::fs::read_to_string(self.dir.admin_cert())?,
@@ -247,7 +247,7 @@ impl ControlPlane {
 
     /// Stops the process gracefully (SIGTERM, so profilers can write their output), then kills it
     /// if it has not gone within 30 s.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -277,7 +277,7 @@ impl Drop for ControlPlane {
 }
 
 /// A plain HTTP GET against the operations endpoint; the body.
-pub async fn http_get(port: u16, path: &str) -> Result<String> {
+pub(crate) async fn http_get(port: u16, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream

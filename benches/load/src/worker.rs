@@ -101,13 +101,13 @@ fn decode(line: &str, clock: &WallClock) -> Result<(usize, Event)> {
 }
 
 /// A running worker process and the thread folding its events into the parent's view.
-pub struct Worker {
+pub(crate) struct Worker {
     child: Child,
 }
 
 impl Worker {
     /// Starts a worker for `devices` (fleet-wide indices from `base`).
-    pub fn start(
+    pub(crate) fn start(
         devices: Vec<Device>,
         base: usize,
         ports: &[u16],
@@ -163,14 +163,14 @@ impl Worker {
         Ok(Worker { child })
     }
 
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 /// The worker's side: runs its agents and relays their events until stdin closes.
-pub async fn run(input_path: &Path) -> Result<()> {
+pub(crate) async fn run(input_path: &Path) -> Result<()> {
     crate::measure::raise_file_limit();
     let input: Input = serde_json::from_slice(&std::fs::read(input_path)?)?;
     let _ = std::fs::remove_file(input_path);
