@@ -9,7 +9,6 @@ use crate::identity::{Identity, Role};
 use crate::pki::cert_info_pem;
 use crate::profiles::{AgentConfig, CtlConfig};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -136,30 +135,9 @@ pub struct Prepared {
     pub created: Vec<String>,
 }
 
-/// Writes a file with the given mode, atomically (temporary file, fsync, rename).
+/// Writes a file with the given mode, atomically (see `fsutil::write_atomic`).
 pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), BootstrapError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    // `mode` at creation is filtered by the umask, and an existing file keeps its own: set it.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io(&tmp))?;
-    file.write_all(content).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    // The rename itself is durable only once the directory is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
+    crate::fsutil::write_atomic(path, content, mode).map_err(io(path))
 }
 
 /// Creates `path` (and its parents) if needed and makes it private to the owner (0700), whatever

@@ -5,8 +5,6 @@
 
 use flotilla::spec::DeviceSpec;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,62 +25,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
-/// Makes the entries of `dir` (renames, removals) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Replaces the symlink `dir/link` by one pointing at `target`, atomically (a new link renamed
-/// over the old), and makes it durable.
-pub(crate) fn relink(dir: &Path, link: &str, target: &str) -> Result<(), std::io::Error> {
-    let tmp = dir.join(format!("{link}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, dir.join(link))?;
-    sync_dir(dir)
-}
-
-/// Writes `content` to `path` atomically with permission `mode`.
-pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), std::io::Error> {
-    write_atomic_owned(path, content, mode, None, None)
-}
-
-/// Like `write_atomic`, also giving the file an owner and group (before it becomes visible).
-pub(crate) fn write_atomic_owned(
-    path: &Path,
-    content: &[u8],
-    mode: u32,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> Result<(), std::io::Error> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.flotilla-tmp"));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(content)?;
-        // The umask may have narrowed the mode given at creation.
-        if uid.is_some() || gid.is_some() {
-            std::os::unix::fs::fchown(&file, uid, gid)?;
-        }
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+pub(crate) use flotilla::fsutil::{relink, sync_dir, write_atomic, write_atomic_owned};
 
 /// What the agent last applied successfully.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -63,25 +63,8 @@ fn key_and_csr() -> Result<(String, String)> {
 
 /// Writes `content` to `path` atomically (temporary file, fsync, rename) with `mode`.
 fn write_file(path: &Path, content: &str, mode: u32) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    flotilla::fsutil::write_atomic(path, content.as_bytes(), mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes `<name>.key` (0600), `<name>.crt` and `ca.crt` into `dir`; returns the certificate's
