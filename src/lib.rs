@@ -9,6 +9,7 @@ pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod fsutil;
+pub mod httpd;
 pub mod identity;
 pub mod names;
 pub mod pki;

@@ -1,16 +1,12 @@
 //! The agent's health: checks of enrollment, certificate validity, the management stream, the last
-//! apply, the state directory (writable, records readable) and its disk space — each pass, warn or fail — served with the agent's
-//! metrics on a local HTTP endpoint (`/healthz`: 200 unless a check fails, then 503; JSON body;
+//! apply, the state directory (writable, records readable) and its disk space — each pass, warn or
+//! fail — served with the agent's metrics on a local HTTP endpoint (`/healthz`: 200 unless a check fails, then 503; JSON body;
 //! `/metrics`: Prometheus exposition).
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use flotilla::httpd::{self, Reply};
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -255,7 +251,7 @@ struct Body<'a> {
 }
 
 /// The `/healthz` answer: 200 unless a check fails, then 503; the checks as JSON.
-pub(crate) fn health_response(checks: &[Check]) -> (StatusCode, String) {
+pub(crate) fn health_response(checks: &[Check]) -> (u16, String) {
     let failed = checks.iter().any(|c| c.status == Level::Fail);
     let status = if failed {
         Level::Fail
@@ -265,22 +261,8 @@ pub(crate) fn health_response(checks: &[Check]) -> (StatusCode, String) {
         Level::Pass
     };
     let body = serde_json::to_string(&Body { status, checks }).unwrap_or_default();
-    let code = if failed {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
+    let code = if failed { 503 } else { 200 };
     (code, body)
-}
-
-fn respond(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
 }
 
 /// Serves `/healthz` and `/metrics` until the process ends.
@@ -289,40 +271,31 @@ pub(crate) async fn serve(
     health: std::sync::Arc<Health>,
     metrics: PrometheusHandle,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (health, metrics) = (health.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = match request.uri().path() {
-                    "/healthz" => {
-                        let (code, body) = health_response(&health.report());
-                        respond(code, "application/json", body)
-                    }
-                    "/metrics" => {
-                        health.report();
-                        respond(
-                            StatusCode::OK,
-                            "text/plain; version=0.0.4",
-                            metrics.render(),
-                        )
-                    }
-                    _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                };
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let route = move |path: &str| match path {
+        "/healthz" => {
+            let (code, body) = health_response(&health.report());
+            Reply {
+                status: code,
+                content_type: "application/json",
+                body,
+            }
+        }
+        "/metrics" => {
+            health.report();
+            Reply::metrics(metrics.render())
+        }
+        _ => Reply::not_found(),
+    };
+    httpd::serve(listener, "health", route, std::future::pending()).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Request;
+    use hyper::StatusCode;
+    use hyper::body::Bytes;
+    use hyper_util::rt::TokioIo;
 
     const NOW: i64 = 1_000_000;
     const DAY: i64 = 86_400;
@@ -348,7 +321,7 @@ mod tests {
             .status
     }
 
-    fn answer(inputs: &Inputs, elapsed: Duration) -> StatusCode {
+    fn answer(inputs: &Inputs, elapsed: Duration) -> u16 {
         health_response(&evaluate(inputs, NOW, elapsed)).0
     }
 
@@ -358,7 +331,7 @@ mod tests {
         let checks = evaluate(&inputs, NOW, Duration::ZERO);
         assert!(checks.iter().all(|c| c.status == Level::Pass), "{checks:?}");
         let (code, body) = health_response(&checks);
-        assert_eq!(code, StatusCode::OK);
+        assert_eq!(code, 200);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["status"], "pass");
         assert_eq!(json["checks"].as_array().unwrap().len(), 6);
@@ -392,34 +365,27 @@ mod tests {
             let mut warned = healthy();
             warn(&mut warned);
             assert_eq!(level(&warned, name, elapsed), Level::Warn, "{name}");
-            assert_eq!(answer(&warned, elapsed), StatusCode::OK, "{name}");
+            assert_eq!(answer(&warned, elapsed), 200, "{name}");
             let mut failed = healthy();
             fail(&mut failed);
             assert_eq!(level(&failed, name, elapsed), Level::Fail, "{name}");
-            assert_eq!(
-                answer(&failed, elapsed),
-                StatusCode::SERVICE_UNAVAILABLE,
-                "{name}"
-            );
+            assert_eq!(answer(&failed, elapsed), 503, "{name}");
         }
 
         let mut down = healthy();
         down.connected = false;
         assert_eq!(level(&down, "stream", Duration::from_secs(10)), Level::Warn);
-        assert_eq!(answer(&down, Duration::from_secs(10)), StatusCode::OK);
+        assert_eq!(answer(&down, Duration::from_secs(10)), 200);
         assert_eq!(
             level(&down, "stream", Duration::from_secs(600)),
             Level::Fail
         );
-        assert_eq!(
-            answer(&down, Duration::from_secs(600)),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(answer(&down, Duration::from_secs(600)), 503);
 
         let mut nacked = healthy();
         nacked.last_apply = Some(Err("file /etc/x: permission denied".into()));
         assert_eq!(level(&nacked, "last_apply", zero), Level::Fail);
-        assert_eq!(answer(&nacked, zero), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer(&nacked, zero), 503);
         let mut fresh = healthy();
         fresh.last_apply = None;
         assert_eq!(level(&fresh, "last_apply", zero), Level::Pass);
