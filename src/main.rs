@@ -581,6 +581,15 @@ async fn main() -> Result<()> {
             };
             let agent_addr = agent.local_addr()?;
             let admin_addr = admin.local_addr()?;
+            // Reported at once, before the database is touched: with port 0 the kernel chose them.
+            println!("agent endpoint: {}", url_for(agent_addr));
+            println!("admin endpoint: {}", url_for(admin_addr));
+            if let Some(listener) = &metrics {
+                println!(
+                    "operations endpoint: http://{}/metrics",
+                    listener.local_addr()?
+                );
+            }
             let (db, start_lock, _) = open_store(&store).await?;
             let dir = DataDir::new(&store.data_dir);
             let agent_url_local = agent_url.is_none();
@@ -673,11 +682,6 @@ async fn main() -> Result<()> {
                     .register_bootstrap_enrollment(pem)
                     .await
                     .context("registering the bootstrap enrollment credential")?;
-            }
-            println!("agent endpoint: {}", url_for(agent_addr));
-            println!("admin endpoint: {}", url_for(admin_addr));
-            if let Some(addr) = metrics_listen {
-                println!("operations endpoint: http://{addr}/metrics");
             }
             serve(
                 control,

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use swtpm::Swtpm;
 
-#[path = "../../../tests/support/swtpm.rs"]
+#[path = "../../../tests/it/support/swtpm.rs"]
 #[allow(clippy::disallowed_methods)]
 mod swtpm;
 

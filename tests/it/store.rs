@@ -1,0 +1,972 @@
+//! The store on a real database: SQLite by default, PostgreSQL when FLOTILLA_TEST_DATABASE_URL is set
+//! (`.ci/run` runs the suite both ways).
+
+use crate::support;
+
+use flotilla::audit::{AuditEntry, verify_chain};
+use flotilla::ca::audit_key::AuditKey;
+use flotilla::spec::{DeviceSpec, FileSpec};
+use flotilla::store::{AuditQuery, AuditSeal, Audited, FleetRollout, IssuanceRules, Revocation};
+use flotilla::store::{
+    Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
+    NewEnrollment, Store, StoreError, SystemInfo,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use support::test_store;
+
+fn enrollment(name: &str, key: &str) -> NewEnrollment {
+    NewEnrollment {
+        name: name.into(),
+        key_fingerprint: key.into(),
+        csr_pem: "csr".into(),
+        labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+        system_info: SystemInfo {
+            hostname: "h".into(),
+            ..Default::default()
+        },
+        created_ms: 1,
+        tpm_ek_fingerprint: None,
+        credential: "factory".into(),
+        source_address: "127.0.0.1:1".into(),
+    }
+}
+
+fn device(id: &str, name: &str) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        name: name.into(),
+        labels: BTreeMap::new(),
+        spec: DeviceSpec::default(),
+        cert_serial: format!("serial-{id}"),
+        cert_not_after_ms: 10,
+        created_ms: 2,
+        fleet: None,
+        tpm_ek_fingerprint: None,
+    }
+}
+
+/// No admin call's records (the store's own still appear).
+fn audited(entries: Vec<AuditEntry>) -> Audited {
+    Audited {
+        seal: seal(),
+        entries,
+    }
+}
+
+fn seal() -> Arc<dyn AuditSeal> {
+    Arc::new(AuditKey::generate().unwrap().0)
+}
+
+fn issued(device: &str) -> AuditEntry {
+    AuditEntry {
+        kind: "issued".into(),
+        device_id: device.into(),
+        outcome: "ok".into(),
+        ..Default::default()
+    }
+}
+
+fn certificate(id: &str) -> CertificateRecord {
+    CertificateRecord {
+        serial: format!("serial-{id}"),
+        device_id: id.into(),
+        key_fingerprint: "k".into(),
+        fingerprint: "f".into(),
+        certificate_pem: "pem".into(),
+        not_before_ms: 1,
+        not_after_ms: 10,
+        issued_ms: 2,
+        revoked_ms: None,
+        revocation_reason: None,
+    }
+}
+
+#[tokio::test]
+async fn enrollment_lifecycle_is_idempotent_and_atomic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+
+    let first = store
+        .submit_enrollment(enrollment("dev", "key-1"))
+        .await
+        .unwrap();
+    assert_eq!(first.state, EnrollmentState::Pending);
+    let again = store
+        .submit_enrollment(enrollment("dev", "key-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "re-submission returns the same request");
+    assert!(matches!(
+        store.submit_enrollment(enrollment("dev", "key-2")).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let approved = store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "admin/admin".into(),
+            audited(vec![issued("d1")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.state, EnrollmentState::Approved);
+    assert_eq!(approved.device_id.as_deref(), Some("d1"));
+    assert_eq!(approved.certificate_serial.as_deref(), Some("serial-d1"));
+    assert_eq!(
+        store
+            .get_certificate("serial-d1")
+            .await
+            .unwrap()
+            .unwrap()
+            .device_id,
+        "d1"
+    );
+    assert!(matches!(
+        store
+            .approve_enrollment(
+                "dev",
+                device("d2", "dev"),
+                certificate("d2"),
+                "x".into(),
+                audited(vec![issued("d2")])
+            )
+            .await,
+        Err(StoreError::Precondition(_))
+    ));
+
+    // A failing approval (the device name is taken) leaves the request pending and nothing behind.
+    store
+        .submit_enrollment(enrollment("other", "key-3"))
+        .await
+        .unwrap();
+    let clash = store
+        .approve_enrollment(
+            "other",
+            device("d3", "dev"),
+            certificate("d3"),
+            "x".into(),
+            audited(vec![issued("d3")]),
+        )
+        .await;
+    assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
+    assert_eq!(
+        store.get_enrollment("other").await.unwrap().unwrap().state,
+        EnrollmentState::Pending
+    );
+    assert!(store.get_certificate("serial-d3").await.unwrap().is_none());
+
+    let denied = store
+        .deny_enrollment(
+            "other",
+            "no".into(),
+            "admin/admin".into(),
+            5,
+            audited(vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(denied.state, EnrollmentState::Denied);
+    let pending = store
+        .list_enrollments(Some(EnrollmentState::Pending))
+        .await
+        .unwrap();
+    assert!(pending.is_empty());
+    assert_eq!(store.list_enrollments(None).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn device_specs_labels_and_sync_facts_persist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            audited(vec![issued("d1")]),
+        )
+        .await
+        .unwrap();
+
+    let mut file = FileSpec::new("/etc/x", "x");
+    file.mode = 0o600;
+    file.owner = Some("root".into());
+    let spec = DeviceSpec {
+        files: vec![file],
+        ..Default::default()
+    };
+    let labels = BTreeMap::from([("tier".to_string(), "edge".to_string())]);
+    let change = DeviceChange {
+        spec: Some(spec.clone()),
+        labels: Some(labels.clone()),
+        fleet: Some(Some("edge".into())),
+        fleet_revision: Some(Some(3)),
+    };
+    let updated = store
+        .update_device("dev", change, 7, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.spec, spec);
+    assert_eq!(updated.labels, labels);
+    assert_eq!(updated.fleet.as_deref(), Some("edge"));
+    assert_eq!(updated.fleet_revision, Some(3));
+    let change = DeviceChange {
+        spec: Some(DeviceSpec::default()),
+        ..Default::default()
+    };
+    let kept = store
+        .update_device("dev", change, 8, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.labels, labels, "labels kept when not given");
+    assert_eq!(
+        kept.fleet.as_deref(),
+        Some("edge"),
+        "owner kept when not given"
+    );
+    let cleared = DeviceChange {
+        fleet: Some(None),
+        ..Default::default()
+    };
+    let kept = store
+        .update_device("dev", cleared, 9, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.fleet, None);
+    assert!(
+        store
+            .update_device("ghost", DeviceChange::default(), 9, audited(vec![]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    store
+        .record_device_sync(
+            "d1",
+            Some("v1".into()),
+            Some(("v2".into(), "disk full".into())),
+        )
+        .await
+        .unwrap();
+    store
+        .record_device_session("d1", "0.1.0".into(), None, 11)
+        .await
+        .unwrap();
+    let device = store.get_device_by_name("dev").await.unwrap().unwrap();
+    assert_eq!(device.acked_version.as_deref(), Some("v1"));
+    assert_eq!(device.nacked, Some(("v2".into(), "disk full".into())));
+    assert_eq!(device.agent_version.as_deref(), Some("0.1.0"));
+    assert_eq!(device.last_seen_ms, Some(11));
+    assert_eq!(store.list_devices().await.unwrap().len(), 1);
+}
+
+fn fleet_write(template: &str) -> FleetWrite {
+    FleetWrite {
+        name: "web".into(),
+        selector: "role=web".into(),
+        label_defaults: BTreeMap::from([("site".to_string(), "lab".to_string())]),
+        template: DeviceSpec {
+            files: vec![FileSpec::new("/etc/web", template)],
+            ..Default::default()
+        },
+        rollout: None,
+        actor: "admin/admin".into(),
+        now_ms: 5,
+    }
+}
+
+#[tokio::test]
+async fn fleet_templates_are_immutable_revisions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            audited(vec![issued("d1")]),
+        )
+        .await
+        .unwrap();
+
+    let created = store
+        .apply_fleet(
+            fleet_write("one"),
+            vec![("d1".into(), Some("web".into()))],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.revision, 1);
+    assert_eq!(created.label_defaults["site"], "lab");
+    let owner = store
+        .get_device_by_name("dev")
+        .await
+        .unwrap()
+        .unwrap()
+        .fleet;
+    assert_eq!(
+        owner.as_deref(),
+        Some("web"),
+        "owners move in the same transaction"
+    );
+
+    let same = store
+        .apply_fleet(
+            fleet_write("one"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same.revision, 1,
+        "an identical template is not a new revision"
+    );
+    let mut reselected = fleet_write("one");
+    reselected.selector = "role=web,site=berlin".into();
+    let reselected = store
+        .apply_fleet(reselected, vec![], FleetRollout::default(), audited(vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reselected.revision, reselected.selector.as_str()),
+        (1, "role=web,site=berlin")
+    );
+    let changed = store
+        .apply_fleet(
+            fleet_write("two"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.revision, 2);
+    assert_eq!(changed.template.files[0].content, "two");
+
+    let revisions = store.list_fleet_revisions("web").await.unwrap();
+    let contents: Vec<(i64, &str)> = revisions
+        .iter()
+        .map(|r| (r.revision, r.template.files[0].content.as_str()))
+        .collect();
+    assert_eq!(contents, [(1, "one"), (2, "two")]);
+    assert_eq!(store.list_fleets().await.unwrap(), vec![changed.clone()]);
+    assert_eq!(store.get_fleet("web").await.unwrap(), Some(changed));
+
+    assert!(
+        store
+            .delete_fleet("web", vec![], audited(vec![]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_fleet("web", vec![], audited(vec![]))
+            .await
+            .unwrap()
+    );
+    assert!(store.list_fleet_revisions("web").await.unwrap().is_empty());
+    let owner = store
+        .get_device_by_name("dev")
+        .await
+        .unwrap()
+        .unwrap()
+        .fleet;
+    assert_eq!(owner, None, "no device points at a deleted fleet");
+    let again = store
+        .apply_fleet(
+            fleet_write("three"),
+            vec![],
+            FleetRollout::default(),
+            audited(vec![]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.revision, 1, "a re-created fleet starts over");
+}
+
+#[tokio::test]
+async fn certificates_revocations_and_the_audit_trail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    let (key, _) = AuditKey::generate().unwrap();
+    let key: Arc<AuditKey> = Arc::new(key);
+    let seal: Arc<dyn AuditSeal> = key.clone();
+    store
+        .submit_enrollment(enrollment("dev", "key"))
+        .await
+        .unwrap();
+    store
+        .approve_enrollment(
+            "dev",
+            device("d1", "dev"),
+            certificate("d1"),
+            "a".into(),
+            Audited {
+                seal: seal.clone(),
+                entries: vec![issued("d1")],
+            },
+        )
+        .await
+        .unwrap();
+    let mut renewed = certificate("d1");
+    renewed.serial = "serial-2".into();
+    renewed.key_fingerprint = "k2".into();
+    renewed.not_after_ms = 20;
+    let mut entry = issued("d1");
+    entry.kind = "renewed".into();
+    store
+        .record_issuance(
+            renewed.clone(),
+            seal.clone(),
+            entry,
+            IssuanceRules {
+                renews: Some("serial-d1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let device = store.get_device_by_name("dev").await.unwrap().unwrap();
+    assert_eq!(device.cert_serial.as_deref(), Some("serial-2"));
+    assert_eq!(device.cert_not_after_ms, Some(20));
+    assert_eq!(
+        store.find_certificate_for_key("d1", "k2").await.unwrap(),
+        Some(renewed)
+    );
+    assert_eq!(
+        store.find_certificate_for_key("d1", "k9").await.unwrap(),
+        None
+    );
+
+    let revocation = Revocation {
+        serials: vec!["serial-d1".into(), "serial-d1".into()],
+        reason: "lost".into(),
+        actor: "admin/admin".into(),
+        now_ms: 30,
+        ..Default::default()
+    };
+    let revoked = store
+        .revoke_certificates(
+            revocation,
+            Audited {
+                seal: seal.clone(),
+                entries: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.len(), 1, "revoking twice records it once");
+    assert_eq!(store.revoked_serials().await.unwrap(), ["serial-d1"]);
+
+    let deleted = store
+        .delete_device(
+            "d1",
+            Revocation {
+                serials: vec!["serial-2".into()],
+                reason: "decommissioned".into(),
+                actor: "admin/admin".into(),
+                now_ms: 40,
+                ..Default::default()
+            },
+            Audited {
+                seal: seal.clone(),
+                entries: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert!(store.get_device_by_name("dev").await.unwrap().is_none());
+    assert!(
+        store.get_enrollment("dev").await.unwrap().is_none(),
+        "the name can enroll again"
+    );
+    assert_eq!(
+        store
+            .list_certificates(Some("d1".into()))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let all = store
+        .list_audit(AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = all.iter().map(|r| r.entry.kind.as_str()).collect();
+    assert_eq!(kinds, ["issued", "renewed", "revoked", "revoked"]);
+    assert_eq!(verify_chain(&all, &key.public_key_der()), Ok(4));
+    let page = store
+        .list_audit(AuditQuery {
+            kind: Some("revoked".into()),
+            after_seq: 3,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].entry.seq, 4);
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    assert_eq!(store.migrate().await.unwrap(), 0);
+}
+
+#[test]
+fn an_unreachable_postgres_is_a_clear_error_not_a_sqlite_file() {
+    let url = "postgres://nobody@127.0.0.1:1/none";
+    let error = Store::open(Backend::from_url(url)).unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+    assert!(
+        error.to_string().contains("database unavailable"),
+        "{error}"
+    );
+    assert!(!std::path::Path::new(url).exists());
+}
+
+/// On PostgreSQL (the only backend with a change feed): what a device answered and where its
+/// session is travel as `session` changes, re-read narrowly; what renders it as `device` changes.
+#[tokio::test]
+async fn the_feed_tells_session_facts_from_device_changes() {
+    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
+    let db = support::TestDb::postgres_for_tests();
+    let backend = db.backend();
+    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
+        .await
+        .unwrap()
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+        .insert_devices(
+            vec![(device("d1", "dev"), certificate("d1"))],
+            seal(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let kinds_after = |after: i64| {
+        let store = store.clone();
+        async move {
+            let changes = store.changes_after(after, 100, None).await.unwrap();
+            let last = changes.last().map_or(after, |c| c.id);
+            let kinds: Vec<ChangeKind> = changes.iter().map(|c| c.kind).collect();
+            assert!(changes.iter().all(|c| c.subject == "d1"));
+            (kinds, last)
+        }
+    };
+    let (kinds, mut at) = kinds_after(0).await;
+    assert_eq!(kinds, [ChangeKind::Device], "created");
+
+    store
+        .record_device_facts(vec![DeviceFact::Session {
+            id: "d1".into(),
+            agent_version: "1.0".into(),
+            running_version: None,
+            seen_ms: 5,
+        }])
+        .await
+        .unwrap();
+    let (kinds, next) = kinds_after(at).await;
+    assert!(!kinds.is_empty(), "a session start is a change");
+    assert!(kinds.iter().all(|k| *k == ChangeKind::Session), "{kinds:?}");
+    at = next;
+
+    store
+        .record_device_facts(vec![DeviceFact::Sync {
+            id: "d1".into(),
+            acked_version: Some("v1".into()),
+            nacked: None,
+        }])
+        .await
+        .unwrap();
+    let (kinds, next) = kinds_after(at).await;
+    assert_eq!(kinds, [ChangeKind::Session], "an ACK is a session fact");
+    at = next;
+
+    store
+        .record_device_facts(vec![DeviceFact::LastSeen {
+            id: "d1".into(),
+            seen_ms: 9,
+        }])
+        .await
+        .unwrap();
+    let facts = store
+        .session_facts(vec!["d1".into(), "gone".into()])
+        .await
+        .unwrap();
+    assert_eq!(facts.len(), 1, "unknown devices are left out");
+    assert_eq!(facts[0].acked_version.as_deref(), Some("v1"));
+    assert_eq!(facts[0].agent_version.as_deref(), Some("1.0"));
+    assert_eq!(facts[0].session_replica, None, "the session ended");
+    let (kinds, next) = kinds_after(at).await;
+    assert_eq!(
+        kinds,
+        [ChangeKind::Session],
+        "the session's end, not the heartbeat"
+    );
+    at = next;
+
+    let change = DeviceChange {
+        labels: Some(BTreeMap::from([("tier".to_string(), "edge".to_string())])),
+        ..Default::default()
+    };
+    store
+        .update_device("dev", change, 10, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    let (kinds, _) = kinds_after(at).await;
+    assert_eq!(kinds, [ChangeKind::Device], "labels render the device");
+
+    // Each lane holds its kinds only, in id order, and together they hold the whole feed.
+    let all = store.changes_after(0, 100, None).await.unwrap();
+    let sessions = store
+        .changes_after(0, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    let others = store
+        .changes_after(0, 100, Some(FeedLane::Others))
+        .await
+        .unwrap();
+    assert!(sessions.iter().all(|c| c.kind == ChangeKind::Session));
+    assert!(others.iter().all(|c| c.kind != ChangeKind::Session));
+    assert!(!sessions.is_empty() && !others.is_empty());
+    let mut merged: Vec<i64> = sessions.iter().chain(&others).map(|c| c.id).collect();
+    merged.sort_unstable();
+    assert_eq!(merged, all.iter().map(|c| c.id).collect::<Vec<_>>());
+    assert!(sessions.windows(2).all(|w| w[0].id < w[1].id));
+}
+
+/// A batch of device facts leaves every column as writing them one by one would, whether a device
+/// has one fact in the batch (written with the others of its kind, on PostgreSQL) or several.
+#[tokio::test]
+async fn a_batch_of_device_facts_ends_as_its_sequence_would() {
+    use flotilla::store::DeviceFact;
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _db) = test_store(tmp.path()).await;
+    let ids = ["a", "b", "c", "d", "e"];
+    let devices = ids
+        .iter()
+        .map(|id| (device(id, &format!("dev-{id}")), certificate(id)))
+        .collect();
+    store
+        .insert_devices(devices, seal(), "t".into())
+        .await
+        .unwrap();
+    let session = |id: &str, running: Option<&str>, seen_ms: i64| DeviceFact::Session {
+        id: id.into(),
+        agent_version: format!("agent-{seen_ms}"),
+        running_version: running.map(str::to_string),
+        seen_ms,
+    };
+    let sync = |id: &str, acked: Option<&str>, nacked: Option<(&str, &str)>| DeviceFact::Sync {
+        id: id.into(),
+        acked_version: acked.map(str::to_string),
+        nacked: nacked.map(|(v, e)| (v.to_string(), e.to_string())),
+    };
+    store
+        .record_device_facts(vec![sync("b", Some("v7"), None)])
+        .await
+        .unwrap();
+    store
+        .record_device_facts(vec![
+            // a: one session start with the version it runs; b: one without.
+            session("a", Some("v1"), 10),
+            session("b", None, 11),
+            // c: one answer, a rejection; d: an ACK after its session start.
+            sync("c", Some("v0"), Some(("v2", "disk full"))),
+            session("d", Some("v1"), 12),
+            sync("d", Some("v3"), None),
+            // e: session start, end, and a later start.
+            session("e", Some("v5"), 13),
+            DeviceFact::LastSeen {
+                id: "e".into(),
+                seen_ms: 14,
+            },
+            session("e", None, 15),
+        ])
+        .await
+        .unwrap();
+    let found = store
+        .get_devices(ids.iter().map(|id| id.to_string()).collect())
+        .await
+        .unwrap();
+    let by_id: BTreeMap<&str, _> = found.iter().map(|d| (d.id.as_str(), d)).collect();
+    let acked = |id: &str| by_id[id].acked_version.as_deref();
+    assert_eq!(acked("a"), Some("v1"));
+    assert_eq!(
+        acked("b"),
+        Some("v7"),
+        "a start without a version keeps the last ACK"
+    );
+    assert_eq!(acked("c"), Some("v0"));
+    assert_eq!(
+        by_id["c"].nacked,
+        Some(("v2".to_string(), "disk full".to_string()))
+    );
+    assert_eq!(acked("d"), Some("v3"), "the later answer wins");
+    assert_eq!(acked("e"), Some("v5"), "a start without a version keeps it");
+    assert_eq!(by_id["e"].agent_version.as_deref(), Some("agent-15"));
+    assert_eq!(by_id["e"].last_seen_ms, Some(15));
+    assert_eq!(by_id["b"].last_seen_ms, Some(11));
+    if store.has_change_feed() {
+        for id in ["a", "b", "d", "e"] {
+            assert_eq!(
+                by_id[id].session_replica.as_deref(),
+                Some(store.replica()),
+                "{id} holds its session here"
+            );
+        }
+        assert_eq!(by_id["c"].session_replica, None);
+    }
+}
+
+/// The certificate group commit: a batch of issuances and supersessions for distinct devices (the
+/// bulk path) and the same batch with a device twice (written one by one) end alike — refusals,
+/// superseded spares, certificate rows and one intact audit chain.
+#[tokio::test]
+async fn a_batch_of_certificate_writes_ends_as_one_by_one_would() {
+    use flotilla::store::{CertificateWrite, CertificateWritten};
+    async fn run(with_a_device_twice: bool) -> (Vec<String>, Vec<(String, bool)>, Vec<String>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _db) = test_store(tmp.path()).await;
+        let (key, _) = AuditKey::generate().unwrap();
+        let key = Arc::new(key);
+        let seal: Arc<dyn AuditSeal> = key.clone();
+        let cert = |id: &str, serial: &str| CertificateRecord {
+            serial: serial.into(),
+            key_fingerprint: format!("key-{serial}"),
+            ..certificate(id)
+        };
+        let ids = ["a", "b", "c", "d"];
+        store
+            .insert_devices(
+                ids.iter()
+                    .map(|id| (device(id, &format!("dev-{id}")), certificate(id)))
+                    .collect(),
+                seal.clone(),
+                "t".into(),
+            )
+            .await
+            .unwrap();
+        // c holds a spare (renewed, not yet used); b's current certificate is revoked.
+        let spare = store
+            .record_certificate_writes(
+                vec![CertificateWrite::Issue {
+                    certificate: cert("c", "c-2"),
+                    entry: AuditEntry {
+                        kind: "renewed".into(),
+                        device_id: "c".into(),
+                        serial: "c-2".into(),
+                        outcome: "ok".into(),
+                        ..Default::default()
+                    },
+                    rules: IssuanceRules {
+                        renews: Some("serial-c".into()),
+                    },
+                }],
+                seal.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(spare[0].is_ok());
+        store
+            .revoke_certificates(
+                Revocation {
+                    serials: vec!["serial-b".into()],
+                    reason: "lost".into(),
+                    actor: "admin/admin".into(),
+                    now_ms: 3,
+                    ..Default::default()
+                },
+                Audited {
+                    seal: seal.clone(),
+                    entries: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        let renew = |id: &str, serial: &str, renews: &str| CertificateWrite::Issue {
+            certificate: cert(id, serial),
+            entry: AuditEntry {
+                kind: "renewed".into(),
+                device_id: id.into(),
+                serial: serial.into(),
+                actor: format!("device/{id}"),
+                outcome: "ok".into(),
+                ..Default::default()
+            },
+            rules: IssuanceRules {
+                renews: Some(renews.into()),
+            },
+        };
+        let mut writes = vec![
+            renew("a", "a-2", "serial-a"),
+            renew("b", "b-2", "serial-b"),
+            // c now uses c-2: its old certificate goes.
+            CertificateWrite::Supersede {
+                device_id: "c".into(),
+                keep: "c-2".into(),
+                actor: "device/c".into(),
+                now_ms: 5,
+            },
+        ];
+        if with_a_device_twice {
+            writes.push(renew("a", "a-3", "serial-a"));
+        } else {
+            writes.push(renew("d", "d-2", "serial-d"));
+        }
+        let outcomes = store
+            .record_certificate_writes(writes, seal.clone())
+            .await
+            .unwrap();
+        let described: Vec<String> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(CertificateWritten::Issued(r)) => format!(
+                    "issued {} superseding {:?}",
+                    r.record.entry.serial,
+                    r.superseded
+                        .iter()
+                        .map(|c| c.serial.clone())
+                        .collect::<Vec<_>>()
+                ),
+                Ok(CertificateWritten::Superseded(s)) => format!(
+                    "superseded {:?}",
+                    s.iter()
+                        .map(|c| (c.serial.clone(), c.revoked_ms))
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => format!("refused: {e}"),
+            })
+            .collect();
+        let certificates: Vec<(String, bool)> = store
+            .list_certificates(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.serial, c.revoked_ms.is_some()))
+            .collect();
+        let all = store
+            .list_audit(AuditQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(verify_chain(&all, &key.public_key_der()), Ok(all.len()));
+        let kinds: Vec<String> = all
+            .iter()
+            .map(|r| format!("{} {}", r.entry.kind, r.entry.serial))
+            .collect();
+        let current: Vec<Option<String>> = store
+            .get_devices(ids.iter().map(|s| s.to_string()).collect())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.id == "a" || d.id == "c")
+            .map(|d| d.cert_serial)
+            .collect();
+        assert!(current.contains(&Some("c-2".to_string())));
+        (described, certificates, kinds)
+    }
+    let (bulk, bulk_certificates, bulk_audit) = run(false).await;
+    assert_eq!(bulk[0], "issued a-2 superseding []");
+    assert!(
+        bulk[1].starts_with("refused: ") && bulk[1].contains("serial-b"),
+        "{}",
+        bulk[1]
+    );
+    assert_eq!(bulk[2], "superseded [(\"serial-c\", Some(5))]");
+    assert_eq!(bulk[3], "issued d-2 superseding []");
+    let (single, single_certificates, single_audit) = run(true).await;
+    assert_eq!(bulk[..3], single[..3], "the same writes, the same outcomes");
+    // a-3 renews serial-a too, so it supersedes a-2 (the spare a-2 made of nothing else).
+    assert_eq!(single[3], "issued a-3 superseding [\"a-2\"]");
+    for (serial, revoked) in [
+        ("serial-c", true),
+        ("c-2", false),
+        ("serial-a", false),
+        ("a-2", false),
+    ] {
+        assert!(
+            bulk_certificates.contains(&(serial.to_string(), revoked)),
+            "{serial}: {bulk_certificates:?}"
+        );
+    }
+    assert!(
+        !bulk_certificates.iter().any(|(s, _)| s == "b-2"),
+        "nothing issued for a revoked renewal"
+    );
+    assert!(!single_certificates.iter().any(|(s, _)| s == "b-2"));
+    for audit in [&bulk_audit, &single_audit] {
+        assert!(
+            audit.contains(&"superseded serial-c".to_string()),
+            "{audit:?}"
+        );
+        assert!(audit.contains(&"renewed a-2".to_string()));
+        assert!(!audit.iter().any(|r| r.ends_with(" b-2")));
+    }
+}
+
+/// A burst of operations far beyond the pool (here 2 connections, each answer delayed 100 ms by a
+/// proxy) queues for its turn: every operation succeeds and the database is not taken for
+/// unreachable, though the burst outlasts the pool's 5-second checkout timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_pool_waits_its_turn_and_is_no_outage() {
+    let db = support::TestDb::postgres_for_tests();
+    let proxy = support::proxy::Proxy::start(db.server_addr()).await;
+    let url = db.url_via(proxy.addr);
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_pooled(Backend::from_url(&url), "burst", 2)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    store.migrate().await.unwrap();
+    proxy.set_latency(std::time::Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let operations: Vec<_> = (0..60)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get_devices(vec!["none".into()]).await })
+        })
+        .collect();
+    for operation in operations {
+        operation.await.unwrap().expect("queued, not refused");
+    }
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(5),
+        "the burst outlasted the checkout timeout ({:?})",
+        started.elapsed()
+    );
+    assert!(store.reachability().is_reachable());
+}
