@@ -13,6 +13,40 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// Where the hub and the control plane read the time: the system's wall clock, or one that keeps
+/// step with tokio's. Under `tokio::time::pause` the latter stands still until the test advances
+/// it, so expiry, renewal windows, waves and offline detection are tested in virtual time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    /// `None`: the system clock. Otherwise what the clock read at the tokio instant given.
+    origin: Option<(i64, tokio::time::Instant)>,
+}
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// A clock that reads `start_ms` now and then moves exactly as tokio's clock does.
+    pub fn following_tokio(start_ms: i64) -> Clock {
+        Clock {
+            origin: Some((start_ms, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_millis(&self) -> i64 {
+        match self.origin {
+            None => now_millis(),
+            Some((start_ms, at)) => {
+                let elapsed = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX);
+                start_ms.saturating_add(elapsed)
+            }
+        }
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> i64 {
     now_millis().div_euclid(1000)
@@ -63,6 +97,16 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clock_following_tokio_moves_only_when_tokio_time_does() {
+        let clock = Clock::following_tokio(1_000_000);
+        assert_eq!(clock.now_millis(), 1_000_000);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(clock.now_millis(), 1_000_000 + 3_600_000);
+        let system = Clock::system().now_millis();
+        assert!(system > 1_700_000_000_000, "the system clock reads today");
+    }
 
     #[test]
     fn durations_take_the_usual_units() {

@@ -31,7 +31,12 @@ use tokio::sync::watch;
 const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla-agent";
 
 #[derive(Parser)]
-#[command(name = "flotilla-agent", version, about = "Flotilla device agent")]
+#[command(
+    name = "flotilla-agent",
+    version,
+    about = "Flotilla device agent",
+    args_override_self = true
+)]
 struct Cli {
     /// Agent configuration (as written by `flotilla serve` into its data directory).
     #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]
@@ -120,6 +125,10 @@ fn describe_metrics() {
         "1 while the management stream is open."
     );
     describe_counter!("flotilla_agent_applies_total", "Spec applies by result.");
+    describe_counter!(
+        "flotilla_agent_sessions_total",
+        "Management sessions established (the first, and every reconnect)."
+    );
     describe_counter!(
         "flotilla_agent_renewals_total",
         "Certificate renewals by result."
@@ -306,6 +315,10 @@ async fn main() -> Result<()> {
         for result in ["renewed", "refused", "rejected"] {
             metrics::counter!("flotilla_agent_renewals_total", "result" => result).absolute(0);
         }
+        metrics::counter!("flotilla_agent_sessions_total").absolute(0);
+        // The bound address: with port 0 the kernel chose it, and whoever started the agent reads
+        // it here.
+        let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, "health endpoint listening");
         tokio::spawn(health::serve(listener, health.clone(), handle));
     }

@@ -393,6 +393,7 @@ async fn session(
                 match server_message.kind {
                     Some(pb::server_message::Kind::Accepted(accepted)) => {
                         tracing::info!(device.id = %enrolled.device_id, server_version = %accepted.current_version, version = %applied.version, "session established");
+                        metrics::counter!("flotilla_agent_sessions_total").increment(1);
                         agent.health.set_connected(true);
                         if let Some(every) = accepted.heartbeat_interval.and_then(|d| Duration::try_from(d).ok()) {
                             heartbeat = tokio::time::interval(every.max(Duration::from_millis(100)));

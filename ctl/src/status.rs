@@ -2,8 +2,8 @@
 //! the rest of the documents) and the text of `describe device` and `get devices -o wide`.
 
 use flotilla::proto::admin::v1 as admin;
-use flotilla::status::convert::{alerts_from, condition_status_from, summary_from};
 use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, UpdateState, WorkloadStatus};
+use flotilla::transport::convert::status::{alerts_from, condition_status_from, summary_from};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,7 +5,6 @@
 
 use super::{ControlError, ControlPlane};
 use crate::audit::{AuditEntry, SignedHead, head_signed_bytes};
-use crate::clock::now_millis;
 use crate::identity::Identity;
 use crate::store::Audited;
 use std::time::Duration;
@@ -26,10 +25,10 @@ impl Actor {
         }
     }
 
-    /// The record of this call succeeding on `target` (`fleet/web`).
-    pub fn record(&self, target: impl Into<String>) -> AuditEntry {
+    /// The record of this call succeeding on `target` (`fleet/web`) at `at_ms`.
+    pub fn record(&self, at_ms: i64, target: impl Into<String>) -> AuditEntry {
         AuditEntry {
-            at_ms: now_millis(),
+            at_ms,
             kind: call_kind(&self.method).into(),
             actor: self.identity.to_string(),
             role: self.identity.role.kind().into(),
@@ -102,7 +101,7 @@ impl ControlPlane {
         let entry = AuditEntry {
             outcome: "refused".into(),
             reason: refusal.reason,
-            ..Actor::new(refusal.identity, refusal.method).record("")
+            ..Actor::new(refusal.identity, refusal.method).record(self.now_millis(), "")
         };
         if let Err(error) = self.store.append_audit(self.seal(), entry).await {
             tracing::warn!(%error, "could not record a refused call in the audit trail");
@@ -116,7 +115,7 @@ impl ControlPlane {
     }
 
     fn sign_head(&self, seq: i64, hash: String) -> SignedHead {
-        let at_ms = now_millis();
+        let at_ms = self.now_millis();
         let signature = self.audit_key.sign(&head_signed_bytes(seq, &hash, at_ms));
         SignedHead {
             seq,
@@ -182,7 +181,7 @@ mod tests {
             Identity::new(Role::Operator, "alice"),
             "FleetService/ApplyFleet",
         );
-        let entry = actor.record("fleet/web");
+        let entry = actor.record(1_000, "fleet/web");
         assert_eq!(entry.actor, "operator/alice");
         assert_eq!(entry.role, "operator");
         assert_eq!(entry.kind, "apply");

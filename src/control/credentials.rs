@@ -8,7 +8,6 @@ use crate::audit::AuditEntry;
 use crate::authz::ServiceGrant;
 use crate::ca::csr::{CsrPublicKey, verify_csr_pem};
 use crate::ca::{Subject, Usage};
-use crate::clock::now_millis;
 use crate::credentials::{Credential, EnrollmentPolicy};
 use crate::identity::{Identity, Role};
 use crate::names::{validate_labels, validate_name};
@@ -205,7 +204,12 @@ fn validity(text: &str, default: Duration) -> Result<Duration, ControlError> {
 }
 
 /// A revocation by an admin; an empty reason says so.
-fn admin_revocation(name: &str, reason: &str, actor: &Identity) -> CredentialRevocation {
+fn admin_revocation(
+    name: &str,
+    reason: &str,
+    actor: &Identity,
+    now_ms: i64,
+) -> CredentialRevocation {
     CredentialRevocation {
         name: name.to_string(),
         reason: if reason.trim().is_empty() {
@@ -214,7 +218,7 @@ fn admin_revocation(name: &str, reason: &str, actor: &Identity) -> CredentialRev
             reason.to_string()
         },
         actor: actor.to_string(),
-        now_ms: now_millis(),
+        now_ms,
     }
 }
 
@@ -259,7 +263,7 @@ impl ControlPlane {
             certificate_pem: issued.pem,
             not_before_ms: issued.info.not_before * 1000,
             not_after_ms: issued.info.not_after * 1000,
-            issued_ms: now_millis(),
+            issued_ms: self.now_millis(),
             revoked_ms: None,
             revocation_reason: None,
         })
@@ -377,7 +381,7 @@ impl ControlPlane {
                         "" => format!("role {}", role.kind()),
                         scope => format!("role {}, scope {scope}", role.kind()),
                     },
-                    ..actor.record(format!("credential/{}", new.name))
+                    ..actor.record(self.now_millis(), format!("credential/{}", new.name))
                 }]),
                 false,
             )
@@ -452,7 +456,7 @@ impl ControlPlane {
             scope: String::new(),
             grants: grant_text(None),
             validity_ms: (info.not_after - info.not_before) * 1000,
-            created_ms: now_millis(),
+            created_ms: self.now_millis(),
             created_by: "bootstrap".into(),
             last_used_ms: None,
             revoked_ms: None,
@@ -536,7 +540,9 @@ impl ControlPlane {
             .renew_credential(
                 certificate,
                 actor.to_string(),
-                self.audited(vec![actor.record(format!("credential/{name}"))]),
+                self.audited(vec![
+                    actor.record(self.now_millis(), format!("credential/{name}")),
+                ]),
             )
             .await?;
         let stored = self
@@ -560,10 +566,10 @@ impl ControlPlane {
         reason: &str,
         actor: &Actor,
     ) -> Result<CredentialView, ControlError> {
-        let revocation = admin_revocation(name, reason, &actor.identity);
+        let revocation = admin_revocation(name, reason, &actor.identity, self.now_millis());
         let call = AuditEntry {
             reason: revocation.reason.clone(),
-            ..actor.record(format!("credential/{name}"))
+            ..actor.record(self.now_millis(), format!("credential/{name}"))
         };
         let serials = self
             .store
@@ -606,11 +612,11 @@ impl ControlPlane {
                 "certificate {serial} belongs to credential {name:?}; revoking it needs the admin role"
             )));
         }
-        let revocation = admin_revocation(&name, reason, &actor.identity);
+        let revocation = admin_revocation(&name, reason, &actor.identity, self.now_millis());
         let call = AuditEntry {
             serial: serial.to_string(),
             reason: revocation.reason.clone(),
-            ..actor.record(format!("credential/{name}"))
+            ..actor.record(self.now_millis(), format!("credential/{name}"))
         };
         let revoked = self
             .store
@@ -643,7 +649,7 @@ impl ControlPlane {
                 .supersede_credential_certificates(
                     name.clone(),
                     newest.clone(),
-                    now_millis(),
+                    self.now_millis(),
                     self.audit_key.clone(),
                 )
                 .await;

@@ -3,7 +3,6 @@
 
 use super::{Actor, ControlError, ControlPlane};
 use crate::audit::AuditEntry;
-use crate::clock::now_millis;
 use crate::hub::{Rendered, SyncState, SyncStatus};
 use crate::names::{validate_label_key, validate_labels, validate_name};
 use crate::scope::Scope;
@@ -233,7 +232,7 @@ impl ControlPlane {
             validate_labels(labels).map_err(|e| ControlError::invalid("labels", e))?;
         }
         let spec = update.spec.normalized();
-        let mut record = actor.record(format!("device/{}", update.name));
+        let mut record = actor.record(self.now_millis(), format!("device/{}", update.name));
         record.revision = crate::spec::version_of(&spec.content_hash());
         if let Some(labels) = &update.labels {
             record.reason = format!("labels {}", describe_labels(labels));
@@ -267,7 +266,7 @@ impl ControlPlane {
             .device_by_name(&change.name)
             .map(|d| d.labels.clone())
             .ok_or_else(|| not_found(&change.name))?;
-        let mut record = actor.record(format!("device/{}", change.name));
+        let mut record = actor.record(self.now_millis(), format!("device/{}", change.name));
         let mut described = Vec::new();
         if !change.set.is_empty() {
             described.push(format!("set {}", describe_labels(&change.set)));
@@ -318,7 +317,7 @@ impl ControlPlane {
         };
         let record = self
             .store
-            .update_device(name, change, now_millis(), self.audited(vec![record]))
+            .update_device(name, change, self.now_millis(), self.audited(vec![record]))
             .await?
             .ok_or_else(|| not_found(name))?;
         let id = record.id.clone();

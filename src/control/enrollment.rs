@@ -5,7 +5,6 @@ use super::certs::{Refusal, issuance_audit};
 use super::{Actor, ControlError, ControlPlane};
 use crate::audit::AuditEntry;
 use crate::ca::csr::verify_csr_pem;
-use crate::clock::now_millis;
 use crate::identity::Identity;
 use crate::identity::Role;
 use crate::names::{validate_labels, validate_name};
@@ -113,7 +112,7 @@ impl ControlPlane {
         validate_labels(&input.labels).map_err(|e| ControlError::invalid("labels", e))?;
         let key =
             verify_csr_pem(&input.csr_pem).map_err(|e| ControlError::invalid("csr_pem", e))?;
-        let submitted_ms = now_millis();
+        let submitted_ms = self.now_millis();
         let tpm_ek_fingerprint = match &input.tpm {
             None => None,
             Some(TpmProof::Evidence(evidence)) => {
@@ -246,7 +245,7 @@ impl ControlPlane {
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
         let credential =
             make_credential(&checked.ek, &checked.ak_name, &secret).map_err(tpm_refused)?;
-        let now = now_millis();
+        let now = self.now_millis();
         let id = uuid::Uuid::new_v4().to_string();
         self.store
             .put_tpm_challenge(TpmChallengeRecord {
@@ -292,7 +291,7 @@ impl ControlPlane {
         if challenge.name != name || challenge.key_fingerprint != key_fingerprint {
             return Err(refuse("the challenge was issued for a different request"));
         }
-        if challenge.expires_ms < now_millis() {
+        if challenge.expires_ms < self.now_millis() {
             return Err(refuse("the challenge expired"));
         }
         if sha256_hex(secret) != challenge.secret_digest {
@@ -349,7 +348,7 @@ impl ControlPlane {
         labels: BTreeMap<String, String>,
         actor: &Actor,
     ) -> Result<EnrollmentRecord, ControlError> {
-        let mut call = actor.record(format!("enrollment/{name}"));
+        let mut call = actor.record(self.now_millis(), format!("enrollment/{name}"));
         if !labels.is_empty() {
             call.reason = format!("with labels {}", super::devices::describe_labels(&labels));
         }
@@ -441,7 +440,9 @@ impl ControlPlane {
             .store
             .delete_enrollment(
                 name,
-                self.audited(vec![actor.record(format!("enrollment/{name}"))]),
+                self.audited(vec![
+                    actor.record(self.now_millis(), format!("enrollment/{name}")),
+                ]),
             )
             .await?
             .ok_or_else(|| {
@@ -471,10 +472,10 @@ impl ControlPlane {
                 name,
                 reason.to_string(),
                 decided_by.to_string(),
-                now_millis(),
+                self.now_millis(),
                 self.audited(vec![AuditEntry {
                     reason: reason.to_string(),
-                    ..actor.record(format!("enrollment/{name}"))
+                    ..actor.record(self.now_millis(), format!("enrollment/{name}"))
                 }]),
             )
             .await?;

@@ -6,7 +6,6 @@ use super::catalog::FleetEntry;
 use super::devices::parse_selector;
 use super::{Actor, ControlError, ControlPlane};
 use crate::audit::AuditEntry;
-use crate::clock::now_millis;
 use crate::hub::SyncState;
 use crate::names::{validate_labels, validate_name};
 use crate::render::CompiledTemplate;
@@ -126,7 +125,7 @@ impl ControlPlane {
         apply: FleetApply,
         actor: &Actor,
     ) -> Result<FleetView, ControlError> {
-        let record = actor.record(format!("fleet/{}", apply.name));
+        let record = actor.record(self.now_millis(), format!("fleet/{}", apply.name));
         self.apply_fleet_recorded(apply, actor, record).await
     }
 
@@ -158,7 +157,7 @@ impl ControlPlane {
                 .map_err(|e| ControlError::invalid(e.field.clone(), e.reason))?;
 
         let _writes = self.writes.lock().await;
-        let now = now_millis();
+        let now = self.now_millis();
         let previous = self.catalog().fleet(&apply.name).cloned();
         let revision = match &previous {
             Some(p) if p.record.template == template => p.record.revision,
@@ -246,7 +245,9 @@ impl ControlPlane {
             return Err(fleet_not_found(name));
         }
         let changes = self.catalog().plan_with(name, None);
-        let audit = self.audited(vec![actor.record(format!("fleet/{name}"))]);
+        let audit = self.audited(vec![
+            actor.record(self.now_millis(), format!("fleet/{name}")),
+        ]);
         if !self
             .store
             .delete_fleet(name, changes.clone(), audit)

@@ -2,7 +2,6 @@
 //! the enrollment counts kept up to date by the enrollment use cases), so a scrape costs no query.
 
 use super::ControlPlane;
-use crate::clock::now_millis;
 use crate::status::UpdatePhase;
 use crate::status::conditions::{ConditionType, Summary};
 use crate::store::EnrollmentState;
@@ -64,7 +63,7 @@ impl ControlPlane {
 
     /// The gauges' current values.
     pub fn metrics_snapshot(&self) -> Snapshot {
-        let summary = self.hub.summary(now_millis());
+        let summary = self.hub.summary(self.now_millis());
         let fleets = {
             let catalog = self.catalog();
             catalog
@@ -125,7 +124,7 @@ impl ControlPlane {
                 .live()
                 .into_iter()
                 .map(|(role, not_after_ms)| {
-                    let left = (not_after_ms - now_millis()).max(0) as u64;
+                    let left = (not_after_ms - self.now_millis()).max(0) as u64;
                     (role.kind(), Duration::from_millis(left))
                 })
                 .collect(),

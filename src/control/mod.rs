@@ -13,6 +13,7 @@ mod fleets;
 mod issuance;
 mod journal;
 mod limits;
+mod messages;
 mod metrics;
 mod releases;
 mod replication;
@@ -32,9 +33,10 @@ pub use devices::{DeviceUpdate, DeviceView, LabelChange, MAX_PAGE, Page};
 pub use enrollment::{EnrollInput, EnrollOutcome, IssuedChallenge, TpmProof};
 pub use fleets::{FleetApply, FleetView};
 pub use limits::RateLimit;
+pub use messages::{CertificateRejected, CertificateRequest, Directive, Hello, SessionEvent};
 pub use releases::{CHUNK_BYTES, Download, ReleaseHeader, ReleasePolicy, ReleaseView, Upload};
 pub use rollouts::{RolloutCommand, RolloutView};
-pub use session::SessionSettings;
+pub use session::{Outbound, SessionSettings};
 pub use watch::{DeviceEvent, DeviceWatch};
 
 use crate::ca::CertificateAuthority;
@@ -236,6 +238,7 @@ impl ControlPlane {
     ) -> Self {
         let (journal, journal_writer) = journal::journal();
         let (issuances, issuance_writer) = issuance::issuances();
+        let started_ms = hub.clock().now_millis();
         ControlPlane {
             journal,
             issuances,
@@ -249,7 +252,7 @@ impl ControlPlane {
             hub,
             admission: Arc::new(Admission::new(policy.admission.clone())),
             artifacts: Arc::new(releases::Artifacts::new(&policy.releases)),
-            started_ms: crate::clock::now_millis(),
+            started_ms,
             issuance_limiter: Arc::new(limits::Limiter::new(policy.issuance_limit)),
             recovery_limiter: Arc::new(limits::Limiter::new(policy.recovery_limit)),
             spares: Arc::default(),
@@ -270,6 +273,11 @@ impl ControlPlane {
             leading: Arc::default(),
             housekeeping: Arc::default(),
         }
+    }
+
+    /// The time, from the hub's clock (the system's, or a test's virtual one).
+    pub fn now_millis(&self) -> i64 {
+        self.hub.clock().now_millis()
     }
 
     pub fn server_info(&self) -> ServerInfo {

@@ -6,7 +6,6 @@
 //! when it was given the release keys, and devices check it against their own pinned keys.
 
 use super::{Actor, ControlError, ControlPlane};
-use crate::clock::now_millis;
 use crate::release::{ReleaseKey, SIGNATURE_LEN, SignedRelease};
 use crate::scope::Scope;
 use crate::spec::parse_release_version;
@@ -349,10 +348,13 @@ impl ControlPlane {
             signature: hex::encode(&header.signature),
             url: header.url.clone(),
             key_fingerprint,
-            published_ms: now_millis(),
+            published_ms: self.now_millis(),
             published_by: actor.identity.to_string(),
         };
-        let mut entry = actor.record(format!("agent-release/{}", header.version));
+        let mut entry = actor.record(
+            self.now_millis(),
+            format!("agent-release/{}", header.version),
+        );
         entry.revision = header.sha256.clone();
         let audit = self.audited(vec![entry]);
         let stored = self
@@ -420,7 +422,9 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        let audit = self.audited(vec![actor.record(format!("agent-release/{version}"))]);
+        let audit = self.audited(vec![
+            actor.record(self.now_millis(), format!("agent-release/{version}")),
+        ]);
         let Some(deleted) = self.store.delete_release(version, audit).await? else {
             return Err(ControlError::NotFound(format!(
                 "no agent release {version:?} is published"

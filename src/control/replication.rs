@@ -6,7 +6,6 @@
 
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry};
-use crate::clock::now_millis;
 use crate::store::{Change, ChangeKind, DeviceRecord, FeedLane, SessionFacts};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -168,7 +167,7 @@ impl ControlPlane {
                     continue;
                 }
                 failing = false;
-                progress.applied(lane, last.0, (now_millis() - last.1).max(0));
+                progress.applied(lane, last.0, (self.now_millis() - last.1).max(0));
                 self.publish_feed_progress(progress);
             }
         }
@@ -429,7 +428,7 @@ impl ControlPlane {
         if !self.store.has_change_feed() {
             return;
         }
-        let now = now_millis();
+        let now = self.now_millis();
         let (passes, suspects) = {
             let mut state = self.housekeeping.lock().unwrap_or_else(|p| p.into_inner());
             if now < state.next_ms {

@@ -8,7 +8,6 @@
 use super::catalog::FleetEntry;
 use super::{Actor, ControlError, ControlPlane};
 use crate::audit::AuditEntry;
-use crate::clock::now_millis;
 use crate::rollout::{Decision, DeviceState, Progress, RolloutSpec, plan};
 use crate::store::{FleetRollout, Pins, RolloutEventRecord, RolloutRecord};
 use std::collections::HashMap;
@@ -81,9 +80,9 @@ pub struct RolloutView {
     pub events: Vec<RolloutEventRecord>,
 }
 
-fn event(event: &str, detail: impl Into<String>) -> RolloutEventRecord {
+fn event(at_ms: i64, event: &str, detail: impl Into<String>) -> RolloutEventRecord {
     RolloutEventRecord {
-        at_ms: now_millis(),
+        at_ms,
         event: event.into(),
         detail: detail.into(),
     }
@@ -110,13 +109,14 @@ impl ControlPlane {
         if revision == previous.record.revision {
             return (change, None);
         }
-        let now = now_millis();
+        let now = self.now_millis();
         if let Some(mut open) = self.open_rollouts.get(name) {
             open.state = SUPERSEDED.into();
             open.updated_ms = now;
             change.saves.push((
                 open,
                 event(
+                    now,
                     SUPERSEDED,
                     format!("revision {revision} supersedes this rollout"),
                 ),
@@ -168,6 +168,7 @@ impl ControlPlane {
         change.saves.push((
             record.clone(),
             event(
+                self.now_millis(),
                 "started",
                 format!("revision {} → {revision}", previous.record.revision),
             ),
@@ -263,7 +264,7 @@ impl ControlPlane {
             .fleet(&record.fleet)
             .and_then(|f| f.record.rollout.clone())
             .map(|spec| spec.to_policy());
-        let now = now_millis();
+        let now = self.now_millis();
         let (devices, current) = self.rollout_devices(&record.fleet, record.to_revision);
         let decision = match policy {
             Some(Ok(policy)) => {
@@ -284,8 +285,12 @@ impl ControlPlane {
                 let detail = format!("batch {}: {} device(s)", batch + 1, members.len());
                 record.members.push(members);
                 record.batch_started_ms = now;
-                self.record_transition(record, event("batch-started", detail), vec![])
-                    .await
+                self.record_transition(
+                    record,
+                    event(self.now_millis(), "batch-started", detail),
+                    vec![],
+                )
+                .await
             }
             Decision::Move(ids) => {
                 let detail = format!("{} device(s) to revision {}", ids.len(), record.to_revision);
@@ -293,15 +298,19 @@ impl ControlPlane {
                     devices: ids,
                     revision: Some(record.to_revision),
                 }];
-                self.record_transition(record, event("moved", detail), pins)
+                self.record_transition(record, event(self.now_millis(), "moved", detail), pins)
                     .await
             }
             Decision::Advance => {
                 let detail = format!("batch {} done", record.batch + 1);
                 record.batch += 1;
                 record.batch_started_ms = now;
-                self.record_transition(record, event("batch-done", detail), vec![])
-                    .await
+                self.record_transition(
+                    record,
+                    event(self.now_millis(), "batch-done", detail),
+                    vec![],
+                )
+                .await
             }
             Decision::Complete => {
                 record.state = COMPLETED.into();
@@ -313,13 +322,13 @@ impl ControlPlane {
                     });
                 }
                 let detail = format!("every device on revision {}", record.to_revision);
-                self.record_transition(record, event(COMPLETED, detail), pins)
+                self.record_transition(record, event(self.now_millis(), COMPLETED, detail), pins)
                     .await
             }
             Decision::Pause(reason) => {
                 record.state = PAUSED.into();
                 record.reason = reason.clone();
-                self.record_transition(record, event(PAUSED, reason), vec![])
+                self.record_transition(record, event(self.now_millis(), PAUSED, reason), vec![])
                     .await
             }
         }
@@ -417,11 +426,16 @@ impl ControlPlane {
         let mut record = self.open_rollout_in(fleet, PROGRESSING)?;
         record.state = PAUSED.into();
         record.reason = format!("paused by {actor}");
-        record.updated_ms = now_millis();
+        record.updated_ms = self.now_millis();
         let reason = record.reason.clone();
-        let call = actor.record(format!("fleet/{fleet}"));
-        self.record_transition_by(record, event(PAUSED, reason), vec![], Some(call))
-            .await?;
+        let call = actor.record(self.now_millis(), format!("fleet/{fleet}"));
+        self.record_transition_by(
+            record,
+            event(self.now_millis(), PAUSED, reason),
+            vec![],
+            Some(call),
+        )
+        .await?;
         self.rollout_view(fleet).await
     }
 
@@ -434,12 +448,12 @@ impl ControlPlane {
         let mut record = self.open_rollout_in(fleet, PAUSED)?;
         record.state = PROGRESSING.into();
         record.reason = String::new();
-        record.batch_started_ms = now_millis();
+        record.batch_started_ms = self.now_millis();
         record.updated_ms = record.batch_started_ms;
-        let call = actor.record(format!("fleet/{fleet}"));
+        let call = actor.record(self.now_millis(), format!("fleet/{fleet}"));
         self.record_transition_by(
             record,
-            event("resumed", format!("by {actor}")),
+            event(self.now_millis(), "resumed", format!("by {actor}")),
             vec![],
             Some(call),
         )
@@ -489,7 +503,7 @@ impl ControlPlane {
                 ControlError::NotFound(format!("fleet {fleet:?} has no revision {target}"))
             })?;
         tracing::info!(fleet.name = %fleet, to = target, by = %actor, "rolling back");
-        let mut call = actor.record(format!("fleet/{fleet}"));
+        let mut call = actor.record(self.now_millis(), format!("fleet/{fleet}"));
         call.reason = format!("to the template of revision {target}");
         self.apply_fleet_recorded(
             super::FleetApply {

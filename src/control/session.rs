@@ -2,15 +2,11 @@
 //! the device is missing and record its ACKs, NACKs and heartbeats. One task per session; nothing is
 //! written to the database per heartbeat.
 
+use super::messages::{Directive, Hello, SessionEvent};
 use super::{ControlError, ControlPlane};
-use crate::clock::now_millis;
 use crate::hub::{Answer, HubError, SessionHandle};
 use crate::identity::{Identity, Role};
-use crate::proto::agent::v1 as pb;
-use crate::status::convert::alerts_from;
-use crate::status::{
-    DriftCheck, ReportUpdate, ResourceUsage, SystemInfo, UpdateState, check_bounds,
-};
+use crate::status::{ReportUpdate, UpdateState, check_bounds};
 use crate::store::DeviceFact;
 use futures::{Stream, StreamExt};
 use rand::Rng;
@@ -75,12 +71,9 @@ impl EndReason {
     }
 }
 
-/// Messages on their way to an agent. Boxed: a bounded channel allocates room for 32 messages up
-/// front, and a `ServerMessage` inline is a few hundred bytes — per held stream, that was 6 KiB.
-pub(super) type Outbound = mpsc::Sender<Box<pb::ServerMessage>>;
-
-/// Largest status report taken in (a full one is a few KiB).
-const MAX_STATUS_BYTES: usize = 32 * 1024;
+/// Directives on their way to an agent. Boxed: a bounded channel allocates room for 32 messages
+/// up front, and a message inline is a few hundred bytes — per held stream, that was 6 KiB.
+pub type Outbound = mpsc::Sender<Box<Directive>>;
 
 /// Agents asked to reconnect because of age spread their return over this long.
 const RECONNECT_WITHIN: Duration = Duration::from_secs(30);
@@ -94,13 +87,11 @@ fn max_age_deadline(max_age: Option<Duration>) -> Option<Instant> {
     Some(Instant::now() + age.saturating_sub(early))
 }
 
-fn reconnect(reason: &str, within: Duration) -> pb::ServerMessage {
-    pb::ServerMessage {
-        kind: Some(pb::server_message::Kind::Reconnect(pb::Reconnect {
-            reason: reason.into(),
-            within: prost_types::Duration::try_from(within).ok(),
-        })),
-    }
+fn reconnect(reason: &str, within: Duration) -> Box<Directive> {
+    Box::new(Directive::Reconnect {
+        reason: reason.into(),
+        within,
+    })
 }
 
 /// Counts the updates a device's report says finished since its previous one: a new failure, or
@@ -137,7 +128,7 @@ impl ControlPlane {
         &self,
         caller: &Identity,
         serial: &str,
-        hello: &pb::Hello,
+        hello: &Hello,
     ) -> Result<Session, ControlError> {
         if caller.role != Role::Device {
             return Err(ControlError::PermissionDenied(format!(
@@ -151,7 +142,7 @@ impl ControlPlane {
                 hello.device_id
             )));
         }
-        let now = now_millis();
+        let now = self.now_millis();
         let (handle, current_version) = self
             .hub
             .open_session(&device_id, &hello.rendered_version, serial, now)
@@ -203,7 +194,7 @@ impl ControlPlane {
         outbound: Outbound,
     ) -> EndReason
     where
-        S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
+        S: Stream<Item = Result<SessionEvent, String>> + Unpin,
     {
         let settings = &self.policy.session;
         let Session {
@@ -212,14 +203,10 @@ impl ControlPlane {
             handle,
             current_version,
         } = session;
-        let accepted = pb::ServerMessage {
-            kind: Some(pb::server_message::Kind::Accepted(pb::SessionAccepted {
-                current_version,
-                heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat_interval)
-                    .ok(),
-                certificate_renew_before: prost_types::Duration::try_from(self.policy.renew_before)
-                    .ok(),
-            })),
+        let accepted = Directive::Accepted {
+            current_version,
+            heartbeat_interval: settings.heartbeat_interval,
+            renew_before: self.policy.renew_before,
         };
         let reason = if outbound.send(Box::new(accepted)).await.is_err() {
             EndReason::AgentClosed
@@ -227,7 +214,7 @@ impl ControlPlane {
             self.session_loop(&device_id, &serial, &handle, &mut inbound, &outbound)
                 .await
         };
-        let now = now_millis();
+        let now = self.now_millis();
         self.hub.close_session(&device_id, handle.id, now);
         // last_seen lives in memory while the session is open; it is written once, here.
         self.journal.record(DeviceFact::LastSeen {
@@ -248,7 +235,7 @@ impl ControlPlane {
         outbound: &Outbound,
     ) -> EndReason
     where
-        S: Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
+        S: Stream<Item = Result<SessionEvent, String>> + Unpin,
     {
         let silence = self.policy.session.silence_timeout;
         let mut deadline = Instant::now() + silence;
@@ -256,30 +243,23 @@ impl ControlPlane {
         loop {
             tokio::select! {
                 _ = sleep_until(retire_at.unwrap_or(deadline)), if retire_at.is_some() => {
-                    let _ = outbound.try_send(Box::new(reconnect("the session reached its maximum age", RECONNECT_WITHIN)));
+                    let _ = outbound.try_send(reconnect("the session reached its maximum age", RECONNECT_WITHIN));
                     return EndReason::MaxAge;
                 }
                 _ = handle.closed.notified() => {
-                    let _ = outbound.try_send(Box::new(reconnect("session closed by the control plane", Duration::from_secs(5))));
+                    let _ = outbound.try_send(reconnect("session closed by the control plane", Duration::from_secs(5)));
                     return EndReason::Replaced;
                 }
                 _ = handle.changed.notified() => {
                     while let Some(push) = self.hub.next_push(device_id, handle.id) {
-                        tracing::debug!(device.id = %device_id, version = %push.version, "pushing spec");
-                        let message = pb::ServerMessage { kind: Some(pb::server_message::Kind::Spec(push)) };
-                        if outbound.send(Box::new(message)).await.is_err() {
+                        tracing::debug!(device.id = %device_id, version = %push.rendered.version, "pushing spec");
+                        if outbound.send(Box::new(Directive::Spec(push))).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                     }
                     if let Some(renewal) = self.hub.take_renewal_request(device_id, handle.id) {
                         tracing::info!(device.id = %device_id, reason = %renewal.reason, "asking device to renew its certificate");
-                        let message = pb::ServerMessage {
-                            kind: Some(pb::server_message::Kind::RenewCertificate(pb::RenewCertificate {
-                                reason: renewal.reason,
-                                deadline: Some(crate::clock::timestamp_from_millis(renewal.deadline_ms)),
-                            })),
-                        };
-                        if outbound.send(Box::new(message)).await.is_err() {
+                        if outbound.send(Box::new(Directive::RenewCertificate(renewal))).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                     }
@@ -292,25 +272,33 @@ impl ControlPlane {
                         tracing::debug!(device.id = %device_id, %error, "session stream failed");
                         return EndReason::StreamError;
                     }
-                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRequest(request)) })) => {
-                        self.hub.touch(device_id, now_millis());
+                    Some(Ok(SessionEvent::CertificateRequest(request))) => {
+                        self.hub.touch(device_id, self.now_millis());
                         let answer = self.renew_certificate(device_id, serial, request).await;
-                        if outbound.send(Box::new(pb::ServerMessage { kind: Some(answer) })).await.is_err() {
+                        if outbound.send(Box::new(answer)).await.is_err() {
                             return EndReason::AgentClosed;
                         }
                         // The agent waited on us meanwhile (issuance under load can take longer
                         // than the silence timeout): its silence starts now, not at its request.
                         deadline = Instant::now() + silence;
                     }
-                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Status(status)) })) => {
+                    Some(Ok(SessionEvent::Status(update))) => {
                         deadline = Instant::now() + silence;
-                        if let Some(refusal) = self.record_status(device_id, handle.id, status)
+                        if let Some(refusal) = self.record_status(device_id, handle.id, Ok(*update))
                             && outbound.send(Box::new(refusal)).await.is_err()
                         {
                             return EndReason::AgentClosed;
                         }
                     }
-                    Some(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::CertificateRejected(rejected)) })) => {
+                    Some(Ok(SessionEvent::MalformedStatus(reason))) => {
+                        deadline = Instant::now() + silence;
+                        if let Some(refusal) = self.record_status(device_id, handle.id, Err(reason))
+                            && outbound.send(Box::new(refusal)).await.is_err()
+                        {
+                            return EndReason::AgentClosed;
+                        }
+                    }
+                    Some(Ok(SessionEvent::CertificateRejected(rejected))) => {
                         deadline = Instant::now() + silence;
                         self.certificate_rejected_by_device(device_id, rejected).await;
                     }
@@ -325,50 +313,25 @@ impl ControlPlane {
         }
     }
 
-    /// Takes in a device's status report: kept in the hub, written behind when its content
-    /// changed. A report out of bounds is refused (the answer to send) and changes nothing; the
-    /// session goes on.
+    /// Takes in a device's status report (or why it could not be read): kept in the hub, written
+    /// behind when its content changed. A report out of bounds is refused (the answer to send) and
+    /// changes nothing; the session goes on.
     fn record_status(
         &self,
         device_id: &str,
         session_id: u64,
-        status: pb::Status,
-    ) -> Option<pb::ServerMessage> {
-        let now = now_millis();
+        update: Result<ReportUpdate, String>,
+    ) -> Option<Directive> {
+        let now = self.now_millis();
         self.hub.touch(device_id, now);
         let refuse = |reason: String| {
             tracing::warn!(device.id = %device_id, %reason, "status report refused");
             crate::telemetry::status_report(false);
-            Some(pb::ServerMessage {
-                kind: Some(pb::server_message::Kind::StatusRefused(pb::StatusRefused {
-                    reason,
-                })),
-            })
+            Some(Directive::StatusRefused { reason })
         };
-        let size = prost::Message::encoded_len(&status);
-        if size > MAX_STATUS_BYTES {
-            return refuse(format!(
-                "status is {size} bytes; at most {MAX_STATUS_BYTES}"
-            ));
-        }
-        let resources = match status.resources {
-            None => None,
-            Some(report) => match alerts_from(report.alerts) {
-                Ok(alerts) => Some((
-                    report.usage.map(ResourceUsage::from).unwrap_or_default(),
-                    alerts,
-                )),
-                Err(error) => return refuse(error.to_string()),
-            },
-        };
-        let update = ReportUpdate {
-            system_info: status.system_info.map(SystemInfo::from),
-            resources,
-            drift: status.drift.map(DriftCheck::from),
-            workloads: status
-                .workloads
-                .map(|w| w.items.into_iter().map(Into::into).collect()),
-            update: status.update.map(UpdateState::from),
+        let update = match update {
+            Ok(update) => update,
+            Err(reason) => return refuse(reason),
         };
         if let Err(error) = check_bounds(&update) {
             return refuse(error.0);
@@ -400,34 +363,33 @@ impl ControlPlane {
     }
 
     /// Records one agent message. Returns false on a protocol violation.
-    async fn handle_message(
-        &self,
-        device_id: &str,
-        session_id: u64,
-        message: pb::AgentMessage,
-    ) -> bool {
-        use pb::agent_message::Kind;
-        let answer = match message.kind {
-            Some(Kind::Ack(ack)) => self.hub.ack(device_id, session_id, &ack.nonce),
-            Some(Kind::Nack(nack)) => {
-                tracing::warn!(device.id = %device_id, version = %nack.version, error = %nack.error, rolled_back = nack.rolled_back, "device rejected spec");
-                self.hub
-                    .nack(device_id, session_id, &nack.nonce, &nack.error)
+    async fn handle_message(&self, device_id: &str, session_id: u64, event: SessionEvent) -> bool {
+        let answer = match event {
+            SessionEvent::Ack { nonce } => self.hub.ack(device_id, session_id, &nonce),
+            SessionEvent::Nack {
+                nonce,
+                version,
+                error,
+                rolled_back,
+            } => {
+                tracing::warn!(device.id = %device_id, %version, %error, rolled_back, "device rejected spec");
+                self.hub.nack(device_id, session_id, &nonce, &error)
             }
-            Some(Kind::Heartbeat(_)) | Some(Kind::Status(_)) => {
-                // The session loop takes Status in before this; here for completeness.
-                self.hub.touch(device_id, now_millis());
+            SessionEvent::Heartbeat
+            | SessionEvent::Status(_)
+            | SessionEvent::MalformedStatus(_) => {
+                // The session loop takes status reports in before this; here for completeness.
+                self.hub.touch(device_id, self.now_millis());
                 return true;
             }
-            Some(Kind::Hello(_))
-            | Some(Kind::CertificateRequest(_))
-            | Some(Kind::CertificateRejected(_))
-            | None => {
+            SessionEvent::CertificateRequest(_)
+            | SessionEvent::CertificateRejected(_)
+            | SessionEvent::Unexpected => {
                 tracing::warn!(device.id = %device_id, "unexpected message on an open session");
                 return false;
             }
         };
-        self.hub.touch(device_id, now_millis());
+        self.hub.touch(device_id, self.now_millis());
         if let Answer::Recorded {
             acked_version,
             nacked,

@@ -1,7 +1,6 @@
 //! The device spec as the domain sees it: files, systemd units, podman containers and update
 //! commands; its canonical content hash and version. Pure: no I/O.
 
-mod convert;
 mod merge;
 mod octal;
 mod update;

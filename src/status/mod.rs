@@ -4,7 +4,6 @@
 //! `report`; the control plane all of it.
 
 pub mod conditions;
-pub mod convert;
 pub mod field_selector;
 pub mod monitor;
 mod report;

@@ -168,16 +168,22 @@ impl AgentService for AgentApi {
                 ));
             }
         };
-        let session = self.control.open_session(&caller, &serial, &hello).await?;
+        let session = self
+            .control
+            .open_session(&caller, &serial, &convert::session::hello(hello))
+            .await?;
         drop(opening);
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
-            let inbound = inbound.map(|m| m.map_err(|s| s.message().to_string()));
+            let inbound = inbound.map(|m| {
+                m.map(convert::session::session_event)
+                    .map_err(|s| s.message().to_string())
+            });
             control.run_session(session, Box::pin(inbound), tx).await;
         });
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(rx).map(|message| Ok(*message)),
-        )))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(
+            |directive| Ok(convert::session::server_message(*directive)),
+        ))))
     }
 }

@@ -1,4 +1,11 @@
-//! Conversions between domain records and their protobuf messages.
+//! Conversions between domain records and their protobuf messages: the one place that knows both.
+//! Records of the admin API here; specs, status reports, rollout policies and the session's
+//! messages in the submodules.
+
+pub mod rollout;
+pub mod session;
+pub mod spec;
+pub mod status;
 
 use crate::audit::{SealedRecord, SignedHead};
 use crate::authz::ServiceGrant;
@@ -195,7 +202,7 @@ pub fn device(view: DeviceView) -> admin::Device {
         created_at: Some(timestamp_from_millis(record.created_ms)),
         fleet: record.fleet.unwrap_or_default(),
         conflicting_fleets: view.conflicts,
-        rendered_spec: view.rendered.map(|r| r.spec.clone()),
+        rendered_spec: view.rendered.map(|r| r.spec.clone().into()),
         tpm_ek_fingerprint: record.tpm_ek_fingerprint.unwrap_or_default(),
     }
 }

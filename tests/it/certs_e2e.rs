@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use support::cluster::{Cluster, count_lines, wait};
+use support::cluster::{Cluster, RENEWED, agent_counter, agent_counter_now, count_lines, wait};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -174,7 +174,7 @@ fn agents_renew_before_expiry_without_operators_and_never_hold_a_bad_pair() {
             .filter(|k| *k == "renewed")
             .count()
             >= 3
-            && count_lines(&log, "certificate renewed") >= 3
+            && agent_counter(&log, RENEWED).is_some_and(|n| n >= 3)
     });
     stop.store(true, Ordering::Relaxed);
     sampler
@@ -186,7 +186,7 @@ fn agents_renew_before_expiry_without_operators_and_never_hold_a_bad_pair() {
         "the pair was sampled throughout"
     );
 
-    assert!(count_lines(&log, "certificate renewed") >= 3);
+    assert!(agent_counter_now(&log, RENEWED) >= 3);
     assert_eq!(
         count_lines(&log, "enrollment request submitted"),
         1,

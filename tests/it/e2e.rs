@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support::binary;
-use support::cluster::{Cluster, count_lines, wait};
+use support::cluster::{
+    APPLIED, Cluster, SESSIONS, agent_counter, agent_counter_now, count_lines, wait,
+};
 
 fn device_yaml(out: &Path, a: &str) -> String {
     format!(
@@ -115,13 +117,13 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
     wait("SYNCED on v2", Duration::from_secs(20), || synced(&cluster));
 
     // Restart the control plane: the agent comes back by itself and nothing is re-applied.
-    let applies_before = count_lines(&agent_log, "spec applied");
-    let sessions_before = count_lines(&agent_log, "session established");
+    let applies_before = agent_counter_now(&agent_log, APPLIED);
+    let sessions_before = agent_counter_now(&agent_log, SESSIONS);
     let mtime = std::fs::metadata(&conf).unwrap().mtime_nsec();
     server.terminate();
     let _server = cluster.start_server(2);
     wait("the agent to reconnect", Duration::from_secs(60), || {
-        count_lines(&agent_log, "session established") > sessions_before
+        agent_counter(&agent_log, SESSIONS).is_some_and(|n| n > sessions_before)
     });
     wait(
         "edge-1 SYNCED after the restart",
@@ -129,7 +131,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
         || synced(&cluster),
     );
     assert_eq!(
-        count_lines(&agent_log, "spec applied"),
+        agent_counter_now(&agent_log, APPLIED),
         applies_before,
         "nothing re-applied"
     );
@@ -147,7 +149,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
     wait(
         "the restarted agent's session",
         Duration::from_secs(30),
-        || count_lines(&second_log, "session established") == 1,
+        || agent_counter(&second_log, SESSIONS) == Some(1),
     );
     wait(
         "edge-1 SYNCED after the agent restart",
@@ -155,7 +157,7 @@ fn an_enrolled_agent_applies_pushed_specs_and_survives_a_server_restart() {
         || synced(&cluster),
     );
     assert_eq!(
-        count_lines(&second_log, "spec applied"),
+        agent_counter_now(&second_log, APPLIED),
         0,
         "nothing re-applied"
     );

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::cluster::{Cluster, count_lines, wait};
+use support::cluster::{APPLIED, Cluster, REJECTED, agent_counter_now, wait};
 use support::{ChildGuard, binary};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,7 +148,7 @@ fn fleets_render_per_device_follow_edits_and_labels_and_report_errors() {
 
     // Editing one fleet changes only its agents.
     let c_log = root.join("agent-c.log");
-    let c_applies = count_lines(&c_log, "spec applied");
+    let c_applies = agent_counter_now(&c_log, APPLIED);
     fleet.apply(
         "web.yaml",
         &fleet_yaml(
@@ -163,7 +163,7 @@ fn fleets_render_per_device_follow_edits_and_labels_and_report_errors() {
     fleet.wait_content("b", "site.conf", "v2 site=paris\n");
     fleet.wait_state("a", "SYNCED");
     assert_eq!(
-        count_lines(&c_log, "spec applied"),
+        agent_counter_now(&c_log, APPLIED),
         c_applies,
         "db agent untouched"
     );
@@ -280,12 +280,12 @@ fn fleets_render_per_device_follow_edits_and_labels_and_report_errors() {
         read(&fleet.file("b", "site.conf")).as_deref(),
         Some("rack=none\n")
     );
-    let rejected = count_lines(&b_log, "spec rejected");
+    let rejected = agent_counter_now(&b_log, REJECTED);
     assert_eq!(rejected, 1);
     // Several heartbeats (2 s each) later, still not resent.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
-        count_lines(&b_log, "spec rejected"),
+        agent_counter_now(&b_log, REJECTED),
         rejected,
         "a NACKed version is not resent"
     );

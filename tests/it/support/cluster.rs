@@ -282,7 +282,10 @@ impl Cluster {
         for label in labels {
             command.args(["--label", label]);
         }
+        // Its health endpoint on a port of the kernel's choosing, reported in the log: tests read
+        // the agent's counters there (`agent_counter`). A test may pass its own address after.
         command
+            .args(["--health-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap());
         command
@@ -329,6 +332,75 @@ pub(crate) fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> boo
         std::thread::sleep(Duration::from_millis(25));
     }
     start.elapsed()
+}
+
+/// Series of the agent's `/metrics` the end-to-end tests follow.
+pub(crate) const APPLIED: &str = "flotilla_agent_applies_total{result=\"ok\"}";
+pub(crate) const REJECTED: &str = "flotilla_agent_applies_total{result=\"rejected\"}";
+pub(crate) const SESSIONS: &str = "flotilla_agent_sessions_total";
+pub(crate) const RENEWED: &str = "flotilla_agent_renewals_total{result=\"renewed\"}";
+
+/// The value of `series` (`flotilla_agent_applies_total{result="ok"}`) on the `/metrics` page of
+/// the agent logging to `log`: its latest start's health endpoint, as the log reports it. `None`
+/// while that agent is not up (or the series is not there).
+pub(crate) fn agent_counter(log: &Path, series: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("health endpoint listening"))?;
+    let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+    let addr = strip_ansi(addr);
+    let page = metrics_page(&addr)?;
+    page.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse::<f64>().ok().map(|v| v as u64)
+    })
+}
+
+/// `agent_counter`, waiting for the agent to serve it.
+pub(crate) fn agent_counter_now(log: &Path, series: &str) -> u64 {
+    let mut value = None;
+    wait(
+        &format!("{series} from the agent logging to {}", log.display()),
+        Duration::from_secs(30),
+        || {
+            value = agent_counter(log, series);
+            value.is_some()
+        },
+    );
+    value.unwrap_or_default()
+}
+
+/// GET `/metrics` of `addr`; `None` when nothing answers there.
+fn metrics_page(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub(crate) fn count_lines(path: &Path, needle: &str) -> usize {

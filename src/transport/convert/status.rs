@@ -2,15 +2,15 @@
 //! agent sends them, the control plane reads them and shows them through the admin API, flotctl
 //! reads them back).
 
-use super::conditions::{ConditionStatus, Summary};
-use super::{
-    Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
-    SystemInfo, UpdateFailure, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus,
-};
 use crate::clock::timestamp_from_millis;
 use crate::proto::admin::v1 as admin;
 use crate::proto::agent::v1 as pb;
 use crate::spec::MonitorKind;
+use crate::status::conditions::{ConditionStatus, Summary};
+use crate::status::{
+    Alert, DriftCheck, DriftItem, FilesystemUsage, NetworkInterface, ResourceUsage, Severity,
+    SystemInfo, UpdateFailure, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus,
+};
 
 fn millis(timestamp: Option<prost_types::Timestamp>) -> i64 {
     timestamp.map_or(0, |t| {

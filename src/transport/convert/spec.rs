@@ -1,11 +1,12 @@
-//! Conversions between the domain spec and its protobuf form.
+//! Conversions between the domain spec and its protobuf form (both directions: the control plane
+//! pushes specs, the agent reads them).
 
-use super::{
+use crate::proto::agent::v1 as pb;
+use crate::spec::{
     AgentUpdate, CommandSpec, ContainerSpec, DEFAULT_COMMAND_TIMEOUT_SECS, DEFAULT_FILE_MODE,
     DeviceSpec, DriftPolicy, FileSpec, MonitorKind, OsUpdate, ResourceMonitor, UnitSpec, UnitState,
     UpdatePolicy,
 };
-use crate::proto::agent::v1 as pb;
 
 fn non_empty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())

@@ -1,0 +1,261 @@
+//! The hub's sessions, pushes, answers and waves; waves and certificate windows in virtual time
+//! (tokio's paused clock, which the hub's clock follows).
+
+use super::*;
+use crate::spec::FileSpec;
+use crate::status::conditions::{ConditionStatus, ConditionType};
+use std::time::Duration;
+
+fn rendered(content: &str) -> Arc<Rendered> {
+    Rendered::new(DeviceSpec {
+        files: vec![FileSpec::new("/etc/x", content)],
+        ..Default::default()
+    })
+}
+
+fn hub_with(device: &str, desired: Arc<Rendered>) -> Hub {
+    let hub = Hub::new();
+    hub.load(vec![Seed {
+        device_id: device.into(),
+        desired: Ok(desired),
+        acked_version: None,
+        nacked: None,
+        last_seen_ms: None,
+        report: None,
+    }]);
+    hub
+}
+
+#[test]
+fn refuses_sessions_until_loaded_and_for_unknown_devices() {
+    let hub = Hub::new();
+    assert_eq!(
+        hub.open_session("d", "", "s", 0).unwrap_err(),
+        HubError::NotReady
+    );
+    hub.load(vec![]);
+    assert_eq!(
+        hub.open_session("d", "", "s", 0).unwrap_err(),
+        HubError::UnknownDevice("d".into())
+    );
+}
+
+#[test]
+fn push_ack_cycle_and_resume_without_push() {
+    let v1 = rendered("1");
+    let hub = hub_with("d", v1.clone());
+    let (s, current) = hub.open_session("d", "", "s", 0).unwrap();
+    assert_eq!(current, v1.version);
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Pending);
+    let push = hub.next_push("d", s.id).unwrap();
+    assert_eq!(push.rendered.version, v1.version);
+    assert!(hub.next_push("d", s.id).is_none(), "sent once only");
+    assert_eq!(hub.ack("d", s.id, "bogus"), Answer::Stale);
+    assert!(matches!(
+        hub.ack("d", s.id, &push.nonce),
+        Answer::Recorded { .. }
+    ));
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
+
+    hub.close_session("d", s.id, 1);
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Offline);
+    let (s2, _) = hub.open_session("d", &v1.version, "s", 2).unwrap();
+    assert!(hub.next_push("d", s2.id).is_none(), "resume costs nothing");
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
+}
+
+#[test]
+fn nacked_version_is_not_resent_until_a_new_one_arrives() {
+    let hub = hub_with("d", rendered("1"));
+    let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
+    let push = hub.next_push("d", s.id).unwrap();
+    hub.nack("d", s.id, &push.nonce, "disk full");
+    let status = hub.status("d").unwrap();
+    assert_eq!(status.state, SyncState::Error);
+    assert_eq!(status.last_error.as_deref(), Some("disk full"));
+    assert!(hub.next_push("d", s.id).is_none());
+    hub.set_desired("d", rendered("2"));
+    hub.release_wave();
+    assert!(hub.next_push("d", s.id).is_some());
+}
+
+#[test]
+fn a_rejection_of_a_version_no_longer_wanted_is_not_shown_as_the_last_error() {
+    let v1 = rendered("1");
+    let hub = hub_with("d", v1.clone());
+    let (s, _) = hub.open_session("d", &v1.version, "s", 0).unwrap();
+    hub.set_desired("d", rendered("2"));
+    hub.release_wave();
+    let push = hub.next_push("d", s.id).unwrap();
+    hub.nack("d", s.id, &push.nonce, "disk full");
+    assert_eq!(
+        hub.status("d").unwrap().last_error.as_deref(),
+        Some("disk full")
+    );
+    // Back to the version the device runs: SYNCED, and the old rejection is history.
+    hub.set_desired("d", v1);
+    hub.release_wave();
+    let status = hub.status("d").unwrap();
+    assert_eq!(status.state, SyncState::Synced);
+    assert_eq!(status.last_error, None);
+    assert_eq!(status.summary, crate::status::conditions::Summary::Healthy);
+}
+
+#[test]
+fn changes_are_held_until_the_wave_and_coalesce() {
+    let hub = hub_with("d", rendered("0"));
+    let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
+    let push = hub.next_push("d", s.id).unwrap();
+    hub.ack("d", s.id, &push.nonce);
+    for i in 1..=50 {
+        hub.set_desired("d", rendered(&i.to_string()));
+    }
+    assert!(hub.next_push("d", s.id).is_none(), "held until released");
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Pending);
+    assert_eq!(hub.release_wave(), 1);
+    let push = hub.next_push("d", s.id).unwrap();
+    assert_eq!(push.rendered.version, rendered("50").version);
+    assert!(hub.next_push("d", s.id).is_none());
+    assert_eq!(hub.pushes(), 2);
+}
+
+#[test]
+fn a_render_failure_is_an_error_and_keeps_the_last_good_spec() {
+    let good = rendered("1");
+    let hub = hub_with("d", good.clone());
+    let (s, _) = hub.open_session("d", &good.version, "s", 0).unwrap();
+    hub.set_render_failed("d", "undefined label".into());
+    let status = hub.status("d").unwrap();
+    assert_eq!(status.state, SyncState::Error);
+    assert_eq!(status.desired_version, good.version);
+    assert!(hub.next_push("d", s.id).is_none());
+    hub.set_desired("d", good.clone());
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
+}
+
+#[test]
+fn a_newer_session_replaces_the_older() {
+    let hub = hub_with("d", rendered("1"));
+    let (old, _) = hub.open_session("d", "", "s", 0).unwrap();
+    let (new, _) = hub.open_session("d", "", "s", 0).unwrap();
+    assert!(hub.next_push("d", old.id).is_none());
+    assert!(hub.next_push("d", new.id).is_some());
+    hub.close_session("d", old.id, 1);
+    assert!(
+        hub.status("d").unwrap().online,
+        "closing the old one keeps the new"
+    );
+    assert_eq!(hub.connected(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_waits_for_quiet_and_a_steady_burst_for_the_maximum_delay() {
+    let hub = Arc::new(hub_with("d", rendered("0")));
+    let (s, _) = hub.open_session("d", "", "s", 0).unwrap();
+    let first = hub.next_push("d", s.id).unwrap();
+    hub.ack("d", s.id, &first.nonce);
+    let debounce = Debounce {
+        quiet: Duration::from_millis(150),
+        max_delay: Duration::from_secs(2),
+    };
+    tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.run_waves(debounce).await }
+    });
+
+    hub.set_desired("d", rendered("1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        hub.next_push("d", s.id).is_none(),
+        "held while changes may still come"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let push = hub.next_push("d", s.id).expect("released once quiet");
+    assert_eq!(push.rendered.version, rendered("1").version);
+    hub.ack("d", s.id, &push.nonce);
+
+    // An edit every 100 ms never leaves 150 ms of quiet: the maximum delay releases the latest.
+    let started = tokio::time::Instant::now();
+    let mut released = None;
+    for edit in 2..100 {
+        hub.set_desired("d", rendered(&edit.to_string()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(push) = hub.next_push("d", s.id) {
+            released = Some((started.elapsed(), edit, push));
+            break;
+        }
+    }
+    let (after, edit, push) = released.expect("a steady burst is released");
+    assert!(
+        after >= Duration::from_secs(2) && after < Duration::from_millis(2500),
+        "released after {after:?}"
+    );
+    assert_eq!(push.rendered.version, rendered(&edit.to_string()).version);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_enters_its_window_is_asked_for_and_expires_in_virtual_time() {
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let day = Duration::from_millis(DAY_MS as u64);
+    let start = 1_800_000_000_000;
+    let hub = Hub::with_clock(Clock::following_tokio(start));
+    hub.load(vec![Seed {
+        device_id: "d".into(),
+        desired: Ok(rendered("1")),
+        acked_version: None,
+        nacked: None,
+        last_seen_ms: None,
+        report: None,
+    }]);
+    hub.track_certificate("d", "01", start + 30 * DAY_MS, start + 10 * DAY_MS, false);
+    let (s, _) = hub.open_session("d", "", "01", start).unwrap();
+    let now = || hub.clock().now_millis();
+    let certificate = |hub: &Hub| {
+        let status = hub.status("d").unwrap();
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.kind == ConditionType::CertificateExpiring)
+            .cloned()
+            .unwrap();
+        (status.certificate.unwrap().state, condition)
+    };
+
+    assert_eq!(certificate(&hub).0, RenewalState::Valid);
+    assert_eq!(hub.renewal_sweep(now(), DAY_MS), 0);
+
+    tokio::time::advance(10 * day).await;
+    let (state, condition) = certificate(&hub);
+    assert_eq!(state, RenewalState::Due);
+    assert_eq!(condition.status, ConditionStatus::True);
+    assert_eq!(condition.last_transition_ms, start + 10 * DAY_MS);
+    assert_eq!(hub.renewal_sweep(now(), DAY_MS), 1);
+    let ask = hub.take_renewal_request("d", s.id).unwrap();
+    assert_eq!(
+        ask.reason,
+        format!("certificate expires in {} s", 20 * 86_400)
+    );
+    assert_eq!(ask.deadline_ms, start + 30 * DAY_MS);
+    assert_eq!(
+        hub.renewal_sweep(now(), DAY_MS),
+        0,
+        "not again within a day"
+    );
+    tokio::time::advance(day).await;
+    assert_eq!(
+        hub.renewal_sweep(now(), DAY_MS),
+        1,
+        "asked again a day later"
+    );
+    assert_eq!(hub.renewal_asked_ms("d"), Some(start + 11 * DAY_MS));
+
+    tokio::time::advance(19 * day).await;
+    assert_eq!(certificate(&hub).0, RenewalState::Expired);
+    assert_eq!(
+        hub.renewal_sweep(now(), DAY_MS),
+        0,
+        "an expired certificate cannot be renewed, only recovered"
+    );
+    let summary = hub.summary(now());
+    assert_eq!((summary.expiring_7d, summary.renewal_due), (1, 1));
+}
