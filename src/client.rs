@@ -11,6 +11,7 @@ pub struct ClientCredentials {
     pub ca_pem: String,
     /// The client certificate and its private key, in PEM.
     pub cert_pem: String,
+    /// The private key of `cert_pem`, in PEM.
     pub key_pem: String,
     /// The name the server certificate must carry (e.g. `localhost`).
     pub server_name: String,
@@ -25,15 +26,25 @@ impl std::fmt::Debug for ClientCredentials {
     }
 }
 
+/// Why a channel to the control plane could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The address is not a URI tonic accepts.
     #[error("invalid server address {address:?}: {source}")]
     Address {
+        /// The address as given.
         address: String,
+        /// What tonic found wrong with it.
         source: tonic::transport::Error,
     },
+    /// Nothing answered at the address, or the TLS handshake failed.
     #[error("cannot connect to {address}: {detail}")]
-    Connect { address: String, detail: String },
+    Connect {
+        /// The address tried.
+        address: String,
+        /// Why it failed.
+        detail: String,
+    },
 }
 
 /// Settings for a long-lived channel: explicit keepalives so a dead peer is noticed within about a

@@ -52,6 +52,7 @@ pub fn now_secs() -> i64 {
     now_millis().div_euclid(1000)
 }
 
+/// A protobuf Timestamp of Unix milliseconds.
 pub fn timestamp_from_millis(millis: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: millis.div_euclid(1000),
@@ -59,6 +60,7 @@ pub fn timestamp_from_millis(millis: i64) -> prost_types::Timestamp {
     }
 }
 
+/// A protobuf Timestamp of Unix seconds.
 pub fn timestamp_from_secs(secs: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: secs,

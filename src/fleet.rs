@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 /// Where a device stands with respect to fleets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placement {
+    /// The one fleet whose selector matches, if exactly one does.
     pub owner: Option<String>,
     /// Every fleet whose selector matches, when more than one does; empty otherwise.
     pub conflicts: Vec<String>,

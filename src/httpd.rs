@@ -21,8 +21,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// A response: status code, content type and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// HTTP status code.
     pub status: u16,
+    /// `Content-Type` of the body.
     pub content_type: &'static str,
+    /// The whole body.
     pub body: String,
 }
 

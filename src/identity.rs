@@ -5,16 +5,23 @@ use std::fmt;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// The URI scheme of every identity SAN.
+/// The scheme of identity URIs, `flotilla://<kind>/<name>`.
 pub const SCHEME: &str = "flotilla://";
 
 /// What a certificate holder is allowed to be. The order is not a hierarchy; see `authz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// Everything, including credentials and revocation.
     Admin,
+    /// Changes fleets, devices, enrollments and rollouts.
     Operator,
+    /// Reads and watches.
     Viewer,
+    /// Another program, holding the rights its credential was granted.
     Service,
+    /// A device's management certificate: its session, and renewing itself.
     Device,
+    /// The credential devices enroll (and recover) with.
     Enrollment,
 }
 
@@ -48,25 +55,34 @@ impl Role {
 /// A verified caller: role plus name (device id for devices).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
+    /// What the caller may be.
     pub role: Role,
+    /// Who: the device id for devices, the credential name otherwise.
     pub name: String,
 }
 
+/// Why a certificate names no usable identity.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
+    /// Not DER.
     #[error("certificate is not valid DER: {0}")]
     BadCertificate(String),
+    /// No identity URI.
     #[error("certificate carries no flotilla:// identity URI")]
     Missing,
+    /// More than one identity URI.
     #[error("certificate carries more than one flotilla:// identity URI")]
     Ambiguous,
+    /// Not `flotilla://<kind>/<name>`.
     #[error("identity URI {0:?} is malformed (expected flotilla://<kind>/<name>)")]
     Malformed(String),
+    /// A kind no role has.
     #[error("identity URI {0:?} names an unknown kind")]
     UnknownKind(String),
 }
 
 impl Identity {
+    /// The identity `role`/`name`.
     pub fn new(role: Role, name: impl Into<String>) -> Self {
         Identity {
             role,

@@ -5,6 +5,11 @@
 //! the store, the CA, the hub of open streams, the services — sits behind the default `server` feature,
 //! so the agent links no database code.
 
+// Every public item of the library is documented; the modules allowed below are not yet, and
+// each loses its `allow` once it is (the lint then holds it).
+#![warn(missing_docs)]
+
+#[allow(missing_docs)]
 pub mod audit;
 pub mod client;
 pub mod clock;
@@ -13,28 +18,39 @@ pub mod httpd;
 pub mod identity;
 pub mod names;
 pub mod pki;
+#[allow(missing_docs)]
 pub mod profiles;
 pub mod proto;
+#[allow(missing_docs)]
 pub mod release;
+#[allow(missing_docs)]
 pub mod rollout;
 pub mod selector;
 pub mod signature;
+#[allow(missing_docs)]
 pub mod spec;
+#[allow(missing_docs)]
 pub mod status;
 
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod authz;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod bootstrap;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod ca;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod control;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod credentials;
 #[cfg(feature = "server")]
 pub mod fleet;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod hub;
 #[cfg(feature = "server")]
 pub mod render;
@@ -43,12 +59,16 @@ pub mod revocation;
 #[cfg(feature = "server")]
 pub mod scope;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod store;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod telemetry;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod tpm;
 #[cfg(feature = "server")]
+#[allow(missing_docs)]
 pub mod transport;
 
 /// The version of this build, reported by agents in `Hello` and by the server in logs.

@@ -10,26 +10,48 @@ const MAX_LABEL_VALUE_LEN: usize = 63;
 /// classification, and it keeps every listing small.
 pub const MAX_LABELS: usize = 64;
 
+/// Why a device name or label is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
+    /// An empty name.
     #[error("name must not be empty")]
     Empty,
+    /// A name longer than `max` characters.
     #[error("name {name:?} is longer than {max} characters")]
-    TooLong { name: String, max: usize },
+    TooLong {
+        /// The name refused.
+        name: String,
+        /// The longest allowed.
+        max: usize,
+    },
+    /// A name with characters outside the allowed set.
     #[error(
         "name {0:?} may contain only lowercase letters, digits, '-' and '.', and must start and end with a letter or digit"
     )]
     Invalid(String),
+    /// A label key that is not a valid key.
     #[error(
         "label key {0:?} is invalid: use letters, digits, '-', '_', '.' and an optional 'prefix/', at most 63 characters"
     )]
     LabelKey(String),
+    /// A label value that is not a valid value.
     #[error(
         "label value {value:?} of {key:?} is invalid: use letters, digits, '-', '_', '.', at most 63 characters"
     )]
-    LabelValue { key: String, value: String },
+    LabelValue {
+        /// The label's key.
+        key: String,
+        /// The value refused.
+        value: String,
+    },
+    /// More labels than a device may carry.
     #[error("{count} labels is more than the {max} allowed")]
-    TooManyLabels { count: usize, max: usize },
+    TooManyLabels {
+        /// How many were given.
+        count: usize,
+        /// How many are allowed.
+        max: usize,
+    },
 }
 
 /// Checks a device or resource name: lowercase alphanumerics, '-' and '.', alphanumeric at both ends.

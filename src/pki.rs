@@ -7,14 +7,19 @@ use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// Why a certificate could not be read or checked.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// No PEM certificate block.
     #[error("no PEM certificate found: {0}")]
     Pem(String),
+    /// Not X.509.
     #[error("certificate is not valid X.509: {0}")]
     Der(String),
+    /// No usable identity in it.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// Not issued by the expected CA, or outside its validity.
     #[error("{0}")]
     Untrusted(String),
 }
@@ -24,8 +29,9 @@ pub enum PkiError {
 pub struct CertInfo {
     /// Serial number in lowercase hex, no separators.
     pub serial: String,
-    /// Validity window, Unix seconds.
+    /// Start of the validity window, Unix seconds.
     pub not_before: i64,
+    /// End of the validity window, Unix seconds.
     pub not_after: i64,
     /// SHA-256 (hex) of the SubjectPublicKeyInfo.
     pub key_fingerprint: String,

@@ -8,6 +8,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
+/// The serials of every revoked certificate, which the auth layer refuses.
 #[derive(Debug)]
 pub struct RevokedSerials {
     serials: RwLock<HashSet<String>>,
@@ -29,6 +30,7 @@ impl Default for RevokedSerials {
 }
 
 impl RevokedSerials {
+    /// Whether `serial` (lowercase hex) was revoked.
     pub fn contains(&self, serial: &str) -> bool {
         self.serials
             .read()
@@ -36,6 +38,7 @@ impl RevokedSerials {
             .contains(serial)
     }
 
+    /// Adds revoked serials; subscribers are woken when any is new.
     pub fn extend(&self, serials: impl IntoIterator<Item = String>) {
         let added = {
             let mut set = self.serials.write().unwrap_or_else(|p| p.into_inner());
@@ -60,6 +63,7 @@ impl RevokedSerials {
         self.loaded.store(true, Ordering::Release);
     }
 
+    /// Whether the set is complete (see `mark_loaded`).
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
     }

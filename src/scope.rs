@@ -52,18 +52,22 @@ fn implies(narrow: &Requirement, wide: &Requirement) -> bool {
 }
 
 impl Scope {
+    /// No restriction.
     pub fn everything() -> Scope {
         Scope(None)
     }
 
+    /// The devices `selector` matches; none or an empty one is everything.
     pub fn of(selector: Option<Selector>) -> Scope {
         Scope(selector.filter(|s| !s.is_empty()))
     }
 
+    /// Whether nothing is restricted.
     pub fn is_everything(&self) -> bool {
         self.0.is_none()
     }
 
+    /// The restricting selector, if any.
     pub fn selector(&self) -> Option<&Selector> {
         self.0.as_ref()
     }

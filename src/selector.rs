@@ -29,16 +29,20 @@ pub enum Requirement {
     NotIn(String, BTreeSet<String>),
 }
 
+/// Why a selector does not parse, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid selector {input:?} at character {position}: {reason}")]
 pub struct SelectorError {
+    /// The selector as given.
     pub input: String,
     /// 0-based character offset where the problem was found.
     pub position: usize,
+    /// What was expected there.
     pub reason: String,
 }
 
 impl Requirement {
+    /// The label key the requirement is about.
     pub fn key(&self) -> &str {
         match self {
             Requirement::Exists(k)
@@ -50,6 +54,7 @@ impl Requirement {
         }
     }
 
+    /// Whether `labels` satisfy the requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(self.key());
         match self {
@@ -69,22 +74,27 @@ impl Selector {
         Selector::default()
     }
 
+    /// The selector requiring all of `requirements`.
     pub fn new(requirements: Vec<Requirement>) -> Selector {
         Selector { requirements }
     }
 
+    /// Parses the Kubernetes syntax: `a=b,c!=d,e in (f,g),!h`.
     pub fn parse(input: &str) -> Result<Selector, SelectorError> {
         Parser::new(input).selector()
     }
 
+    /// The requirements, all of which must hold.
     pub fn requirements(&self) -> &[Requirement] {
         &self.requirements
     }
 
+    /// Whether it matches everything.
     pub fn is_empty(&self) -> bool {
         self.requirements.is_empty()
     }
 
+    /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }

@@ -17,12 +17,16 @@ pub fn tpm_certify_qualifying_data(csr_pem: &str) -> Vec<u8> {
     Sha256::digest(csr_pem.as_bytes()).to_vec()
 }
 
+/// Why a signature was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
+    /// The public key is not DER.
     #[error("public key is not valid DER: {0}")]
     Key(String),
+    /// A key type other than P-256, P-384 or Ed25519.
     #[error("unsupported key type {0}")]
     Unsupported(String),
+    /// The signature is not the key's over the message.
     #[error("signature does not verify")]
     Invalid,
 }

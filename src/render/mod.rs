@@ -27,14 +27,18 @@ const RECURSION_LIMIT: usize = 32;
 pub struct RenderError {
     /// The template field, e.g. `template.files[0].content`.
     pub field: String,
+    /// What is wrong there.
     pub reason: String,
 }
 
 /// What a template sees of a device.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceContext<'a> {
+    /// `device.id`.
     pub id: &'a str,
+    /// `device.name`.
     pub name: &'a str,
+    /// `device.labels`.
     pub labels: &'a BTreeMap<String, String>,
 }
 
