@@ -2,6 +2,8 @@
 //! as Unix milliseconds (how the store keeps them) and protobuf Timestamps (how the protocol
 //! carries them). Durations and deadlines use `tokio::time::Instant`, which tests can pause.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
@@ -13,13 +15,23 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
-/// Where the hub and the control plane read the time: the system's wall clock, or one that keeps
-/// step with tokio's. Under `tokio::time::pause` the latter stands still until the test advances
-/// it, so expiry, renewal windows, waves and offline detection are tested in virtual time.
-#[derive(Debug, Clone, Copy, Default)]
+/// Where the hub, the control plane, the CA and the auth layer read the time: the system's wall
+/// clock; one that keeps step with tokio's (under `tokio::time::pause` it stands still until the
+/// test advances it); or the system's plus an offset a test moves forward. So certificate expiry,
+/// renewal windows and waves are tested in virtual time, without sleeping.
+#[derive(Debug, Clone, Default)]
 pub struct Clock {
-    /// `None`: the system clock. Otherwise what the clock read at the tokio instant given.
-    origin: Option<(i64, tokio::time::Instant)>,
+    source: Source,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Source {
+    #[default]
+    System,
+    /// What the clock read at the tokio instant given.
+    Tokio(i64, tokio::time::Instant),
+    /// The system clock plus this many milliseconds.
+    Offset(Arc<AtomicI64>),
 }
 
 impl Clock {
@@ -31,19 +43,41 @@ impl Clock {
     /// A clock that reads `start_ms` now and then moves exactly as tokio's clock does.
     pub fn following_tokio(start_ms: i64) -> Clock {
         Clock {
-            origin: Some((start_ms, tokio::time::Instant::now())),
+            source: Source::Tokio(start_ms, tokio::time::Instant::now()),
+        }
+    }
+
+    /// The system clock, which `advance` moves ahead (for tests that cannot pause tokio's clock,
+    /// such as those talking over real sockets). Clones share the offset.
+    pub fn adjustable() -> Clock {
+        Clock {
+            source: Source::Offset(Arc::default()),
+        }
+    }
+
+    /// Moves an adjustable clock ahead by `by`; other clocks cannot be moved and are left alone.
+    pub fn advance(&self, by: std::time::Duration) {
+        if let Source::Offset(offset) = &self.source {
+            let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+            offset.fetch_add(by, Ordering::Relaxed);
         }
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_millis(&self) -> i64 {
-        match self.origin {
-            None => now_millis(),
-            Some((start_ms, at)) => {
+        match &self.source {
+            Source::System => now_millis(),
+            Source::Tokio(start_ms, at) => {
                 let elapsed = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX);
                 start_ms.saturating_add(elapsed)
             }
+            Source::Offset(offset) => now_millis().saturating_add(offset.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn now_secs(&self) -> i64 {
+        self.now_millis().div_euclid(1000)
     }
 }
 
@@ -108,6 +142,23 @@ mod tests {
         assert_eq!(clock.now_millis(), 1_000_000 + 3_600_000);
         let system = Clock::system().now_millis();
         assert!(system > 1_700_000_000_000, "the system clock reads today");
+    }
+
+    #[test]
+    fn an_adjustable_clock_runs_ahead_by_what_it_was_advanced_and_clones_share_it() {
+        let clock = Clock::adjustable();
+        let copy = clock.clone();
+        let before = now_millis();
+        clock.advance(Duration::from_secs(86_400));
+        let read = copy.now_millis();
+        assert!(read >= before + 86_400_000, "{read} vs {before}");
+        assert!(read < now_millis() + 86_400_000 + 1000);
+        let system = Clock::system();
+        system.advance(Duration::from_secs(60));
+        assert!(
+            system.now_millis() <= now_millis(),
+            "the system clock does not move"
+        );
     }
 
     #[test]

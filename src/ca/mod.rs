@@ -5,6 +5,7 @@
 pub mod audit_key;
 pub mod csr;
 
+use crate::clock::Clock;
 use crate::identity::Identity;
 use crate::pki::{CertInfo, cert_info};
 use rand::RngCore;
@@ -63,6 +64,8 @@ pub struct Issued {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// Validity windows start from its time.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -80,9 +83,9 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn window(validity: Duration) -> (OffsetDateTime, OffsetDateTime) {
-    let now = OffsetDateTime::from_unix_timestamp(crate::clock::now_secs())
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+fn window(clock: &Clock, validity: Duration) -> (OffsetDateTime, OffsetDateTime) {
+    let now =
+        OffsetDateTime::from_unix_timestamp(clock.now_secs()).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     (now - BACKDATE, now + validity)
 }
 
@@ -102,7 +105,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.serial_number = Some(random_serial());
-        (params.not_before, params.not_after) = window(validity);
+        (params.not_before, params.not_after) = window(&Clock::system(), validity);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
@@ -110,6 +113,7 @@ impl CertificateAuthority {
             CertificateAuthority {
                 issuer: Issuer::new(params, key),
                 cert_pem,
+                clock: Clock::system(),
             },
             key_pem,
         ))
@@ -123,7 +127,13 @@ impl CertificateAuthority {
         Ok(CertificateAuthority {
             issuer,
             cert_pem: cert_pem.to_string(),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same CA, dating the certificates it signs by `clock`.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        CertificateAuthority { clock, ..self }
     }
 
     /// The CA certificate in PEM: the trust bundle for servers and clients alike.
@@ -172,7 +182,7 @@ impl CertificateAuthority {
         }];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        (params.not_before, params.not_after) = window(subject.validity);
+        (params.not_before, params.not_after) = window(&self.clock, subject.validity);
         let cert = params.signed_by(public_key, &self.issuer)?;
         let info = cert_info(cert.der()).map_err(|e| CaError::Readback(e.to_string()))?;
         Ok(Issued {

@@ -280,6 +280,11 @@ impl ControlPlane {
         self.hub.clock().now_millis()
     }
 
+    /// The clock the control plane reads, shared with its hub.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        self.hub.clock()
+    }
+
     pub fn server_info(&self) -> ServerInfo {
         ServerInfo {
             version: crate::VERSION,

@@ -6,7 +6,7 @@
 use super::guard::GuardedInfo;
 use super::revocable::Revocable;
 use crate::authz::{Grant, authorize, mutates};
-use crate::clock::now_millis;
+use crate::clock::Clock;
 use crate::control::{Actor, CallRefusal, ControlPlane};
 use crate::credentials::{AdmitError, Registry};
 use crate::identity::{Identity, Role};
@@ -76,6 +76,13 @@ pub struct Authenticator {
     verifier: Arc<dyn ClientCertVerifier>,
     revoked: Arc<RevokedSerials>,
     credentials: Arc<Registry>,
+    /// Certificate validity is checked at its time (the control plane's).
+    clock: Clock,
+}
+
+fn unix_time(clock: &Clock) -> UnixTime {
+    let millis = u64::try_from(clock.now_millis()).unwrap_or(0);
+    UnixTime::since_unix_epoch(std::time::Duration::from_millis(millis))
 }
 
 /// How a refusal is counted: the caller's role (when known) and why.
@@ -94,7 +101,13 @@ impl Authenticator {
             verifier,
             revoked,
             credentials,
+            clock: Clock::system(),
         }
+    }
+
+    /// Checks validity at `clock`'s time.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Authenticator { clock, ..self }
     }
 
     /// The set whose changes end open admin calls.
@@ -141,7 +154,7 @@ impl Authenticator {
             )
         };
         self.verifier
-            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .verify_client_cert(end_entity, intermediates, unix_time(&self.clock))
             .map_err(|e| rejected(&e))?;
         let identity = Identity::from_certificate_der(end_entity).map_err(|e| rejected(&e))?;
         let serial = cert_info(end_entity).map_err(|e| rejected(&e))?.serial;
@@ -161,7 +174,7 @@ impl Authenticator {
             _ => {
                 let admitted = self
                     .credentials
-                    .admit(&identity, &serial, now_millis())
+                    .admit(&identity, &serial, self.clock.now_millis())
                     .map_err(|e| {
                         let reason = match e {
                             AdmitError::Unknown(_) => "unregistered",

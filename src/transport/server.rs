@@ -169,11 +169,14 @@ pub async fn serve(
     let verifier = tls::client_verifier(&material.ca_pem)?;
     let certificate = tls::ServerCertificate::new(&material.cert_pem, &material.key_pem)?;
     let tls_config = tls::server_config(certificate.clone(), verifier.clone())?;
-    let auth = AuthLayer::new(Authenticator::new(
-        verifier,
-        control.revoked().clone(),
-        control.credentials().clone(),
-    ))
+    let auth = AuthLayer::new(
+        Authenticator::new(
+            verifier,
+            control.revoked().clone(),
+            control.credentials().clone(),
+        )
+        .with_clock(control.clock().clone()),
+    )
     .recording_refusals(control.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -426,8 +426,8 @@ async fn an_expired_device_recovers_with_its_previous_key_and_bad_proofs_are_ref
     .await;
     let (creds, id) = device(&server, "sleeper").await;
     let (other_creds, _) = device(&server, "neighbour").await;
-    // Validity is whole seconds; wait until the certificate is past its last second.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Validity is whole seconds: the control plane's clock moves past the certificate's last one.
+    server.control.clock().advance(Duration::from_millis(3500));
     let expired = RawSession::open(&server.agent_url, &creds, &id).await.err();
     assert_eq!(expired.map(|s| s.code()), Some(Code::Unauthenticated));
 
@@ -568,7 +568,8 @@ async fn recovery_after_the_window_is_refused_with_advice_to_re_enroll() {
     })
     .await;
     let (creds, id) = device(&server, "too-late").await;
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Past the certificate's expiry and the recovery window after it.
+    server.control.clock().advance(Duration::from_millis(3000));
     let mut enroll =
         EnrollmentServiceClient::new(channel(&server.agent_url, &server.enrollment_creds()).await);
     let nonce = enroll

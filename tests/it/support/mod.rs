@@ -12,6 +12,7 @@ use diesel::{Connection, PgConnection, RunQueryDsl};
 use flotilla::bootstrap::{BootstrapOptions, DataDir, prepare};
 use flotilla::ca::{CertificateAuthority, Subject, Usage};
 use flotilla::client::{ClientCredentials, connect};
+use flotilla::clock::Clock;
 use flotilla::control::{ControlPlane, Policy};
 use flotilla::hub::Hub;
 use flotilla::identity::Identity;
@@ -286,12 +287,15 @@ impl TestServer {
             .unwrap()
             .unwrap();
         store.migrate().await.unwrap();
-        let ca = Arc::new(prepared.ca);
+        // One clock for the hub, the control plane, the CA and the auth layer, which a test moves
+        // ahead (`control.clock().advance`) instead of sleeping until a certificate expires.
+        let clock = Clock::adjustable();
+        let ca = Arc::new(prepared.ca.with_clock(clock.clone()));
         let control = ControlPlane::new(
             store,
             ca.clone(),
             Arc::new(prepared.audit_key),
-            Arc::new(Hub::new()),
+            Arc::new(Hub::with_clock(clock)),
             policy,
         );
         if let Some(pem) = &prepared.admin_cert_pem {
