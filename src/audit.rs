@@ -11,16 +11,25 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// What an audit record says (everything but its chain fields).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditEntry {
+    /// Position in the trail, from 1.
     pub seq: i64,
+    /// When it was written, Unix milliseconds.
     pub at_ms: i64,
     /// issued | renewed | recovered | revoked | rejected
     pub kind: String,
+    /// The device the certificate belongs to (empty for records of calls).
     pub device_id: String,
+    /// Serial of the certificate concerned, lowercase hex.
     pub serial: String,
+    /// SHA-256 (hex) of the certificate's public key.
     pub key_fingerprint: String,
+    /// Start of the certificate's validity, Unix milliseconds.
     pub not_before_ms: i64,
+    /// End of the certificate's validity, Unix milliseconds.
     pub not_after_ms: i64,
+    /// Who did it (`operator/alice`, `device/<id>`).
     pub actor: String,
+    /// Why, in words.
     pub reason: String,
     /// enrollment-approval | device-certificate | previous-key | admin
     pub proof: String,
@@ -55,9 +64,13 @@ impl AuditEntry {
 /// A record with its place in the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedRecord {
+    /// What the record says.
     pub entry: AuditEntry,
+    /// Hash of the record before it (`GENESIS_HASH` for the first).
     pub previous_hash: String,
+    /// Hash over `previous_hash` and every field of the entry.
     pub hash: String,
+    /// The audit key's signature of `hash`.
     pub signature: Vec<u8>,
 }
 
@@ -113,7 +126,9 @@ pub fn signed_bytes(hash: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit record {seq}: {problem}")]
 pub struct ChainError {
+    /// The first record that does not check out.
     pub seq: i64,
+    /// What is wrong with it.
     pub problem: String,
 }
 
@@ -168,9 +183,13 @@ pub fn verify_chain<'a>(
 /// shipped off the host), it shows whether records were deleted from the head of the trail since.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedHead {
+    /// Position of the last record.
     pub seq: i64,
+    /// Its hash.
     pub hash: String,
+    /// When the head was signed, Unix milliseconds.
     pub at_ms: i64,
+    /// The audit key's signature over seq, hash and time.
     pub signature: Vec<u8>,
 }
 

@@ -22,21 +22,34 @@ const ENROLLMENT_VALIDITY: Duration = Duration::from_secs(5 * 365 * DAY);
 /// The server certificate is replaced at start when it expires within this window.
 const SERVER_RENEW_BEFORE: i64 = 30 * DAY as i64;
 
+/// Why the data directory could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
+    /// The CA could not be created or loaded.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// The audit key could not be created or loaded.
     #[error(transparent)]
     Audit(#[from] AuditKeyError),
+    /// The directory holds a partial or contradictory set of files.
     #[error("{0}")]
     Inconsistent(String),
+    /// A generated configuration could not be written.
     #[error("cannot write {path}: {message}")]
-    Serialize { path: PathBuf, message: String },
+    Serialize {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be written.
+        message: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootstrapError + '_ {
@@ -53,46 +66,60 @@ pub struct DataDir {
 }
 
 impl DataDir {
+    /// The data directory at `root` (nothing is created yet).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         DataDir { root: root.into() }
     }
 
+    /// The directory itself.
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// The CA certificate (PEM).
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca/ca.crt")
     }
+    /// The CA private key (PEM).
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key")
     }
+    /// The server's TLS certificate (PEM).
     pub fn server_cert(&self) -> PathBuf {
         self.root.join("tls/server.crt")
     }
+    /// The server's TLS private key (PEM).
     pub fn server_key(&self) -> PathBuf {
         self.root.join("tls/server.key")
     }
+    /// The bootstrap admin credential's certificate (PEM).
     pub fn admin_cert(&self) -> PathBuf {
         self.root.join("admin/admin.crt")
     }
+    /// The bootstrap admin credential's private key (PEM).
     pub fn admin_key(&self) -> PathBuf {
         self.root.join("admin/admin.key")
     }
+    /// The shared enrollment credential's certificate (PEM).
     pub fn enrollment_cert(&self) -> PathBuf {
         self.root.join("enrollment/enrollment.crt")
     }
+    /// The shared enrollment credential's private key (PEM).
     pub fn enrollment_key(&self) -> PathBuf {
         self.root.join("enrollment/enrollment.key")
     }
+    /// The key that signs the audit trail (PEM).
     pub fn audit_key(&self) -> PathBuf {
         self.root.join("audit/audit.key")
     }
+    /// Its public half, for `flotctl audit verify` (SPKI PEM).
     pub fn audit_public_key(&self) -> PathBuf {
         self.root.join("audit/audit.pub")
     }
+    /// The generated `flotctl.toml`.
     pub fn ctl_config(&self) -> PathBuf {
         self.root.join("flotctl.toml")
     }
+    /// The generated `agent.toml`.
     pub fn agent_config(&self) -> PathBuf {
         self.root.join("agent.toml")
     }
@@ -120,10 +147,13 @@ pub struct BootstrapOptions {
 
 /// The result of preparing the data directory.
 pub struct Prepared {
+    /// The control plane's CA.
     pub ca: CertificateAuthority,
     /// Signs the certificate audit trail.
     pub audit_key: AuditKey,
+    /// The server's TLS certificate (PEM), renewed when it was close to expiry.
     pub server_cert_pem: String,
+    /// Its private key (PEM).
     pub server_key_pem: String,
     /// The bootstrap admin credential's certificate, if it is still in the data directory (it is
     /// registered as the credential `admin` unless one of that name exists).

@@ -30,13 +30,16 @@ use tokio::sync::{Notify, broadcast};
 /// A rendered spec, shared by every holder (never copied per device).
 #[derive(Debug, PartialEq)]
 pub struct Rendered {
+    /// The first hex digits of the content hash: what the device reports it runs.
     pub version: String,
+    /// SHA-256 (hex) of the canonical spec.
     pub content_hash: String,
     /// Normalized, as the device receives it.
     pub spec: DeviceSpec,
 }
 
 impl Rendered {
+    /// Wraps a rendered spec for sharing, with its version.
     pub fn new(spec: DeviceSpec) -> Arc<Rendered> {
         let content_hash = spec.content_hash();
         Rendered::with_hash(spec, content_hash)
@@ -55,9 +58,13 @@ impl Rendered {
 /// Devices and certificates counted for metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HubSummary {
+    /// Devices on the desired version.
     pub synced: usize,
+    /// Devices online and not yet on it.
     pub pending: usize,
+    /// Devices whose spec could not be rendered or was rejected.
     pub error: usize,
+    /// Devices with no session anywhere (revoked ones aside).
     pub offline: usize,
     /// Devices whose certificate was revoked (not counted as offline).
     pub revoked: usize,
@@ -65,19 +72,26 @@ pub struct HubSummary {
     pub online: usize,
     /// Sessions this replica holds.
     pub sessions: usize,
+    /// Certificates expiring within 7 days.
     pub expiring_7d: usize,
+    /// Certificates expiring within 30 days.
     pub expiring_30d: usize,
+    /// Certificates in their renewal window.
     pub renewal_due: usize,
+    /// Devices by summary, condition and agent version.
     pub status: StatusCounts,
 }
 
 /// Capacity of the change feed; a watcher that falls further behind is told to resynchronise.
 const EVENT_CAPACITY: usize = 4096;
 
+/// Why the hub cannot open a session.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
+    /// The state is not loaded yet.
     #[error("control plane is still loading its state; retry shortly")]
     NotReady,
+    /// No such device.
     #[error("device {0} is not enrolled")]
     UnknownDevice(String),
 }
@@ -85,11 +99,17 @@ pub enum HubError {
 /// What is known at start-up about one device.
 #[derive(Debug)]
 pub struct Seed {
+    /// The device's id.
     pub device_id: String,
+    /// Its render, or why it could not be rendered.
     pub desired: Result<Arc<Rendered>, String>,
+    /// The version it last acknowledged.
     pub acked_version: Option<String>,
+    /// The version it last rejected, with the reason.
     pub nacked: Option<(String, String)>,
+    /// When it was last heard from, Unix milliseconds.
     pub last_seen_ms: Option<i64>,
+    /// Its last status report.
     pub report: Option<DeviceReport>,
 }
 
@@ -113,6 +133,7 @@ impl std::ops::DerefMut for HubState {
     }
 }
 
+/// Every device's live state, shared by the sessions, the use cases and the metrics.
 #[derive(Debug)]
 pub struct Hub {
     state: Mutex<HubState>,
@@ -143,6 +164,7 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// An empty hub on the system clock, not ready until `load`.
     pub fn new() -> Hub {
         Hub::default()
     }
@@ -155,6 +177,7 @@ impl Hub {
         }
     }
 
+    /// The clock the hub reads.
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
@@ -205,6 +228,7 @@ impl Hub {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Whether `load` has run: sessions are refused before.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -224,6 +248,7 @@ impl Hub {
         self.lock().get(device_id).and_then(|e| e.desired.clone())
     }
 
+    /// A device's sync status now, or `None` for an unknown device.
     pub fn status(&self, device_id: &str) -> Option<SyncStatus> {
         self.lock().get_mut(device_id).map(|entry| {
             // Time alone can move a condition (a certificate entering its renewal window).

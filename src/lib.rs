@@ -9,7 +9,6 @@
 // each loses its `allow` once it is (the lint then holds it).
 #![warn(missing_docs)]
 
-#[allow(missing_docs)]
 pub mod audit;
 pub mod client;
 pub mod clock;
@@ -18,16 +17,12 @@ pub mod httpd;
 pub mod identity;
 pub mod names;
 pub mod pki;
-#[allow(missing_docs)]
 pub mod profiles;
 pub mod proto;
-#[allow(missing_docs)]
 pub mod release;
-#[allow(missing_docs)]
 pub mod rollout;
 pub mod selector;
 pub mod signature;
-#[allow(missing_docs)]
 pub mod spec;
 #[allow(missing_docs)]
 pub mod status;
@@ -36,10 +31,8 @@ pub mod status;
 #[allow(missing_docs)]
 pub mod authz;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod bootstrap;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod ca;
 #[cfg(feature = "server")]
 #[allow(missing_docs)]
@@ -50,7 +43,6 @@ pub mod credentials;
 #[cfg(feature = "server")]
 pub mod fleet;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod hub;
 #[cfg(feature = "server")]
 pub mod render;
@@ -62,7 +54,6 @@ pub mod scope;
 #[allow(missing_docs)]
 pub mod store;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod telemetry;
 #[cfg(feature = "server")]
 #[allow(missing_docs)]

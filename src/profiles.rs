@@ -6,15 +6,25 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Why a configuration file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
+    /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
+    /// The file is not valid TOML for its kind.
     #[error("{path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        message: String,
+    },
 }
 
 /// How `flotctl` reaches the admin endpoint.
@@ -26,8 +36,11 @@ pub struct CtlConfig {
     /// Name the server certificate must carry.
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// The CA bundle (PEM) the server certificate must chain to.
     pub ca_file: PathBuf,
+    /// The credential's certificate (PEM).
     pub cert_file: PathBuf,
+    /// The credential's private key (PEM).
     pub key_file: PathBuf,
     /// The audit public key (SPKI PEM) that `flotctl audit verify` pins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,21 +57,26 @@ pub struct AgentConfig {
     /// next one when the one it uses fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub servers: Vec<String>,
+    /// Name the server certificate must carry.
     #[serde(default = "default_server_name")]
     pub server_name: String,
     /// The CA that signs the control plane's certificates: a PEM file, or the PEM itself in
     /// `ca_pem` (what `flotilla enrollment-bundle` writes, so one file is all a device needs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The CA certificate itself (PEM), instead of `ca_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
     /// The enrollment credential: files, or the PEMs inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_cert_file: Option<PathBuf>,
+    /// The enrollment credential's private key file (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_key_file: Option<PathBuf>,
+    /// The enrollment credential's certificate itself (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_cert_pem: Option<String>,
+    /// The enrollment credential's private key itself (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_key_pem: Option<String>,
     /// Where the agent keeps its key, certificate and last applied spec.
@@ -76,6 +94,7 @@ pub struct AgentConfig {
     /// First wait before retrying a failed certificate renewal, seconds (doubles up to the maximum).
     #[serde(default = "default_renewal_retry_secs")]
     pub renewal_retry_secs: u64,
+    /// Longest wait between renewal retries, seconds.
     #[serde(default = "default_renewal_retry_max_secs")]
     pub renewal_retry_max_secs: u64,
     /// Address of the local health and metrics endpoint (`/healthz`, `/metrics`); off when absent.
@@ -111,6 +130,7 @@ pub struct UpdateConfig {
     /// are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub release_keys: Vec<PathBuf>,
+    /// How a new agent build is started: exec in place, or exit for systemd to restart.
     #[serde(default)]
     pub restart: RestartMode,
     /// Where agent builds are installed (default: `agent/` in the state directory).
@@ -130,10 +150,12 @@ impl UpdateConfig {
         *self == UpdateConfig::default()
     }
 
+    /// How long a new build has to confirm (default 300 s).
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_secs(self.confirm_timeout_secs.unwrap_or(300).max(1))
     }
 
+    /// Starts a new build gets before it is rolled back (default 3).
     pub fn max_start_attempts(&self) -> u32 {
         self.max_start_attempts.unwrap_or(3).max(1)
     }
@@ -194,6 +216,7 @@ impl StatusConfig {
 /// The `[tpm]` table of the agent configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TpmConfig {
+    /// Whether the device key lives in the TPM.
     #[serde(default)]
     pub enabled: bool,
     /// A TSS2 TCTI string: `device:/dev/tpmrm0` (the default), `swtpm:host=127.0.0.1,port=2321`,
@@ -294,6 +317,7 @@ impl AgentConfig {
         endpoints
     }
 
+    /// Longest wait between reconnects.
     pub fn max_backoff(&self) -> Duration {
         Duration::from_secs(self.max_backoff_secs.max(1))
     }
@@ -331,6 +355,7 @@ fn base_of(path: &Path) -> PathBuf {
 }
 
 impl CtlConfig {
+    /// Reads `flotctl.toml`.
     pub fn load(path: &Path) -> Result<CtlConfig, ProfileError> {
         let mut config: CtlConfig = read_toml(path)?;
         let base = base_of(path);
@@ -349,6 +374,7 @@ impl CtlConfig {
 }
 
 impl AgentConfig {
+    /// Reads `agent.toml`; paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<AgentConfig, ProfileError> {
         let mut config: AgentConfig = read_toml(path)?;
         let base = base_of(path);

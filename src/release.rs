@@ -12,16 +12,22 @@ const OID_ED25519: &str = "1.3.101.112";
 /// Length of an Ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
 
+/// Why a release key, signature or signature file is not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReleaseError {
+    /// The key is not a usable Ed25519 public or private key.
     #[error("release key: {0}")]
     Key(String),
+    /// The signature has the wrong length.
     #[error("the signature is {0} bytes; an Ed25519 signature is 64")]
     SignatureLength(usize),
+    /// No pinned key made the signature.
     #[error("the signature does not verify against any pinned release key ({0})")]
     Untrusted(String),
+    /// The agent pins no key, so it can trust no release.
     #[error("no release keys are pinned")]
     NoKeys,
+    /// The signature file cannot be read.
     #[error("signature file: {0}")]
     File(String),
 }
@@ -68,9 +74,13 @@ impl ReleaseKey {
 /// A release as signed: what a device checks before installing anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedRelease {
+    /// The agent version it is published as.
     pub version: String,
+    /// SHA-256 (hex) of the binary.
     pub sha256: String,
+    /// Size of the binary in bytes.
     pub size: u64,
+    /// The release key's Ed25519 signature of version, digest and size.
     pub signature: Vec<u8>,
 }
 
@@ -100,8 +110,11 @@ impl SignedRelease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignatureFile {
+    /// The agent version signed.
     pub version: String,
+    /// SHA-256 (hex) of the binary.
     pub sha256: String,
+    /// Size of the binary in bytes.
     pub size: u64,
     /// Fingerprint of the release key that signed (informational).
     pub key: String,
@@ -110,10 +123,12 @@ pub struct SignatureFile {
 }
 
 impl SignatureFile {
+    /// Reads a signature file.
     pub fn parse(text: &str) -> Result<SignatureFile, ReleaseError> {
         toml::from_str(text).map_err(|e| ReleaseError::File(e.message().to_string()))
     }
 
+    /// The file's text.
     pub fn to_text(&self) -> String {
         format!(
             "# flotilla agent release signature\n{}",
@@ -121,11 +136,13 @@ impl SignatureFile {
         )
     }
 
+    /// The signature, decoded from hex.
     pub fn signature_bytes(&self) -> Result<Vec<u8>, ReleaseError> {
         hex::decode(&self.signature)
             .map_err(|e| ReleaseError::File(format!("signature is not hex: {e}")))
     }
 
+    /// The release the file signs, ready to verify.
     pub fn signed_release(&self) -> Result<SignedRelease, ReleaseError> {
         Ok(SignedRelease {
             version: self.version.clone(),

@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 /// A number of devices, or a share of the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Amount {
+    /// This many devices.
     Count(u32),
+    /// This share of the fleet, rounded up.
     Percent(u8),
 }
 
@@ -38,6 +40,7 @@ impl Amount {
 /// One planned batch; the rollout adds a last batch for every device the others did not take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchSpec {
+    /// How many devices the batch takes.
     pub size: Amount,
     /// Only devices matching this are taken into the batch.
     pub selector: Option<Selector>,
@@ -46,6 +49,7 @@ pub struct BatchSpec {
 /// How a fleet's new revisions reach its devices.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// The planned batches, in order.
     pub batches: Vec<BatchSpec>,
     /// Share (percent) of a batch that must be SYNCED on the new revision before the next starts.
     pub success_threshold: u8,
@@ -61,14 +65,18 @@ pub struct Policy {
     pub offline_blocks: bool,
 }
 
+/// A policy field that is out of range, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct PolicyError {
+    /// The field, as written in a fleet document (`rollout.maxUnavailable`).
     pub field: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
 impl Policy {
+    /// Checks ranges and that the batches can be planned.
     pub fn validate(&self) -> Result<(), PolicyError> {
         let bad = |field: &str, reason: &str| {
             Err(PolicyError {
@@ -130,9 +138,11 @@ impl Policy {
 /// A device of the fleet as the planner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
+    /// The device's id.
     pub id: String,
     /// Batches take devices in name order.
     pub name: String,
+    /// Its labels, for batch selectors and the per-label budget.
     pub labels: BTreeMap<String, String>,
     /// Moved to the rollout's target revision.
     pub moved: bool,
@@ -140,6 +150,7 @@ pub struct DeviceState {
     pub synced: bool,
     /// NACKed the target revision.
     pub nacked: bool,
+    /// Whether it holds a session.
     pub online: bool,
 }
 
@@ -150,6 +161,7 @@ pub struct Progress {
     pub batch: usize,
     /// Device ids of each batch started so far.
     pub members: Vec<Vec<String>>,
+    /// When the current batch started, Unix milliseconds.
     pub batch_started_ms: i64,
 }
 
@@ -158,7 +170,9 @@ pub struct Progress {
 pub enum Decision {
     /// Start batch `batch` with these members (nothing moves yet).
     StartBatch {
+        /// The batch to start.
         batch: usize,
+        /// The devices it moves, by id.
         members: Vec<String>,
     },
     /// Move these devices of the current batch to the target revision.
@@ -167,6 +181,8 @@ pub enum Decision {
     Advance,
     /// Every batch is done.
     Complete,
+    /// Stop until an operator resumes, saying why.
     Pause(String),
+    /// Nothing to do until devices answer.
     Wait,
 }

@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// Every reason a session closes, as metric labels.
 pub const SESSION_CLOSE_REASONS: &[&str] = &[
     "agent_closed",
     "stream_error",
@@ -15,7 +16,9 @@ pub const SESSION_CLOSE_REASONS: &[&str] = &[
     "protocol_error",
     "max_age",
 ];
+/// Every certificate event, as metric labels.
 pub const CERTIFICATE_EVENTS: &[&str] = &["issued", "renewed", "recovered", "revoked", "rejected"];
+/// Every credential event, as metric labels.
 pub const CREDENTIAL_EVENTS: &[&str] = &["created", "renewed", "revoked"];
 /// Roles of admin-API credentials, as metric labels.
 pub const CREDENTIAL_ROLES: &[&str] = &["admin", "operator", "viewer", "service"];
@@ -273,10 +276,12 @@ fn init_series() {
 /// Steps of TPM attestation: evidence checked and challenged, answer verified, either refused.
 pub const TPM_ATTESTATION_RESULTS: &[&str] = &["challenged", "verified", "refused"];
 
+/// Counts a TPM attestation at enrollment by result.
 pub fn tpm_attestation(result: &'static str) {
     counter!("flotilla_tpm_attestations_total", "result" => result).increment(1);
 }
 
+/// Counts a session opened.
 pub fn session_opened() {
     counter!("flotilla_sessions_opened_total").increment(1);
 }
@@ -296,14 +301,17 @@ pub fn connection_refused(endpoint: &'static str, reason: &'static str) {
         .increment(1);
 }
 
+/// Counts a session refused before it opened, by reason.
 pub fn session_refused(reason: &'static str) {
     counter!("flotilla_sessions_refused_total", "reason" => reason).increment(1);
 }
 
+/// Counts a session closed, by reason.
 pub fn session_closed(reason: &'static str) {
     counter!("flotilla_sessions_closed_total", "reason" => reason).increment(1);
 }
 
+/// Counts a spec pushed.
 pub fn spec_pushed() {
     counter!("flotilla_specs_pushed_total").increment(1);
 }
@@ -316,10 +324,12 @@ pub fn push_answered(elapsed: Duration, nacked: bool) {
     }
 }
 
+/// Counts a certificate event (issued, renewed, …).
 pub fn certificate_event(event: &'static str) {
     counter!("flotilla_certificates_total", "event" => event).increment(1);
 }
 
+/// Counts a credential event (created, renewed, revoked).
 pub fn credential_event(event: &'static str) {
     counter!("flotilla_credential_events_total", "event" => event).increment(1);
 }
@@ -330,16 +340,19 @@ pub fn request_refused(role: &'static str, reason: &'static str) {
     counter!("flotilla_requests_refused_total", "role" => role, "reason" => reason).increment(1);
 }
 
+/// Records how long a renewal took, from the request to the certificate in use.
 pub fn renewal_latency(elapsed: Duration) {
     histogram!("flotilla_certificate_renewal_seconds").record(elapsed.as_secs_f64());
 }
 
+/// Records an admin call: method, gRPC code, duration.
 pub fn admin_request(method: String, code: &'static str, elapsed: Duration) {
     histogram!("flotilla_admin_request_seconds", "method" => method.clone())
         .record(elapsed.as_secs_f64());
     counter!("flotilla_admin_requests_total", "method" => method, "code" => code).increment(1);
 }
 
+/// Records a store operation's duration.
 pub fn store_operation(operation: &'static str, elapsed: Duration) {
     histogram!("flotilla_store_operation_seconds", "operation" => operation)
         .record(elapsed.as_secs_f64());
@@ -348,21 +361,37 @@ pub fn store_operation(operation: &'static str, elapsed: Duration) {
 /// Point-in-time values computed from memory just before a scrape.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
+    /// Loaded and not shutting down.
     pub ready: bool,
+    /// The database answered the last operation.
     pub database_reachable: bool,
+    /// Sessions this replica holds.
     pub sessions: usize,
+    /// Devices SYNCED.
     pub synced: usize,
+    /// Devices PENDING.
     pub pending: usize,
+    /// Devices in ERROR.
     pub error: usize,
+    /// Devices OFFLINE.
     pub offline: usize,
+    /// Devices whose certificate was revoked.
     pub revoked: usize,
+    /// Devices with a session on any replica.
     pub online: usize,
+    /// Devices per fleet.
     pub fleets: Vec<(String, usize)>,
+    /// Enrollment requests waiting for a decision.
     pub enrollments_pending: i64,
+    /// Enrollment requests approved.
     pub enrollments_approved: i64,
+    /// Enrollment requests denied.
     pub enrollments_denied: i64,
+    /// Device certificates expiring within 7 days.
     pub expiring_7d: usize,
+    /// Device certificates expiring within 30 days.
     pub expiring_30d: usize,
+    /// Device certificates in their renewal window.
     pub renewal_due: usize,
     /// Open rollouts: (fleet, share of devices synced on the new revision, paused).
     pub rollouts: Vec<(String, f64, bool)>,
@@ -372,16 +401,20 @@ pub struct Snapshot {
     pub leading: bool,
     /// The last change-feed row applied, and how old it was then (0 once caught up).
     pub feed_position: i64,
+    /// How old the last applied feed row was when applied, seconds.
     pub feed_lag_seconds: f64,
     /// Devices by status summary and by true condition (names as in `status::conditions`).
     pub summaries: Vec<(&'static str, usize)>,
+    /// Devices by true condition.
     pub conditions: Vec<(&'static str, usize)>,
     /// Devices by the phase of their agent or OS update (`waitingForWindow`, ...), and devices
     /// whose last update failed, by kind (`agent`, `os`).
     pub update_phases: Vec<(&'static str, usize)>,
+    /// Devices whose last update failed, by kind.
     pub update_failures: Vec<(&'static str, usize)>,
     /// Devices by os-release ID and by agent version, at most `MAX_VERSION_SERIES` each.
     pub os: Vec<(String, usize)>,
+    /// Devices by agent version.
     pub agent_versions: Vec<(String, usize)>,
     /// Unrevoked credentials: role and how long until the newest certificate expires.
     pub credentials: Vec<(&'static str, Duration)>,

@@ -6,10 +6,12 @@ use crate::audit::{AuditEntry, SealedRecord, record_hash, signed_bytes};
 use crate::store::AuditSeal;
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 
+/// The audit key could not be created, read or used.
 #[derive(Debug, thiserror::Error)]
 #[error("audit key is unusable: {0}")]
 pub struct AuditKeyError(String);
 
+/// The Ed25519 key that signs audit records and chain heads.
 pub struct AuditKey {
     key: KeyPair,
 }
@@ -29,6 +31,7 @@ impl AuditKey {
         Ok((AuditKey { key }, pem))
     }
 
+    /// Reads the key from PKCS#8 PEM.
     pub fn load(pem: &str) -> Result<AuditKey, AuditKeyError> {
         let key = KeyPair::from_pem(pem).map_err(|e| AuditKeyError(e.to_string()))?;
         Ok(AuditKey { key })
@@ -39,6 +42,7 @@ impl AuditKey {
         self.key.public_key_pem()
     }
 
+    /// The public key, as SubjectPublicKeyInfo DER.
     pub fn public_key_der(&self) -> Vec<u8> {
         self.key.subject_public_key_info()
     }

@@ -18,18 +18,25 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 /// Largest CSR accepted, far above any real one (a P-384 CSR is about 500 bytes).
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
+/// Why a certificate signing request is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {
+    /// Nothing was sent.
     #[error("CSR is empty")]
     Empty,
+    /// Over the size limit.
     #[error("CSR is larger than {MAX_CSR_BYTES} bytes")]
     TooLarge,
+    /// Not PEM.
     #[error("CSR is not PEM-encoded: {0}")]
     Pem(String),
+    /// Not PKCS#10.
     #[error("CSR is not a valid PKCS#10 request: {0}")]
     Der(String),
+    /// Not signed by the key it carries.
     #[error("CSR signature does not verify: the requester does not hold the key")]
     Signature,
+    /// A key type the CA does not certify.
     #[error("unsupported key type {0}: use ECDSA P-256, ECDSA P-384 or Ed25519")]
     UnsupportedKey(String),
 }

@@ -20,14 +20,19 @@ use time::OffsetDateTime;
 /// Certificates start this long in the past so a device whose clock is a little behind accepts them.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
+/// Why the CA could not load or sign.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    /// The CA certificate or key cannot be used.
     #[error("CA certificate or key is unusable: {0}")]
     Load(String),
+    /// rcgen refused to sign.
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    /// A name that cannot go into a certificate.
     #[error("invalid subject name {0:?}")]
     Name(String),
+    /// The signed certificate does not parse back.
     #[error("issued certificate cannot be read back: {0}")]
     Readback(String),
 }
@@ -44,19 +49,26 @@ pub enum Usage {
 /// Everything the CA puts into one certificate.
 #[derive(Debug, Clone)]
 pub struct Subject {
+    /// The subject's common name.
     pub common_name: String,
     /// The `flotilla://` identity (client certificates).
     pub identity: Option<Identity>,
+    /// DNS names (server certificates).
     pub dns_names: Vec<String>,
+    /// IP addresses (server certificates).
     pub ip_addresses: Vec<IpAddr>,
+    /// Client or server.
     pub usage: Usage,
+    /// How long from now it is valid.
     pub validity: Duration,
 }
 
 /// A freshly signed certificate.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The certificate in PEM.
     pub pem: String,
+    /// What it says: serial, validity, key fingerprint.
     pub info: CertInfo,
 }
 

@@ -23,6 +23,7 @@ pub struct StatusCounts {
     pub update_failures: [usize; 2],
     /// Devices by reported os-release ID and by agent version (`unknown` before a report).
     pub os: BTreeMap<String, usize>,
+    /// Devices by the agent version they report ("unknown" before a report).
     pub agent_versions: BTreeMap<String, usize>,
 }
 

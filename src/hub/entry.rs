@@ -12,9 +12,13 @@ use tokio::time::Instant;
 /// Where a device stands, as the admin API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
+    /// Online and running the desired version.
     Synced,
+    /// Online, the desired version not yet acknowledged.
     Pending,
+    /// The render failed or the device rejected the desired version.
     Error,
+    /// No session on any replica.
     Offline,
     /// Its certificate was revoked: it cannot connect until it enrolls again.
     Revoked,
@@ -23,22 +27,31 @@ pub enum SyncState {
 /// A snapshot of one device's sync progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncStatus {
+    /// A session is open on some replica.
     pub online: bool,
+    /// Where the device stands.
     pub state: SyncState,
     /// Empty while no render of this device has succeeded since start.
     pub desired_version: String,
+    /// The version last pushed on the open session.
     pub sent_version: Option<String>,
+    /// The version the device last acknowledged.
     pub acked_version: Option<String>,
+    /// Why the device rejected the desired version.
     pub last_error: Option<String>,
     /// Why the device's spec could not be rendered; it keeps its last good spec meanwhile.
     pub render_error: Option<String>,
+    /// When the device was last heard from, Unix milliseconds.
     pub last_seen_ms: Option<i64>,
+    /// Its certificate's renewal state.
     pub certificate: Option<CertStatus>,
     /// The other replica that holds the device's session, when not this one.
     pub elsewhere: Option<String>,
     /// What the device last reported about itself.
     pub report: Option<Arc<DeviceReport>>,
+    /// The device's conditions, with their transition times.
     pub conditions: Vec<Condition>,
+    /// What the conditions add up to.
     pub summary: Summary,
 }
 

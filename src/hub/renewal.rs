@@ -21,10 +21,15 @@ pub enum RenewalState {
 /// A device's certificate as the renewal scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertStatus {
+    /// Serial of the device's newest certificate, lowercase hex.
     pub serial: String,
+    /// Its expiry, Unix milliseconds.
     pub not_after_ms: i64,
+    /// When its renewal window opens, Unix milliseconds.
     pub renew_at_ms: i64,
+    /// Where it stands.
     pub state: RenewalState,
+    /// Why the last renewal failed.
     pub last_error: Option<String>,
 }
 
@@ -74,7 +79,9 @@ impl CertTrack {
 /// A renewal directive for a session to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewalRequest {
+    /// Why, for the device's log.
     pub reason: String,
+    /// The current certificate's expiry, Unix milliseconds.
     pub deadline_ms: i64,
 }
 

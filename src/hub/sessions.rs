@@ -11,7 +11,9 @@ use tokio::time::Instant;
 /// A spec for a session to send: the device answers with `nonce`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Push {
+    /// Echoed by the device's ACK or NACK.
     pub nonce: String,
+    /// The spec to send.
     pub rendered: Arc<Rendered>,
 }
 
@@ -19,8 +21,11 @@ pub struct Push {
 /// and on `closed` when it must end (replaced by a newer session, device removed, shutdown).
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
+    /// Unique within the process.
     pub id: u64,
+    /// Notified when there may be something to push.
     pub changed: Arc<Notify>,
+    /// Notified when the session must end.
     pub closed: Arc<Notify>,
 }
 
@@ -29,7 +34,9 @@ pub struct SessionHandle {
 pub enum Answer {
     /// The answer matched the outstanding push; persist the device's new sync facts.
     Recorded {
+        /// The version the device now acknowledges.
         acked_version: Option<String>,
+        /// The version it now rejects, with the reason.
         nacked: Option<(String, String)>,
     },
     /// A late answer to an older push, or to a push of another session: nothing changes.

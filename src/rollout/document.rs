@@ -9,44 +9,60 @@ use crate::selector::Selector;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RolloutSpec {
+    /// The batches, in order; the devices no batch takes form a last one.
     pub batches: Vec<BatchDoc>,
+    /// Percent of a batch that must be SYNCED before the next starts (default 100).
     #[serde(default = "default_threshold")]
     pub success_threshold: u8,
+    /// How long a batch may take before the rollout pauses (default 600).
     #[serde(default = "default_deadline")]
     pub progress_deadline_seconds: u64,
     /// `3` or `"20%"`.
     #[serde(default = "default_budget")]
     pub max_unavailable: AmountDoc,
+    /// At most this many devices with the same value of a label unavailable at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable_per_label: Option<PerLabelDoc>,
+    /// Percent of a batch whose NACKs halt the rollout (default 1: any NACK).
     #[serde(default = "default_nack_threshold")]
     pub nack_halt_threshold: u8,
+    /// Whether offline devices count against the batch (default true).
     #[serde(default = "default_offline_blocks")]
     pub offline_blocks: bool,
 }
 
+/// One batch as written: `count` or `percent`, optionally only devices matching `selector`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchDoc {
+    /// This many devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
+    /// This share of the fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
+    /// Only devices matching this label selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
 }
 
+/// A number of devices as written: `3` or `"20%"`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum AmountDoc {
+    /// A number.
     Count(u32),
+    /// A number or a percentage, as text.
     Text(String),
 }
 
+/// The per-label budget as written.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PerLabelDoc {
+    /// The label key.
     pub label: String,
+    /// Devices per value of it.
     pub max: u32,
 }
 

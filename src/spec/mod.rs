@@ -29,14 +29,19 @@ const VERSION_HEX_LEN: usize = 16;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DeviceSpec {
+    /// Files to write.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileSpec>,
+    /// systemd units: enabled or not, started or stopped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<UnitSpec>,
+    /// Containers to run with podman.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerSpec>,
+    /// Commands run before an update is applied; one failing aborts it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub before_update: Vec<CommandSpec>,
+    /// Commands run after an update is applied; one failing rolls it back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_update: Vec<CommandSpec>,
     /// Thresholds the agent evaluates on the device (`status::monitor`).
@@ -57,12 +62,16 @@ pub struct DeviceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MonitorKind {
+    /// CPU use.
     Cpu,
+    /// Memory use.
     Memory,
+    /// Use of a filesystem.
     Disk,
 }
 
 impl MonitorKind {
+    /// The name in a spec (`cpu`, `memory`, `disk`).
     pub fn as_str(self) -> &'static str {
         match self {
             MonitorKind::Cpu => "cpu",
@@ -71,6 +80,7 @@ impl MonitorKind {
         }
     }
 
+    /// The monitor a name stands for.
     pub fn parse(text: &str) -> Option<MonitorKind> {
         match text {
             "cpu" => Some(MonitorKind::Cpu),
@@ -85,6 +95,7 @@ impl MonitorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ResourceMonitor {
+    /// What is measured.
     pub monitor: MonitorKind,
     /// The mount point of a disk monitor (`/` when not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +103,7 @@ pub struct ResourceMonitor {
     /// Percent of use (1-100) from which the monitor fires as a warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<u32>,
+    /// Percent of use from which the monitor fires as critical.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub critical: Option<u32>,
     /// How long use must stay at or above a threshold before the alert fires.
@@ -114,7 +126,9 @@ impl ResourceMonitor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSpec {
+    /// Absolute path on the device.
     pub path: String,
+    /// The whole content.
     #[serde(default)]
     pub content: String,
     /// Permission bits; written and read as an octal string ("0644") in YAML/JSON.
@@ -123,6 +137,7 @@ pub struct FileSpec {
     /// User name or numeric id; `None` leaves the owner to the agent's user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Group name or numeric id; `None` leaves the group to the agent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// What the agent does when the file on disk no longer matches (default: correct it).
@@ -162,7 +177,9 @@ fn default_mode() -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnitState {
+    /// Running (started if it is not).
     Started,
+    /// Not running (stopped if it is).
     Stopped,
 }
 
@@ -170,10 +187,12 @@ pub enum UnitState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UnitSpec {
+    /// The unit's name (`web.service`).
     pub name: String,
     /// `Some(true)`: enable; `Some(false)`: disable; `None`: leave alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Started or stopped; `None` leaves whether it runs alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<UnitState>,
     /// Paths of files of this spec whose change restarts the (started) unit.
@@ -188,14 +207,20 @@ pub struct UnitSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerSpec {
+    /// The container's name.
     pub name: String,
+    /// The image reference.
     pub image: String,
+    /// Command and arguments, instead of the image's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Published ports, as podman takes them (`8080:80`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
+    /// Volumes, as podman takes them (`/srv/data:/data`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
     /// What the agent does when the container is gone or runs another definition.
@@ -219,7 +244,9 @@ impl ContainerSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommandSpec {
+    /// The program and its arguments (no shell).
     pub run: Vec<String>,
+    /// Killed after this long.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u32,
 }
@@ -261,6 +288,7 @@ impl DeviceSpec {
         hex::encode(Sha256::digest(canonical_json(&canonical)))
     }
 
+    /// Whether the spec asks for nothing.
     pub fn is_empty(&self) -> bool {
         self == &DeviceSpec::default()
     }

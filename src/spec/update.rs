@@ -20,6 +20,7 @@ const MINUTE_MS: i64 = 60_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentUpdate {
+    /// The agent version to run (an agent release of that version).
     pub version: String,
     /// Installing a release older than the running one needs this.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -30,6 +31,7 @@ pub struct AgentUpdate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OsUpdate {
+    /// The bootc image reference to run.
     pub image: String,
 }
 
@@ -143,6 +145,7 @@ impl Window {
             .map(|next| next.timestamp().as_millisecond())
     }
 
+    /// The cron expression as written.
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -151,7 +154,9 @@ impl Window {
 /// The two windows of a policy; `None` is "any time".
 #[derive(Debug, Clone, Default)]
 pub struct Windows {
+    /// When downloads and staging may happen.
     pub download: Option<Window>,
+    /// When updates may be applied and the device rebooted.
     pub update: Option<Window>,
 }
 

@@ -28,6 +28,7 @@ const UNIT_SUFFIXES: &[&str] = &[
 pub struct SpecError {
     /// Path of the field inside the spec, e.g. `files[2].path`.
     pub field: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
