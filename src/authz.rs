@@ -106,16 +106,22 @@ pub enum ServiceGrant {
     Methods(BTreeSet<String>),
 }
 
+/// Why a service credential's grant is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
+    /// Services act at most as operators.
     #[error("a service may act as operator or viewer, not {0}")]
     Role(&'static str),
+    /// A method the admin API does not have.
     #[error("{0:?} is not an admin API method (e.g. DeviceService/ListDevices)")]
     UnknownMethod(String),
+    /// A credential-management method, which only admins may be given.
     #[error("{0} manages credentials, which only admin credentials may do")]
     CredentialMethod(String),
+    /// A role and a method list at once.
     #[error("give a role to act as or a list of methods, not both")]
     Both,
+    /// Neither a role nor a method list.
     #[error("a service credential needs a role to act as or a list of methods")]
     Empty,
 }
@@ -152,11 +158,14 @@ impl ServiceGrant {
 /// What a verified caller may do: its role and, for services, its grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
+    /// The caller's role.
     pub role: Role,
+    /// What a service credential was given, for services.
     pub service: Option<ServiceGrant>,
 }
 
 impl Grant {
+    /// The grant of a person's or device's role.
     pub fn of(role: Role) -> Grant {
         Grant {
             role,
@@ -176,10 +185,13 @@ impl Grant {
     }
 }
 
+/// A call the caller's rights do not cover.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{role} credentials may not call {path}{why}")]
 pub struct Forbidden {
+    /// The caller's role.
     pub role: &'static str,
+    /// The method called.
     pub path: String,
     why: &'static str,
 }

@@ -16,11 +16,15 @@ use tokio::sync::Notify;
 /// A credential as the auth layer needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
+    /// Its name (`ops`, `factory-line-1`).
     pub name: String,
+    /// The role it acts in.
     pub role: Role,
+    /// What a service credential was given.
     pub grant: Option<ServiceGrant>,
     /// Devices and fleets outside it are neither shown nor changed; `None` for everything.
     pub scope: Option<Selector>,
+    /// Revoked: nothing made with it is admitted.
     pub revoked: bool,
     /// The serial of its newest certificate.
     pub newest_serial: String,
@@ -44,16 +48,21 @@ pub struct EnrollmentPolicy {
 /// What a verified caller may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
+    /// What the caller may call.
     pub grant: Grant,
+    /// The devices it sees and changes; `None` for all.
     pub scope: Option<Selector>,
 }
 
+/// Why a certificate's credential is not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmitError {
+    /// No credential of that name and role.
     #[error(
         "{0} is not a registered credential (an admin creates credentials with `flotctl credential create`)"
     )]
     Unknown(String),
+    /// The credential was revoked.
     #[error("credential {0:?} has been revoked")]
     Revoked(String),
 }
@@ -68,6 +77,7 @@ pub struct Uses {
     pub renewed_in_use: Vec<(String, String)>,
 }
 
+/// The credentials the auth layer admits callers by, in memory, kept in step with the store.
 #[derive(Debug, Default)]
 pub struct Registry {
     credentials: RwLock<HashMap<String, Credential>>,
@@ -134,6 +144,7 @@ impl Registry {
             .insert(credential.name.clone(), credential);
     }
 
+    /// The credential `name`, if registered.
     pub fn get(&self, name: &str) -> Option<Credential> {
         self.credentials
             .read()

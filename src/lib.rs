@@ -28,7 +28,6 @@ pub mod spec;
 pub mod status;
 
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod authz;
 #[cfg(feature = "server")]
 pub mod bootstrap;
@@ -38,7 +37,6 @@ pub mod ca;
 #[allow(missing_docs)]
 pub mod control;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod credentials;
 #[cfg(feature = "server")]
 pub mod fleet;
@@ -56,10 +54,8 @@ pub mod store;
 #[cfg(feature = "server")]
 pub mod telemetry;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod tpm;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod transport;
 
 /// The version of this build, reported by agents in `Hello` and by the server in logs.

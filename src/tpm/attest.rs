@@ -8,6 +8,7 @@ use super::wire::Reader;
 /// Every structure the TPM signs starts with this; a restricted key refuses to sign data that
 /// does, so it cannot be made to forge an attestation.
 pub const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
+/// `TPM_ST_ATTEST_CERTIFY`: the tag of a certify attestation.
 pub const ST_ATTEST_CERTIFY: u16 = 0x8017;
 
 /// The body of a certify attestation.
@@ -17,10 +18,12 @@ pub struct CertifyInfo {
     pub extra_data: Vec<u8>,
     /// The name of the certified object.
     pub name: Vec<u8>,
+    /// Its qualified name (the names of its parents and its own).
     pub qualified_name: Vec<u8>,
 }
 
 impl CertifyInfo {
+    /// Parses a `TPMS_ATTEST` of a certify.
     pub fn parse(bytes: &[u8]) -> Result<CertifyInfo, TpmError> {
         let mut r = Reader::new(bytes, "TPMS_ATTEST");
         if r.u32()? != TPM_GENERATED_VALUE {

@@ -10,7 +10,9 @@ use aes::cipher::{AsyncStreamCipher, KeyIvInit};
 /// What the device receives: `TPM2B_ID_OBJECT` and `TPM2B_ENCRYPTED_SECRET` contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedCredential {
+    /// The encrypted credential (`TPM2B_ID_OBJECT`).
     pub credential_blob: Vec<u8>,
+    /// The seed, encrypted to the endorsement key (`TPM2B_ENCRYPTED_SECRET`).
     pub encrypted_secret: Vec<u8>,
 }
 

@@ -13,17 +13,24 @@ use x509_parser::public_key::PublicKey as X509PublicKey;
 /// What the agent sends with its CSR (all TPM structures as the TPM marshals them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Evidence {
+    /// The endorsement key's certificate, from the manufacturer (DER).
     pub ek_certificate_der: Vec<u8>,
+    /// The endorsement key (`TPMT_PUBLIC`).
     pub ek_public: Vec<u8>,
+    /// The attestation key (`TPMT_PUBLIC`).
     pub ak_public: Vec<u8>,
+    /// The device key the CSR is for (`TPMT_PUBLIC`).
     pub key_public: Vec<u8>,
+    /// The attestation key's certify of the device key (`TPMS_ATTEST`).
     pub certify_info: Vec<u8>,
+    /// Its signature (`TPMT_SIGNATURE`).
     pub certify_signature: Vec<u8>,
 }
 
 /// Evidence that checked out, before the credential challenge proves the EK is present.
 #[derive(Debug, Clone)]
 pub struct CheckedEvidence {
+    /// The endorsement key, parsed.
     pub ek: TpmPublic,
     /// SHA-256 (hex) of the endorsement key's SubjectPublicKeyInfo: the TPM's stable name.
     pub ek_fingerprint: String,

@@ -12,6 +12,7 @@ pub use credential::{WrappedCredential, make_credential};
 pub use evidence::{CheckedEvidence, Evidence, certify_qualifying_data, check_evidence};
 pub use public::TpmPublic;
 
+/// Why TPM evidence was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {
     /// The structure cannot be parsed.
@@ -23,6 +24,7 @@ pub enum TpmError {
     /// The evidence parses but does not prove what it must.
     #[error("{0}")]
     Refused(String),
+    /// A fault of the checking code itself.
     #[error("{0}")]
     Internal(String),
 }

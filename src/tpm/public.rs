@@ -4,39 +4,62 @@
 use super::TpmError;
 use super::wire::Reader;
 
+/// `TPM_ALG_RSA`.
 pub const ALG_RSA: u16 = 0x0001;
+/// `TPM_ALG_AES`.
 pub const ALG_AES: u16 = 0x0006;
+/// `TPM_ALG_SHA1`.
 pub const ALG_SHA1: u16 = 0x0004;
+/// `TPM_ALG_SHA256`.
 pub const ALG_SHA256: u16 = 0x000B;
+/// `TPM_ALG_SHA384`.
 pub const ALG_SHA384: u16 = 0x000C;
+/// `TPM_ALG_SHA512`.
 pub const ALG_SHA512: u16 = 0x000D;
+/// `TPM_ALG_NULL`.
 pub const ALG_NULL: u16 = 0x0010;
+/// `TPM_ALG_ECDSA`.
 pub const ALG_ECDSA: u16 = 0x0018;
+/// `TPM_ALG_ECDAA`.
 pub const ALG_ECDAA: u16 = 0x001A;
+/// `TPM_ALG_ECC`.
 pub const ALG_ECC: u16 = 0x0023;
+/// `TPM_ALG_CFB`.
 pub const ALG_CFB: u16 = 0x0043;
+/// `TPM_ECC_NIST_P256`.
 pub const CURVE_NIST_P256: u16 = 0x0003;
+/// `TPM_ECC_NIST_P384`.
 pub const CURVE_NIST_P384: u16 = 0x0004;
 
 /// `TPMA_OBJECT` bits that matter for attestation.
 pub mod attr {
+    /// The object cannot leave this TPM.
     pub const FIXED_TPM: u32 = 1 << 1;
+    /// The object cannot move to another parent.
     pub const FIXED_PARENT: u32 = 1 << 4;
+    /// The TPM generated the sensitive part (nobody knew the key).
     pub const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+    /// The key only signs or decrypts TPM-made structures.
     pub const RESTRICTED: u32 = 1 << 16;
+    /// The key decrypts.
     pub const DECRYPT: u32 = 1 << 17;
+    /// The key signs.
     pub const SIGN: u32 = 1 << 18;
 }
 
 /// A hash algorithm the TPM names objects with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashAlg {
+    /// SHA-256.
     Sha256,
+    /// SHA-384.
     Sha384,
+    /// SHA-512.
     Sha512,
 }
 
 impl HashAlg {
+    /// The algorithm a `TPM_ALG_ID` names, if accepted.
     pub fn from_id(id: u16) -> Result<HashAlg, TpmError> {
         match id {
             ALG_SHA256 => Ok(HashAlg::Sha256),
@@ -48,6 +71,7 @@ impl HashAlg {
         }
     }
 
+    /// Its `TPM_ALG_ID`.
     pub fn id(self) -> u16 {
         match self {
             HashAlg::Sha256 => ALG_SHA256,
@@ -56,6 +80,7 @@ impl HashAlg {
         }
     }
 
+    /// The ring digest algorithm.
     pub fn digest_algorithm(self) -> &'static ring::digest::Algorithm {
         match self {
             HashAlg::Sha256 => &ring::digest::SHA256,
@@ -64,6 +89,7 @@ impl HashAlg {
         }
     }
 
+    /// The ring HMAC algorithm.
     pub fn hmac_algorithm(self) -> ring::hmac::Algorithm {
         match self {
             HashAlg::Sha256 => ring::hmac::HMAC_SHA256,
@@ -72,12 +98,14 @@ impl HashAlg {
         }
     }
 
+    /// The digest of `bytes`.
     pub fn digest(self, bytes: &[u8]) -> Vec<u8> {
         ring::digest::digest(self.digest_algorithm(), bytes)
             .as_ref()
             .to_vec()
     }
 
+    /// Digest size in bytes.
     pub fn size(self) -> usize {
         self.digest_algorithm().output_len()
     }
@@ -86,20 +114,38 @@ impl HashAlg {
 /// The public key of an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicKey {
-    Rsa { modulus: Vec<u8>, exponent: u32 },
-    Ecc { curve: u16, x: Vec<u8>, y: Vec<u8> },
+    /// An RSA key.
+    Rsa {
+        /// The modulus, big-endian.
+        modulus: Vec<u8>,
+        /// The public exponent (65537 where the structure says 0, its default).
+        exponent: u32,
+    },
+    /// An ECC key.
+    Ecc {
+        /// `TPM_ECC_CURVE`.
+        curve: u16,
+        /// The point's x coordinate, big-endian.
+        x: Vec<u8>,
+        /// The point's y coordinate, big-endian.
+        y: Vec<u8>,
+    },
 }
 
 /// A parsed `TPMT_PUBLIC`, keeping the exact bytes its name is computed over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpmPublic {
+    /// The hash its name is computed with.
     pub name_alg: HashAlg,
+    /// `TPMA_OBJECT` bits (see `attr`).
     pub attributes: u32,
+    /// The policy that authorizes its use (empty: none).
     pub auth_policy: Vec<u8>,
     /// The symmetric algorithm of a storage key (`(algorithm, key bits, mode)`), if any.
     pub symmetric: Option<(u16, u16, u16)>,
     /// The signing scheme a signing key is fixed to (`(scheme, hash)`), if any.
     pub scheme: Option<(u16, u16)>,
+    /// The public key.
     pub key: PublicKey,
     marshaled: Vec<u8>,
 }
@@ -187,6 +233,7 @@ impl TpmPublic {
         name
     }
 
+    /// Whether every bit of `bits` is set in the attributes.
     pub fn has(&self, bits: u32) -> bool {
         self.attributes & bits == bits
     }

@@ -10,6 +10,7 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Reads `bytes`, naming `what` in errors.
     pub fn new(bytes: &'a [u8], what: &'static str) -> Reader<'a> {
         Reader { bytes, what }
     }
@@ -23,20 +24,24 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// One byte.
     pub fn u8(&mut self) -> Result<u8, TpmError> {
         Ok(self.take(1)?[0])
     }
 
+    /// A big-endian u16.
     pub fn u16(&mut self) -> Result<u16, TpmError> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// A big-endian u32.
     pub fn u32(&mut self) -> Result<u32, TpmError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// A big-endian u64.
     pub fn u64(&mut self) -> Result<u64, TpmError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];

@@ -24,11 +24,13 @@ use tonic::{Request, Response, Status};
 /// Events buffered per watcher before it is considered slow (the watch then waits).
 const WATCH_BUFFER: usize = 256;
 
+/// The admin API's services, each a thin call into a control use case.
 pub struct AdminApi {
     control: ControlPlane,
 }
 
 impl AdminApi {
+    /// The services over `control`.
     pub fn new(control: ControlPlane) -> Self {
         AdminApi { control }
     }

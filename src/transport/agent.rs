@@ -17,11 +17,13 @@ use tonic::{Request, Response, Status, Streaming};
 /// An agent that opens a stream must say Hello within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The agent endpoint's services: enrollment, recovery, the session, releases.
 pub struct AgentApi {
     control: ControlPlane,
 }
 
 impl AgentApi {
+    /// The services over `control`.
     pub fn new(control: ControlPlane) -> Self {
         AgentApi { control }
     }

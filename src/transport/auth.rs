@@ -28,10 +28,15 @@ use tower::{Layer, Service};
 /// called (`FleetService/ApplyFleet`).
 #[derive(Debug, Clone)]
 pub struct Caller {
+    /// Who it is.
     pub identity: Identity,
+    /// Serial of the certificate it called with.
     pub serial: String,
+    /// What it may call.
     pub grant: Grant,
+    /// What it may see and change.
     pub scope: Scope,
+    /// The method called (`FleetService/ApplyFleet`).
     pub method: String,
 }
 
@@ -92,6 +97,7 @@ fn refused(role: Option<Role>, reason: &'static str, status: Status) -> Status {
 }
 
 impl Authenticator {
+    /// Checks chains with `verifier`, refuses `revoked` serials, admits `credentials`.
     pub fn new(
         verifier: Arc<dyn ClientCertVerifier>,
         revoked: Arc<RevokedSerials>,
@@ -223,6 +229,7 @@ fn answers_while_starting(path: &str) -> bool {
     path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
 }
 
+/// The tower layer that authenticates and authorizes every request.
 #[derive(Clone)]
 pub struct AuthLayer {
     authenticator: Authenticator,
@@ -230,6 +237,7 @@ pub struct AuthLayer {
 }
 
 impl AuthLayer {
+    /// The layer over `authenticator`.
     pub fn new(authenticator: Authenticator) -> Self {
         AuthLayer {
             authenticator,
@@ -258,6 +266,7 @@ impl<S> Layer<S> for AuthLayer {
     }
 }
 
+/// A service behind the auth layer.
 #[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,

@@ -23,6 +23,7 @@ use crate::status::conditions::Condition;
 use crate::store::{EnrollmentRecord, EnrollmentState, FleetRevision, SystemInfo};
 use crate::tpm::Evidence;
 
+/// An enrollment state on the wire.
 pub fn enrollment_state(state: EnrollmentState) -> agent::EnrollmentState {
     match state {
         EnrollmentState::Pending => agent::EnrollmentState::Pending,
@@ -41,6 +42,7 @@ pub fn enrollment_state_filter(state: agent::EnrollmentState) -> Option<Enrollme
     }
 }
 
+/// System information as the agent sent it (missing: empty).
 pub fn system_info_from(info: Option<agent::SystemInfo>) -> SystemInfo {
     let info = info.unwrap_or_default();
     SystemInfo {
@@ -84,6 +86,7 @@ pub fn tpm_proof(
     }
 }
 
+/// The answer to an enrollment request.
 pub fn enroll_response(outcome: EnrollOutcome) -> agent::EnrollResponse {
     let (certificate_pem, not_after) = match outcome.certificate {
         Some(cert) => (
@@ -109,6 +112,7 @@ pub fn enroll_response(outcome: EnrollOutcome) -> agent::EnrollResponse {
     }
 }
 
+/// An enrollment request on the wire.
 pub fn enrollment(record: EnrollmentRecord) -> admin::Enrollment {
     admin::Enrollment {
         name: record.name,
@@ -138,6 +142,7 @@ fn sync_state(state: SyncState) -> admin::SyncState {
     }
 }
 
+/// A device on the wire, status included.
 pub fn device(view: DeviceView) -> admin::Device {
     let record = view.record;
     let mut status = admin::DeviceStatus {
@@ -207,6 +212,7 @@ pub fn device(view: DeviceView) -> admin::Device {
     }
 }
 
+/// A watch event on the wire.
 pub fn device_event(event: DeviceEvent) -> admin::DeviceEvent {
     use admin::device_event::Type;
     let (kind, device) = match event {
@@ -238,10 +244,12 @@ fn condition(c: Condition) -> admin::Condition {
     }
 }
 
+/// A count on the wire (saturating).
 pub fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// A fleet on the wire, status included.
 pub fn fleet(view: FleetView) -> admin::Fleet {
     let record = view.record;
     admin::Fleet {
@@ -278,6 +286,7 @@ pub fn fleet(view: FleetView) -> admin::Fleet {
     }
 }
 
+/// A rollout on the wire.
 pub fn rollout(view: RolloutView) -> admin::Rollout {
     let record = view.record;
     admin::Rollout {
@@ -311,6 +320,7 @@ pub fn rollout(view: RolloutView) -> admin::Rollout {
     }
 }
 
+/// A fleet revision on the wire.
 pub fn fleet_revision(revision: FleetRevision) -> admin::FleetRevision {
     admin::FleetRevision {
         revision: revision.revision,
@@ -330,6 +340,7 @@ fn renewal_state(state: RenewalState) -> admin::RenewalState {
     }
 }
 
+/// A certificate on the wire.
 pub fn certificate(view: CertificateView) -> admin::Certificate {
     let record = view.record;
     admin::Certificate {
@@ -374,6 +385,7 @@ pub fn audit_record(record: SealedRecord, device_name: Option<String>) -> admin:
     }
 }
 
+/// A signed chain head on the wire.
 pub fn audit_head(head: SignedHead) -> admin::AuditHead {
     admin::AuditHead {
         seq: head.seq,
@@ -412,6 +424,7 @@ fn credential_role_to_wire(role: Role) -> admin::CredentialRole {
     }
 }
 
+/// A credential on the wire.
 pub fn credential(view: CredentialView) -> admin::Credential {
     let record = view.record;
     let grant = view.grant.map(|grant| match grant {
@@ -451,6 +464,7 @@ pub fn credential(view: CredentialView) -> admin::Credential {
     }
 }
 
+/// A newly issued credential on the wire, with the CA bundle.
 pub fn issued_credential(issued: IssuedCredential, ca_pem: &str) -> admin::IssuedCredential {
     admin::IssuedCredential {
         credential: Some(credential(issued.view)),
@@ -459,6 +473,7 @@ pub fn issued_credential(issued: IssuedCredential, ca_pem: &str) -> admin::Issue
     }
 }
 
+/// An agent release on the wire.
 pub fn agent_release(view: ReleaseView) -> agent::AgentRelease {
     agent::AgentRelease {
         version: view.version,

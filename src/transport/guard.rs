@@ -65,11 +65,14 @@ impl Pending {
 /// Why a connection was turned away at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// As many connections as allowed are still unauthenticated.
     TooManyPending,
+    /// The source address has as many open connections as allowed.
     TooManyFromAddress,
 }
 
 impl Refusal {
+    /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::TooManyPending => "too_many_pending",
@@ -79,6 +82,7 @@ impl Refusal {
 }
 
 impl Gate {
+    /// A gate with `limits`.
     pub fn new(limits: ConnectionLimits) -> Self {
         Gate {
             limits,
@@ -87,6 +91,7 @@ impl Gate {
         }
     }
 
+    /// Its limits.
     pub fn limits(&self) -> ConnectionLimits {
         self.limits
     }
@@ -176,7 +181,9 @@ impl Drop for Ticket {
 /// What requests on a guarded connection see of it (a request extension).
 #[derive(Debug, Clone)]
 pub struct GuardedInfo<T> {
+    /// What the connection would show unguarded.
     pub inner: T,
+    /// Marked once the connection has authenticated.
     pub proof: Arc<Proof>,
 }
 

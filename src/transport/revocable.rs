@@ -13,6 +13,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::Bytes;
 
+/// A response body that ends with `UNAUTHENTICATED` once its caller's certificate is revoked.
 pub struct Revocable {
     inner: Body,
     serial: String,
@@ -22,6 +23,7 @@ pub struct Revocable {
 }
 
 impl Revocable {
+    /// Wraps `inner` for the caller with `serial`.
     pub fn wrap(inner: Body, serial: String, revoked: Arc<RevokedSerials>) -> Body {
         let changes = WatchStream::from_changes(revoked.subscribe());
         Body::new(Revocable {

@@ -45,7 +45,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound listeners of both endpoints.
 pub struct Endpoints {
+    /// The agent endpoint's socket.
     pub agent: TcpListener,
+    /// The admin endpoint's socket.
     pub admin: TcpListener,
     /// The plain-HTTP operations endpoint (`/metrics`, `/healthz`, `/readyz`), if wanted.
     pub metrics: Option<TcpListener>,
@@ -55,24 +57,34 @@ pub struct Endpoints {
 
 /// The server's certificate and the CA it trusts for clients.
 pub struct TlsMaterial {
+    /// The CA bundle (PEM).
     pub ca_pem: String,
+    /// The server certificate (PEM).
     pub cert_pem: String,
+    /// Its private key (PEM).
     pub key_pem: String,
     /// Lifetime of the server certificates issued while serving (renewal once a third is left).
     pub server_cert_validity: Duration,
 }
 
+/// Why serving stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The state could not be loaded.
     #[error("loading state: {0}")]
     Load(#[from] ControlError),
+    /// An endpoint failed.
     #[error("{endpoint} endpoint failed: {source}")]
     Transport {
+        /// Which: `agent` or `admin`.
         endpoint: &'static str,
+        /// What failed.
         source: tonic::transport::Error,
     },
 }

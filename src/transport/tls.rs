@@ -33,18 +33,24 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive, so a device that vanished without a FIN is noticed even when idle.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// Why the TLS set-up failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// The server certificate is unusable.
     #[error("server certificate: {0}")]
     Certificate(String),
+    /// The server key is unusable.
     #[error("server key: {0}")]
     Key(String),
+    /// The CA bundle is unusable.
     #[error("CA bundle: {0}")]
     Roots(String),
+    /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
 
+/// The `ring` crypto provider every TLS configuration uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -132,6 +138,7 @@ fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, Tls
 }
 
 impl ServerCertificate {
+    /// The certificate to serve, from PEM.
     pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerCertificate>, TlsError> {
         Ok(Arc::new(ServerCertificate {
             current: std::sync::RwLock::new((

@@ -11,6 +11,7 @@ use std::time::Duration;
 /// Largest status report taken in (a full one is a few KiB).
 const MAX_STATUS_BYTES: usize = 32 * 1024;
 
+/// A Hello in domain terms.
 pub fn hello(hello: pb::Hello) -> Hello {
     Hello {
         device_id: hello.device_id,
@@ -19,6 +20,7 @@ pub fn hello(hello: pb::Hello) -> Hello {
     }
 }
 
+/// One agent message as a session event; a status report is checked and converted here.
 pub fn session_event(message: pb::AgentMessage) -> SessionEvent {
     use pb::agent_message::Kind;
     match message.kind {
@@ -84,6 +86,7 @@ fn duration(d: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
 
+/// A directive on the wire.
 pub fn server_message(directive: Directive) -> pb::ServerMessage {
     use pb::server_message::Kind;
     let kind = match directive {

@@ -325,7 +325,9 @@ pub fn condition_status_from(wire: i32) -> ConditionStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("alert {index}: {reason}")]
 pub struct AlertError {
+    /// Position of the alert in the report.
     pub index: usize,
+    /// What is wrong with it.
     pub reason: String,
 }
 
