@@ -24,7 +24,6 @@ pub mod rollout;
 pub mod selector;
 pub mod signature;
 pub mod spec;
-#[allow(missing_docs)]
 pub mod status;
 
 #[cfg(feature = "server")]

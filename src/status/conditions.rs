@@ -17,19 +17,29 @@
 use super::{Alert, DriftItem, Severity, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus};
 use std::fmt;
 
+/// The kinds of condition a device has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ConditionType {
+    /// The device holds a session.
     Online,
+    /// An update (spec, agent or OS) is on its way to the device.
     Updating,
+    /// The device runs the desired spec.
     SpecApplied,
+    /// A managed item differed from the spec at the last check.
     Drifted,
+    /// A managed unit failed, or a container stopped or is unhealthy.
     WorkloadFailed,
+    /// A resource monitor's threshold is exceeded.
     ResourcePressure,
+    /// The certificate is due, failed to renew, expired or was revoked.
     CertificateExpiring,
+    /// The last agent or OS update failed.
     UpdateFailed,
 }
 
 impl ConditionType {
+    /// Every kind, in the order they are shown.
     pub const ALL: [ConditionType; 8] = [
         ConditionType::Online,
         ConditionType::Updating,
@@ -41,6 +51,7 @@ impl ConditionType {
         ConditionType::UpdateFailed,
     ];
 
+    /// The name shown and selected by (`SpecApplied`).
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionType::Online => "Online",
@@ -55,14 +66,19 @@ impl ConditionType {
     }
 }
 
+/// Whether a condition holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConditionStatus {
+    /// It holds.
     True,
+    /// It does not.
     False,
+    /// Nothing tells yet.
     Unknown,
 }
 
 impl ConditionStatus {
+    /// `True`, `False` or `Unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionStatus::True => "True",
@@ -75,25 +91,37 @@ impl ConditionStatus {
 /// A condition as it stands, with when its status last changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
+    /// Which condition.
     pub kind: ConditionType,
+    /// Whether it holds.
     pub status: ConditionStatus,
     /// CamelCase, from a fixed set per type.
     pub reason: &'static str,
+    /// The detail, in words.
     pub message: String,
+    /// When its status last changed, Unix milliseconds.
     pub last_transition_ms: i64,
 }
 
+/// One word for a device, by the rules in the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Summary {
+    /// Nothing wrong.
     Healthy,
+    /// Working, with something an operator should look at.
     Degraded,
+    /// Not doing what it should.
     Error,
+    /// Seen before, no session now.
     Offline,
+    /// Never seen.
     Unknown,
+    /// Its certificate was revoked: out until it enrolls again.
     Revoked,
 }
 
 impl Summary {
+    /// Every summary, in the order they are shown.
     pub const ALL: [Summary; 6] = [
         Summary::Healthy,
         Summary::Degraded,
@@ -103,6 +131,7 @@ impl Summary {
         Summary::Revoked,
     ];
 
+    /// The name shown and selected by (`Degraded`).
     pub fn as_str(self) -> &'static str {
         match self {
             Summary::Healthy => "Healthy",
@@ -114,6 +143,7 @@ impl Summary {
         }
     }
 
+    /// The summary a name stands for (case-insensitive).
     pub fn parse(text: &str) -> Option<Summary> {
         Summary::ALL.into_iter().find(|s| s.as_str() == text)
     }
@@ -128,24 +158,36 @@ impl fmt::Display for Summary {
 /// Where the certificate stands, as far as conditions care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertificateStanding {
+    /// Not in its renewal window.
     Valid,
+    /// In its renewal window.
     RenewalDue,
+    /// The last renewal failed.
     RenewalFailed,
+    /// Past its expiry.
     Expired,
+    /// Revoked.
     Revoked,
 }
 
 /// Everything conditions are derived from.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs<'a> {
+    /// A session is open.
     pub online: bool,
+    /// The device ever opened a session.
     pub ever_seen: bool,
+    /// The version it should run (`None` before a render succeeded).
     pub desired_version: Option<&'a str>,
+    /// The version it last acknowledged.
     pub acked_version: Option<&'a str>,
     /// The version the device rejected and why.
     pub nacked: Option<(&'a str, &'a str)>,
+    /// Why its spec could not be rendered.
     pub render_error: Option<&'a str>,
+    /// The version pushed and not answered yet.
     pub sent_version: Option<&'a str>,
+    /// Its certificate's standing, with the last renewal error.
     pub certificate: Option<(CertificateStanding, Option<&'a str>)>,
     /// `None` while the device never reported resources (an older agent, or none yet).
     pub alerts: Option<&'a [Alert]>,
@@ -160,9 +202,13 @@ pub struct Inputs<'a> {
 /// A condition as derived now, before its transition time is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
+    /// Which condition.
     pub kind: ConditionType,
+    /// Whether it holds.
     pub status: ConditionStatus,
+    /// Why, as one CamelCase word.
     pub reason: &'static str,
+    /// The detail, in words.
     pub message: String,
 }
 
@@ -493,10 +539,12 @@ impl Ledger {
         changed
     }
 
+    /// The conditions, in `ConditionType::ALL` order.
     pub fn conditions(&self) -> &[Condition] {
         &self.conditions
     }
 
+    /// What the conditions add up to.
     pub fn summary(&self) -> Summary {
         if self.conditions.is_empty() {
             return Summary::Unknown;
@@ -504,6 +552,7 @@ impl Ledger {
         summarize(self.conditions.iter().map(|c| (c.kind, c.status, c.reason)))
     }
 
+    /// The condition of `kind`, if derived.
     pub fn status_of(&self, kind: ConditionType) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.kind == kind)
     }

@@ -9,11 +9,17 @@ use std::str::FromStr;
 /// The fields a selector may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
+    /// `status.summary`.
     Summary,
+    /// `status.os` (os-release ID).
     Os,
+    /// `status.arch`.
     Arch,
+    /// `status.agentVersion`.
     AgentVersion,
+    /// `status.online`.
     Online,
+    /// `status.syncState`.
     SyncState,
 }
 
@@ -27,6 +33,7 @@ impl Field {
         Field::SyncState,
     ];
 
+    /// The field's name in a selector.
     pub fn name(self) -> &'static str {
         match self {
             Field::Summary => "status.summary",
@@ -62,14 +69,18 @@ pub struct FieldSelector {
     requirements: Vec<Requirement>,
 }
 
+/// Why a field selector does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid field selector {input:?}: {reason}")]
 pub struct FieldSelectorError {
+    /// The selector as given.
     pub input: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
 impl FieldSelector {
+    /// Whether it selects everything.
     pub fn is_empty(&self) -> bool {
         self.requirements.is_empty()
     }

@@ -72,6 +72,7 @@ pub struct ReportGate {
 }
 
 impl ReportGate {
+    /// A gate reporting moves of at least `step` points, at most once per `min_interval_ms`.
     pub fn new(step: u32, min_interval_ms: i64) -> ReportGate {
         ReportGate {
             step: step.max(1),

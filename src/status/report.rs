@@ -9,27 +9,45 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SystemInfo {
+    /// The host name.
     pub hostname: String,
+    /// os-release `ID`.
     pub os_id: String,
+    /// os-release `VERSION_ID`.
     pub os_version_id: String,
+    /// os-release `PRETTY_NAME`.
     pub os_pretty_name: String,
+    /// `uname -r`.
     pub kernel_release: String,
+    /// `uname -m`.
     pub architecture: String,
+    /// Changes at every boot.
     pub boot_id: String,
+    /// `/etc/machine-id`.
     pub machine_id: String,
+    /// Online CPUs.
     pub cpu_count: u32,
+    /// Physical memory, bytes.
     pub memory_total_bytes: u64,
+    /// The agent's version.
     pub agent_version: String,
+    /// SHA-256 (hex) of the running agent binary.
     pub agent_build: String,
+    /// A TPM is present.
     pub tpm_present: bool,
+    /// The device key lives in it.
     pub tpm_used: bool,
+    /// Network interfaces and their addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<NetworkInterface>,
 }
 
+/// One network interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkInterface {
+    /// Its name (`eth0`).
     pub name: String,
+    /// Its addresses, with prefix length.
     pub addresses: Vec<String>,
 }
 
@@ -37,17 +55,23 @@ pub struct NetworkInterface {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceUsage {
+    /// When the sample was taken, Unix milliseconds.
     pub sampled_ms: i64,
     /// Load averages times 100.
     pub load_centi: [u32; 3],
+    /// CPU use since the previous sample, percent.
     pub cpu_percent: u32,
+    /// Physical memory, bytes.
     pub memory_total_bytes: u64,
+    /// Memory in use (total less available), bytes.
     pub memory_used_bytes: u64,
+    /// Filesystems the monitors watch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filesystems: Vec<FilesystemUsage>,
 }
 
 impl ResourceUsage {
+    /// Memory in use, percent.
     pub fn memory_percent(&self) -> u32 {
         percent(self.memory_used_bytes, self.memory_total_bytes)
     }
@@ -66,15 +90,20 @@ impl ResourceUsage {
     }
 }
 
+/// One filesystem's use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FilesystemUsage {
+    /// Where it is mounted.
     pub mount_point: String,
+    /// Its size, bytes.
     pub total_bytes: u64,
+    /// Bytes in use.
     pub used_bytes: u64,
 }
 
 impl FilesystemUsage {
+    /// Use, percent.
     pub fn percent(&self) -> u32 {
         percent(self.used_bytes, self.total_bytes)
     }
@@ -89,14 +118,18 @@ fn percent(part: u64, whole: u64) -> u32 {
     scaled.div_ceil(u128::from(whole)) as u32
 }
 
+/// How serious an alert is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
+    /// Past the warning threshold.
     Warning,
+    /// Past the critical threshold.
     Critical,
 }
 
 impl Severity {
+    /// `warning` or `critical`.
     pub fn as_str(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
@@ -109,13 +142,18 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Alert {
+    /// What is exceeded.
     pub monitor: MonitorKind,
     /// The mount point of a disk monitor, empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// Which threshold.
     pub severity: Severity,
+    /// The use when it fired, percent.
     pub percent: u32,
+    /// The threshold exceeded, percent.
     pub threshold: u32,
+    /// Since when, Unix milliseconds.
     pub since_ms: i64,
 }
 
@@ -141,11 +179,13 @@ impl Alert {
 pub struct DriftItem {
     /// `file`.
     pub kind: String,
+    /// The path or name of the item.
     pub name: String,
     /// What differed: `missing`, `content`, `mode`, `owner`, `group` (comma-separated).
     pub difference: String,
     /// Put back as the spec says.
     pub corrected: bool,
+    /// Why it could not be corrected.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
@@ -170,16 +210,23 @@ impl DriftItem {
 pub struct WorkloadStatus {
     /// `unit` or `container`.
     pub kind: String,
+    /// The unit's or container's name.
     pub name: String,
+    /// systemd's ActiveState, or podman's state.
     pub state: String,
+    /// systemd's SubState.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sub_state: String,
+    /// Restarts counted by systemd or podman.
     #[serde(default)]
     pub restarts: u32,
+    /// podman's health check result.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub health: String,
+    /// The digest of the image a container runs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image_digest: String,
+    /// Why its state could not be read.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
@@ -205,7 +252,9 @@ impl WorkloadStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DriftCheck {
+    /// When the check ran, Unix milliseconds.
     pub checked_ms: i64,
+    /// What differed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub items: Vec<DriftItem>,
 }
@@ -214,33 +263,45 @@ pub struct DriftCheck {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceReport {
+    /// The last system information.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_info: Option<SystemInfo>,
+    /// The last resource sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceUsage>,
+    /// The alerts firing at that sample.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<Alert>,
+    /// The last drift check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftCheck>,
+    /// The last state of the managed units and containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads: Option<Vec<WorkloadStatus>>,
     /// The agent build and OS image, and the update in progress or last failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateState>,
+    /// When the last report arrived, Unix milliseconds.
     pub reported_ms: i64,
 }
 
 /// The parts one status message carries (a part not carried is unchanged).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReportUpdate {
+    /// New system information, if sent.
     pub system_info: Option<SystemInfo>,
+    /// A new resource sample and its alerts, if sent.
     pub resources: Option<(ResourceUsage, Vec<Alert>)>,
+    /// A new drift check, if sent.
     pub drift: Option<DriftCheck>,
+    /// A new state of the workloads, if sent.
     pub workloads: Option<Vec<WorkloadStatus>>,
+    /// A new software and update state, if sent.
     pub update: Option<UpdateState>,
 }
 
 impl ReportUpdate {
+    /// Whether the report carries nothing.
     pub fn is_empty(&self) -> bool {
         self.system_info.is_none()
             && self.resources.is_none()
@@ -292,6 +353,7 @@ pub(super) const MAX_FILESYSTEMS: usize = 16;
 pub(super) const MAX_ALERTS: usize = 32;
 pub(super) const MAX_TEXT: usize = 256;
 
+/// A report out of bounds, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("status refused: {0}")]
 pub struct ReportError(pub String);

@@ -8,17 +8,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UpdatePhase {
+    /// Nothing in progress.
     #[default]
     Idle,
+    /// Fetching the new agent build or staging the OS image.
     Downloading,
+    /// Ready, waiting for the update window to open.
     WaitingForWindow,
+    /// Switching to the new build or image.
     Applying,
     /// A new agent build runs and must confirm before its deadline, or it is rolled back.
     Confirming,
+    /// Rebooting into the new OS image.
     Rebooting,
 }
 
 impl UpdatePhase {
+    /// Every phase, in order.
     pub const ALL: [UpdatePhase; 6] = [
         UpdatePhase::Idle,
         UpdatePhase::Downloading,
@@ -28,6 +34,7 @@ impl UpdatePhase {
         UpdatePhase::Rebooting,
     ];
 
+    /// The name shown (`waitingForWindow`).
     pub fn as_str(self) -> &'static str {
         match self {
             UpdatePhase::Idle => "idle",
@@ -44,11 +51,14 @@ impl UpdatePhase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpdateKind {
+    /// The agent itself.
     Agent,
+    /// The operating system image.
     Os,
 }
 
 impl UpdateKind {
+    /// `agent` or `os`.
     pub fn as_str(self) -> &'static str {
         match self {
             UpdateKind::Agent => "agent",
@@ -56,6 +66,7 @@ impl UpdateKind {
         }
     }
 
+    /// The kind a name stands for.
     pub fn parse(text: &str) -> Option<UpdateKind> {
         match text {
             "agent" => Some(UpdateKind::Agent),
@@ -69,11 +80,15 @@ impl UpdateKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateFailure {
+    /// Agent or OS.
     pub kind: UpdateKind,
     /// `1.4.0` or an image reference.
     pub target: String,
+    /// Why it failed.
     pub reason: String,
+    /// Whether the device went back to what it ran before.
     pub rolled_back: bool,
+    /// When, Unix milliseconds.
     pub at_ms: i64,
 }
 
@@ -98,21 +113,29 @@ impl UpdateFailure {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateState {
+    /// The running agent's version.
     pub agent_version: String,
+    /// SHA-256 (hex) of the running agent binary.
     pub agent_digest: String,
+    /// The OS image the device booted (bootc devices).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub os_image: String,
+    /// Its digest.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub os_image_digest: String,
+    /// Where an update stands.
     #[serde(default)]
     pub phase: UpdatePhase,
     /// `agent 1.4.0`, `os quay.io/acme/edge-os:1.4`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
+    /// When the update window next opens, Unix milliseconds, while waiting for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_window_ms: Option<i64>,
+    /// What the agent says about the update.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The last update that failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<UpdateFailure>,
 }
