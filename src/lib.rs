@@ -33,7 +33,6 @@ pub mod bootstrap;
 #[cfg(feature = "server")]
 pub mod ca;
 #[cfg(feature = "server")]
-#[allow(missing_docs)]
 pub mod control;
 #[cfg(feature = "server")]
 pub mod credentials;

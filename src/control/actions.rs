@@ -13,11 +13,14 @@ use std::time::Duration;
 /// rollout engine, start-up) has no method and leaves no call record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
+    /// Who calls.
     pub identity: Identity,
+    /// The admin method (`FleetService/ApplyFleet`).
     pub method: String,
 }
 
 impl Actor {
+    /// The call of `method` by `identity`.
     pub fn new(identity: Identity, method: impl Into<String>) -> Actor {
         Actor {
             identity,
@@ -71,8 +74,11 @@ pub fn call_kind(method: &str) -> &'static str {
 /// A call refused before or by its handler: who, which method, why.
 #[derive(Debug, Clone)]
 pub struct CallRefusal {
+    /// Who called.
     pub identity: Identity,
+    /// The admin method.
     pub method: String,
+    /// Why it was refused.
     pub reason: String,
 }
 

@@ -23,10 +23,14 @@ use std::time::Duration;
 /// Most audit records returned by one listing.
 pub(super) const MAX_AUDIT_PAGE: i64 = 1000;
 
+/// A certificate with its device, as listed.
 #[derive(Debug, Clone)]
 pub struct CertificateView {
+    /// The stored certificate.
     pub record: CertificateRecord,
+    /// Its device's name.
     pub device_name: String,
+    /// Whether it is its device's newest.
     pub current: bool,
 }
 

@@ -34,13 +34,19 @@ pub const BOOTSTRAP_ADMIN: &str = "admin";
 /// A credential to create.
 #[derive(Debug, Clone)]
 pub struct NewCredential {
+    /// The credential's name.
     pub name: String,
+    /// Its role (`None` for a service, which `acts_as` or `methods` describe).
     pub role: Option<Role>,
+    /// Its scope as a label selector ("" for everything).
     pub scope: String,
     /// For services: a role to act as, and/or methods (exactly one of them).
     pub acts_as: Option<Role>,
+    /// The admin methods a service may call.
     pub methods: Vec<String>,
+    /// The CSR for its key (PEM); the private key never leaves the client.
     pub csr_pem: String,
+    /// How long its certificate is valid (`90d`).
     pub validity: String,
     /// Enrollment credentials only.
     pub enrollment: Option<EnrollmentPolicy>,
@@ -49,18 +55,24 @@ pub struct NewCredential {
 /// A credential as shown to admins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialView {
+    /// The stored credential.
     pub record: CredentialRecord,
+    /// Its role.
     pub role: Role,
+    /// What a service was given.
     pub grant: Option<ServiceGrant>,
     /// The newest certificate.
     pub newest: Option<CredentialCertificate>,
+    /// What an enrollment credential stamps and approves.
     pub enrollment: Option<EnrollmentPolicy>,
 }
 
 /// A certificate just issued for a credential.
 #[derive(Debug, Clone)]
 pub struct IssuedCredential {
+    /// The credential.
     pub view: CredentialView,
+    /// Its new certificate (PEM).
     pub certificate_pem: String,
 }
 
@@ -469,6 +481,7 @@ impl ControlPlane {
         self.refresh_credential(&stored)
     }
 
+    /// Every credential, by name.
     pub async fn list_credentials(
         &self,
         include_revoked: bool,
@@ -483,6 +496,7 @@ impl ControlPlane {
             .collect()
     }
 
+    /// One credential, or `NotFound`.
     pub async fn get_credential(&self, name: &str) -> Result<CredentialView, ControlError> {
         self.flush_credential_uses().await;
         let stored = self

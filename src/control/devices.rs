@@ -17,7 +17,9 @@ use std::sync::Arc;
 /// A device with its live sync status.
 #[derive(Debug, Clone)]
 pub struct DeviceView {
+    /// The stored device.
     pub record: DeviceRecord,
+    /// Its live sync status (`None` before the hub knows it).
     pub status: Option<SyncStatus>,
     /// The fleets that all match the device, when more than one does.
     pub conflicts: Vec<String>,
@@ -30,6 +32,7 @@ pub struct DeviceView {
 /// A request to set a device's overrides (and labels).
 #[derive(Debug, Clone)]
 pub struct DeviceUpdate {
+    /// The device's name.
     pub name: String,
     /// The device's own spec, laid over its fleet's template.
     pub spec: DeviceSpec,
@@ -40,8 +43,11 @@ pub struct DeviceUpdate {
 /// A request to change some labels of a device.
 #[derive(Debug, Clone, Default)]
 pub struct LabelChange {
+    /// The device's name.
     pub name: String,
+    /// Labels to set.
     pub set: BTreeMap<String, String>,
+    /// Label keys to remove.
     pub remove: Vec<String>,
 }
 
@@ -205,6 +211,7 @@ impl ControlPlane {
         Ok((devices, next))
     }
 
+    /// One device with its status, or `NotFound`.
     pub async fn get_device(&self, name: &str) -> Result<DeviceView, ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
         let id = self

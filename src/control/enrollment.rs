@@ -22,9 +22,13 @@ use std::collections::BTreeMap;
 /// What an agent submits.
 #[derive(Debug, Clone)]
 pub struct EnrollInput {
+    /// A CSR for the device key (PEM).
     pub csr_pem: String,
+    /// The name the device asks for.
     pub device_name: String,
+    /// The labels it asks for.
     pub labels: BTreeMap<String, String>,
+    /// What it says about itself.
     pub system_info: SystemInfo,
     /// Proof that the key lives in a TPM: evidence first, then the answer to its challenge.
     pub tpm: Option<TpmProof>,
@@ -35,9 +39,13 @@ pub struct EnrollInput {
 /// One of the two TPM steps of an enrollment.
 #[derive(Debug, Clone)]
 pub enum TpmProof {
+    /// The TPM's evidence that the device key is its own.
     Evidence(Evidence),
+    /// The secret the TPM recovered from the challenge.
     Answer {
+        /// The challenge answered.
         challenge_id: String,
+        /// The recovered secret.
         secret: Vec<u8>,
     },
 }
@@ -45,21 +53,30 @@ pub enum TpmProof {
 /// What an agent learns about its request.
 #[derive(Debug, Clone)]
 pub struct EnrollOutcome {
+    /// Pending, approved or denied.
     pub state: EnrollmentState,
+    /// Why, when denied.
     pub reason: Option<String>,
+    /// The device's id, once approved.
     pub device_id: Option<String>,
+    /// Its certificate, once approved.
     pub certificate: Option<CertificateRecord>,
+    /// The CA bundle (PEM).
     pub ca_pem: String,
+    /// When to ask again while pending, seconds.
     pub retry_after_secs: u32,
     /// The credential the agent must activate, in answer to TPM evidence.
     pub tpm_challenge: Option<IssuedChallenge>,
+    /// The TPM evidence and challenge checked out.
     pub tpm_verified: bool,
 }
 
 /// A TPM credential challenge as sent to the agent.
 #[derive(Debug, Clone)]
 pub struct IssuedChallenge {
+    /// The challenge's id, echoed with the answer.
     pub id: String,
+    /// The credential only the device's TPM can recover.
     pub credential: WrappedCredential,
 }
 
@@ -103,6 +120,7 @@ impl ControlPlane {
         })
     }
 
+    /// Takes in a device's enrollment request (or its repetition, which is answered the same).
     pub async fn enroll(
         &self,
         caller: &Identity,
@@ -302,6 +320,7 @@ impl ControlPlane {
         Ok(challenge.ek_fingerprint)
     }
 
+    /// Enrollment requests, all or those in `state`.
     pub async fn list_enrollments(
         &self,
         state: Option<EnrollmentState>,
@@ -313,6 +332,7 @@ impl ControlPlane {
         Ok(records)
     }
 
+    /// One enrollment request, or `NotFound`.
     pub async fn get_enrollment(&self, name: &str) -> Result<EnrollmentRecord, ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
         let mut record = self.store.get_enrollment(name).await?.ok_or_else(|| {
@@ -453,6 +473,7 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Denies a pending request, saying why.
     pub async fn deny_enrollment(
         &self,
         name: &str,

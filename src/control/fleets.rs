@@ -18,10 +18,13 @@ use std::sync::Arc;
 /// A fleet as an operator applies it.
 #[derive(Debug, Clone)]
 pub struct FleetApply {
+    /// The fleet's name.
     pub name: String,
+    /// Its label selector.
     pub selector: String,
     /// Values the template sees for labels a device lacks.
     pub label_defaults: BTreeMap<String, String>,
+    /// The spec template its devices render.
     pub template: DeviceSpec,
     /// How new revisions reach the devices; `None`: all at once.
     pub rollout: Option<RolloutSpec>,
@@ -30,13 +33,17 @@ pub struct FleetApply {
 /// A fleet with what it currently owns.
 #[derive(Debug, Clone)]
 pub struct FleetView {
+    /// The stored fleet.
     pub record: FleetRecord,
     /// Names of the devices the fleet owns.
     pub devices: Vec<String>,
     /// Owned devices by sync state.
     pub synced: usize,
+    /// Owned devices PENDING.
     pub pending: usize,
+    /// Owned devices in ERROR.
     pub error: usize,
+    /// Owned devices OFFLINE.
     pub offline: usize,
     /// Devices this fleet's selector matches together with other fleets: (device, all matching).
     pub conflicts: Vec<(String, Vec<String>)>,
@@ -94,6 +101,7 @@ impl ControlPlane {
         Some(view)
     }
 
+    /// Every fleet with what it owns.
     pub async fn list_fleets(&self) -> Result<Vec<FleetView>, ControlError> {
         let names: Vec<String> = self
             .catalog()
@@ -103,11 +111,13 @@ impl ControlPlane {
         Ok(names.iter().filter_map(|n| self.fleet_view(n)).collect())
     }
 
+    /// One fleet with what it owns, or `NotFound`.
     pub async fn get_fleet(&self, name: &str) -> Result<FleetView, ControlError> {
         validate_name(name).map_err(|e| ControlError::invalid("name", e))?;
         self.fleet_view(name).ok_or_else(|| fleet_not_found(name))
     }
 
+    /// A fleet's template revisions, oldest first.
     pub async fn list_fleet_revisions(
         &self,
         name: &str,

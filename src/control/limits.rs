@@ -9,7 +9,9 @@ use std::time::Duration;
 /// How many times per window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
+    /// At most this many…
     pub max: u32,
+    /// …per this long.
     pub window: Duration,
 }
 

@@ -13,6 +13,7 @@ pub struct Hello {
     pub device_id: String,
     /// The version of the spec the agent last applied ("" for none).
     pub rendered_version: String,
+    /// The agent's version.
     pub agent_version: String,
 }
 
@@ -21,14 +22,18 @@ pub struct Hello {
 pub struct CertificateRequest {
     /// Chosen by the agent, echoed in the answer.
     pub request_id: String,
+    /// The CSR for the fresh key (PEM).
     pub csr_pem: String,
 }
 
 /// The device refused a certificate it was given and keeps its current one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertificateRejected {
+    /// The request answered by the refused certificate.
     pub request_id: String,
+    /// The refused certificate's serial.
     pub serial: String,
+    /// Why the device refused it.
     pub reason: String,
 }
 
@@ -37,21 +42,29 @@ pub struct CertificateRejected {
 pub enum SessionEvent {
     /// The push with `nonce` was applied.
     Ack {
+        /// The push answered.
         nonce: String,
     },
     /// The push with `nonce` was refused; the device kept (or went back to) what it ran.
     Nack {
+        /// The push answered.
         nonce: String,
+        /// The version refused.
         version: String,
+        /// Why.
         error: String,
+        /// Whether a partial apply was undone.
         rolled_back: bool,
     },
+    /// The device is alive and has nothing to say.
     Heartbeat,
     /// A status report, as far as it could be read.
     Status(Box<ReportUpdate>),
     /// A status report that could not be taken in (too large, an unknown alert), and why.
     MalformedStatus(String),
+    /// A renewal request.
     CertificateRequest(CertificateRequest),
+    /// A certificate the device refused.
     CertificateRejected(CertificateRejected),
     /// A message with no place on an open session (a second Hello, an empty message).
     Unexpected,
@@ -62,29 +75,49 @@ pub enum SessionEvent {
 pub enum Directive {
     /// The session is open: the version the control plane believes the device runs, and timing.
     Accepted {
+        /// The version the control plane believes the device runs.
         current_version: String,
+        /// How often the device sends a heartbeat.
         heartbeat_interval: Duration,
+        /// How long before expiry the device renews by itself.
         renew_before: Duration,
     },
     /// A spec to apply and answer.
     Spec(Push),
     /// The device should renew its certificate.
     RenewCertificate(RenewalRequest),
+    /// The renewed certificate.
     CertificateIssued {
+        /// The request answered.
         request_id: String,
+        /// The certificate (PEM).
         certificate_pem: String,
+        /// The CA bundle (PEM).
         ca_bundle_pem: String,
+        /// Its expiry, Unix milliseconds.
         not_after_ms: i64,
     },
+    /// The renewal request was refused.
     CertificateRefused {
+        /// The request answered.
         request_id: String,
+        /// Why.
         reason: String,
         /// False when the same request can never succeed.
         retryable: bool,
+        /// Retry no earlier than this.
         retry_after: Option<Duration>,
     },
     /// A status report was refused; the session goes on.
-    StatusRefused { reason: String },
+    StatusRefused {
+        /// Why.
+        reason: String,
+    },
     /// The device should reconnect, at a random moment within `within`.
-    Reconnect { reason: String, within: Duration },
+    Reconnect {
+        /// Why, for the device's log.
+        reason: String,
+        /// The longest the device may wait.
+        within: Duration,
+    },
 }

@@ -64,6 +64,7 @@ pub struct Policy {
     pub recovery_window: Duration,
     /// Suggested interval between agent heartbeats while polling enrollment.
     pub enrollment_poll_interval: Duration,
+    /// Timing of sessions.
     pub session: SessionSettings,
     /// How spec changes are coalesced into waves of pushes.
     pub debounce: Debounce,
@@ -121,27 +122,41 @@ impl Default for Policy {
     }
 }
 
+/// Why a use case refused or failed; `transport::status` maps each to a gRPC code.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
+    /// A field of the request is wrong.
     #[error("{field}: {reason}")]
-    InvalidArgument { field: String, reason: String },
+    InvalidArgument {
+        /// The field, as the API names it.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No such thing.
     #[error("{0}")]
     NotFound(String),
+    /// It exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// Not possible in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
     /// The caller's credential is no longer accepted (revoked or superseded).
     #[error("{0}")]
     Unauthenticated(String),
+    /// Not possible right now (loading, shutting down); retry.
     #[error("{0}")]
     Unavailable(String),
     /// Admission control turned the request away; the caller should retry after `retry_after`.
     #[error("{message}")]
     Overloaded {
+        /// What to tell the caller.
         message: String,
+        /// When to come back.
         retry_after: Duration,
     },
     /// The database could not be reached; the detail is logged, never shown to clients.
@@ -153,6 +168,7 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// An `InvalidArgument` of `field`.
     pub fn invalid(field: impl Into<String>, reason: impl ToString) -> Self {
         ControlError::InvalidArgument {
             field: field.into(),
@@ -221,14 +237,20 @@ pub struct ControlPlane {
 /// Which build and replica answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInfo {
+    /// The build's version.
     pub version: &'static str,
+    /// This replica's name.
     pub replica: String,
+    /// `sqlite` or `postgres`.
     pub database: &'static str,
+    /// Whether this replica drives rollouts.
     pub leading: bool,
+    /// When it started, Unix milliseconds.
     pub started_ms: i64,
 }
 
 impl ControlPlane {
+    /// A control plane over `store`, signing with `ca`, pushing through `hub`; nothing is loaded until `load`.
     pub fn new(
         store: Store,
         ca: Arc<CertificateAuthority>,
@@ -285,6 +307,7 @@ impl ControlPlane {
         self.hub.clock()
     }
 
+    /// Which build and replica this is.
     pub fn server_info(&self) -> ServerInfo {
         ServerInfo {
             version: crate::VERSION,
@@ -324,6 +347,7 @@ impl ControlPlane {
         self.revoked.is_loaded()
     }
 
+    /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
             .load(std::sync::atomic::Ordering::Acquire)
@@ -379,14 +403,17 @@ impl ControlPlane {
         self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The hub of device state.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
 
+    /// The store.
     pub fn store(&self) -> &Store {
         &self.store
     }
 
+    /// The tunables.
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

@@ -53,23 +53,36 @@ impl Default for ReleasePolicy {
 /// What an operator publishes, apart from the bytes.
 #[derive(Debug, Clone)]
 pub struct ReleaseHeader {
+    /// The agent version.
     pub version: String,
+    /// SHA-256 (hex) of the binary.
     pub sha256: String,
+    /// Its size, bytes.
     pub size: u64,
+    /// The release key's signature (see `release::SignedRelease`).
     pub signature: Vec<u8>,
+    /// Where devices download it instead, if not from the control plane ("" for none).
     pub url: String,
 }
 
 /// A release as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseView {
+    /// The agent version.
     pub version: String,
+    /// SHA-256 (hex) of the binary.
     pub sha256: String,
+    /// Its size, bytes.
     pub size: u64,
+    /// The release key's signature.
     pub signature: Vec<u8>,
+    /// The external download URL, if any.
     pub url: String,
+    /// Fingerprint of the key that signed, when known.
     pub key_fingerprint: String,
+    /// When it was published, Unix milliseconds.
     pub published_ms: i64,
+    /// Who published it.
     pub published_by: String,
 }
 
@@ -99,6 +112,7 @@ pub struct Upload {
 }
 
 impl Upload {
+    /// Writes the next bytes, refusing more than the header announced.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ControlError> {
         self.written += bytes.len() as u64;
         if self.written > self.limit {
@@ -192,6 +206,7 @@ pub struct Download {
 }
 
 impl Download {
+    /// The artifact's size, bytes.
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -387,6 +402,7 @@ impl ControlPlane {
             .map_err(|e| ControlError::invalid("header.signature", e))
     }
 
+    /// Every published release.
     pub async fn list_releases(&self) -> Result<Vec<ReleaseView>, ControlError> {
         Ok(self
             .store
@@ -397,6 +413,7 @@ impl ControlPlane {
             .collect())
     }
 
+    /// One release, or `NotFound`.
     pub async fn get_release(&self, version: &str) -> Result<ReleaseView, ControlError> {
         self.store
             .release(version)

@@ -54,10 +54,13 @@ impl OpenRollouts {
 /// What an operator can do to a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RolloutCommand {
+    /// Stop starting batches.
     Pause,
+    /// Go on from where it paused.
     Resume,
     /// Back to the template of this revision, or of the one the latest rollout started from.
     Rollback {
+        /// The revision to go back to.
         to_revision: Option<i64>,
     },
 }
@@ -65,18 +68,29 @@ pub enum RolloutCommand {
 /// A rollout with live counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutView {
+    /// The stored rollout.
     pub record: RolloutRecord,
+    /// Batches in all, the implicit last one included.
     pub batches: usize,
     /// Names of the devices in the current batch.
     pub batch_devices: Vec<String>,
+    /// Devices in the current batch.
     pub batch_size: usize,
+    /// Of them, moved to the new revision.
     pub batch_moved: usize,
+    /// Of them, SYNCED on it.
     pub batch_synced: usize,
+    /// Of them, NACKing it.
     pub batch_nacked: usize,
+    /// Of them, offline.
     pub batch_offline: usize,
+    /// Devices of the fleet moved to the new revision.
     pub fleet_moved: usize,
+    /// Devices of the fleet.
     pub fleet_devices: usize,
+    /// Devices moved and not yet SYNCED (what the disruption budget limits).
     pub updating: usize,
+    /// What happened, oldest first.
     pub events: Vec<RolloutEventRecord>,
 }
 
@@ -402,6 +416,7 @@ impl ControlPlane {
         Ok(record)
     }
 
+    /// Carries out an operator's command on a fleet's rollout.
     pub async fn command_rollout(
         &self,
         fleet: &str,
@@ -417,6 +432,7 @@ impl ControlPlane {
         }
     }
 
+    /// Pauses a fleet's rollout.
     pub async fn pause_rollout(
         &self,
         fleet: &str,
@@ -439,6 +455,7 @@ impl ControlPlane {
         self.rollout_view(fleet).await
     }
 
+    /// Resumes a fleet's paused rollout.
     pub async fn resume_rollout(
         &self,
         fleet: &str,

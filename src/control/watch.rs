@@ -14,7 +14,12 @@ pub enum DeviceEvent {
     /// A device in the set changed.
     Modified(DeviceView),
     /// A device left the set (deleted, or it no longer matches): (id, name).
-    Deleted { id: String, name: String },
+    Deleted {
+        /// The device's id.
+        id: String,
+        /// Its name.
+        name: String,
+    },
     /// Every device that matched when the watch started (or resynchronised) has been sent.
     Synced,
 }

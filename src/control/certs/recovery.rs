@@ -64,17 +64,24 @@ impl Challenges {
 /// A nonce for expired-certificate recovery.
 #[derive(Debug, Clone)]
 pub struct RecoveryChallenge {
+    /// The nonce to sign with the previous key.
     pub nonce: String,
+    /// When it stops working, Unix milliseconds.
     pub expires_ms: i64,
 }
 
 /// A recovery attempt as received.
 #[derive(Debug, Clone)]
 pub struct RecoverInput {
+    /// The device recovering.
     pub device_id: String,
+    /// The nonce of `recovery_challenge`.
     pub nonce: String,
+    /// The expired certificate (PEM).
     pub previous_certificate_pem: String,
+    /// Its key's signature over the recovery message.
     pub signature: Vec<u8>,
+    /// A CSR for a fresh key (PEM).
     pub csr_pem: String,
 }
 

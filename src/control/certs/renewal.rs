@@ -14,7 +14,9 @@ use super::{Issuance, Refusal};
 /// What a renewal request by selector reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RenewalRequested {
+    /// Connected devices asked to renew now.
     pub asked: usize,
+    /// Matching devices not connected: asked when they are.
     pub not_connected: usize,
 }
 
@@ -258,6 +260,7 @@ impl ControlPlane {
         Ok(asked)
     }
 
+    /// Asks every device `selector` matches to renew.
     pub async fn force_renewal_matching(
         &self,
         selector: &str,
