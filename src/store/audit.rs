@@ -9,21 +9,28 @@ use diesel::prelude::*;
 
 /// Computes a record's hash and signature; implemented by the control plane's audit key.
 pub trait AuditSeal: Send + Sync {
+    /// The record `entry` makes after the record hashed `previous_hash`.
     fn seal(&self, entry: AuditEntry, previous_hash: &str) -> SealedRecord;
 }
 
 /// Filters of an audit listing; `None` means any.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
+    /// Records about this device.
     pub device_id: Option<String>,
+    /// Records of this kind (`renewed`).
     pub kind: Option<String>,
     /// The actor (`operator/alice`) or its name (`alice`).
     pub actor: Option<String>,
     /// The target (`fleet/web`); with `device_id`, records of either match.
     pub target: Option<String>,
+    /// Records written at or after this, Unix milliseconds.
     pub since_ms: Option<i64>,
+    /// Records written before this, Unix milliseconds.
     pub until_ms: Option<i64>,
+    /// Records after this position (paging).
     pub after_seq: i64,
+    /// At most this many records.
     pub limit: i64,
 }
 
@@ -188,7 +195,9 @@ pub(super) fn append_all(
 /// The records of an admin call, appended in the transaction of the change they describe.
 #[derive(Clone)]
 pub struct Audited {
+    /// Seals the records.
     pub seal: std::sync::Arc<dyn AuditSeal>,
+    /// The records, in order.
     pub entries: Vec<AuditEntry>,
 }
 

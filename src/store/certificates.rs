@@ -8,18 +8,29 @@ use crate::audit::{AuditEntry, SealedRecord};
 use diesel::prelude::*;
 use std::sync::Arc;
 
+/// A device certificate as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = certificates)]
 pub struct CertificateRecord {
+    /// Serial, lowercase hex.
     pub serial: String,
+    /// The device it identifies.
     pub device_id: String,
+    /// SHA-256 (hex) of its public key.
     pub key_fingerprint: String,
+    /// SHA-256 (hex) of the certificate.
     pub fingerprint: String,
+    /// The certificate (PEM).
     pub certificate_pem: String,
+    /// Start of its validity, Unix milliseconds.
     pub not_before_ms: i64,
+    /// End of its validity, Unix milliseconds.
     pub not_after_ms: i64,
+    /// When it was issued, Unix milliseconds.
     pub issued_ms: i64,
+    /// When it was revoked, Unix milliseconds.
     pub revoked_ms: Option<i64>,
+    /// Why it was revoked.
     pub revocation_reason: Option<String>,
 }
 
@@ -47,7 +58,9 @@ pub struct IssuanceRules {
 /// An issuance as recorded: its audit record and the spare certificates it superseded.
 #[derive(Debug, Clone)]
 pub struct RecordedIssuance {
+    /// The issuance's audit record.
     pub record: SealedRecord,
+    /// Spare certificates of the device it superseded.
     pub superseded: Vec<CertificateRecord>,
 }
 
@@ -123,15 +136,22 @@ fn record_one_issuance(
 pub enum CertificateWrite {
     /// A new certificate, with its audit record, if `rules` hold.
     Issue {
+        /// The certificate.
         certificate: CertificateRecord,
+        /// Its audit record.
         entry: AuditEntry,
+        /// What must hold for it to be recorded.
         rules: IssuanceRules,
     },
     /// The device uses `keep`: its other valid certificates are superseded (audited).
     Supersede {
+        /// The device.
         device_id: String,
+        /// The serial it uses.
         keep: String,
+        /// Who, for the audit records.
         actor: String,
+        /// When, Unix milliseconds.
         now_ms: i64,
     },
 }
@@ -140,7 +160,9 @@ pub enum CertificateWrite {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum CertificateWritten {
+    /// An `Issue` was recorded.
     Issued(RecordedIssuance),
+    /// A `Supersede` revoked these.
     Superseded(Vec<CertificateRecord>),
 }
 
@@ -246,6 +268,7 @@ impl Store {
         .await
     }
 
+    /// One certificate by serial.
     pub async fn get_certificate(
         &self,
         serial: &str,
@@ -265,12 +288,16 @@ impl Store {
 /// A certificate revocation to record.
 #[derive(Debug, Clone, Default)]
 pub struct Revocation {
+    /// The certificates to revoke, by serial.
     pub serials: Vec<String>,
     /// Also every valid certificate of this device, listed inside the revoking transaction, so a
     /// certificate issued a moment earlier cannot slip through.
     pub device: Option<String>,
+    /// Why, for the records.
     pub reason: String,
+    /// Who, for the records.
     pub actor: String,
+    /// When, Unix milliseconds.
     pub now_ms: i64,
     /// Audited as `superseded` (a newer certificate replaced these) rather than `revoked`.
     pub superseded: bool,
@@ -379,6 +406,7 @@ impl Store {
         .await
     }
 
+    /// The certificate of `device_id` for the key with `key_fingerprint`, if one was issued.
     pub async fn find_certificate_for_key(
         &self,
         device_id: &str,

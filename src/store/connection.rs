@@ -13,7 +13,9 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// A connection to whichever backend the store was opened on.
 #[derive(diesel::MultiConnection)]
 pub enum DbConnection {
+    /// A PostgreSQL connection.
     Postgres(PgConnection),
+    /// A SQLite connection.
     Sqlite(SqliteConnection),
 }
 
@@ -37,6 +39,7 @@ impl Backend {
         }
     }
 
+    /// `sqlite` or `postgres`.
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Postgres(_) => "postgres",

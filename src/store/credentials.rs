@@ -12,15 +12,25 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = credentials)]
 pub struct CredentialRecord {
+    /// The credential's name.
     pub name: String,
+    /// Its role (`Role::kind`).
     pub role: String,
+    /// Its scope as a label selector ("" for everything).
     pub scope: String,
+    /// A service's grant, as JSON.
     pub grants: String,
+    /// Validity of its certificates, milliseconds.
     pub validity_ms: i64,
+    /// When it was created, Unix milliseconds.
     pub created_ms: i64,
+    /// Who created it.
     pub created_by: String,
+    /// When a certificate of it was last used, Unix milliseconds.
     pub last_used_ms: Option<i64>,
+    /// When it was revoked, Unix milliseconds.
     pub revoked_ms: Option<i64>,
+    /// Why it was revoked.
     pub revocation_reason: Option<String>,
 }
 
@@ -28,31 +38,47 @@ pub struct CredentialRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = cc)]
 pub struct CredentialCertificate {
+    /// Serial, lowercase hex.
     pub serial: String,
+    /// The credential it belongs to.
     pub credential: String,
+    /// SHA-256 (hex) of its public key.
     pub key_fingerprint: String,
+    /// SHA-256 (hex) of the certificate.
     pub fingerprint: String,
+    /// The certificate (PEM).
     pub certificate_pem: String,
+    /// Start of its validity, Unix milliseconds.
     pub not_before_ms: i64,
+    /// End of its validity, Unix milliseconds.
     pub not_after_ms: i64,
+    /// When it was issued, Unix milliseconds.
     pub issued_ms: i64,
+    /// When it was revoked, Unix milliseconds.
     pub revoked_ms: Option<i64>,
+    /// Why it was revoked.
     pub revocation_reason: Option<String>,
 }
 
 /// A credential with every certificate issued for it, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredCredential {
+    /// The credential.
     pub record: CredentialRecord,
+    /// Its certificates, oldest first.
     pub certificates: Vec<CredentialCertificate>,
 }
 
 /// Who revokes, and why.
 #[derive(Debug, Clone)]
 pub struct CredentialRevocation {
+    /// The credential to revoke.
     pub name: String,
+    /// Why, for the records.
     pub reason: String,
+    /// Who, for the records.
     pub actor: String,
+    /// When, Unix milliseconds.
     pub now_ms: i64,
 }
 
@@ -189,6 +215,7 @@ impl Store {
         .await
     }
 
+    /// One credential with its certificates.
     pub async fn credential(&self, name: &str) -> Result<Option<StoredCredential>, StoreError> {
         let name = name.to_string();
         self.run("credential", move |conn| load_one(conn, &name))

@@ -11,18 +11,29 @@ use std::sync::Arc;
 /// A device as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRecord {
+    /// The device's id (stable; its certificates name it).
     pub id: String,
+    /// Its name (unique, what operators use).
     pub name: String,
+    /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its own spec, laid over its fleet's template.
     pub spec: DeviceSpec,
+    /// The version it last acknowledged.
     pub acked_version: Option<String>,
     /// The version the device rejected last, and why.
     pub nacked: Option<(String, String)>,
+    /// The agent version of its last session.
     pub agent_version: Option<String>,
+    /// When it was last heard from, Unix milliseconds.
     pub last_seen_ms: Option<i64>,
+    /// Serial of its newest certificate.
     pub cert_serial: Option<String>,
+    /// Expiry of its newest certificate, Unix milliseconds.
     pub cert_not_after_ms: Option<i64>,
+    /// When it was created, Unix milliseconds.
     pub created_ms: i64,
+    /// When it was last changed, Unix milliseconds.
     pub updated_ms: i64,
     /// The fleet that owns the device.
     pub fleet: Option<String>,
@@ -39,12 +50,19 @@ pub struct DeviceRecord {
 /// a device that changes with sessions, pushes and renewals, apart from what renders it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionFacts {
+    /// The device's id.
     pub id: String,
+    /// The version it last acknowledged.
     pub acked_version: Option<String>,
+    /// The version it last rejected, with the reason.
     pub nacked: Option<(String, String)>,
+    /// The agent version of its last session.
     pub agent_version: Option<String>,
+    /// The replica holding its session, if any.
     pub session_replica: Option<String>,
+    /// Serial of its newest certificate.
     pub cert_serial: Option<String>,
+    /// Expiry of its newest certificate, Unix milliseconds.
     pub cert_not_after_ms: Option<i64>,
     /// What the device last reported about itself.
     pub report: Option<DeviceReport>,
@@ -93,14 +111,23 @@ fn read_report(device_id: &str, text: &str) -> Option<DeviceReport> {
 /// A device about to be created (by approving its enrollment).
 #[derive(Debug, Clone)]
 pub struct NewDevice {
+    /// The device's id.
     pub id: String,
+    /// Its name.
     pub name: String,
+    /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its own spec.
     pub spec: DeviceSpec,
+    /// Serial of its first certificate.
     pub cert_serial: String,
+    /// Expiry of its first certificate, Unix milliseconds.
     pub cert_not_after_ms: i64,
+    /// When it was created, Unix milliseconds.
     pub created_ms: i64,
+    /// The fleet that owns it.
     pub fleet: Option<String>,
+    /// SHA-256 (hex) of its TPM's endorsement key, when attested.
     pub tpm_ek_fingerprint: Option<String>,
 }
 
@@ -131,7 +158,9 @@ impl NewDevice {
 /// Changes to a device; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceChange {
+    /// A new own spec.
     pub spec: Option<DeviceSpec>,
+    /// New labels.
     pub labels: Option<BTreeMap<String, String>>,
     /// `Some(None)` clears the owner.
     pub fleet: Option<Option<String>>,
@@ -367,6 +396,7 @@ impl Store {
         .await
     }
 
+    /// One device by name.
     pub async fn get_device_by_name(&self, name: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let name = name.to_string();
         self.run("get_device_by_name", move |conn| {
@@ -496,22 +526,36 @@ impl Store {
 pub enum DeviceFact {
     /// A session opened: the agent's version and, if it reported one, the version it runs.
     Session {
+        /// The device's id.
         id: String,
+        /// The agent version.
         agent_version: String,
+        /// The version the agent says it runs.
         running_version: Option<String>,
+        /// When, Unix milliseconds.
         seen_ms: i64,
     },
     /// The device was last heard from at `seen_ms`.
-    LastSeen { id: String, seen_ms: i64 },
+    LastSeen {
+        /// The device's id.
+        id: String,
+        /// When, Unix milliseconds.
+        seen_ms: i64,
+    },
     /// The version it acknowledged last and the one it rejected, with the reason.
     Sync {
+        /// The device's id.
         id: String,
+        /// The version acknowledged last.
         acked_version: Option<String>,
+        /// The version rejected last, with the reason.
         nacked: Option<(String, String)>,
     },
     /// What the device reported about itself, when its content changed.
     Report {
+        /// The device's id.
         id: String,
+        /// The report as it now stands.
         report: Arc<DeviceReport>,
     },
 }

@@ -9,14 +9,19 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Where an enrollment request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnrollmentState {
+    /// Waiting for a decision.
     Pending,
+    /// Approved: the device exists.
     Approved,
+    /// Denied.
     Denied,
 }
 
 impl EnrollmentState {
+    /// `pending`, `approved` or `denied`.
     pub fn as_str(self) -> &'static str {
         match self {
             EnrollmentState::Pending => "pending",
@@ -41,26 +46,44 @@ impl EnrollmentState {
 /// Facts an agent reported about its host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SystemInfo {
+    /// The host name.
     pub hostname: String,
+    /// The OS family, as the agent was built for (`linux`).
     pub os: String,
+    /// The CPU architecture.
     pub arch: String,
+    /// The agent's version.
     pub agent_version: String,
+    /// Changes at every boot.
     pub boot_id: String,
 }
 
+/// An enrollment request as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnrollmentRecord {
+    /// The device name asked for (unique among requests).
     pub name: String,
+    /// SHA-256 (hex) of the key in the CSR.
     pub key_fingerprint: String,
+    /// The CSR (PEM).
     pub csr_pem: String,
+    /// The labels asked for.
     pub labels: BTreeMap<String, String>,
+    /// What the agent said about its host.
     pub system_info: SystemInfo,
+    /// Where it stands.
     pub state: EnrollmentState,
+    /// Why it was denied.
     pub reason: Option<String>,
+    /// The device's id, once approved.
     pub device_id: Option<String>,
+    /// Serial of the device's first certificate, once approved.
     pub certificate_serial: Option<String>,
+    /// When it was submitted, Unix milliseconds.
     pub created_ms: i64,
+    /// When it was decided, Unix milliseconds.
     pub decided_ms: Option<i64>,
+    /// Who decided.
     pub decided_by: Option<String>,
     /// Set when the key was proven to live in a genuine TPM: its endorsement key's fingerprint.
     pub tpm_ek_fingerprint: Option<String>,
@@ -73,16 +96,26 @@ pub struct EnrollmentRecord {
     pub source_address: String,
 }
 
+/// An enrollment request to store.
 #[derive(Debug, Clone)]
 pub struct NewEnrollment {
+    /// The device name asked for.
     pub name: String,
+    /// SHA-256 (hex) of the key in the CSR.
     pub key_fingerprint: String,
+    /// The CSR (PEM).
     pub csr_pem: String,
+    /// The labels asked for.
     pub labels: BTreeMap<String, String>,
+    /// What the agent said about its host.
     pub system_info: SystemInfo,
+    /// When it was submitted, Unix milliseconds.
     pub created_ms: i64,
+    /// SHA-256 (hex) of the TPM's endorsement key, when evidence came with it.
     pub tpm_ek_fingerprint: Option<String>,
+    /// The enrollment credential it came with.
     pub credential: String,
+    /// Where it came from (the TCP peer).
     pub source_address: String,
 }
 
@@ -226,6 +259,7 @@ impl Store {
         .await
     }
 
+    /// One enrollment request by name.
     pub async fn get_enrollment(&self, name: &str) -> Result<Option<EnrollmentRecord>, StoreError> {
         let name = name.to_string();
         self.run("get_enrollment", move |conn| find(conn, &name))

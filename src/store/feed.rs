@@ -27,9 +27,13 @@ pub enum ChangeKind {
     Device,
     /// Only what the device answered or which replica holds its session (`session_facts`).
     Session,
+    /// A fleet (subject: its name).
     Fleet,
+    /// A certificate (subject: its serial).
     Certificate,
+    /// A rollout (subject: its id).
     Rollout,
+    /// An enrollment request (subject: its name).
     Enrollment,
     /// A credential of the admin API (subject: its name) or one of its certificates.
     Credential,
@@ -55,12 +59,15 @@ pub enum FeedLane {
 /// One committed change, as the feed recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// Its position in the feed.
     pub id: i64,
+    /// What it touched.
     pub kind: ChangeKind,
     /// The device id, fleet name, certificate serial, rollout id or enrollment name.
     pub subject: String,
     /// Made by this replica (already applied to its memory).
     pub own: bool,
+    /// When it was committed, Unix milliseconds.
     pub created_ms: i64,
 }
 

@@ -12,25 +12,36 @@ use std::collections::BTreeMap;
 /// A fleet with its current template.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetRecord {
+    /// The fleet's name.
     pub name: String,
     /// Selector text as the operator wrote it (validated before it is stored).
     pub selector: String,
     /// Values of labels a device lacks, as seen by the template.
     pub label_defaults: BTreeMap<String, String>,
+    /// Its current template revision.
     pub revision: i64,
+    /// Its current template.
     pub template: DeviceSpec,
+    /// When it was created, Unix milliseconds.
     pub created_ms: i64,
+    /// When it was last changed, Unix milliseconds.
     pub updated_ms: i64,
+    /// How new revisions reach its devices; `None`: all at once.
     pub rollout: Option<RolloutSpec>,
 }
 
 /// One immutable template revision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetRevision {
+    /// The fleet.
     pub fleet: String,
+    /// The revision, from 1.
     pub revision: i64,
+    /// The template of that revision.
     pub template: DeviceSpec,
+    /// When it was applied, Unix milliseconds.
     pub created_ms: i64,
+    /// Who applied it.
     pub created_by: String,
 }
 
@@ -38,19 +49,28 @@ pub struct FleetRevision {
 /// and rollouts started or superseded (with their events).
 #[derive(Debug, Clone, Default)]
 pub struct FleetRollout {
+    /// Devices pinned to a revision (or released).
     pub pins: Vec<Pins>,
+    /// Rollouts to save, each with its event.
     pub saves: Vec<(RolloutRecord, RolloutEventRecord)>,
 }
 
 /// A fleet as an operator applies it.
 #[derive(Debug, Clone)]
 pub struct FleetWrite {
+    /// The fleet's name.
     pub name: String,
+    /// Its label selector.
     pub selector: String,
+    /// Values the template sees for labels a device lacks.
     pub label_defaults: BTreeMap<String, String>,
+    /// The spec template.
     pub template: DeviceSpec,
+    /// How new revisions reach its devices.
     pub rollout: Option<RolloutSpec>,
+    /// Who, for the records.
     pub actor: String,
+    /// When, Unix milliseconds.
     pub now_ms: i64,
 }
 
@@ -135,6 +155,7 @@ impl Store {
             .await
     }
 
+    /// One fleet by name.
     pub async fn get_fleet(&self, name: &str) -> Result<Option<FleetRecord>, StoreError> {
         let name = name.to_string();
         self.run("get_fleet", move |conn| {

@@ -50,18 +50,30 @@ use std::time::Duration;
 /// How long an operation waits for a pooled connection before the database counts as down.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A uniqueness constraint refused the write.
     #[error("{0}")]
     Conflict(String),
+    /// A condition the write depends on no longer holds.
     #[error("{0}")]
     Precondition(String),
+    /// A stored value does not parse.
     #[error("stored {what} is corrupt: {detail}")]
-    Corrupt { what: &'static str, detail: String },
+    Corrupt {
+        /// What was read.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The database refused a query.
     #[error("database error: {0}")]
     Query(DieselError),
+    /// The schema could not be migrated.
     #[error("migration failed: {0}")]
     Migration(String),
     /// Another process holds the embedded database.
@@ -175,6 +187,7 @@ impl Store {
         &self.replica
     }
 
+    /// Which database this is.
     pub fn backend(&self) -> &Backend {
         &self.backend
     }

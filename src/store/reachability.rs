@@ -23,6 +23,7 @@ pub struct Reachability {
 }
 
 impl Reachability {
+    /// Whether the database answered the last operation.
     pub fn is_reachable(&self) -> bool {
         !self.down.load(Ordering::Acquire)
     }

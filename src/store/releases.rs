@@ -15,13 +15,21 @@ const CHUNK_ROW_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = agent_releases)]
 pub struct ReleaseRecord {
+    /// The agent version.
     pub version: String,
+    /// SHA-256 (hex) of the binary.
     pub sha256: String,
+    /// Its size, bytes.
     pub size: i64,
+    /// The release key's signature.
     pub signature: String,
+    /// The external download URL ("" for none).
     pub url: String,
+    /// Fingerprint of the key that signed, when known.
     pub key_fingerprint: String,
+    /// When it was published, Unix milliseconds.
     pub published_ms: i64,
+    /// Who published it.
     pub published_by: String,
 }
 
@@ -131,11 +139,13 @@ impl Store {
         .await
     }
 
+    /// One release by version.
     pub async fn release(&self, version: &str) -> Result<Option<ReleaseRecord>, StoreError> {
         let version = version.to_string();
         self.run("release", move |conn| find(conn, &version)).await
     }
 
+    /// The release whose binary has this SHA-256.
     pub async fn release_by_digest(
         &self,
         sha256: &str,

@@ -9,32 +9,47 @@ use diesel::prelude::*;
 /// A rollout as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutRecord {
+    /// The rollout's id.
     pub id: String,
+    /// The fleet it rolls out.
     pub fleet: String,
+    /// The revision it moves devices from.
     pub from_revision: i64,
+    /// The revision it moves devices to.
     pub to_revision: i64,
     /// progressing | paused | completed | superseded
     pub state: String,
+    /// The batch in progress, from 0.
     pub batch: i64,
+    /// The devices of each batch started so far, by id.
     pub members: Vec<Vec<String>>,
+    /// When the current batch started, Unix milliseconds.
     pub batch_started_ms: i64,
+    /// Why it paused or ended.
     pub reason: String,
+    /// When it started, Unix milliseconds.
     pub created_ms: i64,
+    /// When it last changed, Unix milliseconds.
     pub updated_ms: i64,
 }
 
 /// One transition of a rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutEventRecord {
+    /// When, Unix milliseconds.
     pub at_ms: i64,
+    /// What happened (`batch-started`, `paused`, …).
     pub event: String,
+    /// The detail, in words.
     pub detail: String,
 }
 
 /// Pins to write with a rollout change: these devices to this revision (`None`: follow current).
 #[derive(Debug, Clone, Default)]
 pub struct Pins {
+    /// The devices.
     pub devices: Vec<String>,
+    /// The revision they stay on; `None` releases them to the fleet's current one.
     pub revision: Option<i64>,
 }
 
@@ -162,6 +177,7 @@ impl Store {
         .await
     }
 
+    /// One rollout by id.
     pub async fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
         let id = id.to_string();
         self.run("get_rollout", move |conn| {
@@ -192,6 +208,7 @@ impl Store {
         .await
     }
 
+    /// A rollout's events, oldest first.
     pub async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError> {
         let id = id.to_string();
         self.run("rollout_events", move |conn| {

@@ -9,14 +9,19 @@ use diesel::prelude::*;
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = tc)]
 pub struct TpmChallengeRecord {
+    /// The challenge's id.
     pub id: String,
     /// The enrollment request (device name) and key it was issued for.
     pub name: String,
+    /// SHA-256 (hex) of the device key.
     pub key_fingerprint: String,
+    /// SHA-256 (hex) of the endorsement key.
     pub ek_fingerprint: String,
     /// SHA-256 (hex) of the secret; the secret itself is never stored.
     pub secret_digest: String,
+    /// When it stops being accepted, Unix milliseconds.
     pub expires_ms: i64,
+    /// When it was issued, Unix milliseconds.
     pub created_ms: i64,
 }
 
