@@ -23,6 +23,7 @@ pub mod selector;
 pub mod signature;
 pub mod spec;
 pub mod status;
+pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod authz;

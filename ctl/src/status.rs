@@ -3,7 +3,7 @@
 
 use flotilla::proto::admin::v1 as admin;
 use flotilla::status::{Alert, DriftCheck, ResourceUsage, SystemInfo, UpdateState, WorkloadStatus};
-use flotilla::transport::convert::status::{alerts_from, condition_status_from, summary_from};
+use flotilla::wire::status::{alerts_from, condition_status_from, summary_from};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]

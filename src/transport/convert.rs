@@ -1,11 +1,8 @@
-//! Conversions between domain records and their protobuf messages: the one place that knows both.
-//! Records of the admin API here; specs, status reports, rollout policies and the session's
-//! messages in the submodules.
+//! Conversions between domain records and their protobuf messages, for the server: records of the
+//! admin API here, the session's messages in `session`. Those the agent and flotctl share (specs,
+//! status reports, rollout policies) are in `crate::wire`.
 
-pub mod rollout;
 pub mod session;
-pub mod spec;
-pub mod status;
 
 use crate::audit::{SealedRecord, SignedHead};
 use crate::authz::ServiceGrant;

@@ -1,11 +1,11 @@
 //! Conversions of a device session's messages: `AgentMessage` in as a domain `SessionEvent`,
 //! a domain `Directive` out as a `ServerMessage`.
 
-use super::status::alerts_from;
 use crate::clock::timestamp_from_millis;
 use crate::control::{CertificateRejected, CertificateRequest, Directive, Hello, SessionEvent};
 use crate::proto::agent::v1 as pb;
 use crate::status::{DriftCheck, ReportUpdate, ResourceUsage, SystemInfo, UpdateState};
+use crate::wire::status::alerts_from;
 use std::time::Duration;
 
 /// Largest status report taken in (a full one is a few KiB).
