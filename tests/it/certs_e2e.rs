@@ -16,7 +16,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use support::cluster::{Cluster, RENEWED, agent_counter, agent_counter_now, count_lines, wait};
+use support::cluster::{
+    Cluster, RENEWED, SESSIONS, agent_counter, agent_counter_now, count_lines, wait,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -121,7 +123,7 @@ fn enrolled(
     });
     cluster.flotctl_ok(&["approve", "enrollment", "edge-1"]);
     wait("edge-1's session", TIMEOUT, || {
-        count_lines(&root.join("agent-0.log"), "session established") >= 1
+        agent_counter(&root.join("agent-0.log"), SESSIONS).is_some_and(|n| n >= 1)
     });
     let id = device_json(&cluster, "edge-1")["metadata"]["id"]
         .as_str()
@@ -261,7 +263,7 @@ fn power_loss_at_any_step_of_the_swap_leaves_a_valid_pair_then_revocation_cuts_t
             &[("FLOTILLA_AGENT_FAILPOINT", point)],
         );
         wait(&format!("{point}: session"), TIMEOUT, || {
-            count_lines(&log, "session established") >= 1
+            agent_counter(&log, SESSIONS).is_some_and(|n| n >= 1)
         });
         cluster.flotctl_ok(&["cert", "renew", "--device", "edge-1"]);
         let mut status = None;
@@ -384,7 +386,7 @@ fn an_agent_offline_past_expiry_recovers_within_the_window_and_is_refused_after_
     let mut agent = cluster.spawn_agent("edge-1", &["site=lab"], &state, &log);
     wait("recovery and a session", TIMEOUT, || {
         count_lines(&log, "recovered from an expired certificate") == 1
-            && count_lines(&log, "session established") >= 1
+            && agent_counter(&log, SESSIONS).is_some_and(|n| n >= 1)
     });
     agent.terminate();
     let second = valid_pair(&state, &ca_pem(&cluster), &id);
