@@ -8,7 +8,6 @@ use crate::ca::{CaError, CertificateAuthority, Subject, Usage};
 use crate::identity::{Identity, Role};
 use crate::pki::cert_info_pem;
 use crate::profiles::{AgentConfig, CtlConfig};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -182,10 +181,6 @@ fn read(path: &Path) -> Result<String, BootstrapError> {
     std::fs::read_to_string(path).map_err(io(path))
 }
 
-fn now_secs() -> i64 {
-    crate::clock::now_secs()
-}
-
 /// A server certificate for `names` (besides localhost), valid for `validity`: PEM of the
 /// certificate and of its new key.
 pub fn server_certificate(
@@ -286,16 +281,13 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
     let renew_before = SERVER_RENEW_BEFORE.min(options.server_cert_validity.as_secs() as i64 / 3);
     let fresh = existing.as_deref().is_some_and(|pem| {
         cert_info_pem(pem)
-            .map(|info| info.not_after - now_secs() > renew_before)
+            .map(|info| info.not_after - crate::clock::now_secs() > renew_before)
             .unwrap_or(false)
     });
     if !fresh || !missing.is_empty() {
-        // Names given once stay: a later start with one more name adds it.
-        let mut names: Vec<String> = had
-            .into_iter()
-            .filter(|n| !matches!(n.as_str(), "localhost" | "127.0.0.1" | "::1"))
-            .collect();
-        names.extend(missing.iter().map(|n| n.to_string()));
+        // Names given once stay: a later start with one more name adds it (`server_subject`
+        // leaves out the built-in ones it adds itself).
+        let mut names = had;
         names.extend(options.server_names.iter().cloned());
         names.sort();
         names.dedup();
@@ -392,25 +384,10 @@ pub fn prepare(dir: &DataDir, options: &BootstrapOptions) -> Result<Prepared, Bo
         write_file(&dir.enrollment_key(), key.as_bytes(), 0o600)?;
         write_file(&dir.enrollment_cert(), cert.pem.as_bytes(), 0o644)?;
         let agent = AgentConfig {
-            server: options.agent_url.clone(),
-            servers: Vec::new(),
-            server_name: "localhost".into(),
             ca_file: Some(dir.ca_cert()),
-            ca_pem: None,
             enrollment_cert_file: Some(dir.enrollment_cert()),
             enrollment_key_file: Some(dir.enrollment_key()),
-            enrollment_cert_pem: None,
-            enrollment_key_pem: None,
-            state_dir: None,
-            device_name: None,
-            labels: BTreeMap::new(),
-            max_backoff_secs: 60,
-            renewal_retry_secs: 60,
-            renewal_retry_max_secs: 24 * 3600,
-            health_listen: None,
-            tpm: Default::default(),
-            status: Default::default(),
-            update: Default::default(),
+            ..AgentConfig::new(options.agent_url.clone())
         };
         write_file(
             &dir.agent_config(),

@@ -277,7 +277,7 @@ enum Command {
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
         /// A label devices ask for at enrollment, `key=value` (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = flotilla::names::parse_label)]
         labels: Vec<(String, String)>,
         /// Write the bundle here (0600) instead of printing it.
         #[arg(long)]
@@ -288,12 +288,6 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-}
-
-fn parse_label(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("label {text:?} must be key=value"))
 }
 
 /// The agent.toml of `flotilla enrollment-bundle`.
@@ -325,26 +319,15 @@ fn enrollment_bundle(
         }
     }
     let mut urls = server_urls.into_iter();
+    let server = urls.next().unwrap_or_default();
     let config = AgentConfig {
-        server: urls.next().unwrap_or_default(),
         servers: urls.collect(),
         server_name,
-        ca_file: None,
         ca_pem: Some(read(&dir.ca_cert())?),
-        enrollment_cert_file: None,
-        enrollment_key_file: None,
         enrollment_cert_pem: Some(cert_pem),
         enrollment_key_pem: Some(read(&key)?),
-        state_dir: None,
-        device_name: None,
         labels: labels.into_iter().collect(),
-        max_backoff_secs: 60,
-        renewal_retry_secs: 60,
-        renewal_retry_max_secs: 24 * 3600,
-        health_listen: None,
-        tpm: Default::default(),
-        status: Default::default(),
-        update: Default::default(),
+        ..AgentConfig::new(server)
     };
     Ok(format!(
         "# flotilla-agent configuration with its enrollment credential ({identity}): keep it private\n\
@@ -592,9 +575,10 @@ async fn main() -> Result<()> {
             }
             let (db, start_lock, _) = open_store(&store).await?;
             let dir = DataDir::new(&store.data_dir);
+            // `options` moves into the blocking task; this is read after it.
             let agent_url_local = agent_url.is_none();
             let options = BootstrapOptions {
-                agent_url_given: agent_url.is_some(),
+                agent_url_given: !agent_url_local,
                 server_cert_validity,
                 agent_url: agent_url.unwrap_or_else(|| url_for(agent_addr)),
                 admin_url: url_for(admin_addr),

@@ -55,6 +55,16 @@ pub enum NameError {
 }
 
 /// Checks a device or resource name: lowercase alphanumerics, '-' and '.', alphanumeric at both ends.
+/// Reads a `key=value` command-line argument (`--label site=berlin`); the key and value are
+/// validated where they are used.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} must be key=value"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Checks a device or fleet name.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);

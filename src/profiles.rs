@@ -281,6 +281,32 @@ fn material(
 }
 
 impl AgentConfig {
+    /// A configuration for the agent endpoint `server`, every other key at its default (what a
+    /// file that names only `server` reads as).
+    pub fn new(server: String) -> AgentConfig {
+        AgentConfig {
+            server,
+            servers: Vec::new(),
+            server_name: default_server_name(),
+            ca_file: None,
+            ca_pem: None,
+            enrollment_cert_file: None,
+            enrollment_key_file: None,
+            enrollment_cert_pem: None,
+            enrollment_key_pem: None,
+            state_dir: None,
+            device_name: None,
+            labels: BTreeMap::new(),
+            max_backoff_secs: default_max_backoff_secs(),
+            renewal_retry_secs: default_renewal_retry_secs(),
+            renewal_retry_max_secs: default_renewal_retry_max_secs(),
+            health_listen: None,
+            tpm: TpmConfig::default(),
+            status: StatusConfig::default(),
+            update: UpdateConfig::default(),
+        }
+    }
+
     /// The CA bundle (PEM), inline or read from its file.
     pub fn ca(&self) -> Result<String, ProfileError> {
         material(&self.ca_pem, &self.ca_file, "CA bundle", "ca")

@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long)]
     name: Option<String>,
     /// Label to request, `key=value` (repeatable).
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = flotilla::names::parse_label)]
     labels: Vec<(String, String)>,
     /// Log as JSON lines.
     #[arg(long)]
@@ -56,13 +56,6 @@ struct Cli {
     /// Serve `/healthz` and `/metrics` on this address (overrides `health_listen` in the config).
     #[arg(long)]
     health_listen: Option<std::net::SocketAddr>,
-}
-
-fn parse_label(text: &str) -> Result<(String, String), String> {
-    let (k, v) = text
-        .split_once('=')
-        .ok_or_else(|| format!("label {text:?} must be key=value"))?;
-    Ok((k.to_string(), v.to_string()))
 }
 
 /// Everything the agent's tasks share.

@@ -8,7 +8,6 @@ use crate::resources::{self, parse_documents};
 use crate::{devices, fleets};
 use anyhow::{Context, Result, bail};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use tonic::transport::Channel;
 
@@ -21,9 +20,13 @@ pub(crate) enum Kind {
     Fleet,
 }
 
-/// A private file for the edit: the document may hold secrets (file contents).
+/// A private file (0600) for the edit: the document may hold secrets (file contents). Kept, not
+/// removed on drop: a refused edit stays for the user.
 fn edit_file(kind: Kind, name: &str, text: &str) -> Result<PathBuf> {
-    let nanos = flotilla::clock::now_millis().rem_euclid(1_000_000);
+    let kind = match kind {
+        Kind::Device => "device",
+        Kind::Fleet => "fleet",
+    };
     let safe: String = name
         .chars()
         .map(|c| {
@@ -34,20 +37,13 @@ fn edit_file(kind: Kind, name: &str, text: &str) -> Result<PathBuf> {
             }
         })
         .collect();
-    let path = std::env::temp_dir().join(format!(
-        "flotctl-edit-{}-{safe}-{}-{nanos}.yaml",
-        match kind {
-            Kind::Device => "device",
-            Kind::Fleet => "fleet",
-        },
-        std::process::id()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let (mut file, path) = tempfile::Builder::new()
+        .prefix(&format!("flotctl-edit-{kind}-{safe}-"))
+        .suffix(".yaml")
+        .tempfile()
+        .context("creating the file to edit")?
+        .keep()
+        .context("keeping the file to edit")?;
     file.write_all(text.as_bytes())?;
     Ok(path)
 }

@@ -236,7 +236,7 @@ enum CredentialWhat {
         #[arg(long)]
         out: Option<PathBuf>,
         /// For enrollment: a label `key=value` set on every device it enrolls (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = flotilla::names::parse_label)]
         labels: Vec<(String, String)>,
         /// For enrollment: approve the requests made with it without an operator.
         #[arg(long)]
@@ -425,7 +425,7 @@ enum ApproveWhat {
         #[arg(required_unless_present_any = ["selector", "all_pending"])]
         name: Option<String>,
         /// Label to give the device, `key=value` (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = flotilla::names::parse_label)]
         labels: Vec<(String, String)>,
         /// Approve every pending request whose requested labels match this selector.
         #[arg(short = 'l', long, conflicts_with_all = ["name", "all_pending"])]
@@ -444,13 +444,6 @@ enum DenyWhat {
         #[arg(long, default_value = "")]
         reason: String,
     },
-}
-
-fn parse_label(text: &str) -> Result<(String, String), String> {
-    let (k, v) = text
-        .split_once('=')
-        .ok_or_else(|| format!("label {text:?} must be key=value"))?;
-    Ok((k.to_string(), v.to_string()))
 }
 
 fn config_path(cli: &Option<PathBuf>) -> Result<PathBuf> {

@@ -58,10 +58,9 @@ pub enum SessionEvent {
     },
     /// The device is alive and has nothing to say.
     Heartbeat,
-    /// A status report, as far as it could be read.
-    Status(Box<ReportUpdate>),
-    /// A status report that could not be taken in (too large, an unknown alert), and why.
-    MalformedStatus(String),
+    /// A status report as far as it could be read, or why it could not be taken in (too large,
+    /// an unknown alert).
+    Status(Result<Box<ReportUpdate>, String>),
     /// A renewal request.
     CertificateRequest(CertificateRequest),
     /// A certificate the device refused.

@@ -284,15 +284,7 @@ impl ControlPlane {
                     }
                     Some(Ok(SessionEvent::Status(update))) => {
                         deadline = Instant::now() + silence;
-                        if let Some(refusal) = self.record_status(device_id, handle.id, Ok(*update))
-                            && outbound.send(Box::new(refusal)).await.is_err()
-                        {
-                            return EndReason::AgentClosed;
-                        }
-                    }
-                    Some(Ok(SessionEvent::MalformedStatus(reason))) => {
-                        deadline = Instant::now() + silence;
-                        if let Some(refusal) = self.record_status(device_id, handle.id, Err(reason))
+                        if let Some(refusal) = self.record_status(device_id, handle.id, update.map(|u| *u))
                             && outbound.send(Box::new(refusal)).await.is_err()
                         {
                             return EndReason::AgentClosed;
@@ -375,9 +367,7 @@ impl ControlPlane {
                 tracing::warn!(device.id = %device_id, %version, %error, rolled_back, "device rejected spec");
                 self.hub.nack(device_id, session_id, &nonce, &error)
             }
-            SessionEvent::Heartbeat
-            | SessionEvent::Status(_)
-            | SessionEvent::MalformedStatus(_) => {
+            SessionEvent::Heartbeat | SessionEvent::Status(_) => {
                 // The session loop takes status reports in before this; here for completeness.
                 self.hub.touch(device_id, self.now_millis());
                 return true;

@@ -142,11 +142,8 @@ async fn renew_server_certificate(
         crate::telemetry::server_certificate_expiry(info.not_after);
         let left = info.not_after - crate::clock::now_millis() / 1000;
         if left * 3 < lifetime {
-            let names: Vec<String> = crate::pki::subject_alt_names_pem(&pem)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|n| !matches!(n.as_str(), "localhost" | "127.0.0.1" | "::1"))
-                .collect();
+            // The same names again (the built-in ones are not repeated).
+            let names = crate::pki::subject_alt_names_pem(&pem).unwrap_or_default();
             let renewed = crate::bootstrap::server_certificate(control.ca(), &names, validity)
                 .map_err(|e| e.to_string())
                 .and_then(|(cert, key)| {

@@ -32,10 +32,7 @@ pub fn session_event(message: pb::AgentMessage) -> SessionEvent {
             rolled_back: nack.rolled_back,
         },
         Some(Kind::Heartbeat(_)) => SessionEvent::Heartbeat,
-        Some(Kind::Status(status)) => match report_update(status) {
-            Ok(update) => SessionEvent::Status(Box::new(update)),
-            Err(reason) => SessionEvent::MalformedStatus(reason),
-        },
+        Some(Kind::Status(status)) => SessionEvent::Status(report_update(status).map(Box::new)),
         Some(Kind::CertificateRequest(request)) => {
             SessionEvent::CertificateRequest(CertificateRequest {
                 request_id: request.request_id,
@@ -153,7 +150,7 @@ mod tests {
         let event = session_event(pb::AgentMessage {
             kind: Some(pb::agent_message::Kind::Status(status)),
         });
-        let SessionEvent::MalformedStatus(reason) = event else {
+        let SessionEvent::Status(Err(reason)) = event else {
             panic!("not refused: {event:?}");
         };
         assert!(reason.contains("at most 32768"), "{reason}");

@@ -350,8 +350,7 @@ pub(crate) fn agent_counter(log: &Path, series: &str) -> Option<u64> {
         .rev()
         .find(|l| l.contains("health endpoint listening"))?;
     let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
-    let addr = strip_ansi(addr);
-    let page = metrics_page(&addr)?;
+    let page = super::try_http_body(&format!("http://{addr}/metrics"))?;
     page.lines().find_map(|l| {
         let value = l.strip_prefix(series)?.strip_prefix(' ')?;
         value.trim().parse::<f64>().ok().map(|v| v as u64)
@@ -370,37 +369,6 @@ pub(crate) fn agent_counter_now(log: &Path, series: &str) -> u64 {
         },
     );
     value.unwrap_or_default()
-}
-
-/// GET `/metrics` of `addr`; `None` when nothing answers there.
-fn metrics_page(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 pub(crate) fn count_lines(path: &Path, needle: &str) -> usize {
