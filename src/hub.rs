@@ -253,7 +253,7 @@ impl Hub {
         self.lock().get_mut(device_id).map(|entry| {
             // Time alone can move a condition (a certificate entering its renewal window).
             let now_ms = self.clock.now_millis();
-            entry.settle(now_ms);
+            entry.settle_if_time_moved(now_ms);
             entry.status(now_ms)
         })
     }
@@ -273,9 +273,9 @@ impl Hub {
         let mut summary = HubSummary::default();
         for entry in self.lock().devices.values_mut() {
             // Time alone can move a condition (a certificate entering its renewal window).
-            entry.settle(now_ms);
+            entry.settle_if_time_moved(now_ms);
             summary.status.count(entry);
-            match entry.status(now_ms).state {
+            match entry.sync_state() {
                 SyncState::Synced => summary.synced += 1,
                 SyncState::Pending => summary.pending += 1,
                 SyncState::Error => summary.error += 1,

@@ -352,6 +352,21 @@ impl Catalog {
     }
 
     /// Ids of the devices `fleet` owns.
+    /// How many devices each fleet holds (fleets holding none included), in one pass.
+    pub(super) fn fleet_sizes(&self) -> BTreeMap<String, usize> {
+        let mut sizes: BTreeMap<&str, usize> =
+            self.fleets().map(|f| (f.record.name.as_str(), 0)).collect();
+        for fleet in self.devices.values().filter_map(|d| d.fleet.as_deref()) {
+            if let Some(size) = sizes.get_mut(fleet) {
+                *size += 1;
+            }
+        }
+        sizes
+            .into_iter()
+            .map(|(name, size)| (name.to_string(), size))
+            .collect()
+    }
+
     pub(super) fn owned_by(&self, fleet: &str) -> Vec<String> {
         self.devices
             .values()

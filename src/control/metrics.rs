@@ -64,17 +64,7 @@ impl ControlPlane {
     /// The gauges' current values.
     pub fn metrics_snapshot(&self) -> Snapshot {
         let summary = self.hub.summary(self.now_millis());
-        let fleets = {
-            let catalog = self.catalog();
-            catalog
-                .fleets()
-                .map(|f| {
-                    let name = f.record.name.clone();
-                    let owned = catalog.owned_by(&name).len();
-                    (name, owned)
-                })
-                .collect()
-        };
+        let fleets = self.catalog().fleet_sizes().into_iter().collect();
         let counts = &self.enrollment_counts;
         Snapshot {
             ready: self.is_loaded() && !self.is_shutting_down(),

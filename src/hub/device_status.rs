@@ -30,17 +30,17 @@ pub struct StatusCounts {
 impl StatusCounts {
     pub(super) fn count(&mut self, entry: &DeviceEntry) {
         let info = entry.report.as_ref().and_then(|r| r.system_info.as_ref());
-        let known = |value: Option<&String>| {
+        fn known(value: Option<&String>) -> &str {
             value
+                .map(String::as_str)
                 .filter(|v| !v.is_empty())
-                .cloned()
-                .unwrap_or_else(|| "unknown".to_string())
-        };
-        *self.os.entry(known(info.map(|i| &i.os_id))).or_default() += 1;
-        *self
-            .agent_versions
-            .entry(known(info.map(|i| &i.agent_version)))
-            .or_default() += 1;
+                .unwrap_or("unknown")
+        }
+        count_by(&mut self.os, known(info.map(|i| &i.os_id)));
+        count_by(
+            &mut self.agent_versions,
+            known(info.map(|i| &i.agent_version)),
+        );
         if let Some(update) = entry.report.as_ref().and_then(|r| r.update.as_ref()) {
             if let Some(i) = UpdatePhase::ALL.iter().position(|p| *p == update.phase) {
                 self.update_phases[i] += 1;
@@ -65,26 +65,45 @@ impl StatusCounts {
     }
 }
 
+/// Adds one to `key`'s count; a key is copied only the first time it is seen.
+fn count_by(counts: &mut BTreeMap<String, usize>, key: &str) {
+    match counts.get_mut(key) {
+        Some(count) => *count += 1,
+        None => {
+            counts.insert(key.to_string(), 1);
+        }
+    }
+}
+
 impl DeviceEntry {
+    /// The certificate's standing at `now_ms`, as the conditions see it.
+    fn standing(&self, now_ms: i64) -> Option<CertificateStanding> {
+        self.cert.as_ref().map(|cert| match cert.state(now_ms) {
+            RenewalState::Valid => CertificateStanding::Valid,
+            RenewalState::Due => CertificateStanding::RenewalDue,
+            RenewalState::Failed => CertificateStanding::RenewalFailed,
+            RenewalState::Expired => CertificateStanding::Expired,
+            RenewalState::Revoked => CertificateStanding::Revoked,
+        })
+    }
+
+    /// Settles the entry if time alone has moved it since it was last settled (only the
+    /// certificate's standing depends on the time); every other change settles it at once.
+    pub(super) fn settle_if_time_moved(&mut self, now_ms: i64) {
+        if self.settled_standing != Some(self.standing(now_ms)) {
+            self.settle(now_ms);
+        }
+    }
+
     /// Re-derives the conditions from the entry as it is now.
     pub(super) fn settle(&mut self, now_ms: i64) {
-        let desired = self.desired_version().map(str::to_string);
-        let certificate = self.cert.as_ref().map(|cert| {
-            let status = cert.status(now_ms);
-            let standing = match status.state {
-                RenewalState::Valid => CertificateStanding::Valid,
-                RenewalState::Due => CertificateStanding::RenewalDue,
-                RenewalState::Failed => CertificateStanding::RenewalFailed,
-                RenewalState::Expired => CertificateStanding::Expired,
-                RenewalState::Revoked => CertificateStanding::Revoked,
-            };
-            (standing, status.last_error)
-        });
+        let standing = self.standing(now_ms);
+        let last_error = self.cert.as_ref().and_then(|c| c.last_error.as_deref());
         let online = self.session.is_some() || self.elsewhere.is_some();
         let inputs = Inputs {
             online,
             ever_seen: online || self.last_seen_ms.is_some(),
-            desired_version: desired.as_deref(),
+            desired_version: self.desired_version(),
             acked_version: self.acked_version.as_deref(),
             nacked: self
                 .nacked
@@ -92,9 +111,7 @@ impl DeviceEntry {
                 .map(|(version, error)| (version.as_str(), error.as_str())),
             render_error: self.render_error.as_deref(),
             sent_version: self.sent.as_ref().map(|s| s.version.as_str()),
-            certificate: certificate
-                .as_ref()
-                .map(|(standing, error)| (*standing, error.as_deref())),
+            certificate: standing.map(|standing| (standing, last_error)),
             alerts: self
                 .report
                 .as_ref()
@@ -108,7 +125,9 @@ impl DeviceEntry {
             workloads: self.report.as_ref().and_then(|r| r.workloads.as_deref()),
             update: self.report.as_ref().and_then(|r| r.update.as_ref()),
         };
-        self.ledger.settle(evaluate(&inputs), now_ms);
+        let observed = evaluate(&inputs);
+        self.ledger.settle(observed, now_ms);
+        self.settled_standing = Some(standing);
     }
 }
 

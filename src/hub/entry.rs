@@ -4,7 +4,7 @@
 use super::renewal::{CertStatus, CertTrack};
 use super::{Rendered, SessionHandle};
 use crate::status::DeviceReport;
-use crate::status::conditions::{Condition, Ledger, Summary};
+use crate::status::conditions::{CertificateStanding, Condition, Ledger, Summary};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -84,6 +84,9 @@ pub(super) struct DeviceEntry {
     pub(super) report: Option<Arc<DeviceReport>>,
     /// Conditions with their transition times, settled on every change of the device.
     pub(super) ledger: Ledger,
+    /// The certificate standing the ledger was last settled with (outer `None`: never settled),
+    /// so a metrics pass re-settles only the devices that time has moved.
+    pub(super) settled_standing: Option<Option<CertificateStanding>>,
 }
 
 impl DeviceEntry {
@@ -91,25 +94,37 @@ impl DeviceEntry {
         self.desired.as_ref().map(|d| d.version.as_str())
     }
 
-    pub(super) fn status(&self, now_ms: i64) -> SyncStatus {
+    /// Where the device stands, without copying anything (the metrics count this for every device).
+    pub(super) fn sync_state(&self) -> SyncState {
         let desired = self.desired_version();
         let online = self.session.is_some() || self.elsewhere.is_some();
-        let nacked_desired = self
-            .nacked
-            .as_ref()
-            .is_some_and(|(version, _)| Some(version.as_str()) == desired);
         let revoked = self.cert.as_ref().is_some_and(|c| c.revoked);
-        let state = if revoked && !online {
+        if revoked && !online {
             SyncState::Revoked
         } else if !online {
             SyncState::Offline
-        } else if self.render_error.is_some() || nacked_desired {
+        } else if self.render_error.is_some() || self.nacked_desired() {
             SyncState::Error
         } else if desired.is_none() || self.acked_version.as_deref() == desired {
             SyncState::Synced
         } else {
             SyncState::Pending
-        };
+        }
+    }
+
+    /// The device rejected the version it is meant to run.
+    fn nacked_desired(&self) -> bool {
+        let desired = self.desired_version();
+        self.nacked
+            .as_ref()
+            .is_some_and(|(version, _)| Some(version.as_str()) == desired)
+    }
+
+    pub(super) fn status(&self, now_ms: i64) -> SyncStatus {
+        let desired = self.desired_version();
+        let online = self.session.is_some() || self.elsewhere.is_some();
+        let nacked_desired = self.nacked_desired();
+        let state = self.sync_state();
         SyncStatus {
             online,
             state,
@@ -158,6 +173,7 @@ impl DeviceEntry {
             elsewhere: None,
             report: None,
             ledger: Ledger::default(),
+            settled_standing: None,
         }
     }
 

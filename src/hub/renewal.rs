@@ -54,8 +54,9 @@ impl CertTrack {
         self.forced || now_ms >= self.renew_at_ms
     }
 
-    pub(super) fn status(&self, now_ms: i64) -> CertStatus {
-        let state = if self.revoked {
+    /// Where the certificate stands at `now_ms`.
+    pub(super) fn state(&self, now_ms: i64) -> RenewalState {
+        if self.revoked {
             RenewalState::Revoked
         } else if now_ms >= self.not_after_ms {
             RenewalState::Expired
@@ -65,12 +66,15 @@ impl CertTrack {
             RenewalState::Due
         } else {
             RenewalState::Valid
-        };
+        }
+    }
+
+    pub(super) fn status(&self, now_ms: i64) -> CertStatus {
         CertStatus {
             serial: self.serial.clone(),
             not_after_ms: self.not_after_ms,
             renew_at_ms: self.renew_at_ms,
-            state,
+            state: self.state(now_ms),
             last_error: self.last_error.clone(),
         }
     }

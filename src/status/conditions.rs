@@ -15,6 +15,7 @@
 //! 4. `Healthy` otherwise (an update in progress is healthy).
 
 use super::{Alert, DriftItem, Severity, UpdateKind, UpdatePhase, UpdateState, WorkloadStatus};
+use std::borrow::Cow;
 use std::fmt;
 
 /// The kinds of condition a device has.
@@ -208,15 +209,15 @@ pub struct Observed {
     pub status: ConditionStatus,
     /// Why, as one CamelCase word.
     pub reason: &'static str,
-    /// The detail, in words.
-    pub message: String,
+    /// The detail, in words (most are fixed text, so nothing is allocated for them).
+    pub message: Cow<'static, str>,
 }
 
 fn observed(
     kind: ConditionType,
     status: ConditionStatus,
     reason: &'static str,
-    message: impl Into<String>,
+    message: impl Into<Cow<'static, str>>,
 ) -> Observed {
     Observed {
         kind,
@@ -246,7 +247,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
         .nacked
         .filter(|(version, _)| Some(*version) == inputs.desired_version);
     let applied = match (inputs.desired_version, inputs.render_error, rejected) {
-        (_, Some(error), _) => observed(T::SpecApplied, False, "RenderFailed", error),
+        (_, Some(error), _) => observed(T::SpecApplied, False, "RenderFailed", error.to_string()),
         (_, None, Some((version, error))) => observed(
             T::SpecApplied,
             False,
@@ -363,7 +364,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             T::CertificateExpiring,
             True,
             "RenewalFailed",
-            error.unwrap_or("the last renewal was refused"),
+            error.unwrap_or("the last renewal was refused").to_string(),
         ),
         Some((CertificateStanding::Expired, _)) => observed(
             T::CertificateExpiring,
@@ -515,27 +516,46 @@ pub struct Ledger {
 impl Ledger {
     /// Takes in the conditions derived now. Returns whether any status changed.
     pub fn settle(&mut self, observed: Vec<Observed>, now_ms: i64) -> bool {
-        let mut changed = false;
-        let next = observed
-            .into_iter()
-            .map(|o| {
-                let since = match self.conditions.iter().find(|c| c.kind == o.kind) {
-                    Some(old) if old.status == o.status => old.last_transition_ms,
-                    _ => {
-                        changed = true;
-                        now_ms
-                    }
-                };
-                Condition {
+        // Settled on every change of a device: the usual case, the same types in the same order,
+        // updates the conditions in place and copies only messages that changed.
+        let same_types = self.conditions.len() == observed.len()
+            && self
+                .conditions
+                .iter()
+                .zip(&observed)
+                .all(|(old, o)| old.kind == o.kind);
+        if !same_types {
+            let changed = observed.iter().any(|o| {
+                self.status_of(o.kind)
+                    .is_none_or(|old| old.status != o.status)
+            });
+            self.conditions = observed
+                .into_iter()
+                .map(|o| Condition {
+                    last_transition_ms: match self.status_of(o.kind) {
+                        Some(old) if old.status == o.status => old.last_transition_ms,
+                        _ => now_ms,
+                    },
                     kind: o.kind,
                     status: o.status,
                     reason: o.reason,
-                    message: o.message,
-                    last_transition_ms: since,
-                }
-            })
-            .collect();
-        self.conditions = next;
+                    message: o.message.into_owned(),
+                })
+                .collect();
+            return changed;
+        }
+        let mut changed = false;
+        for (old, o) in self.conditions.iter_mut().zip(observed) {
+            if old.status != o.status {
+                changed = true;
+                old.status = o.status;
+                old.last_transition_ms = now_ms;
+            }
+            old.reason = o.reason;
+            if old.message != o.message {
+                old.message = o.message.into_owned();
+            }
+        }
         changed
     }
 
@@ -773,7 +793,7 @@ mod tests {
             .find(|o| o.kind == ConditionType::WorkloadFailed)
             .unwrap();
         assert_eq!(
-            (found.status, found.message.as_str()),
+            (found.status, found.message.as_ref()),
             (ConditionStatus::True, "unit app.service failed")
         );
         assert_eq!(summary_of(&inputs), Summary::Error);
@@ -867,6 +887,11 @@ mod tests {
             ..synced()
         };
         assert!(ledger.settle(evaluate(&pending), 30));
+        assert_eq!(
+            ledger.status_of(ConditionType::SpecApplied).unwrap().reason,
+            "NotYetApplied",
+            "the reason follows, in place"
+        );
         assert_eq!(
             ledger
                 .status_of(ConditionType::SpecApplied)
