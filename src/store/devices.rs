@@ -650,6 +650,14 @@ fn write_in_bulk(
             DeviceFact::LastSeen { .. } => {}
         }
     }
+    if facts.is_empty() {
+        return Ok(());
+    }
+    // The triggers would record each row with a PL/pgSQL call and an INSERT at commit; these
+    // statements' change rows are written below, in one statement.
+    diesel::sql_query("SELECT set_config($1, 'on', true)")
+        .bind::<Text, _>(super::feed::FEED_WRITTEN)
+        .execute(pg)?;
     if !reports.0.is_empty() {
         diesel::sql_query(
             "INSERT INTO device_reports (device_id, report, reported_ms) \
@@ -700,6 +708,37 @@ fn write_in_bulk(
         .bind::<Array<Nullable<Text>>, _>(&answers.3)
         .execute(pg)?;
     }
+    diesel::sql_query("SELECT set_config($1, 'off', true)")
+        .bind::<Text, _>(super::feed::FEED_WRITTEN)
+        .execute(pg)?;
+    record_session_changes(pg, facts)
+}
+
+/// One `session` change per device of the bulk statements, as the triggers would have recorded
+/// them: the feed lock first (so ids commit in order), origin and time as in the trigger function.
+/// Called last in the transaction, after every row lock it takes, as the deferred triggers run.
+fn record_session_changes(
+    pg: &mut diesel::PgConnection,
+    facts: &[&DeviceFact],
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    let mut ids: Vec<&str> = facts.iter().map(|fact| fact.device_id()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+        .bind::<BigInt, _>(super::feed::FEED_LOCK)
+        .execute(pg)?;
+    diesel::sql_query(
+        "INSERT INTO changes (kind, subject, origin, created_ms) \
+         SELECT 'session', d.id, COALESCE(current_setting('flotilla.replica', true), ''), \
+                (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT \
+         FROM unnest($1::text[]) AS v(id) JOIN devices d ON d.id = v.id ORDER BY d.id",
+    )
+    .bind::<Array<Text>, _>(&ids)
+    .execute(pg)?;
+    diesel::sql_query("SELECT pg_notify($1, '')")
+        .bind::<Text, _>(super::feed::CHANNEL)
+        .execute(pg)?;
     Ok(())
 }
 

@@ -13,10 +13,13 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// The channel the triggers notify.
-const CHANNEL: &str = "flotilla_changes";
+pub(super) const CHANNEL: &str = "flotilla_changes";
 /// The transaction-level advisory lock every feed writer takes before its row gets an id (the
 /// same key as in the `change_feed` migration's trigger function).
-const FEED_LOCK: i64 = 5076548640735657985;
+pub(super) const FEED_LOCK: i64 = 5076548640735657985;
+/// The transaction setting under which the row triggers leave session facts to the journal, which
+/// writes their change rows itself in bulk (`2026-12-08-000001_session_feed_in_bulk`).
+pub(super) const FEED_WRITTEN: &str = "flotilla.feed_written";
 /// The application name prefix of a replica's LISTEN connection.
 const APPLICATION_PREFIX: &str = "flotilla:";
 

@@ -665,6 +665,117 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     assert!(sessions.windows(2).all(|w| w[0].id < w[1].id));
 }
 
+/// On PostgreSQL the journal writes the change rows of its bulk statements itself, one INSERT for
+/// the batch: every device gets its `session` change, exactly once, as this replica's; a device with
+/// several facts in the batch is written one by one and still recorded by the triggers.
+#[tokio::test]
+async fn a_bulk_batch_records_one_session_change_per_device() {
+    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
+    let db = support::TestDb::postgres_for_tests();
+    let backend = db.backend();
+    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
+        .await
+        .unwrap()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let ids = ["b1", "b2", "b3", "s1"];
+    store
+        .insert_devices(
+            ids.iter()
+                .map(|id| (device(id, &format!("dev-{id}")), certificate(id)))
+                .collect(),
+            seal(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let before = store
+        .changes_after(0, 100, None)
+        .await
+        .unwrap()
+        .last()
+        .map_or(0, |c| c.id);
+    let session = |id: &str| DeviceFact::Session {
+        id: id.into(),
+        agent_version: "1.0".into(),
+        running_version: Some("v0".into()),
+        seen_ms: 5,
+    };
+    let ack = |id: &str| DeviceFact::Sync {
+        id: id.into(),
+        acked_version: Some("v1".into()),
+        nacked: None,
+    };
+    store
+        .record_device_facts(vec![
+            session("b1"),
+            ack("b2"),
+            session("s1"),
+            ack("s1"),
+            ack("b3"),
+            session("gone"),
+        ])
+        .await
+        .unwrap();
+    let changes = store
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert!(changes.iter().all(|c| c.kind == ChangeKind::Session));
+    assert!(changes.iter().all(|c| c.own), "recorded as this replica's");
+    let mut subjects: Vec<&str> = changes.iter().map(|c| c.subject.as_str()).collect();
+    let bulk: Vec<&str> = subjects
+        .iter()
+        .copied()
+        .filter(|s| s.starts_with('b'))
+        .collect();
+    assert_eq!(
+        bulk,
+        ["b1", "b2", "b3"],
+        "each bulk device once, in id order"
+    );
+    assert!(subjects.contains(&"s1"), "the one-by-one device too");
+    subjects.sort_unstable();
+    subjects.dedup();
+    assert_eq!(
+        subjects,
+        ["b1", "b2", "b3", "s1"],
+        "nothing for an unknown device"
+    );
+    let facts = store
+        .session_facts(ids.iter().map(|id| id.to_string()).collect())
+        .await
+        .unwrap();
+    for facts in facts {
+        let expected = if facts.id == "b1" { "v0" } else { "v1" };
+        assert_eq!(
+            facts.acked_version.as_deref(),
+            Some(expected),
+            "{}",
+            facts.id
+        );
+    }
+
+    // The triggers' exemption ends with the batch's transaction: a later change is recorded.
+    store
+        .record_device_facts(vec![DeviceFact::LastSeen {
+            id: "b1".into(),
+            seen_ms: 9,
+        }])
+        .await
+        .unwrap();
+    let last = changes.last().unwrap().id;
+    let after = store
+        .changes_after(last, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>(),
+        ["b1"],
+        "the session's end, through the trigger"
+    );
+}
+
 /// A batch of device facts leaves every column as writing them one by one would, whether a device
 /// has one fact in the batch (written with the others of its kind, on PostgreSQL) or several.
 #[tokio::test]
