@@ -201,7 +201,7 @@ struct ReplicaMemory {
     rss_per_stream_kib: f64,
 }
 
-/// How far the replicas' change feeds fell behind while something ran (sampled every 250 ms).
+/// How far the replicas' change feeds fell behind while something ran (sampled every second).
 #[derive(Serialize, Default, Clone, Copy)]
 struct FeedLag {
     max_lag_seconds: f64,
