@@ -67,6 +67,19 @@ fn issued(device: &str) -> AuditEntry {
     }
 }
 
+/// A migrated store on a database of its own on the test PostgreSQL, as `replica`; the database
+/// lives as long as the returned `TestDb`.
+async fn postgres_store_as(replica: &'static str) -> (support::TestDb, Store) {
+    let db = support::TestDb::postgres_for_tests();
+    let backend = db.backend();
+    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, replica))
+        .await
+        .unwrap()
+        .unwrap();
+    store.migrate().await.unwrap();
+    (db, store)
+}
+
 fn certificate(id: &str) -> CertificateRecord {
     CertificateRecord {
         serial: format!("serial-{id}"),
@@ -557,13 +570,7 @@ fn an_unreachable_postgres_is_a_clear_error_not_a_sqlite_file() {
 #[tokio::test]
 async fn the_feed_tells_session_facts_from_device_changes() {
     use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
-    let db = support::TestDb::postgres_for_tests();
-    let backend = db.backend();
-    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
-        .await
-        .unwrap()
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (_db, store) = postgres_store_as("a").await;
     store
         .insert_devices(
             vec![(device("d1", "dev"), certificate("d1"))],
@@ -671,13 +678,7 @@ async fn the_feed_tells_session_facts_from_device_changes() {
 #[tokio::test]
 async fn a_bulk_batch_records_one_session_change_per_device() {
     use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
-    let db = support::TestDb::postgres_for_tests();
-    let backend = db.backend();
-    let store = tokio::task::spawn_blocking(move || Store::open_as(backend, "a"))
-        .await
-        .unwrap()
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (_db, store) = postgres_store_as("a").await;
     let ids = ["b1", "b2", "b3", "s1"];
     store
         .insert_devices(
