@@ -777,6 +777,72 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
     );
 }
 
+/// On PostgreSQL every acknowledgement and session start rewrites its device's row; the devices
+/// table keeps room on its pages, so the new row version stays on the page of the old one and no
+/// index gets an entry for it (a HOT update), batch after batch.
+#[tokio::test]
+async fn acknowledgements_leave_device_rows_on_their_pages() {
+    use diesel::prelude::*;
+    use flotilla::store::DeviceFact;
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Placed {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        page: i32,
+    }
+    let (db, store) = postgres_store_as("a").await;
+    // Enough rows to fill pages: with no room kept, the first batch moves every row.
+    let ids: Vec<String> = (0..3000).map(|i| format!("device-{i:05}")).collect();
+    store
+        .insert_devices(
+            ids.iter()
+                .map(|id| (device(id, &format!("name-{id}")), certificate(id)))
+                .collect(),
+            seal(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let url = db.url.clone();
+    let placement = move || {
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        diesel::sql_query(
+            "SELECT id, (ctid::text::point)[0]::integer AS page FROM devices ORDER BY id",
+        )
+        .load::<Placed>(&mut conn)
+        .unwrap()
+    };
+    let before = tokio::task::spawn_blocking(placement.clone())
+        .await
+        .unwrap();
+    assert_eq!(before.len(), ids.len());
+    for round in 0..4 {
+        let facts = ids
+            .iter()
+            .map(|id| match round {
+                1 => DeviceFact::Session {
+                    id: id.clone(),
+                    agent_version: "1.1".into(),
+                    running_version: Some("v1".into()),
+                    seen_ms: 7,
+                },
+                _ => DeviceFact::Sync {
+                    id: id.clone(),
+                    acked_version: Some(format!("v{round}")),
+                    nacked: None,
+                },
+            })
+            .collect();
+        store.record_device_facts(facts).await.unwrap();
+        let after = tokio::task::spawn_blocking(placement.clone())
+            .await
+            .unwrap();
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(moved, 0, "rows moved to another page in round {round}");
+    }
+}
+
 /// A batch of device facts leaves every column as writing them one by one would, whether a device
 /// has one fact in the batch (written with the others of its kind, on PostgreSQL) or several.
 #[tokio::test]

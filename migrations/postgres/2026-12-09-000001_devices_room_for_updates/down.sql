@@ -1,0 +1,1 @@
+ALTER TABLE devices RESET (fillfactor);

@@ -1,0 +1,2 @@
+-- Page fill is a PostgreSQL storage setting; SQLite serves one process and has none.
+SELECT 1;
