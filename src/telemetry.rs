@@ -292,6 +292,7 @@ const CONNECTION_REFUSAL_REASONS: &[&str] = &[
     "too_many_pending",
     "too_many_from_address",
     "handshake_failed",
+    "abandoned",
     "timeout",
 ];
 

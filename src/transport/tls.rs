@@ -246,11 +246,21 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake = HANDSHAKE_TIMEOUT.min(gate_timeout(deadline));
-                match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
+                let accepted = async {
+                    if abandoned(&stream) {
+                        return Ok(None);
+                    }
+                    acceptor.accept(stream).await.map(Some)
+                };
+                match tokio::time::timeout(handshake, accepted).await {
+                    Ok(Ok(Some(tls))) => {
                         let _ = tx
                             .send(Ok(Guarded::new(tls, ticket, deadline, endpoint)))
                             .await;
+                    }
+                    Ok(Ok(None)) => {
+                        crate::telemetry::connection_refused(endpoint, "abandoned");
+                        tracing::debug!(%peer, "client gone before its handshake began");
                     }
                     Ok(Err(error)) => {
                         crate::telemetry::connection_refused(endpoint, "handshake_failed");
@@ -265,6 +275,26 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Whether the client closed its end before the handshake began: in a storm, connections wait in
+/// the listen backlog, and a client whose own deadline passed there has given up and gone. Its
+/// ClientHello may still be queued ahead of the close, so only POLLRDHUP tells (a read would
+/// return the data first, and tokio's first readiness on a new socket is a guess); answering it
+/// would spend a key exchange and a signature on nobody while live clients wait behind it.
+fn abandoned(stream: &TcpStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        Err(_) => false,
+    }
 }
 
 /// Time left until `deadline`.

@@ -788,6 +788,70 @@ async fn a_storm_beyond_the_pending_limit_waits_its_turn_instead_of_being_turned
     );
 }
 
+/// In a storm, connections wait in the listen backlog, and a client whose own deadline passed
+/// there closes its end and retries. Such a connection, its ClientHello still queued, is dropped
+/// on accept without an answer: a handshake with it would spend the server's key exchange and
+/// signature on nobody while live clients wait.
+#[tokio::test]
+async fn a_connection_abandoned_in_the_backlog_is_dropped_without_a_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let db = support::TestDb::new(tmp.path());
+    let url = db.url.clone();
+    let limits = flotilla::transport::ConnectionLimits {
+        first_request_timeout: Duration::from_secs(10),
+        max_pending: 1,
+        max_per_address: 0,
+    };
+    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    let address = server.admin_url.trim_start_matches("https://").to_string();
+    // A connection that says nothing takes the only pending place, so the next waits unaccepted.
+    let holder = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut waiting = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut client =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    waiting.write_all(&hello).await.unwrap();
+    // It gives up while still in the backlog; then the place frees.
+    waiting.shutdown().await.unwrap();
+    drop(holder);
+    // Closed unread, the connection ends in a reset rather than an orderly end: either is fine,
+    // an answer is not.
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the abandoned connection");
+    assert!(
+        answer.is_empty(),
+        "{} bytes of handshake sent to a client that had gone",
+        answer.len()
+    );
+    // A live client is still served after it.
+    DeviceServiceClient::new(channel(&server.admin_url, &server.admin_creds()).await)
+        .list_devices(admin::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    let metrics = http_body(&format!("{}/metrics", server.metrics_url)).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("flotilla_connections_refused_total")
+                && l.contains("endpoint=\"admin\"")
+                && l.contains("reason=\"abandoned\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_without_a_certificate_fails_the_handshake() {
     let server = TestServer::start().await;
