@@ -54,6 +54,8 @@ pub(super) struct Catalog {
     /// device (`CompiledTemplate::device_key`) and the device's overrides. A fleet change then
     /// renders once per distinct input, not once per device.
     shared: HashMap<RenderInputs, Weak<Rendered>>,
+    /// Devices the change feed's device lane re-read lately (see `Rereads`).
+    pub(super) rereads: super::replication::Rereads,
 }
 
 /// What a render is a function of: (compilation id or 0 without a fleet, device key, overrides).

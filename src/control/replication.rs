@@ -7,7 +7,7 @@
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry};
 use crate::store::{Change, ChangeKind, DeviceRecord, FeedLane, SessionFacts};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -65,12 +65,45 @@ impl LaneProgress {
     }
 }
 
+/// Devices the device lane re-read whole, each with the id of the newest change that made it: the
+/// facts read then are at least as new as that change. Session facts a change carries are its
+/// state as it committed, so the session lane, running on its own, must not apply facts carried
+/// by an older change over such a re-read (nothing later would correct them). A mark is dropped
+/// once the session lane has passed its id: every change it reads after that is newer.
+#[derive(Debug, Default)]
+pub(super) struct Rereads {
+    at: HashMap<String, i64>,
+}
+
+impl Rereads {
+    fn mark(&mut self, device_id: &str, change_id: i64) {
+        let at = self.at.entry(device_id.to_string()).or_default();
+        *at = (*at).max(change_id);
+    }
+
+    /// Whether facts carried by `change_id` are older than what was re-read of the device.
+    fn supersede(&self, device_id: &str, change_id: i64) -> bool {
+        self.at.get(device_id).is_some_and(|at| *at > change_id)
+    }
+
+    /// The session lane has applied everything up to `position`.
+    fn passed(&mut self, position: i64) {
+        if !self.at.is_empty() {
+            self.at.retain(|_, at| *at > position);
+        }
+    }
+}
+
 /// What one page of changes touched, by kind.
 #[derive(Debug, Default)]
 struct Touched {
-    devices: BTreeSet<String>,
-    /// Devices of which only session facts changed (unless also in `devices`).
+    /// Devices to re-read whole, with the newest change id of each.
+    devices: BTreeMap<String, i64>,
+    /// Devices of which only session facts changed, to re-read (unless also in `devices`).
     sessions: BTreeSet<String>,
+    /// Session facts the changes carried, the newest of each device with its change id (devices
+    /// neither re-read whole nor in `sessions`).
+    carried: BTreeMap<String, (i64, SessionFacts)>,
     fleets: BTreeSet<String>,
     certificates: BTreeSet<String>,
     rollouts: BTreeSet<String>,
@@ -80,17 +113,25 @@ struct Touched {
 }
 
 impl Touched {
-    fn of(changes: &[Change]) -> Touched {
+    fn of(changes: Vec<Change>) -> Touched {
         let mut touched = Touched::default();
-        for change in changes.iter().filter(|c| !c.own) {
-            let subject = change.subject.clone();
+        for change in changes.into_iter().filter(|c| !c.own) {
+            let subject = change.subject;
             match change.kind {
                 ChangeKind::Device => {
-                    touched.devices.insert(subject);
+                    touched.devices.insert(subject, change.id);
                 }
-                ChangeKind::Session => {
-                    touched.sessions.insert(subject);
-                }
+                ChangeKind::Session => match change.facts {
+                    // Facts a change carries stand for it unless the device must be re-read
+                    // anyway (an earlier change in the page carried none).
+                    Some(facts) if !touched.sessions.contains(&subject) => {
+                        touched.carried.insert(subject, (change.id, *facts));
+                    }
+                    _ => {
+                        touched.carried.remove(&subject);
+                        touched.sessions.insert(subject);
+                    }
+                },
                 ChangeKind::Fleet => {
                     touched.fleets.insert(subject);
                 }
@@ -111,9 +152,13 @@ impl Touched {
         }
         // A device re-read whole brings its session facts along.
         let Touched {
-            devices, sessions, ..
+            devices,
+            sessions,
+            carried,
+            ..
         } = &mut touched;
-        sessions.retain(|id| !devices.contains(id));
+        sessions.retain(|id| !devices.contains_key(id));
+        carried.retain(|id, _| !devices.contains_key(id));
         touched
     }
 }
@@ -159,7 +204,7 @@ impl ControlPlane {
                     self.publish_feed_progress(progress);
                     break;
                 };
-                if let Err(error) = self.apply_changes(&changes).await {
+                if let Err(error) = self.apply_changes(changes).await {
                     if !std::mem::replace(&mut failing, true) {
                         tracing::warn!(%error, ?lane, "change feed: could not apply changes; retrying");
                     }
@@ -167,6 +212,9 @@ impl ControlPlane {
                     continue;
                 }
                 failing = false;
+                if lane == FeedLane::Sessions {
+                    self.catalog_mut().rereads.passed(last.0);
+                }
                 progress.applied(lane, last.0, (self.now_millis() - last.1).max(0));
                 self.publish_feed_progress(progress);
             }
@@ -182,8 +230,8 @@ impl ControlPlane {
     }
 
     /// Applies one page of changes made by other replicas.
-    async fn apply_changes(&self, changes: &[Change]) -> Result<(), ControlError> {
-        let touched = Touched::of(changes);
+    async fn apply_changes(&self, changes: Vec<Change>) -> Result<(), ControlError> {
+        let mut touched = Touched::of(changes);
         // Certificates first: a revocation takes effect before anything else is looked at.
         if !touched.certificates.is_empty() {
             let mut revoked = self
@@ -199,8 +247,9 @@ impl ControlPlane {
         if !touched.devices.is_empty() || !touched.fleets.is_empty() {
             self.apply_catalog_changes(&touched).await?;
         }
-        if !touched.sessions.is_empty() {
-            self.apply_session_facts(&touched.sessions).await?;
+        if !touched.sessions.is_empty() || !touched.carried.is_empty() {
+            let carried = std::mem::take(&mut touched.carried);
+            self.apply_session_facts(&touched.sessions, carried).await?;
         }
         if !touched.rollouts.is_empty() {
             for id in &touched.rollouts {
@@ -222,25 +271,41 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Takes in what other replicas' devices answered and where their sessions are. Nothing that
-    /// renders a device changed, so nothing is re-rendered and the write lock is not needed.
-    async fn apply_session_facts(&self, ids: &BTreeSet<String>) -> Result<(), ControlError> {
-        let facts = self
-            .store
-            .session_facts(ids.iter().cloned().collect())
-            .await?;
+    /// Takes in what other replicas' devices answered and where their sessions are: re-read for
+    /// `ids`, as the changes carried them for the rest. Nothing that renders a device changed, so
+    /// nothing is re-rendered and the write lock is not needed.
+    async fn apply_session_facts(
+        &self,
+        ids: &BTreeSet<String>,
+        carried: BTreeMap<String, (i64, SessionFacts)>,
+    ) -> Result<(), ControlError> {
+        let mut facts = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .session_facts(ids.iter().cloned().collect())
+                .await?
+        };
         let mut certificates = Vec::new();
         {
+            // The catalog's lock is held until the hub has them too, so the device lane cannot
+            // slip a re-read in between (see `Rereads`).
             let mut catalog = self.catalog_mut();
+            facts.extend(
+                carried
+                    .into_iter()
+                    .filter(|(id, (change_id, _))| !catalog.rereads.supersede(id, *change_id))
+                    .map(|(_, (_, facts))| facts),
+            );
             for facts in &facts {
                 if let Some(certificate) = new_certificate(catalog.device(&facts.id), facts) {
                     certificates.push(certificate);
                 }
                 catalog.note_session(facts.clone());
             }
-        }
-        for facts in facts {
-            self.note_remote_facts(facts);
+            for facts in facts {
+                self.note_remote_facts(facts);
+            }
         }
         self.track_new_certificates(certificates);
         Ok(())
@@ -268,7 +333,9 @@ impl ControlPlane {
             .filter(|r| r.as_str() != self.store.replica());
         self.hub
             .note_remote(&facts.id, holder, facts.acked_version, facts.nacked);
-        self.hub.note_remote_report(&facts.id, facts.report);
+        if let Some(report) = facts.report {
+            self.hub.note_remote_report(&facts.id, report);
+        }
     }
 
     /// The changed fleets, each with the older revisions its devices are held at compiled (kept
@@ -323,12 +390,12 @@ impl ControlPlane {
         }
         let devices: Vec<DeviceRecord> = self
             .store
-            .get_devices(touched.devices.iter().cloned().collect())
+            .get_devices(touched.devices.keys().cloned().collect())
             .await?;
         let present: BTreeSet<&str> = devices.iter().map(|d| d.id.as_str()).collect();
         let gone: Vec<String> = touched
             .devices
-            .iter()
+            .keys()
             .filter(|id| !present.contains(id.as_str()))
             .cloned()
             .collect();
@@ -369,15 +436,19 @@ impl ControlPlane {
             }
             if entries.is_empty() {
                 // No fleet changed: only the devices of this page can have changed conflicts.
-                catalog.replan(touched.devices.iter().map(String::as_str));
+                catalog.replan(touched.devices.keys().map(String::as_str));
             } else {
                 catalog.apply_owners(&Vec::new());
             }
             catalog.render_into(&self.hub, affected);
-        }
-        // After rendering, so a device new to this replica has its hub entry.
-        for facts in remote {
-            self.note_remote_facts(facts);
+            for (id, change_id) in &touched.devices {
+                catalog.rereads.mark(id, *change_id);
+            }
+            // After rendering, so a device new to this replica has its hub entry; under the
+            // catalog's lock, as the session lane does (see `Rereads`).
+            for facts in remote {
+                self.note_remote_facts(facts);
+            }
         }
         self.track_new_certificates(certificates);
         Ok(())
@@ -472,5 +543,83 @@ impl ControlPlane {
         {
             tracing::debug!(%error, "could not prune the change feed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(id: &str, acked: &str) -> SessionFacts {
+        SessionFacts {
+            id: id.into(),
+            acked_version: Some(acked.into()),
+            nacked: None,
+            agent_version: None,
+            session_replica: Some("c".into()),
+            cert_serial: None,
+            cert_not_after_ms: None,
+            report: None,
+        }
+    }
+
+    fn change(id: i64, kind: ChangeKind, subject: &str, facts: Option<SessionFacts>) -> Change {
+        Change {
+            id,
+            kind,
+            subject: subject.into(),
+            own: false,
+            created_ms: 0,
+            facts: facts.map(Box::new),
+        }
+    }
+
+    #[test]
+    fn a_page_uses_carried_facts_unless_the_device_must_be_re_read() {
+        use ChangeKind::{Device, Session};
+        let page = [
+            change(1, Session, "x", Some(facts("x", "v1"))),
+            change(2, Session, "x", None),
+            change(3, Session, "x", Some(facts("x", "v3"))),
+            change(4, Session, "y", Some(facts("y", "v4"))),
+            change(5, Device, "y", None),
+            change(6, Session, "z", Some(facts("z", "v6"))),
+            change(7, Session, "z", Some(facts("z", "v7"))),
+            Change {
+                own: true,
+                ..change(8, Session, "w", Some(facts("w", "v8")))
+            },
+        ];
+        let touched = Touched::of(page.to_vec());
+        assert_eq!(
+            touched.sessions,
+            BTreeSet::from(["x".to_string()]),
+            "x had a change without facts: re-read, and its later facts are no newer than that"
+        );
+        assert_eq!(touched.devices, BTreeMap::from([("y".to_string(), 5)]));
+        let carried: Vec<(&str, i64, &str)> = touched
+            .carried
+            .iter()
+            .map(|(id, (at, f))| (id.as_str(), *at, f.acked_version.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            carried,
+            [("z", 7, "v7")],
+            "the newest facts of z; y is re-read whole; w is this replica's own"
+        );
+    }
+
+    #[test]
+    fn carried_facts_older_than_a_re_read_are_not_applied_until_the_lane_passes_it() {
+        let mut rereads = Rereads::default();
+        rereads.mark("d", 10);
+        rereads.mark("d", 7);
+        assert!(rereads.supersede("d", 9), "older than the re-read");
+        assert!(!rereads.supersede("d", 11), "newer than the re-read");
+        assert!(!rereads.supersede("e", 1), "never re-read");
+        rereads.passed(9);
+        assert!(rereads.supersede("d", 9), "the lane has not passed 10 yet");
+        rereads.passed(10);
+        assert!(rereads.at.is_empty(), "nothing older can come any more");
     }
 }

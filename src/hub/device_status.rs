@@ -160,7 +160,7 @@ impl Hub {
     }
 
     /// Takes in a report another replica recorded.
-    pub fn note_remote_report(&self, device_id: &str, report: Option<DeviceReport>) {
+    pub fn note_remote_report(&self, device_id: &str, report: Option<Arc<DeviceReport>>) {
         let mut state = self.lock();
         let Some(entry) = state.get_mut(device_id) else {
             return;
@@ -169,10 +169,10 @@ impl Hub {
             // Our own session: the device tells us directly.
             return;
         }
-        if entry.report.as_deref() == report.as_ref() {
+        if entry.report.as_deref() == report.as_deref() {
             return;
         }
-        entry.report = report.map(Arc::new);
+        entry.report = report;
         drop(state);
         self.changed(device_id);
     }
@@ -277,7 +277,7 @@ mod tests {
         };
         hub.note_remote_report(
             "d",
-            Some(DeviceReport::default().updated(with_info("r"), 1)),
+            Some(Arc::new(DeviceReport::default().updated(with_info("r"), 1))),
         );
         assert_eq!(hostname(&hub), "r");
         let (session, _) = hub.open_session("d", "", "s", 2).unwrap();

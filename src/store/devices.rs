@@ -64,8 +64,9 @@ pub struct SessionFacts {
     pub cert_serial: Option<String>,
     /// Expiry of its newest certificate, Unix milliseconds.
     pub cert_not_after_ms: Option<i64>,
-    /// What the device last reported about itself.
-    pub report: Option<DeviceReport>,
+    /// What the device last reported about itself, if these facts were read with its report
+    /// (`None`: not read, so what is known of it stands).
+    pub report: Option<Option<Arc<DeviceReport>>>,
 }
 
 impl SessionFacts {
@@ -80,6 +81,37 @@ impl SessionFacts {
             cert_serial: device.cert_serial.clone(),
             cert_not_after_ms: device.cert_not_after_ms,
             report: None,
+        }
+    }
+
+    /// The facts a `session` change carries (`record_session_changes` writes them), or `None`
+    /// if they cannot be read (the device is then re-read instead).
+    pub(super) fn from_feed(device_id: &str, text: &str) -> Option<SessionFacts> {
+        #[derive(serde::Deserialize)]
+        struct Carried {
+            acked: Option<String>,
+            nacked: Option<String>,
+            error: Option<String>,
+            agent: Option<String>,
+            replica: Option<String>,
+            serial: Option<String>,
+            not_after: Option<i64>,
+        }
+        match serde_json::from_str::<Carried>(text) {
+            Ok(carried) => Some(SessionFacts {
+                id: device_id.to_string(),
+                acked_version: carried.acked,
+                nacked: carried.nacked.zip(carried.error),
+                agent_version: carried.agent,
+                session_replica: carried.replica,
+                cert_serial: carried.serial,
+                cert_not_after_ms: carried.not_after,
+                report: None,
+            }),
+            Err(error) => {
+                tracing::warn!(device.id = %device_id, %error, "change feed: unreadable session facts; re-reading the device");
+                None
+            }
         }
     }
 }
@@ -365,7 +397,11 @@ impl Store {
                 found.extend(rows.into_iter().map(
                     |(id, acked, nacked, error, agent, replica, serial, not_after_ms, report)| {
                         SessionFacts {
-                            report: report.and_then(|text| read_report(&id, &text)),
+                            report: Some(
+                                report
+                                    .and_then(|text| read_report(&id, &text))
+                                    .map(Arc::new),
+                            ),
                             id,
                             acked_version: acked,
                             nacked: nacked.zip(error),
@@ -717,24 +753,38 @@ fn write_in_bulk(
 /// One `session` change per device of the bulk statements, as the triggers would have recorded
 /// them: the feed lock first (so ids commit in order), origin and time as in the trigger function.
 /// Called last in the transaction, after every row lock it takes, as the deferred triggers run.
+///
+/// Each row carries the facts the other replicas would otherwise re-read (`SessionFacts`), read
+/// under the feed lock, so they are the device's state as this change commits: whoever changes
+/// them next commits later, with a later id. A device whose report is in the batch gets no facts
+/// (reports are not carried; it is re-read whole).
 fn record_session_changes(
     pg: &mut diesel::PgConnection,
     facts: &[&DeviceFact],
 ) -> Result<(), diesel::result::Error> {
-    use diesel::sql_types::{Array, BigInt, Text};
-    let mut ids: Vec<&str> = facts.iter().map(|fact| fact.device_id()).collect();
-    ids.sort_unstable();
-    ids.dedup();
+    use diesel::sql_types::{Array, BigInt, Bool, Text};
+    let mut devices: BTreeMap<&str, bool> = BTreeMap::new();
+    for fact in facts {
+        let reported = devices.entry(fact.device_id()).or_default();
+        *reported |= matches!(fact, DeviceFact::Report { .. });
+    }
+    let (ids, reported): (Vec<&str>, Vec<bool>) = devices.into_iter().unzip();
     diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
         .bind::<BigInt, _>(super::feed::FEED_LOCK)
         .execute(pg)?;
     diesel::sql_query(
-        "INSERT INTO changes (kind, subject, origin, created_ms) \
+        "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
          SELECT 'session', d.id, COALESCE(current_setting('flotilla.replica', true), ''), \
-                (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT \
-         FROM unnest($1::text[]) AS v(id) JOIN devices d ON d.id = v.id ORDER BY d.id",
+                (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT, \
+                CASE WHEN v.reported THEN NULL ELSE json_build_object( \
+                    'acked', d.acked_version, 'nacked', d.nacked_version, 'error', d.last_error, \
+                    'agent', d.agent_version, 'replica', s.replica, 'serial', d.cert_serial, \
+                    'not_after', d.cert_not_after_ms)::text END \
+         FROM unnest($1::text[], $2::bool[]) AS v(id, reported) JOIN devices d ON d.id = v.id \
+         LEFT JOIN device_sessions s ON s.device_id = d.id ORDER BY d.id",
     )
     .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<Bool>, _>(&reported)
     .execute(pg)?;
     diesel::sql_query("SELECT pg_notify($1, '')")
         .bind::<Text, _>(super::feed::CHANNEL)

@@ -4,7 +4,7 @@
 //! queries; a lost connection is re-established and followed by a catch-up read.
 
 use super::schema::changes;
-use super::{Backend, Store, StoreError};
+use super::{Backend, SessionFacts, Store, StoreError};
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::sql_types::Bool;
@@ -72,6 +72,9 @@ pub struct Change {
     pub own: bool,
     /// When it was committed, Unix milliseconds.
     pub created_ms: i64,
+    /// For a `session` change the journal wrote in bulk: the device's session facts as it
+    /// committed (the others are re-read).
+    pub facts: Option<Box<SessionFacts>>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -82,6 +85,7 @@ struct ChangeRow {
     subject: String,
     origin: String,
     created_ms: i64,
+    facts: Option<String>,
 }
 
 fn kind_of(text: &str) -> Option<ChangeKind> {
@@ -143,12 +147,22 @@ impl Store {
             Ok(rows
                 .into_iter()
                 .filter_map(|row| {
+                    let kind = kind_of(&row.kind)?;
+                    let own = row.origin == *replica;
+                    // Only what another replica committed is applied here.
+                    let facts = match (&row.facts, kind, own) {
+                        (Some(text), ChangeKind::Session, false) => {
+                            SessionFacts::from_feed(&row.subject, text).map(Box::new)
+                        }
+                        _ => None,
+                    };
                     Some(Change {
                         id: row.id,
-                        kind: kind_of(&row.kind)?,
-                        own: row.origin == *replica,
+                        kind,
+                        own,
                         subject: row.subject,
                         created_ms: row.created_ms,
+                        facts,
                     })
                 })
                 .collect())

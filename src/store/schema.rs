@@ -210,6 +210,7 @@ diesel::table! {
         subject -> Text,
         origin -> Text,
         created_ms -> BigInt,
+        facts -> Nullable<Text>,
     }
 }
 

@@ -687,17 +687,22 @@ async fn silent_tls(
         .expect("the TLS handshake completes")
 }
 
-#[tokio::test]
-async fn connections_that_never_make_a_request_are_bounded_and_closed() {
+/// A server on a database of its own with these connection limits.
+async fn server_with_limits(limits: flotilla::transport::ConnectionLimits) -> TestServer {
     let tmp = tempfile::tempdir().unwrap();
     let db = support::TestDb::new(tmp.path());
     let url = db.url.clone();
-    let limits = flotilla::transport::ConnectionLimits {
+    TestServer::start_on(Policy::default(), limits, tmp, db, &url).await
+}
+
+#[tokio::test]
+async fn connections_that_never_make_a_request_are_bounded_and_closed() {
+    let server = server_with_limits(flotilla::transport::ConnectionLimits {
         first_request_timeout: Duration::from_secs(2),
         max_pending: 16,
         max_per_address: 8,
-    };
-    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    })
+    .await;
     let admin_addr = server.admin_url.trim_start_matches("https://").to_string();
 
     // A TLS client with a valid certificate that never speaks HTTP/2 is closed after the timeout.
@@ -755,15 +760,12 @@ async fn connections_that_never_make_a_request_are_bounded_and_closed() {
 
 #[tokio::test]
 async fn a_storm_beyond_the_pending_limit_waits_its_turn_instead_of_being_turned_away() {
-    let tmp = tempfile::tempdir().unwrap();
-    let db = support::TestDb::new(tmp.path());
-    let url = db.url.clone();
-    let limits = flotilla::transport::ConnectionLimits {
+    let server = server_with_limits(flotilla::transport::ConnectionLimits {
         first_request_timeout: Duration::from_secs(10),
         max_pending: 4,
         max_per_address: 0,
-    };
-    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    })
+    .await;
     // Sixty-four clients at once against room for four pending: each is served on its first
     // attempt (a refused one would fail its handshake or first request).
     let calls = (0..64u8).map(|i| {
@@ -795,15 +797,12 @@ async fn a_storm_beyond_the_pending_limit_waits_its_turn_instead_of_being_turned
 #[tokio::test]
 async fn a_connection_abandoned_in_the_backlog_is_dropped_without_a_handshake() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tmp = tempfile::tempdir().unwrap();
-    let db = support::TestDb::new(tmp.path());
-    let url = db.url.clone();
-    let limits = flotilla::transport::ConnectionLimits {
+    let server = server_with_limits(flotilla::transport::ConnectionLimits {
         first_request_timeout: Duration::from_secs(10),
         max_pending: 1,
         max_per_address: 0,
-    };
-    let server = TestServer::start_on(Policy::default(), limits, tmp, db, &url).await;
+    })
+    .await;
     let address = server.admin_url.trim_start_matches("https://").to_string();
     // A connection that says nothing takes the only pending place, so the next waits unaccepted.
     let holder = tokio::net::TcpStream::connect(&address).await.unwrap();

@@ -271,6 +271,17 @@ fn three_replicas_serve_one_coherent_fleet() {
                 && device["status"]["summary"] == "Healthy"
         })
     });
+    // A change to the device itself, through replica 2, re-reads it on the others, without
+    // forgetting what it reported (replica 1 knows the report only from the feed).
+    replicas.nodes[1].flotctl_ok(&["label", "device", "edge-a", "rack=r1"]);
+    wait("edge-a's new label on replica 1", TIMEOUT, || {
+        replicas.device(0, "edge-a")["metadata"]["labels"]["rack"] == "r1"
+    });
+    assert_eq!(
+        replicas.device(0, "edge-a")["status"]["systemInfo"]["hostname"],
+        hostname.trim(),
+        "the report survives a change of the device on a replica that does not hold it"
+    );
 
     // A renewal asked through replica 3 reaches edge-b, whose session replica 1 holds.
     replicas.nodes[2].flotctl_ok(&["cert", "renew", "--device", "edge-b"]);

@@ -672,14 +672,8 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     assert!(sessions.windows(2).all(|w| w[0].id < w[1].id));
 }
 
-/// On PostgreSQL the journal writes the change rows of its bulk statements itself, one INSERT for
-/// the batch: every device gets its `session` change, exactly once, as this replica's; a device with
-/// several facts in the batch is written one by one and still recorded by the triggers.
-#[tokio::test]
-async fn a_bulk_batch_records_one_session_change_per_device() {
-    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
-    let (_db, store) = postgres_store_as("a").await;
-    let ids = ["b1", "b2", "b3", "s1"];
+/// Devices `ids`, each named `dev-<id>`, with a certificate.
+async fn insert_devices_named(store: &Store, ids: &[&str]) {
     store
         .insert_devices(
             ids.iter()
@@ -690,12 +684,18 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
         )
         .await
         .unwrap();
-    let before = store
-        .changes_after(0, 100, None)
-        .await
-        .unwrap()
-        .last()
-        .map_or(0, |c| c.id);
+}
+
+/// On PostgreSQL the journal writes the change rows of its bulk statements itself, one INSERT for
+/// the batch: every device gets its `session` change, exactly once, as this replica's; a device with
+/// several facts in the batch is written one by one and still recorded by the triggers.
+#[tokio::test]
+async fn a_bulk_batch_records_one_session_change_per_device() {
+    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
+    let (_db, store) = postgres_store_as("a").await;
+    let ids = ["b1", "b2", "b3", "s1"];
+    insert_devices_named(&store, &ids).await;
+    let before = store.latest_change_id().await.unwrap();
     let session = |id: &str| DeviceFact::Session {
         id: id.into(),
         agent_version: "1.0".into(),
@@ -777,6 +777,110 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
     );
 }
 
+/// The session changes the journal writes in bulk carry the facts they commit, so another
+/// replica need not re-read the device: the same facts a re-read gives, except for a device whose
+/// report is in the batch (reports are not carried) and for the triggers' rows, which carry none.
+#[tokio::test]
+async fn bulk_session_changes_carry_the_facts_they_commit() {
+    use flotilla::status::DeviceReport;
+    use flotilla::store::{DeviceFact, FeedLane};
+    let (db, store) = postgres_store_as("a").await;
+    let backend = db.backend();
+    let other = tokio::task::spawn_blocking(move || Store::open_as(backend, "b"))
+        .await
+        .unwrap()
+        .unwrap();
+    let ids = ["started", "acked", "reported", "rejected"];
+    insert_devices_named(&store, &ids).await;
+    let before = other.latest_change_id().await.unwrap();
+    store
+        .record_device_facts(vec![
+            DeviceFact::Session {
+                id: "started".into(),
+                agent_version: "1.2".into(),
+                running_version: Some("v0".into()),
+                seen_ms: 5,
+            },
+            DeviceFact::Sync {
+                id: "acked".into(),
+                acked_version: Some("v1".into()),
+                nacked: None,
+            },
+            DeviceFact::Sync {
+                id: "rejected".into(),
+                acked_version: None,
+                nacked: Some(("v2".into(), "no room".into())),
+            },
+            DeviceFact::Report {
+                id: "reported".into(),
+                report: Arc::new(DeviceReport {
+                    reported_ms: 6,
+                    ..Default::default()
+                }),
+            },
+        ])
+        .await
+        .unwrap();
+    let changes = other
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    let reread = other
+        .session_facts(ids.iter().map(|id| id.to_string()).collect())
+        .await
+        .unwrap();
+    for expected in reread {
+        let change = changes
+            .iter()
+            .find(|c| c.subject == expected.id)
+            .unwrap_or_else(|| panic!("no change for {}", expected.id));
+        if expected.id == "reported" {
+            assert_eq!(change.facts, None, "a report is re-read");
+            continue;
+        }
+        let carried = change.facts.clone().expect("facts carried");
+        assert_eq!(
+            *carried,
+            flotilla::store::SessionFacts {
+                report: None,
+                ..expected.clone()
+            },
+            "{}",
+            expected.id
+        );
+    }
+    let started = changes.iter().find(|c| c.subject == "started").unwrap();
+    let started = started.facts.as_ref().unwrap();
+    assert_eq!(started.session_replica.as_deref(), Some(store.replica()));
+    assert_eq!(started.agent_version.as_deref(), Some("1.2"));
+    let rejected = changes.iter().find(|c| c.subject == "rejected").unwrap();
+    assert_eq!(
+        rejected.facts.as_ref().unwrap().nacked,
+        Some(("v2".to_string(), "no room".to_string()))
+    );
+    // This replica's own changes are applied already: nothing to read from them.
+    let own = store
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert!(own.iter().all(|c| c.own && c.facts.is_none()));
+    // A change the triggers write (a session's end) carries nothing: the device is re-read.
+    store
+        .record_device_facts(vec![DeviceFact::LastSeen {
+            id: "started".into(),
+            seen_ms: 9,
+        }])
+        .await
+        .unwrap();
+    let last = changes.last().unwrap().id;
+    let after = other
+        .changes_after(last, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].facts, None);
+}
+
 /// On PostgreSQL every acknowledgement and session start rewrites its device's row; the devices
 /// table keeps room on its pages, so the new row version stays on the page of the old one and no
 /// index gets an entry for it (a HOT update), batch after batch.
@@ -794,16 +898,8 @@ async fn acknowledgements_leave_device_rows_on_their_pages() {
     let (db, store) = postgres_store_as("a").await;
     // Enough rows to fill pages: with no room kept, the first batch moves every row.
     let ids: Vec<String> = (0..3000).map(|i| format!("device-{i:05}")).collect();
-    store
-        .insert_devices(
-            ids.iter()
-                .map(|id| (device(id, &format!("name-{id}")), certificate(id)))
-                .collect(),
-            seal(),
-            "t".into(),
-        )
-        .await
-        .unwrap();
+    let named: Vec<&str> = ids.iter().map(String::as_str).collect();
+    insert_devices_named(&store, &named).await;
     let url = db.url.clone();
     let placement = move || {
         let mut conn = diesel::PgConnection::establish(&url).unwrap();
