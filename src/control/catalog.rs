@@ -353,7 +353,6 @@ impl Catalog {
         failed
     }
 
-    /// Ids of the devices `fleet` owns.
     /// How many devices each fleet holds (fleets holding none included), in one pass.
     pub(super) fn fleet_sizes(&self) -> BTreeMap<String, usize> {
         let mut sizes: BTreeMap<&str, usize> =
@@ -369,6 +368,7 @@ impl Catalog {
             .collect()
     }
 
+    /// Ids of the devices `fleet` owns.
     pub(super) fn owned_by(&self, fleet: &str) -> Vec<String> {
         self.devices
             .values()

@@ -516,44 +516,34 @@ pub struct Ledger {
 impl Ledger {
     /// Takes in the conditions derived now. Returns whether any status changed.
     pub fn settle(&mut self, observed: Vec<Observed>, now_ms: i64) -> bool {
-        // Settled on every change of a device: the usual case, the same types in the same order,
-        // updates the conditions in place and copies only messages that changed.
-        let same_types = self.conditions.len() == observed.len()
-            && self
-                .conditions
-                .iter()
-                .zip(&observed)
-                .all(|(old, o)| old.kind == o.kind);
-        if !same_types {
-            let changed = observed.iter().any(|o| {
-                self.status_of(o.kind)
-                    .is_none_or(|old| old.status != o.status)
-            });
-            self.conditions = observed
-                .into_iter()
-                .map(|o| Condition {
-                    last_transition_ms: match self.status_of(o.kind) {
-                        Some(old) if old.status == o.status => old.last_transition_ms,
-                        _ => now_ms,
-                    },
-                    kind: o.kind,
-                    status: o.status,
-                    reason: o.reason,
-                    message: o.message.into_owned(),
-                })
-                .collect();
-            return changed;
-        }
+        // Settled on every change of a device, so conditions are updated in place and only
+        // messages that changed are copied.
+        self.conditions
+            .retain(|old| observed.iter().any(|o| o.kind == old.kind));
         let mut changed = false;
-        for (old, o) in self.conditions.iter_mut().zip(observed) {
-            if old.status != o.status {
-                changed = true;
-                old.status = o.status;
-                old.last_transition_ms = now_ms;
-            }
-            old.reason = o.reason;
-            if old.message != o.message {
-                old.message = o.message.into_owned();
+        for o in observed {
+            match self.conditions.iter_mut().find(|old| old.kind == o.kind) {
+                Some(old) => {
+                    if old.status != o.status {
+                        changed = true;
+                        old.status = o.status;
+                        old.last_transition_ms = now_ms;
+                    }
+                    old.reason = o.reason;
+                    if old.message != o.message {
+                        old.message = o.message.into_owned();
+                    }
+                }
+                None => {
+                    changed = true;
+                    self.conditions.push(Condition {
+                        kind: o.kind,
+                        status: o.status,
+                        reason: o.reason,
+                        message: o.message.into_owned(),
+                        last_transition_ms: now_ms,
+                    });
+                }
             }
         }
         changed

@@ -232,6 +232,11 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
+            if abandoned(&stream) {
+                crate::telemetry::connection_refused(endpoint, "abandoned");
+                tracing::debug!(%peer, "client gone before its handshake began");
+                continue;
+            }
             let ticket = match gate.admit(peer.ip()) {
                 Ok(ticket) => ticket,
                 Err(refusal) => {
@@ -246,21 +251,11 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake = HANDSHAKE_TIMEOUT.min(gate_timeout(deadline));
-                let accepted = async {
-                    if abandoned(&stream) {
-                        return Ok(None);
-                    }
-                    acceptor.accept(stream).await.map(Some)
-                };
-                match tokio::time::timeout(handshake, accepted).await {
-                    Ok(Ok(Some(tls))) => {
+                match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
                         let _ = tx
                             .send(Ok(Guarded::new(tls, ticket, deadline, endpoint)))
                             .await;
-                    }
-                    Ok(Ok(None)) => {
-                        crate::telemetry::connection_refused(endpoint, "abandoned");
-                        tracing::debug!(%peer, "client gone before its handshake began");
                     }
                     Ok(Err(error)) => {
                         crate::telemetry::connection_refused(endpoint, "handshake_failed");
