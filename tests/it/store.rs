@@ -884,6 +884,11 @@ async fn bulk_session_changes_carry_the_facts_they_commit() {
 /// On PostgreSQL every acknowledgement and session start rewrites its device's row; the devices
 /// table keeps room on its pages, so the new row version stays on the page of the old one and no
 /// index gets an entry for it (a HOT update), batch after batch.
+///
+/// The room holds the live version and the next one; the versions before can only be pruned once
+/// no transaction anywhere on the server is older than the batch that made them dead (a snapshot
+/// taken in any database holds them back). Other tests write to the same server in parallel, so
+/// each batch waits for those older transactions to end, as it would find them ended in a fleet.
 #[tokio::test]
 async fn acknowledgements_leave_device_rows_on_their_pages() {
     use diesel::prelude::*;
@@ -930,12 +935,57 @@ async fn acknowledgements_leave_device_rows_on_their_pages() {
                 },
             })
             .collect();
+        let url = db.url.clone();
+        tokio::task::spawn_blocking(move || wait_for_older_transactions(&url))
+            .await
+            .unwrap();
         store.record_device_facts(facts).await.unwrap();
         let after = tokio::task::spawn_blocking(placement.clone())
             .await
             .unwrap();
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
         assert_eq!(moved, 0, "rows moved to another page in round {round}");
+    }
+}
+
+/// Returns once every transaction and snapshot on the server (in any database) is younger than
+/// everything committed before the call.
+fn wait_for_older_transactions(url: &str) {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Xid {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        xid: String,
+    }
+    #[derive(QueryableByName)]
+    struct Older {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        older: i64,
+    }
+    let mut conn = diesel::PgConnection::establish(url).unwrap();
+    // An xid of its own, committed at once: every earlier commit has a smaller one.
+    let now = diesel::sql_query("SELECT (txid_current() % 4294967296)::text AS xid")
+        .get_result::<Xid>(&mut conn)
+        .unwrap()
+        .xid;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let older = diesel::sql_query(
+            "SELECT count(*) AS older FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND greatest(age(backend_xid), age(backend_xmin)) > age($1::xid)",
+        )
+        .bind::<diesel::sql_types::Text, _>(&now)
+        .get_result::<Older>(&mut conn)
+        .unwrap()
+        .older;
+        if older == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{older} transactions older than xid {now} still run after two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
