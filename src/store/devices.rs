@@ -306,18 +306,42 @@ pub(super) fn write_revisions(
     Ok(())
 }
 
+/// Moves devices to their new owning fleets (a later entry for the same device wins). On
+/// PostgreSQL the rows are locked in id order first, as every writer of device rows locks them
+/// (see `write_revisions`), then written by one statement: a fleet that takes in a whole fleet of
+/// devices is one round trip, not one per device.
 pub(super) fn write_owners(
     conn: &mut super::DbConnection,
     owners: &[(String, Option<String>)],
 ) -> Result<(), StoreError> {
-    // In id order, as every writer of device rows (see `write_revisions`).
-    let mut owners: Vec<&(String, Option<String>)> = owners.iter().collect();
-    owners.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    for (id, fleet) in owners {
-        diesel::update(devices::table.find(id))
-            .set(devices::fleet.eq(fleet))
-            .execute(conn)?;
+    use diesel::sql_types::{Array, Nullable, Text};
+    let owners: BTreeMap<&str, Option<&str>> = owners
+        .iter()
+        .map(|(id, fleet)| (id.as_str(), fleet.as_deref()))
+        .collect();
+    let super::DbConnection::Postgres(pg) = conn else {
+        for (id, fleet) in owners {
+            diesel::update(devices::table.find(id))
+                .set(devices::fleet.eq(fleet))
+                .execute(conn)?;
+        }
+        return Ok(());
+    };
+    let (ids, fleets): (Vec<&str>, Vec<Option<&str>>) = owners.into_iter().unzip();
+    if ids.is_empty() {
+        return Ok(());
     }
+    diesel::sql_query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind::<Array<Text>, _>(&ids)
+        .execute(pg)?;
+    diesel::sql_query(
+        "UPDATE devices AS d SET fleet = v.fleet \
+         FROM unnest($1::text[], $2::text[]) AS v(id, fleet) \
+         WHERE d.id = v.id AND d.fleet IS DISTINCT FROM v.fleet",
+    )
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<Nullable<Text>>, _>(&fleets)
+    .execute(pg)?;
     Ok(())
 }
 

@@ -80,6 +80,17 @@ async fn postgres_store_as(replica: &'static str) -> (support::TestDb, Store) {
     (db, store)
 }
 
+/// Stores of two replicas, "a" and "b", on one new PostgreSQL database.
+async fn two_postgres_replicas() -> (support::TestDb, Store, Store) {
+    let (db, store) = postgres_store_as("a").await;
+    let backend = db.backend();
+    let other = tokio::task::spawn_blocking(move || Store::open_as(backend, "b"))
+        .await
+        .unwrap()
+        .unwrap();
+    (db, store, other)
+}
+
 fn certificate(id: &str) -> CertificateRecord {
     CertificateRecord {
         serial: format!("serial-{id}"),
@@ -686,6 +697,60 @@ async fn insert_devices_named(store: &Store, ids: &[&str]) {
         .unwrap();
 }
 
+/// On PostgreSQL a fleet's owners are written at once: every device ends with the owner the list
+/// gives it last, whatever the list's order, and the feed gets one `device` change for each device
+/// that moved and none for a device whose owner stayed.
+#[tokio::test]
+async fn owners_written_at_once_move_each_device_and_feed_each_move() {
+    use flotilla::store::{ChangeKind, FeedLane};
+    let (_db, store, other) = two_postgres_replicas().await;
+    let ids: Vec<String> = (0..1200).map(|i| format!("device-{i:04}")).collect();
+    let named: Vec<&str> = ids.iter().map(String::as_str).collect();
+    insert_devices_named(&store, &named).await;
+    let owner_before = |i: usize| i.is_multiple_of(3).then(|| "web".to_string());
+    store
+        .set_device_owners(
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), owner_before(i)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let owner_after = |i: usize| match i {
+        1 => Some("db".to_string()),
+        _ => i.is_multiple_of(2).then(|| "web".to_string()),
+    };
+    let mut owners: Vec<(String, Option<String>)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i.is_multiple_of(2).then(|| "web".to_string())))
+        .rev()
+        .collect();
+    owners.push((ids[1].clone(), Some("db".into())));
+    let before = other.latest_change_id().await.unwrap();
+    store.set_device_owners(owners).await.unwrap();
+
+    let devices = store.get_devices(ids.clone()).await.unwrap();
+    assert_eq!(devices.len(), ids.len());
+    for device in &devices {
+        let i: usize = device.id["device-".len()..].parse().unwrap();
+        assert_eq!(device.fleet, owner_after(i), "owner of {}", device.id);
+    }
+    let changes = other
+        .changes_after(before, 10_000, Some(FeedLane::Others))
+        .await
+        .unwrap();
+    assert!(changes.iter().all(|c| c.kind == ChangeKind::Device));
+    let mut moved: Vec<&str> = changes.iter().map(|c| c.subject.as_str()).collect();
+    moved.sort_unstable();
+    let expected: Vec<&str> = (0..ids.len())
+        .filter(|&i| owner_before(i) != owner_after(i))
+        .map(|i| ids[i].as_str())
+        .collect();
+    assert_eq!(moved, expected);
+}
+
 /// On PostgreSQL the journal writes the change rows of its bulk statements itself, one INSERT for
 /// the batch: every device gets its `session` change, exactly once, as this replica's; a device with
 /// several facts in the batch is written one by one and still recorded by the triggers.
@@ -784,12 +849,7 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
 async fn bulk_session_changes_carry_the_facts_they_commit() {
     use flotilla::status::DeviceReport;
     use flotilla::store::{DeviceFact, FeedLane};
-    let (db, store) = postgres_store_as("a").await;
-    let backend = db.backend();
-    let other = tokio::task::spawn_blocking(move || Store::open_as(backend, "b"))
-        .await
-        .unwrap()
-        .unwrap();
+    let (_db, store, other) = two_postgres_replicas().await;
     let ids = ["started", "acked", "reported", "rejected"];
     insert_devices_named(&store, &ids).await;
     let before = other.latest_change_id().await.unwrap();

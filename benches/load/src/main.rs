@@ -211,6 +211,9 @@ struct FeedLag {
 #[derive(Serialize)]
 struct Fanout {
     acked: usize,
+    /// How long the apply call took (the change is committed when it returns; latency counts
+    /// from then).
+    apply_ms: f64,
     latency: Latencies,
     feed: FeedLag,
 }
@@ -722,10 +725,11 @@ async fn fan_out(
 ) -> Result<Fanout> {
     let acked_before = shared.ack_count();
     let sampler = FeedSampler::start(servers.iter().map(|s| s.metrics_port).collect());
-    FleetServiceClient::new(servers[1 % servers.len()].admin().await?)
-        .apply_fleet(admin_template(content))
-        .await?;
+    let mut client = FleetServiceClient::new(servers[1 % servers.len()].admin().await?);
+    let called = Instant::now();
+    client.apply_fleet(admin_template(content)).await?;
     let returned = Instant::now();
+    let apply_ms = returned.duration_since(called).as_secs_f64() * 1000.0;
     wait_until(Duration::from_secs(300), "fan-out", || {
         shared.ack_count() >= acked_before + n
     })
@@ -752,7 +756,7 @@ async fn fan_out(
         .map_err(|_| anyhow::anyhow!("the ACK record was poisoned"))?;
     let feed = sampler.finish().await;
     eprintln!(
-        "fan-out ({what}) to {distinct_agents} agents: {latency}; change feed at most {:.2} s / {} changes behind",
+        "fan-out ({what}) to {distinct_agents} agents: {latency}; applied in {apply_ms:.0} ms; change feed at most {:.2} s / {} changes behind",
         feed.max_lag_seconds, feed.max_ids_behind
     );
     if check && distinct_agents < n {
@@ -760,6 +764,7 @@ async fn fan_out(
     }
     Ok(Fanout {
         acked: distinct_agents,
+        apply_ms,
         latency,
         feed,
     })
