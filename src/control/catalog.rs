@@ -337,15 +337,19 @@ impl Catalog {
     ) -> usize {
         let mut failed = 0;
         for id in device_ids {
-            hub.changed(&id);
-            match self.render(&id) {
+            let announced = match self.render(&id) {
                 Some(Ok(rendered)) => hub.set_desired(&id, rendered),
                 Some(Err(reason)) => {
                     failed += 1;
                     tracing::warn!(device.id = %id, %reason, "device spec could not be rendered");
-                    hub.set_render_failed(&id, reason);
+                    hub.set_render_failed(&id, reason)
                 }
-                None => {}
+                None => false,
+            };
+            // Whatever else changed about the device (labels, owner) is announced once, after
+            // its new render is in place; a new version has already settled it.
+            if !announced {
+                hub.changed(&id);
             }
         }
         self.interned.retain(|_, weak| weak.strong_count() > 0);

@@ -119,6 +119,25 @@ fn changes_are_held_until_the_wave_and_coalesce() {
     assert_eq!(hub.pushes(), 2);
 }
 
+/// A new render is announced to the watchers once, and says so, so its caller does not announce
+/// the device again; the same render, or the same failure again, announces nothing.
+#[test]
+fn a_new_render_is_announced_once_and_a_repeat_not_at_all() {
+    let hub = hub_with("d", rendered("1"));
+    let mut events = hub.subscribe();
+    assert!(!hub.set_desired("d", rendered("1")), "same content");
+    assert!(hub.set_desired("d", rendered("2")));
+    assert!(hub.set_render_failed("d", "undefined label".into()));
+    assert!(!hub.set_render_failed("d", "undefined label".into()));
+    assert!(hub.set_desired("d", rendered("2")), "the failure is over");
+    let mut announced = 0;
+    while let Ok(id) = events.try_recv() {
+        assert_eq!(id, "d");
+        announced += 1;
+    }
+    assert_eq!(announced, 3);
+}
+
 #[test]
 fn a_render_failure_is_an_error_and_keeps_the_last_good_spec() {
     let good = rendered("1");

@@ -28,8 +28,8 @@ impl Default for Debounce {
 
 impl Hub {
     /// Sets what a device should run (a new device, or a new render). A changed version is held
-    /// for the next wave.
-    pub fn set_desired(&self, device_id: &str, desired: Arc<Rendered>) {
+    /// for the next wave. Returns whether the device's status changed (and was announced).
+    pub fn set_desired(&self, device_id: &str, desired: Arc<Rendered>) -> bool {
         let mut state = self.lock();
         let HubState { devices, wave } = &mut *state;
         let entry = entry_for(devices, device_id);
@@ -41,7 +41,7 @@ impl Hub {
             if had_error {
                 self.changed(device_id);
             }
-            return;
+            return had_error;
         }
         entry.desired = Some(desired);
         let newly_held = !entry.held;
@@ -53,18 +53,21 @@ impl Hub {
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.wave_pending.notify_one();
         self.changed(device_id);
+        true
     }
 
-    /// Records that a device's spec could not be rendered; it keeps its last good spec.
-    pub fn set_render_failed(&self, device_id: &str, reason: String) {
+    /// Records that a device's spec could not be rendered; it keeps its last good spec. Returns
+    /// whether the reason is new (and was announced).
+    pub fn set_render_failed(&self, device_id: &str, reason: String) -> bool {
         let mut state = self.lock();
         let entry = entry_for(&mut state.devices, device_id);
         if entry.render_error.as_ref() == Some(&reason) {
-            return;
+            return false;
         }
         entry.render_error = Some(reason);
         drop(state);
         self.changed(device_id);
+        true
     }
 
     /// Releases the held changes: every waiting session is woken to pull its new spec.
