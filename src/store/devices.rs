@@ -306,6 +306,14 @@ pub(super) fn write_revisions(
     Ok(())
 }
 
+/// Locks the rows of the devices `ids` (in any order) in id order, as every writer of device rows
+/// takes them, so bulk writes never deadlock with each other or with row-by-row writers.
+fn lock_in_id_order(pg: &mut diesel::PgConnection, ids: &[&str]) -> diesel::QueryResult<usize> {
+    diesel::sql_query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+        .execute(pg)
+}
+
 /// Moves devices to their new owning fleets (a later entry for the same device wins). On
 /// PostgreSQL the rows are locked in id order first, as every writer of device rows locks them
 /// (see `write_revisions`), then written by one statement: a fleet that takes in a whole fleet of
@@ -331,9 +339,7 @@ pub(super) fn write_owners(
     if ids.is_empty() {
         return Ok(());
     }
-    diesel::sql_query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind::<Array<Text>, _>(&ids)
-        .execute(pg)?;
+    lock_in_id_order(pg, &ids)?;
     diesel::sql_query(
         "UPDATE devices AS d SET fleet = v.fleet \
          FROM unnest($1::text[], $2::text[]) AS v(id, fleet) \
@@ -641,7 +647,6 @@ fn write_facts(
     facts: &[DeviceFact],
     replica: Option<&str>,
 ) -> Result<(), diesel::result::Error> {
-    use diesel::sql_types::{Array, Text};
     let super::DbConnection::Postgres(pg) = conn else {
         for fact in facts {
             write_fact(conn, fact, replica)?;
@@ -652,11 +657,8 @@ fn write_facts(
     for fact in facts {
         *per_device.entry(fact.device_id()).or_default() += 1;
     }
-    let mut ids: Vec<&str> = per_device.keys().copied().collect();
-    ids.sort_unstable();
-    diesel::sql_query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind::<Array<Text>, _>(&ids)
-        .execute(pg)?;
+    let ids: Vec<&str> = per_device.keys().copied().collect();
+    lock_in_id_order(pg, &ids)?;
     let (bulk, single): (Vec<&DeviceFact>, Vec<&DeviceFact>) = facts.iter().partition(|fact| {
         per_device[fact.device_id()] == 1 && !matches!(fact, DeviceFact::LastSeen { .. })
     });
