@@ -8,7 +8,7 @@ use crate::hub::{Hub, Rendered};
 use crate::render::{CompiledTemplate, DeviceContext, render_device};
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
-use crate::store::{DeviceRecord, FleetRecord, SessionFacts};
+use crate::store::{DeviceOwner, DeviceRecord, FleetRecord, SessionFacts};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 
@@ -161,6 +161,19 @@ impl Catalog {
             device.cert_serial = Some(serial.to_string());
             device.cert_not_after_ms = Some(not_after_ms);
         }
+    }
+
+    /// Gives a device the owner and revision another replica committed; whether they changed.
+    pub(super) fn move_device(&mut self, id: &str, owner: &DeviceOwner) -> bool {
+        let Some(device) = self.devices.get_mut(id) else {
+            return false;
+        };
+        if device.fleet == owner.fleet && device.fleet_revision == owner.revision {
+            return false;
+        }
+        device.fleet.clone_from(&owner.fleet);
+        device.fleet_revision = owner.revision;
+        true
     }
 
     /// Pins devices to a revision of their fleet (`None`: follow the current one).

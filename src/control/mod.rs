@@ -48,7 +48,7 @@ use crate::selector::Selector;
 use crate::store::{FleetRecord, Store, StoreError};
 use admission::Admission;
 use catalog::{Catalog, FleetEntry};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -444,7 +444,9 @@ impl ControlPlane {
             .collect::<Result<Vec<_>, _>>()?;
         let devices = self.store.list_devices().await?;
         let count = devices.len();
-        let fleets = self.compile_pinned(fleets, &devices).await?;
+        let fleets = self
+            .compile_pinned(fleets, &revisions_held(devices.iter().map(owner_of)))
+            .await?;
         let mut catalog = Catalog::new(fleets, devices);
         let changes = catalog.plan_all();
         if !changes.is_empty() {
@@ -515,13 +517,13 @@ impl ControlPlane {
     async fn compile_pinned(
         &self,
         mut fleets: Vec<FleetEntry>,
-        devices: &[crate::store::DeviceRecord],
+        held_at: &BTreeSet<(String, i64)>,
     ) -> Result<Vec<FleetEntry>, ControlError> {
         for fleet in &mut fleets {
-            let wanted: std::collections::BTreeSet<i64> = devices
-                .iter()
-                .filter(|d| d.fleet.as_deref() == Some(fleet.record.name.as_str()))
-                .filter_map(|d| d.fleet_revision)
+            let name = fleet.record.name.as_str();
+            let wanted: BTreeSet<i64> = held_at
+                .range((name.to_string(), i64::MIN)..=(name.to_string(), i64::MAX))
+                .map(|(_, revision)| *revision)
                 .filter(|r| *r != fleet.record.revision)
                 .collect();
             if wanted.is_empty() {
@@ -541,6 +543,25 @@ impl ControlPlane {
         }
         Ok(fleets)
     }
+}
+
+/// The fleet revisions devices are held at, from each device's (fleet, revision): one entry per
+/// pair, however many devices share it, so a fleet's older revisions are compiled once each.
+fn revisions_held<'a>(
+    owners: impl IntoIterator<Item = (Option<&'a str>, Option<i64>)>,
+) -> BTreeSet<(String, i64)> {
+    let held: BTreeSet<(&str, i64)> = owners
+        .into_iter()
+        .filter_map(|(fleet, revision)| Some((fleet?, revision?)))
+        .collect();
+    held.into_iter()
+        .map(|(fleet, revision)| (fleet.to_string(), revision))
+        .collect()
+}
+
+/// A device's (fleet, revision), as `revisions_held` reads them.
+fn owner_of(device: &crate::store::DeviceRecord) -> (Option<&str>, Option<i64>) {
+    (device.fleet.as_deref(), device.fleet_revision)
 }
 
 /// Parses and compiles a stored fleet. Stored fleets were validated when applied, so a failure

@@ -5,9 +5,9 @@
 //! this replica made itself, is harmless.
 
 use super::catalog::FleetEntry;
-use super::{ControlError, ControlPlane, fleet_entry};
-use crate::store::{Change, ChangeKind, DeviceRecord, FeedLane, SessionFacts};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use super::{ControlError, ControlPlane, fleet_entry, owner_of, revisions_held};
+use crate::store::{Change, ChangeKind, DeviceOwner, DeviceRecord, FeedLane, SessionFacts};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -104,6 +104,9 @@ struct Touched {
     /// Session facts the changes carried, the newest of each device with its change id (devices
     /// neither re-read whole nor in `sessions`).
     carried: BTreeMap<String, (i64, SessionFacts)>,
+    /// Devices whose owner or revision alone changed, the newest of each with its change id
+    /// (devices not re-read whole).
+    moved: BTreeMap<String, (i64, DeviceOwner)>,
     fleets: BTreeSet<String>,
     certificates: BTreeSet<String>,
     rollouts: BTreeSet<String>,
@@ -118,9 +121,17 @@ impl Touched {
         for change in changes.into_iter().filter(|c| !c.own) {
             let subject = change.subject;
             match change.kind {
-                ChangeKind::Device => {
-                    touched.devices.insert(subject, change.id);
-                }
+                ChangeKind::Device => match change.moved_to {
+                    // As with session facts: a carried owner stands for its change unless the
+                    // device is re-read anyway, which brings the newest owner along.
+                    Some(owner) if !touched.devices.contains_key(&subject) => {
+                        touched.moved.insert(subject, (change.id, owner));
+                    }
+                    _ => {
+                        touched.moved.remove(&subject);
+                        touched.devices.insert(subject, change.id);
+                    }
+                },
                 ChangeKind::Session => match change.facts {
                     // Facts a change carries stand for it unless the device must be re-read
                     // anyway (an earlier change in the page carried none).
@@ -244,7 +255,7 @@ impl ControlPlane {
         if !touched.credentials.is_empty() {
             self.reload_credentials(&touched.credentials).await?;
         }
-        if !touched.devices.is_empty() || !touched.fleets.is_empty() {
+        if !touched.devices.is_empty() || !touched.fleets.is_empty() || !touched.moved.is_empty() {
             self.apply_catalog_changes(&touched).await?;
         }
         if !touched.sessions.is_empty() || !touched.carried.is_empty() {
@@ -344,8 +355,9 @@ impl ControlPlane {
         &self,
         entries: &HashMap<String, Option<FleetEntry>>,
         changed_devices: &[DeviceRecord],
+        moves: &[Move<'_>],
     ) -> Result<Vec<FleetEntry>, ControlError> {
-        let (fleets, devices) = {
+        let (fleets, held_at) = {
             let catalog = self.catalog();
             let mut fleets = Vec::new();
             for (name, entry) in entries {
@@ -364,20 +376,34 @@ impl ControlPlane {
             if fleets.is_empty() {
                 return Ok(fleets);
             }
-            // The devices of these fleets as they are after this page.
-            let mut devices: HashMap<&str, &DeviceRecord> = catalog
-                .devices()
-                .filter(|d| d.fleet.as_ref().is_some_and(|f| entries.contains_key(f)))
-                .map(|d| (d.id.as_str(), d))
+            // The revisions the devices of these fleets are held at after this page: each
+            // device as this page has it, else as the catalog does. Read in place, without
+            // copying the fleet's devices.
+            let changed: HashSet<&str> = changed_devices
+                .iter()
+                .map(|d| d.id.as_str())
+                .chain(moves.iter().map(|m| m.id))
                 .collect();
-            devices.extend(changed_devices.iter().map(|d| (d.id.as_str(), d)));
-            let devices: Vec<DeviceRecord> = devices.into_values().cloned().collect();
-            (fleets, devices)
+            let held_at = revisions_held(
+                catalog
+                    .devices()
+                    .filter(|d| !changed.contains(d.id.as_str()))
+                    .chain(changed_devices)
+                    .map(owner_of)
+                    .chain(
+                        moves
+                            .iter()
+                            .map(|m| (m.owner.fleet.as_deref(), m.owner.revision)),
+                    )
+                    .filter(|(fleet, _)| fleet.is_some_and(|f| entries.contains_key(f))),
+            );
+            (fleets, held_at)
         };
-        self.compile_pinned(fleets, &devices).await
+        self.compile_pinned(fleets, &held_at).await
     }
 
-    /// Re-reads changed fleets and devices and re-renders what they affect.
+    /// Re-reads changed fleets and devices, moves the devices whose owner alone changed, and
+    /// re-renders what they affect.
     async fn apply_catalog_changes(&self, touched: &Touched) -> Result<(), ControlError> {
         let _writes = self.writes.lock().await;
         let mut entries = HashMap::new();
@@ -388,18 +414,31 @@ impl ControlPlane {
             };
             entries.insert(name.clone(), entry);
         }
+        // A carried owner is applied to the device as this replica knows it; a device it does
+        // not know is re-read like any other.
+        let mut reread = touched.devices.clone();
+        let mut moves = Vec::new();
+        {
+            let catalog = self.catalog();
+            for (id, (change_id, owner)) in &touched.moved {
+                if catalog.device(id).is_some() {
+                    moves.push(Move { id, owner });
+                } else {
+                    reread.insert(id.clone(), *change_id);
+                }
+            }
+        }
         let devices: Vec<DeviceRecord> = self
             .store
-            .get_devices(touched.devices.keys().cloned().collect())
+            .get_devices(reread.keys().cloned().collect())
             .await?;
         let present: BTreeSet<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-        let gone: Vec<String> = touched
-            .devices
+        let gone: Vec<String> = reread
             .keys()
             .filter(|id| !present.contains(id.as_str()))
             .cloned()
             .collect();
-        let compiled = self.recompile_fleets(&entries, &devices).await?;
+        let compiled = self.recompile_fleets(&entries, &devices, &moves).await?;
         let mut certificates = Vec::new();
         let mut remote = Vec::new();
         {
@@ -434,14 +473,26 @@ impl ControlPlane {
                 }
                 catalog.put_device(device);
             }
+            for m in &moves {
+                if catalog.move_device(m.id, m.owner) {
+                    affected.insert(m.id.to_string());
+                }
+            }
             if entries.is_empty() {
                 // No fleet changed: only the devices of this page can have changed conflicts.
-                catalog.replan(touched.devices.keys().map(String::as_str));
+                catalog.replan(
+                    reread
+                        .keys()
+                        .map(String::as_str)
+                        .chain(moves.iter().map(|m| m.id)),
+                );
             } else {
                 catalog.apply_owners(&Vec::new());
             }
             catalog.render_into(&self.hub, affected);
-            for (id, change_id) in &touched.devices {
+            // Moves are not marked: they brought no session facts, so the session lane's
+            // carried facts still stand for them.
+            for (id, change_id) in &reread {
                 catalog.rereads.mark(id, *change_id);
             }
             // After rendering, so a device new to this replica has its hub entry; under the
@@ -453,6 +504,12 @@ impl ControlPlane {
         self.track_new_certificates(certificates);
         Ok(())
     }
+}
+
+/// A device whose owner alone changed, as a change carried it.
+struct Move<'a> {
+    id: &'a str,
+    owner: &'a DeviceOwner,
 }
 
 /// A device's certificate that another replica issued.
@@ -571,6 +628,7 @@ mod tests {
             own: false,
             created_ms: 0,
             facts: facts.map(Box::new),
+            moved_to: None,
         }
     }
 
@@ -606,6 +664,38 @@ mod tests {
             carried,
             [("z", 7, "v7")],
             "the newest facts of z; y is re-read whole; w is this replica's own"
+        );
+    }
+
+    #[test]
+    fn a_page_moves_devices_as_carried_unless_they_must_be_re_read() {
+        use ChangeKind::Device;
+        let owner = |fleet: &str, revision: Option<i64>| DeviceOwner {
+            fleet: Some(fleet.into()),
+            revision,
+        };
+        let moved = |id: i64, subject: &str, to: DeviceOwner| Change {
+            moved_to: Some(to),
+            ..change(id, Device, subject, None)
+        };
+        let page = [
+            moved(1, "a", owner("web", None)),
+            moved(2, "a", owner("web", Some(3))),
+            moved(3, "b", owner("web", None)),
+            change(4, Device, "b", None),
+            change(5, Device, "c", None),
+            moved(6, "c", owner("db", None)),
+        ];
+        let touched = Touched::of(page.to_vec());
+        assert_eq!(
+            touched.moved,
+            BTreeMap::from([("a".to_string(), (2, owner("web", Some(3))))]),
+            "the newest carried owner of a device moved only"
+        );
+        assert_eq!(
+            touched.devices,
+            BTreeMap::from([("b".to_string(), 4), ("c".to_string(), 6)]),
+            "a device with any other change is re-read, up to its newest change"
         );
     }
 

@@ -46,6 +46,38 @@ pub struct DeviceRecord {
     pub session_replica: Option<String>,
 }
 
+/// Which fleet owns a device and the revision it is held at: what a `device` change carries when
+/// nothing else about the device changed (a fleet created or re-selected, a rollout's batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceOwner {
+    /// The owning fleet, if any.
+    pub fleet: Option<String>,
+    /// The revision it is held at (`None`: the fleet's current one).
+    pub revision: Option<i64>,
+}
+
+impl DeviceOwner {
+    /// The owner a `device` change carries (the `devices_moved` trigger writes it), or `None` if
+    /// it cannot be read (the device is then re-read instead).
+    pub(super) fn from_feed(device_id: &str, text: &str) -> Option<DeviceOwner> {
+        #[derive(serde::Deserialize)]
+        struct Carried {
+            fleet: Option<String>,
+            revision: Option<i64>,
+        }
+        match serde_json::from_str::<Carried>(text) {
+            Ok(carried) => Some(DeviceOwner {
+                fleet: carried.fleet,
+                revision: carried.revision,
+            }),
+            Err(error) => {
+                tracing::warn!(device.id = %device_id, %error, "change feed: unreadable owner; re-reading the device");
+                None
+            }
+        }
+    }
+}
+
 /// What a device answered last, where its session is and which certificate it holds: the part of
 /// a device that changes with sessions, pushes and renewals, apart from what renders it.
 #[derive(Debug, Clone, PartialEq, Eq)]

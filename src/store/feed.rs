@@ -4,7 +4,7 @@
 //! queries; a lost connection is re-established and followed by a catch-up read.
 
 use super::schema::changes;
-use super::{Backend, SessionFacts, Store, StoreError};
+use super::{Backend, DeviceOwner, SessionFacts, Store, StoreError};
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::sql_types::Bool;
@@ -75,6 +75,9 @@ pub struct Change {
     /// For a `session` change the journal wrote in bulk: the device's session facts as it
     /// committed (the others are re-read).
     pub facts: Option<Box<SessionFacts>>,
+    /// For a `device` change of its owner alone: the owner and revision it committed (other
+    /// `device` changes are re-read).
+    pub moved_to: Option<DeviceOwner>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -156,6 +159,12 @@ impl Store {
                         }
                         _ => None,
                     };
+                    let moved_to = match (&row.facts, kind, own) {
+                        (Some(text), ChangeKind::Device, false) => {
+                            DeviceOwner::from_feed(&row.subject, text)
+                        }
+                        _ => None,
+                    };
                     Some(Change {
                         id: row.id,
                         kind,
@@ -163,6 +172,7 @@ impl Store {
                         subject: row.subject,
                         created_ms: row.created_ms,
                         facts,
+                        moved_to,
                     })
                 })
                 .collect())

@@ -29,7 +29,7 @@ pub use connection::{Backend, DbConnection};
 pub use credentials::{
     CredentialCertificate, CredentialRecord, CredentialRevocation, StoredCredential,
 };
-pub use devices::{DeviceChange, DeviceFact, DeviceRecord, NewDevice, SessionFacts};
+pub use devices::{DeviceChange, DeviceFact, DeviceOwner, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
 pub use feed::{Change, ChangeKind, FeedLane};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};

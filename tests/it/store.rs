@@ -8,7 +8,7 @@ use flotilla::ca::audit_key::AuditKey;
 use flotilla::spec::{DeviceSpec, FileSpec};
 use flotilla::store::{AuditQuery, AuditSeal, Audited, FleetRollout, IssuanceRules, Revocation};
 use flotilla::store::{
-    Backend, CertificateRecord, DeviceChange, EnrollmentState, FleetWrite, NewDevice,
+    Backend, CertificateRecord, DeviceChange, DeviceOwner, EnrollmentState, FleetWrite, NewDevice,
     NewEnrollment, Store, StoreError, SystemInfo,
 };
 use std::collections::BTreeMap;
@@ -749,6 +749,72 @@ async fn owners_written_at_once_move_each_device_and_feed_each_move() {
         .map(|i| ids[i].as_str())
         .collect();
     assert_eq!(moved, expected);
+    // Each change carries the owner it committed, so the other replicas need not re-read.
+    for change in &changes {
+        let i: usize = change.subject["device-".len()..].parse().unwrap();
+        assert_eq!(
+            change.moved_to,
+            Some(DeviceOwner {
+                fleet: owner_after(i),
+                revision: None
+            }),
+            "owner carried for {}",
+            change.subject
+        );
+    }
+    // The replica that wrote them applies nothing of its own.
+    let own = store
+        .changes_after(before, 10_000, Some(FeedLane::Others))
+        .await
+        .unwrap();
+    assert!(own.iter().all(|c| c.own && c.moved_to.is_none()));
+}
+
+/// A device change beyond its owner (labels, spec) carries nothing: the other replicas re-read
+/// the device. A pinned revision alone is carried like an owner.
+#[tokio::test]
+async fn only_a_move_alone_is_carried_in_the_feed() {
+    use flotilla::store::{ChangeKind, FeedLane};
+    let (_db, store, other) = two_postgres_replicas().await;
+    insert_devices_named(&store, &["d"]).await;
+    let before = other.latest_change_id().await.unwrap();
+    let relabelled = DeviceChange {
+        labels: Some(BTreeMap::from([("tier".to_string(), "edge".to_string())])),
+        fleet: Some(Some("edge".into())),
+        ..Default::default()
+    };
+    store
+        .update_device("dev-d", relabelled, 7, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    let pinned = DeviceChange {
+        fleet_revision: Some(Some(4)),
+        ..Default::default()
+    };
+    store
+        .update_device("dev-d", pinned, 8, audited(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    let changes: Vec<_> = other
+        .changes_after(before, 100, Some(FeedLane::Others))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.kind == ChangeKind::Device)
+        .collect();
+    let carried: Vec<Option<DeviceOwner>> = changes.iter().map(|c| c.moved_to.clone()).collect();
+    assert_eq!(
+        carried,
+        [
+            None,
+            Some(DeviceOwner {
+                fleet: Some("edge".into()),
+                revision: Some(4)
+            })
+        ]
+    );
 }
 
 /// On PostgreSQL the journal writes the change rows of its bulk statements itself, one INSERT for

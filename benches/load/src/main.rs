@@ -211,9 +211,11 @@ struct FeedLag {
 #[derive(Serialize)]
 struct Fanout {
     acked: usize,
-    /// How long the apply call took (the change is committed when it returns; latency counts
-    /// from then).
+    /// How long the apply call took (the change is committed when it returns).
     apply_ms: f64,
+    /// From the start of the operator's call to each agent's ACK: agents of other replicas may
+    /// have the change before the applying replica returns, so counting from the return would
+    /// hide the time the call took.
     latency: Latencies,
     feed: FeedLag,
 }
@@ -743,7 +745,7 @@ async fn fan_out(
             let latency = Latencies::of(
                 since
                     .iter()
-                    .map(|a| a.at.duration_since(returned).as_secs_f64() * 1000.0)
+                    .map(|a| a.at.duration_since(called).as_secs_f64() * 1000.0)
                     .collect(),
             );
             let agents = since
@@ -756,7 +758,7 @@ async fn fan_out(
         .map_err(|_| anyhow::anyhow!("the ACK record was poisoned"))?;
     let feed = sampler.finish().await;
     eprintln!(
-        "fan-out ({what}) to {distinct_agents} agents: {latency}; applied in {apply_ms:.0} ms; change feed at most {:.2} s / {} changes behind",
+        "fan-out ({what}) to {distinct_agents} agents: {latency} from the call; applied in {apply_ms:.0} ms; change feed at most {:.2} s / {} changes behind",
         feed.max_lag_seconds, feed.max_ids_behind
     );
     if check && distinct_agents < n {
