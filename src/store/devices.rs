@@ -669,9 +669,9 @@ impl DeviceFact {
     }
 }
 
-/// Writes a batch of facts in their order. On PostgreSQL, a device with a single session-start or
-/// answer fact in the batch — every device of a connect storm or a fan-out — is written by one
-/// statement for all of them; the rest one by one. Every device row the batch touches is locked
+/// Writes a batch of facts in their order. On PostgreSQL, a device with a single fact in the
+/// batch — every device of a connect storm, a fan-out or a drain — is written by one statement per
+/// kind for all of them; the rest one by one. Every device row the batch touches is locked
 /// first, in id order, so this never deadlocks with the other writers of device rows (issuance,
 /// fleet ownership), which lock in the same order.
 fn write_facts(
@@ -691,9 +691,9 @@ fn write_facts(
     }
     let ids: Vec<&str> = per_device.keys().copied().collect();
     lock_in_id_order(pg, &ids)?;
-    let (bulk, single): (Vec<&DeviceFact>, Vec<&DeviceFact>) = facts.iter().partition(|fact| {
-        per_device[fact.device_id()] == 1 && !matches!(fact, DeviceFact::LastSeen { .. })
-    });
+    let (bulk, single): (Vec<&DeviceFact>, Vec<&DeviceFact>) = facts
+        .iter()
+        .partition(|fact| per_device[fact.device_id()] == 1);
     for fact in single {
         write_fact(conn, fact, replica)?;
     }
@@ -703,7 +703,8 @@ fn write_facts(
     Ok(())
 }
 
-/// Session starts and answers of distinct devices, a statement per kind (PostgreSQL).
+/// Session starts, answers, reports and session ends of distinct devices, a statement per kind
+/// (PostgreSQL).
 fn write_in_bulk(
     pg: &mut diesel::PgConnection,
     facts: &[&DeviceFact],
@@ -713,6 +714,7 @@ fn write_in_bulk(
     let mut sessions = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut answers = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut reports = (Vec::new(), Vec::new(), Vec::new());
+    let mut ends = (Vec::new(), Vec::new());
     for fact in facts {
         match fact {
             DeviceFact::Session {
@@ -741,7 +743,10 @@ fn write_in_bulk(
                 reports.1.push(to_json(report.as_ref()));
                 reports.2.push(report.reported_ms);
             }
-            DeviceFact::LastSeen { .. } => {}
+            DeviceFact::LastSeen { id, seen_ms } => {
+                ends.0.push(id.as_str());
+                ends.1.push(*seen_ms);
+            }
         }
     }
     if facts.is_empty() {
@@ -801,6 +806,25 @@ fn write_in_bulk(
         .bind::<Array<Nullable<Text>>, _>(&answers.2)
         .bind::<Array<Nullable<Text>>, _>(&answers.3)
         .execute(pg)?;
+    }
+    if !ends.0.is_empty() {
+        diesel::sql_query(
+            "UPDATE devices AS d SET last_seen_ms = v.seen \
+             FROM unnest($1::text[], $2::bigint[]) AS v(id, seen) WHERE d.id = v.id",
+        )
+        .bind::<Array<Text>, _>(&ends.0)
+        .bind::<Array<BigInt>, _>(&ends.1)
+        .execute(pg)?;
+        if let Some(replica) = replica {
+            // The sessions ended here; a newer one on another replica keeps its record.
+            diesel::sql_query(
+                "DELETE FROM device_sessions AS s USING unnest($2::text[]) AS v(id) \
+                 WHERE s.device_id = v.id AND s.replica = $1",
+            )
+            .bind::<Text, _>(replica)
+            .bind::<Array<Text>, _>(&ends.0)
+            .execute(pg)?;
+        }
     }
     diesel::sql_query("SELECT set_config($1, 'off', true)")
         .bind::<Text, _>(super::feed::FEED_WRITTEN)

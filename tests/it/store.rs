@@ -888,12 +888,15 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
         );
     }
 
-    // The triggers' exemption ends with the batch's transaction: a later change is recorded.
+    // The triggers' exemption ends with the batch's transaction: a later batch written one by
+    // one (two answers of one device) is recorded by them, once per answer.
+    let answer = |version: &str| DeviceFact::Sync {
+        id: "b1".into(),
+        acked_version: Some(version.into()),
+        nacked: None,
+    };
     store
-        .record_device_facts(vec![DeviceFact::LastSeen {
-            id: "b1".into(),
-            seen_ms: 9,
-        }])
+        .record_device_facts(vec![answer("v2"), answer("v3")])
         .await
         .unwrap();
     let last = changes.last().unwrap().id;
@@ -903,8 +906,74 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
         .unwrap();
     assert_eq!(
         after.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>(),
-        ["b1"],
-        "the session's end, through the trigger"
+        ["b1", "b1"],
+        "each answer, through the trigger"
+    );
+}
+
+/// Sessions that end in one batch (a drain, a replica's shutdown) are written by one statement
+/// per kind: each device's last-seen time is set, the sessions this replica held are cleared (a
+/// newer one on another replica stays), and each device gets one session change carrying who
+/// holds its session now.
+#[tokio::test]
+async fn session_ends_are_written_at_once_and_carry_who_holds_the_session_now() {
+    use flotilla::store::{ChangeKind, DeviceFact, FeedLane};
+    let (_db, store, other) = two_postgres_replicas().await;
+    let ids = ["e1", "e2", "moved"];
+    insert_devices_named(&store, &ids).await;
+    let start = |id: &str| DeviceFact::Session {
+        id: id.into(),
+        agent_version: "1.0".into(),
+        running_version: None,
+        seen_ms: 1,
+    };
+    store
+        .record_device_facts(ids.iter().map(|id| start(id)).collect())
+        .await
+        .unwrap();
+    // This device reconnected to replica b before its old session's end was written.
+    other
+        .record_device_facts(vec![start("moved")])
+        .await
+        .unwrap();
+    let before = other.latest_change_id().await.unwrap();
+    store
+        .record_device_facts(
+            ids.iter()
+                .map(|id| DeviceFact::LastSeen {
+                    id: id.to_string(),
+                    seen_ms: 9,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+
+    let devices = store
+        .get_devices(ids.iter().map(|id| id.to_string()).collect())
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), ids.len());
+    for device in &devices {
+        assert_eq!(device.last_seen_ms, Some(9), "{}", device.id);
+        let holder = (device.id == "moved").then_some(other.replica());
+        assert_eq!(device.session_replica.as_deref(), holder, "{}", device.id);
+    }
+    let changes = other
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    let carried: Vec<(&str, Option<&str>)> = changes
+        .iter()
+        .map(|change| {
+            assert_eq!(change.kind, ChangeKind::Session);
+            let facts = change.facts.as_ref().expect("the change carries its facts");
+            (change.subject.as_str(), facts.session_replica.as_deref())
+        })
+        .collect();
+    assert_eq!(
+        carried,
+        [("e1", None), ("e2", None), ("moved", Some(other.replica()))]
     );
 }
 
@@ -990,12 +1059,15 @@ async fn bulk_session_changes_carry_the_facts_they_commit() {
         .await
         .unwrap();
     assert!(own.iter().all(|c| c.own && c.facts.is_none()));
-    // A change the triggers write (a session's end) carries nothing: the device is re-read.
+    // A change the triggers write (two answers of one device in a batch, written one by one)
+    // carries nothing: the device is re-read.
+    let answer = |version: &str| DeviceFact::Sync {
+        id: "started".into(),
+        acked_version: Some(version.into()),
+        nacked: None,
+    };
     store
-        .record_device_facts(vec![DeviceFact::LastSeen {
-            id: "started".into(),
-            seen_ms: 9,
-        }])
+        .record_device_facts(vec![answer("v5"), answer("v6")])
         .await
         .unwrap();
     let last = changes.last().unwrap().id;
@@ -1003,8 +1075,8 @@ async fn bulk_session_changes_carry_the_facts_they_commit() {
         .changes_after(last, 100, Some(FeedLane::Sessions))
         .await
         .unwrap();
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].facts, None);
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|c| c.facts.is_none()));
 }
 
 /// On PostgreSQL every acknowledgement and session start rewrites its device's row; the devices
