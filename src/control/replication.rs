@@ -1,8 +1,9 @@
 //! Following the change feed: what other replicas committed — devices, fleets, revocations,
 //! rollouts, enrollment decisions — is read back from the database and applied to this replica's
-//! catalog and hub, so every replica renders, pushes, refuses and reports the same fleet. Each
-//! change names only its subject; the subject is re-read, so applying a change twice, or a change
-//! this replica made itself, is harmless.
+//! catalog and hub, so every replica renders, pushes, refuses and reports the same fleet. Most
+//! changes name only their subject, which is re-read; the journal's session facts and a device's
+//! move to another owner or revision carry what they committed instead. Either way applying a
+//! change twice, or a change this replica made itself, is harmless.
 
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry, owner_of, revisions_held};

@@ -48,9 +48,11 @@ pub enum ChangeKind {
 /// The kind of session facts, as the triggers write it.
 const SESSION: &str = "session";
 
-/// The feed's two lanes, each followed in id order on its own. Every change names a subject whose
-/// current state is re-read, so the lanes need no order between them: session facts (the bulk of
-/// the feed, one per device per session and push) never hold up a fleet or device change.
+/// The feed's two lanes, each followed in id order on its own. A change either names a subject
+/// whose current state is re-read or carries what it committed of one lane's columns only (session
+/// facts; a device's owner and revision), so the lanes need no order between them: session facts
+/// (the bulk of the feed, one per device per session and push) never hold up a fleet or device
+/// change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeedLane {
     /// `session` changes.
