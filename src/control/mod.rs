@@ -520,11 +520,12 @@ impl ControlPlane {
         held_at: &BTreeSet<(String, i64)>,
     ) -> Result<Vec<FleetEntry>, ControlError> {
         for fleet in &mut fleets {
-            let name = fleet.record.name.as_str();
             let wanted: BTreeSet<i64> = held_at
-                .range((name.to_string(), i64::MIN)..=(name.to_string(), i64::MAX))
+                .iter()
+                .filter(|(name, revision)| {
+                    *name == fleet.record.name && *revision != fleet.record.revision
+                })
                 .map(|(_, revision)| *revision)
-                .filter(|r| *r != fleet.record.revision)
                 .collect();
             if wanted.is_empty() {
                 continue;

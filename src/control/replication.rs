@@ -377,9 +377,9 @@ impl ControlPlane {
             if fleets.is_empty() {
                 return Ok(fleets);
             }
-            // The revisions the devices of these fleets are held at after this page: each
-            // device as this page has it, else as the catalog does. Read in place, without
-            // copying the fleet's devices.
+            // The revisions devices are held at after this page (`compile_pinned` takes those of
+            // these fleets): each device as this page has it, else as the catalog does. Read in
+            // place, without copying the fleets' devices.
             let changed: HashSet<&str> = changed_devices
                 .iter()
                 .map(|d| d.id.as_str())
@@ -395,8 +395,7 @@ impl ControlPlane {
                         moves
                             .iter()
                             .map(|m| (m.owner.fleet.as_deref(), m.owner.revision)),
-                    )
-                    .filter(|(fleet, _)| fleet.is_some_and(|f| entries.contains_key(f))),
+                    ),
             );
             (fleets, held_at)
         };

@@ -48,7 +48,7 @@ pub struct DeviceRecord {
 
 /// Which fleet owns a device and the revision it is held at: what a `device` change carries when
 /// nothing else about the device changed (a fleet created or re-selected, a rollout's batch).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct DeviceOwner {
     /// The owning fleet, if any.
     pub fleet: Option<String>,
@@ -60,22 +60,21 @@ impl DeviceOwner {
     /// The owner a `device` change carries (the `devices_moved` trigger writes it), or `None` if
     /// it cannot be read (the device is then re-read instead).
     pub(super) fn from_feed(device_id: &str, text: &str) -> Option<DeviceOwner> {
-        #[derive(serde::Deserialize)]
-        struct Carried {
-            fleet: Option<String>,
-            revision: Option<i64>,
-        }
-        match serde_json::from_str::<Carried>(text) {
-            Ok(carried) => Some(DeviceOwner {
-                fleet: carried.fleet,
-                revision: carried.revision,
-            }),
-            Err(error) => {
-                tracing::warn!(device.id = %device_id, %error, "change feed: unreadable owner; re-reading the device");
-                None
-            }
-        }
+        read_carried(device_id, text, "owner")
     }
+}
+
+/// What a change row carries, as JSON; `None`, logged once here, if it cannot be read.
+fn read_carried<T: serde::de::DeserializeOwned>(
+    device_id: &str,
+    text: &str,
+    what: &'static str,
+) -> Option<T> {
+    serde_json::from_str(text)
+        .inspect_err(|error| {
+            tracing::warn!(device.id = %device_id, %error, carried = what, "change feed: unreadable carried facts; re-reading the device");
+        })
+        .ok()
 }
 
 /// What a device answered last, where its session is and which certificate it holds: the part of
@@ -129,22 +128,17 @@ impl SessionFacts {
             serial: Option<String>,
             not_after: Option<i64>,
         }
-        match serde_json::from_str::<Carried>(text) {
-            Ok(carried) => Some(SessionFacts {
-                id: device_id.to_string(),
-                acked_version: carried.acked,
-                nacked: carried.nacked.zip(carried.error),
-                agent_version: carried.agent,
-                session_replica: carried.replica,
-                cert_serial: carried.serial,
-                cert_not_after_ms: carried.not_after,
-                report: None,
-            }),
-            Err(error) => {
-                tracing::warn!(device.id = %device_id, %error, "change feed: unreadable session facts; re-reading the device");
-                None
-            }
-        }
+        let carried: Carried = read_carried(device_id, text, "session facts")?;
+        Some(SessionFacts {
+            id: device_id.to_string(),
+            acked_version: carried.acked,
+            nacked: carried.nacked.zip(carried.error),
+            agent_version: carried.agent,
+            session_replica: carried.replica,
+            cert_serial: carried.serial,
+            cert_not_after_ms: carried.not_after,
+            report: None,
+        })
     }
 }
 

@@ -155,17 +155,15 @@ impl Store {
                     let kind = kind_of(&row.kind)?;
                     let own = row.origin == *replica;
                     // Only what another replica committed is applied here.
-                    let facts = match (&row.facts, kind, own) {
-                        (Some(text), ChangeKind::Session, false) => {
-                            SessionFacts::from_feed(&row.subject, text).map(Box::new)
-                        }
-                        _ => None,
-                    };
-                    let moved_to = match (&row.facts, kind, own) {
+                    let (facts, moved_to) = match (&row.facts, kind, own) {
+                        (Some(text), ChangeKind::Session, false) => (
+                            SessionFacts::from_feed(&row.subject, text).map(Box::new),
+                            None,
+                        ),
                         (Some(text), ChangeKind::Device, false) => {
-                            DeviceOwner::from_feed(&row.subject, text)
+                            (None, DeviceOwner::from_feed(&row.subject, text))
                         }
-                        _ => None,
+                        _ => (None, None),
                     };
                     Some(Change {
                         id: row.id,
