@@ -191,8 +191,13 @@ impl Hub {
     /// Announces that something about a device changed (for watchers; nobody listening is fine).
     pub fn changed(&self, device_id: &str) {
         if let Some(entry) = self.lock().get_mut(device_id) {
-            entry.settle(self.clock.now_millis());
+            entry.note_change(self.clock.now_millis());
         }
+        self.announce(device_id);
+    }
+
+    /// Tells the watchers a device changed (its entry already settled).
+    fn announce(&self, device_id: &str) {
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(device_id.to_string());
         }

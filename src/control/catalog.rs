@@ -349,7 +349,7 @@ impl Catalog {
         device_ids: impl IntoIterator<Item = String>,
     ) -> usize {
         let mut failed = 0;
-        for id in device_ids {
+        for id in hub.sessions_first(device_ids) {
             let announced = match self.render(&id) {
                 Some(Ok(rendered)) => hub.set_desired(&id, rendered),
                 Some(Err(reason)) => {

@@ -7,7 +7,9 @@
 
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry, owner_of, revisions_held};
-use crate::store::{Change, ChangeKind, DeviceOwner, DeviceRecord, FeedLane, SessionFacts};
+use crate::store::{
+    ALL_DEVICES, Change, ChangeKind, DeviceOwner, DeviceRecord, FeedLane, SessionFacts,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,6 +18,8 @@ use tokio::sync::Notify;
 
 /// Most changes read at once.
 const PAGE: i64 = 2000;
+/// Most session changes read at once: one may carry the facts of a whole batch of devices.
+const SESSION_PAGE: i64 = 200;
 /// Wait before reading again after the database refused.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -102,6 +106,10 @@ struct Touched {
     devices: BTreeMap<String, i64>,
     /// Devices of which only session facts changed, to re-read (unless also in `devices`).
     sessions: BTreeSet<String>,
+    /// A batch's session facts could not be read: every device's are re-read.
+    all_sessions: bool,
+    /// The change of a batch whose owners could not be read: every device is re-read.
+    all_devices: Option<i64>,
     /// Session facts the changes carried, the newest of each device with its change id (devices
     /// neither re-read whole nor in `sessions`).
     carried: BTreeMap<String, (i64, SessionFacts)>,
@@ -122,6 +130,9 @@ impl Touched {
         for change in changes.into_iter().filter(|c| !c.own) {
             let subject = change.subject;
             match change.kind {
+                ChangeKind::Device if subject == ALL_DEVICES => {
+                    touched.all_devices = Some(change.id);
+                }
                 ChangeKind::Device => match change.moved_to {
                     // As with session facts: a carried owner stands for its change unless the
                     // device is re-read anyway, which brings the newest owner along.
@@ -133,6 +144,7 @@ impl Touched {
                         touched.devices.insert(subject, change.id);
                     }
                 },
+                ChangeKind::Session if subject == ALL_DEVICES => touched.all_sessions = true,
                 ChangeKind::Session => match change.facts {
                     // Facts a change carries stand for it unless the device must be re-read
                     // anyway (an earlier change in the page carried none).
@@ -201,7 +213,11 @@ impl ControlPlane {
             wake.notified().await;
             loop {
                 let position = progress.position(lane);
-                let changes = match self.store.changes_after(position, PAGE, Some(lane)).await {
+                let page = match lane {
+                    FeedLane::Sessions => SESSION_PAGE,
+                    FeedLane::Others => PAGE,
+                };
+                let changes = match self.store.changes_after(position, page, Some(lane)).await {
                     Ok(changes) => changes,
                     Err(error) => {
                         if !std::mem::replace(&mut failing, true) {
@@ -256,8 +272,25 @@ impl ControlPlane {
         if !touched.credentials.is_empty() {
             self.reload_credentials(&touched.credentials).await?;
         }
+        if let Some(change_id) = touched.all_devices {
+            // A re-read brings every device's newest owner, newer than any carried in the page.
+            touched.moved.clear();
+            let catalog = self.catalog();
+            for device in catalog.devices() {
+                let at = touched.devices.entry(device.id.clone()).or_default();
+                *at = (*at).max(change_id);
+            }
+        }
         if !touched.devices.is_empty() || !touched.fleets.is_empty() || !touched.moved.is_empty() {
             self.apply_catalog_changes(&touched).await?;
+        }
+        if touched.all_sessions {
+            // A re-read brings every device's newest facts, newer than any carried in the page.
+            touched.carried.clear();
+            let catalog = self.catalog();
+            touched
+                .sessions
+                .extend(catalog.devices().map(|d| d.id.clone()));
         }
         if !touched.sessions.is_empty() || !touched.carried.is_empty() {
             let carried = std::mem::take(&mut touched.carried);
@@ -630,6 +663,26 @@ mod tests {
             facts: facts.map(Box::new),
             moved_to: None,
         }
+    }
+
+    #[test]
+    fn an_unreadable_batch_has_every_device_re_read() {
+        let page = [
+            change(1, ChangeKind::Session, "x", Some(facts("x", "v1"))),
+            change(2, ChangeKind::Session, ALL_DEVICES, None),
+        ];
+        let touched = Touched::of(page.into());
+        assert!(touched.all_sessions);
+        assert_eq!(touched.all_devices, None);
+        assert!(
+            touched.sessions.is_empty(),
+            "no device named by the empty subject"
+        );
+        let readable = Touched::of(vec![change(1, ChangeKind::Session, "x", None)]);
+        assert!(!readable.all_sessions);
+        let owners = Touched::of(vec![change(3, ChangeKind::Device, ALL_DEVICES, None)]);
+        assert_eq!(owners.all_devices, Some(3));
+        assert!(owners.devices.is_empty() && !owners.all_sessions);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The hub's part of device status: each device's last report and its conditions, settled whenever
 //! something about the device changes (so transition times are when the change happened, not when
-//! somebody looked), and counted by summary and condition for metrics.
+//! somebody looked; a device held by another replica as of its last change, when next read), and
+//! counted by summary and condition for metrics.
 
 use super::{DeviceEntry, Hub, RenewalState};
 use crate::status::conditions::{
@@ -87,9 +88,27 @@ impl DeviceEntry {
         })
     }
 
-    /// Settles the entry if time alone has moved it since it was last settled (only the
-    /// certificate's standing depends on the time); every other change settles it at once.
+    /// Takes in a change of the entry: settled at once if this replica holds the device's session;
+    /// otherwise when it changed is noted and whoever reads its status settles it
+    /// (`settle_if_time_moved`). A device held elsewhere changes with what other replicas feed —
+    /// with a fleet of 100,000, every render and every answer of each device, on every replica —
+    /// and is read only by status calls and scrapes.
+    pub(super) fn note_change(&mut self, now_ms: i64) {
+        if self.session.is_some() {
+            self.unsettled_at = None;
+            self.settle(now_ms);
+        } else {
+            self.unsettled_at = Some(now_ms);
+        }
+    }
+
+    /// Settles the entry if it changed since it was last settled (as of its last change: a device
+    /// held elsewhere, read) or time alone has moved it (only the certificate's standing depends
+    /// on the time).
     pub(super) fn settle_if_time_moved(&mut self, now_ms: i64) {
+        if let Some(changed_ms) = self.unsettled_at.take() {
+            self.settle(changed_ms);
+        }
         if self.settled_standing != Some(self.standing(now_ms)) {
             self.settle(now_ms);
         }

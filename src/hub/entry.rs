@@ -82,11 +82,15 @@ pub(super) struct DeviceEntry {
     /// Another replica holds the device's session (learnt from the change feed).
     pub(super) elsewhere: Option<String>,
     pub(super) report: Option<Arc<DeviceReport>>,
-    /// Conditions with their transition times, settled on every change of the device.
+    /// Conditions with their transition times, settled on every change of the device (of one held
+    /// elsewhere, when next read).
     pub(super) ledger: Ledger,
     /// The certificate standing the ledger was last settled with (outer `None`: never settled),
     /// so a metrics pass re-settles only the devices that time has moved.
     pub(super) settled_standing: Option<Option<CertificateStanding>>,
+    /// When the entry last changed without being settled (its session is elsewhere or nowhere):
+    /// it is settled as of then when its status is next read.
+    pub(super) unsettled_at: Option<i64>,
 }
 
 impl DeviceEntry {
@@ -174,6 +178,7 @@ impl DeviceEntry {
             report: None,
             ledger: Ledger::default(),
             settled_standing: None,
+            unsettled_at: None,
         }
     }
 

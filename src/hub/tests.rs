@@ -13,6 +13,39 @@ fn rendered(content: &str) -> Arc<Rendered> {
     })
 }
 
+/// A loaded hub of `devices`, each to run the same `rendered("0")`.
+fn hub_of(devices: &[&str]) -> Hub {
+    let hub = Hub::new();
+    hub.load(
+        devices
+            .iter()
+            .map(|id| Seed {
+                device_id: id.to_string(),
+                desired: Ok(rendered("0")),
+                acked_version: None,
+                nacked: None,
+                last_seen_ms: None,
+                report: None,
+            })
+            .collect(),
+    );
+    hub
+}
+
+/// A hub of device `d`, to run `rendered("1")`, on tokio's (paused) clock from `start_ms`.
+fn hub_in_virtual_time(start_ms: i64) -> Hub {
+    let hub = Hub::with_clock(Clock::following_tokio(start_ms));
+    hub.load(vec![Seed {
+        device_id: "d".into(),
+        desired: Ok(rendered("1")),
+        acked_version: None,
+        nacked: None,
+        last_seen_ms: None,
+        report: None,
+    }]);
+    hub
+}
+
 fn hub_with(device: &str, desired: Arc<Rendered>) -> Hub {
     let hub = Hub::new();
     hub.load(vec![Seed {
@@ -119,6 +152,46 @@ fn changes_are_held_until_the_wave_and_coalesce() {
     assert_eq!(hub.pushes(), 2);
 }
 
+/// Only sessions held here wait for a wave: a device whose session is elsewhere (or nowhere)
+/// neither joins the wave nor restarts its quiet period, and a session opened here later gets
+/// the newest spec at once.
+#[test]
+fn only_devices_with_a_session_here_wait_for_the_wave() {
+    let hub = hub_of(&["here", "elsewhere"]);
+    let (s, _) = hub.open_session("here", "", "s", 0).unwrap();
+    let generation = hub.generation.load(Ordering::Relaxed);
+    assert!(hub.set_desired("elsewhere", rendered("1")));
+    assert_eq!(hub.generation.load(Ordering::Relaxed), generation);
+    assert_eq!(
+        hub.status("elsewhere").unwrap().desired_version,
+        rendered("1").version
+    );
+    assert!(hub.set_desired("here", rendered("1")));
+    assert!(hub.generation.load(Ordering::Relaxed) > generation);
+    assert_eq!(hub.release_wave(), 1, "only the device with a session here");
+    assert_eq!(
+        hub.next_push("here", s.id).unwrap().rendered.version,
+        rendered("1").version
+    );
+    let (later, _) = hub.open_session("elsewhere", "", "s", 0).unwrap();
+    assert_eq!(
+        hub.next_push("elsewhere", later.id)
+            .unwrap()
+            .rendered
+            .version,
+        rendered("1").version
+    );
+}
+
+#[test]
+fn renders_of_sessions_held_here_come_first() {
+    let hub = hub_of(&["a", "b", "c", "d"]);
+    hub.open_session("b", "", "s", 0).unwrap();
+    hub.open_session("d", "", "s", 0).unwrap();
+    let order = hub.sessions_first(["a", "b", "c", "d", "unknown"].map(String::from));
+    assert_eq!(order, ["b", "d", "a", "c", "unknown"]);
+}
+
 /// A new render is announced to the watchers once, and says so, so its caller does not announce
 /// the device again; the same render, or the same failure again, announces nothing.
 #[test]
@@ -217,15 +290,7 @@ async fn a_certificate_enters_its_window_is_asked_for_and_expires_in_virtual_tim
     const DAY_MS: i64 = 24 * 3600 * 1000;
     let day = Duration::from_millis(DAY_MS as u64);
     let start = 1_800_000_000_000;
-    let hub = Hub::with_clock(Clock::following_tokio(start));
-    hub.load(vec![Seed {
-        device_id: "d".into(),
-        desired: Ok(rendered("1")),
-        acked_version: None,
-        nacked: None,
-        last_seen_ms: None,
-        report: None,
-    }]);
+    let hub = hub_in_virtual_time(start);
     hub.track_certificate("d", "01", start + 30 * DAY_MS, start + 10 * DAY_MS, false);
     let (s, _) = hub.open_session("d", "", "01", start).unwrap();
     let now = || hub.clock().now_millis();
@@ -287,4 +352,58 @@ async fn a_certificate_enters_its_window_is_asked_for_and_expires_in_virtual_tim
     );
     let summary = hub.summary(now());
     assert_eq!((summary.expiring_7d, summary.renewal_due), (1, 1));
+}
+
+/// A device whose session another replica holds is settled when its status is read, as of its
+/// last change: what the feed brings about it costs no condition evaluation on every replica, and
+/// its conditions still change when the device did, not when somebody looked.
+#[tokio::test(start_paused = true)]
+async fn a_device_held_elsewhere_is_settled_when_read_as_of_its_last_change() {
+    let start = 1_800_000_000_000;
+    let hub = hub_in_virtual_time(start);
+    let online = |hub: &Hub| {
+        hub.status("d")
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.kind == ConditionType::Online)
+            .unwrap()
+    };
+    assert_eq!(online(&hub).status, ConditionStatus::False);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    hub.note_remote(
+        "d",
+        Some("b".into()),
+        Some(rendered("1").version.clone()),
+        None,
+    );
+    {
+        let state = hub.lock();
+        let entry = state.get("d").unwrap();
+        assert_eq!(entry.unsettled_at, Some(start + 10_000), "not settled yet");
+    }
+    tokio::time::advance(Duration::from_secs(50)).await;
+    let condition = online(&hub);
+    assert_eq!(condition.status, ConditionStatus::True);
+    assert_eq!(
+        condition.last_transition_ms,
+        start + 10_000,
+        "as of the change"
+    );
+    assert_eq!(hub.status("d").unwrap().state, SyncState::Synced);
+    // A metrics pass counts it as settled too.
+    let index = ConditionType::ALL
+        .iter()
+        .position(|c| *c == ConditionType::Online)
+        .unwrap();
+    hub.note_remote("d", None, None, None);
+    assert_eq!(
+        hub.summary(hub.clock().now_millis()).status.conditions_true[index],
+        0
+    );
+
+    // A session held here is settled at once.
+    let (_s, _) = hub.open_session("d", "", "s", start + 60_000).unwrap();
+    let state = hub.lock();
+    assert_eq!(state.get("d").unwrap().unsettled_at, None);
 }

@@ -44,16 +44,34 @@ impl Hub {
             return had_error;
         }
         entry.desired = Some(desired);
-        let newly_held = !entry.held;
-        entry.held = true;
-        if newly_held {
+        // Only a session held here is pushed by this replica. A device whose session is elsewhere
+        // (or nowhere) gets the new spec when a session opens here, so holding it for the wave
+        // would only keep the quiet period from starting while the rest of a large fleet renders.
+        let pushed_here = entry.session.is_some();
+        if pushed_here && !entry.held {
+            entry.held = true;
             wave.push(device_id.to_string());
         }
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        self.wave_pending.notify_one();
-        self.changed(device_id);
+        if pushed_here {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            self.wave_pending.notify_one();
+        }
+        self.announce(device_id);
         true
+    }
+
+    /// Orders `device_ids` so that those whose session this replica holds come first: their
+    /// renders are what its sessions wait for; the rest only update what it reports.
+    pub fn sessions_first(&self, device_ids: impl IntoIterator<Item = String>) -> Vec<String> {
+        let state = self.lock();
+        let (mut here, rest): (Vec<String>, Vec<String>) = device_ids
+            .into_iter()
+            .partition(|id| state.get(id).is_some_and(|e| e.session.is_some()));
+        drop(state);
+        here.extend(rest);
+        here
     }
 
     /// Records that a device's spec could not be rendered; it keeps its last good spec. Returns

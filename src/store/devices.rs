@@ -5,7 +5,7 @@ use super::{Audited, Store, StoreError, from_json, to_json};
 use crate::spec::DeviceSpec;
 use crate::status::DeviceReport;
 use diesel::prelude::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// A device as stored.
@@ -62,6 +62,35 @@ impl DeviceOwner {
     pub(super) fn from_feed(device_id: &str, text: &str) -> Option<DeviceOwner> {
         read_carried(device_id, text, "owner")
     }
+
+    /// The owner of every device a batch's `device` change carries (`Moves::record` writes it),
+    /// or `None` if they cannot be read (every device is then re-read).
+    pub(super) fn batch_from_feed(text: &str) -> Option<Vec<(String, DeviceOwner)>> {
+        #[derive(serde::Deserialize)]
+        struct Moved {
+            id: String,
+            #[serde(flatten)]
+            owner: DeviceOwner,
+        }
+        serde_json::from_str::<Vec<Moved>>(text)
+            .inspect_err(|error| {
+                tracing::warn!(%error, "change feed: unreadable owners of a batch; re-reading every device");
+            })
+            .ok()
+            .map(|moved| moved.into_iter().map(|m| (m.id, m.owner)).collect())
+    }
+}
+
+/// The devices a batch's change names (of its facts, only their `id`s are read: for this
+/// replica's own batches, applied already); empty if they cannot be read.
+pub(super) fn batch_devices(text: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        id: String,
+    }
+    serde_json::from_str::<Vec<Named>>(text)
+        .map(|named| named.into_iter().map(|n| n.id).collect())
+        .unwrap_or_default()
 }
 
 /// What a change row carries, as JSON; `None`, logged once here, if it cannot be read.
@@ -118,27 +147,57 @@ impl SessionFacts {
     /// The facts a `session` change carries (`record_session_changes` writes them), or `None`
     /// if they cannot be read (the device is then re-read instead).
     pub(super) fn from_feed(device_id: &str, text: &str) -> Option<SessionFacts> {
-        #[derive(serde::Deserialize)]
-        struct Carried {
-            acked: Option<String>,
-            nacked: Option<String>,
-            error: Option<String>,
-            agent: Option<String>,
-            replica: Option<String>,
-            serial: Option<String>,
-            not_after: Option<i64>,
-        }
         let carried: Carried = read_carried(device_id, text, "session facts")?;
-        Some(SessionFacts {
-            id: device_id.to_string(),
-            acked_version: carried.acked,
-            nacked: carried.nacked.zip(carried.error),
-            agent_version: carried.agent,
-            session_replica: carried.replica,
-            cert_serial: carried.serial,
-            cert_not_after_ms: carried.not_after,
-            report: None,
+        Some(carried.into_facts(device_id.to_string()))
+    }
+
+    /// The facts of every device a batch's `session` change carries, or `None` if they cannot be
+    /// read (every device's session facts are then re-read).
+    pub(super) fn batch_from_feed(text: &str) -> Option<Vec<SessionFacts>> {
+        let read = serde_json::from_str::<Vec<Carried>>(text)
+            .map_err(|error| error.to_string())
+            .and_then(|carried| {
+                carried
+                    .into_iter()
+                    .map(|c| match c.id.clone() {
+                        Some(id) => Ok(c.into_facts(id)),
+                        None => Err("facts of no device".to_string()),
+                    })
+                    .collect()
+            });
+        read.inspect_err(|error| {
+            tracing::warn!(%error, "change feed: unreadable session facts of a batch; re-reading every device's");
         })
+        .ok()
+    }
+}
+
+/// Session facts as a `session` change carries them: one device's (its id is the change's
+/// subject), or one of a batch's (named by `id`).
+#[derive(serde::Deserialize)]
+struct Carried {
+    id: Option<String>,
+    acked: Option<String>,
+    nacked: Option<String>,
+    error: Option<String>,
+    agent: Option<String>,
+    replica: Option<String>,
+    serial: Option<String>,
+    not_after: Option<i64>,
+}
+
+impl Carried {
+    fn into_facts(self, id: String) -> SessionFacts {
+        SessionFacts {
+            id,
+            acked_version: self.acked,
+            nacked: self.nacked.zip(self.error),
+            agent_version: self.agent,
+            session_replica: self.replica,
+            cert_serial: self.serial,
+            cert_not_after_ms: self.not_after,
+            report: None,
+        }
     }
 }
 
@@ -314,21 +373,102 @@ pub(super) fn insert_device(
     Ok(())
 }
 
-/// Pins devices to a fleet revision (`None`: follow the current one).
+/// Devices a transaction moves to another owner or revision. On PostgreSQL the triggers leave
+/// these moves alone (`flotilla.feed_written`); `record`, the transaction's last statement, writes
+/// them to the change feed, a change per `DEVICES_PER_BATCH_CHANGE` devices carrying each one's
+/// owner and revision as they commit — every replica reads every change, and a fleet created over
+/// 100,000 devices was 100,000 of them.
+#[derive(Debug, Default)]
+pub(super) struct Moves {
+    ids: BTreeSet<String>,
+}
+
+impl Moves {
+    /// Records the moves in the change feed, after every row lock the transaction takes (the feed
+    /// lock comes last, as the deferred triggers take it). Nothing on SQLite.
+    pub(super) fn record(self, conn: &mut super::DbConnection) -> diesel::QueryResult<()> {
+        use diesel::sql_types::{Array, BigInt, Text};
+        let super::DbConnection::Postgres(pg) = conn else {
+            return Ok(());
+        };
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = self.ids.iter().map(String::as_str).collect();
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+            .bind::<BigInt, _>(super::feed::FEED_LOCK)
+            .execute(pg)?;
+        diesel::sql_query(format!(
+            "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
+             SELECT 'device', '', {ORIGIN_AND_TIME}, json_agg(json_build_object( \
+                 'id', d.id, 'fleet', d.fleet, 'revision', d.fleet_revision) ORDER BY d.id)::text \
+             FROM unnest($1::text[]) WITH ORDINALITY AS v(id, n) JOIN devices d ON d.id = v.id \
+             GROUP BY (v.n - 1) / $2 ORDER BY (v.n - 1) / $2"
+        ))
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<BigInt, _>(DEVICES_PER_BATCH_CHANGE)
+        .execute(pg)?;
+        diesel::sql_query("SELECT pg_notify($1, '')")
+            .bind::<Text, _>(super::feed::CHANNEL)
+            .execute(pg)?;
+        Ok(())
+    }
+}
+
+#[derive(QueryableByName)]
+struct MovedRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+}
+
+/// Runs `statement` with the triggers' recording of moves switched off (`Moves` records them).
+fn unrecorded<T>(
+    pg: &mut diesel::PgConnection,
+    statement: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<T>,
+) -> diesel::QueryResult<T> {
+    use diesel::sql_types::Text;
+    diesel::sql_query("SELECT set_config($1, 'on', true)")
+        .bind::<Text, _>(super::feed::FEED_WRITTEN)
+        .execute(pg)?;
+    let result = statement(pg)?;
+    diesel::sql_query("SELECT set_config($1, 'off', true)")
+        .bind::<Text, _>(super::feed::FEED_WRITTEN)
+        .execute(pg)?;
+    Ok(result)
+}
+
+/// Holds devices `ids` at `revision` (`None`: the fleet's current one), noting each one moved.
 pub(super) fn write_revisions(
     conn: &mut super::DbConnection,
     ids: &[String],
     revision: Option<i64>,
+    moves: &mut Moves,
 ) -> Result<(), StoreError> {
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
     // Device rows are locked in id order by every writer (journal, issuance, fleets), so
     // concurrent transactions on PostgreSQL wait for each other instead of deadlocking.
     let mut ids = ids.to_vec();
     ids.sort_unstable();
-    for chunk in ids.chunks(500) {
-        diesel::update(devices::table.filter(devices::id.eq_any(chunk)))
-            .set(devices::fleet_revision.eq(revision))
-            .execute(conn)?;
-    }
+    let super::DbConnection::Postgres(pg) = conn else {
+        for chunk in ids.chunks(500) {
+            diesel::update(devices::table.filter(devices::id.eq_any(chunk)))
+                .set(devices::fleet_revision.eq(revision))
+                .execute(conn)?;
+        }
+        return Ok(());
+    };
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    lock_in_id_order(pg, &ids)?;
+    let moved: Vec<MovedRow> = unrecorded(pg, |pg| {
+        diesel::sql_query(
+            "UPDATE devices SET fleet_revision = $2 WHERE id = ANY($1) \
+             AND fleet_revision IS DISTINCT FROM $2 RETURNING id",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Nullable<BigInt>, _>(revision)
+        .load(pg)
+    })?;
+    moves.ids.extend(moved.into_iter().map(|m| m.id));
     Ok(())
 }
 
@@ -340,13 +480,14 @@ fn lock_in_id_order(pg: &mut diesel::PgConnection, ids: &[&str]) -> diesel::Quer
         .execute(pg)
 }
 
-/// Moves devices to their new owning fleets (a later entry for the same device wins). On
-/// PostgreSQL the rows are locked in id order first, as every writer of device rows locks them
-/// (see `write_revisions`), then written by one statement: a fleet that takes in a whole fleet of
-/// devices is one round trip, not one per device.
+/// Moves devices to their new owning fleets (a later entry for the same device wins), noting each
+/// one moved. On PostgreSQL the rows are locked in id order first, as every writer of device rows
+/// locks them (see `write_revisions`), then written by one statement: a fleet that takes in a
+/// whole fleet of devices is one round trip, not one per device.
 pub(super) fn write_owners(
     conn: &mut super::DbConnection,
     owners: &[(String, Option<String>)],
+    moves: &mut Moves,
 ) -> Result<(), StoreError> {
     use diesel::sql_types::{Array, Nullable, Text};
     let owners: BTreeMap<&str, Option<&str>> = owners
@@ -366,14 +507,17 @@ pub(super) fn write_owners(
         return Ok(());
     }
     lock_in_id_order(pg, &ids)?;
-    diesel::sql_query(
-        "UPDATE devices AS d SET fleet = v.fleet \
-         FROM unnest($1::text[], $2::text[]) AS v(id, fleet) \
-         WHERE d.id = v.id AND d.fleet IS DISTINCT FROM v.fleet",
-    )
-    .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<Nullable<Text>>, _>(&fleets)
-    .execute(pg)?;
+    let moved: Vec<MovedRow> = unrecorded(pg, |pg| {
+        diesel::sql_query(
+            "UPDATE devices AS d SET fleet = v.fleet \
+             FROM unnest($1::text[], $2::text[]) AS v(id, fleet) \
+             WHERE d.id = v.id AND d.fleet IS DISTINCT FROM v.fleet RETURNING d.id",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<Nullable<Text>>, _>(&fleets)
+        .load(pg)
+    })?;
+    moves.ids.extend(moved.into_iter().map(|m| m.id));
     Ok(())
 }
 
@@ -550,7 +694,11 @@ impl Store {
             return Ok(());
         }
         self.run("set_device_owners", move |conn| {
-            conn.transaction(|conn| write_owners(conn, &owners))
+            conn.transaction(|conn| {
+                let mut moves = Moves::default();
+                write_owners(conn, &owners, &mut moves)?;
+                Ok(moves.record(conn)?)
+            })
         })
         .await
     }
@@ -826,42 +974,68 @@ fn write_in_bulk(
     record_session_changes(pg, facts)
 }
 
-/// One `session` change per device of the bulk statements, as the triggers would have recorded
-/// them: the feed lock first (so ids commit in order), origin and time as in the trigger function.
-/// Called last in the transaction, after every row lock it takes, as the deferred triggers run.
+/// Most devices one batch's change carries.
+const DEVICES_PER_BATCH_CHANGE: i64 = 1000;
+
+/// A change row's origin and time, as the triggers' function writes them.
+const ORIGIN_AND_TIME: &str = "COALESCE(current_setting('flotilla.replica', true), ''), \
+     (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The `session` changes of the bulk statements: the triggers would have recorded one per device,
+/// but every replica reads every change, so the devices of a batch share one (up to
+/// `DEVICES_PER_BATCH_CHANGE` each, their facts as a JSON array; its subject is empty). The feed
+/// lock comes first (so ids commit in order), origin and time as in the trigger function. Called
+/// last in the transaction, after every row lock it takes, as the deferred triggers run.
 ///
-/// Each row carries the facts the other replicas would otherwise re-read (`SessionFacts`), read
-/// under the feed lock, so they are the device's state as this change commits: whoever changes
-/// them next commits later, with a later id. A device whose report is in the batch gets no facts
-/// (reports are not carried; it is re-read whole).
+/// The facts carried are the ones the other replicas would otherwise re-read (`SessionFacts`),
+/// read under the feed lock, so they are each device's state as this change commits: whoever
+/// changes them next commits later, with a later id. A device whose report is in the batch gets a
+/// change of its own that carries nothing (reports are not carried; it is re-read whole).
 fn record_session_changes(
     pg: &mut diesel::PgConnection,
     facts: &[&DeviceFact],
 ) -> Result<(), diesel::result::Error> {
-    use diesel::sql_types::{Array, BigInt, Bool, Text};
+    use diesel::sql_types::{Array, BigInt, Text};
     let mut devices: BTreeMap<&str, bool> = BTreeMap::new();
     for fact in facts {
         let reported = devices.entry(fact.device_id()).or_default();
         *reported |= matches!(fact, DeviceFact::Report { .. });
     }
-    let (ids, reported): (Vec<&str>, Vec<bool>) = devices.into_iter().unzip();
+    let (mut reported, mut carried): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for (id, with_report) in devices {
+        if with_report {
+            reported.push(id);
+        } else {
+            carried.push(id);
+        }
+    }
     diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
         .bind::<BigInt, _>(super::feed::FEED_LOCK)
         .execute(pg)?;
-    diesel::sql_query(
-        "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
-         SELECT 'session', d.id, COALESCE(current_setting('flotilla.replica', true), ''), \
-                (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT, \
-                CASE WHEN v.reported THEN NULL ELSE json_build_object( \
-                    'acked', d.acked_version, 'nacked', d.nacked_version, 'error', d.last_error, \
-                    'agent', d.agent_version, 'replica', s.replica, 'serial', d.cert_serial, \
-                    'not_after', d.cert_not_after_ms)::text END \
-         FROM unnest($1::text[], $2::bool[]) AS v(id, reported) JOIN devices d ON d.id = v.id \
-         LEFT JOIN device_sessions s ON s.device_id = d.id ORDER BY d.id",
-    )
-    .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<Bool>, _>(&reported)
-    .execute(pg)?;
+    if !carried.is_empty() {
+        diesel::sql_query(format!(
+            "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
+             SELECT 'session', '', {ORIGIN_AND_TIME}, json_agg(json_build_object( \
+                 'id', d.id, 'acked', d.acked_version, 'nacked', d.nacked_version, \
+                 'error', d.last_error, 'agent', d.agent_version, 'replica', s.replica, \
+                 'serial', d.cert_serial, 'not_after', d.cert_not_after_ms) ORDER BY d.id)::text \
+             FROM unnest($1::text[]) WITH ORDINALITY AS v(id, n) JOIN devices d ON d.id = v.id \
+             LEFT JOIN device_sessions s ON s.device_id = d.id \
+             GROUP BY (v.n - 1) / $2 ORDER BY (v.n - 1) / $2"
+        ))
+        .bind::<Array<Text>, _>(&carried)
+        .bind::<BigInt, _>(DEVICES_PER_BATCH_CHANGE)
+        .execute(pg)?;
+    }
+    if !reported.is_empty() {
+        diesel::sql_query(format!(
+            "INSERT INTO changes (kind, subject, origin, created_ms) \
+             SELECT 'session', d.id, {ORIGIN_AND_TIME} \
+             FROM unnest($1::text[]) AS v(id) JOIN devices d ON d.id = v.id ORDER BY d.id"
+        ))
+        .bind::<Array<Text>, _>(&reported)
+        .execute(pg)?;
+    }
     diesel::sql_query("SELECT pg_notify($1, '')")
         .bind::<Text, _>(super::feed::CHANNEL)
         .execute(pg)?;

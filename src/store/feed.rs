@@ -3,6 +3,7 @@
 //! and a LISTEN connection that wakes the reader when another replica commits. Waiting costs no
 //! queries; a lost connection is re-established and followed by a catch-up read.
 
+use super::devices::batch_devices;
 use super::schema::changes;
 use super::{Backend, DeviceOwner, SessionFacts, Store, StoreError};
 use diesel::dsl::sql;
@@ -47,6 +48,11 @@ pub enum ChangeKind {
 
 /// The kind of session facts, as the triggers write it.
 const SESSION: &str = "session";
+
+/// The subject of a `session` or `device` change that carries the facts or owners of a batch's
+/// devices; as the subject of a `Change`, one whose devices must all be re-read (a batch that
+/// could not be read).
+pub const ALL_DEVICES: &str = "";
 
 /// The feed's two lanes, each followed in id order on its own. A change either names a subject
 /// whose current state is re-read or carries what it committed of one lane's columns only (session
@@ -107,6 +113,65 @@ fn kind_of(text: &str) -> Option<ChangeKind> {
     })
 }
 
+/// The changes one row records: a batch's row (`session` facts or `device` owners, its subject
+/// empty) one per device it names, with the row's id; any other row itself. Only what another
+/// replica committed carries facts to apply; a batch whose facts cannot be read is one change of
+/// no device (`ALL_DEVICES`).
+fn expand(row: ChangeRow, replica: &str) -> Vec<Change> {
+    let Some(kind) = kind_of(&row.kind) else {
+        return Vec::new();
+    };
+    let own = row.origin == replica;
+    let change =
+        |subject: String, facts: Option<SessionFacts>, moved_to: Option<DeviceOwner>| Change {
+            id: row.id,
+            kind,
+            own,
+            subject,
+            created_ms: row.created_ms,
+            facts: facts.map(Box::new),
+            moved_to,
+        };
+    let batch = row.subject == ALL_DEVICES;
+    match (row.facts.as_deref(), kind, own) {
+        (Some(text), ChangeKind::Session | ChangeKind::Device, true) if batch => {
+            let ids = batch_devices(text);
+            if ids.is_empty() {
+                // Still a change, so the reader's position moves past the row.
+                return vec![change(String::new(), None, None)];
+            }
+            ids.into_iter().map(|id| change(id, None, None)).collect()
+        }
+        (Some(text), ChangeKind::Session, false) if batch => {
+            match SessionFacts::batch_from_feed(text) {
+                Some(batch) => batch
+                    .into_iter()
+                    .map(|facts| change(facts.id.clone(), Some(facts), None))
+                    .collect(),
+                None => vec![change(String::new(), None, None)],
+            }
+        }
+        (Some(text), ChangeKind::Session, false) => {
+            let facts = SessionFacts::from_feed(&row.subject, text);
+            vec![change(row.subject.clone(), facts, None)]
+        }
+        (Some(text), ChangeKind::Device, false) if batch => {
+            match DeviceOwner::batch_from_feed(text) {
+                Some(batch) => batch
+                    .into_iter()
+                    .map(|(id, owner)| change(id, None, Some(owner)))
+                    .collect(),
+                None => vec![change(String::new(), None, None)],
+            }
+        }
+        (Some(text), ChangeKind::Device, false) => {
+            let owner = DeviceOwner::from_feed(&row.subject, text);
+            vec![change(row.subject.clone(), None, owner)]
+        }
+        _ => vec![change(row.subject.clone(), None, None)],
+    }
+}
+
 impl Store {
     /// Whether this store shares its database with other replicas (PostgreSQL).
     pub fn has_change_feed(&self) -> bool {
@@ -148,33 +213,10 @@ impl Store {
                 Some(FeedLane::Others) => query.filter(sql::<Bool>("kind <> 'session'")),
                 None => query,
             };
-            let rows = query.load(conn)?;
+            let rows: Vec<ChangeRow> = query.load(conn)?;
             Ok(rows
                 .into_iter()
-                .filter_map(|row| {
-                    let kind = kind_of(&row.kind)?;
-                    let own = row.origin == *replica;
-                    // Only what another replica committed is applied here.
-                    let (facts, moved_to) = match (&row.facts, kind, own) {
-                        (Some(text), ChangeKind::Session, false) => (
-                            SessionFacts::from_feed(&row.subject, text).map(Box::new),
-                            None,
-                        ),
-                        (Some(text), ChangeKind::Device, false) => {
-                            (None, DeviceOwner::from_feed(&row.subject, text))
-                        }
-                        _ => (None, None),
-                    };
-                    Some(Change {
-                        id: row.id,
-                        kind,
-                        own,
-                        subject: row.subject,
-                        created_ms: row.created_ms,
-                        facts,
-                        moved_to,
-                    })
-                })
+                .flat_map(|row| expand(row, &replica))
                 .collect())
         })
         .await

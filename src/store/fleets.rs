@@ -1,6 +1,6 @@
 //! Fleets and their immutable template revisions.
 
-use super::devices::{write_owners, write_revisions};
+use super::devices::{Moves, write_owners, write_revisions};
 use super::rollouts::{Pins, RolloutEventRecord, RolloutRecord, save as save_rollout};
 use super::schema::{devices, fleet_revisions, fleets};
 use super::{Audited, Store, StoreError, from_json, to_json};
@@ -223,17 +223,20 @@ impl Store {
                             .execute(conn)?;
                     }
                 }
-                write_owners(conn, &owners)?;
+                let mut moves = Moves::default();
+                write_owners(conn, &owners, &mut moves)?;
                 for pin in &rollout.pins {
-                    write_revisions(conn, &pin.devices, pin.revision)?;
+                    write_revisions(conn, &pin.devices, pin.revision, &mut moves)?;
                 }
                 for (record, event) in &rollout.saves {
-                    save_rollout(conn, record, event, &[])?;
+                    save_rollout(conn, record, event, &[], &mut moves)?;
                 }
                 audit.produced(revision).commit(conn)?;
-                load_fleets(conn, Some(&write.name))?.pop().ok_or_else(|| {
+                let fleet = load_fleets(conn, Some(&write.name))?.pop().ok_or_else(|| {
                     StoreError::Precondition(format!("fleet {:?} vanished", write.name))
-                })
+                })?;
+                moves.record(conn)?;
+                Ok(fleet)
             })
         })
         .await
@@ -257,12 +260,14 @@ impl Store {
                 }
                 diesel::delete(fleet_revisions::table.filter(fleet_revisions::fleet.eq(&name)))
                     .execute(conn)?;
-                write_owners(conn, &owners)?;
+                let mut moves = Moves::default();
+                write_owners(conn, &owners, &mut moves)?;
                 // Whatever the caller knew, no device may point at a fleet that is gone.
                 diesel::update(devices::table.filter(devices::fleet.eq(&name)))
                     .set(devices::fleet.eq(None::<String>))
                     .execute(conn)?;
                 audit.commit(conn)?;
+                moves.record(conn)?;
                 Ok(true)
             })
         })

@@ -31,7 +31,7 @@ pub use credentials::{
 };
 pub use devices::{DeviceChange, DeviceFact, DeviceOwner, DeviceRecord, NewDevice, SessionFacts};
 pub use enrollments::{EnrollmentRecord, EnrollmentState, NewEnrollment, SystemInfo};
-pub use feed::{Change, ChangeKind, FeedLane};
+pub use feed::{ALL_DEVICES, Change, ChangeKind, FeedLane};
 pub use fleets::{FleetRecord, FleetRevision, FleetRollout, FleetWrite};
 pub use identity::StartLock;
 pub use lock::{ProcessLock, lock_path};

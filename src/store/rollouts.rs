@@ -1,7 +1,7 @@
 //! Rollouts: persisted progress (batch, members, timing, state), the events of every transition,
 //! and the device revision pins a rollout moves — each change in one transaction.
 
-use super::devices::write_revisions;
+use super::devices::{Moves, write_revisions};
 use super::schema::{rollout_events, rollouts};
 use super::{Audited, DbConnection, Store, StoreError, from_json, to_json};
 use diesel::prelude::*;
@@ -103,12 +103,14 @@ impl RolloutRow {
     }
 }
 
-/// Saves a rollout (insert or update), appends its event and writes its pins, all or nothing.
+/// Saves a rollout (insert or update), appends its event and writes its pins, all or nothing; the
+/// devices the pins move are added to `moves` (the caller records them last).
 pub(super) fn save(
     conn: &mut DbConnection,
     rollout: &RolloutRecord,
     event: &RolloutEventRecord,
     pins: &[Pins],
+    moves: &mut Moves,
 ) -> Result<(), StoreError> {
     let row = RolloutRow::from_record(rollout);
     let updated = diesel::update(rollouts::table.find(&rollout.id))
@@ -133,7 +135,7 @@ pub(super) fn save(
         ))
         .execute(conn)?;
     for pin in pins {
-        write_revisions(conn, &pin.devices, pin.revision)?;
+        write_revisions(conn, &pin.devices, pin.revision, moves)?;
     }
     Ok(())
 }
@@ -153,11 +155,12 @@ impl Store {
                 if audit.is_some() {
                     Audited::begin(conn)?;
                 }
-                save(conn, &rollout, &event, &pins)?;
+                let mut moves = Moves::default();
+                save(conn, &rollout, &event, &pins, &mut moves)?;
                 if let Some(audit) = audit {
                     audit.commit(conn)?;
                 }
-                Ok(())
+                Ok(moves.record(conn)?)
             })
         })
         .await

@@ -683,6 +683,14 @@ async fn the_feed_tells_session_facts_from_device_changes() {
     assert!(sessions.windows(2).all(|w| w[0].id < w[1].id));
 }
 
+/// `count` devices `device-00000`, `device-00001`, …, each with a certificate; their ids.
+async fn insert_numbered_devices(store: &Store, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|i| format!("device-{i:05}")).collect();
+    let named: Vec<&str> = ids.iter().map(String::as_str).collect();
+    insert_devices_named(store, &named).await;
+    ids
+}
+
 /// Devices `ids`, each named `dev-<id>`, with a certificate.
 async fn insert_devices_named(store: &Store, ids: &[&str]) {
     store
@@ -699,7 +707,7 @@ async fn insert_devices_named(store: &Store, ids: &[&str]) {
 
 /// On PostgreSQL a fleet's owners are written at once: every device ends with the owner the list
 /// gives it last, whatever the list's order, and the feed gets one `device` change for each device
-/// that moved and none for a device whose owner stayed.
+/// that moved (a row per thousand of them) and none for a device whose owner stayed.
 #[tokio::test]
 async fn owners_written_at_once_move_each_device_and_feed_each_move() {
     use flotilla::store::{ChangeKind, FeedLane};
@@ -749,6 +757,14 @@ async fn owners_written_at_once_move_each_device_and_feed_each_move() {
         .map(|i| ids[i].as_str())
         .collect();
     assert_eq!(moved, expected);
+    // Every replica reads every change: the moves share a change row per thousand devices.
+    let mut rows: Vec<i64> = changes.iter().map(|c| c.id).collect();
+    rows.dedup();
+    assert_eq!(rows.len(), expected.len().div_ceil(1000));
+    assert_eq!(
+        other.latest_change_id().await.unwrap() - before,
+        rows.len() as i64
+    );
     // Each change carries the owner it committed, so the other replicas need not re-read.
     for change in &changes {
         let i: usize = change.subject["device-".len()..].parse().unwrap();
@@ -908,6 +924,165 @@ async fn a_bulk_batch_records_one_session_change_per_device() {
         after.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>(),
         ["b1", "b1"],
         "each answer, through the trigger"
+    );
+}
+
+/// Every replica reads every change, so the devices of one bulk batch share a change row (up to a
+/// thousand each) rather than each writing one; another replica still reads one change per
+/// device, with the facts it committed.
+#[tokio::test]
+async fn a_bulk_batch_shares_a_change_row_per_thousand_devices() {
+    use flotilla::store::{DeviceFact, FeedLane};
+    let (_db, store, other) = two_postgres_replicas().await;
+    let ids = insert_numbered_devices(&store, 2500).await;
+    let before = other.latest_change_id().await.unwrap();
+    store
+        .record_device_facts(
+            ids.iter()
+                .map(|id| DeviceFact::Sync {
+                    id: id.clone(),
+                    acked_version: Some(format!("v-{id}")),
+                    nacked: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        other.latest_change_id().await.unwrap() - before,
+        3,
+        "2,500 devices in three rows"
+    );
+    let changes = other
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    let subjects: Vec<&str> = changes.iter().map(|c| c.subject.as_str()).collect();
+    assert_eq!(subjects, ids, "one change per device, in id order");
+    for change in &changes {
+        let facts = change.facts.as_ref().expect("facts carried");
+        assert_eq!(facts.id, change.subject);
+        assert_eq!(
+            facts.acked_version.as_deref(),
+            Some(format!("v-{}", change.subject).as_str())
+        );
+    }
+    let mut rows: Vec<i64> = changes.iter().map(|c| c.id).collect();
+    rows.dedup();
+    assert_eq!(rows.len(), 3);
+    // The replica that wrote them reads its own devices' changes, with nothing to apply.
+    let own = store
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert_eq!(own.len(), ids.len());
+    assert!(own.iter().all(|c| c.own && c.facts.is_none()));
+}
+
+/// A batch's session change whose facts cannot be read (a newer or damaged writer) is not lost:
+/// it reads as one change of no device, which has every device's session facts re-read.
+#[tokio::test]
+async fn an_unreadable_batch_of_session_facts_reads_as_a_change_of_every_device() {
+    use diesel::prelude::*;
+    use flotilla::store::{ALL_DEVICES, ChangeKind, FeedLane};
+    let (db, _store, other) = two_postgres_replicas().await;
+    let before = other.latest_change_id().await.unwrap();
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        diesel::sql_query(
+            "INSERT INTO changes (kind, subject, origin, created_ms, facts) VALUES \
+             ('session', '', 'a', 1, '[{\"acked\": \"v1\"}]'), ('session', '', 'a', 1, 'not json')",
+        )
+        .execute(&mut conn)
+        .unwrap();
+    })
+    .await
+    .unwrap();
+    let changes = other
+        .changes_after(before, 100, Some(FeedLane::Sessions))
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 2);
+    for change in changes {
+        assert_eq!(change.kind, ChangeKind::Session);
+        assert_eq!(change.subject, ALL_DEVICES);
+        assert!(!change.own);
+        assert_eq!(change.facts, None);
+    }
+}
+
+/// A journal batch finds its devices by their key. At PostgreSQL's default cost of a random page,
+/// a batch of 2.5 % of the devices was planned as three scans of the whole table (its lock, its
+/// update, its change row); the store's connections tell the planner that pages are cached.
+#[tokio::test]
+async fn a_journal_batch_finds_its_devices_by_key_not_by_scanning_the_table() {
+    use diesel::prelude::*;
+    use flotilla::store::DeviceFact;
+    #[derive(QueryableByName, Debug, Clone, Copy)]
+    struct Scans {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq_scan: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n_tup_ins: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n_tup_upd: i64,
+    }
+    let (db, store) = postgres_store_as("a").await;
+    let ids = insert_numbered_devices(&store, 20_000).await;
+    let url = db.url.clone();
+    // Table statistics reach the view when a backend flushes them (within seconds of going
+    // idle): wait until the rows written so far show.
+    let scans_once = move |inserted: i64, updated: i64| {
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let scans: Scans = diesel::sql_query(
+                "SELECT COALESCE(seq_scan, 0) AS seq_scan, COALESCE(n_tup_ins, 0) AS n_tup_ins, \
+                 COALESCE(n_tup_upd, 0) AS n_tup_upd \
+                 FROM pg_stat_user_tables WHERE relname = 'devices'",
+            )
+            .get_result(&mut conn)
+            .unwrap();
+            if scans.n_tup_ins >= inserted && scans.n_tup_upd >= updated {
+                // The planner sees the table as it is (as a fleet's long-lived table is seen).
+                diesel::sql_query("ANALYZE devices")
+                    .execute(&mut conn)
+                    .unwrap();
+                return scans;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "statistics never showed {inserted} inserts and {updated} updates"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let before = tokio::task::spawn_blocking({
+        let scans_once = scans_once.clone();
+        move || scans_once(20_000, 0)
+    })
+    .await
+    .unwrap();
+    store
+        .record_device_facts(
+            ids.iter()
+                .step_by(40)
+                .map(|id| DeviceFact::Sync {
+                    id: id.clone(),
+                    acked_version: Some("v1".into()),
+                    nacked: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let after = tokio::task::spawn_blocking(move || scans_once(20_000, before.n_tup_upd + 500))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.seq_scan, before.seq_scan,
+        "a batch of 500 answers scanned the devices table"
     );
 }
 
@@ -1100,9 +1275,7 @@ async fn acknowledgements_leave_device_rows_on_their_pages() {
     }
     let (db, store) = postgres_store_as("a").await;
     // Enough rows to fill pages: with no room kept, the first batch moves every row.
-    let ids: Vec<String> = (0..3000).map(|i| format!("device-{i:05}")).collect();
-    let named: Vec<&str> = ids.iter().map(String::as_str).collect();
-    insert_devices_named(&store, &named).await;
+    let ids = insert_numbered_devices(&store, 3000).await;
     let url = db.url.clone();
     let placement = move || {
         let mut conn = diesel::PgConnection::establish(&url).unwrap();
