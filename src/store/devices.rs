@@ -387,7 +387,6 @@ impl Moves {
     /// Records the moves in the change feed, after every row lock the transaction takes (the feed
     /// lock comes last, as the deferred triggers take it). Nothing on SQLite.
     pub(super) fn record(self, conn: &mut super::DbConnection) -> diesel::QueryResult<()> {
-        use diesel::sql_types::{Array, BigInt, Text};
         let super::DbConnection::Postgres(pg) = conn else {
             return Ok(());
         };
@@ -395,24 +394,59 @@ impl Moves {
             return Ok(());
         }
         let ids: Vec<&str> = self.ids.iter().map(String::as_str).collect();
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-            .bind::<BigInt, _>(super::feed::FEED_LOCK)
-            .execute(pg)?;
-        diesel::sql_query(format!(
-            "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
-             SELECT 'device', '', {ORIGIN_AND_TIME}, json_agg(json_build_object( \
-                 'id', d.id, 'fleet', d.fleet, 'revision', d.fleet_revision) ORDER BY d.id)::text \
-             FROM unnest($1::text[]) WITH ORDINALITY AS v(id, n) JOIN devices d ON d.id = v.id \
-             GROUP BY (v.n - 1) / $2 ORDER BY (v.n - 1) / $2"
-        ))
-        .bind::<Array<Text>, _>(&ids)
-        .bind::<BigInt, _>(DEVICES_PER_BATCH_CHANGE)
-        .execute(pg)?;
-        diesel::sql_query("SELECT pg_notify($1, '')")
-            .bind::<Text, _>(super::feed::CHANNEL)
-            .execute(pg)?;
-        Ok(())
+        in_feed_order(pg, |pg| {
+            insert_shared_changes(
+                pg,
+                "device",
+                "'fleet', d.fleet, 'revision', d.fleet_revision",
+                "",
+                &ids,
+            )
+        })
     }
+}
+
+/// Writes change rows as the deferred triggers do: the feed lock first (so ids commit in order),
+/// then `write`, then the wake-up of the other replicas. Called last in a transaction, after every
+/// row lock it takes.
+fn in_feed_order(
+    pg: &mut diesel::PgConnection,
+    write: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<()>,
+) -> diesel::QueryResult<()> {
+    use diesel::sql_types::{BigInt, Text};
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+        .bind::<BigInt, _>(super::feed::FEED_LOCK)
+        .execute(pg)?;
+    write(pg)?;
+    diesel::sql_query("SELECT pg_notify($1, '')")
+        .bind::<Text, _>(super::feed::CHANNEL)
+        .execute(pg)?;
+    Ok(())
+}
+
+/// The `kind` changes of devices `ids` as shared rows (subject empty), one per
+/// `DEVICES_PER_BATCH_CHANGE` devices, each device's entry its `id` and `fields` (SQL `json_build_object`
+/// arguments over the device row `d` and whatever `joins` adds) as they commit.
+fn insert_shared_changes(
+    pg: &mut diesel::PgConnection,
+    kind: &str,
+    fields: &str,
+    joins: &str,
+    ids: &[&str],
+) -> diesel::QueryResult<()> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    diesel::sql_query(format!(
+        "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
+         SELECT $3, '', {ORIGIN_AND_TIME}, \
+             json_agg(json_build_object('id', d.id, {fields}) ORDER BY d.id)::text \
+         FROM unnest($1::text[]) WITH ORDINALITY AS v(id, n) JOIN devices d ON d.id = v.id {joins} \
+         GROUP BY (v.n - 1) / $2 ORDER BY (v.n - 1) / $2"
+    ))
+    .bind::<Array<Text>, _>(ids)
+    .bind::<BigInt, _>(DEVICES_PER_BATCH_CHANGE)
+    .bind::<Text, _>(kind)
+    .execute(pg)?;
+    Ok(())
 }
 
 #[derive(QueryableByName)]
@@ -421,16 +455,17 @@ struct MovedRow {
     id: String,
 }
 
-/// Runs `statement` with the triggers' recording of moves switched off (`Moves` records them).
+/// Runs `statements` with the triggers' recording of device changes switched off
+/// (`flotilla.feed_written`): their writer records them itself (`Moves`, `record_session_changes`).
 fn unrecorded<T>(
     pg: &mut diesel::PgConnection,
-    statement: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<T>,
+    statements: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<T>,
 ) -> diesel::QueryResult<T> {
     use diesel::sql_types::Text;
     diesel::sql_query("SELECT set_config($1, 'on', true)")
         .bind::<Text, _>(super::feed::FEED_WRITTEN)
         .execute(pg)?;
-    let result = statement(pg)?;
+    let result = statements(pg)?;
     diesel::sql_query("SELECT set_config($1, 'off', true)")
         .bind::<Text, _>(super::feed::FEED_WRITTEN)
         .execute(pg)?;
@@ -895,12 +930,10 @@ fn write_in_bulk(
         return Ok(());
     }
     // The triggers would record each row with a PL/pgSQL call and an INSERT at commit; these
-    // statements' change rows are written below, in one statement.
-    diesel::sql_query("SELECT set_config($1, 'on', true)")
-        .bind::<Text, _>(super::feed::FEED_WRITTEN)
-        .execute(pg)?;
-    if !reports.0.is_empty() {
-        diesel::sql_query(
+    // statements' change rows are written below, shared by the batch's devices.
+    unrecorded(pg, |pg| {
+        if !reports.0.is_empty() {
+            diesel::sql_query(
             "INSERT INTO device_reports (device_id, report, reported_ms) \
              SELECT v.id, v.report, v.at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(id, report, at) \
              JOIN devices d ON d.id = v.id \
@@ -910,9 +943,9 @@ fn write_in_bulk(
         .bind::<Array<Text>, _>(&reports.1)
         .bind::<Array<BigInt>, _>(&reports.2)
         .execute(pg)?;
-    }
-    if !sessions.0.is_empty() {
-        diesel::sql_query(
+        }
+        if !sessions.0.is_empty() {
+            diesel::sql_query(
             "UPDATE devices AS d SET agent_version = v.agent, last_seen_ms = v.seen, \
              acked_version = COALESCE(v.running, d.acked_version) \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS v(id, agent, running, seen) \
@@ -923,8 +956,8 @@ fn write_in_bulk(
         .bind::<Array<Nullable<Text>>, _>(&sessions.2)
         .bind::<Array<BigInt>, _>(&sessions.3)
         .execute(pg)?;
-        if let Some(replica) = replica {
-            diesel::sql_query(
+            if let Some(replica) = replica {
+                diesel::sql_query(
                 "INSERT INTO device_sessions (device_id, replica, since_ms) \
                  SELECT v.id, $1, v.since FROM unnest($2::text[], $3::bigint[]) AS v(id, since) \
                  JOIN devices d ON d.id = v.id \
@@ -934,10 +967,10 @@ fn write_in_bulk(
             .bind::<Array<Text>, _>(&sessions.0)
             .bind::<Array<BigInt>, _>(&sessions.3)
             .execute(pg)?;
+            }
         }
-    }
-    if !answers.0.is_empty() {
-        diesel::sql_query(
+        if !answers.0.is_empty() {
+            diesel::sql_query(
             "UPDATE devices AS d SET acked_version = v.acked, nacked_version = v.nacked, \
              last_error = v.error \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(id, acked, nacked, error) \
@@ -948,29 +981,28 @@ fn write_in_bulk(
         .bind::<Array<Nullable<Text>>, _>(&answers.2)
         .bind::<Array<Nullable<Text>>, _>(&answers.3)
         .execute(pg)?;
-    }
-    if !ends.0.is_empty() {
-        diesel::sql_query(
-            "UPDATE devices AS d SET last_seen_ms = v.seen \
-             FROM unnest($1::text[], $2::bigint[]) AS v(id, seen) WHERE d.id = v.id",
-        )
-        .bind::<Array<Text>, _>(&ends.0)
-        .bind::<Array<BigInt>, _>(&ends.1)
-        .execute(pg)?;
-        if let Some(replica) = replica {
-            // The sessions ended here; a newer one on another replica keeps its record.
-            diesel::sql_query(
-                "DELETE FROM device_sessions AS s USING unnest($2::text[]) AS v(id) \
-                 WHERE s.device_id = v.id AND s.replica = $1",
-            )
-            .bind::<Text, _>(replica)
-            .bind::<Array<Text>, _>(&ends.0)
-            .execute(pg)?;
         }
-    }
-    diesel::sql_query("SELECT set_config($1, 'off', true)")
-        .bind::<Text, _>(super::feed::FEED_WRITTEN)
-        .execute(pg)?;
+        if !ends.0.is_empty() {
+            diesel::sql_query(
+                "UPDATE devices AS d SET last_seen_ms = v.seen \
+             FROM unnest($1::text[], $2::bigint[]) AS v(id, seen) WHERE d.id = v.id",
+            )
+            .bind::<Array<Text>, _>(&ends.0)
+            .bind::<Array<BigInt>, _>(&ends.1)
+            .execute(pg)?;
+            if let Some(replica) = replica {
+                // The sessions ended here; a newer one on another replica keeps its record.
+                diesel::sql_query(
+                    "DELETE FROM device_sessions AS s USING unnest($2::text[]) AS v(id) \
+                 WHERE s.device_id = v.id AND s.replica = $1",
+                )
+                .bind::<Text, _>(replica)
+                .bind::<Array<Text>, _>(&ends.0)
+                .execute(pg)?;
+            }
+        }
+        Ok(())
+    })?;
     record_session_changes(pg, facts)
 }
 
@@ -995,7 +1027,6 @@ fn record_session_changes(
     pg: &mut diesel::PgConnection,
     facts: &[&DeviceFact],
 ) -> Result<(), diesel::result::Error> {
-    use diesel::sql_types::{Array, BigInt, Text};
     let mut devices: BTreeMap<&str, bool> = BTreeMap::new();
     for fact in facts {
         let reported = devices.entry(fact.device_id()).or_default();
@@ -1009,37 +1040,29 @@ fn record_session_changes(
             carried.push(id);
         }
     }
-    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-        .bind::<BigInt, _>(super::feed::FEED_LOCK)
-        .execute(pg)?;
-    if !carried.is_empty() {
-        diesel::sql_query(format!(
-            "INSERT INTO changes (kind, subject, origin, created_ms, facts) \
-             SELECT 'session', '', {ORIGIN_AND_TIME}, json_agg(json_build_object( \
-                 'id', d.id, 'acked', d.acked_version, 'nacked', d.nacked_version, \
-                 'error', d.last_error, 'agent', d.agent_version, 'replica', s.replica, \
-                 'serial', d.cert_serial, 'not_after', d.cert_not_after_ms) ORDER BY d.id)::text \
-             FROM unnest($1::text[]) WITH ORDINALITY AS v(id, n) JOIN devices d ON d.id = v.id \
-             LEFT JOIN device_sessions s ON s.device_id = d.id \
-             GROUP BY (v.n - 1) / $2 ORDER BY (v.n - 1) / $2"
-        ))
-        .bind::<Array<Text>, _>(&carried)
-        .bind::<BigInt, _>(DEVICES_PER_BATCH_CHANGE)
-        .execute(pg)?;
-    }
-    if !reported.is_empty() {
-        diesel::sql_query(format!(
-            "INSERT INTO changes (kind, subject, origin, created_ms) \
-             SELECT 'session', d.id, {ORIGIN_AND_TIME} \
-             FROM unnest($1::text[]) AS v(id) JOIN devices d ON d.id = v.id ORDER BY d.id"
-        ))
-        .bind::<Array<Text>, _>(&reported)
-        .execute(pg)?;
-    }
-    diesel::sql_query("SELECT pg_notify($1, '')")
-        .bind::<Text, _>(super::feed::CHANNEL)
-        .execute(pg)?;
-    Ok(())
+    in_feed_order(pg, |pg| {
+        if !carried.is_empty() {
+            insert_shared_changes(
+                pg,
+                "session",
+                "'acked', d.acked_version, 'nacked', d.nacked_version, 'error', d.last_error, \
+                 'agent', d.agent_version, 'replica', s.replica, 'serial', d.cert_serial, \
+                 'not_after', d.cert_not_after_ms",
+                "LEFT JOIN device_sessions s ON s.device_id = d.id",
+                &carried,
+            )?;
+        }
+        if !reported.is_empty() {
+            diesel::sql_query(format!(
+                "INSERT INTO changes (kind, subject, origin, created_ms) \
+                 SELECT 'session', d.id, {ORIGIN_AND_TIME} \
+                 FROM unnest($1::text[]) AS v(id) JOIN devices d ON d.id = v.id ORDER BY d.id"
+            ))
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&reported)
+            .execute(pg)?;
+        }
+        Ok(())
+    })
 }
 
 /// Records that `replica` holds the session of device `id` (if the device still exists).
