@@ -21,6 +21,7 @@ pub use waves::Debounce;
 use crate::clock::Clock;
 use crate::spec::{DeviceSpec, version_of};
 use crate::status::DeviceReport;
+use crate::status::conditions::Summary;
 use entry::{DeviceEntry, entry_for};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +56,9 @@ impl Rendered {
     }
 }
 
+/// The outcome of rendering one device: its spec, or why it could not be rendered.
+pub type RenderOutcome = Result<Arc<Rendered>, String>;
+
 /// Devices and certificates counted for metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HubSummary {
@@ -80,6 +84,21 @@ pub struct HubSummary {
     pub renewal_due: usize,
     /// Devices by summary, condition and agent version.
     pub status: StatusCounts,
+}
+
+/// Devices read under one lock by the readers of many (a few hundred: long enough to make the
+/// lock's cost vanish, short enough not to hold the sessions up).
+const READS_PER_LOCK: usize = 256;
+
+/// Where a device stands, as a fleet's view counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// Its sync state.
+    pub state: SyncState,
+    /// What its conditions add up to.
+    pub summary: Summary,
+    /// Why its spec could not be rendered.
+    pub render_error: Option<String>,
 }
 
 /// Capacity of the change feed; a watcher that falls further behind is told to resynchronise.
@@ -261,6 +280,28 @@ impl Hub {
             entry.settle_if_time_moved(now_ms);
             entry.status(now_ms)
         })
+    }
+
+    /// Where each of `device_ids` stands (`None` for a device the hub does not know), without
+    /// copying each one's whole status: what a fleet's view counts. A few hundred devices are
+    /// read per lock, so a large fleet's view does not hold the sessions up.
+    pub fn standings(&self, device_ids: &[String]) -> Vec<Option<Standing>> {
+        let now_ms = self.clock.now_millis();
+        let mut standings = Vec::with_capacity(device_ids.len());
+        for chunk in device_ids.chunks(READS_PER_LOCK) {
+            let mut state = self.lock();
+            standings.extend(chunk.iter().map(|id| {
+                state.get_mut(id.as_str()).map(|entry| {
+                    entry.settle_if_time_moved(now_ms);
+                    Standing {
+                        state: entry.sync_state(),
+                        summary: entry.ledger.summary(),
+                        render_error: entry.render_error.clone(),
+                    }
+                })
+            }));
+        }
+        standings
     }
 
     /// Number of open sessions.

@@ -4,7 +4,7 @@
 //! query; renders are interned so identical specs share one allocation.
 
 use crate::fleet::{Placement, place};
-use crate::hub::{Hub, Rendered};
+use crate::hub::{Hub, RenderOutcome, Rendered};
 use crate::render::{CompiledTemplate, DeviceContext, render_device};
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
@@ -36,11 +36,12 @@ impl FleetEntry {
     }
 }
 
+/// Renders handed to the hub under one lock: enough to make the lock's cost vanish, few enough that
+/// the sessions waiting for it are not held up for long.
+const RENDERS_PER_HANDOVER: usize = 256;
+
 /// Owner changes to persist: (device id, new owner).
 pub(super) type OwnerChanges = Vec<(String, Option<String>)>;
-
-/// The outcome of rendering one device.
-pub(super) type RenderOutcome = Result<Arc<Rendered>, String>;
 
 #[derive(Debug, Default)]
 pub(super) struct Catalog {
@@ -349,21 +350,21 @@ impl Catalog {
         device_ids: impl IntoIterator<Item = String>,
     ) -> usize {
         let mut failed = 0;
-        for id in hub.sessions_first(device_ids) {
-            let announced = match self.render(&id) {
-                Some(Ok(rendered)) => hub.set_desired(&id, rendered),
-                Some(Err(reason)) => {
-                    failed += 1;
-                    tracing::warn!(device.id = %id, %reason, "device spec could not be rendered");
-                    hub.set_render_failed(&id, reason)
-                }
-                None => false,
-            };
-            // Whatever else changed about the device (labels, owner) is announced once, after
-            // its new render is in place; a new version has already settled it.
-            if !announced {
-                hub.changed(&id);
-            }
+        let mut order = hub.sessions_first(device_ids).into_iter().peekable();
+        while order.peek().is_some() {
+            let renders = order
+                .by_ref()
+                .take(RENDERS_PER_HANDOVER)
+                .map(|id| {
+                    let render = self.render(&id);
+                    if let Some(Err(reason)) = &render {
+                        failed += 1;
+                        tracing::warn!(device.id = %id, %reason, "device spec could not be rendered");
+                    }
+                    (id, render)
+                })
+                .collect();
+            hub.apply_renders(renders);
         }
         self.interned.retain(|_, weak| weak.strong_count() > 0);
         self.shared.retain(|_, weak| weak.strong_count() > 0);

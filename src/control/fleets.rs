@@ -77,22 +77,23 @@ impl ControlPlane {
             render_failures: Vec::new(),
             summaries: Default::default(),
         };
-        for id in catalog.owned_by(name) {
-            let Some(device) = catalog.device(&id) else {
+        let owned = catalog.owned_by(name);
+        for (id, standing) in owned.iter().zip(self.hub.standings(&owned)) {
+            let Some(device) = catalog.device(id) else {
                 continue;
             };
             view.devices.push(device.name.clone());
-            let Some(status) = self.hub.status(&id) else {
+            let Some(standing) = standing else {
                 continue;
             };
-            match status.state {
+            match standing.state {
                 SyncState::Synced => view.synced += 1,
                 SyncState::Pending => view.pending += 1,
                 SyncState::Error => view.error += 1,
                 SyncState::Offline | SyncState::Revoked => view.offline += 1,
             }
-            *view.summaries.entry(status.summary.as_str()).or_default() += 1;
-            if let Some(reason) = status.render_error {
+            *view.summaries.entry(standing.summary.as_str()).or_default() += 1;
+            if let Some(reason) = standing.render_error {
                 view.render_failures.push((device.name.clone(), reason));
             }
         }
@@ -166,7 +167,9 @@ impl ControlPlane {
             CompiledTemplate::compile(&apply.name, &template, apply.label_defaults.clone())
                 .map_err(|e| ControlError::invalid(e.field.clone(), e.reason))?;
 
-        let _writes = self.writes.lock().await;
+        let began = tokio::time::Instant::now();
+        let writes = self.writes.lock().await;
+        let locked = began.elapsed();
         let now = self.now_millis();
         let previous = self.catalog().fleet(&apply.name).cloned();
         let revision = match &previous {
@@ -212,6 +215,7 @@ impl ControlPlane {
             actor: actor.to_string(),
             now_ms: now,
         };
+        let planned = began.elapsed();
         entry.record = self
             .store
             .apply_fleet(
@@ -221,6 +225,7 @@ impl ControlPlane {
                 self.audited(vec![record]),
             )
             .await?;
+        let stored = began.elapsed();
         let revision = entry.record.revision;
         for (record, _) in saves {
             self.open_rollouts.set(record);
@@ -242,9 +247,28 @@ impl ControlPlane {
             let count = affected.len();
             (count, catalog.render_into(&self.hub, affected))
         };
-        tracing::info!(fleet.name = %apply.name, fleet.revision = revision, moved = changes.len(), devices, render_failures = failed, by = %actor, "fleet applied");
-        self.fleet_view(&apply.name)
-            .ok_or_else(|| fleet_not_found(&apply.name))
+        let rendered = began.elapsed();
+        // The view only reads: the next write need not wait for it.
+        drop(writes);
+        let view = self
+            .fleet_view(&apply.name)
+            .ok_or_else(|| fleet_not_found(&apply.name));
+        // Where a slow apply of a large fleet spent its time, cumulative from the call.
+        tracing::info!(
+            fleet.name = %apply.name,
+            fleet.revision = revision,
+            moved = changes.len(),
+            devices,
+            render_failures = failed,
+            by = %actor,
+            writes_locked_ms = locked.as_millis() as u64,
+            planned_ms = planned.as_millis() as u64,
+            stored_ms = stored.as_millis() as u64,
+            rendered_ms = rendered.as_millis() as u64,
+            viewed_ms = began.elapsed().as_millis() as u64,
+            "fleet applied"
+        );
+        view
     }
 
     /// Deletes a fleet; its devices move to the fleet that now matches them alone, or to none.

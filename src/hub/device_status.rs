@@ -173,8 +173,9 @@ impl Hub {
         }
         let next = Arc::new(next);
         entry.report = Some(next.clone());
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.changed(device_id);
+        self.announce(device_id);
         Some(next)
     }
 
@@ -192,8 +193,9 @@ impl Hub {
             return;
         }
         entry.report = report;
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.changed(device_id);
+        self.announce(device_id);
     }
 }
 

@@ -189,12 +189,17 @@ impl DeviceEntry {
     }
 }
 
-/// The entry of a device, created (with nothing to run yet) if it is new.
+/// The entry of a device, created (with nothing to run yet) if it is new. The id is copied only
+/// for a new entry: this runs for every device of every render.
 pub(super) fn entry_for<'a>(
     devices: &'a mut HashMap<String, DeviceEntry>,
     device_id: &str,
 ) -> &'a mut DeviceEntry {
-    devices
-        .entry(device_id.to_string())
-        .or_insert_with(|| DeviceEntry::new(None))
+    if !devices.contains_key(device_id) {
+        devices.insert(device_id.to_string(), DeviceEntry::new(None));
+    }
+    match devices.get_mut(device_id) {
+        Some(entry) => entry,
+        None => unreachable!("the entry was inserted above"),
+    }
 }

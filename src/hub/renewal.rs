@@ -119,8 +119,9 @@ impl Hub {
             forced: false,
             revoked,
         });
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.changed(device_id);
+        self.announce(device_id);
     }
 
     /// The certificate `serial` was revoked: if it is the device's newest, the device is out

@@ -83,10 +83,11 @@ impl Hub {
         entry.held = false;
         entry.last_seen_ms = Some(now_ms);
         let current = entry.desired_version().unwrap_or_default().to_string();
+        entry.note_change(self.clock.now_millis());
         drop(state);
         // The first check happens at once: the device may be behind.
         handle.changed.notify_one();
-        self.changed(device_id);
+        self.announce(device_id);
         Ok((handle, current))
     }
 
@@ -100,8 +101,9 @@ impl Hub {
             entry.session_serial = None;
             entry.sent = None;
             entry.last_seen_ms = Some(now_ms);
+            entry.note_change(self.clock.now_millis());
             drop(state);
-            self.changed(device_id);
+            self.announce(device_id);
         }
     }
 
@@ -122,10 +124,11 @@ impl Hub {
             nonce: nonce.clone(),
             at: Instant::now(),
         });
+        entry.note_change(self.clock.now_millis());
         drop(state);
         self.pushes.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::spec_pushed();
-        self.changed(device_id);
+        self.announce(device_id);
         Some(Push {
             nonce,
             rendered: desired,
@@ -156,8 +159,9 @@ impl Hub {
             acked_version: entry.acked_version.clone(),
             nacked: entry.nacked.clone(),
         };
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.changed(device_id);
+        self.announce(device_id);
         answer
     }
 
@@ -204,8 +208,9 @@ impl Hub {
         entry.elsewhere = holder;
         entry.acked_version = acked_version;
         entry.nacked = nacked;
+        entry.note_change(self.clock.now_millis());
         drop(state);
-        self.changed(device_id);
+        self.announce(device_id);
     }
 
     /// Notes that a device was heard from (kept in memory only).

@@ -211,6 +211,51 @@ fn a_new_render_is_announced_once_and_a_repeat_not_at_all() {
     assert_eq!(announced, 3);
 }
 
+/// A batch of renders is handed over as one: the device with a session here joins the wave, the
+/// one held elsewhere takes its new spec without waiting, a failure is recorded, and every device
+/// of the batch the hub knows is announced once, changed or not.
+#[test]
+fn a_batch_of_renders_is_taken_in_one_go_and_each_device_announced_once() {
+    let hub = hub_of(&["here", "elsewhere", "broken", "same"]);
+    let (s, _) = hub.open_session("here", "", "s", 0).unwrap();
+    let first = hub.next_push("here", s.id).unwrap();
+    hub.ack("here", s.id, &first.nonce);
+    let mut events = hub.subscribe();
+    let generation = hub.generation.load(Ordering::Relaxed);
+    hub.apply_renders(vec![
+        ("here".into(), Some(Ok(rendered("1")))),
+        ("elsewhere".into(), Some(Ok(rendered("1")))),
+        ("broken".into(), Some(Err("undefined label".into()))),
+        ("same".into(), Some(Ok(rendered("0")))),
+        ("deleted".into(), None),
+    ]);
+    assert_eq!(hub.generation.load(Ordering::Relaxed), generation + 1);
+    assert!(hub.next_push("here", s.id).is_none(), "held for the wave");
+    assert_eq!(hub.status("here").unwrap().state, SyncState::Pending);
+    assert_eq!(
+        hub.status("elsewhere").unwrap().desired_version,
+        rendered("1").version
+    );
+    let broken = hub.status("broken").unwrap();
+    assert_eq!(broken.render_error.as_deref(), Some("undefined label"));
+    assert_eq!(broken.desired_version, rendered("0").version);
+    assert!(
+        hub.status("deleted").is_none(),
+        "no entry for a device gone"
+    );
+    let mut announced: Vec<String> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    announced.sort();
+    assert_eq!(
+        announced,
+        ["broken", "deleted", "elsewhere", "here", "same"]
+    );
+    assert_eq!(hub.release_wave(), 1);
+    assert_eq!(
+        hub.next_push("here", s.id).unwrap().rendered.version,
+        rendered("1").version
+    );
+}
+
 #[test]
 fn a_render_failure_is_an_error_and_keeps_the_last_good_spec() {
     let good = rendered("1");
@@ -406,4 +451,41 @@ async fn a_device_held_elsewhere_is_settled_when_read_as_of_its_last_change() {
     let (_s, _) = hub.open_session("d", "", "s", start + 60_000).unwrap();
     let state = hub.lock();
     assert_eq!(state.get("d").unwrap().unsettled_at, None);
+}
+
+/// A fleet's view reads many devices' standing at once: each as its full status says, `None` for
+/// a device the hub does not know.
+#[test]
+fn standings_agree_with_each_device_s_status() {
+    let hub = hub_of(&["synced", "offline", "broken"]);
+    let (s, _) = hub
+        .open_session("synced", &rendered("0").version, "s", 0)
+        .unwrap();
+    assert!(hub.next_push("synced", s.id).is_none());
+    hub.set_render_failed("broken", "undefined label".into());
+    let ids = ["synced", "offline", "broken", "unknown"].map(String::from);
+    let standings = hub.standings(&ids);
+    for (id, standing) in ids.iter().zip(&standings) {
+        let status = hub.status(id);
+        assert_eq!(
+            standing
+                .as_ref()
+                .map(|s| (s.state, s.summary, s.render_error.clone())),
+            status.map(|s| (s.state, s.summary, s.render_error)),
+            "{id}"
+        );
+    }
+    let states: Vec<_> = standings
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            Some(SyncState::Synced),
+            Some(SyncState::Offline),
+            Some(SyncState::Offline),
+            None
+        ]
+    );
 }

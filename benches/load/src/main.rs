@@ -725,6 +725,14 @@ async fn fan_out(
     what: &str,
     check: bool,
 ) -> Result<Fanout> {
+    if servers.len() > 1 {
+        let waited = wait_for_quiet_feeds(servers).await?;
+        eprintln!(
+            "change feeds of the {} replicas quiet after {:.1} s",
+            servers.len(),
+            waited.as_secs_f64()
+        );
+    }
     let acked_before = shared.ack_count();
     let sampler = FeedSampler::start(servers.iter().map(|s| s.metrics_port).collect());
     let mut client = FleetServiceClient::new(servers[1 % servers.len()].admin().await?);
@@ -788,6 +796,31 @@ async fn replica_memory(servers: &[ControlPlane], before: &[f64]) -> Result<Vec<
         });
     }
     Ok(each)
+}
+
+/// Waits until no replica's change feed has moved or lagged between two reads a second apart, so
+/// that a fan-out is measured from a quiet fleet and not from the tail of the change before it
+/// (the other replicas may still be taking in the previous fan-out's acknowledgements). Returns
+/// how long that took.
+async fn wait_for_quiet_feeds(servers: &[ControlPlane]) -> Result<Duration> {
+    const QUIET_WITHIN: Duration = Duration::from_secs(300);
+    let started = Instant::now();
+    let mut previous = Vec::new();
+    while started.elapsed() < QUIET_WITHIN {
+        let mut positions = Vec::with_capacity(servers.len());
+        let mut lagging = false;
+        for server in servers {
+            let text = server.metrics().await?;
+            positions.push(metric_sum(&text, "flotilla_change_feed_position", ""));
+            lagging |= metric_sum(&text, "flotilla_change_feed_lag_seconds", "") > 0.0;
+        }
+        if !lagging && positions == previous {
+            return Ok(started.elapsed());
+        }
+        previous = positions;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("the replicas' change feeds were still moving after {QUIET_WITHIN:?}")
 }
 
 /// Between two reads of every replica's gauges: each read renders a replica's whole `/metrics`,

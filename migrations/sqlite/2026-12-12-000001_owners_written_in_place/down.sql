@@ -1,0 +1,1 @@
+CREATE INDEX devices_fleet ON devices (fleet);
