@@ -86,9 +86,9 @@ pub struct HubSummary {
     pub status: StatusCounts,
 }
 
-/// Devices read under one lock by the readers of many (a few hundred: long enough to make the
-/// lock's cost vanish, short enough not to hold the sessions up).
-const READS_PER_LOCK: usize = 256;
+/// Devices read or written under one lock by those who handle many (a fleet's renders, its view):
+/// enough to make the lock's cost vanish, few enough not to hold the sessions up for long.
+pub const DEVICES_PER_LOCK: usize = 256;
 
 /// Where a device stands, as a fleet's view counts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,7 +288,7 @@ impl Hub {
     pub fn standings(&self, device_ids: &[String]) -> Vec<Option<Standing>> {
         let now_ms = self.clock.now_millis();
         let mut standings = Vec::with_capacity(device_ids.len());
-        for chunk in device_ids.chunks(READS_PER_LOCK) {
+        for chunk in device_ids.chunks(DEVICES_PER_LOCK) {
             let mut state = self.lock();
             standings.extend(chunk.iter().map(|id| {
                 state.get_mut(id.as_str()).map(|entry| {

@@ -4,7 +4,7 @@
 //! query; renders are interned so identical specs share one allocation.
 
 use crate::fleet::{Placement, place};
-use crate::hub::{Hub, RenderOutcome, Rendered};
+use crate::hub::{DEVICES_PER_LOCK, Hub, RenderOutcome, Rendered};
 use crate::render::{CompiledTemplate, DeviceContext, render_device};
 use crate::selector::Selector;
 use crate::spec::DeviceSpec;
@@ -35,10 +35,6 @@ impl FleetEntry {
         }
     }
 }
-
-/// Renders handed to the hub under one lock: enough to make the lock's cost vanish, few enough that
-/// the sessions waiting for it are not held up for long.
-const RENDERS_PER_HANDOVER: usize = 256;
 
 /// Owner changes to persist: (device id, new owner).
 pub(super) type OwnerChanges = Vec<(String, Option<String>)>;
@@ -354,7 +350,7 @@ impl Catalog {
         while order.peek().is_some() {
             let renders = order
                 .by_ref()
-                .take(RENDERS_PER_HANDOVER)
+                .take(DEVICES_PER_LOCK)
                 .map(|id| {
                     let render = self.render(&id);
                     if let Some(Err(reason)) = &render {

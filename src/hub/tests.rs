@@ -13,49 +13,35 @@ fn rendered(content: &str) -> Arc<Rendered> {
     })
 }
 
+/// What the hub is loaded with for `device_id`: `desired`, nothing answered or seen yet.
+fn seed(device_id: &str, desired: Arc<Rendered>) -> Seed {
+    Seed {
+        device_id: device_id.into(),
+        desired: Ok(desired),
+        acked_version: None,
+        nacked: None,
+        last_seen_ms: None,
+        report: None,
+    }
+}
+
 /// A loaded hub of `devices`, each to run the same `rendered("0")`.
 fn hub_of(devices: &[&str]) -> Hub {
     let hub = Hub::new();
-    hub.load(
-        devices
-            .iter()
-            .map(|id| Seed {
-                device_id: id.to_string(),
-                desired: Ok(rendered("0")),
-                acked_version: None,
-                nacked: None,
-                last_seen_ms: None,
-                report: None,
-            })
-            .collect(),
-    );
+    hub.load(devices.iter().map(|id| seed(id, rendered("0"))).collect());
     hub
 }
 
 /// A hub of device `d`, to run `rendered("1")`, on tokio's (paused) clock from `start_ms`.
 fn hub_in_virtual_time(start_ms: i64) -> Hub {
     let hub = Hub::with_clock(Clock::following_tokio(start_ms));
-    hub.load(vec![Seed {
-        device_id: "d".into(),
-        desired: Ok(rendered("1")),
-        acked_version: None,
-        nacked: None,
-        last_seen_ms: None,
-        report: None,
-    }]);
+    hub.load(vec![seed("d", rendered("1"))]);
     hub
 }
 
 fn hub_with(device: &str, desired: Arc<Rendered>) -> Hub {
     let hub = Hub::new();
-    hub.load(vec![Seed {
-        device_id: device.into(),
-        desired: Ok(desired),
-        acked_version: None,
-        nacked: None,
-        last_seen_ms: None,
-        report: None,
-    }]);
+    hub.load(vec![seed(device, desired)]);
     hub
 }
 
