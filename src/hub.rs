@@ -15,7 +15,7 @@ mod waves;
 pub use device_status::StatusCounts;
 pub use entry::{SyncState, SyncStatus};
 pub use renewal::{CertStatus, RenewalRequest, RenewalState};
-pub use sessions::{Answer, Push, SessionHandle};
+pub use sessions::{Answer, Push, RemoteSession, SessionHandle};
 pub use waves::Debounce;
 
 use crate::clock::Clock;

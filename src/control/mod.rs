@@ -41,7 +41,7 @@ pub use watch::{DeviceEvent, DeviceWatch};
 
 use crate::ca::CertificateAuthority;
 use crate::ca::audit_key::AuditKey;
-use crate::hub::{Debounce, Hub, Seed};
+use crate::hub::{Debounce, Hub, RemoteSession, Seed};
 use crate::render::CompiledTemplate;
 use crate::revocation::RevokedSerials;
 use crate::selector::Selector;
@@ -485,22 +485,17 @@ impl ControlPlane {
             .filter(|_| shared)
             .filter_map(|d| {
                 let holder = d.session_replica.clone()?;
-                (holder != self.store.replica()).then(|| {
-                    (
-                        d.id.clone(),
-                        holder,
-                        d.acked_version.clone(),
-                        d.nacked.clone(),
-                    )
+                (holder != self.store.replica()).then(|| RemoteSession {
+                    device_id: d.id.clone(),
+                    holder: Some(holder),
+                    acked_version: d.acked_version.clone(),
+                    nacked: d.nacked.clone(),
                 })
             })
             .collect();
         *self.catalog_mut() = catalog;
         self.hub.load(seeds);
-        for (device_id, holder, acked_version, nacked) in elsewhere {
-            self.hub
-                .note_remote(&device_id, Some(holder), acked_version, nacked);
-        }
+        self.hub.note_remotes(elsewhere);
         for (device_id, serial, not_after_ms) in certificates {
             self.track_certificate(&device_id, &serial, not_after_ms);
         }

@@ -7,6 +7,7 @@
 
 use super::catalog::FleetEntry;
 use super::{ControlError, ControlPlane, fleet_entry, owner_of, revisions_held};
+use crate::hub::RemoteSession;
 use crate::store::{
     ALL_DEVICES, Change, ChangeKind, DeviceOwner, DeviceRecord, FeedLane, SessionFacts,
 };
@@ -348,9 +349,7 @@ impl ControlPlane {
                 }
                 catalog.note_session(facts.clone());
             }
-            for facts in facts {
-                self.note_remote_facts(facts);
-            }
+            self.note_remote_facts(facts);
         }
         self.track_new_certificates(certificates);
         Ok(())
@@ -371,15 +370,27 @@ impl ControlPlane {
         }
     }
 
-    /// Hands the hub what another replica recorded of a device's session.
-    fn note_remote_facts(&self, facts: SessionFacts) {
-        let holder = facts
-            .session_replica
-            .filter(|r| r.as_str() != self.store.replica());
-        self.hub
-            .note_remote(&facts.id, holder, facts.acked_version, facts.nacked);
-        if let Some(report) = facts.report {
-            self.hub.note_remote_report(&facts.id, report);
+    /// Hands the hub what other replicas recorded of devices' sessions.
+    fn note_remote_facts(&self, facts: Vec<SessionFacts>) {
+        let mut sessions = Vec::with_capacity(facts.len());
+        let mut reports = Vec::new();
+        for facts in facts {
+            let holder = facts
+                .session_replica
+                .filter(|r| r.as_str() != self.store.replica());
+            if let Some(report) = facts.report {
+                reports.push((facts.id.clone(), report));
+            }
+            sessions.push(RemoteSession {
+                device_id: facts.id,
+                holder,
+                acked_version: facts.acked_version,
+                nacked: facts.nacked,
+            });
+        }
+        self.hub.note_remotes(sessions);
+        for (device_id, report) in reports {
+            self.hub.note_remote_report(&device_id, report);
         }
     }
 
@@ -530,9 +541,7 @@ impl ControlPlane {
             }
             // After rendering, so a device new to this replica has its hub entry; under the
             // catalog's lock, as the session lane does (see `Rereads`).
-            for facts in remote {
-                self.note_remote_facts(facts);
-            }
+            self.note_remote_facts(remote);
         }
         self.track_new_certificates(certificates);
         Ok(())

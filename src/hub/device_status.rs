@@ -4,9 +4,7 @@
 //! counted by summary and condition for metrics.
 
 use super::{DeviceEntry, Hub, RenewalState};
-use crate::status::conditions::{
-    CertificateStanding, ConditionStatus, ConditionType, Inputs, Summary, evaluate,
-};
+use crate::status::conditions::{CertificateStanding, ConditionType, Inputs, Summary, evaluate};
 use crate::status::{DeviceReport, UpdateKind, UpdatePhase};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,12 +54,8 @@ impl StatusCounts {
         if let Some(i) = Summary::ALL.iter().position(|s| *s == summary) {
             self.summaries[i] += 1;
         }
-        for condition in entry.ledger.conditions() {
-            if condition.status == ConditionStatus::True
-                && let Some(i) = ConditionType::ALL.iter().position(|c| *c == condition.kind)
-            {
-                self.conditions_true[i] += 1;
-            }
+        for (count, holds) in self.conditions_true.iter_mut().zip(entry.ledger.holding()) {
+            *count += usize::from(holds);
         }
     }
 }

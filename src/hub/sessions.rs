@@ -29,6 +29,19 @@ pub struct SessionHandle {
     pub closed: Arc<Notify>,
 }
 
+/// What another replica recorded about a device's session (from the change feed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSession {
+    /// The device.
+    pub device_id: String,
+    /// The replica holding its session; `None`: none, or this one.
+    pub holder: Option<String>,
+    /// The version it last acknowledged.
+    pub acked_version: Option<String>,
+    /// The version it last rejected, with the reason.
+    pub nacked: Option<(String, String)>,
+}
+
 /// What an ACK or NACK changed, so the caller knows what to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -190,27 +203,47 @@ impl Hub {
         acked_version: Option<String>,
         nacked: Option<(String, String)>,
     ) {
-        let mut state = self.lock();
-        let Some(entry) = state.get_mut(device_id) else {
-            return;
-        };
-        if holder.is_none() && entry.session.is_some() {
-            // Our own session: our answers are the newest.
-            return;
+        self.note_remotes(vec![RemoteSession {
+            device_id: device_id.to_string(),
+            holder,
+            acked_version,
+            nacked,
+        }]);
+    }
+
+    /// `note_remote` for a batch, a few hundred devices per lock: a fan-out to a large fleet
+    /// brings every replica the answers of every device another replica holds.
+    pub fn note_remotes(&self, batch: Vec<RemoteSession>) {
+        let now_ms = self.clock.now_millis();
+        let mut taken = Vec::with_capacity(batch.len());
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let mut state = self.lock();
+            for remote in batch.by_ref().take(super::DEVICES_PER_LOCK) {
+                let Some(entry) = state.get_mut(&remote.device_id) else {
+                    continue;
+                };
+                if remote.holder.is_none() && entry.session.is_some() {
+                    // Our own session: our answers are the newest.
+                    continue;
+                }
+                if remote.holder.is_some()
+                    && let Some(stale) = entry.session.take()
+                {
+                    stale.closed.notify_one();
+                    entry.session_serial = None;
+                    entry.sent = None;
+                }
+                entry.elsewhere = remote.holder;
+                entry.acked_version = remote.acked_version;
+                entry.nacked = remote.nacked;
+                entry.note_change(now_ms);
+                taken.push(remote.device_id);
+            }
         }
-        if holder.is_some()
-            && let Some(stale) = entry.session.take()
-        {
-            stale.closed.notify_one();
-            entry.session_serial = None;
-            entry.sent = None;
+        for device_id in &taken {
+            self.announce(device_id);
         }
-        entry.elsewhere = holder;
-        entry.acked_version = acked_version;
-        entry.nacked = nacked;
-        entry.note_change(self.clock.now_millis());
-        drop(state);
-        self.announce(device_id);
     }
 
     /// Notes that a device was heard from (kept in memory only).

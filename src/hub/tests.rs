@@ -475,3 +475,50 @@ fn standings_agree_with_each_device_s_status() {
         ]
     );
 }
+
+/// Other replicas' facts arrive in batches: each device of a batch takes its facts and is
+/// announced once, a device unknown here is skipped, this replica's own session keeps its own
+/// answers, and a session here that another replica has since replaced is closed.
+#[test]
+fn a_batch_of_remote_facts_is_taken_device_by_device() {
+    let hub = hub_of(&["remote", "mine", "moved"]);
+    let (mine, _) = hub.open_session("mine", "", "s1", 0).unwrap();
+    let push = hub.next_push("mine", mine.id).unwrap();
+    hub.ack("mine", mine.id, &push.nonce);
+    let (moved, _) = hub.open_session("moved", "", "s2", 0).unwrap();
+    let mut events = hub.subscribe();
+    let version = rendered("0").version.clone();
+    let remote = |device_id: &str, holder: Option<&str>, acked: Option<&str>| RemoteSession {
+        device_id: device_id.into(),
+        holder: holder.map(Into::into),
+        acked_version: acked.map(Into::into),
+        nacked: None,
+    };
+    hub.note_remotes(vec![
+        remote("remote", Some("b"), Some(&version)),
+        remote("mine", None, None),
+        remote("moved", Some("c"), None),
+        remote("unknown", Some("b"), None),
+    ]);
+    let status = hub.status("remote").unwrap();
+    assert_eq!(
+        (status.elsewhere.as_deref(), status.state),
+        (Some("b"), SyncState::Synced)
+    );
+    let status = hub.status("mine").unwrap();
+    assert_eq!(
+        (status.elsewhere, status.acked_version),
+        (None, Some(version.clone())),
+        "our own session's answers stand"
+    );
+    let status = hub.status("moved").unwrap();
+    assert_eq!(status.elsewhere.as_deref(), Some("c"));
+    assert!(
+        hub.next_push("moved", moved.id).is_none(),
+        "the replaced session here is closed"
+    );
+    assert!(hub.status("unknown").is_none());
+    let mut announced: Vec<String> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    announced.sort();
+    assert_eq!(announced, ["moved", "remote"]);
+}

@@ -227,8 +227,9 @@ fn observed(
     }
 }
 
-/// The conditions for these inputs, one per type, in `ConditionType::ALL` order.
-pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
+/// The conditions for these inputs, one per type, in `ConditionType::ALL` order (an array: this
+/// runs on every change of every device).
+pub fn evaluate(inputs: &Inputs<'_>) -> [Observed; ConditionType::ALL.len()] {
     use ConditionStatus::{False, True, Unknown};
     use ConditionType as T;
     let online = if inputs.online {
@@ -451,7 +452,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
             "no agent or OS update failed",
         ),
     };
-    vec![
+    [
         online,
         updating,
         applied,
@@ -463,29 +464,24 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Vec<Observed> {
     ]
 }
 
-/// The summary of a set of conditions (rules in the module documentation).
+/// The summary of a set of conditions (rules in the module documentation). One pass and nothing
+/// allocated: every scrape summarises every device.
 pub fn summarize<'a>(
     conditions: impl IntoIterator<Item = (ConditionType, ConditionStatus, &'a str)>,
 ) -> Summary {
+    let mut revoked = false;
+    let mut offline = None;
     let mut degraded = false;
     let mut error = false;
-    let conditions: Vec<_> = conditions.into_iter().collect();
-    if conditions.iter().any(|(kind, status, reason)| {
-        (*kind, *status, *reason)
-            == (
-                ConditionType::CertificateExpiring,
-                ConditionStatus::True,
-                "Revoked",
-            )
-    }) {
-        return Summary::Revoked;
-    }
     for (kind, status, reason) in conditions {
         match (kind, status, reason) {
-            (ConditionType::Online, ConditionStatus::False, "NeverConnected") => {
-                return Summary::Unknown;
+            (ConditionType::CertificateExpiring, ConditionStatus::True, "Revoked") => {
+                revoked = true;
             }
-            (ConditionType::Online, ConditionStatus::False, _) => return Summary::Offline,
+            (ConditionType::Online, ConditionStatus::False, "NeverConnected") => {
+                offline = Some(Summary::Unknown);
+            }
+            (ConditionType::Online, ConditionStatus::False, _) => offline = Some(Summary::Offline),
             (ConditionType::SpecApplied, ConditionStatus::False, "Rejected" | "RenderFailed")
             | (ConditionType::CertificateExpiring, ConditionStatus::True, "Expired")
             | (ConditionType::ResourcePressure, ConditionStatus::True, "Critical")
@@ -497,7 +493,11 @@ pub fn summarize<'a>(
             _ => {}
         }
     }
-    if error {
+    if revoked {
+        Summary::Revoked
+    } else if let Some(offline) = offline {
+        offline
+    } else if error {
         Summary::Error
     } else if degraded {
         Summary::Degraded
@@ -508,32 +508,78 @@ pub fn summarize<'a>(
 
 /// A device's conditions with their transition times: a condition's time moves only when its
 /// status changes (as in Kubernetes), not when its reason or message does.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Ledger {
     conditions: Vec<Condition>,
+    /// What the conditions add up to, and which of them hold (indexed like `ConditionType::ALL`),
+    /// as of the last settle: a scrape counts every device, and these sit beside the device's
+    /// other fields where the conditions themselves are a pointer away.
+    summary: Summary,
+    holding: [bool; ConditionType::ALL.len()],
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            conditions: Vec::new(),
+            summary: Summary::Unknown,
+            holding: [false; ConditionType::ALL.len()],
+        }
+    }
+}
+
+impl Condition {
+    /// Takes in the same condition as derived now: its time moves only if its status did.
+    /// Returns whether the status changed.
+    fn take(&mut self, observed: Observed, now_ms: i64) -> bool {
+        let changed = self.status != observed.status;
+        if changed {
+            self.status = observed.status;
+            self.last_transition_ms = now_ms;
+        }
+        self.reason = observed.reason;
+        if self.message != observed.message {
+            self.message = observed.message.into_owned();
+        }
+        changed
+    }
 }
 
 impl Ledger {
     /// Takes in the conditions derived now. Returns whether any status changed.
-    pub fn settle(&mut self, observed: Vec<Observed>, now_ms: i64) -> bool {
+    pub fn settle(&mut self, observed: [Observed; ConditionType::ALL.len()], now_ms: i64) -> bool {
+        let changed = self.take_in(observed, now_ms);
+        self.summary = summarize(self.conditions.iter().map(|c| (c.kind, c.status, c.reason)));
+        self.holding = ConditionType::ALL.map(|kind| {
+            self.status_of(kind)
+                .is_some_and(|c| c.status == ConditionStatus::True)
+        });
+        changed
+    }
+
+    fn take_in(&mut self, observed: [Observed; ConditionType::ALL.len()], now_ms: i64) -> bool {
         // Settled on every change of a device, so conditions are updated in place and only
-        // messages that changed are copied.
+        // messages that changed are copied. After the first settle the ledger holds the very
+        // types `evaluate` derives, in the same order, so each is matched by position.
+        let in_place = self.conditions.len() == observed.len()
+            && self
+                .conditions
+                .iter()
+                .zip(&observed)
+                .all(|(old, o)| old.kind == o.kind);
+        if in_place {
+            return self
+                .conditions
+                .iter_mut()
+                .zip(observed)
+                .fold(false, |changed, (old, o)| old.take(o, now_ms) | changed);
+        }
         self.conditions
             .retain(|old| observed.iter().any(|o| o.kind == old.kind));
         let mut changed = false;
         for o in observed {
             match self.conditions.iter_mut().find(|old| old.kind == o.kind) {
-                Some(old) => {
-                    if old.status != o.status {
-                        changed = true;
-                        old.status = o.status;
-                        old.last_transition_ms = now_ms;
-                    }
-                    old.reason = o.reason;
-                    if old.message != o.message {
-                        old.message = o.message.into_owned();
-                    }
-                }
+                Some(old) => changed |= old.take(o, now_ms),
                 None => {
                     changed = true;
                     self.conditions.push(Condition {
@@ -556,10 +602,12 @@ impl Ledger {
 
     /// What the conditions add up to.
     pub fn summary(&self) -> Summary {
-        if self.conditions.is_empty() {
-            return Summary::Unknown;
-        }
-        summarize(self.conditions.iter().map(|c| (c.kind, c.status, c.reason)))
+        self.summary
+    }
+
+    /// Whether each condition holds, indexed like `ConditionType::ALL`.
+    pub fn holding(&self) -> [bool; ConditionType::ALL.len()] {
+        self.holding
     }
 
     /// The condition of `kind`, if derived.
@@ -742,7 +790,7 @@ mod tests {
             ..synced()
         };
         assert_eq!(summary_of(&inputs), Summary::Degraded);
-        let pressure = evaluate(&inputs).remove(5);
+        let [.., pressure, _, _] = evaluate(&inputs);
         assert_eq!(pressure.message, "memory 85% >= 80% (warning)");
         alert.severity = Severity::Critical;
         let critical = [alert];
@@ -895,6 +943,52 @@ mod tests {
                 .unwrap()
                 .last_transition_ms,
             10
+        );
+    }
+
+    /// What a scrape counts (the summary and which conditions hold) is kept by every settle and
+    /// agrees with the conditions themselves.
+    #[test]
+    fn the_ledger_keeps_its_summary_and_what_holds_as_it_settles() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.summary(), Summary::Unknown);
+        assert_eq!(ledger.holding(), [false; ConditionType::ALL.len()]);
+        let rejected = Inputs {
+            desired_version: Some("v3"),
+            nacked: Some(("v3", "no such unit")),
+            ..synced()
+        };
+        for inputs in [synced(), rejected, synced()] {
+            ledger.settle(evaluate(&inputs), 0);
+            let holding: Vec<ConditionType> = ConditionType::ALL
+                .into_iter()
+                .zip(ledger.holding())
+                .filter_map(|(kind, holds)| holds.then_some(kind))
+                .collect();
+            let expected: Vec<ConditionType> = ledger
+                .conditions()
+                .iter()
+                .filter(|c| c.status == ConditionStatus::True)
+                .map(|c| c.kind)
+                .collect();
+            assert_eq!(holding, expected);
+            assert_eq!(ledger.summary(), summary_of(&inputs));
+        }
+        let mut ledger = Ledger::default();
+        ledger.settle(
+            evaluate(&Inputs {
+                desired_version: Some("v3"),
+                nacked: Some(("v3", "no such unit")),
+                ..synced()
+            }),
+            0,
+        );
+        assert_eq!(ledger.summary(), Summary::Error);
+        assert!(
+            !ledger.holding()[ConditionType::ALL
+                .iter()
+                .position(|c| *c == ConditionType::SpecApplied)
+                .unwrap()]
         );
     }
 }
