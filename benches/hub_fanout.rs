@@ -113,12 +113,7 @@ fn fan_out_elsewhere(c: &mut Criterion) {
         || (fleet_held_elsewhere(&ids), answers(&ids, &next)),
         |(hub, answers)| {
             for answer in answers {
-                hub.note_remote(
-                    &answer.device_id,
-                    answer.holder,
-                    answer.acked_version,
-                    answer.nacked,
-                );
+                hub.note_remotes(vec![answer]);
             }
             hub
         },

@@ -193,26 +193,11 @@ impl Hub {
         })
     }
 
-    /// Takes in what another replica recorded about a device: which replica holds its session
-    /// (`None`: none, or this one) and its last answers. A session this replica still holds while
-    /// a newer one is open elsewhere is stale and is closed: the newest session wins.
-    pub fn note_remote(
-        &self,
-        device_id: &str,
-        holder: Option<String>,
-        acked_version: Option<String>,
-        nacked: Option<(String, String)>,
-    ) {
-        self.note_remotes(vec![RemoteSession {
-            device_id: device_id.to_string(),
-            holder,
-            acked_version,
-            nacked,
-        }]);
-    }
-
-    /// `note_remote` for a batch, a few hundred devices per lock: a fan-out to a large fleet
-    /// brings every replica the answers of every device another replica holds.
+    /// Takes in what other replicas recorded about devices, a few hundred per lock: which replica
+    /// holds each session (`None`: none, or this one) and its last answers. A fan-out to a large
+    /// fleet brings every replica the answers of every device another replica holds. A session
+    /// this replica still holds while a newer one is open elsewhere is stale and is closed: the
+    /// newest session wins.
     pub fn note_remotes(&self, batch: Vec<RemoteSession>) {
         let now_ms = self.clock.now_millis();
         let mut taken = Vec::with_capacity(batch.len());

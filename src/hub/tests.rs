@@ -402,12 +402,12 @@ async fn a_device_held_elsewhere_is_settled_when_read_as_of_its_last_change() {
     };
     assert_eq!(online(&hub).status, ConditionStatus::False);
     tokio::time::advance(Duration::from_secs(10)).await;
-    hub.note_remote(
-        "d",
-        Some("b".into()),
-        Some(rendered("1").version.clone()),
-        None,
-    );
+    hub.note_remotes(vec![RemoteSession {
+        device_id: "d".into(),
+        holder: Some("b".into()),
+        acked_version: Some(rendered("1").version.clone()),
+        nacked: None,
+    }]);
     {
         let state = hub.lock();
         let entry = state.get("d").unwrap();
@@ -427,7 +427,12 @@ async fn a_device_held_elsewhere_is_settled_when_read_as_of_its_last_change() {
         .iter()
         .position(|c| *c == ConditionType::Online)
         .unwrap();
-    hub.note_remote("d", None, None, None);
+    hub.note_remotes(vec![RemoteSession {
+        device_id: "d".into(),
+        holder: None,
+        acked_version: None,
+        nacked: None,
+    }]);
     assert_eq!(
         hub.summary(hub.clock().now_millis()).status.conditions_true[index],
         0

@@ -558,41 +558,29 @@ impl Ledger {
     }
 
     fn take_in(&mut self, observed: [Observed; ConditionType::ALL.len()], now_ms: i64) -> bool {
-        // Settled on every change of a device, so conditions are updated in place and only
-        // messages that changed are copied. After the first settle the ledger holds the very
-        // types `evaluate` derives, in the same order, so each is matched by position.
-        let in_place = self.conditions.len() == observed.len()
-            && self
-                .conditions
-                .iter()
-                .zip(&observed)
-                .all(|(old, o)| old.kind == o.kind);
-        if in_place {
-            return self
-                .conditions
-                .iter_mut()
-                .zip(observed)
-                .fold(false, |changed, (old, o)| old.take(o, now_ms) | changed);
+        // Only `settle` writes the ledger and `evaluate` derives every type in `ALL` order, so a
+        // ledger is either new or holds the same types in the same order: conditions are updated
+        // in place and only messages that changed are copied.
+        if self.conditions.is_empty() {
+            self.conditions = observed
+                .into_iter()
+                .map(|o| Condition {
+                    kind: o.kind,
+                    status: o.status,
+                    reason: o.reason,
+                    message: o.message.into_owned(),
+                    last_transition_ms: now_ms,
+                })
+                .collect();
+            return true;
         }
         self.conditions
-            .retain(|old| observed.iter().any(|o| o.kind == old.kind));
-        let mut changed = false;
-        for o in observed {
-            match self.conditions.iter_mut().find(|old| old.kind == o.kind) {
-                Some(old) => changed |= old.take(o, now_ms),
-                None => {
-                    changed = true;
-                    self.conditions.push(Condition {
-                        kind: o.kind,
-                        status: o.status,
-                        reason: o.reason,
-                        message: o.message.into_owned(),
-                        last_transition_ms: now_ms,
-                    });
-                }
-            }
-        }
-        changed
+            .iter_mut()
+            .zip(observed)
+            .fold(false, |changed, (old, o)| {
+                debug_assert_eq!(old.kind, o.kind, "evaluate keeps ConditionType::ALL order");
+                old.take(o, now_ms) | changed
+            })
     }
 
     /// The conditions, in `ConditionType::ALL` order.
@@ -960,6 +948,12 @@ mod tests {
         };
         for inputs in [synced(), rejected, synced()] {
             ledger.settle(evaluate(&inputs), 0);
+            let kinds: Vec<ConditionType> = ledger.conditions().iter().map(|c| c.kind).collect();
+            assert_eq!(
+                kinds,
+                ConditionType::ALL,
+                "updated in place, in the order shown"
+            );
             let holding: Vec<ConditionType> = ConditionType::ALL
                 .into_iter()
                 .zip(ledger.holding())
