@@ -129,6 +129,8 @@ pub(crate) struct ControlPlane {
     binary: PathBuf,
     dir: DataDir,
     extra_args: Vec<String>,
+    /// The replica's runtime threads (`TOKIO_WORKER_THREADS`), when not the runtime's default.
+    threads: Option<usize>,
     /// PostgreSQL (replicas) instead of the data directory's SQLite.
     database_url: Option<String>,
     name: String,
@@ -146,11 +148,13 @@ impl ControlPlane {
         database_url: Option<&str>,
         name: &str,
         extra_args: Vec<String>,
+        threads: Option<usize>,
     ) -> Result<Self> {
         let mut server = ControlPlane {
             binary: binary.to_path_buf(),
             dir: DataDir::new(dir.root()),
             extra_args,
+            threads,
             database_url: database_url.map(str::to_string),
             name: name.to_string(),
             child: None,
@@ -171,6 +175,9 @@ impl ControlPlane {
             .args(["--replica-name", &self.name]);
         if let Some(url) = &self.database_url {
             command.args(["--database-url", url]);
+        }
+        if let Some(threads) = self.threads {
+            command.env("TOKIO_WORKER_THREADS", threads.to_string());
         }
         let child = command
             .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
