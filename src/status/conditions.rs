@@ -550,8 +550,10 @@ impl Ledger {
     pub fn settle(&mut self, observed: [Observed; ConditionType::ALL.len()], now_ms: i64) -> bool {
         let changed = self.take_in(observed, now_ms);
         self.summary = summarize(self.conditions.iter().map(|c| (c.kind, c.status, c.reason)));
-        self.holding = ConditionType::ALL.map(|kind| {
-            self.status_of(kind)
+        // The ledger is in `ConditionType::ALL` order, so what holds is read by position.
+        self.holding = std::array::from_fn(|index| {
+            self.conditions
+                .get(index)
                 .is_some_and(|c| c.status == ConditionStatus::True)
         });
         changed

@@ -28,6 +28,7 @@ use flotilla::store::{AuditQuery, Backend, Store};
 use measure::{Latencies, metric_sum, socket_memory, usage};
 use serde::Serialize;
 use server::{ControlPlane, LOAD_SELECTOR};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -72,11 +73,11 @@ struct Cli {
     /// applied through another replica than most agents use; the storm kills one replica).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Runtime threads of each replica (`TOKIO_WORKER_THREADS`; 0: the runtime's default, one per
+    /// Runtime threads of each replica (`TOKIO_WORKER_THREADS`; default: the runtime's own, one per
     /// core). The replicas share the cores with the simulated fleet, and how many threads each
     /// side runs decides how the cores are split between them (BENCHMARKS.md).
-    #[arg(long, default_value_t = 0)]
-    replica_threads: usize,
+    #[arg(long)]
+    replica_threads: Option<NonZeroUsize>,
     /// PostgreSQL server for the run (a database is created on it and dropped afterwards);
     /// default with --replicas above 1: postgres://postgres@127.0.0.1:5432/test.
     #[arg(long)]
@@ -164,7 +165,7 @@ struct Figures {
     agents: usize,
     replicas: usize,
     /// Each replica's runtime threads, when not the runtime's default.
-    replica_threads: Option<usize>,
+    replica_threads: Option<NonZeroUsize>,
     harness_processes: usize,
     cpus: usize,
     open_file_limit: u64,
@@ -362,8 +363,7 @@ async fn run(
         }
     }
 
-    let replica_threads = (cli.replica_threads > 0).then_some(cli.replica_threads);
-    figures.replica_threads = replica_threads;
+    figures.replica_threads = cli.replica_threads;
     let mut servers = Vec::with_capacity(replicas);
     for index in 0..replicas {
         servers.push(
@@ -373,7 +373,7 @@ async fn run(
                 database.map(|db| db.url.as_str()),
                 &format!("replica-{index}"),
                 cli.server_args.clone(),
-                replica_threads,
+                cli.replica_threads,
             )
             .await?,
         );

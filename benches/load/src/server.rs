@@ -9,6 +9,7 @@ use flotilla::client::ClientCredentials;
 use flotilla::identity::{Identity, Role};
 use flotilla::store::{Backend, CertificateRecord, NewDevice, Store};
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -130,7 +131,7 @@ pub(crate) struct ControlPlane {
     dir: DataDir,
     extra_args: Vec<String>,
     /// The replica's runtime threads (`TOKIO_WORKER_THREADS`), when not the runtime's default.
-    threads: Option<usize>,
+    threads: Option<NonZeroUsize>,
     /// PostgreSQL (replicas) instead of the data directory's SQLite.
     database_url: Option<String>,
     name: String,
@@ -148,7 +149,7 @@ impl ControlPlane {
         database_url: Option<&str>,
         name: &str,
         extra_args: Vec<String>,
-        threads: Option<usize>,
+        threads: Option<NonZeroUsize>,
     ) -> Result<Self> {
         let mut server = ControlPlane {
             binary: binary.to_path_buf(),
