@@ -27,20 +27,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(names):
+    """A distinct free loopback port per name: every socket stays bound until all are chosen, so
+    two names cannot be handed the same port."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# The work directory of the run, so that a failure can show the processes' logs.
+WORK = None
+# The processes started so far by name: a wait ends early, with their logs, when one has exited.
+STARTED = {}
 
 
 def fail(message):
     print(f"FAIL: {message}", file=sys.stderr)
+    if WORK:
+        for path in sorted(glob.glob(os.path.join(WORK, "*.log"))):
+            with open(path, errors="replace") as f:
+                tail = f.readlines()[-40:]
+            print(f"--- {os.path.basename(path)} (last {len(tail)} lines)", file=sys.stderr)
+            sys.stderr.writelines(tail)
     sys.exit(1)
 
 
 def wait(what, check, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
+        for name, process in STARTED.items():
+            if process.poll() is not None:
+                fail(f"{name} exited (code {process.returncode}) while waiting for {what}")
         try:
             if check():
                 return
@@ -71,29 +95,35 @@ def expressions():
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="flotilla-observability-")
+    global WORK
+    work = WORK = tempfile.mkdtemp(prefix="flotilla-observability-")
     processes = []
+
+    def start(name, log_name, command):
+        """Starts `command` with its output in <log_name>.log and <log_name>-out.log."""
+        log = lambda suffix: open(os.path.join(work, f"{log_name}{suffix}.log"), "w")
+        process = subprocess.Popen(command, stdout=log("-out"), stderr=log(""))
+        processes.append(process)
+        STARTED[name] = process
+
     try:
-        ports = {name: free_port() for name in ["agent", "admin", "metrics", "health", "prometheus"]}
+        ports = free_ports(["agent", "admin", "metrics", "health", "prometheus"])
         data = os.path.join(work, "data")
-        log = lambda name: open(os.path.join(work, f"{name}.log"), "w")
-        processes.append(subprocess.Popen(
-            [os.path.join(BIN, "flotilla"), "serve", "--data-dir", data,
-             "--agent-listen", f"127.0.0.1:{ports['agent']}",
-             "--admin-listen", f"127.0.0.1:{ports['admin']}",
-             "--metrics-listen", f"127.0.0.1:{ports['metrics']}",
-             "--heartbeat-interval", "1"],
-            stdout=log("server-out"), stderr=log("server")))
+        start("the control plane", "server", [
+            os.path.join(BIN, "flotilla"), "serve", "--data-dir", data,
+            "--agent-listen", f"127.0.0.1:{ports['agent']}",
+            "--admin-listen", f"127.0.0.1:{ports['admin']}",
+            "--metrics-listen", f"127.0.0.1:{ports['metrics']}",
+            "--heartbeat-interval", "1"])
         metrics_url = f"http://127.0.0.1:{ports['metrics']}"
         wait("the control plane", lambda: get(f"{metrics_url}/readyz").startswith("ready"))
         flotctl = [os.path.join(BIN, "flotctl"), "--config", os.path.join(data, "flotctl.toml")]
-        processes.append(subprocess.Popen(
-            [os.path.join(BIN, "flotilla-agent"), "--config", os.path.join(data, "agent.toml"),
-             "--state-dir", os.path.join(work, "agent"), "--name", "observed",
-             "--health-listen", f"127.0.0.1:{ports['health']}"],
-            stdout=log("agent-out"), stderr=log("agent")))
+        start("the agent", "agent", [
+            os.path.join(BIN, "flotilla-agent"), "--config", os.path.join(data, "agent.toml"),
+            "--state-dir", os.path.join(work, "agent"), "--name", "observed",
+            "--health-listen", f"127.0.0.1:{ports['health']}"])
         wait("the enrollment request", lambda: subprocess.run(
-            flotctl + ["approve", "enrollment", "observed"], capture_output=True).returncode == 0)
+            flotctl + ["approve", "enrollment", "observed"], capture_output=True, timeout=30).returncode == 0)
         health_url = f"http://127.0.0.1:{ports['health']}"
         wait("the agent's session", lambda: '"name":"stream","status":"pass"' in get(f"{health_url}/healthz"))
         # Traffic for every kind of series: a push and its ACK, a renewal, admin calls.
@@ -101,25 +131,25 @@ def main():
         with open(spec, "w") as f:
             f.write(f"kind: Device\nmetadata: {{name: observed}}\nspec:\n  files:\n"
                     f"    - path: {work}/out/motd\n      content: hello\n")
-        subprocess.run(flotctl + ["apply", "-f", spec], check=True, capture_output=True)
+        subprocess.run(flotctl + ["apply", "-f", spec], check=True, capture_output=True, timeout=30)
         fleet = os.path.join(work, "fleet.yaml")
         with open(fleet, "w") as f:
             f.write("kind: Fleet\nmetadata: {name: everyone}\nspec:\n  selector: \"\"\n  template:\n"
                     f"    files:\n      - path: {work}/out/fleet\n        content: \"{{{{ device.name }}}}\"\n")
-        subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True)
+        subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True, timeout=30)
         # A second revision under a rollout policy that the agent rejects (a file below its
         # motd file): the rollout pauses, so the rollout series exist.
         with open(fleet, "w") as f:
             f.write("kind: Fleet\nmetadata: {name: everyone}\nspec:\n  selector: \"\"\n"
                     "  rollout:\n    batches: [{count: 1}]\n    maxUnavailable: 1\n  template:\n"
                     f"    files:\n      - path: {work}/out/motd/child\n        content: x\n")
-        subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True)
+        subprocess.run(flotctl + ["apply", "-f", fleet], check=True, capture_output=True, timeout=30)
         wait("the rollout to pause", lambda: '"state":"paused"' in subprocess.run(
             flotctl + ["rollout", "status", "everyone", "-o", "json"],
-            capture_output=True, text=True).stdout.replace(" ", ""))
-        subprocess.run(flotctl + ["cert", "renew", "--device", "observed"], check=True, capture_output=True)
+            capture_output=True, text=True, timeout=30).stdout.replace(" ", ""))
+        subprocess.run(flotctl + ["cert", "renew", "--device", "observed"], check=True, capture_output=True, timeout=30)
         wait("the renewal", lambda: "renewed" in subprocess.run(
-            flotctl + ["audit", "list"], capture_output=True, text=True).stdout)
+            flotctl + ["audit", "list"], capture_output=True, text=True, timeout=30).stdout)
 
         for name, url in [("control plane", f"{metrics_url}/metrics"), ("agent", f"{health_url}/metrics")]:
             exposition = get(url)
@@ -139,10 +169,9 @@ def main():
                     {"job_name": "flotilla-agent", "static_configs": [{"targets": [f"127.0.0.1:{ports['health']}"]}]},
                 ],
             }, f)
-        processes.append(subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={work}/tsdb",
-             f"--web.listen-address=127.0.0.1:{ports['prometheus']}"],
-            stdout=log("prometheus-out"), stderr=log("prometheus")))
+        start("Prometheus", "prometheus", [
+            "prometheus", f"--config.file={config}", f"--storage.tsdb.path={work}/tsdb",
+            f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
         api = f"http://127.0.0.1:{ports['prometheus']}/api/v1"
 
         def query(expr):
