@@ -14,7 +14,7 @@ mod waves;
 
 pub use device_status::StatusCounts;
 pub use entry::{SyncState, SyncStatus};
-pub use renewal::{CertStatus, RenewalRequest, RenewalState};
+pub use renewal::{CertStatus, DEFAULT_RENEWAL_SLOTS, RenewalRequest, RenewalState};
 pub use sessions::{Answer, Push, RemoteSession, SessionHandle};
 pub use waves::Debounce;
 
@@ -24,7 +24,7 @@ use crate::status::DeviceReport;
 use crate::status::conditions::Summary;
 use entry::{DeviceEntry, entry_for};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, broadcast};
 
@@ -137,6 +137,8 @@ struct HubState {
     devices: HashMap<String, DeviceEntry>,
     /// Devices whose new desired spec waits for the current wave.
     wave: Vec<String>,
+    /// Renewals running here and devices in line for one.
+    renewals: renewal::RenewalSlots,
 }
 
 impl std::ops::Deref for HubState {
@@ -165,6 +167,8 @@ pub struct Hub {
     wave_pending: Notify,
     pushes: AtomicU64,
     events: broadcast::Sender<String>,
+    /// Renewals that may run at once.
+    renewal_slots: AtomicUsize,
 }
 
 impl Default for Hub {
@@ -178,6 +182,7 @@ impl Default for Hub {
             wave_pending: Notify::new(),
             pushes: AtomicU64::new(0),
             events: broadcast::channel(EVENT_CAPACITY).0,
+            renewal_slots: AtomicUsize::new(renewal::DEFAULT_RENEWAL_SLOTS),
         }
     }
 }

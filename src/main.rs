@@ -130,6 +130,11 @@ struct ServeArgs {
     /// (RESOURCE_EXHAUSTED with a retry delay).
     #[arg(long, default_value_t = 256)]
     max_opening_sessions: usize,
+    /// Certificate renewals this control plane lets run at once (asked, and not yet back on a
+    /// session with the new certificate); devices beyond it are asked as others finish, so a
+    /// fleet asked to renew together does not spend the cores on handshakes that time out.
+    #[arg(long, default_value_t = flotilla::hub::DEFAULT_RENEWAL_SLOTS)]
+    max_renewals_in_flight: usize,
     /// Sessions this control plane holds at most (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_sessions: usize,
@@ -524,6 +529,7 @@ async fn main() -> Result<()> {
                 renew_before,
                 recovery_window,
                 max_opening_sessions,
+                max_renewals_in_flight,
                 max_sessions,
                 session_max_age,
                 tpm_cas,
@@ -642,6 +648,7 @@ async fn main() -> Result<()> {
                     max: Policy::default().recovery_limit.max,
                     window: issuance_window,
                 },
+                renewal_slots: max_renewals_in_flight.max(1),
                 max_pending_enrollments: max_pending_enrollments.max(1),
                 audit_head_interval: audit_head_interval.max(Duration::from_secs(1)),
                 releases,

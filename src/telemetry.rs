@@ -165,6 +165,14 @@ fn describe() {
         "flotilla_certificates_renewal_due",
         "Devices whose certificate is due for renewal and not yet renewed."
     );
+    describe_gauge!(
+        "flotilla_certificate_renewals_running",
+        "Renewals this replica runs (asked, not yet back on the new certificate)."
+    );
+    describe_gauge!(
+        "flotilla_certificate_renewals_waiting",
+        "Connected devices in line for a renewal slot on this replica."
+    );
     describe_histogram!(
         "flotilla_certificate_renewal_seconds",
         metrics::Unit::Seconds,
@@ -394,6 +402,8 @@ pub struct Snapshot {
     pub expiring_30d: usize,
     /// Device certificates in their renewal window.
     pub renewal_due: usize,
+    /// Renewals this replica runs, and devices in line for one.
+    pub renewals: (usize, usize),
     /// Open rollouts: (fleet, share of devices synced on the new revision, paused).
     pub rollouts: Vec<(String, f64, bool)>,
     /// This replica's name.
@@ -517,6 +527,8 @@ pub fn publish(snapshot: &Snapshot) {
     gauge!("flotilla_certificates_expiring", "within" => "7d").set(snapshot.expiring_7d as f64);
     gauge!("flotilla_certificates_expiring", "within" => "30d").set(snapshot.expiring_30d as f64);
     gauge!("flotilla_certificates_renewal_due").set(snapshot.renewal_due as f64);
+    gauge!("flotilla_certificate_renewals_running").set(snapshot.renewals.0 as f64);
+    gauge!("flotilla_certificate_renewals_waiting").set(snapshot.renewals.1 as f64);
     for role in CREDENTIAL_ROLES {
         let count = snapshot
             .credentials

@@ -83,6 +83,7 @@ impl ControlPlane {
             expiring_7d: summary.expiring_7d,
             expiring_30d: summary.expiring_30d,
             renewal_due: summary.renewal_due,
+            renewals: self.hub.renewals_in_flight(),
             rollouts: self.rollout_gauges(),
             replica: self.store.replica().to_string(),
             leading: self.leading.load(Ordering::Acquire),

@@ -76,6 +76,9 @@ pub struct Policy {
     pub issuance_limit: RateLimit,
     /// Recovery attempts per device per window.
     pub recovery_limit: RateLimit,
+    /// Renewals this replica lets run at once (asked, and not yet back on the new certificate);
+    /// the rest wait their turn.
+    pub renewal_slots: usize,
     /// Enrollment requests that may wait for a decision at once; new ones beyond it are refused
     /// (the shared enrollment credential cannot fill the database).
     pub max_pending_enrollments: usize,
@@ -115,6 +118,7 @@ impl Default for Policy {
                 max: 10,
                 window: Duration::from_secs(600),
             },
+            renewal_slots: crate::hub::DEFAULT_RENEWAL_SLOTS,
             max_pending_enrollments: 1000,
             audit_head_interval: actions::HEAD_INTERVAL,
             releases: ReleasePolicy::default(),
@@ -261,6 +265,7 @@ impl ControlPlane {
         let (journal, journal_writer) = journal::journal();
         let (issuances, issuance_writer) = issuance::issuances();
         let started_ms = hub.clock().now_millis();
+        hub.set_renewal_slots(policy.renewal_slots);
         ControlPlane {
             journal,
             issuances,

@@ -42,6 +42,16 @@ pub struct RemoteSession {
     pub nacked: Option<(String, String)>,
 }
 
+/// What a new session means for the device's renewal.
+enum RenewalOnOpen {
+    /// Nothing to do.
+    Nothing,
+    /// The renewal it was asked for is done: its slot goes to the next in line.
+    Done,
+    /// Its certificate is due: in line for a slot.
+    Queue,
+}
+
 /// What an ACK or NACK changed, so the caller knows what to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -86,17 +96,34 @@ impl Hub {
         entry.acked_version = Some(running_version.to_string()).filter(|v| !v.is_empty());
         entry.sent = None;
         entry.session_serial = Some(certificate_serial.to_string());
-        if let Some(cert) = entry.cert.as_mut() {
-            // A device whose certificate is due is asked at once on its new session.
-            let due = cert.due(now_ms) && now_ms < cert.not_after_ms;
-            cert.ask_now = due;
-            cert.asked_ms = due.then_some(now_ms);
-        }
         // A new session gets the latest at once, whatever wave it belongs to.
         entry.held = false;
         entry.last_seen_ms = Some(now_ms);
         let current = entry.desired_version().unwrap_or_default().to_string();
         entry.note_change(self.clock.now_millis());
+        let mut renewal = RenewalOnOpen::Nothing;
+        if let Some(cert) = entry.cert.as_mut() {
+            let due = cert.due(now_ms) && now_ms < cert.not_after_ms;
+            cert.ask_now = false;
+            renewal = if cert.in_flight_since.is_some() && cert.serial == certificate_serial {
+                // Back on the new certificate: the renewal is done.
+                RenewalOnOpen::Done
+            } else if due && cert.holds_slot(now_ms) {
+                // Renewing, but back without the new certificate: asked again at once.
+                cert.ask_now = true;
+                cert.asked_ms = Some(now_ms);
+                RenewalOnOpen::Nothing
+            } else if due {
+                RenewalOnOpen::Queue
+            } else {
+                RenewalOnOpen::Nothing
+            };
+        }
+        match renewal {
+            RenewalOnOpen::Done => self.release_renewal_slot(&mut state, device_id, now_ms),
+            RenewalOnOpen::Queue => self.queue_renewal(&mut state, device_id, now_ms),
+            RenewalOnOpen::Nothing => {}
+        }
         drop(state);
         // The first check happens at once: the device may be behind.
         handle.changed.notify_one();
@@ -111,10 +138,18 @@ impl Hub {
             && entry.session.as_ref().map(|s| s.id) == Some(session_id)
         {
             entry.session = None;
-            entry.session_serial = None;
+            let serial = entry.session_serial.take();
             entry.sent = None;
             entry.last_seen_ms = Some(now_ms);
             entry.note_change(self.clock.now_millis());
+            // A device that leaves before its new certificate is issued gives its renewal slot
+            // back; one that leaves to come back on the new certificate keeps it.
+            let renewal_abandoned = entry.cert.as_ref().is_some_and(|c| {
+                c.in_flight_since.is_some() && serial.as_deref() == Some(&c.serial)
+            });
+            if renewal_abandoned {
+                self.release_renewal_slot(&mut state, device_id, now_ms);
+            }
             drop(state);
             self.announce(device_id);
         }

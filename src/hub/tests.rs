@@ -527,3 +527,66 @@ fn a_batch_of_remote_facts_is_taken_device_by_device() {
     announced.sort();
     assert_eq!(announced, ["moved", "remote"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn renewals_run_a_bounded_number_at_once_and_each_that_ends_lets_the_next_in() {
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let start = 1_800_000_000_000;
+    let hub = Hub::with_clock(Clock::following_tokio(start));
+    let devices = ["a", "b", "c", "d", "e"];
+    hub.load(devices.iter().map(|id| seed(id, rendered("1"))).collect());
+    hub.set_renewal_slots(2);
+    let mut sessions = HashMap::new();
+    for id in devices {
+        // Not due on their own: only the operator's request makes them renew.
+        hub.track_certificate(id, "01", start + 300 * DAY_MS, start + 200 * DAY_MS, false);
+        let (session, _) = hub.open_session(id, "", "01", start).unwrap();
+        sessions.insert(id, session.id);
+    }
+    let asked = |hub: &Hub, id: &str| hub.take_renewal_request(id, sessions[id]).is_some();
+
+    for id in devices {
+        assert!(hub.force_renewal(id), "{id} is connected, so it is in line");
+    }
+    assert!(
+        asked(&hub, "a") && asked(&hub, "b"),
+        "the first two take the slots"
+    );
+    assert!(!asked(&hub, "c") && !asked(&hub, "d") && !asked(&hub, "e"));
+    assert_eq!(hub.renewals_in_flight(), (2, 3));
+
+    // a's certificate is issued: a keeps its slot until it is back on it.
+    hub.track_certificate("a", "02", start + 400 * DAY_MS, start + 300 * DAY_MS, false);
+    assert!(!asked(&hub, "c"), "a has not reconnected yet");
+    hub.close_session("a", sessions["a"], start);
+    assert!(
+        !asked(&hub, "c"),
+        "a is reconnecting on its new certificate"
+    );
+    let (again, _) = hub.open_session("a", "", "02", start).unwrap();
+    assert!(
+        hub.take_renewal_request("a", again.id).is_none(),
+        "a is done"
+    );
+    assert!(asked(&hub, "c"), "a's slot went to the next in line");
+
+    // b is refused: its slot goes to d.
+    hub.renewal_failed("b", "issuance rate limit");
+    assert!(asked(&hub, "d"));
+    assert_eq!(hub.renewals_in_flight(), (2, 1));
+
+    // c leaves before its certificate is issued: its slot goes to e.
+    hub.close_session("c", sessions["c"], start);
+    assert!(asked(&hub, "e"));
+    assert_eq!(hub.renewals_in_flight(), (2, 0));
+
+    // d and e never answer: their slots come back once held too long, at the next sweep, and
+    // they are not asked again before the resend interval.
+    tokio::time::advance(Duration::from_millis(renewal::SLOT_HELD_MS as u64 - 1)).await;
+    hub.renewal_sweep(hub.clock().now_millis(), DAY_MS);
+    assert_eq!(hub.renewals_in_flight(), (2, 0), "not yet");
+    tokio::time::advance(Duration::from_millis(2)).await;
+    assert_eq!(hub.renewal_sweep(hub.clock().now_millis(), DAY_MS), 0);
+    assert_eq!(hub.renewals_in_flight(), (0, 0));
+    assert!(!asked(&hub, "d") && !asked(&hub, "e"));
+}

@@ -41,7 +41,7 @@ impl Hub {
 
     fn take_render(&self, device_id: &str, render: RenderOutcome) -> bool {
         let mut state = self.lock();
-        let HubState { devices, wave } = &mut *state;
+        let HubState { devices, wave, .. } = &mut *state;
         let entry = entry_for(devices, device_id);
         let taken = taken_render(entry, device_id, render, wave);
         if taken != Taken::Same {
@@ -66,7 +66,7 @@ impl Hub {
         let now_ms = self.clock.now_millis();
         let mut grew = false;
         let mut state = self.lock();
-        let HubState { devices, wave } = &mut *state;
+        let HubState { devices, wave, .. } = &mut *state;
         for (device_id, render) in &mut renders {
             let entry = match render.take() {
                 Some(render) => {

@@ -175,6 +175,25 @@ impl Shared {
             .count()
     }
 
+    /// The first `limit` agents not in sync since `since`, each with the port of its open
+    /// session (0: none) and how many renewed certificates it received, for a report.
+    pub(crate) fn not_synced_since(
+        &self,
+        since: Instant,
+        limit: usize,
+    ) -> Vec<(usize, u16, usize)> {
+        let since = self.millis(since);
+        let renewals = self.renewals.lock().map(|r| r.clone()).unwrap_or_default();
+        (0..self.synced_at.len())
+            .filter(|i| self.synced_at[*i].load(Ordering::Relaxed) < since)
+            .take(limit)
+            .map(|i| {
+                let renewed = renewals.iter().filter(|(agent, _)| *agent == i).count();
+                (i, self.on_port[i].load(Ordering::Relaxed), renewed)
+            })
+            .collect()
+    }
+
     /// When the last of the agents in sync after `since` got there.
     pub(crate) fn last_synced_after(&self, since: Instant) -> Duration {
         let since_ms = self.millis(since);
@@ -307,10 +326,32 @@ pub(crate) async fn wait_until(
     what: &str,
     done: impl Fn() -> bool,
 ) -> Result<Duration> {
+    wait_reporting(limit, what, done, || None).await
+}
+
+/// How often a long wait says how far it has come.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
+
+/// [`wait_until`], printing `progress` every minute while it waits, so that a wait that runs
+/// slow (or out of time) shows how fast it went rather than only where it ended.
+pub(crate) async fn wait_reporting(
+    limit: Duration,
+    what: &str,
+    done: impl Fn() -> bool,
+    progress: impl Fn() -> Option<String>,
+) -> Result<Duration> {
     let start = Instant::now();
+    let mut next_report = PROGRESS_EVERY;
     while !done() {
-        if start.elapsed() > limit {
+        let waited = start.elapsed();
+        if waited > limit {
             bail!("{what}: not done within {limit:?}");
+        }
+        if waited >= next_report {
+            if let Some(line) = progress() {
+                eprintln!("{what}: {line} after {} s", waited.as_secs());
+            }
+            next_report += PROGRESS_EVERY;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -17,7 +17,7 @@ mod worker;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use fleet::{Fleet, wait_until};
+use fleet::{Fleet, wait_reporting, wait_until};
 use flotilla::bootstrap::DataDir;
 use flotilla::client::ClientCredentials;
 use flotilla::proto::admin::v1 as admin;
@@ -410,10 +410,11 @@ async fn run(
         );
     }
     let shared = fleet.shared.clone();
-    let connected = wait_until(
+    let connected = wait_reporting(
         Duration::from_secs(900),
         "first connection and sync",
         || shared.synced_since(started) >= n,
+        || Some(format!("{} of {n} synced", shared.synced_since(started))),
     )
     .await
     .with_context(|| {
@@ -548,9 +549,18 @@ async fn run(
                 asked.not_connected
             );
         }
-        let took = wait_until(Duration::from_secs(600), "renewal", || {
-            shared.renewal_count() >= before + n
-        })
+        let took = wait_reporting(
+            Duration::from_secs(600),
+            "renewal",
+            || shared.renewal_count() >= before + n,
+            || {
+                Some(format!(
+                    "{} of {n} renewed, {} refusals",
+                    shared.renewal_count() - before,
+                    shared.refusals.load(std::sync::atomic::Ordering::Relaxed)
+                ))
+            },
+        )
         .await
         .with_context(|| {
             format!(
@@ -559,12 +569,21 @@ async fn run(
                 shared.errors()
             )
         })?;
-        wait_until(
+        wait_reporting(
             Duration::from_secs(600),
             "reconnect with the new certificates",
             || shared.synced_since(called) >= n,
+            || Some(format!("{} of {n} back", shared.synced_since(called))),
         )
-        .await?;
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {n} back; not back (agent, port, renewals received): {:?}; errors: {:?}",
+                shared.synced_since(called),
+                shared.not_synced_since(called, 20),
+                shared.errors()
+            )
+        })?;
         let back = shared.last_synced_after(called);
         let (_, cpu_after) = usage_of(&pids)?;
         let latency = Latencies::of(
@@ -619,9 +638,18 @@ async fn run(
             servers[0].wait_ready(Duration::from_secs(120)).await?;
         }
         let ready = killed.elapsed();
-        wait_until(Duration::from_secs(600), "storm", || {
-            shared.synced_since_among(&affected, killed) >= affected.len()
-        })
+        wait_reporting(
+            Duration::from_secs(600),
+            "storm",
+            || shared.synced_since_among(&affected, killed) >= affected.len(),
+            || {
+                Some(format!(
+                    "{} of {} synced again",
+                    shared.synced_since_among(&affected, killed),
+                    affected.len()
+                ))
+            },
+        )
         .await
         .with_context(|| {
             format!(
