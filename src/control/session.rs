@@ -215,12 +215,15 @@ impl ControlPlane {
                 .await
         };
         let now = self.now_millis();
-        self.hub.close_session(&device_id, handle.id, now);
-        // last_seen lives in memory while the session is open; it is written once, here.
-        self.journal.record(DeviceFact::LastSeen {
-            id: device_id.clone(),
-            seen_ms: now,
-        });
+        // last_seen lives in memory while the session is open; it is written once, here. A
+        // session a newer one replaced writes nothing: its end would erase the record that this
+        // replica holds the newer session, and the newer one writes last_seen when it ends.
+        if self.hub.close_session(&device_id, handle.id, now) {
+            self.journal.record(DeviceFact::LastSeen {
+                id: device_id.clone(),
+                seen_ms: now,
+            });
+        }
         crate::telemetry::session_closed(reason.as_str());
         tracing::info!(device.id = %device_id, reason = reason.as_str(), "session closed");
         reason

@@ -131,8 +131,9 @@ impl Hub {
         Ok((handle, current))
     }
 
-    /// Forgets a session that ended; a newer session of the same device is left alone.
-    pub fn close_session(&self, device_id: &str, session_id: u64, now_ms: i64) {
+    /// Forgets a session that ended; a newer session of the same device is left alone. Whether it
+    /// was still the device's session here (false: a newer one replaced it, here or elsewhere).
+    pub fn close_session(&self, device_id: &str, session_id: u64, now_ms: i64) -> bool {
         let mut state = self.lock();
         if let Some(entry) = state.get_mut(device_id)
             && entry.session.as_ref().map(|s| s.id) == Some(session_id)
@@ -152,7 +153,9 @@ impl Hub {
             }
             drop(state);
             self.announce(device_id);
+            return true;
         }
+        false
     }
 
     /// The push a session should send now, if any. Records it as sent.

@@ -263,12 +263,16 @@ fn a_newer_session_replaces_the_older() {
     let (new, _) = hub.open_session("d", "", "s", 0).unwrap();
     assert!(hub.next_push("d", old.id).is_none());
     assert!(hub.next_push("d", new.id).is_some());
-    hub.close_session("d", old.id, 1);
+    assert!(
+        !hub.close_session("d", old.id, 1),
+        "the old one was no longer the device's session"
+    );
     assert!(
         hub.status("d").unwrap().online,
         "closing the old one keeps the new"
     );
     assert_eq!(hub.connected(), 1);
+    assert!(hub.close_session("d", new.id, 2), "the new one was");
 }
 
 #[tokio::test(start_paused = true)]

@@ -779,3 +779,48 @@ async fn a_renewal_slower_than_the_silence_timeout_does_not_cost_the_session() {
     );
     assert!(server.control.hub().status(&id).unwrap().online);
 }
+
+/// A device reconnects to the same replica while its old session is still open (as every
+/// renewing device does): the old session's end must not erase the record that this replica
+/// holds the new one, which the other replicas read to know where the device is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_session_ending_after_its_replacement_leaves_the_new_one_on_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = support::TestDb::postgres_for_tests();
+    let url = db.url.clone();
+    let server = TestServer::start_on(
+        Policy::default(),
+        flotilla::transport::ConnectionLimits::default(),
+        tmp,
+        db,
+        &url,
+    )
+    .await;
+    let (creds, id) = device(&server, "reconnecting").await;
+    let accepted = |kind| matches!(kind, agent::server_message::Kind::Accepted(_)).then_some(());
+    let mut old = RawSession::open(&server.agent_url, &creds, &id)
+        .await
+        .unwrap();
+    old.next_matching(accepted).await.unwrap();
+    let mut new = RawSession::open(&server.agent_url, &creds, &id)
+        .await
+        .unwrap();
+    new.next_matching(accepted).await.unwrap();
+    // The new session closes the old one; the old one's end comes after the new one's start.
+    assert_eq!(
+        old.next_matching_within(Duration::from_secs(15), |_| None::<()>)
+            .await,
+        Some(None),
+        "the old session ends"
+    );
+    server.control.flush_journal().await;
+
+    let store = server.control.store();
+    let record = store.get_devices(vec![id.clone()]).await.unwrap();
+    assert_eq!(
+        record[0].session_replica.as_deref(),
+        Some(store.replica()),
+        "the new session is on record"
+    );
+    drop(new);
+}
