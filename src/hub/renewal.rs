@@ -85,6 +85,12 @@ impl CertTrack {
             .is_some_and(|since| now_ms - since < SLOT_HELD_MS)
     }
 
+    /// Marks the device asked at `now_ms`: its session sends the directive when woken.
+    pub(super) fn ask(&mut self, now_ms: i64) {
+        self.ask_now = true;
+        self.asked_ms = Some(now_ms);
+    }
+
     pub(super) fn due(&self, now_ms: i64) -> bool {
         self.forced || now_ms >= self.renew_at_ms
     }
@@ -164,7 +170,7 @@ impl Hub {
             in_flight_since,
             queued: false,
         });
-        entry.note_change(self.clock.now_millis());
+        entry.note_change(now_ms);
         drop(state);
         self.announce(device_id);
     }
@@ -240,8 +246,7 @@ impl Hub {
             if !cert.due(now_ms) || now_ms >= cert.not_after_ms || cert.holds_slot(now_ms) {
                 continue;
             }
-            cert.ask_now = true;
-            cert.asked_ms = Some(now_ms);
+            cert.ask(now_ms);
             cert.in_flight_since = Some(now_ms);
             session.changed.notify_one();
             state.renewals.in_flight += 1;
@@ -353,8 +358,7 @@ impl Hub {
         };
         cert.forced = true;
         if cert.holds_slot(now_ms) {
-            cert.ask_now = true;
-            cert.asked_ms = Some(now_ms);
+            cert.ask(now_ms);
             session.changed.notify_one();
             return true;
         }

@@ -110,8 +110,7 @@ impl Hub {
                 RenewalOnOpen::Done
             } else if due && cert.holds_slot(now_ms) {
                 // Renewing, but back without the new certificate: asked again at once.
-                cert.ask_now = true;
-                cert.asked_ms = Some(now_ms);
+                cert.ask(now_ms);
                 RenewalOnOpen::Nothing
             } else if due {
                 RenewalOnOpen::Queue
